@@ -1,0 +1,1 @@
+"""Pure-PyTorch specifications of every fastcm op (also the CPU fallback)."""
