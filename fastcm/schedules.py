@@ -1,0 +1,84 @@
+"""Training-side schedules for consistency models: the Karras σ grid, the iCT discretisation
+curriculum and lognormal σ sampling, the iCT/ECT loss weighting, sCM time sampling and the sCM
+tangent warm-up. Plain PyTorch and Python: these run once per step on a handful of numbers.
+"""
+
+import math
+
+import torch
+
+
+def _check_positive(op, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a positive finite number")
+
+
+def karras_sigmas(num, *, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None, dtype=torch.float64):
+    """The Karras/EDM σ grid, descending from σmax to σmin, shape (num,):
+    σ_i = (σmax^{1/ρ} + i/(num−1)·(σmin^{1/ρ} − σmax^{1/ρ}))^ρ,  i = 0 … num−1."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise ValueError(f"fastcm.karras_sigmas: num={num!r} is not supported; expected an int >= 2")
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        _check_positive("karras_sigmas", name, value)
+    if not sigma_min < sigma_max:
+        raise ValueError(f"fastcm.karras_sigmas: sigma_min={sigma_min} must be smaller than sigma_max={sigma_max}")
+    ramp = torch.linspace(0.0, 1.0, num, dtype=torch.float64)
+    max_root, min_root = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return ((max_root + ramp * (min_root - max_root)) ** rho).to(device=device, dtype=dtype)
+
+
+def ict_num_timesteps(step, total_steps, *, s0=10, s1=1280):
+    """iCT's exponential discretisation curriculum (Song & Dhariwal 2023):
+    N(k) = min(s0·2^⌊k/K'⌋, s1) + 1,  K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋, k = step, K = total_steps."""
+    for name, value in (("step", step), ("total_steps", total_steps), ("s0", s0), ("s1", s1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "step" else 1):
+            raise ValueError(f"fastcm.ict_num_timesteps: {name}={value!r} is not supported; expected an int "
+                             f"{'>= 0' if name == 'step' else '>= 1'}")
+    if s1 < s0:
+        raise ValueError(f"fastcm.ict_num_timesteps: s1={s1} must be >= s0={s0}")
+    stage_length = max(1, total_steps // (int(math.log2(s1 // s0)) + 1))
+    return min(s0 * 2 ** (step // stage_length), s1) + 1
+
+
+def ict_sample_sigmas(batch, num_timesteps, *, p_mean=-1.1, p_std=2.0, sigma_min=0.002, sigma_max=80.0,
+                      rho=7.0, generator=None, device=None, dtype=torch.float32):
+    """iCT lognormal σ sampling on the Karras grid σ_1 < … < σ_N (N = num_timesteps): draws
+    i ∈ {1 … N−1} with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std))
+    and returns (sigma_lower, sigma_upper) = (σ_i, σ_{i+1}), each of shape (batch,)."""
+    _check_positive("ict_sample_sigmas", "p_std", p_std)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"fastcm.ict_sample_sigmas: batch={batch!r} is not supported; expected an int >= 1")
+    sigmas = karras_sigmas(num_timesteps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).flip(0)
+    cdf = torch.special.erf((sigmas.log() - p_mean) / (math.sqrt(2.0) * p_std))
+    probabilities = cdf[1:] - cdf[:-1]
+    index = torch.multinomial(probabilities, batch, replacement=True, generator=generator)
+    return sigmas[index].to(device=device, dtype=dtype), sigmas[index + 1].to(device=device, dtype=dtype)
+
+
+def ct_loss_weight(sigma_lower, sigma_upper):
+    """iCT/ECT loss weighting λ = 1/(σ_upper − σ_lower) (iCT: 1/(σ_{i+1} − σ_i); ECT: 1/(t − r)),
+    elementwise on tensors or floats."""
+    return 1.0 / (sigma_upper - sigma_lower)
+
+
+def scm_sample_t(batch, *, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=None, device=None,
+                 dtype=torch.float32):
+    """sCM training times t = arctan(e^τ/σd), τ ~ N(P_mean, P_std²), shape (batch,), t ∈ (0, π/2)."""
+    _check_positive("scm_sample_t", "sigma_data", sigma_data)
+    _check_positive("scm_sample_t", "p_std", p_std)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"fastcm.scm_sample_t: batch={batch!r} is not supported; expected an int >= 1")
+    tau = p_mean + p_std * torch.randn(batch, generator=generator, dtype=torch.float64)
+    return torch.atan(torch.exp(tau) / sigma_data).to(device=device, dtype=dtype)
+
+
+def tangent_warmup(step, warmup_steps=10000):
+    """sCM tangent warm-up r(step) = min(1, step / warmup_steps), the r of fastcm.scm_loss."""
+    _check_positive("tangent_warmup", "warmup_steps", warmup_steps)
+    if step < 0:
+        raise ValueError(f"fastcm.tangent_warmup: step={step!r} is not supported; expected step >= 0")
+    return min(1.0, step / warmup_steps)
+
+
+__all__ = ["karras_sigmas", "ict_num_timesteps", "ict_sample_sigmas", "ct_loss_weight", "scm_sample_t",
+           "tangent_warmup"]
