@@ -10,7 +10,6 @@ at run time. Values:
   reference  the pure-PyTorch implementation in fastcm/reference.
 """
 
-import functools
 import importlib.util
 import os
 
@@ -30,9 +29,12 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+# find_spec locates the package without importing it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_runs_on(device: torch.device) -> bool:

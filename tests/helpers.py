@@ -45,7 +45,7 @@ def to64(t):
     if t is None or not isinstance(t, torch.Tensor):
         return t
     out = t.detach().to(device="cpu", dtype=torch.float64)
-    return out.requires_grad_(t.requires_grad)
+    return out.requires_grad_() if t.requires_grad else out
 
 
 def randn(*shape, dtype=torch.float32, device=DEVICE, requires_grad=False, noncontiguous=False):
