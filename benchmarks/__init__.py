@@ -1,0 +1,1 @@
+"""fastcm microbenchmarks: `python -m benchmarks` (CLI) or `pytest benchmarks` (pytest-benchmark)."""
