@@ -46,15 +46,15 @@ def _linear_combination_kernel(out_ptr, t0_ptr, t1_ptr, t2_ptr, noise_ptr, coef_
         c3 = tl.load(coef_ptr + sample * 4 + 3)
     acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
     if HAS_T0:
-        acc += c0.to(COMPUTE) * tl.load(t0_ptr + index, mask=mask).to(COMPUTE)
+        acc += c0 * tl.load(t0_ptr + index, mask=mask).to(COMPUTE)
     if HAS_T1:
-        acc += c1.to(COMPUTE) * tl.load(t1_ptr + index, mask=mask).to(COMPUTE)
+        acc += c1 * tl.load(t1_ptr + index, mask=mask).to(COMPUTE)
     if HAS_T2:
-        acc += c2.to(COMPUTE) * tl.load(t2_ptr + index, mask=mask).to(COMPUTE)
+        acc += c2 * tl.load(t2_ptr + index, mask=mask).to(COMPUTE)
     if NOISE == 1:
-        acc += c3.to(COMPUTE) * tl.load(noise_ptr + index, mask=mask).to(COMPUTE)
+        acc += c3 * tl.load(noise_ptr + index, mask=mask).to(COMPUTE)
     if NOISE == 2:
-        acc += c3.to(COMPUTE) * tl.randn(seed, offset + index).to(COMPUTE)
+        acc += c3 * tl.randn(seed, offset + index).to(COMPUTE)
     tl.store(out_ptr + index, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -68,7 +68,6 @@ def _guided_moments_kernel(cond_ptr, uncond_ptr, scale_ptr, scale, partial_ptr, 
     index = sample.to(tl.int64) * per_sample + cols
     if PER_SAMPLE_SCALE:
         scale = tl.load(scale_ptr + sample)
-    scale = scale.to(COMPUTE)
     cond = tl.load(cond_ptr + index, mask=mask, other=0.0).to(COMPUTE)
     uncond = tl.load(uncond_ptr + index, mask=mask, other=0.0).to(COMPUTE)
     guided = uncond + scale * (cond - uncond)
