@@ -99,7 +99,11 @@ def _dot(a, b):
     return (a * b.to(a.dtype)).flatten(1).sum(dim=1)
 
 
-def _ones(x, stats):
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _ones(x):
     return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
 
 
@@ -107,16 +111,11 @@ def _ones(x, stats):
 
 def _huber_terms(input, target, weight, c):
     """(∂loss_b/∂input per element, distance_b), in differentiable torch ops."""
-    diff = input.to(weight.dtype if weight is not None else _compute_dtype(input)) - target.to(
-        weight.dtype if weight is not None else _compute_dtype(input))
+    diff = input.to(_compute_dtype(input)) - target.to(_compute_dtype(input))
     sq_dist = diff.flatten(1).pow(2).sum(dim=1)
     root = torch.sqrt(sq_dist + c * c)
     coef = 1.0 / root if weight is None else weight / root
     return view_per_sample(coef, diff) * diff, sq_dist / (root + c)
-
-
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _PseudoHuber(torch.autograd.Function):
@@ -157,7 +156,7 @@ class _PseudoHuber(torch.autograd.Function):
         if _differentiable(input, target, weight, input_t, target_t, weight_t):
             per_element, distance = _huber_terms(input, target, weight, c)
         else:
-            per_element = _ops.pseudo_huber_backward(_ones(input, stats), input, target, weight, stats, "none",
+            per_element = _ops.pseudo_huber_backward(_ones(input), input, target, weight, stats, "none",
                                                      True, False)[0].to(stats.dtype)
             distance = stats[0]
         loss_t = torch.zeros_like(distance)
@@ -223,7 +222,7 @@ class _ScmLoss(torch.autograd.Function):
             per_element, logvar_grad = _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data,
                                                   tangent_norm_c, tangent_norm)
         else:
-            per_element = _ops.scm_backward(_ones(F, stats), F, F_minus, F_jvp, x_t, dx_dt, t, r, stats,
+            per_element = _ops.scm_backward(_ones(F), F, F_minus, F_jvp, x_t, dx_dt, t, r, stats,
                                             sigma_data, "none").to(stats.dtype) if F_t is not None else None
             logvar_grad = 1.0 - stats[1] * stats[2]
         loss_t = torch.zeros_like(logvar_grad)
@@ -274,7 +273,7 @@ class _MeanFlowLoss(torch.autograd.Function):
         if _differentiable(u, u_t):
             per_element = _meanflow_per_element(u, v, dudt, t, r, eps, p)
         else:
-            per_element = _ops.meanflow_backward(_ones(u, t), u, v, dudt, t, r, inv_weight, "none").to(t.dtype)
+            per_element = _ops.meanflow_backward(_ones(u), u, v, dudt, t, r, inv_weight, "none").to(t.dtype)
         loss_t = _dot(per_element, u_t) if u_t is not None else torch.zeros_like(t)
         return _reduce(loss_t, reduction, u.dtype), None
 
