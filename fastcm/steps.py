@@ -135,12 +135,16 @@ class _LinearStep(torch.autograd.Function):
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (coefs, t0, t1, t2, noise, coefs_t, t0_t, t1_t, t2_t, noise_t))
         tangents = (t0_t, t1_t, t2_t)
+        has_term_tangents = any(t is not None for t in tangents + (noise_t,))
+        # With both parts, each is kept in the compute dtype and rounded to the output dtype once.
+        part_like = like.new_empty(like.shape, dtype=_compute_dtype(like)) if has_term_tangents and coefs_t is not None \
+            else like
         out_t = None
-        if any(t is not None for t in tangents + (noise_t,)):
+        if has_term_tangents:
             if differentiable:
                 out_t = _combine_differentiable(like, tangents, noise_t, coefs, scalar_coefs)
             else:
-                out_t = _ops.linear_combination(like, *map(_contiguous, tangents), _contiguous(noise_t), coefs,
+                out_t = _ops.linear_combination(part_like, *map(_contiguous, tangents), _contiguous(noise_t), coefs,
                                                 scalar_coefs, 0, 0, False)
         if coefs_t is not None:
             if philox and noise is None:
@@ -149,9 +153,9 @@ class _LinearStep(torch.autograd.Function):
             if differentiable:
                 from_coefs = _combine_differentiable(like, (t0, t1, t2), noise, coefs_t, None)
             else:
-                from_coefs = _ops.linear_combination(like, t0, t1, t2, noise, coefs_t.contiguous(),
+                from_coefs = _ops.linear_combination(part_like, t0, t1, t2, noise, coefs_t.contiguous(),
                                                      [0.0] * 4, 0, 0, False)
-            out_t = from_coefs if out_t is None else out_t + from_coefs
+            out_t = from_coefs if out_t is None else (out_t + from_coefs).to(like.dtype)
         return torch.zeros_like(like) if out_t is None else out_t
 
 
