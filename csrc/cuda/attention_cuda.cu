@@ -1,0 +1,313 @@
+// CUDA implementations of fastcm::attention_forward, attention_forward_jvp, attention_backward
+// (the schemas are defined with TORCH_LIBRARY(fastcm, m) in csrc/attention.cpp).
+//
+// Forward and forward-JVP: the fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
+// Backward: NOT a fused kernel yet. It recomputes P from the saved LSE with ATen batched matmuls
+// in float32, chunked over query rows (peak extra memory ≈ 3·H·chunk·Nk·4 bytes per batch entry,
+// capped near 512 MiB). Correct but slow; the FA2-style kernel is the planned replacement (NOTES.md).
+//
+// Input handling (shared by all three ops): q (B, H, Nq, Dqk), k (B, Hkv, Nk, Dqk),
+// v (B, Hkv, Nk, Dv), H % Hkv == 0, bf16 or fp16, same device. Strides are passed to the kernel
+// as they are when the last dim is contiguous, the head dim is a multiple of 8, every other
+// stride is a multiple of 8 elements and the base is 16-byte aligned; otherwise the tensor is
+// copied (zero-padded to a multiple of 8 in the head dim). bias: float32 or q's dtype (other
+// float dtypes are converted to float32, bool masks to 0/−inf float32: both copy), broadcast to
+// (B, H, Nq, Nk) by a stride-0 view.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "attention_fwd_kernel.cuh"
+
+namespace fastcm {
+namespace {
+
+constexpr int64_t kMaxHeadDimQK = 128;   // the kernel keeps Q, K tiles of up to 128 columns
+constexpr int64_t kMaxHeadDimVChunk = 128;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+bool kernel_ready(const at::Tensor& t) {
+  if (t.stride(-1) != 1 || t.size(-1) % 8 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < t.dim() - 1; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  // The kernel forms in-tile offsets in 32 bits: row·stride < 2^31 for rows < 256.
+  if (t.size(-2) > 1 && t.stride(-2) >= (int64_t(1) << 23)) return false;
+  return true;
+}
+
+// The tensor as the kernel can read it (a copy only when it must be).
+at::Tensor kernel_view(const at::Tensor& t) {
+  if (t.numel() == 0 || kernel_ready(t)) return t;
+  const int64_t d = t.size(-1), d8 = round_up(d, 8);
+  at::Tensor out = d8 == d ? t.contiguous() : at::constant_pad_nd(t, {0, d8 - d}, 0).contiguous();
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) out = out.clone();  // fresh allocation
+  return out;
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), op, ": q, k, v must be CUDA tensors");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
+              ": q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k, v must be 4-D (B, H, N, D), got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+              " (CUDA): q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), op, ": k ", k.sizes(), " and v ", v.sizes(),
+              " must agree in heads and length");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": query heads ", q.size(1),
+              " must be a multiple of key/value heads ", k.size(1));
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": q and k head dims differ (", q.size(3), " vs ", k.size(3), ")");
+  TORCH_CHECK(q.size(3) > 0 && v.size(3) > 0, op, ": head dims must be positive");
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes(),
+              op, ": ", name, " must match its primal in shape, dtype and device: got ", t.sizes(), " ",
+              t.scalar_type(), " ", t.device(), ", expected ", like.sizes(), " ", like.scalar_type(), " ",
+              like.device());
+}
+
+// bias as the kernel reads it: float32 or q's dtype, viewed as (B, H, Nq, Nk).
+std::optional<at::Tensor> prepare_bias(const char* op, const char* name, const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& q, int64_t Nk) {
+  if (!bias.has_value() || !bias->defined()) return std::nullopt;
+  at::Tensor b = *bias;
+  TORCH_CHECK(b.device() == q.device(), op, ": ", name, " is on ", b.device(), ", q on ", q.device());
+  if (b.scalar_type() == at::kBool) {
+    b = at::zeros(b.sizes(), b.options().dtype(at::kFloat)).masked_fill_(b.logical_not(), -INFINITY);
+  } else if (b.scalar_type() != at::kFloat && b.scalar_type() != q.scalar_type()) {
+    TORCH_CHECK(at::isFloatingType(b.scalar_type()), op, ": ", name, " must be a float or bool tensor, got ",
+                b.scalar_type());
+    b = b.to(at::kFloat);
+  }
+  const std::vector<int64_t> shape = {q.size(0), q.size(1), q.size(2), Nk};
+  TORCH_CHECK(b.dim() <= 4, op, ": ", name, " must broadcast to (B, H, Nq, Nk) = ", at::IntArrayRef(shape),
+              ", got ", b.sizes());
+  b = b.expand(shape);   // throws if not broadcastable
+  return b;
+}
+
+void set_bias(attn::FwdParams& p, const std::optional<at::Tensor>& bias, bool tangent) {
+  const void* ptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  int64_t sb = 0, sh = 0, sm = 0, sn = 0;
+  int is_f32 = 0;
+  if (bias.has_value()) {
+    sb = bias->stride(0); sh = bias->stride(1); sm = bias->stride(2); sn = bias->stride(3);
+    is_f32 = bias->scalar_type() == at::kFloat;
+  }
+  if (!tangent) {
+    p.bias = ptr; p.b_sb = sb; p.b_sh = sh; p.b_sm = sm; p.b_sn = sn; p.bias_is_f32 = is_f32;
+  } else {
+    p.bias_t = ptr; p.bt_sb = sb; p.bt_sh = sh; p.bt_sm = sm; p.bt_sn = sn; p.bias_t_is_f32 = is_f32;
+  }
+}
+
+int padded_head_dim(int64_t d) {
+  if (d <= 32) return 32;
+  if (d <= 64) return 64;
+  if (d <= 96) return 96;
+  return 128;
+}
+
+// Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& qt_in, const at::Tensor& kt_in, const at::Tensor& vt_in,
+    const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& bias_t_in,
+    double scale, bool causal) {
+  const bool jvp = qt_in.defined();
+  check_qkv(op, q_in, k_in, v_in);
+  if (jvp) {
+    check_same(op, "q_t", qt_in, q_in);
+    check_same(op, "k_t", kt_in, k_in);
+    check_same(op, "v_t", vt_in, v_in);
+  }
+  TORCH_CHECK(q_in.size(3) <= kMaxHeadDimQK, op, " (CUDA): head dim of q/k is ", q_in.size(3),
+              "; the CUDA kernel supports up to ", kMaxHeadDimQK);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  c10::cuda::CUDAGuard guard(q_in.device());
+
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dqk = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
+  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && B * H < (int64_t(1) << 31), op,
+              ": sizes too large for 32-bit row indices");
+  const auto bias = prepare_bias(op, "bias", bias_in, q_in, Nk);
+  const auto bias_t = jvp ? prepare_bias(op, "bias_t", bias_t_in, q_in, Nk) : std::nullopt;
+
+  const int64_t Dv8 = round_up(Dv, 8);
+  const auto opts = q_in.options();
+  at::Tensor out = at::empty({B, H, Nq, Dv8}, opts);
+  at::Tensor out_t = jvp ? at::empty({B, H, Nq, Dv8}, opts) : at::Tensor();
+  at::Tensor lse = at::empty({B, H, Nq}, opts.dtype(at::kFloat));
+  at::Tensor lse_t = jvp ? at::empty({B, H, Nq}, opts.dtype(at::kFloat)) : at::Tensor();
+
+  auto finish = [&]() {
+    if (Dv8 != Dv) {
+      out = out.narrow(-1, 0, Dv).contiguous();
+      if (jvp) out_t = out_t.narrow(-1, 0, Dv).contiguous();
+    }
+    return std::make_tuple(out, out_t, lse, lse_t);
+  };
+  if (B * H * Nq == 0) return finish();
+  if (Dv == 0) {
+    // Nothing to write but the statistics; not reachable through check_qkv (Dv > 0).
+    return finish();
+  }
+
+  const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
+  const at::Tensor qt = jvp ? kernel_view(qt_in) : at::Tensor();
+  const at::Tensor kt = jvp ? kernel_view(kt_in) : at::Tensor();
+  const at::Tensor vt = jvp ? kernel_view(vt_in) : at::Tensor();
+
+  attn::FwdParams p{};
+  p.B = (int)B; p.H = (int)H; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.Nk = (int)Nk;
+  p.d_qk = (int)round_up(Dqk, 8);
+  p.scale = (float)scale;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.causal = causal ? 1 : 0;
+  p.num_m_blocks = (int)((Nq + 63) / 64);   // kBM = 64 for every instantiation (FwdTraits::kWarps = 4)
+  p.q = q.data_ptr(); p.k = k.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sn = v.stride(2);
+  if (jvp) {
+    p.q_t = qt.data_ptr(); p.k_t = kt.data_ptr();
+    p.qt_sb = qt.stride(0); p.qt_sh = qt.stride(1); p.qt_sn = qt.stride(2);
+    p.kt_sb = kt.stride(0); p.kt_sh = kt.stride(1); p.kt_sn = kt.stride(2);
+    p.vt_sb = vt.stride(0); p.vt_sh = vt.stride(1); p.vt_sn = vt.stride(2);
+  }
+  set_bias(p, bias, false);
+  set_bias(p, bias_t, true);
+  p.lse = lse.data_ptr<float>();
+  p.lse_t = jvp ? lse_t.data_ptr<float>() : nullptr;
+  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sn = out.stride(2);
+  if (jvp) { p.ot_sb = out_t.stride(0); p.ot_sh = out_t.stride(1); p.ot_sn = out_t.stride(2); }
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Head dims of V above 128 run as several launches over 128-column slices of V / O (each
+  // recomputes S; LSE and μ are rewritten with the same values).
+  const int64_t v_cols = v.size(3);   // Dv8
+  for (int64_t c0 = 0; c0 < v_cols; c0 += kMaxHeadDimVChunk) {
+    const int64_t cols = std::min(kMaxHeadDimVChunk, v_cols - c0);
+    p.d_v = (int)cols;
+    p.v = static_cast<const char*>(v.data_ptr()) + c0 * v.element_size();
+    p.out = static_cast<char*>(out.data_ptr()) + c0 * out.element_size();
+    if (jvp) {
+      p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
+      p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
+    }
+    const int kd = padded_head_dim(std::max<int64_t>(p.d_qk, cols));
+    if (q.scalar_type() == at::kBFloat16) {
+      attn::launch_fwd_dispatch<__nv_bfloat16>(p, kd, jvp, stream);
+    } else {
+      attn::launch_fwd_dispatch<__half>(p, kd, jvp, stream);
+    }
+  }
+  return finish();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                                          double scale, bool causal) {
+  auto r = forward_impl("fastcm::attention_forward", q, k, v, at::Tensor(), at::Tensor(), at::Tensor(), bias,
+                        std::nullopt, scale, causal);
+  return std::make_tuple(std::get<0>(r), std::get<2>(r));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_t, const at::Tensor& k_t,
+    const at::Tensor& v_t, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_t,
+    double scale, bool causal) {
+  auto r = forward_impl("fastcm::attention_forward_jvp", q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal);
+  return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
+}
+
+// Non-fused backward (see the file comment). dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)),
+// dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO, with P = exp(scale·QKᵀ + bias − LSE) (0 on
+// fully masked rows, LSE = −inf). GQA: the gradients of the H/Hkv query heads sharing a kv head add.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias_in, double scale, bool causal) {
+  const char* op = "fastcm::attention_backward";
+  check_qkv(op, q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3), G = H / Hkv;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() == grad_out.sizes(), op,
+              ": grad_out and out must be (B, H, Nq, Dv) = (", B, ", ", H, ", ", Nq, ", ", Dv, "), got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be (B, H, Nq), got ", lse.sizes());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), op,
+              ": grad_out, out, lse must be on q's device");
+  c10::cuda::CUDAGuard guard(q.device());
+  const auto bias = prepare_bias(op, "bias", bias_in, q, Nk);
+
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (q.numel() == 0 || k.numel() == 0 || Nq == 0) {
+    dq.zero_(); dk.zero_(); dv.zero_();
+    return std::make_tuple(dq, dk, dv);
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  const int64_t budget = int64_t(512) << 20;   // bytes for the (H, chunk, Nk) float32 temporaries (×3)
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(Nq, budget / (12 * H * std::max<int64_t>(Nk, 1))));
+  const at::Tensor row = at::arange(Nq, q.options().dtype(at::kLong));
+  const at::Tensor col = at::arange(Nk, q.options().dtype(at::kLong));
+
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor qf = q[b].to(at::kFloat);                                     // (H, Nq, Dqk)
+    const at::Tensor kf = k[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dqk)
+    const at::Tensor vf = v[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dv)
+    const at::Tensor dof = grad_out[b].to(at::kFloat);                             // (H, Nq, Dv)
+    const at::Tensor delta = (dof * out[b].to(at::kFloat)).sum(-1);                // (H, Nq)
+    const at::Tensor lse_b = lse[b].to(at::kFloat);
+    at::Tensor dq_b = at::empty({H, Nq, Dqk}, f32);
+    at::Tensor dk_b = at::zeros({H, Nk, Dqk}, f32);
+    at::Tensor dv_b = at::zeros({H, Nk, Dv}, f32);
+    for (int64_t i0 = 0; i0 < Nq; i0 += chunk) {
+      const int64_t n = std::min(chunk, Nq - i0);
+      const at::Tensor qc = qf.narrow(1, i0, n), doc = dof.narrow(1, i0, n);
+      at::Tensor s = at::bmm(qc, kf.transpose(1, 2)).mul_(scale);                 // (H, n, Nk)
+      if (bias.has_value()) s.add_((*bias)[b].narrow(1, i0, n).to(at::kFloat));
+      if (causal) {
+        const at::Tensor masked = col.view({1, Nk}) > (row.narrow(0, i0, n).view({n, 1}) + (Nk - Nq));
+        s.masked_fill_(masked, -INFINITY);
+      }
+      const at::Tensor l = lse_b.narrow(1, i0, n).unsqueeze(-1);                   // (H, n, 1)
+      at::Tensor pm = at::exp(s.sub_(l));
+      pm.masked_fill_(l.isneginf().expand_as(pm), 0.0);
+      dv_b.add_(at::bmm(pm.transpose(1, 2), doc));
+      at::Tensor ds = at::bmm(doc, vf.transpose(1, 2));                            // dP
+      ds.sub_(delta.narrow(1, i0, n).unsqueeze(-1)).mul_(pm);
+      dq_b.narrow(1, i0, n).copy_(at::bmm(ds, kf).mul_(scale));
+      dk_b.add_(at::bmm(ds.transpose(1, 2), qc).mul_(scale));
+    }
+    dq[b].copy_(dq_b);
+    dk[b].copy_(dk_b.view({Hkv, G, Nk, Dqk}).sum(1));
+    dv[b].copy_(dv_b.view({Hkv, G, Nk, Dv}).sum(1));
+  }
+  return std::make_tuple(dq, dk, dv);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcm, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_forward_jvp", &attention_forward_jvp_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace fastcm

@@ -1,0 +1,503 @@
+// Attention forward (primal, or primal + tangent) for sm_80 and later: FA2-style online softmax,
+// tensor-core mma.sync m16n8k16 (bf16/fp16 operands, fp32 accumulators), cp.async double buffer.
+//
+// Formula contract (DESIGN.md, "attention"), per query row, in base-2 for the exponentials:
+//   s  = (scale·q·kᵀ + bias)·log2e          ṡ = scale·(q̇·kᵀ + q·k̇ᵀ) + bias_t   (natural units)
+//   m' = max(m, max_j s_j); α = 2^(m − m'); p_j = 2^(s_j − m'); h_j = p_j·ṡ_j
+//   ℓ ← αℓ + Σp;  r ← αr + Σh;  A ← αA + p·V;  T ← αT + [p | h]·[V̇ ; V]
+//   end: O = A/ℓ, μ = r/ℓ, Ȯ = T/ℓ − μ·O, LSE = (m + log2 ℓ)·ln2, LSE_t = μ
+// The tangent accumulator T is ONE accumulator fed by both halves of the K = 2·BN product:
+// per 16-key step we issue mma(T, p, V̇) and mma(T, h, V) into the same registers.
+//
+// Work split: one CTA = kWarps warps = one tile of BM = 16·kWarps query rows of one (b, h).
+// Each warp owns 16 query rows for the whole kernel; there is no cross-warp reduction.
+// Key/value tiles of BN rows stream through shared memory (2 stages, cp.async).
+//
+// Masking: keys j ≥ Nk (tail) and, if causal, j > i + (Nk − Nq) (bottom-right) get s = −inf and
+// h = 0. Rows i ≥ Nq are computed on zero-filled Q and never stored. A row that sees no key ends
+// with ℓ = 0 and is written as O = 0, Ȯ = 0, LSE = −inf, LSE_t = 0.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <type_traits>
+
+namespace fastcm {
+namespace attn {
+
+// ----------------------------------------------------------------------------------------------
+// Parameters. Strides are in elements; the row strides of q/k/v and their tangents are < 2^23. Every pointer is 16-byte aligned and every row stride of
+// q/k/v (and tangents) is a multiple of 8 elements (the host wrapper guarantees it), so each
+// 8-element chunk of a row is one 16-byte cp.async.
+// ----------------------------------------------------------------------------------------------
+struct FwdParams {
+  const void* q; const void* k; const void* v;
+  const void* q_t; const void* k_t; const void* v_t;      // tangents (JVP only)
+  const void* bias; const void* bias_t;                   // may be null
+  void* out; void* out_t;                                 // (B, H, Nq, Dv) views
+  float* lse; float* lse_t;                               // (B, H, Nq), contiguous
+
+  int64_t q_sb, q_sh, q_sn;
+  int64_t k_sb, k_sh, k_sn;
+  int64_t v_sb, v_sh, v_sn;
+  int64_t qt_sb, qt_sh, qt_sn;
+  int64_t kt_sb, kt_sh, kt_sn;
+  int64_t vt_sb, vt_sh, vt_sn;
+  int64_t b_sb, b_sh, b_sm, b_sn;                         // bias strides (0 allowed)
+  int64_t bt_sb, bt_sh, bt_sm, bt_sn;                     // bias_t strides
+  int64_t o_sb, o_sh, o_sn;
+  int64_t ot_sb, ot_sh, ot_sn;
+
+  int B, H, Hkv, Nq, Nk;
+  int d_qk, d_v;            // actual head dims (multiples of 8, ≤ kD); columns beyond are zero
+  int num_m_blocks;
+  float scale;              // softmax scale (natural units)
+  float scale_log2;         // scale·log2(e)
+  int causal;
+  int bias_is_f32, bias_t_is_f32;   // else the bias has the element type of q
+};
+
+// ----------------------------------------------------------------------------------------------
+// Tile configuration: all index constants live here.
+// ----------------------------------------------------------------------------------------------
+template <typename T_, int kD_, bool kJvp_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int kD = kD_;                    // padded head dim (Dqk and Dv share it)
+  static constexpr bool kJvp = kJvp_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBM = 16 * kWarps;           // query rows per CTA
+  // Registers per thread (fp32 accumulators): A = kD/2, T = kD/2, S = BN/2, Ṡ = BN/2.
+  // JVP at kD = 128 with BN = 64 would need 192 accumulator registers; BN = 32 keeps it ~160.
+  static constexpr int kBN = (kJvp && kD > 64) ? 32 : 64;
+  static constexpr int kStride = kD + 8;            // smem row length (+16 B: conflict-free ldmatrix)
+  static constexpr int kQElems = kBM * kStride;     // one Q-like tile
+  static constexpr int kKElems = kBN * kStride;     // one K-like tile
+  static constexpr int kQTiles = kJvp ? 2 : 1;      // Q, Q̇
+  static constexpr int kKVTiles = kJvp ? 4 : 2;     // K, V (+ K̇, V̇)
+  static constexpr int kStages = 2;
+  static constexpr int kSmemElems = kQTiles * kQElems + kStages * kKVTiles * kKElems;
+  static constexpr int kSmemBytes = kSmemElems * (int)sizeof(T);
+  static constexpr int kNTileS = kBN / 8;           // n8 tiles of S per warp
+  static constexpr int kNTileO = kD / 8;            // n8 tiles of O per warp
+  static_assert(kD % 16 == 0 && kBN % 16 == 0, "mma k-steps are 16 wide");
+};
+
+// ----------------------------------------------------------------------------------------------
+// PTX wrappers.
+// ----------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 writes 16 zero bytes (and reads nothing).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// ldmatrix.x4: lanes 8i..8i+7 give the 8 row addresses of 8x8 matrix i; register i returns
+// matrix i with lane L holding row L/4, columns 2(L%4), 2(L%4)+1 (two 16-bit values).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+// .trans: lane L receives (row 2(L%4), col L/4) and (row 2(L%4)+1, col L/4) of each matrix.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// D = A·B + D, m16n8k16, row.col, fp32 accumulate.
+// A (16x16, row-major) fragment, g = lane/4, c = lane%4:
+//   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..2c+1], a2 = A[g][2c+8..2c+9], a3 = A[g+8][2c+8..2c+9]
+// B (16x8, k x n) fragment: b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
+// C/D (16x8) fragment: d0,d1 = D[g][2c..2c+1], d2,d3 = D[g+8][2c..2c+1]
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one 32-bit register of two 16-bit values, x in the low half (lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
+  __half2 v = __floats2half2_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float load_scalar(const void* p, int64_t off, int is_f32, bool is_bf16) {
+  if (is_f32) return __ldg(static_cast<const float*>(p) + off);
+  if (is_bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
+  return __half2float(static_cast<const __half*>(p)[off]);
+}
+
+// Copy a ROWS x kD tile whose first row starts at `g` (row stride `stride` elements) into smem
+// (row length kStride). Rows ≥ rows_valid and columns ≥ d_valid are zero-filled.
+// Thread layout: column chunk (8 elements = 16 B) tid % kMapChunks, rows tid / kMapChunks + k·kRowStep.
+// In-tile offsets are 32-bit (the host guarantees 256·stride < 2^31): with 64-bit per-chunk
+// addresses the compiler hoisted one register pair per chunk out of the key loop and spilled.
+template <class Tr, int ROWS>
+__device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename Tr::T* g, int stride,
+                                          int rows_valid, int d_valid, int tid) {
+  constexpr int kChunks = Tr::kD / 8;
+  constexpr int kMapChunks = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : 16;   // power of 2 ≥ kChunks
+  constexpr int kRowStep = Tr::kThreads / kMapChunks;
+  static_assert(Tr::kThreads % kMapChunks == 0 && ROWS % kRowStep == 0, "tile loader layout");
+  const int c = tid % kMapChunks, r0 = tid / kMapChunks;
+  if (kChunks != kMapChunks && c >= kChunks) return;
+  const bool col_ok = c * 8 < d_valid;
+#pragma unroll
+  for (int it = 0; it < ROWS / kRowStep; ++it) {
+    const int r = r0 + it * kRowStep;
+    const bool ok = col_ok && r < rows_valid;
+    const typename Tr::T* src = ok ? g + (r * stride + c * 8) : g;
+    cp_async16(smem + r * Tr::kStride + c * 8, src, ok ? 16 : 0);
+  }
+}
+
+// Stage bias[b, h, m0 : m0 + BM, n0 : n0 + BN] (times mult) into an fp32 smem tile [BM][BN].
+// Consecutive threads read consecutive keys (coalesced for a row-major bias). Out-of-range
+// elements are 0 (the caller masks them).
+template <class Tr>
+__device__ __forceinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                           int m0, int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
+  constexpr bool kIsBf16 = std::is_same<typename Tr::T, __nv_bfloat16>::value;
+#pragma unroll 1
+  for (int idx = tid; idx < Tr::kBM * Tr::kBN; idx += Tr::kThreads) {
+    const int r = idx / Tr::kBN, cc = idx % Tr::kBN;
+    const int i = m0 + r, j = n0 + cc;
+    float v = 0.f;
+    if (i < Nq && j < Nk) v = mult * load_scalar(src, base + (int64_t)i * sm + (int64_t)j * sn, is_f32, kIsBf16);
+    dst[idx] = v;
+  }
+}
+
+// Bytes of dynamic shared memory for the optional bias tiles.
+template <class Tr>
+constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
+  return ((has_bias ? 1 : 0) + ((Tr::kJvp && has_bias_t) ? 1 : 0)) * Tr::kBM * Tr::kBN * (int)sizeof(float);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The kernel.
+// ----------------------------------------------------------------------------------------------
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads)
+attention_fwd_kernel(const FwdParams p) {
+  using T = typename Tr::T;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD, kS = Tr::kStride;
+  constexpr bool kJvp = Tr::kJvp;
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kLn2 = 0.6931471805599453f;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sQt = sQ + Tr::kQElems;                          // valid only if kJvp
+  T* sKV = sQ + Tr::kQTiles * Tr::kQElems;            // stage s, tile t: sKV + (s*kKVTiles + t)*kKElems
+  // tile order inside a stage: 0 = K, 1 = V, 2 = K̇, 3 = V̇
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, c = lane % 4;
+
+  // Causal schedules the heaviest query tiles first.
+  const int mb = p.num_m_blocks - 1 - (int)(blockIdx.x % p.num_m_blocks);
+  const int bh = (int)(blockIdx.x / p.num_m_blocks);
+  const int b = bh / p.H, h = bh % p.H;
+  const int hkv = h / (p.H / p.Hkv);
+  const int m0 = mb * kBM;
+  const int off = p.Nk - p.Nq;                         // causal: key j visible to row i iff j <= i + off
+
+  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  const T* gQt = kJvp ? static_cast<const T*>(p.q_t) + b * p.qt_sb + h * p.qt_sh : nullptr;
+  const T* gKt = kJvp ? static_cast<const T*>(p.k_t) + b * p.kt_sb + hkv * p.kt_sh : nullptr;
+  const T* gVt = kJvp ? static_cast<const T*>(p.v_t) + b * p.vt_sb + hkv * p.vt_sh : nullptr;
+
+  // Keys this CTA may need: [0, n_end).
+  int n_end = p.Nk;
+  if (p.causal) n_end = max(0, min(p.Nk, m0 + kBM + off));
+  const int n_tiles = (n_end + kBN - 1) / kBN;
+
+  auto load_kv = [&](int stage, int tile) {
+    T* base = sKV + stage * Tr::kKVTiles * Tr::kKElems;
+    const int n0 = tile * kBN, rows = p.Nk - n0;
+    load_tile<Tr, kBN>(base + 0 * Tr::kKElems, gK + n0 * p.k_sn, (int)p.k_sn, rows, p.d_qk, tid);
+    load_tile<Tr, kBN>(base + 1 * Tr::kKElems, gV + n0 * p.v_sn, (int)p.v_sn, rows, p.d_v, tid);
+    if constexpr (kJvp) {
+      load_tile<Tr, kBN>(base + 2 * Tr::kKElems, gKt + n0 * p.kt_sn, (int)p.kt_sn, rows, p.d_qk, tid);
+      load_tile<Tr, kBN>(base + 3 * Tr::kKElems, gVt + n0 * p.vt_sn, (int)p.vt_sn, rows, p.d_v, tid);
+    }
+  };
+
+  // Prologue: Q (+Q̇) and the first K/V tile form commit group 0.
+  load_tile<Tr, kBM>(sQ, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
+  if constexpr (kJvp) load_tile<Tr, kBM>(sQt, gQt + m0 * p.qt_sn, (int)p.qt_sn, p.Nq - m0, p.d_qk, tid);
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  // Per-thread state for rows r0 = m0 + 16·warp + g and r1 = r0 + 8.
+  float acc_o[Tr::kNTileO][4];
+  float acc_t[kJvp ? Tr::kNTileO : 1][4];
+#pragma unroll
+  for (int i = 0; i < Tr::kNTileO; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
+  if constexpr (kJvp) {
+#pragma unroll
+    for (int i = 0; i < Tr::kNTileO; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_t[i][e] = 0.f;
+  }
+  float row_max[2] = {-INFINITY, -INFINITY};   // running max, base-2 units
+  float row_sum[2] = {0.f, 0.f};               // this thread's partial ℓ (quad-reduced at the end)
+  float row_r[2] = {0.f, 0.f};                 // this thread's partial r
+
+  const int row_in_cta = 16 * warp + g;       // + 8 for the second row
+  const int qrow[2] = {m0 + row_in_cta, m0 + row_in_cta + 8};
+
+  const bool has_bias = p.bias != nullptr;
+  const bool has_bias_t = kJvp && p.bias_t != nullptr;
+  // Optional fp32 bias tiles after the fixed part of shared memory (host sizes it: bias_smem_bytes).
+  float* sBias = reinterpret_cast<float*>(smem_raw + Tr::kSmemBytes);
+  float* sBiasT = sBias + (has_bias ? kBM * kBN : 0);
+  const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
+  const int64_t bias_t_base = (int64_t)b * p.bt_sb + (int64_t)h * p.bt_sh;
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile & 1;
+    // Issue the next tile into the other stage (its readers finished: barrier at loop end).
+    if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
+    cp_async_commit();
+    // Bias tiles go through shared memory (coalesced reads, few registers). The barrier below
+    // publishes them; the barrier at the end of the previous tile retired their last readers.
+    if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                 p.bias_is_f32, kLog2e, tid);
+    if (has_bias_t) stage_bias<Tr>(sBiasT, p.bias_t, bias_t_base, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
+                                   p.Nk, p.bias_t_is_f32, 1.f, tid);
+    cp_async_wait<1>();        // everything but the group just committed has landed
+    __syncthreads();
+
+    const T* sK = sKV + stage * Tr::kKVTiles * Tr::kKElems;
+    const T* sV = sK + 1 * Tr::kKElems;
+    const T* sKt = sK + 2 * Tr::kKElems;
+    const T* sVt = sK + 3 * Tr::kKElems;
+    const int n0 = tile * kBN;
+
+    // ---- S = Q·Kᵀ and Ṡ = Q̇·Kᵀ + Q·K̇ᵀ (16 x kBN per warp) ----
+    float s[Tr::kNTileS][4];
+    float sd[kJvp ? Tr::kNTileS : 1][4];
+#pragma unroll
+    for (int i = 0; i < Tr::kNTileS; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
+    if constexpr (kJvp) {
+#pragma unroll
+      for (int i = 0; i < Tr::kNTileS; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sd[i][e] = 0.f;
+    }
+#pragma unroll 1
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      // A operand (16 query rows x 16 dims): lane gives row lane%16, column block lane/16.
+      uint32_t qa[4], qta[4];
+      const int a_off = (16 * warp + (lane % 16)) * kS + ks * 16 + (lane / 16) * 8;
+      ldmatrix_x4(qa, sQ + a_off);
+      if constexpr (kJvp) ldmatrix_x4(qta, sQt + a_off);
+#pragma unroll
+      for (int np = 0; np < Tr::kNTileS / 2; ++np) {
+        // B operand from K[key][dim]: matrices (keys +0..7, dims +0..7), (keys +0..7, dims +8..15),
+        // (keys +8..15, dims +0..7), (keys +8..15, dims +8..15) -> b0,b1 of n-tile 2np, b0,b1 of 2np+1.
+        const int b_off = (np * 16 + (lane % 8) + (lane / 16) * 8) * kS + ks * 16 + ((lane / 8) % 2) * 8;
+        uint32_t kb[4];
+        ldmatrix_x4(kb, sK + b_off);
+        mma16816<T>(s[2 * np], qa, kb[0], kb[1]);
+        mma16816<T>(s[2 * np + 1], qa, kb[2], kb[3]);
+        if constexpr (kJvp) {
+          uint32_t ktb[4];
+          ldmatrix_x4(ktb, sKt + b_off);
+          mma16816<T>(sd[2 * np], qta, kb[0], kb[1]);
+          mma16816<T>(sd[2 * np + 1], qta, kb[2], kb[3]);
+          mma16816<T>(sd[2 * np], qa, ktb[0], ktb[1]);
+          mma16816<T>(sd[2 * np + 1], qa, ktb[2], ktb[3]);
+        }
+      }
+    }
+
+    // ---- scale, bias, mask; element (nt, e) is row qrow[e/2], key n0 + 8nt + 2c + e%2 ----
+    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
+#pragma unroll
+    for (int nt = 0; nt < Tr::kNTileS; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
+        const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
+        float x = s[nt][e] * p.scale_log2;
+        if (has_bias) x += sBias[ri * kBN + jl];            // already in log2 units
+        if (need_mask) {
+          const int i = m0 + ri, j = n0 + jl;
+          if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
+        }
+        s[nt][e] = x;
+        if constexpr (kJvp) {
+          float xd = sd[nt][e] * p.scale;
+          if (has_bias_t) xd += sBiasT[ri * kBN + jl];
+          sd[nt][e] = xd;
+        }
+      }
+    }
+
+    // ---- online softmax update ----
+    float alpha[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = row_max[rr];
+#pragma unroll
+      for (int nt = 0; nt < Tr::kNTileS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));   // the 4 lanes of a quad share a row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = (mx == -INFINITY) ? 0.f : mx;       // row fully masked so far
+      alpha[rr] = exp2f(row_max[rr] - m_use);                 // exp2(-inf) = 0 on the first hit
+      row_max[rr] = mx;
+      float ps = 0.f, hs = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < Tr::kNTileS; ++nt) {
+#pragma unroll
+        for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
+          const float pe = exp2f(s[nt][e] - m_use);
+          s[nt][e] = pe;
+          ps += pe;
+          if constexpr (kJvp) {
+            const float he = (pe > 0.f) ? pe * sd[nt][e] : 0.f;   // masked: 0 even if ṡ is inf
+            sd[nt][e] = he;
+            hs += he;
+          }
+        }
+      }
+      row_sum[rr] = alpha[rr] * row_sum[rr] + ps;
+      if constexpr (kJvp) row_r[rr] = alpha[rr] * row_r[rr] + hs;
+    }
+#pragma unroll
+    for (int nt = 0; nt < Tr::kNTileO; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc_o[nt][e] *= alpha[e / 2];
+        if constexpr (kJvp) acc_t[nt][e] *= alpha[e / 2];
+      }
+    }
+
+    // ---- A += P·V, T += P·V̇ + H·V (the [p | h]·[V̇ ; V] product, k-step by k-step) ----
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      // The S accumulator layout of n-tiles 2kk, 2kk+1 is exactly the A-operand layout of keys
+      // 16kk..16kk+15: a0 = tile 2kk (row g), a1 = tile 2kk (row g+8), a2/a3 = tile 2kk+1.
+      uint32_t pa[4], ha[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      if constexpr (kJvp) {
+        ha[0] = pack2<T>(sd[2 * kk][0], sd[2 * kk][1]);
+        ha[1] = pack2<T>(sd[2 * kk][2], sd[2 * kk][3]);
+        ha[2] = pack2<T>(sd[2 * kk + 1][0], sd[2 * kk + 1][1]);
+        ha[3] = pack2<T>(sd[2 * kk + 1][2], sd[2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        // B operand from V[key][dim] with .trans: matrices (keys +0..7, dims +0..7),
+        // (keys +8..15, dims +0..7), (keys +0..7, dims +8..15), (keys +8..15, dims +8..15)
+        // -> b0,b1 of dim n-tile 2dp, b0,b1 of 2dp+1.
+        const int v_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + dp * 16 + (lane / 16) * 8;
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, sV + v_off);
+        mma16816<T>(acc_o[2 * dp], pa, vb[0], vb[1]);
+        mma16816<T>(acc_o[2 * dp + 1], pa, vb[2], vb[3]);
+        if constexpr (kJvp) {
+          uint32_t vtb[4];
+          ldmatrix_x4_trans(vtb, sVt + v_off);
+          mma16816<T>(acc_t[2 * dp], pa, vtb[0], vtb[1]);
+          mma16816<T>(acc_t[2 * dp + 1], pa, vtb[2], vtb[3]);
+          mma16816<T>(acc_t[2 * dp], ha, vb[0], vb[1]);
+          mma16816<T>(acc_t[2 * dp + 1], ha, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();   // all warps are done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
+
+  // ---- epilogue ----
+  float inv_l[2], mu[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = row_sum[rr], r = row_r[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if constexpr (kJvp) {
+      r += __shfl_xor_sync(0xffffffffu, r, 1);
+      r += __shfl_xor_sync(0xffffffffu, r, 2);
+    }
+    inv_l[rr] = (l > 0.f) ? 1.f / l : 0.f;
+    mu[rr] = kJvp ? r * inv_l[rr] : 0.f;
+    const int i = qrow[rr];
+    if (c == 0 && i < p.Nq) {
+      const int64_t li = (int64_t)bh * p.Nq + i;
+      p.lse[li] = (l > 0.f) ? (row_max[rr] + __log2f(l)) * kLn2 : -INFINITY;
+      if constexpr (kJvp) p.lse_t[li] = mu[rr];
+    }
+  }
+  T* gO = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  T* gOt = kJvp ? static_cast<T*>(p.out_t) + b * p.ot_sb + h * p.ot_sh : nullptr;
+#pragma unroll
+  for (int nt = 0; nt < Tr::kNTileO; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    if (col >= p.d_v) continue;            // d_v % 8 == 0: the pair is all in or all out
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int i = qrow[rr];
+      if (i >= p.Nq) continue;
+      const float o0 = acc_o[nt][2 * rr] * inv_l[rr], o1 = acc_o[nt][2 * rr + 1] * inv_l[rr];
+      *reinterpret_cast<uint32_t*>(gO + (int64_t)i * p.o_sn + col) = pack2<T>(o0, o1);
+      if constexpr (kJvp) {
+        const float t0 = acc_t[nt][2 * rr] * inv_l[rr] - mu[rr] * o0;
+        const float t1 = acc_t[nt][2 * rr + 1] * inv_l[rr] - mu[rr] * o1;
+        *reinterpret_cast<uint32_t*>(gOt + (int64_t)i * p.ot_sn + col) = pack2<T>(t0, t1);
+      }
+    }
+  }
+}
+
+// Host-side launch of one instantiation; throws (TORCH_CHECK) on a launch error.
+template <typename T, int kD, bool kJvp>
+void launch_fwd(const FwdParams& p, cudaStream_t stream);
+
+// Dispatch on the padded head dim (32, 64, 96 or 128); instantiated in attention_fwd_<dtype>.cu.
+template <typename T>
+void launch_fwd_dispatch(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
+
+}  // namespace attn
+}  // namespace fastcm
