@@ -3,8 +3,14 @@
 Importing fastcm imports neither triton nor the compiled extension; both load on first use.
 """
 
+from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent
 from .precondition import precondition, precondition_scalings
+from .steps import cfg, cm_step, ddim_step, dpmpp_2m_step, euler_step, heun_step, trigflow_step
 
 __version__ = "0.1.0"
 
-__all__ = ["precondition", "precondition_scalings"]
+__all__ = [
+    "precondition", "precondition_scalings",
+    "pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss",
+    "euler_step", "heun_step", "dpmpp_2m_step", "ddim_step", "cm_step", "trigflow_step", "cfg",
+]
