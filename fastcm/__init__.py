@@ -1,6 +1,8 @@
 """fastcm: fused kernels for consistency-model training and sampling.
 
-Importing fastcm imports neither triton nor the compiled extension; both load on first use.
+Importing fastcm imports triton (where installed) to register the kernels as torch.library
+ops, so set TRITON_INTERPRET=1 before `import fastcm` to run them on CPU tensors. The compiled
+extension (attention) loads on first use.
 """
 
 from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent

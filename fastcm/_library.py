@@ -6,6 +6,9 @@ storage a kernel could read (the dispatcher unwraps them for a custom op). Plain
 skip the dispatcher, which costs ~10-20 µs of host time per launch.
 """
 
+import importlib
+import types
+
 import torch
 
 
@@ -28,3 +31,29 @@ def kernel_op(name: str, launcher, fake):
     call.__name__ = name
     call.__doc__ = launcher.__doc__
     return call
+
+
+class _Missing:
+    def __init__(self, family: str):
+        self._family = family
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"fastcm.{self._family}: the Triton kernels need triton, which is not installed")
+
+
+def kernel_ops(family: str, specs: dict):
+    """The custom ops of one op family, registered now: registering inside a torch.compile trace
+    is not traceable, so it cannot wait for the first call.
+
+    specs maps an attribute name to (launcher name in fastcm.kernels.<family>, fake); the result
+    has one caller (see kernel_op), the custom op fastcm::<family>_<attribute>, per attribute.
+    Without triton, using any of them raises.
+    """
+    from ._backend import triton_installed
+
+    if not triton_installed():
+        return _Missing(family)
+    launchers = importlib.import_module(f"fastcm.kernels.{family}")
+    return types.SimpleNamespace(**{
+        attribute: kernel_op(f"{family}_{attribute}", getattr(launchers, launcher_name), fake)
+        for attribute, (launcher_name, fake) in specs.items()})

@@ -10,7 +10,7 @@ import torch
 
 from . import _checks
 from ._backend import select_backend
-from ._library import kernel_op
+from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import losses as reference
 from .reference.losses import REDUCTIONS, TANGENT_NORMS, default_huber_c
@@ -55,21 +55,13 @@ def _fake_meanflow_backward(grad_out, u, v, dudt, t, r, inv_weight, reduction):
     return torch.empty_like(u)
 
 
-class _LazyOps:
-    """The custom ops are registered on first use so that `import fastcm` never imports triton."""
-
-    def __getattr__(self, name):
-        from .kernels import losses as launchers
-        for op_name, fake in (("pseudo_huber_forward", _fake_huber_forward),
-                              ("pseudo_huber_backward", _fake_huber_backward),
-                              ("scm_forward", _fake_scm_forward), ("scm_backward", _fake_scm_backward),
-                              ("scm_tangent", _fake_scm_tangent), ("meanflow_forward", _fake_meanflow_forward),
-                              ("meanflow_backward", _fake_meanflow_backward)):
-            setattr(self, op_name, kernel_op(op_name, getattr(launchers, op_name), fake))
-        return object.__getattribute__(self, name)
-
-
-_ops = _LazyOps()
+_ops = kernel_ops("losses", {
+    name: (name, fake) for name, fake in (
+        ("pseudo_huber_forward", _fake_huber_forward), ("pseudo_huber_backward", _fake_huber_backward),
+        ("scm_forward", _fake_scm_forward), ("scm_backward", _fake_scm_backward),
+        ("scm_tangent", _fake_scm_tangent), ("meanflow_forward", _fake_meanflow_forward),
+        ("meanflow_backward", _fake_meanflow_backward))
+})
 
 
 def _differentiable(*tensors) -> bool:

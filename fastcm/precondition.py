@@ -4,7 +4,7 @@ import torch
 
 from . import _checks
 from ._backend import select_backend
-from ._library import kernel_op
+from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import precondition as reference
 from .reference.precondition import PARAMS, precondition_scaling_derivatives, precondition_scalings
@@ -26,23 +26,11 @@ def _fake_jvp(x, net_out, sigma, x_t, net_out_t, sigma_t, param, sigma_data, sig
     return torch.empty_like(x)
 
 
-def _kernels():
-    from .kernels import precondition as launchers
-    return launchers
-
-
-class _LazyOps:
-    """The custom ops are registered on first use so that `import fastcm` never imports triton."""
-
-    def __getattr__(self, name):
-        launchers = _kernels()
-        self.forward = kernel_op("precondition_forward", launchers.precondition_forward, _fake_forward)
-        self.backward = kernel_op("precondition_backward", launchers.precondition_backward, _fake_backward)
-        self.jvp = kernel_op("precondition_jvp", launchers.precondition_jvp, _fake_jvp)
-        return object.__getattribute__(self, name)
-
-
-_ops = _LazyOps()
+_ops = kernel_ops("precondition", {
+    "forward": ("precondition_forward", _fake_forward),
+    "backward": ("precondition_backward", _fake_backward),
+    "jvp": ("precondition_jvp", _fake_jvp),
+})
 
 
 def _coefficients(x, sigma, param, sigma_data, sigma_min):
@@ -132,6 +120,9 @@ def precondition(x, net_out, sigma, *, param="edm", sigma_data=0.5, sigma_min=0.
     (torch.func.jvp, forward-AD dual tensors). Under torch.no_grad the output tangent is one
     fused pass; with grad enabled (a tangent you will backpropagate through, or double backward)
     tangent and gradient are built from differentiable torch ops instead.
+    torch.compile: traced as one custom-op node when no input requires grad; otherwise dynamo
+    breaks the graph at this op (it cannot trace autograd.Functions with a custom jvp) and the
+    op runs eagerly with the same result.
     """
     _check(x, net_out, param, sigma_data, sigma_min)
     backend = select_backend(_OP, x.device)

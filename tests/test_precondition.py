@@ -245,8 +245,25 @@ def test_torch_compile_matches_eager(backend):
     sigma = _sigma("b", 3)
     fn = lambda a, b, s: fastcm.precondition(a, b, s, param="cm") * 2 + 1  # noqa: E731
     torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
+    compiled = torch.compile(fn, fullgraph=True)  # no grad: the op traces as one custom-op node
     torch.testing.assert_close(compiled(x, f, sigma), fn(x, f, sigma), rtol=0, atol=0)
+
+
+def test_torch_compile_training_step_matches_eager(backend):
+    """With inputs that require grad, dynamo cannot trace an autograd.Function that has a custom
+    jvp and breaks the graph there; forward and gradients must still equal eager."""
+    backend("triton")
+    x, f = randn(3, 6, 7, requires_grad=True), randn(3, 6, 7, requires_grad=True)
+    sigma = _sigma("b", 3, requires_grad=True)
+    fn = lambda a, b, s: (fastcm.precondition(a, b, s, param="edm") * 2).square().sum()  # noqa: E731
+    torch._dynamo.reset()
+    got_loss = torch.compile(fn)(x, f, sigma)
+    got = torch.autograd.grad(got_loss, (x, f, sigma))
+    want_loss = fn(x, f, sigma)
+    want = torch.autograd.grad(want_loss, (x, f, sigma))
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
 
 
 def test_reference_backend_on_cpu_by_default():
