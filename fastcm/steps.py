@@ -137,8 +137,8 @@ class _LinearStep(torch.autograd.Function):
         tangents = (t0_t, t1_t, t2_t)
         has_term_tangents = any(t is not None for t in tangents + (noise_t,))
         # With both parts, each is kept in the compute dtype and rounded to the output dtype once.
-        part_like = like.new_empty(like.shape, dtype=_compute_dtype(like)) if has_term_tangents and coefs_t is not None \
-            else like
+        both = has_term_tangents and coefs_t is not None
+        part_like = like.new_empty(like.shape, dtype=_compute_dtype(like)) if both else like
         out_t = None
         if has_term_tangents:
             if differentiable:

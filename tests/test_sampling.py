@@ -121,9 +121,9 @@ def test_cm_sampling_is_openai_iterative_sampler():
     sigmas = sampling.karras_sigmas(40, append_zero=False)[[0, 22, 39]]
     x = start_noise(4)
     got = sampling.sample_cm(exact_consistency, x, sigmas, seed=9)
-    x0 = exact_consistency(x, torch.full((4,), SIGMA_MAX, dtype=torch.float64))
+    x0 = exact_consistency(x, torch.full((4,), SIGMA_MAX, dtype=torch.float64, device=DEVICE))
     x1 = steps.cm_step(x0, sigmas[1].item(), seed=9, offset=0)
-    want = exact_consistency(x1, torch.full((4,), sigmas[1].item(), dtype=torch.float64))
+    want = exact_consistency(x1, torch.full((4,), sigmas[1].item(), dtype=torch.float64, device=DEVICE))
     assert torch.equal(got, want)
 
 
@@ -163,12 +163,12 @@ def test_triton_stochastic_loops_use_the_kernel_noise(backend, stochastic):
     x = start_noise(3, dims=40, dtype=torch.float32)
     if stochastic == "cm":
         got = sampling.sample_cm(_toy_denoiser, x, [SIGMA_MAX, 0.5, SIGMA_MIN], seed=2)
-        manual = steps.cm_step(_toy_denoiser(x, torch.full((3,), SIGMA_MAX)), 0.5, seed=2, offset=0)
-        want = _toy_denoiser(manual, torch.full((3,), 0.5))
+        manual = steps.cm_step(_toy_denoiser(x, torch.full((3,), SIGMA_MAX, device=DEVICE)), 0.5, seed=2, offset=0)
+        want = _toy_denoiser(manual, torch.full((3,), 0.5, device=DEVICE))
     else:
         got = sampling.sample_trigflow(_toy_denoiser, x, [1.5, 0.7, 0.0], seed=2)
-        manual = steps.trigflow_step(_toy_denoiser(x, torch.full((3,), 1.5)), 0.7, seed=2, offset=0)
-        want = _toy_denoiser(manual, torch.full((3,), 0.7))
+        manual = steps.trigflow_step(_toy_denoiser(x, torch.full((3,), 1.5, device=DEVICE)), 0.7, seed=2, offset=0)
+        want = _toy_denoiser(manual, torch.full((3,), 0.7, device=DEVICE))
     assert torch.equal(got, want)
 
 
@@ -186,7 +186,7 @@ def test_progress_bar_and_callback(capsys):
 def test_capture_on_cpu_raises():
     with pytest.raises(ValueError, match=r"sample_cm: capture=True records a CUDA graph and needs CUDA tensors; "
                                          r"x is on cpu"):
-        sampling.sample_cm(exact_consistency, torch.randn(2, 3), [80.0, 0.002], capture=True)
+        sampling.sample_cm(exact_consistency, torch.randn(2, 3, device="cpu"), [80.0, 0.002], capture=True)
 
 
 @pytest.mark.gpu
