@@ -1,0 +1,173 @@
+"""GPU benchmark of the CUDA attention kernels (issue 6's table).
+
+For B=1, H=32, d=64 and B=1, H=16, d=128 at N in {1024, 4096, 8192, 16384} (bf16, non-causal
+unless --causal), times
+  fastcm JVP      torch.ops.fastcm.attention_forward_jvp (primal + tangent, one kernel)
+  fastcm fwd      torch.ops.fastcm.attention_forward
+  fastcm bwd      torch.ops.fastcm.attention_backward (non-fused ATen fallback for now)
+  sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
+  math jvp        torch.func.jvp of SDPA on the MATH backend (the baseline of the issue)
+and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), time relative to the SDPA forward
+and peak memory above the inputs. Writes attention_gpu.json and attention_gpu.csv into --out.
+
+    python benchmarks/attention_gpu.py --out results_dir [--causal] [--quick]
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = [(1, 32, 64), (1, 16, 128)]          # (B, H, d)
+LENGTHS = [1024, 4096, 8192, 16384]
+
+
+def bench_ms(fn, warmup_ms=200, rep_ms=1000):
+    """Median milliseconds by CUDA events (triton.testing.do_bench when available)."""
+    try:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        pass
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    n_warm, n_rep = max(1, int(warmup_ms / once)), max(5, int(rep_ms / once))
+    for _ in range(n_warm):
+        fn()
+    times = []
+    for _ in range(n_rep):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_mib(fn):
+    """Peak allocated memory (MiB) during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def measure(name, fn, flops):
+    try:
+        ms = bench_ms(fn)
+        mem = peak_mib(fn)
+        return {"impl": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_mib": mem, "status": "ok"}
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"impl": name, "ms": None, "tflops": None, "peak_mib": None, "status": "OOM"}
+    except RuntimeError as error:   # noqa: BLE001 - a failing baseline must not stop the table
+        torch.cuda.empty_cache()
+        return {"impl": name, "ms": None, "tflops": None, "peak_mib": None, "status": f"error: {error}"[:200]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for attention_gpu.json / .csv")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
+    parser.add_argument("--no-math", action="store_true", help="skip the MATH-backend JVP baseline")
+    parser.add_argument("--no-backward", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_gpu.py needs a CUDA GPU; GPU figures need a GPU.")
+
+    from fastcm._extension import extension_ops
+    ops = extension_ops()
+    assert ops.has_cuda(), "fastcm._C was built without CUDA kernels"
+    dtype = getattr(torch, args.dtype)
+    lengths = LENGTHS[:2] if args.quick else LENGTHS
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for B, H, d in CONFIGS:
+        for N in lengths:
+            torch.manual_seed(0)
+            q, k, v, qt, kt, vt = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(6))
+            grad = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+            scale = d ** -0.5
+            causal_factor = 0.5 if args.causal else 1.0
+            f_fwd = 4 * B * H * N * N * d * causal_factor
+            f_jvp = 12 * B * H * N * N * d * causal_factor
+            f_bwd = 10 * B * H * N * N * d * causal_factor    # dV, dP, dQ, dK + S recompute
+
+            def sdpa_math_jvp():
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel(SDPBackend.MATH):
+                    return torch.func.jvp(
+                        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=args.causal),
+                        (q, k, v), (qt, kt, vt))
+
+            out, lse = ops.attention_forward(q, k, v, None, scale, args.causal)
+            cases = [
+                ("sdpa_fwd", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal), f_fwd),
+                ("fastcm_fwd", lambda: ops.attention_forward(q, k, v, None, scale, args.causal), f_fwd),
+                ("fastcm_jvp", lambda: ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, args.causal),
+                 f_jvp),
+            ]
+            if not args.no_backward:
+                cases.append(("fastcm_bwd", lambda: ops.attention_backward(grad, q, k, v, out, lse, None, scale,
+                                                                           args.causal), f_bwd))
+            if not args.no_math:
+                cases.append(("math_jvp", sdpa_math_jvp, f_jvp))
+            results = {}
+            for name, fn, flops in cases:
+                r = measure(name, fn, flops)
+                r.update({"B": B, "H": H, "N": N, "d": d, "dtype": args.dtype, "causal": args.causal})
+                results[name] = r
+                rows.append(r)
+                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:11s} "
+                      + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_mib']:9.1f} MiB"
+                         if r["status"] == "ok" else r["status"]), flush=True)
+            ref_ms = results["sdpa_fwd"]["ms"]
+            for r in results.values():
+                r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
+            del q, k, v, qt, kt, vt, grad, out, lse
+            torch.cuda.empty_cache()
+
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "ms", "tflops", "vs_sdpa_fwd", "peak_mib", "status"]
+    with open(os.path.join(args.out, "attention_gpu.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}")
+    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>11} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'MiB':>9}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>11} {r['status'][:40]}")
+            continue
+        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>11} {r['ms']:9.3f} {r['tflops']:8.1f} "
+              f"{r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build fastcm with the CUDA kernels, run the attention tests on cuda,
+# compute-sanitizer memcheck + racecheck on a small shape, then the benchmark. Logs under $OUT.
+#
+#   OUT=/some/dir bash scripts/device_attention.sh            (run tool: $OUT is set for you)
+#   SKIP_BENCH=1 / SKIP_SANITIZER=1 / QUICK_BENCH=1 shorten it.
+set -uo pipefail
+OUT=${OUT:-$(pwd)/device_out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+git rev-parse HEAD | tee -a "$OUT/gpu.txt"
+
+step "build (FASTCM_CUDA_ARCH_LIST=${FASTCM_CUDA_ARCH_LIST:-9.0a})"
+export FASTCM_CUDA_ARCH_LIST=${FASTCM_CUDA_ARCH_LIST:-9.0a}
+export MAX_JOBS=${MAX_JOBS:-16}
+if ! pip install --no-build-isolation -e . -v > "$OUT/build.log" 2>&1; then
+  echo "BUILD FAILED"; grep -n -E "error|Error" "$OUT/build.log" | head -40; tail -40 "$OUT/build.log"; exit 1
+fi
+grep -E "registers|spill" "$OUT/build.log" | head -40
+python -c "import torch, fastcm._C; assert torch.ops.fastcm.has_cuda(), 'built without CUDA'; print('has_cuda: True')" \
+  2>&1 | tee "$OUT/import.txt" || { echo "IMPORT FAILED"; exit 1; }
+
+step "tests (FASTCM_TEST_DEVICE=cuda)"
+TESTS="tests/test_attention_cuda.py"
+[ -f tests/test_attention.py ] && TESTS="$TESTS tests/test_attention.py"   # the part-1 suite, unchanged
+FASTCM_TEST_DEVICE=cuda timeout 300 python -m pytest $TESTS -q -x --maxfail=5 -p no:cacheprovider \
+  > "$OUT/pytest.log" 2>&1 || status=1
+tail -25 "$OUT/pytest.log"
+
+if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
+  step "compute-sanitizer (memcheck, racecheck) on a small shape"
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  cat > "$OUT/sanitize_case.py" <<'PY'
+import torch
+from fastcm._extension import extension_ops
+ops = extension_ops()
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float16):
+    for (B, H, Hkv, Nq, Nk, D, Dv, causal) in [(1, 2, 1, 70, 45, 64, 64, True), (1, 2, 2, 33, 100, 128, 128, False),
+                                             (1, 1, 1, 20, 20, 40, 24, False), (1, 2, 2, 64, 64, 96, 96, True)]:
+        r = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)
+        q, k, v = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
+        bias = torch.randn(1, 1, Nq, Nk, device="cuda").expand(B, H, Nq, Nk)
+        ops.attention_forward_jvp(q, k, v, r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv), bias, bias, 0.125, causal)
+        out, lse = ops.attention_forward(q, k, v, None, 0.125, causal)
+        ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, None, 0.125, causal)
+torch.cuda.synchronize()
+print("sanitize case done")
+PY
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$SAN" --tool $tool --error-exitcode 9 \
+      python "$OUT/sanitize_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?; [ $rc -ne 0 ] && status=1
+    echo "$tool exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+  done
+fi
+
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  step "benchmark"
+  BENCH_ARGS="--out $OUT/bench"
+  [ "${QUICK_BENCH:-0}" = "1" ] && BENCH_ARGS="$BENCH_ARGS --quick"
+  timeout 280 python benchmarks/attention_gpu.py $BENCH_ARGS > "$OUT/bench.log" 2>&1 || status=1
+  tail -30 "$OUT/bench.log"
+fi
+
+step "summary"
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+exit $status

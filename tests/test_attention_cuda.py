@@ -1,0 +1,288 @@
+"""The CUDA attention ops (csrc/cuda/) against the float64 reference (fastcm/reference/attention.py).
+
+Calls torch.ops.fastcm.attention_forward / attention_forward_jvp / attention_backward directly on
+CUDA tensors, so it tests the extension whatever the public API does on top. Every test is marked
+gpu: collected everywhere, run only with FASTCM_TEST_DEVICE=cuda (conftest skips it otherwise).
+
+Accuracy criterion for bf16/fp16 (DESIGN.md): ‖kernel − ref64‖ ≤ 2·‖torch_lowp − ref64‖ per output,
+where ref64 is the reference in float64 on the same rounded inputs and torch_lowp is PyTorch's own
+math attention (the reference evaluated in bf16/fp16 on the GPU, with torch.func.jvp for tangents).
+Norms are Frobenius norms over the finite entries; -inf LSE entries must match exactly.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from helpers import DEVICE, to64
+from fastcm.reference import attention as ref
+
+pytestmark = pytest.mark.gpu
+
+LOWP = (torch.bfloat16, torch.float16)
+# Shapes: (B, H, Hkv, Nq, Nk, Dqk, Dv). Tails (not multiples of 64), GQA, cross attention,
+# D_qk != D_v, head dims 32/64/96/128 and (through padding / slicing) 40, 20, 256.
+SHAPES = [
+    (1, 2, 2, 128, 128, 64, 64),
+    (2, 4, 2, 100, 77, 128, 128),
+    (1, 3, 1, 1, 1, 64, 64),
+    (2, 2, 2, 65, 130, 32, 32),
+    (1, 2, 1, 200, 50, 96, 96),
+    (1, 2, 2, 70, 90, 64, 128),
+    (1, 2, 2, 70, 90, 128, 64),
+    (1, 4, 4, 33, 257, 40, 24),
+    (1, 1, 1, 17, 9, 20, 12),
+    (1, 2, 2, 64, 80, 64, 256),
+]
+
+
+def _ops():
+    from fastcm._extension import extension_ops
+    ops = extension_ops()
+    if not ops.has_cuda():
+        pytest.fail("fastcm._C was built without CUDA kernels (has_cuda() is False) on a GPU machine")
+    return ops
+
+
+def _rand(*shape, dtype, device=DEVICE):
+    return torch.randn(*shape, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _poison_allocator(*shapes, dtype):
+    """Leave NaN-filled freed blocks of these sizes in the CUDA caching allocator, so outputs the
+    ops allocate with at::empty start as NaN and any element the kernel does not write shows up."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype, device=DEVICE) for s in shapes]
+    blocks += [torch.full(s, float("nan"), dtype=torch.float32, device=DEVICE) for s in shapes]
+    torch.cuda.synchronize()
+    del blocks
+
+
+def _err(actual, expected):
+    """Relative Frobenius error over entries where expected is finite; inf entries must agree."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), "NaN in result (unwritten or invalid element)"
+    finite = torch.isfinite(e)
+    assert torch.equal(a[~finite], e[~finite]), "non-finite entries (e.g. LSE = -inf) differ"
+    diff = (a - e)[finite].norm().item()
+    scale = e[finite].norm().item()
+    return diff / max(scale, 1e-30)
+
+
+def _check_against_torch(name, kernel, torch_lowp, ref64):
+    err_k = _err(kernel, ref64)
+    err_t = _err(torch_lowp, ref64) if torch_lowp is not None else 0.0
+    # 1e-6: float32-level floor for outputs where PyTorch's low-precision path happens to be exact.
+    assert err_k <= 2.0 * err_t + 1e-6, f"{name}: kernel error {err_k:.3e} > 2 x torch low-precision error {err_t:.3e}"
+    return err_k, err_t
+
+
+def _inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, dtype):
+    q, k, v = _rand(B, H, Nq, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dv, dtype=dtype)
+    qt, kt, vt = _rand(B, H, Nq, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dv, dtype=dtype)
+    return q, k, v, qt, kt, vt
+
+
+def _run_jvp_and_check(q, k, v, qt, kt, vt, *, causal, scale, bias=None, bias_t=None, check_torch=True):
+    ops = _ops()
+    B, H, Nq, _ = q.shape
+    Dv = v.shape[-1]
+    _poison_allocator((B, H, Nq, Dv), (B, H, Nq, Dv), (B, H, Nq), dtype=q.dtype)
+    out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, bias_t, scale, causal)
+    torch.cuda.synchronize()
+    assert out.dtype == q.dtype and out_t.dtype == q.dtype
+    assert lse.dtype == torch.float32 and lse_t.dtype == torch.float32
+    bias64 = to64(bias) if bias is None or bias.dtype != torch.bool else bias.cpu()
+    r_out, r_out_t, r_lse, r_lse_t = ref.attention_jvp(
+        to64(q), to64(k), to64(v), to64(qt), to64(kt), to64(vt), scale=scale, causal=causal,
+        attn_bias=bias64, bias_t=to64(bias_t), return_lse=True)
+    if check_torch:
+        t_out, t_out_t, t_lse, t_lse_t = ref.attention_jvp(
+            q, k, v, qt, kt, vt, scale=scale, causal=causal,
+            attn_bias=bias if bias is None or bias.dtype == torch.bool else bias.to(q.dtype),
+            bias_t=None if bias_t is None else bias_t.to(q.dtype), return_lse=True)
+    else:
+        t_out = t_out_t = t_lse = t_lse_t = None
+    for name, a, t, r in (("out", out, t_out, r_out), ("out_t", out_t, t_out_t, r_out_t),
+                          ("lse", lse, t_lse, r_lse), ("lse_t", lse_t, t_lse_t, r_lse_t)):
+        _check_against_torch(name, a, t, r)
+    return out, out_t, lse, lse_t
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_jvp_matches_reference(shape, causal, dtype):
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, qt, kt, vt = _inputs(*shape, dtype)
+    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=Dqk ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:6])
+def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
+    ops = _ops()
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, qt, kt, vt = _inputs(*shape, dtype)
+    scale = 0.7 * Dqk ** -0.5
+    _poison_allocator((B, H, Nq, Dv), (B, H, Nq), dtype=dtype)
+    out, lse = ops.attention_forward(q, k, v, None, scale, causal)
+    r_out, r_lse = ref.attention(to64(q), to64(k), to64(v), scale=scale, causal=causal, return_lse=True)
+    t_out, t_lse = ref.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    _check_against_torch("out", out, t_out, r_out)
+    _check_against_torch("lse", lse, t_lse, r_lse)
+    out_j, _, lse_j, _ = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, causal)
+    _check_against_torch("out (jvp kernel)", out_j, t_out, r_out)
+    _check_against_torch("lse (jvp kernel)", lse_j, t_lse, r_lse)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("kind", ["f32_full", "f32_broadcast", "lowp_full", "bool_mask", "with_tangent"])
+def test_bias(kind, dtype):
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150, 64
+    q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, D, D, dtype)
+    bias_t = None
+    if kind == "f32_full":
+        bias = _rand(B, H, Nq, Nk, dtype=torch.float32)
+    elif kind == "f32_broadcast":
+        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)   # stride-0 view
+    elif kind == "lowp_full":
+        bias = _rand(B, H, Nq, Nk, dtype=dtype)
+    elif kind == "bool_mask":
+        bias = torch.rand(B, 1, Nq, Nk, device=DEVICE) > 0.3
+    else:
+        bias = _rand(B, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
+        bias_t = _rand(B, H, Nq, Nk, dtype=torch.float32)
+    for causal in (False, True):
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5, bias=bias, bias_t=bias_t)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_fully_masked_rows(dtype):
+    ops = _ops()
+    B, H, Nq, Nk, D = 1, 2, 96, 70, 64
+    q, k, v, qt, kt, vt = _inputs(B, H, H, Nq, Nk, D, D, dtype)
+    bias = torch.zeros(B, H, Nq, Nk, device=DEVICE)
+    bias[:, :, 5] = -math.inf            # one row masked by the bias
+    bias[:, 1, 60:80] = -math.inf        # a block of rows in one head
+    # Causal with Nq > Nk: rows i < Nq - Nk see no key at all.
+    for causal in (False, True):
+        out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, None, D ** -0.5, causal)
+        dead = torch.isneginf(bias).all(-1)
+        if causal:
+            dead = dead | (torch.arange(Nq, device=DEVICE) < Nq - Nk).view(1, 1, Nq)
+        assert dead.any()
+        assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+        assert torch.equal(out_t[dead], torch.zeros_like(out_t[dead]))
+        assert torch.isneginf(lse[dead]).all()
+        assert torch.equal(lse_t[dead], torch.zeros_like(lse_t[dead]))
+        assert torch.isfinite(lse[~dead]).all() and not torch.isnan(out).any() and not torch.isnan(out_t).any()
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5, bias=bias)
+        grad = _rand(B, H, Nq, D, dtype=dtype)
+        dq, dk, dv = ops.attention_backward(grad, q, k, v, out, lse, bias, D ** -0.5, causal)
+        assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
+        assert not (torch.isnan(dq).any() or torch.isnan(dk).any() or torch.isnan(dv).any())
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_noncontiguous_and_strided_inputs(dtype):
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 77, 99, 64
+    # (B, N, H, D) storage viewed as (B, H, N, D): head stride D, row stride H·D.
+    q = _rand(B, Nq, H, D, dtype=dtype).transpose(1, 2)
+    k = _rand(B, Nk, Hkv, D, dtype=dtype).transpose(1, 2)
+    v = _rand(B, Nk, Hkv, D, dtype=dtype).transpose(1, 2)
+    qt = _rand(B, Nq, H, D, dtype=dtype).transpose(1, 2)
+    kt = _rand(B, Hkv, Nk, D, dtype=dtype)
+    vt = _rand(B, Hkv, Nk, 2 * D, dtype=dtype)[..., :D]           # row stride 2D
+    # Last dim not contiguous: the op must copy it.
+    v_bad = _rand(B, Hkv, D, Nk, dtype=dtype).transpose(-1, -2)
+    assert not q.is_contiguous() and not vt.is_contiguous() and v_bad.stride(-1) != 1
+    for causal in (False, True):
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5)
+        _run_jvp_and_check(q, k, v_bad, qt, kt, vt, causal=causal, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_random_shapes(dtype):
+    rng = random.Random(1234)
+    for _ in range(25):
+        Hkv = rng.choice([1, 2, 3])
+        H = Hkv * rng.choice([1, 2, 4])
+        Dqk = rng.choice([8, 16, 32, 48, 64, 72, 96, 128])
+        Dv = rng.choice([Dqk, Dqk, 8, 64, 128, 160])
+        shape = (rng.choice([1, 2, 3]), H, Hkv, rng.randint(1, 300), rng.randint(1, 300), Dqk, Dv)
+        q, k, v, qt, kt, vt = _inputs(*shape, dtype)
+        causal = rng.random() < 0.5
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=rng.uniform(0.05, 0.3))
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_deterministic(dtype):
+    """Same inputs, same bits: a run-to-run difference would point at a race."""
+    ops = _ops()
+    q, k, v, qt, kt, vt = _inputs(2, 8, 4, 300, 513, 128, 128, dtype)
+    first = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.1, True)
+    for _ in range(3):
+        again = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.1, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 100, 77, 64, 64), (1, 2, 1, 64, 130, 128, 64), (1, 2, 2, 33, 20, 40, 24)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_backward_matches_reference(shape, causal, dtype, with_bias):
+    ops = _ops()
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, _, _, _ = _inputs(*shape, dtype)
+    bias = _rand(B, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk) if with_bias else None
+    grad = _rand(B, H, Nq, Dv, dtype=dtype)
+    scale = Dqk ** -0.5
+    out, lse = ops.attention_forward(q, k, v, bias, scale, causal)
+    dq, dk, dv = ops.attention_backward(grad, q, k, v, out, lse, bias, scale, causal)
+    assert dq.dtype == q.dtype and dk.shape == k.shape and dv.shape == v.shape
+
+    def grads(q_, k_, v_, g_, b_):
+        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q_, k_, v_))
+        o = ref.attention(q_, k_, v_, scale=scale, causal=causal, attn_bias=b_)
+        return torch.autograd.grad(o, (q_, k_, v_), g_)
+
+    r = grads(to64(q), to64(k), to64(v), to64(grad), to64(bias))
+    t = grads(q, k, v, grad, None if bias is None else bias.to(dtype))
+    for name, a, tt, rr in zip(("dq", "dk", "dv"), (dq, dk, dv), t, r):
+        _check_against_torch(name, a, tt, rr)
+
+
+def test_bad_input_messages():
+    ops = _ops()
+    q = _rand(1, 2, 16, 64, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        ops.attention_forward(q, q, q, None, 0.125, False)
+    qb = q.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        ops.attention_forward(qb, _rand(1, 3, 16, 64, dtype=torch.bfloat16), _rand(1, 3, 16, 64, dtype=torch.bfloat16),
+                              None, 0.125, False)
+    big = _rand(1, 2, 16, 192, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="supports up to 128"):
+        ops.attention_forward(big, big, big, None, 0.1, False)
+    with pytest.raises(RuntimeError, match="match its primal"):
+        ops.attention_forward_jvp(qb, qb, qb, qb[..., :32], qb, qb, None, None, 0.125, False)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_public_api_on_cuda(dtype):
+    """fastcm.attention_jvp (part 1) routes CUDA tensors to these kernels; skipped until it exists."""
+    import fastcm
+    if not hasattr(fastcm, "attention_jvp"):
+        pytest.skip("fastcm.attention_jvp (issue 5) is not in this checkout yet")
+    q, k, v, qt, kt, vt = _inputs(1, 4, 2, 130, 130, 64, 64, dtype)
+    out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, causal=True)
+    r_out, r_out_t = ref.attention_jvp(to64(q), to64(k), to64(v), to64(qt), to64(kt), to64(vt), causal=True)
+    t_out, t_out_t = ref.attention_jvp(q, k, v, qt, kt, vt, causal=True)
+    _check_against_torch("out", out, t_out, r_out)
+    _check_against_torch("out_t", out_t, t_out_t, r_out_t)
