@@ -27,7 +27,7 @@ import torch
 
 from . import _checks
 from ._backend import select_backend
-from ._library import kernel_op
+from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import steps as reference
 from .reference.steps import draw_seed
@@ -43,22 +43,15 @@ def _fake_guided_moments(eps_cond, eps_uncond, scale, scalar_scale):
 
 
 def _launchers():
+    """The launchers themselves: out= writes in place, which the (non-mutating) custom op cannot."""
     from .kernels import steps as launchers
     return launchers
 
 
-class _LazyOps:
-    """Custom ops registered on first use so that `import fastcm` never imports triton."""
-
-    def __getattr__(self, name):
-        launchers = _launchers()
-        self.linear_combination = kernel_op("steps_linear_combination", launchers.linear_combination,
-                                            _fake_linear_combination)
-        self.guided_moments = kernel_op("steps_guided_moments", launchers.guided_moments, _fake_guided_moments)
-        return object.__getattribute__(self, name)
-
-
-_ops = _LazyOps()
+_ops = kernel_ops("steps", {
+    "linear_combination": ("linear_combination", _fake_linear_combination),
+    "guided_moments": ("guided_moments", _fake_guided_moments),
+})
 
 
 def _compute_dtype(x):
