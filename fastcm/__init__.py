@@ -5,8 +5,10 @@ ops, so set TRITON_INTERPRET=1 before `import fastcm` to run them on CPU tensors
 extension (attention) loads on first use.
 """
 
+from . import sampling, schedules
 from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent
 from .precondition import precondition, precondition_scalings
+from .sampling import self_consistency_error
 from .steps import cfg, cm_step, ddim_step, dpmpp_2m_step, euler_step, heun_step, trigflow_step
 
 __version__ = "0.1.0"
@@ -15,4 +17,5 @@ __all__ = [
     "precondition", "precondition_scalings",
     "pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss",
     "euler_step", "heun_step", "dpmpp_2m_step", "ddim_step", "cm_step", "trigflow_step", "cfg",
+    "sampling", "schedules", "self_consistency_error",
 ]

@@ -23,24 +23,10 @@ import sys
 import torch
 
 from . import steps
+from .schedules import karras_sigmas
 from .reference.steps import draw_seed
 
 TRIGFLOW_MID_T = 1.1  # sCM's 2-step intermediate time
-
-
-def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0, *, append_zero=True, device=None):
-    """EDM noise levels σ_i = (σmax^(1/ρ) + i/(n−1)·(σmin^(1/ρ) − σmax^(1/ρ)))^ρ, i = 0..n−1, then 0
-    if append_zero. Returns a float64 tensor of n (+1) values, decreasing from σmax to σmin."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"fastcm.karras_sigmas: n={n!r} is not supported; expected an int >= 1")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"fastcm.karras_sigmas: need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, "
-                         f"sigma_max={sigma_max}")
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=device) if n > 1 else \
-        torch.zeros(1, dtype=torch.float64, device=device)
-    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
 
 
 def trigflow_times(num_steps, *, t_max=math.atan(80.0 / 0.5), intermediate=None, device=None):
@@ -200,7 +186,7 @@ def sample_trigflow(denoiser, x, times, *, sigma_data=0.5, seed=None, generator=
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, capture=False, progress=False, callback=None):
-    """EDM Euler sampling of the probability-flow ODE over sigmas (e.g. karras_sigmas(n)); returns x at
+    """EDM Euler sampling of the probability-flow ODE over sigmas (e.g. karras_sigmas(n, append_zero=True)); returns x at
     the last level (x = D at σ = 0)."""
     op = "sample_euler"
     schedule = _schedule(op, "sigmas", sigmas)

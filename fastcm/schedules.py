@@ -13,18 +13,22 @@ def _check_positive(op, name, value):
         raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a positive finite number")
 
 
-def karras_sigmas(num, *, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None, dtype=torch.float64):
-    """The Karras/EDM σ grid, descending from σmax to σmin, shape (num,):
-    σ_i = (σmax^{1/ρ} + i/(num−1)·(σmin^{1/ρ} − σmax^{1/ρ}))^ρ,  i = 0 … num−1."""
-    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
-        raise ValueError(f"fastcm.karras_sigmas: num={num!r} is not supported; expected an int >= 2")
+def karras_sigmas(num, *, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=False, device=None,
+                  dtype=torch.float64):
+    """The Karras/EDM σ grid, descending from σmax to σmin, shape (num,) (num + 1 with append_zero,
+    the final 0 a sampling loop ends at): σ_i = (σmax^{1/ρ} + i/(num−1)·(σmin^{1/ρ} − σmax^{1/ρ}))^ρ."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"fastcm.karras_sigmas: num={num!r} is not supported; expected an int >= 1")
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
         _check_positive("karras_sigmas", name, value)
-    if not sigma_min < sigma_max:
-        raise ValueError(f"fastcm.karras_sigmas: sigma_min={sigma_min} must be smaller than sigma_max={sigma_max}")
-    ramp = torch.linspace(0.0, 1.0, num, dtype=torch.float64)
+    if not sigma_min <= sigma_max:
+        raise ValueError(f"fastcm.karras_sigmas: sigma_min={sigma_min} must not exceed sigma_max={sigma_max}")
+    ramp = torch.linspace(0.0, 1.0, num, dtype=torch.float64) if num > 1 else torch.zeros(1, dtype=torch.float64)
     max_root, min_root = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    return ((max_root + ramp * (min_root - max_root)) ** rho).to(device=device, dtype=dtype)
+    sigmas = (max_root + ramp * (min_root - max_root)) ** rho
+    if append_zero:
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas.to(device=device, dtype=dtype)
 
 
 def ict_num_timesteps(step, total_steps, *, s0=10, s1=1280):

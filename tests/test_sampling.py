@@ -39,7 +39,7 @@ def start_noise(batch, dims=2, sigma=SIGMA_MAX, dtype=torch.float64):
 # ---- schedules --------------------------------------------------------------------------------
 
 def test_karras_sigmas_match_the_formula():
-    got = sampling.karras_sigmas(5, 0.002, 80.0, 7.0)
+    got = sampling.karras_sigmas(5, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=True)
     ramp = [i / 4 for i in range(5)]
     want = [(80.0 ** (1 / 7) + r * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7 for r in ramp] + [0.0]
     assert got.tolist() == pytest.approx(want, rel=1e-13)
@@ -78,7 +78,7 @@ def test_ode_samplers_converge_with_steps(sampler, order):
 def test_ode_samplers_reproduce_data_moments(sampler):
     torch.manual_seed(1)
     x = start_noise(20000, dims=1)
-    out = sampler(exact_denoiser, x, sampling.karras_sigmas(40))
+    out = sampler(exact_denoiser, x, sampling.karras_sigmas(40, append_zero=True))
     n = out.numel()
     assert abs(out.mean().item() - MU) < 5 * S / math.sqrt(n)
     assert abs(out.var().item() / S**2 - 1) < 5 * math.sqrt(2 / n)
@@ -148,7 +148,7 @@ def _toy_denoiser(x, sigma):
 def test_triton_loops_match_reference_loops(backend, sampler):
     """float64 through the kernels, so loop-level error accumulation cannot hide a wiring mistake."""
     x = start_noise(3, dims=40)
-    sigmas = sampling.karras_sigmas(4)
+    sigmas = sampling.karras_sigmas(4, append_zero=True)
     backend("reference")
     want = sampler(_toy_denoiser, x, sigmas)
     backend("triton")
@@ -176,7 +176,7 @@ def test_triton_stochastic_loops_use_the_kernel_noise(backend, stochastic):
 
 def test_progress_bar_and_callback(capsys):
     seen = []
-    sampling.sample_euler(exact_denoiser, start_noise(2), sampling.karras_sigmas(5), progress=True,
+    sampling.sample_euler(exact_denoiser, start_noise(2), sampling.karras_sigmas(5, append_zero=True), progress=True,
                           callback=lambda info: seen.append((info["i"], info["sigma"])))
     assert [i for i, _ in seen] == list(range(5))
     assert seen[0][1] == pytest.approx(SIGMA_MAX)
@@ -195,7 +195,7 @@ def test_capture_matches_uncaptured_loop(name):
     x = start_noise(8, dims=4096, dtype=torch.float32).cuda()
     kwargs = {"seed": 17} if name in ("cm", "trigflow") else {}
     schedule = {"cm": [SIGMA_MAX, 2.0, 0.5, SIGMA_MIN], "trigflow": sampling.trigflow_times(3)}.get(
-        name, sampling.karras_sigmas(6))
+        name, sampling.karras_sigmas(6, append_zero=True))
     sampler = getattr(sampling, f"sample_{name}")
     plain = sampler(_toy_denoiser, x, schedule, **kwargs)
     captured = sampler(_toy_denoiser, x, schedule, capture=True, **kwargs)
@@ -221,9 +221,9 @@ def test_self_consistency_error():
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda: sampling.karras_sigmas(0), ValueError, r"karras_sigmas: n=0 is not supported; expected an int >= 1"),
+    (lambda: sampling.karras_sigmas(0), ValueError, r"karras_sigmas: num=0 is not supported; expected an int >= 1"),
     (lambda: sampling.karras_sigmas(4, sigma_min=1.0, sigma_max=0.5), ValueError,
-     r"need 0 < sigma_min <= sigma_max, got sigma_min=1.0, sigma_max=0.5"),
+     r"sigma_min=1.0 must not exceed sigma_max=0.5"),
     (lambda: sampling.trigflow_times(3, intermediate=[1.0]), ValueError,
      r"intermediate has 1 times; expected num_steps - 1 = 2"),
     (lambda: sampling.trigflow_times(2, t_max=2.0), ValueError, r"t_max=2.0 is not supported; expected in \(0, pi/2\]"),

@@ -67,9 +67,9 @@ def test_tangent_warmup():
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda: schedules.karras_sigmas(1), ["num=1", ">= 2"]),
+    (lambda: schedules.karras_sigmas(0), ["num=0", ">= 1"]),
     (lambda: schedules.karras_sigmas(5, rho=-7.0), ["rho=-7.0", "positive"]),
-    (lambda: schedules.karras_sigmas(5, sigma_min=90.0), ["sigma_min=90.0", "sigma_max=80.0"]),
+    (lambda: schedules.karras_sigmas(5, sigma_min=90.0), ["sigma_min=90.0", "must not exceed sigma_max=80.0"]),
     (lambda: schedules.ict_num_timesteps(-1, 100), ["step=-1", ">= 0"]),
     (lambda: schedules.ict_num_timesteps(1, 0), ["total_steps=0", ">= 1"]),
     (lambda: schedules.ict_num_timesteps(1, 10, s0=20, s1=10), ["s1=10", "s0=20"]),
