@@ -121,6 +121,21 @@ def _resolve_seed(op, seed, generator):
     return draw_seed(generator) if seed is None else seed
 
 
+def _denoise_renoise_loop(denoiser, schedule, levels, report, renoise):
+    """The few-step CM loop: denoise at each level, re-noise to the next (but after the last);
+    each re-noise draws fresh Philox counters (offset advances by the elements drawn)."""
+    def loop(x):
+        offset = 0
+        for i in range(len(schedule) - 1):
+            denoised = denoiser(x, levels[i])
+            report(i, x=x, sigma=schedule[i], denoised=denoised)
+            if i == len(schedule) - 2:
+                return denoised
+            x = renoise(denoised, schedule[i + 1], offset)
+            offset += x.numel()
+    return loop
+
+
 @torch.no_grad()
 def sample_cm(denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None, capture=False, progress=False,
               callback=None):
@@ -141,17 +156,10 @@ def sample_cm(denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None
     _check_x(op, x)
     levels = _levels(schedule, x)
 
-    def loop(x):
-        offset = 0
-        for i in range(len(schedule) - 1):
-            denoised = denoiser(x, levels[i])
-            report(i, x=x, sigma=schedule[i], denoised=denoised)
-            if i == len(schedule) - 2:
-                return denoised
-            x = steps.cm_step(denoised, schedule[i + 1], sigma_min=sigma_min, seed=seed, offset=offset)
-            offset += x.numel()
-
-    return _run(op, loop, x, capture, progress, callback)
+    renoise = lambda denoised, sigma_next, offset: steps.cm_step(  # noqa: E731
+        denoised, sigma_next, sigma_min=sigma_min, seed=seed, offset=offset)
+    return _run(op, _denoise_renoise_loop(denoiser, schedule, levels, report, renoise), x, capture, progress,
+                callback)
 
 
 @torch.no_grad()
@@ -171,17 +179,10 @@ def sample_trigflow(denoiser, x, times, *, sigma_data=0.5, seed=None, generator=
     _check_x(op, x)
     levels = _levels(schedule, x)
 
-    def loop(x):
-        offset = 0
-        for i in range(len(schedule) - 1):
-            denoised = denoiser(x, levels[i])
-            report(i, x=x, sigma=schedule[i], denoised=denoised)
-            if i == len(schedule) - 2:
-                return denoised
-            x = steps.trigflow_step(denoised, schedule[i + 1], sigma_data=sigma_data, seed=seed, offset=offset)
-            offset += x.numel()
-
-    return _run(op, loop, x, capture, progress, callback)
+    renoise = lambda denoised, t_next, offset: steps.trigflow_step(  # noqa: E731
+        denoised, t_next, sigma_data=sigma_data, seed=seed, offset=offset)
+    return _run(op, _denoise_renoise_loop(denoiser, schedule, levels, report, renoise), x, capture, progress,
+                callback)
 
 
 @torch.no_grad()
