@@ -74,7 +74,10 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
     if bias_t is not None and float_bias:
         def fn(q_, k_, v_, b_):
             return attention(q_, k_, v_, scale=scale, causal=causal, attn_bias=b_, return_lse=True)
-        primals, tangents = (q, k, v, attn_bias), (q_t, k_t, v_t, bias_t)
+        # Forward-mode AD needs primal and tangent with one dense layout (no broadcast views).
+        shape = torch.broadcast_shapes(attn_bias.shape, bias_t.shape)
+        primals = (q, k, v, attn_bias.expand(shape).contiguous())
+        tangents = (q_t, k_t, v_t, bias_t.expand(shape).contiguous())
     else:
         def fn(q_, k_, v_):
             return attention(q_, k_, v_, scale=scale, causal=causal, attn_bias=attn_bias, return_lse=True)
