@@ -180,10 +180,11 @@ __device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename T
 }
 
 // Stage bias[b, h, m0 : m0 + BM, n0 : n0 + BN] (times mult) into an fp32 smem tile [BM][BN].
+// __noinline__: inlined, its 64-bit address math pushed the d = 128 JVP kernel into spills (36 B).
 // Consecutive threads read consecutive keys (coalesced for a row-major bias). Out-of-range
 // elements are 0 (the caller masks them).
 template <class Tr>
-__device__ __forceinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+__device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
                                            int m0, int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
   constexpr bool kIsBf16 = std::is_same<typename Tr::T, __nv_bfloat16>::value;
 #pragma unroll 1
