@@ -1,0 +1,417 @@
+"""Attention with forward-mode JVP: one flash-style pass returns the output and its tangent.
+
+PyTorch's flash / memory-efficient / cuDNN SDPA backends have no forward-mode derivative, so
+torch.func.jvp through a network falls back to the O(N²)-memory MATH backend. fastcm.attention
+is a torch.autograd.Function whose jvp runs the fused C++/CUDA kernel (csrc/): when the inputs
+carry forward-mode tangents (torch.func.jvp, forward_ad dual tensors) the primal and the tangent
+come out of the same kernel call.
+
+Formulas (DESIGN.md): S = scale·QKᵀ + bias (causal and boolean masks enter as −inf),
+P = softmax(S), O = PV, LSE = logsumexp(S); Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias,
+μ = rowsum(P⊙Ṡ) (the LSE tangent), Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O.
+"""
+
+import math
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from . import _checks
+from ._backend import requested_backend, select_backend
+from ._extension import extension_ops
+from .reference import attention as reference
+
+_OP = "attention"
+# Rows of the (B, H, rows, Nk) probability block recomputed at a time for the bias gradient.
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k, v, bias, scale, causal):
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    return out, q.new_empty(q.shape[:-1], dtype=_accumulate_dtype(q.dtype))
+
+
+def _fake_forward_jvp(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
+    out, lse = _fake_forward(q, k, v, bias, scale, causal)
+    return out, torch.empty_like(out), lse, torch.empty_like(lse)
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, bias, scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_ops_loaded = False
+
+
+# Registration cannot be traced: a torch.compile whose first fastcm call is compiled breaks the
+# graph once here; later traces see _ops_loaded = True and skip it.
+@torch.compiler.disable
+def _load_ops():
+    """Load (or JIT-build) the extension and register the ops' fake (meta) implementations,
+    so torch.compile traces them without running them."""
+    global _ops_loaded
+    extension_ops()
+    torch.library.register_fake("fastcm::attention_forward")(_fake_forward)
+    torch.library.register_fake("fastcm::attention_forward_jvp")(_fake_forward_jvp)
+    torch.library.register_fake("fastcm::attention_backward")(_fake_backward)
+    _ops_loaded = True
+
+
+def _ops():
+    """torch.ops.fastcm, loaded."""
+    if not _ops_loaded:
+        _load_ops()
+    return torch.ops.fastcm
+
+
+def _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse):
+    """dL/dS = P⊙(dO·Vᵀ − rowsum(dO⊙O) + dLSE) for a bias that requires grad: (B, H, Nq, Nk).
+
+    P is recomputed from the saved LSE in chunks of query rows, so the extra memory beyond the
+    (B, H, Nq, Nk) result is one chunk of ~2^24 elements."""
+    acc = _accumulate_dtype(q.dtype)
+    groups = q.shape[1] // k.shape[1]
+    k_all = k.to(acc).repeat_interleave(groups, dim=1)
+    v_all = v.to(acc).repeat_interleave(groups, dim=1)
+    grad_out, q = grad_out.to(acc), q.to(acc)
+    delta = (grad_out * out.to(acc)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    # A fully masked row has LSE = -inf and zero probabilities: subtracting +inf gives exp(.) = 0.
+    lse = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    rows = max(1, _SCORE_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * num_keys))
+    grad_scores = torch.empty(q.shape[:3] + (num_keys,), dtype=bias.dtype, device=q.device)
+    allowed = reference.causal_allowed(num_queries, num_keys, q.device) if causal else None
+    for start in range(0, num_queries, rows):
+        stop = min(num_queries, start + rows)
+        scores = scale * (q[:, :, start:stop] @ k_all.transpose(-1, -2)) + bias[:, :, start:stop].to(acc)
+        if causal:
+            scores = scores.masked_fill(~allowed[start:stop], -math.inf)
+        prob = torch.exp(scores - lse[:, :, start:stop, None])
+        grad_prob = grad_out[:, :, start:stop] @ v_all.transpose(-1, -2)
+        grad_scores[:, :, start:stop] = prob * (grad_prob - delta[:, :, start:stop, None])
+    return grad_scores
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    scale, causal = ctx.options
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_q = grad_k = grad_v = grad_bias = None
+    if any(ctx.needs_input_grad[:3]):
+        if grad_lse is None:
+            grad_q, grad_k, grad_v = _ops().attention_backward(
+                grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal)
+        else:
+            # The kernel's row term is rowsum(dO⊙O); an LSE gradient g enters as an extra
+            # value column: dO' = [dO | g], O' = [O | −1], V' = [V | 0] gives
+            # rowsum(dO'⊙O') = rowsum(dO⊙O) − g and leaves dO'·V'ᵀ = dO·Vᵀ unchanged.
+            ones = out.new_ones(out.shape[:-1] + (1,))
+            grad_q, grad_k, grad_v = _ops().attention_backward(
+                torch.cat([grad_out, grad_lse.unsqueeze(-1).to(out.dtype)], -1), q, k,
+                torch.cat([v, v.new_zeros(v.shape[:-1] + (1,))], -1), torch.cat([out, -ones], -1),
+                lse, bias, scale, causal)
+            grad_v = grad_v[..., :-1]
+    if ctx.needs_input_grad[3]:
+        grad_bias = _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse)
+    return grad_q, grad_k, grad_v, grad_bias
+
+
+class _AttentionPrimal(torch.autograd.Function):
+    """(q, k, v, bias, scale, causal) -> (out, lse). Inputs: q, k, v last-dim contiguous,
+    bias None or (B, H, Nq, Nk) in q's dtype (broadcast views allowed). No jvp: this is the
+    form torch.compile traces (Dynamo graph-breaks on Functions that define one)."""
+
+    @staticmethod
+    def forward(q, k, v, bias, scale, causal):
+        return _ops().attention_forward(q, k, v, bias, scale, causal)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bias, scale, causal = inputs
+        out, lse = output
+        ctx.options = (scale, causal)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_forward(q, k, v, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse) + (None, None)
+
+
+class _Attention(_AttentionPrimal):
+    """_AttentionPrimal with a jvp, for eager forward-mode AD."""
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t, bias_t, *_):
+        # Reached only when the tangents were not visible to attention() up front (so the
+        # fused _AttentionWithTangent could not be used): one more fused pass gives them.
+        q, k, v, bias = ctx.saved_tensors
+        q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t.contiguous()
+                         for p, t in ((q, q_t), (k, k_t), (v, v_t)))
+        _, out_t, _, lse_t = _ops().attention_forward_jvp(
+            q, k, v, q_t, k_t, v_t, bias, bias_t, *ctx.options)
+        return out_t, lse_t
+
+
+class _AttentionWithTangent(torch.autograd.Function):
+    """(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal) -> (out, lse, out_t, lse_t) in one
+    kernel call; its jvp hands out the tangents computed there. q_t, k_t, v_t, bias_t are the
+    tangents that attention() read off the dual inputs."""
+
+    @staticmethod
+    def forward(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal):
+        out, out_t, lse, lse_t = _ops().attention_forward_jvp(
+            q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
+        return out, lse, out_t, lse_t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bias, _, _, _, _, scale, causal = inputs
+        out, lse, out_t, lse_t = output
+        ctx.options = (scale, causal)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(out_t, lse_t)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_forward(out_t, lse_t, q, k, v, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, _grad_out_t, _grad_lse_t):
+        return _backward(ctx, grad_out, grad_lse) + (None,) * 6
+
+    @staticmethod
+    def jvp(ctx, *_input_tangents):
+        out_t, lse_t, *primals = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in primals):
+            out_t, lse_t = _TangentWithoutReverseMode.apply(out_t, lse_t, *primals)
+        return out_t, lse_t, None, None
+
+
+class _TangentWithoutReverseMode(torch.autograd.Function):
+    """Links the fused tangents to the primal inputs so that backpropagating through them
+    raises instead of silently contributing a zero gradient."""
+
+    @staticmethod
+    def forward(out_t, lse_t, *primals):
+        return out_t.view_as(out_t), lse_t.view_as(lse_t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise NotImplementedError(
+            "fastcm.attention: reverse-mode gradients through the attention tangent "
+            "(second-order derivatives) are not implemented. Compute the jvp under "
+            "torch.no_grad() and differentiate a separate forward pass (the sCM pattern), or "
+            "use fastcm.reference.attention.")
+
+
+def _tangent(x):
+    """The forward-mode tangent attached to x at the current level (None if none)."""
+    return None if x is None else fwAD.unpack_dual(x).tangent
+
+
+def _compiled_forward_ad_guard():
+    """torch.compile around torch.func.jvp may drop a custom Function's jvp silently (pytorch
+    issue 192985). Inside a compiled region the tangents are invisible here, so refuse rather
+    than return a tangent that may be wrong."""
+    if torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            "fastcm.attention: torch.func transforms inside torch.compile are not supported "
+            "(a compiled graph can drop the custom jvp and return a wrong tangent, pytorch "
+            "issue 192985). Compile the model without the jvp, wrap the jvp call in "
+            "torch.compiler.disable, or use fastcm.attention_jvp.")
+
+
+def _check(q, k, v, attn_bias, scale, causal):
+    for name, t, layout in (("q", q, "(B, H, Nq, Dqk)"), ("k", k, "(B, Hkv, Nk, Dqk)"),
+                            ("v", v, "(B, Hkv, Nk, Dv)")):
+        _checks.check_tensor(_OP, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"fastcm.{_OP}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        _checks.check_same_dtype(_OP, name, t, "q", q)
+        _checks.check_same_device(_OP, name, t, "q", q)
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"fastcm.{_OP}: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"fastcm.{_OP}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same "
+                         f"heads and keys (B, Hkv, Nk, .)")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"fastcm.{_OP}: q has {q.shape[1]} heads, not a multiple of the {k.shape[1]} "
+                         f"heads of k and v (grouped-query attention needs H % Hkv == 0)")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"fastcm.{_OP}: k has head dim {k.shape[3]} but q has {q.shape[3]}; they must match")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise TypeError(f"fastcm.{_OP}: scale must be a finite float or None, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"fastcm.{_OP}: causal must be a bool, got {type(causal).__name__}")
+    if attn_bias is not None:
+        _checks.check_tensor(_OP, "attn_bias", attn_bias, dtypes=_checks.FLOAT_DTYPES + (torch.bool,))
+        _checks.check_same_device(_OP, "attn_bias", attn_bias, "q", q)
+        _expanded_shape(attn_bias, q, k, "attn_bias")
+
+
+def _expanded_shape(t, q, k, name):
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        if torch.broadcast_shapes(t.shape, target) == torch.Size(target):
+            return target
+    except RuntimeError:
+        pass
+    raise ValueError(f"fastcm.{_OP}: {name} has shape {tuple(t.shape)}, not broadcastable to "
+                     f"(B, H, Nq, Nk) = {target}")
+
+
+def _kernel_bias(attn_bias, q, k):
+    """attn_bias as the kernels take it: q's dtype, expanded (a view) to (B, H, Nq, Nk)."""
+    if attn_bias is None:
+        return None
+    bias = reference.additive_bias(attn_bias, q.dtype).to(q.dtype)
+    return bias.expand(_expanded_shape(attn_bias, q, k, "attn_bias"))
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _use_extension(device) -> bool:
+    backend = select_backend(_OP, device, implemented=("cuda",))
+    # The extension is attention's fast path on every device, CPU included.
+    return backend == "cuda" or requested_backend() == "auto"
+
+
+def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=False):
+    """Scaled dot-product attention with a fused forward-mode derivative.
+
+    O = softmax(scale·QKᵀ + bias)·V, LSE = logsumexp(scale·QKᵀ + bias) over keys.
+
+    Args:
+        q: (B, H, Nq, Dqk); k: (B, Hkv, Nk, Dqk); v: (B, Hkv, Nk, Dv), the layout of
+            F.scaled_dot_product_attention. Nq ≠ Nk (cross-attention) and Dqk ≠ Dv allowed.
+            H % Hkv == 0 (GQA/MQA): query head h uses kv head h // (H // Hkv).
+            One dtype for all: float32, float64, bfloat16, float16; one device.
+        scale: defaults to Dqk ** -0.5.
+        causal: query i sees key j iff j <= i + (Nk − Nq) (bottom-right aligned, as
+            flash-attention; equals the usual lower triangle when Nq == Nk).
+        attn_bias: additive float bias, or boolean mask (True = attend), broadcastable to
+            (B, H, Nq, Nk). It is cast to q's dtype (cheap: before broadcasting).
+        return_lse: also return LSE (B, H, Nq) in float32 (float64 for float64 inputs).
+    Returns: O (B, H, Nq, Dv) in q's dtype [, LSE]. A fully masked row gives O = 0, LSE = −inf,
+    zero tangents and zero gradients.
+
+    Gradients flow to q, k, v and a float attn_bias (the bias gradient materialises the
+    (B, H, Nq, Nk) score gradient, O(B·H·Nq·Nk) memory, recomputed in row chunks). Forward-mode
+    tangents of q, k, v and a float attn_bias (torch.func.jvp, forward_ad dual tensors) are
+    computed in the same kernel call as O: Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O, μ = rowsum(P⊙Ṡ) is LSE's
+    tangent. Reverse mode through the tangents (a second-order derivative) is not provided:
+    run the jvp under torch.no_grad() and differentiate a separate forward (the sCM pattern).
+    torch.compile around torch.func.jvp raises (see fastcm.attention_jvp for compiled code).
+    Non-last-dim-contiguous inputs are copied.
+    """
+    _check(q, k, v, attn_bias, scale, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not _use_extension(q.device):
+        return reference.attention(q, k, v, scale=scale, causal=causal, attn_bias=attn_bias,
+                                   return_lse=return_lse)
+    _compiled_forward_ad_guard()
+    bias = _kernel_bias(attn_bias, q, k)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    tangents = [_tangent(t) for t in (q, k, v)]
+    bias_t = _tangent(bias) if bias is not None and bias.is_floating_point() else None
+    if all(t is None for t in tangents) and bias_t is None:
+        function = _AttentionPrimal if torch.compiler.is_compiling() else _Attention
+        out, lse = function.apply(q, k, v, bias, scale, causal)
+    else:
+        q_t, k_t, v_t = (torch.zeros_like(p) if t is None else _last_dim_contiguous(t)
+                         for p, t in zip((q, k, v), tangents))
+        out, lse, _, _ = _AttentionWithTangent.apply(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal)
+    return (out, lse) if return_lse else out
+
+
+def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias=None, bias_t=None,
+                  return_lse=False):
+    """Attention and its tangent in one kernel call, for code that propagates tangents by hand.
+
+    Same arguments as fastcm.attention, plus the tangents q_t, k_t, v_t (shapes and dtype of
+    q, k, v) and bias_t (a float tangent of a float attn_bias, broadcastable to (B, H, Nq, Nk);
+    None means zero). Returns (O, Ȯ) or (O, Ȯ, LSE, μ):
+    Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias, μ = rowsum(P⊙Ṡ), Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O. Ȯ in q's dtype,
+    μ like LSE. Outputs carry no autograd graph (the op has no reverse mode); it works under
+    torch.compile (one opaque node).
+    """
+    _check(q, k, v, attn_bias, scale, causal)
+    for name, t, p in (("q_t", q_t, q), ("k_t", k_t, k), ("v_t", v_t, v)):
+        _checks.check_tensor("attention_jvp", name, t)
+        _checks.check_same_shape("attention_jvp", name, t, name[0], p)
+        _checks.check_same_dtype("attention_jvp", name, t, "q", q)
+        _checks.check_same_device("attention_jvp", name, t, "q", q)
+    if bias_t is not None:
+        if attn_bias is None or attn_bias.dtype == torch.bool:
+            raise ValueError("fastcm.attention_jvp: bias_t needs a float attn_bias")
+        _checks.check_tensor("attention_jvp", "bias_t", bias_t)
+        _checks.check_same_device("attention_jvp", "bias_t", bias_t, "q", q)
+        _expanded_shape(bias_t, q, k, "bias_t")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not _use_extension(q.device):
+        return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
+                                       attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
+    bias = _kernel_bias(attn_bias, q, k)
+    kernel_bias_t = None if bias_t is None else bias_t.to(q.dtype).expand(bias.shape)
+    with torch.no_grad():
+        out, out_t, lse, lse_t = _ops().attention_forward_jvp(
+            *(_last_dim_contiguous(t) for t in (q, k, v, q_t, k_t, v_t)), bias, kernel_bias_t,
+            scale, causal)
+    return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
+
+
+def merge_attention_partials(outs, lses, out_tangents=None, lse_tangents=None):
+    """Exact merge of attention computed over disjoint key shards (split-KV, ring attention).
+
+    LSE = logsumexp_s LSE_s, w_s = exp(LSE_s − LSE), O = Σ w_s O_s; with tangents
+    μ = Σ w_s μ_s, Ȯ = Σ w_s (Ȯ_s + (μ_s − μ)·O_s).
+
+    outs / out_tangents: sequences of (..., Nq, Dv); lses / lse_tangents: sequences of (..., Nq)
+    (float32 or float64). Shards with LSE_s = −inf (fully masked rows) weigh 0; a row masked in
+    every shard gives O = 0, LSE = −inf, zero tangents. Returns (O, LSE) or (O, Ȯ, LSE, μ), O and
+    Ȯ in the dtype of outs[0], computed in the dtype of the LSEs. Differentiable by autograd.
+    """
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(f"fastcm.merge_attention_partials: need one LSE per output and at least one "
+                         f"shard, got {len(outs)} outputs and {len(lses)} LSEs")
+    if (out_tangents is None) != (lse_tangents is None):
+        raise ValueError("fastcm.merge_attention_partials: give both out_tangents and lse_tangents, or neither")
+    if out_tangents is not None and not (len(out_tangents) == len(lse_tangents) == len(outs)):
+        raise ValueError(f"fastcm.merge_attention_partials: {len(outs)} shards but {len(out_tangents)} "
+                         f"out_tangents and {len(lse_tangents)} lse_tangents")
+    for i, (o, lse) in enumerate(zip(outs, lses)):
+        if o.shape[:-1] != lse.shape:
+            raise ValueError(f"fastcm.merge_attention_partials: outs[{i}] has shape {tuple(o.shape)} but "
+                             f"lses[{i}] has shape {tuple(lse.shape)}; expected (..., Nq, Dv) and (..., Nq)")
+    acc = lses[0].dtype
+    lse_stack = torch.stack(list(lses))
+    lse = torch.logsumexp(lse_stack, dim=0)
+    live = torch.isfinite(lse)
+    weights = torch.exp(lse_stack - torch.where(live, lse, torch.zeros_like(lse))).unsqueeze(-1)
+    out_stack = torch.stack([o.to(acc) for o in outs])
+    out = (weights * out_stack).sum(0)
+    if out_tangents is None:
+        return out.to(outs[0].dtype), lse
+    lse_t_stack = torch.stack([t.to(acc) for t in lse_tangents]).unsqueeze(-1)
+    lse_t = (weights * lse_t_stack).sum(0)
+    out_t_stack = torch.stack([t.to(acc) for t in out_tangents])
+    out_t = (weights * (out_t_stack + (lse_t_stack - lse_t) * out_stack)).sum(0)
+    return out.to(outs[0].dtype), out_t.to(outs[0].dtype), lse, lse_t.squeeze(-1)
+
+
+__all__ = ["attention", "attention_jvp", "merge_attention_partials"]

@@ -1,0 +1,344 @@
+"""fastcm.attention (C++ extension) vs the float64 reference: forward, LSE, tangents, gradients,
+masks, GQA, forward-mode AD entry points, torch.compile, merging, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import fastcm.attention as fa
+from fastcm.reference import attention as ref
+from helpers import DEVICE, assert_close, poisoned_empty, to64
+
+# (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, bias kind, scale): together they cover B in {1, 2},
+# GQA/MQA, Nq and Nk in {1, 7, 64, 129, 300}, Dqk != Dv, causal with Nq <, =, > Nk, float bias,
+# boolean mask, fully masked rows (causal with Nq > Nk, and a mask) and an explicit scale.
+CASES = [
+    (1, 2, 2, 1, 1, 8, 8, False, None, None),
+    (2, 4, 2, 7, 129, 16, 8, True, "float", None),
+    (1, 4, 1, 64, 300, 8, 12, False, "bool", 0.3),
+    (2, 2, 1, 129, 64, 12, 4, True, "float", None),
+    (1, 3, 3, 300, 7, 5, 9, False, "bool_dead_rows", None),
+    (2, 4, 4, 64, 64, 32, 32, True, None, 0.5),
+]
+# (Larger scales make the float32 tangent ill-conditioned: at scale 1.7, D = 32 PyTorch's own
+# float32 math is 3.5e-5 off in Ȯ, beyond the float32 tolerance for any implementation.)
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _bias(kind, B, H, Nq, Nk, dtype):
+    if kind == "float":  # broadcast over batch: the kernel reads a stride-0 view
+        return torch.randn(1, H, Nq, Nk, dtype=torch.float64).to(DEVICE, dtype)
+    if kind == "bool":
+        mask = torch.rand(B, 1, Nq, Nk) > 0.3
+        mask[..., 0] = True
+        return mask.to(DEVICE)
+    if kind == "bool_dead_rows":
+        mask = torch.rand(B, H, Nq, Nk) > 0.5
+        mask[:, :, ::5] = False  # every fifth query sees no key
+        return mask.to(DEVICE)
+    return None
+
+
+def _inputs(case, dtype):
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, kind, scale = case
+    q = torch.randn(B, H, Nq, Dqk, dtype=torch.float64).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, Nk, Dqk, dtype=torch.float64).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64).to(DEVICE, dtype)
+    tangents = [torch.randn(t.shape, dtype=torch.float64).to(DEVICE, dtype) for t in (q, k, v)]
+    bias = _bias(kind, B, H, Nq, Nk, dtype)
+    bias_t = (torch.randn(bias.shape, dtype=torch.float64).to(DEVICE, dtype)
+              if bias is not None and bias.is_floating_point() else None)
+    return (q, k, v), tangents, bias, bias_t, dict(scale=scale, causal=causal)
+
+
+def _to64(t):
+    """to64 for inputs; a boolean mask stays boolean."""
+    return t if t is not None and t.dtype == torch.bool else to64(t)
+
+
+def _finite(t):
+    return torch.where(torch.isinf(t), torch.zeros_like(t), t)
+
+
+def _compare(actual, expected, dtype, name, bf16_reference=None):
+    """Per-dtype criterion. -inf (fully masked LSE) must match exactly. For bfloat16 the error
+    vs float64 may be at most 2x the error of the reference run in bfloat16 on the same inputs."""
+    actual64, expected64 = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(torch.isinf(actual64), torch.isinf(expected64)), f"{name}: -inf pattern differs"
+    actual64, expected64 = _finite(actual64), _finite(expected64)
+    if dtype != torch.bfloat16:
+        assert_close(actual64, expected64, dtype, name=name)
+        return
+    assert not torch.isnan(actual64).any(), f"{name}: NaN in result"
+    own = (actual64 - expected64).abs().max().item()
+    ref_err = (_finite(bf16_reference.detach().double().cpu()) - expected64).abs().max().item()
+    assert own <= 2 * ref_err, f"{name}: bf16 error {own:.3e} > 2x reference bf16 error {ref_err:.3e}"
+
+
+def _reference_jvp(primals, tangents, bias, bias_t, opts):
+    return ref.attention_jvp(*primals, *tangents, attn_bias=bias, bias_t=bias_t, return_lse=True, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-{c[7]}-{c[8]}")
+def test_forward_tangent_and_gradients_match_reference(case, dtype):
+    primals, tangents, bias, bias_t, opts = _inputs(case, dtype)
+    with poisoned_empty():
+        out, out_t, lse, lse_t = fa.attention_jvp(*primals, *tangents, attn_bias=bias, bias_t=bias_t,
+                                                  return_lse=True, **opts)
+    expected = _reference_jvp([to64(t) for t in primals], [to64(t) for t in tangents], _to64(bias),
+                              to64(bias_t), opts)
+    low = _reference_jvp(primals, tangents, bias, bias_t, opts) if dtype == torch.bfloat16 else [None] * 4
+    for name, a, e, lo in zip(("out", "out_t", "lse", "lse_t"), (out, out_t, lse, lse_t), expected, low):
+        _compare(a, e, dtype, name, lo)
+    assert out.dtype == out_t.dtype == dtype
+    assert lse.dtype == lse_t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+    # Gradients w.r.t. q, k, v and a float bias, with an LSE gradient in the loss.
+    leaves = [t.detach().requires_grad_() for t in primals]
+    bias_leaf = bias.detach().requires_grad_() if bias_t is not None else bias
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(DEVICE, dtype)
+    grad_lse = torch.randn(lse.shape, dtype=torch.float64).to(DEVICE)
+
+    def grads(fn, tensors, bias_in, cast):
+        o, l = fn(*tensors, attn_bias=bias_in, return_lse=True, **opts)
+        live = torch.isfinite(l)
+        loss = (o * cast(grad_out)).sum() + torch.where(live, l * cast(grad_lse).to(l.dtype), 0).sum()
+        wrt = tensors + ([bias_in] if bias_t is not None else [])
+        return torch.autograd.grad(loss, wrt)
+
+    with poisoned_empty():
+        got = grads(fa.attention, leaves, bias_leaf, lambda t: t)
+    want = grads(ref.attention, [to64(t) for t in leaves], _to64(bias_leaf), to64)
+    low = (grads(ref.attention, [t.detach().requires_grad_() for t in primals], bias_leaf, lambda t: t)
+           if dtype == torch.bfloat16 else [None] * len(want))
+    for name, a, e, lo in zip(("dq", "dk", "dv", "dbias"), got, want, low):
+        _compare(a, e, dtype, name, lo)
+
+
+def test_fully_masked_rows_give_zeros_and_minus_inf():
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE)
+    mask[..., 2, :] = False
+    q_t, k_t, v_t = (torch.randn_like(t) for t in (q, k, v))
+    out, out_t, lse, lse_t = fa.attention_jvp(q, k, v, q_t, k_t, v_t, attn_bias=mask, return_lse=True)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert torch.equal(out_t[:, :, 2], torch.zeros_like(out_t[:, :, 2]))
+    assert torch.equal(lse[:, :, 2], torch.full_like(lse[:, :, 2], -math.inf))
+    assert torch.equal(lse_t[:, :, 2], torch.zeros_like(lse_t[:, :, 2]))
+    assert torch.isfinite(lse[:, :, [0, 1, 3]]).all()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    fa.attention(*leaves, attn_bias=mask).square().sum().backward()
+    assert torch.equal(leaves[0].grad[:, :, 2], torch.zeros_like(leaves[0].grad[:, :, 2]))
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_reference_gradcheck_and_jvp_vs_finite_differences():
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, bias):
+        return ref.attention(q, k, v, attn_bias=bias, causal=True, return_lse=True)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v, bias))
+    _, (out_t, lse_t) = torch.func.jvp(fn, (q, k, v, bias), tangents)
+    eps = 1e-6
+    plus = fn(*(p + eps * t for p, t in zip((q, k, v, bias), tangents)))
+    minus = fn(*(p - eps * t for p, t in zip((q, k, v, bias), tangents)))
+    torch.testing.assert_close(out_t, (plus[0] - minus[0]) / (2 * eps), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lse_t, (plus[1] - minus[1]) / (2 * eps), rtol=1e-6, atol=1e-7)
+
+
+class _Block(torch.nn.Module):
+    """A small DiT-style block: LayerNorm, QKV projection, GQA self-attention, MLP."""
+
+    def __init__(self, attn, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.attn, self.heads, self.kv_heads, self.head_dim = attn, heads, kv_heads, dim // heads
+        self.norm = torch.nn.LayerNorm(dim)
+        self.qkv = torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim)
+        self.proj = torch.nn.Linear(heads * self.head_dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.GELU(), torch.nn.Linear(64, dim))
+
+    def forward(self, x, t):
+        B, N, _ = x.shape
+        split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        q, k, v = self.qkv(self.norm(x) * (1 + t.view(-1, 1, 1))).split(split, dim=-1)
+        q, k, v = (z.view(B, N, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        x = x + self.proj(self.attn(q, k, v).transpose(1, 2).reshape(B, N, -1))
+        return x + self.mlp(x)
+
+
+def _blocks():
+    fast = _Block(fa.attention).to(DEVICE, torch.float64)
+    slow = _Block(ref.attention).to(DEVICE, torch.float64)
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+def test_func_jvp_of_block_then_backward_scm_pattern():
+    fast, slow = _blocks()
+    x = torch.randn(2, 19, 32, dtype=torch.float64, device=DEVICE)
+    t = torch.rand(2, dtype=torch.float64, device=DEVICE)
+    x_t, t_t = torch.randn_like(x), torch.ones_like(t)
+    with torch.no_grad():
+        out, out_t = torch.func.jvp(fast, (x, t), (x_t, t_t))
+        ref_out, ref_out_t = torch.func.jvp(slow, (x, t), (x_t, t_t))
+    assert_close(out, ref_out, torch.float64)
+    assert_close(out_t, ref_out_t, torch.float64)
+    # The sCM step: a separate forward with grad, loss built from the detached tangent.
+    (fast(x, t) * out_t).sum().backward()
+    (slow(x, t) * ref_out_t).sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert_close(p.grad, q.grad, torch.float64, name=name)
+
+
+def test_forward_ad_dual_tensors_and_guard_on_tangent_backward():
+    fast, slow = _blocks()
+    x = torch.randn(1, 7, 32, dtype=torch.float64, device=DEVICE)
+    t = torch.rand(1, dtype=torch.float64, device=DEVICE)
+    x_t = torch.randn_like(x)
+    _, ref_out_t = torch.func.jvp(lambda x: slow(x, t), (x,), (x_t,))
+    with fwAD.dual_level():
+        out_t = fwAD.unpack_dual(fast(fwAD.make_dual(x, x_t), t)).tangent
+        assert_close(out_t, ref_out_t, torch.float64)
+        # Parameters require grad: the tangent has no reverse mode, backpropagating must raise.
+        with pytest.raises(NotImplementedError, match="reverse-mode gradients through the attention tangent"):
+            out_t.sum().backward()
+
+
+def test_jvp_uses_one_fused_kernel_call(monkeypatch):
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.fastcm, name)
+            return lambda *args: calls.append(name) or op(*args)
+
+    monkeypatch.setattr(fa, "_ops", lambda: Counting())
+    q, k, v = (torch.randn(1, 2, 9, 8, device=DEVICE) for _ in range(3))
+    torch.func.jvp(lambda q, k, v: fa.attention(q, k, v), (q, k, v), (q, k, v))
+    assert calls == ["attention_forward_jvp"]
+
+
+def test_noncontiguous_inputs_and_reference_backend(backend):
+    q, k, v = (torch.randn(2, 33, 4, 8, dtype=torch.float64, device=DEVICE).transpose(1, 2) for _ in range(3))
+    expected = ref.attention(q, k, v, causal=True)
+    assert_close(fa.attention(q, k, v, causal=True), expected, torch.float64)
+    backend("reference")
+    assert_close(fa.attention(q, k, v, causal=True), expected, torch.float64)
+    backend("triton")
+    with pytest.raises(RuntimeError, match="FASTCM_BACKEND='triton' is not implemented"):
+        fa.attention(q, k, v)
+
+
+def test_torch_compile_forward_backward_and_jvp_never_silently_wrong():
+    q, k, v = (torch.randn(1, 2, 10, 8, device=DEVICE) for _ in range(3))
+    q_t = torch.randn_like(q)
+    fa.attention(q, k, v)  # loads the extension eagerly, so the compiled graph has no break
+    leaf = q.clone().requires_grad_()
+    out = torch.compile(lambda q: fa.attention(q, k, v, causal=True), fullgraph=True)(leaf)
+    out.sum().backward()
+    ref_leaf = to64(q).requires_grad_()
+    ref_out = ref.attention(ref_leaf, to64(k), to64(v), causal=True)
+    ref_out.sum().backward()
+    assert_close(out, ref_out, torch.float32)
+    assert_close(leaf.grad, ref_leaf.grad, torch.float32)
+
+    _, ref_out_t = torch.func.jvp(lambda q: ref.attention(q, to64(k), to64(v)), (to64(q),), (to64(q_t),))
+    _, out_t = torch.compile(fa.attention_jvp, fullgraph=True)(
+        q, k, v, q_t, torch.zeros_like(k), torch.zeros_like(v))
+    assert_close(out_t, ref_out_t, torch.float32)
+    # torch.compile around torch.func.jvp (pytorch issue 192985): graph-breaks to eager (correct)
+    # or raises; it must never return a wrong tangent.
+    try:
+        _, out_t = torch.compile(lambda q, q_t: torch.func.jvp(lambda q: fa.attention(q, k, v), (q,), (q_t,)))(q, q_t)
+    except RuntimeError as error:
+        assert "192985" in str(error)
+    else:
+        assert_close(out_t, ref_out_t, torch.float32)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4])
+def test_merge_of_key_shards_reproduces_unsplit(shards):
+    q, q_t = (torch.randn(2, 4, 9, 8, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    k, k_t = (torch.randn(2, 2, 50, 8, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    v, v_t = (torch.randn(2, 2, 50, 6, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    mask = torch.rand(2, 4, 9, 50, device=DEVICE) > 0.4
+    mask[:, :, 3] = False  # a row masked in every shard
+    mask[:, :, 5, :25] = False  # a row masked in the first shards only
+    expected = ref.attention_jvp(q, k, v, q_t, k_t, v_t, attn_bias=mask, return_lse=True)
+    bounds = torch.linspace(0, 50, shards + 1).long().tolist()
+    parts = [fa.attention_jvp(q, k[:, :, a:b], v[:, :, a:b], q_t, k_t[:, :, a:b], v_t[:, :, a:b],
+                              attn_bias=mask[..., a:b], return_lse=True) for a, b in zip(bounds, bounds[1:])]
+    outs, out_ts, lses, lse_ts = (list(x) for x in zip(*parts))
+    with poisoned_empty():
+        merged = fa.merge_attention_partials(outs, lses, out_ts, lse_ts)
+    ref_merged = ref.merge_attention_partials(outs, lses, out_ts, lse_ts) if shards > 1 else None
+    for i, name in enumerate(("out", "out_t", "lse", "lse_t")):
+        _compare(merged[i], expected[i], torch.float64, name)
+    if ref_merged is not None:  # the jvp of the logsumexp form, on rows some shard sees
+        live = torch.isfinite(expected[2])
+        for i, name in enumerate(("out", "out_t")):
+            assert_close(merged[i][live], ref_merged[i][live], torch.float64, name=name)
+    out, lse = fa.merge_attention_partials(outs, lses)
+    _compare(out, expected[0], torch.float64, "out (primal merge)")
+    _compare(lse, expected[2], torch.float64, "lse (primal merge)")
+
+
+def _bad_cases():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 3)
+    return [
+        (dict(q=q[0]), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(3, 2, 6, 8)), ValueError, "batch sizes differ"),
+        (dict(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 3)), ValueError, "not a multiple of the 3 heads"),
+        (dict(v=torch.randn(2, 2, 7, 3)), ValueError, "same heads and keys"),
+        (dict(k=torch.randn(2, 2, 6, 4)), ValueError, "k has head dim 4 but q has 8"),
+        (dict(v=v.double()), TypeError, "v has dtype torch.float64 but q has dtype torch.float32"),
+        (dict(q=q.int()), TypeError, "q has dtype torch.int32; supported"),
+        (dict(v=v.to("meta")), ValueError, "v is on meta but q is on cpu"),
+        (dict(attn_bias=torch.randn(2, 4, 5, 7)), ValueError, "attn_bias has shape (2, 4, 5, 7), not broadcastable"),
+        (dict(attn_bias=torch.ones(5, 6, dtype=torch.int64)), TypeError, "attn_bias has dtype torch.int64"),
+        (dict(scale="big"), TypeError, "scale must be a finite float"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+    ], (q, k, v)
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_bad_inputs_raise_clear_errors(index):
+    cases, (q, k, v) = _bad_cases()
+    changes, error, message = cases[index]
+    kwargs = dict(q=q, k=k, v=v)
+    kwargs.update(changes)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fa.attention(**kwargs)
+
+
+def test_bad_tangent_and_merge_arguments():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 3)
+    with pytest.raises(ValueError, match=r"k_t has shape \(1, 2, 6, 3\) but k has shape"):
+        fa.attention_jvp(q, k, v, q, v, v)
+    with pytest.raises(ValueError, match="bias_t needs a float attn_bias"):
+        fa.attention_jvp(q, k, v, q, k, v, bias_t=torch.zeros(5, 6))
+    with pytest.raises(ValueError, match="need one LSE per output"):
+        fa.merge_attention_partials([v], [])
+    with pytest.raises(ValueError, match="give both out_tangents and lse_tangents"):
+        fa.merge_attention_partials([v], [v[..., 0]], out_tangents=[v])
+
+
+def test_extension_op_checks_name_argument_and_supported_set():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 3)
+    ops = fa._ops()
+    with pytest.raises(RuntimeError, match=r"bias has shape \[1, 2, 5, 5\]; expected \(B, H, Nq, Nk\)"):
+        ops.attention_forward(q, k, v, torch.zeros(1, 2, 5, 5), 1.0, False)
+    with pytest.raises(RuntimeError, match="q has dtype Int; supported: float32, float64, bfloat16"):
+        ops.attention_forward(q.int(), k.int(), v.int(), None, 1.0, False)
+    with pytest.raises(RuntimeError, match="lse has dtype Double; expected Float"):
+        ops.attention_backward(torch.zeros(1, 2, 5, 3), q, k, v, torch.zeros(1, 2, 5, 3),
+                               torch.zeros(1, 2, 5, dtype=torch.float64), None, 1.0, False)
+    assert ops.has_cuda() in (True, False)
