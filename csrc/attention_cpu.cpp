@@ -6,6 +6,7 @@
 //   m' = max(m, rowmax S), alpha = exp(m - m'), p = exp(S - m'), h = p*Sd,
 //   l <- alpha*l + sum p,  r <- alpha*r + sum h,  A <- alpha*A + pV,  T <- alpha*T + p Vd + h V;
 // at the end O = A/l, LSE = m + log l, mu = r/l (the LSE tangent), Od = T/l - mu*O.
+// (In the code h = p*(Sd - c) with a per-row constant c, so mu = c + r/l; see tangent_shift.)
 #include "attention.h"
 
 #include <ATen/Parallel.h>
@@ -141,7 +142,8 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
     std::vector<acc_t> q_blk(kBlockQ * Dqk), k_cols(Dqk * kBlockK), v_blk(kBlockK * Dv);
     std::vector<acc_t> qt_blk, kt_cols, vt_blk;
     std::vector<acc_t> row_max(kBlockQ), row_sum(kBlockQ), acc(kBlockQ * Dv);
-    std::vector<acc_t> tangent_sum, tangent_acc;
+    std::vector<acc_t> tangent_sum, tangent_acc, tangent_shift;
+    std::vector<char> shift_set;
     std::vector<acc_t> scores(kBlockK), score_t(kBlockK), tmp(kBlockK);
     if (kTangent) {
       qt_blk.resize(kBlockQ * Dqk);
@@ -149,6 +151,8 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
       vt_blk.resize(kBlockK * Dv);
       tangent_sum.resize(kBlockQ);
       tangent_acc.resize(kBlockQ * Dv);
+      tangent_shift.resize(kBlockQ);
+      shift_set.resize(kBlockQ);
     }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks;
@@ -166,6 +170,7 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
       if (kTangent) {
         std::fill(tangent_sum.begin(), tangent_sum.end(), acc_t(0));
         std::fill(tangent_acc.begin(), tangent_acc.end(), acc_t(0));
+        std::fill(shift_set.begin(), shift_set.end(), 0);
       }
 
       const int64_t block_key_end = p.key_end(i0 + nq - 1);
@@ -203,23 +208,35 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
           if (new_max == neg_inf) continue;
           const acc_t alpha = std::exp(row_max[i] - new_max);
           row_max[i] = new_max;
+          for (int64_t j = 0; j < visible; ++j) scores[j] = std::exp(scores[j] - new_max);
+          if (kTangent && !shift_set[i]) {
+            // Od = sum p(Sd - c)V / l - (mu - c) O holds for any per-row c; c = this block's
+            // estimate of mu keeps T and r small, so T/l - (r/l) O cancels little in float32.
+            acc_t weight = 0, weighted = 0;
+            for (int64_t j = 0; j < visible; ++j) {
+              if (scores[j] == acc_t(0)) continue;
+              weight += scores[j];
+              weighted += scores[j] * score_t[j];
+            }
+            tangent_shift[i] = weighted / weight;
+            shift_set[i] = true;
+          }
           acc_t* a_row = &acc[i * Dv];
           for (int64_t d = 0; d < Dv; ++d) a_row[d] *= alpha;
-          acc_t block_sum = 0;
           acc_t* t_row = kTangent ? &tangent_acc[i * Dv] : nullptr;
           if (kTangent) {
             for (int64_t d = 0; d < Dv; ++d) t_row[d] *= alpha;
           }
-          acc_t block_tangent_sum = 0;
+          acc_t block_sum = 0, block_tangent_sum = 0;
           for (int64_t j = 0; j < visible; ++j) {
-            const acc_t w = std::exp(scores[j] - new_max);
+            const acc_t w = scores[j];
             // Keys with weight 0 (masked or underflowed) add nothing; skipping them also keeps
             // 0 * inf out of the sums when a masked key's score tangent is infinite.
             if (w == acc_t(0)) continue;
             block_sum += w;
             axpy(w, &v_blk[j * Dv], a_row, Dv);
             if (kTangent) {
-              const acc_t hw = w * score_t[j];
+              const acc_t hw = w * (score_t[j] - tangent_shift[i]);
               block_tangent_sum += hw;
               axpy(w, &vt_blk[j * Dv], t_row, Dv);
               axpy(hw, &v_blk[j * Dv], t_row, Dv);
@@ -245,13 +262,13 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
         }
         const acc_t inv = acc_t(1) / row_sum[i];
         t.lse[row] = row_max[i] + std::log(row_sum[i]);
-        const acc_t mu = kTangent ? tangent_sum[i] * inv : acc_t(0);
+        const acc_t shifted_mu = kTangent ? tangent_sum[i] * inv : acc_t(0);
         for (int64_t d = 0; d < Dv; ++d) {
           const acc_t od = acc[i * Dv + d] * inv;
           o[d] = static_cast<scalar_t>(od);
-          if (kTangent) ot[d] = static_cast<scalar_t>(tangent_acc[i * Dv + d] * inv - mu * od);
+          if (kTangent) ot[d] = static_cast<scalar_t>(tangent_acc[i * Dv + d] * inv - shifted_mu * od);
         }
-        if (kTangent) t.lse_t[row] = mu;
+        if (kTangent) t.lse_t[row] = tangent_shift[i] + shifted_mu;
       }
     }
   });

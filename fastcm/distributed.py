@@ -1,0 +1,138 @@
+"""Context-parallel (ring) attention over a torch.distributed process group.
+
+Rank r holds the r-th contiguous chunk of the sequence: q (B, H, Nq_r, Dqk), k (B, Hkv, Nk_r, Dqk),
+v (B, Hkv, Nk_r, Dv). K/V (and their tangents) travel around the ring; each rank attends its
+queries to every chunk and merges the partial results exactly with their LSE (and μ):
+LSE = logsumexp_s LSE_s, w_s = exp(LSE_s − LSE), O = Σ w_s O_s, μ = Σ w_s μ_s,
+Ȯ = Σ w_s (Ȯ_s + (μ_s − μ)·O_s). Works with gloo (CPU tensors) and NCCL (CUDA tensors).
+"""
+
+import torch
+import torch.distributed as dist
+
+from . import attention as _attention
+
+
+def _ring_setup(group, q, k, causal):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"fastcm.ring_attention: causal needs equal query and key chunks per rank, got "
+                         f"Nq = {q.shape[2]} and Nk = {k.shape[2]}")
+    return world, rank
+
+
+def _rotate(tensors, group, world, rank):
+    """Send `tensors` to rank + 1 and receive the same shapes from rank − 1."""
+    received = [torch.empty_like(t) for t in tensors]
+    def global_rank(group_rank):
+        return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+    send_to, recv_from = global_rank((rank + 1) % world), global_rank((rank - 1) % world)
+    ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, t, recv_from, group) for t in received]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def _chunk_mode(source, rank, causal):
+    """'full', 'causal' (the diagonal chunk) or None (a later chunk, invisible under causal)."""
+    if not causal or source < rank:
+        return "full"
+    return "causal" if source == rank else None
+
+
+def _ring_forward(q, k, v, tangents, scale, causal, group):
+    world, rank = _ring_setup(group, q, k, causal)
+    blocks = [k, v] + (list(tangents[1:]) if tangents else [])
+    outs, lses, out_ts, lse_ts = [], [], [], []
+    for step in range(world):
+        source = (rank - step) % world
+        mode = _chunk_mode(source, rank, causal)
+        if mode is not None:
+            if tangents:
+                o, o_t, lse, lse_t = _attention.attention_jvp(
+                    q, blocks[0], blocks[1], tangents[0], blocks[2], blocks[3], scale=scale,
+                    causal=mode == "causal", return_lse=True)
+                out_ts.append(o_t)
+                lse_ts.append(lse_t)
+            else:
+                o, lse = _attention._ops().attention_forward(q, blocks[0], blocks[1], None, scale,
+                                                             mode == "causal")
+            outs.append(o)
+            lses.append(lse)
+        if step < world - 1:
+            blocks = _rotate(blocks, group, world, rank)
+    if tangents:
+        return _attention.merge_attention_partials(outs, lses, out_ts, lse_ts)
+    return _attention.merge_attention_partials(outs, lses)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, scale, causal, group):
+        return _ring_forward(q, k, v, None, scale, causal, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, causal, group = inputs
+        out, lse = output
+        ctx.options = (scale, causal, group)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        # With the global LSE, each chunk's probabilities are exact: dQ sums over chunks, and
+        # dK/dV accumulators travel with their K/V block and end one more hop later at the owner.
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, causal, group = ctx.options
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        grad_out = grad_out.contiguous()
+        grad_q = torch.zeros_like(q, dtype=lse.dtype)
+        blocks = [k, v, torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)]
+        for step in range(world):
+            mode = _chunk_mode((rank - step) % world, rank, causal)
+            if mode is not None:
+                dq, dk, dv = _attention._ops().attention_backward(
+                    grad_out, q, blocks[0], blocks[1], out, lse, None, scale, mode == "causal")
+                grad_q += dq
+                blocks[2] += dk
+                blocks[3] += dv
+            if step < world - 1:
+                blocks = _rotate(blocks, group, world, rank)
+        grad_k, grad_v = _rotate(blocks[2:], group, world, rank) if world > 1 else blocks[2:]
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, *, scale=None, causal=False, group=None, return_lse=False):
+    """Attention of this rank's queries to the keys of every rank in `group` (context parallel).
+
+    q (B, H, Nq_r, Dqk), k (B, Hkv, Nk_r, Dqk), v (B, Hkv, Nk_r, Dv): this rank's chunk of a
+    sequence split in rank order; all ranks pass the same B, H, Hkv, D and dtype. causal: the
+    global causal mask, which needs Nq_r == Nk_r on every rank. No attn_bias. Returns O
+    (B, H, Nq_r, Dv) [, LSE (B, H, Nq_r)], equal to fastcm.attention on the gathered sequence.
+    Gradients flow to q, k, v (the backward passes dK/dV around the ring as well). For tangents
+    use ring_attention_jvp.
+    """
+    _attention._check(q, k, v, None, scale, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out, lse = _RingAttention.apply(q, k, v, scale, causal, group)
+    return (out, lse) if return_lse else out
+
+
+def ring_attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, group=None, return_lse=False):
+    """ring_attention and its tangent: K/V and K̇/V̇ travel together; each chunk's (O_s, Ȯ_s,
+    LSE_s, μ_s) comes from one fused kernel call and the partials are merged with LSE and μ.
+    Returns (O, Ȯ) or (O, Ȯ, LSE, μ); no autograd graph."""
+    _attention._check(q, k, v, None, scale, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    tensors = [t.contiguous() for t in (q, k, v, q_t, k_t, v_t)]
+    with torch.no_grad():
+        out, out_t, lse, lse_t = _ring_forward(*tensors[:3], tensors[3:], scale, causal, group)
+    return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
+
+
+__all__ = ["ring_attention", "ring_attention_jvp"]
