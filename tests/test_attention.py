@@ -342,3 +342,24 @@ def test_extension_op_checks_name_argument_and_supported_set():
         ops.attention_backward(torch.zeros(1, 2, 5, 3), q, k, v, torch.zeros(1, 2, 5, 3),
                                torch.zeros(1, 2, 5, dtype=torch.float64), None, 1.0, False)
     assert ops.has_cuda() in (True, False)
+
+
+def test_nn_attention_module_matches_reference_and_jvp():
+    import fastcm.nn
+
+    module = fastcm.nn.Attention(32, 4, kv_heads=2, qk_norm=True).to(DEVICE, torch.float64)
+    x, x_t = (torch.randn(2, 11, 32, dtype=torch.float64, device=DEVICE) for _ in range(2))
+
+    def reference_forward(x):
+        B, N, _ = x.shape
+        q, k, v = module.qkv(x).split((32, 16, 16), dim=-1)
+        q, k, v = (t.view(B, N, -1, 8).transpose(1, 2) for t in (q, k, v))
+        out = ref.attention(module.q_norm(q), module.k_norm(k), v)
+        return module.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+    out, out_t = torch.func.jvp(module, (x,), (x_t,))
+    ref_out, ref_out_t = torch.func.jvp(reference_forward, (x,), (x_t,))
+    assert_close(out, ref_out, torch.float64)
+    assert_close(out_t, ref_out_t, torch.float64)
+    with pytest.raises(ValueError, match="heads=4 and heads by kv_heads=3"):
+        fastcm.nn.Attention(32, 4, kv_heads=3)

@@ -1,0 +1,39 @@
+"""Thin modules over fastcm ops."""
+
+import torch
+
+from .attention import attention
+
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention as in a DiT block, with fastcm.attention inside (so
+    torch.func.jvp through the block runs the fused tangent kernel).
+
+    x (B, N, dim) -> (B, N, dim): qkv = Linear(dim, (H + 2·Hkv)·d)(x), optional per-head
+    RMS norm of q and k (qk_norm, as in SD3/Flux-style DiTs), O = attention(q, k, v) with
+    d = dim / heads, then Linear(H·d, dim). kv_heads < heads gives GQA.
+    """
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int = None, qkv_bias: bool = True,
+                 qk_norm: bool = False, causal: bool = False):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if dim % heads != 0 or heads % kv_heads != 0:
+            raise ValueError(f"fastcm.nn.Attention: dim={dim} must divide by heads={heads} and heads by "
+                             f"kv_heads={kv_heads}")
+        self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, dim // heads, causal
+        self.qkv = torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
+        self.q_norm = torch.nn.RMSNorm(self.head_dim) if qk_norm else torch.nn.Identity()
+        self.k_norm = torch.nn.RMSNorm(self.head_dim) if qk_norm else torch.nn.Identity()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, attn_bias=None):
+        batch, length, _ = x.shape
+        sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2)
+                   for t in self.qkv(x).split(sizes, dim=-1))
+        out = attention(self.q_norm(q), self.k_norm(k), v, causal=self.causal, attn_bias=attn_bias)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+__all__ = ["Attention"]
