@@ -6,6 +6,7 @@ extension (attention) loads on first use.
 """
 
 from . import sampling, schedules
+from .attention import attention, attention_jvp, merge_attention_partials
 from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent
 from .precondition import precondition, precondition_scalings
 from .sampling import self_consistency_error
@@ -18,4 +19,5 @@ __all__ = [
     "pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss",
     "euler_step", "heun_step", "dpmpp_2m_step", "ddim_step", "cm_step", "trigflow_step", "cfg",
     "sampling", "schedules", "self_consistency_error",
+    "attention", "attention_jvp", "merge_attention_partials",
 ]

@@ -3,7 +3,7 @@
 FASTCM_BACKEND is read on every call (not at import), so tests and users can switch it
 at run time. Values:
   auto       CUDA tensors -> the fast path (Triton kernels, or the CUDA extension for
-             attention); CPU tensors -> the reference (or the C++ CPU extension for attention).
+             attention); CPU tensors -> the reference (the C++ CPU extension for attention).
   triton     Triton kernels; on CPU tensors only when TRITON_INTERPRET=1 was set before
              triton was imported.
   cuda       the compiled extension in csrc/ (attention; its C++ implementation serves CPU tensors).
@@ -56,6 +56,8 @@ def select_backend(op: str, device: torch.device, implemented=("triton", "refere
     if requested == "auto":
         if device.type == "cuda" and "triton" in implemented and triton_runs_on(device):
             return "triton"
+        if "cuda" in implemented:  # the compiled extension serves CPU and CUDA tensors alike
+            return "cuda"
         return "reference"
     if requested == "reference":
         return "reference"

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _checks
-from ._backend import requested_backend, select_backend
+from ._backend import select_backend
 from ._extension import extension_ops
 from .reference import attention as reference
 
@@ -286,9 +286,7 @@ def _last_dim_contiguous(t):
 
 
 def _use_extension(device) -> bool:
-    backend = select_backend(_OP, device, implemented=("cuda",))
-    # The extension is attention's fast path on every device, CPU included.
-    return backend == "cuda" or requested_backend() == "auto"
+    return select_backend(_OP, device, implemented=("cuda",)) == "cuda"
 
 
 def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=False):

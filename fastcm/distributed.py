@@ -10,7 +10,7 @@ LSE = logsumexp_s LSE_s, w_s = exp(LSE_s − LSE), O = Σ w_s O_s, μ = Σ w_s �
 import torch
 import torch.distributed as dist
 
-from . import attention as _attention
+from .attention import _check, _ops, attention_jvp, merge_attention_partials
 
 
 def _ring_setup(group, q, k, causal):
@@ -51,21 +51,21 @@ def _ring_forward(q, k, v, tangents, scale, causal, group):
         mode = _chunk_mode(source, rank, causal)
         if mode is not None:
             if tangents:
-                o, o_t, lse, lse_t = _attention.attention_jvp(
+                o, o_t, lse, lse_t = attention_jvp(
                     q, blocks[0], blocks[1], tangents[0], blocks[2], blocks[3], scale=scale,
                     causal=mode == "causal", return_lse=True)
                 out_ts.append(o_t)
                 lse_ts.append(lse_t)
             else:
-                o, lse = _attention._ops().attention_forward(q, blocks[0], blocks[1], None, scale,
+                o, lse = _ops().attention_forward(q, blocks[0], blocks[1], None, scale,
                                                              mode == "causal")
             outs.append(o)
             lses.append(lse)
         if step < world - 1:
             blocks = _rotate(blocks, group, world, rank)
     if tangents:
-        return _attention.merge_attention_partials(outs, lses, out_ts, lse_ts)
-    return _attention.merge_attention_partials(outs, lses)
+        return merge_attention_partials(outs, lses, out_ts, lse_ts)
+    return merge_attention_partials(outs, lses)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -95,7 +95,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             mode = _chunk_mode((rank - step) % world, rank, causal)
             if mode is not None:
-                dq, dk, dv = _attention._ops().attention_backward(
+                dq, dk, dv = _ops().attention_backward(
                     grad_out, q, blocks[0], blocks[1], out, lse, None, scale, mode == "causal")
                 grad_q += dq
                 blocks[2] += dk
@@ -116,7 +116,7 @@ def ring_attention(q, k, v, *, scale=None, causal=False, group=None, return_lse=
     Gradients flow to q, k, v (the backward passes dK/dV around the ring as well). For tangents
     use ring_attention_jvp.
     """
-    _attention._check(q, k, v, None, scale, causal)
+    _check(q, k, v, None, scale, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t.contiguous() for t in (q, k, v))
     out, lse = _RingAttention.apply(q, k, v, scale, causal, group)
@@ -127,7 +127,7 @@ def ring_attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, grou
     """ring_attention and its tangent: K/V and K̇/V̇ travel together; each chunk's (O_s, Ȯ_s,
     LSE_s, μ_s) comes from one fused kernel call and the partials are merged with LSE and μ.
     Returns (O, Ȯ) or (O, Ȯ, LSE, μ); no autograd graph."""
-    _attention._check(q, k, v, None, scale, causal)
+    _check(q, k, v, None, scale, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [t.contiguous() for t in (q, k, v, q_t, k_t, v_t)]
     with torch.no_grad():

@@ -7,7 +7,10 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-import fastcm.attention as fa
+import importlib
+
+# The module, not the function of the same name that the package exports.
+fa = importlib.import_module("fastcm.attention")
 from fastcm.reference import attention as ref
 from helpers import DEVICE, assert_close, poisoned_empty, to64
 
