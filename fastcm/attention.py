@@ -189,7 +189,9 @@ class _AttentionWithTangent(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *_input_tangents):
         out_t, lse_t, *primals = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in primals):
+        # Under torch.func.jvp the primals' requires_grad reads False even when an outer graph
+        # tracks them, so grad mode alone decides.
+        if torch.is_grad_enabled():
             out_t, lse_t = _TangentWithoutReverseMode.apply(out_t, lse_t, *primals)
         return out_t, lse_t, None, None
 

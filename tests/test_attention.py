@@ -215,6 +215,25 @@ def test_forward_ad_dual_tensors_and_guard_on_tangent_backward():
             out_t.sum().backward()
 
 
+def test_func_jvp_with_grad_enabled_never_drops_the_tangent_gradient():
+    """MeanFlow takes the jvp with grad enabled and backpropagates through the primal: that works,
+    a detached tangent works, and a loss that would need the tangent's gradient raises rather
+    than silently leaving it out."""
+    fast, slow = _blocks()
+    x = torch.randn(1, 7, 32, dtype=torch.float64, device=DEVICE)
+    t = torch.rand(1, dtype=torch.float64, device=DEVICE)
+    x_t = torch.randn_like(x)
+    out, out_t = torch.func.jvp(lambda x: fast(x, t), (x,), (x_t,))
+    (out.sum() + out_t.detach().sum()).backward()
+    ref_out, ref_out_t = torch.func.jvp(lambda x: slow(x, t), (x,), (x_t,))
+    (ref_out.sum() + ref_out_t.detach().sum()).backward()
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert_close(p.grad, q.grad, torch.float64, name=name)
+    out, out_t = torch.func.jvp(lambda x: fast(x, t), (x,), (x_t,))
+    with pytest.raises(NotImplementedError, match="reverse-mode gradients through the attention tangent"):
+        (out.sum() + out_t.sum()).backward()
+
+
 def test_jvp_uses_one_fused_kernel_call(monkeypatch):
     calls = []
 
