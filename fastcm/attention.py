@@ -315,7 +315,8 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     tangents of q, k, v and a float attn_bias (torch.func.jvp, forward_ad dual tensors) are
     computed in the same kernel call as O: Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O, μ = rowsum(P⊙Ṡ) is LSE's
     tangent. Reverse mode through the tangents (a second-order derivative) is not provided:
-    run the jvp under torch.no_grad() and differentiate a separate forward (the sCM pattern).
+    a backward that would need it raises. Run the jvp under torch.no_grad() and differentiate a
+    separate forward (the sCM pattern), or detach the tangent (MeanFlow's stop-gradient).
     torch.compile around torch.func.jvp raises (see fastcm.attention_jvp for compiled code).
     Non-last-dim-contiguous inputs are copied.
     """
