@@ -7,20 +7,29 @@
 //   l <- alpha*l + sum p,  r <- alpha*r + sum h,  A <- alpha*A + pV,  T <- alpha*T + p Vd + h V;
 // at the end O = A/l, LSE = m + log l, mu = r/l (the LSE tangent), Od = T/l - mu*O.
 // (In the code h = p*(Sd - c) with a per-row constant c, so mu = c + r/l; see tangent_shift.)
+//
+// The tile products run as BLAS GEMMs on tiles copied into acc precision (so bf16/fp16 are
+// converted once per tile); the per-element softmax work runs in contiguous row loops that
+// the compiler vectorises.
 #include "attention.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace fastcm {
 namespace {
 
-constexpr int64_t kBlockQ = 32;
-constexpr int64_t kBlockK = 64;
+// 64 x 128 float tiles: one score tile is 32 KiB, and the working set of a JVP step (scores,
+// score tangents, [p | h], packed K and V tiles) stays inside a 1 MiB L2 while each GEMM is
+// large enough (~1 MFLOP) that its call overhead is a few percent.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
 
 template <typename scalar_t>
 struct AccType {
@@ -46,7 +55,6 @@ struct View4 {
   const scalar_t* row(int64_t b, int64_t h, int64_t i) const {
     return data + b * s0 + h * s1 + i * s2;
   }
-  scalar_t at(int64_t b, int64_t h, int64_t i, int64_t j) const { return row(b, h, i)[j * s3]; }
 };
 
 // The kernels index the last dim of q/k/v/grad_out/out contiguously.
@@ -82,42 +90,89 @@ struct Problem {
   }
 };
 
-// Copies rows [j0, j0 + n) of a (N, D) slice into a (D, n) column block in acc precision:
-// score rows then accumulate as axpy over contiguous keys, which vectorises without
-// reassociating a dot product.
-template <typename scalar_t, typename acc_t>
-void load_transposed(const View4<scalar_t>& src, int64_t b, int64_t h, int64_t j0, int64_t n,
-                     int64_t dim, acc_t* dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* row = src.row(b, h, j0 + j);
-    for (int64_t d = 0; d < dim; ++d) dst[d * n + j] = static_cast<acc_t>(row[d]);
-  }
-}
-
+// Copies rows [i0, i0 + n) of a (N, dim) slice into dst rows of leading dimension ld, in acc
+// precision. Packing two operands side by side (ld = 2 * dim) lets one GEMM of depth 2*dim do
+// the two products of a tangent.
 template <typename scalar_t, typename acc_t>
 void load_rows(const View4<scalar_t>& src, int64_t b, int64_t h, int64_t i0, int64_t n,
-               int64_t dim, acc_t* dst) {
+               int64_t dim, acc_t* dst, int64_t ld) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* row = src.row(b, h, i0 + i);
-    for (int64_t d = 0; d < dim; ++d) dst[i * dim + d] = static_cast<acc_t>(row[d]);
+    acc_t* out = dst + i * ld;
+    for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<acc_t>(row[d]);
   }
 }
 
-// scores[j] = sum_d query[d] * keys_t[d * ld + j], j < n <= ld.
+// A row-major matrix in a tile buffer; `transposed` reads the stored (cols x rows) matrix as
+// its transpose, which BLAS does without a copy.
 template <typename acc_t>
-void row_times_columns(const acc_t* query, const acc_t* keys_t, int64_t dim, int64_t ld,
-                       int64_t n, acc_t* scores) {
-  std::fill(scores, scores + n, acc_t(0));
-  for (int64_t d = 0; d < dim; ++d) {
-    const acc_t qd = query[d];
-    const acc_t* col = keys_t + d * ld;
-    for (int64_t j = 0; j < n; ++j) scores[j] += qd * col[j];
+struct Mat {
+  const acc_t* data;
+  int64_t rows, cols, ld;
+  bool transposed = false;
+};
+
+template <typename acc_t>
+at::Tensor as_tensor(const Mat<acc_t>& m) {
+  const std::vector<int64_t> strides =
+      m.transposed ? std::vector<int64_t>{1, m.ld} : std::vector<int64_t>{m.ld, 1};
+  return at::from_blob(const_cast<acc_t*>(m.data), {m.rows, m.cols}, strides,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// c (a.rows x b.cols, row-major, leading dimension ldc) = alpha * a b + beta * c. addmm_ on
+// views of the tile buffers reaches torch's BLAS (MKL/OpenBLAS sgemm, dgemm) for about a
+// microsecond of overhead per call; beta = 0 ignores c's old contents, NaN included.
+template <typename acc_t>
+void gemm(const Mat<acc_t>& a, const Mat<acc_t>& b, acc_t* c, int64_t ldc, acc_t alpha,
+          acc_t beta) {
+  if (a.rows == 0 || b.cols == 0) return;
+  at::Tensor out = at::from_blob(c, {a.rows, b.cols}, {ldc, 1},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  out.addmm_(as_tensor(a), as_tensor(b), beta, alpha);
+}
+
+// out[j] = exp(s[j] - shift) for shift >= max s (so every argument is <= 0, or -inf / NaN).
+// The float version is a branch-free Cephes-style exp (about 1 ulp) that the compiler
+// vectorises; std::exp is a scalar libm call. Arguments below -87 (where e^x would be
+// subnormal) give exactly 0, so masked keys keep weight 0.
+void exp_shifted(const float* s, float shift, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] - shift;
+    const float xc = std::max(x, -87.0f);
+    // Round xc / ln 2 to nearest with the 1.5 * 2^23 trick (no SSE4.1 round needed).
+    const float n_f = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    // ln 2 split in two so that r = xc - n ln 2 is exact to float precision.
+    const float r = (xc - n_f * 0.693359375f) + n_f * 2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const float er = poly * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n_f) + 127) << 23;
+    float pow2;
+    std::memcpy(&pow2, &bits, sizeof(pow2));
+    out[j] = x < -87.0f ? 0.0f : er * pow2;
   }
 }
 
-template <typename acc_t>
-void axpy(acc_t a, const acc_t* x, acc_t* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+void exp_shifted(const double* s, double shift, int64_t n, double* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = std::exp(s[j] - shift);
+}
+
+// s[j] += bias(b, h, qi, j0 + j), j < n: bias may be broadcast (stride 0) or of low precision.
+template <typename scalar_t, typename acc_t>
+void add_bias(const View4<scalar_t>& bias, int64_t b, int64_t h, int64_t qi, int64_t j0,
+              int64_t n, acc_t* s) {
+  const scalar_t* row = bias.row(b, h, qi) + j0 * bias.s3;
+  const int64_t stride = bias.s3;
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(row[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(row[j * stride]);
+  }
 }
 
 template <typename scalar_t>
@@ -137,18 +192,21 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t q_blocks = (p.num_queries + kBlockQ - 1) / kBlockQ;
   const int64_t Dqk = p.dim_qk, Dv = p.dim_v;
+  // With a tangent, q rows hold [Q | Qd] and k rows [Kd | K]: one GEMM of depth 2*Dqk gives
+  // Q Kd^T + Qd K^T, and the left halves of q against the right halves of k give Q K^T.
+  // Likewise [p | h] rows against [Vd ; V] give p Vd + h V in one GEMM.
+  const int64_t pack = kTangent ? 2 : 1;
+  const int64_t ld_qk = pack * Dqk;
 
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_blk(kBlockQ * Dqk), k_cols(Dqk * kBlockK), v_blk(kBlockK * Dv);
-    std::vector<acc_t> qt_blk, kt_cols, vt_blk;
+    std::vector<acc_t> q_blk(kBlockQ * ld_qk), k_blk(kBlockK * ld_qk);
+    std::vector<acc_t> v_blk(pack * kBlockK * Dv);
+    std::vector<acc_t> scores(kBlockQ * kBlockK), weights(kBlockQ * pack * kBlockK);
     std::vector<acc_t> row_max(kBlockQ), row_sum(kBlockQ), acc(kBlockQ * Dv);
-    std::vector<acc_t> tangent_sum, tangent_acc, tangent_shift;
+    std::vector<acc_t> score_t, tangent_sum, tangent_acc, tangent_shift;
     std::vector<char> shift_set;
-    std::vector<acc_t> scores(kBlockK), score_t(kBlockK), tmp(kBlockK);
     if (kTangent) {
-      qt_blk.resize(kBlockQ * Dqk);
-      kt_cols.resize(Dqk * kBlockK);
-      vt_blk.resize(kBlockK * Dv);
+      score_t.resize(kBlockQ * kBlockK);
       tangent_sum.resize(kBlockQ);
       tangent_acc.resize(kBlockQ * Dv);
       tangent_shift.resize(kBlockQ);
@@ -162,8 +220,8 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
       const int64_t i0 = qb * kBlockQ;
       const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
 
-      load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data());
-      if (kTangent) load_rows(t.q_t, b, h, i0, nq, Dqk, qt_blk.data());
+      load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data(), ld_qk);
+      if (kTangent) load_rows(t.q_t, b, h, i0, nq, Dqk, q_blk.data() + Dqk, ld_qk);
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -176,74 +234,82 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
       const int64_t block_key_end = p.key_end(i0 + nq - 1);
       for (int64_t j0 = 0; j0 < block_key_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, block_key_end - j0);
-        load_transposed(t.k, b, kvh, j0, nk, Dqk, k_cols.data());
-        load_rows(t.v, b, kvh, j0, nk, Dv, v_blk.data());
+        const int64_t ld_w = pack * nk;  // weights rows: [p | h]
+        acc_t* v_rows = v_blk.data() + (pack - 1) * nk * Dv;  // V below Vd
         if (kTangent) {
-          load_transposed(t.k_t, b, kvh, j0, nk, Dqk, kt_cols.data());
-          load_rows(t.v_t, b, kvh, j0, nk, Dv, vt_blk.data());
+          load_rows(t.k_t, b, kvh, j0, nk, Dqk, k_blk.data(), ld_qk);
+          load_rows(t.v_t, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
         }
+        load_rows(t.k, b, kvh, j0, nk, Dqk, k_blk.data() + (pack - 1) * Dqk, ld_qk);
+        load_rows(t.v, b, kvh, j0, nk, Dv, v_rows, Dv);
+
+        const Mat<acc_t> k_primal{k_blk.data() + (pack - 1) * Dqk, Dqk, nk, ld_qk, true};
+        gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, ld_qk}, k_primal, scores.data(), nk, scale,
+             acc_t(0));
+        if (kTangent) {
+          gemm(Mat<acc_t>{q_blk.data(), nq, ld_qk, ld_qk},
+               Mat<acc_t>{k_blk.data(), ld_qk, nk, ld_qk, true}, score_t.data(), nk, scale,
+               acc_t(0));
+        }
+
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t qi = i0 + i;
-          const int64_t visible = std::min(nk, p.key_end(qi) - j0);
-          if (visible <= 0) continue;
-          row_times_columns(&q_blk[i * Dqk], k_cols.data(), Dqk, nk, visible, scores.data());
-          if (kTangent) {
-            row_times_columns(&qt_blk[i * Dqk], k_cols.data(), Dqk, nk, visible, score_t.data());
-            row_times_columns(&q_blk[i * Dqk], kt_cols.data(), Dqk, nk, visible, tmp.data());
-          }
+          const int64_t visible = std::max<int64_t>(0, std::min(nk, p.key_end(qi) - j0));
+          acc_t* s = &scores[i * nk];
+          acc_t* w = &weights[i * ld_w];
+          // Keys past the causal edge get weight 0 here; the GEMMs still run over them.
+          std::fill(w + visible, w + nk, acc_t(0));
+          if (kTangent) std::fill(w + nk + visible, w + 2 * nk, acc_t(0));
+          if (t.has_bias) add_bias(t.bias, b, h, qi, j0, visible, s);
           acc_t block_max = neg_inf;
-          for (int64_t j = 0; j < visible; ++j) {
-            acc_t s = scale * scores[j];
-            if (t.has_bias) s += static_cast<acc_t>(t.bias.at(b, h, qi, j0 + j));
-            scores[j] = s;
-            block_max = std::max(block_max, s);
-            if (kTangent) {
-              acc_t st = scale * (score_t[j] + tmp[j]);
-              if (t.has_bias_t) st += static_cast<acc_t>(t.bias_t.at(b, h, qi, j0 + j));
-              score_t[j] = st;
-            }
-          }
+          for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
           const acc_t new_max = std::max(row_max[i], block_max);
           // Every score so far is -inf: nothing to accumulate (and exp(-inf - -inf) is NaN).
-          if (new_max == neg_inf) continue;
+          if (new_max == neg_inf) {
+            std::fill(w, w + visible, acc_t(0));
+            if (kTangent) std::fill(w + nk, w + nk + visible, acc_t(0));
+            continue;
+          }
           const acc_t alpha = std::exp(row_max[i] - new_max);
           row_max[i] = new_max;
-          for (int64_t j = 0; j < visible; ++j) scores[j] = std::exp(scores[j] - new_max);
-          if (kTangent && !shift_set[i]) {
-            // Od = sum p(Sd - c)V / l - (mu - c) O holds for any per-row c; c = this block's
-            // estimate of mu keeps T and r small, so T/l - (r/l) O cancels little in float32.
-            acc_t weight = 0, weighted = 0;
-            for (int64_t j = 0; j < visible; ++j) {
-              if (scores[j] == acc_t(0)) continue;
-              weight += scores[j];
-              weighted += scores[j] * score_t[j];
-            }
-            tangent_shift[i] = weighted / weight;
-            shift_set[i] = true;
-          }
+          exp_shifted(s, new_max, visible, w);
+          acc_t block_sum = 0;
+          for (int64_t j = 0; j < visible; ++j) block_sum += w[j];
+          row_sum[i] = alpha * row_sum[i] + block_sum;
           acc_t* a_row = &acc[i * Dv];
           for (int64_t d = 0; d < Dv; ++d) a_row[d] *= alpha;
-          acc_t* t_row = kTangent ? &tangent_acc[i * Dv] : nullptr;
-          if (kTangent) {
-            for (int64_t d = 0; d < Dv; ++d) t_row[d] *= alpha;
+          if (!kTangent) continue;
+
+          acc_t* st = &score_t[i * nk];
+          if (t.has_bias_t) add_bias(t.bias_t, b, h, qi, j0, visible, st);
+          // Keys with weight 0 (masked or underflowed) add nothing; selecting 0 for them also
+          // keeps 0 * inf out of the sums when a masked key's score tangent is infinite.
+          if (!shift_set[i]) {
+            // Od = sum p(Sd - c)V / l - (mu - c) O holds for any per-row c; c = this block's
+            // estimate of mu keeps T and r small, so T/l - (r/l) O cancels little in float32.
+            acc_t weighted = 0;
+            for (int64_t j = 0; j < visible; ++j)
+              weighted += w[j] == acc_t(0) ? acc_t(0) : w[j] * st[j];
+            tangent_shift[i] = weighted / block_sum;
+            shift_set[i] = true;
           }
-          acc_t block_sum = 0, block_tangent_sum = 0;
+          const acc_t shift = tangent_shift[i];
+          acc_t* hw = w + nk;
+          acc_t block_tangent_sum = 0;
           for (int64_t j = 0; j < visible; ++j) {
-            const acc_t w = scores[j];
-            // Keys with weight 0 (masked or underflowed) add nothing; skipping them also keeps
-            // 0 * inf out of the sums when a masked key's score tangent is infinite.
-            if (w == acc_t(0)) continue;
-            block_sum += w;
-            axpy(w, &v_blk[j * Dv], a_row, Dv);
-            if (kTangent) {
-              const acc_t hw = w * (score_t[j] - tangent_shift[i]);
-              block_tangent_sum += hw;
-              axpy(w, &vt_blk[j * Dv], t_row, Dv);
-              axpy(hw, &v_blk[j * Dv], t_row, Dv);
-            }
+            hw[j] = w[j] == acc_t(0) ? acc_t(0) : w[j] * (st[j] - shift);
+            block_tangent_sum += hw[j];
           }
-          row_sum[i] = alpha * row_sum[i] + block_sum;
-          if (kTangent) tangent_sum[i] = alpha * tangent_sum[i] + block_tangent_sum;
+          tangent_sum[i] = alpha * tangent_sum[i] + block_tangent_sum;
+          acc_t* t_row = &tangent_acc[i * Dv];
+          for (int64_t d = 0; d < Dv; ++d) t_row[d] *= alpha;
+        }
+
+        gemm(Mat<acc_t>{weights.data(), nq, nk, ld_w}, Mat<acc_t>{v_rows, nk, Dv, Dv}, acc.data(),
+             Dv, acc_t(1), acc_t(1));
+        if (kTangent) {
+          gemm(Mat<acc_t>{weights.data(), nq, ld_w, ld_w}, Mat<acc_t>{v_blk.data(), ld_w, Dv, Dv},
+               tangent_acc.data(), Dv, acc_t(1), acc_t(1));
         }
       }
 
@@ -273,6 +339,7 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
     }
   });
 }
+
 
 template <typename scalar_t, bool kTangent>
 void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -318,18 +385,28 @@ struct BackwardTensors {
   scalar_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
 };
 
-// Recomputes the probabilities of query row (b, h, qi) against keys [j0, j0 + n) from the
-// saved LSE: prob[j] = exp(scale * q.k_j + bias - lse).
+// Rows [0, nq) of a query tile against keys [j0, j0 + nk): turns scores (scale q.k, from a
+// GEMM) into probabilities exp(s + bias - lse) in place and dprob (grad_out.v, from a GEMM)
+// into the score gradient prob * (dprob - delta). Keys past the causal edge and fully masked
+// rows (lse = -inf) get 0.
 template <typename scalar_t, typename acc_t>
-void probabilities(const Problem& p, const BackwardTensors<scalar_t>& t, const acc_t* query,
-                   const acc_t* k_cols, int64_t ld, int64_t b, int64_t h, int64_t qi, int64_t j0,
-                   int64_t n, acc_t lse, acc_t* prob) {
-  row_times_columns(query, k_cols, p.dim_qk, ld, n, prob);
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t s = scale * prob[j];
-    if (t.has_bias) s += static_cast<acc_t>(t.bias.at(b, h, qi, j0 + j));
-    prob[j] = std::exp(s - lse);
+void probabilities_and_score_grads(const Problem& p, const BackwardTensors<scalar_t>& t,
+                                   int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                                   int64_t nk, acc_t* scores, acc_t* dprob) {
+  const int64_t row0 = (b * p.heads + h) * p.num_queries + i0;
+  for (int64_t i = 0; i < nq; ++i) {
+    const acc_t lse = t.lse[row0 + i];
+    acc_t* s = &scores[i * nk];
+    acc_t* ds = &dprob[i * nk];
+    const int64_t visible =
+        std::isinf(lse) ? 0 : std::max<int64_t>(0, std::min(nk, p.key_end(i0 + i) - j0));
+    std::fill(s + visible, s + nk, acc_t(0));
+    std::fill(ds + visible, ds + nk, acc_t(0));
+    if (visible == 0) continue;
+    if (t.has_bias) add_bias(t.bias, b, h, i0 + i, j0, visible, s);
+    exp_shifted(s, lse, visible, s);
+    const acc_t delta = t.delta[row0 + i];
+    for (int64_t j = 0; j < visible; ++j) ds[j] = s[j] * (ds[j] - delta);
   }
 }
 
@@ -342,8 +419,8 @@ void backward_dq(const Problem& p, const BackwardTensors<scalar_t>& t) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_blk(kBlockQ * Dqk), go_blk(kBlockQ * Dv), dq_blk(kBlockQ * Dqk);
-    std::vector<acc_t> k_cols(Dqk * kBlockK), k_rows(kBlockK * Dqk), v_cols(Dv * kBlockK);
-    std::vector<acc_t> prob(kBlockK), dprob(kBlockK);
+    std::vector<acc_t> k_blk(kBlockK * Dqk), v_blk(kBlockK * Dv);
+    std::vector<acc_t> scores(kBlockQ * kBlockK), dprob(kBlockQ * kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t h = (task / q_blocks) % p.heads;
@@ -352,29 +429,21 @@ void backward_dq(const Problem& p, const BackwardTensors<scalar_t>& t) {
       const int64_t i0 = qb * kBlockQ;
       const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
       const int64_t row0 = (b * p.heads + h) * p.num_queries + i0;
-      load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data());
-      load_rows(t.grad_out, b, h, i0, nq, Dv, go_blk.data());
+      load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data(), Dqk);
+      load_rows(t.grad_out, b, h, i0, nq, Dv, go_blk.data(), Dv);
       std::fill(dq_blk.begin(), dq_blk.end(), acc_t(0));
       const int64_t block_key_end = p.key_end(i0 + nq - 1);
       for (int64_t j0 = 0; j0 < block_key_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, block_key_end - j0);
-        load_transposed(t.k, b, kvh, j0, nk, Dqk, k_cols.data());
-        load_rows(t.k, b, kvh, j0, nk, Dqk, k_rows.data());
-        load_transposed(t.v, b, kvh, j0, nk, Dv, v_cols.data());
-        for (int64_t i = 0; i < nq; ++i) {
-          const acc_t lse = t.lse[row0 + i];
-          const int64_t visible = std::min(nk, p.key_end(i0 + i) - j0);
-          // A fully masked row (lse = -inf) has zero gradients.
-          if (visible <= 0 || std::isinf(lse)) continue;
-          probabilities(p, t, &q_blk[i * Dqk], k_cols.data(), nk, b, h, i0 + i, j0, visible, lse,
-                        prob.data());
-          row_times_columns(&go_blk[i * Dv], v_cols.data(), Dv, nk, visible, dprob.data());
-          const acc_t delta = t.delta[row0 + i];
-          for (int64_t j = 0; j < visible; ++j) {
-            const acc_t ds = prob[j] * (dprob[j] - delta);
-            if (ds != acc_t(0)) axpy(scale * ds, &k_rows[j * Dqk], &dq_blk[i * Dqk], Dqk);
-          }
-        }
+        load_rows(t.k, b, kvh, j0, nk, Dqk, k_blk.data(), Dqk);
+        load_rows(t.v, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
+        gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk}, Mat<acc_t>{k_blk.data(), Dqk, nk, Dqk, true},
+             scores.data(), nk, scale, acc_t(0));
+        gemm(Mat<acc_t>{go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{v_blk.data(), Dv, nk, Dv, true},
+             dprob.data(), nk, acc_t(1), acc_t(0));
+        probabilities_and_score_grads(p, t, b, h, i0, nq, j0, nk, scores.data(), dprob.data());
+        gemm(Mat<acc_t>{dprob.data(), nq, nk, nk}, Mat<acc_t>{k_blk.data(), nk, Dqk, Dqk},
+             dq_blk.data(), Dqk, scale, acc_t(1));
       }
       for (int64_t i = 0; i < nq; ++i) {
         scalar_t* dst = t.dq + (row0 + i) * Dqk;
@@ -393,36 +462,34 @@ void backward_dkdv(const Problem& p, const BackwardTensors<scalar_t>& t) {
   const int64_t Dqk = p.dim_qk, Dv = p.dim_v;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> k_cols(Dqk * kBlockK), v_cols(Dv * kBlockK);
+    std::vector<acc_t> k_blk(kBlockK * Dqk), v_blk(kBlockK * Dv);
     std::vector<acc_t> dk_blk(kBlockK * Dqk), dv_blk(kBlockK * Dv);
-    std::vector<acc_t> query(Dqk), go(Dv), prob(kBlockK), dprob(kBlockK);
+    std::vector<acc_t> q_blk(kBlockQ * Dqk), go_blk(kBlockQ * Dv);
+    std::vector<acc_t> scores(kBlockQ * kBlockK), dprob(kBlockQ * kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kb = task % k_blocks;
       const int64_t kvh = (task / k_blocks) % p.kv_heads;
       const int64_t b = task / (k_blocks * p.kv_heads);
       const int64_t j0 = kb * kBlockK;
       const int64_t nk = std::min(kBlockK, p.num_keys - j0);
-      load_transposed(t.k, b, kvh, j0, nk, Dqk, k_cols.data());
-      load_transposed(t.v, b, kvh, j0, nk, Dv, v_cols.data());
+      load_rows(t.k, b, kvh, j0, nk, Dqk, k_blk.data(), Dqk);
+      load_rows(t.v, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
       std::fill(dk_blk.begin(), dk_blk.end(), acc_t(0));
       std::fill(dv_blk.begin(), dv_blk.end(), acc_t(0));
       for (int64_t h = kvh * p.groups; h < (kvh + 1) * p.groups; ++h) {
-        const int64_t row0 = (b * p.heads + h) * p.num_queries;
-        for (int64_t qi = p.first_query(j0); qi < p.num_queries; ++qi) {
-          const acc_t lse = t.lse[row0 + qi];
-          const int64_t visible = std::min(nk, p.key_end(qi) - j0);
-          if (visible <= 0 || std::isinf(lse)) continue;
-          load_rows(t.q, b, h, qi, 1, Dqk, query.data());
-          load_rows(t.grad_out, b, h, qi, 1, Dv, go.data());
-          probabilities(p, t, query.data(), k_cols.data(), nk, b, h, qi, j0, visible, lse,
-                        prob.data());
-          row_times_columns(go.data(), v_cols.data(), Dv, nk, visible, dprob.data());
-          const acc_t delta = t.delta[row0 + qi];
-          for (int64_t j = 0; j < visible; ++j) {
-            if (prob[j] == acc_t(0)) continue;
-            axpy(prob[j], go.data(), &dv_blk[j * Dv], Dv);
-            axpy(scale * prob[j] * (dprob[j] - delta), query.data(), &dk_blk[j * Dqk], Dqk);
-          }
+        for (int64_t i0 = p.first_query(j0); i0 < p.num_queries; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
+          load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data(), Dqk);
+          load_rows(t.grad_out, b, h, i0, nq, Dv, go_blk.data(), Dv);
+          gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk},
+               Mat<acc_t>{k_blk.data(), Dqk, nk, Dqk, true}, scores.data(), nk, scale, acc_t(0));
+          gemm(Mat<acc_t>{go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{v_blk.data(), Dv, nk, Dv, true},
+               dprob.data(), nk, acc_t(1), acc_t(0));
+          probabilities_and_score_grads(p, t, b, h, i0, nq, j0, nk, scores.data(), dprob.data());
+          gemm(Mat<acc_t>{scores.data(), nk, nq, nk, true}, Mat<acc_t>{go_blk.data(), nq, Dv, Dv},
+               dv_blk.data(), Dv, acc_t(1), acc_t(1));
+          gemm(Mat<acc_t>{dprob.data(), nk, nq, nk, true}, Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk},
+               dk_blk.data(), Dqk, scale, acc_t(1));
         }
       }
       const int64_t key0 = (b * p.kv_heads + kvh) * p.num_keys + j0;
