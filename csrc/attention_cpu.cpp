@@ -132,6 +132,15 @@ void gemm(const Mat<acc_t>& a, const Mat<acc_t>& b, acc_t* c, int64_t ldc, acc_t
   out.addmm_(as_tensor(a), as_tensor(b), beta, alpha);
 }
 
+// Per-element softmax helpers. GCC's default -ftrapping-math forbids turning the selects
+// below (masked keys, the exp clamp) into vector blends, which keeps these loops scalar; no
+// code here reads floating-point exception flags, so they are compiled without it (torch
+// builds all of ATen with -fno-trapping-math). Clang does this by default.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 // out[j] = exp(s[j] - shift) for shift >= max s (so every argument is <= 0, or -inf / NaN).
 // The float version is a branch-free Cephes-style exp (about 1 ulp) that the compiler
 // vectorises; std::exp is a scalar libm call. Arguments below -87 (where e^x would be
@@ -139,7 +148,7 @@ void gemm(const Mat<acc_t>& a, const Mat<acc_t>& b, acc_t* c, int64_t ldc, acc_t
 void exp_shifted(const float* s, float shift, int64_t n, float* out) {
   for (int64_t j = 0; j < n; ++j) {
     const float x = s[j] - shift;
-    const float xc = std::max(x, -87.0f);
+    const float xc = x < -87.0f ? -87.0f : x;
     // Round xc / ln 2 to nearest with the 1.5 * 2^23 trick (no SSE4.1 round needed).
     const float n_f = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     // ln 2 split in two so that r = xc - n ln 2 is exact to float precision.
@@ -162,6 +171,68 @@ void exp_shifted(const double* s, double shift, int64_t n, double* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = std::exp(s[j] - shift);
 }
 
+// Sums and maxima in eight interleaved lanes: a single running sum is bound by the add
+// latency, and the compiler may not reorder a floating-point reduction by itself.
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t n) {
+  acc_t lane[kLanes];
+  std::fill(lane, lane + kLanes, -std::numeric_limits<acc_t>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = s[j + l] > lane[l] ? s[j + l] : lane[l];
+  for (; j < n; ++j) lane[0] = s[j] > lane[0] ? s[j] : lane[0];
+  acc_t result = lane[0];
+  for (int64_t l = 1; l < kLanes; ++l) result = lane[l] > result ? lane[l] : result;
+  return result;
+}
+
+template <typename acc_t>
+acc_t row_sum(const acc_t* w, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += w[j + l];
+  for (; j < n; ++j) lane[0] += w[j];
+  acc_t result = 0;
+  for (int64_t l = 0; l < kLanes; ++l) result += lane[l];
+  return result;
+}
+
+// sum_j w[j] * st[j] over keys of nonzero weight. Keys with weight 0 (masked or underflowed)
+// add nothing; selecting 0 for them also keeps 0 * inf out of the sum when a masked key's
+// score tangent is infinite.
+template <typename acc_t>
+acc_t weighted_sum(const acc_t* w, const acc_t* st, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l)
+      lane[l] += w[j + l] == acc_t(0) ? acc_t(0) : w[j + l] * st[j + l];
+  for (; j < n; ++j) lane[0] += w[j] == acc_t(0) ? acc_t(0) : w[j] * st[j];
+  acc_t result = 0;
+  for (int64_t l = 0; l < kLanes; ++l) result += lane[l];
+  return result;
+}
+
+// hw[j] = w[j] * (st[j] - shift), 0 where w[j] = 0 (as in weighted_sum).
+template <typename acc_t>
+void tangent_weights(const acc_t* w, const acc_t* st, acc_t shift, int64_t n, acc_t* hw) {
+  for (int64_t j = 0; j < n; ++j) hw[j] = w[j] == acc_t(0) ? acc_t(0) : w[j] * (st[j] - shift);
+}
+
+// ds[j] = prob[j] * (dprob[j] - delta): the softmax backward, overwriting dprob.
+template <typename acc_t>
+void score_grads(const acc_t* prob, acc_t delta, int64_t n, acc_t* ds) {
+  for (int64_t j = 0; j < n; ++j) ds[j] = prob[j] * (ds[j] - delta);
+}
+
+template <typename acc_t>
+void scale_row(acc_t alpha, int64_t n, acc_t* row) {
+  for (int64_t j = 0; j < n; ++j) row[j] *= alpha;
+}
+
 // s[j] += bias(b, h, qi, j0 + j), j < n: bias may be broadcast (stride 0) or of low precision.
 template <typename scalar_t, typename acc_t>
 void add_bias(const View4<scalar_t>& bias, int64_t b, int64_t h, int64_t qi, int64_t j0,
@@ -174,6 +245,10 @@ void add_bias(const View4<scalar_t>& bias, int64_t b, int64_t h, int64_t qi, int
     for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(row[j * stride]);
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 template <typename scalar_t>
 struct ForwardTensors {
@@ -202,7 +277,7 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
     std::vector<acc_t> q_blk(kBlockQ * ld_qk), k_blk(kBlockK * ld_qk);
     std::vector<acc_t> v_blk(pack * kBlockK * Dv);
     std::vector<acc_t> scores(kBlockQ * kBlockK), weights(kBlockQ * pack * kBlockK);
-    std::vector<acc_t> row_max(kBlockQ), row_sum(kBlockQ), acc(kBlockQ * Dv);
+    std::vector<acc_t> m(kBlockQ), l(kBlockQ), acc(kBlockQ * Dv);  // running max, sum
     std::vector<acc_t> score_t, tangent_sum, tangent_acc, tangent_shift;
     std::vector<char> shift_set;
     if (kTangent) {
@@ -222,8 +297,8 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
 
       load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data(), ld_qk);
       if (kTangent) load_rows(t.q_t, b, h, i0, nq, Dqk, q_blk.data() + Dqk, ld_qk);
-      std::fill(row_max.begin(), row_max.end(), neg_inf);
-      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (kTangent) {
         std::fill(tangent_sum.begin(), tangent_sum.end(), acc_t(0));
@@ -261,48 +336,32 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
           std::fill(w + visible, w + nk, acc_t(0));
           if (kTangent) std::fill(w + nk + visible, w + 2 * nk, acc_t(0));
           if (t.has_bias) add_bias(t.bias, b, h, qi, j0, visible, s);
-          acc_t block_max = neg_inf;
-          for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
-          const acc_t new_max = std::max(row_max[i], block_max);
+          const acc_t new_max = std::max(m[i], row_max(s, visible));
           // Every score so far is -inf: nothing to accumulate (and exp(-inf - -inf) is NaN).
           if (new_max == neg_inf) {
             std::fill(w, w + visible, acc_t(0));
             if (kTangent) std::fill(w + nk, w + nk + visible, acc_t(0));
             continue;
           }
-          const acc_t alpha = std::exp(row_max[i] - new_max);
-          row_max[i] = new_max;
+          const acc_t alpha = std::exp(m[i] - new_max);
+          m[i] = new_max;
           exp_shifted(s, new_max, visible, w);
-          acc_t block_sum = 0;
-          for (int64_t j = 0; j < visible; ++j) block_sum += w[j];
-          row_sum[i] = alpha * row_sum[i] + block_sum;
-          acc_t* a_row = &acc[i * Dv];
-          for (int64_t d = 0; d < Dv; ++d) a_row[d] *= alpha;
+          const acc_t block_sum = row_sum(w, visible);
+          l[i] = alpha * l[i] + block_sum;
+          scale_row(alpha, Dv, &acc[i * Dv]);
           if (!kTangent) continue;
 
           acc_t* st = &score_t[i * nk];
           if (t.has_bias_t) add_bias(t.bias_t, b, h, qi, j0, visible, st);
-          // Keys with weight 0 (masked or underflowed) add nothing; selecting 0 for them also
-          // keeps 0 * inf out of the sums when a masked key's score tangent is infinite.
           if (!shift_set[i]) {
             // Od = sum p(Sd - c)V / l - (mu - c) O holds for any per-row c; c = this block's
             // estimate of mu keeps T and r small, so T/l - (r/l) O cancels little in float32.
-            acc_t weighted = 0;
-            for (int64_t j = 0; j < visible; ++j)
-              weighted += w[j] == acc_t(0) ? acc_t(0) : w[j] * st[j];
-            tangent_shift[i] = weighted / block_sum;
+            tangent_shift[i] = weighted_sum(w, st, visible) / block_sum;
             shift_set[i] = true;
           }
-          const acc_t shift = tangent_shift[i];
-          acc_t* hw = w + nk;
-          acc_t block_tangent_sum = 0;
-          for (int64_t j = 0; j < visible; ++j) {
-            hw[j] = w[j] == acc_t(0) ? acc_t(0) : w[j] * (st[j] - shift);
-            block_tangent_sum += hw[j];
-          }
-          tangent_sum[i] = alpha * tangent_sum[i] + block_tangent_sum;
-          acc_t* t_row = &tangent_acc[i * Dv];
-          for (int64_t d = 0; d < Dv; ++d) t_row[d] *= alpha;
+          tangent_weights(w, st, tangent_shift[i], visible, w + nk);
+          tangent_sum[i] = alpha * tangent_sum[i] + row_sum(w + nk, visible);
+          scale_row(alpha, Dv, &tangent_acc[i * Dv]);
         }
 
         gemm(Mat<acc_t>{weights.data(), nq, nk, ld_w}, Mat<acc_t>{v_rows, nk, Dv, Dv}, acc.data(),
@@ -317,7 +376,7 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
         const int64_t row = (b * p.heads + h) * p.num_queries + i0 + i;
         scalar_t* o = t.out + row * Dv;
         scalar_t* ot = kTangent ? t.out_t + row * Dv : nullptr;
-        if (row_sum[i] == acc_t(0)) {  // fully masked row
+        if (l[i] == acc_t(0)) {  // fully masked row
           for (int64_t d = 0; d < Dv; ++d) o[d] = scalar_t(0);
           t.lse[row] = neg_inf;
           if (kTangent) {
@@ -326,8 +385,8 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
           }
           continue;
         }
-        const acc_t inv = acc_t(1) / row_sum[i];
-        t.lse[row] = row_max[i] + std::log(row_sum[i]);
+        const acc_t inv = acc_t(1) / l[i];
+        t.lse[row] = m[i] + std::log(l[i]);
         const acc_t shifted_mu = kTangent ? tangent_sum[i] * inv : acc_t(0);
         for (int64_t d = 0; d < Dv; ++d) {
           const acc_t od = acc[i * Dv + d] * inv;
@@ -405,8 +464,7 @@ void probabilities_and_score_grads(const Problem& p, const BackwardTensors<scala
     if (visible == 0) continue;
     if (t.has_bias) add_bias(t.bias, b, h, i0 + i, j0, visible, s);
     exp_shifted(s, lse, visible, s);
-    const acc_t delta = t.delta[row0 + i];
-    for (int64_t j = 0; j < visible; ++j) ds[j] = s[j] * (ds[j] - delta);
+    score_grads(s, t.delta[row0 + i], visible, ds);
   }
 }
 
