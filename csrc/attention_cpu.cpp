@@ -141,11 +141,19 @@ void gemm(const Mat<acc_t>& a, const Mat<acc_t>& b, acc_t* c, int64_t ldc, acc_t
 #pragma GCC optimize("no-trapping-math")
 #endif
 
+// The extension is built for baseline x86-64 (SSE2); the exp below is the hottest
+// elementwise loop, so GCC also emits an AVX2/FMA clone of it and picks one at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTCM_AVX2_CLONE __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTCM_AVX2_CLONE
+#endif
+
 // out[j] = exp(s[j] - shift) for shift >= max s (so every argument is <= 0, or -inf / NaN).
 // The float version is a branch-free Cephes-style exp (about 1 ulp) that the compiler
 // vectorises; std::exp is a scalar libm call. Arguments below -87 (where e^x would be
 // subnormal) give exactly 0, so masked keys keep weight 0.
-void exp_shifted(const float* s, float shift, int64_t n, float* out) {
+FASTCM_AVX2_CLONE void exp_shifted(const float* s, float shift, int64_t n, float* out) {
   for (int64_t j = 0; j < n; ++j) {
     const float x = s[j] - shift;
     const float xc = x < -87.0f ? -87.0f : x;
