@@ -1,7 +1,10 @@
 """Consistency-model losses, fused: pseudo-Huber (iCT/ECT), the sCM objective and MeanFlow.
 
-Each forward is one streaming pass over the inputs plus a one-program per-sample epilogue;
-each backward is one elementwise pass writing the input gradient (see kernels/losses.py).
+Each forward is one pass over the inputs plus a one-program per-sample epilogue; each backward
+is one elementwise pass writing the input gradient (see kernels/losses.py). When the input that
+receives gradient requires it and grad mode is on, the sCM forward (samples of up to 8192
+elements) and the MeanFlow forward (float32, float64) also save their per-element residual, so
+that the backward reads that one tensor instead of all the inputs.
 """
 
 import math
@@ -35,8 +38,11 @@ def _fake_huber_backward(grad_out, input, target, weight, stats, reduction, need
 
 
 def _fake_scm_forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c,
-                      tangent_norm, reduction):
-    return _loss_like(F, reduction), _stats_like(F, 3)
+                      tangent_norm, reduction, save_residual):
+    from .kernels.losses import scm_saves_residual
+
+    residual = _stats_like(F, 1).new_empty(F.shape) if scm_saves_residual(F, save_residual) else F.new_empty(0)
+    return _loss_like(F, reduction), _stats_like(F, 3), residual
 
 
 def _fake_scm_backward(grad_out, F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data, reduction):
@@ -47,12 +53,19 @@ def _fake_scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, r, sigma_data, tangent_norm
     return torch.empty_like(F_minus)
 
 
-def _fake_meanflow_forward(u, v, dudt, t, r, eps, p, reduction):
-    return _loss_like(u, reduction), _stats_like(u, 1)[0]
+def _fake_meanflow_forward(u, v, dudt, t, r, eps, p, reduction, save_residual):
+    from .kernels.losses import meanflow_saves_residual
+
+    residual = _stats_like(u, 1).new_empty(u.shape) if meanflow_saves_residual(u, save_residual) else u.new_empty(0)
+    return _loss_like(u, reduction), _stats_like(u, 1)[0], residual
 
 
 def _fake_meanflow_backward(grad_out, u, v, dudt, t, r, inv_weight, reduction):
     return torch.empty_like(u)
+
+
+def _fake_residual_backward(grad_out, residual, coef, coef_scale, reduction, dtype):
+    return residual.new_empty(residual.shape, dtype=dtype)
 
 
 _ops = kernel_ops("losses", {
@@ -60,8 +73,14 @@ _ops = kernel_ops("losses", {
         ("pseudo_huber_forward", _fake_huber_forward), ("pseudo_huber_backward", _fake_huber_backward),
         ("scm_forward", _fake_scm_forward), ("scm_backward", _fake_scm_backward),
         ("scm_tangent", _fake_scm_tangent), ("meanflow_forward", _fake_meanflow_forward),
-        ("meanflow_backward", _fake_meanflow_backward))
+        ("meanflow_backward", _fake_meanflow_backward), ("residual_backward", _fake_residual_backward))
 })
+
+
+def _wants_residual(x) -> bool:
+    """Whether the forward may also write the residual for the backward (the kernels decide where it
+    pays): x, the input that receives gradient, will get one. Otherwise nothing per element is written."""
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def _differentiable(*tensors) -> bool:
@@ -178,20 +197,20 @@ def _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, 
 class _ScmLoss(torch.autograd.Function):
     @staticmethod
     def forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c, tangent_norm,
-                reduction):
+                reduction, save_residual):
         return _ops.scm_forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c,
-                                tangent_norm, reduction)
+                                tangent_norm, reduction, save_residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.options = inputs[9:]
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(*inputs[:9], output[1])
+        ctx.options = inputs[9:13]
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(*inputs[:9], output[1], output[2])
         ctx.save_for_forward(*inputs[:9], output[1])
 
     @staticmethod
-    def backward(ctx, grad_out, _):
-        F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, stats = ctx.saved_tensors
+    def backward(ctx, grad_out, *_):
+        F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, stats, residual = ctx.saved_tensors
         sigma_data, tangent_norm_c, tangent_norm, reduction = ctx.options
         need_F, need_logvar = ctx.needs_input_grad[0], ctx.needs_input_grad[8]
         upstream = _per_sample_upstream(grad_out, reduction, F.shape[0], stats.dtype)
@@ -201,10 +220,15 @@ class _ScmLoss(torch.autograd.Function):
             grad_F = (view_per_sample(upstream, per_element) * per_element).to(F.dtype) if need_F else None
             grad_logvar = upstream * logvar_grad if need_logvar else None
         else:
-            grad_F = _ops.scm_backward(grad_out, F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data,
-                                       reduction) if need_F else None
+            grad_F = None
+            if need_F and residual.numel():
+                grad_F = _ops.residual_backward(grad_out, residual, stats[1], 2.0 / F[0].numel(), reduction,
+                                               F.dtype)
+            elif need_F:
+                grad_F = _ops.scm_backward(grad_out, F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data,
+                                           reduction)
             grad_logvar = upstream * (1.0 - stats[1] * stats[2]) if need_logvar else None
-        return (grad_F, None, None, None, None, None, None, None, grad_logvar, None, None, None, None)
+        return (grad_F, None, None, None, None, None, None, None, grad_logvar, None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, F_t, _F_minus_t, _F_jvp_t, _x_t_t, _dx_dt_t, _t_t, _r_t, _weight_t, logvar_t, *_):
@@ -222,7 +246,7 @@ class _ScmLoss(torch.autograd.Function):
             loss_t = loss_t + _dot(per_element, F_t)
         if logvar_t is not None:
             loss_t = loss_t + logvar_t * logvar_grad
-        return _reduce(loss_t, reduction, F.dtype), None
+        return _reduce(loss_t, reduction, F.dtype), None, None
 
 
 # ---------------------------------------------------------------- MeanFlow
@@ -236,27 +260,29 @@ def _meanflow_per_element(u, v, dudt, t, r, eps, p):
 
 class _MeanFlowLoss(torch.autograd.Function):
     @staticmethod
-    def forward(u, v, dudt, t, r, eps, p, reduction):
-        return _ops.meanflow_forward(u, v, dudt, t, r, eps, p, reduction)
+    def forward(u, v, dudt, t, r, eps, p, reduction, save_residual):
+        return _ops.meanflow_forward(u, v, dudt, t, r, eps, p, reduction, save_residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.options = inputs[5:]
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(*inputs[:5], output[1])
+        ctx.options = inputs[5:8]
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(*inputs[:5], output[1], output[2])
         ctx.save_for_forward(*inputs[:5], output[1])
 
     @staticmethod
-    def backward(ctx, grad_out, _):
-        u, v, dudt, t, r, inv_weight = ctx.saved_tensors
+    def backward(ctx, grad_out, *_):
+        u, v, dudt, t, r, inv_weight, residual = ctx.saved_tensors
         eps, p, reduction = ctx.options
         if _differentiable(u, grad_out):
             upstream = _per_sample_upstream(grad_out, reduction, u.shape[0], t.dtype)
             per_element = _meanflow_per_element(u, v, dudt, t, r, eps, p)
             grad_u = (view_per_sample(upstream, per_element) * per_element).to(u.dtype)
+        elif residual.numel():
+            grad_u = _ops.residual_backward(grad_out, residual, inv_weight, 2.0, reduction, u.dtype)
         else:
             grad_u = _ops.meanflow_backward(grad_out, u, v, dudt, t, r, inv_weight, reduction)
-        return grad_u, None, None, None, None, None, None, None
+        return grad_u, None, None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, u_t, *_):
@@ -267,7 +293,7 @@ class _MeanFlowLoss(torch.autograd.Function):
         else:
             per_element = _ops.meanflow_backward(_ones(u), u, v, dudt, t, r, inv_weight, "none").to(t.dtype)
         loss_t = _dot(per_element, u_t) if u_t is not None else torch.zeros_like(t)
-        return _reduce(loss_t, reduction, u.dtype), None
+        return _reduce(loss_t, reduction, u.dtype), None, None
 
 
 # ---------------------------------------------------------------- checks and public functions
@@ -379,8 +405,13 @@ def scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent
     Returns: the loss in F's dtype, computed in float32 (float64 for float64).
     Gradients (and forward-mode tangents) flow to F and logvar only; every other input is
     stop-gradient. ∂loss_b/∂F = 2·w_b·e^{−logvar_b}·(F − F⁻ − ĝ)/D, written in one pass.
-    The forward assembles ‖F − F⁻ − ĝ‖² from ‖F − F⁻‖², ⟨F − F⁻, g⟩ and ‖g‖² (exact when F⁻ = F;
-    when F − F⁻ ≈ ĝ its absolute error is about the dtype's epsilon times ‖F − F⁻‖²/D).
+    Memory: when F requires grad (grad mode on) and a sample has at most 8192 elements (4096 for
+    float64), the forward holds each sample on chip and also writes the residual F − F⁻ − ĝ, one
+    extra tensor of F's shape in float32 (float64 for float64), kept until the backward; the
+    backward then reads only it. Otherwise nothing per element is saved and the backward re-reads
+    the five inputs, and the forward assembles ‖F − F⁻ − ĝ‖² from ‖F − F⁻‖², ⟨F − F⁻, g⟩ and ‖g‖²
+    (exact when F⁻ = F; when F − F⁻ ≈ ĝ its absolute error is about the dtype's epsilon times
+    ‖F − F⁻‖²/D).
     """
     op = "scm_loss"
     _check_inputs(op, (("F", F), ("F_minus", F_minus), ("F_jvp", F_jvp), ("x_t", x_t), ("dx_dt", dx_dt)))
@@ -394,7 +425,7 @@ def scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent
                                   logvar=logvar_b, reduction=reduction)
     stop_gradient = (v.detach().contiguous() for v in (F_minus, F_jvp, x_t, dx_dt))
     return _ScmLoss.apply(F.contiguous(), *stop_gradient, t_b, r_b, weight_b, logvar_b, float(sigma_data),
-                          float(tangent_norm_c), tangent_norm, reduction)[0]
+                          float(tangent_norm_c), tangent_norm, reduction, _wants_residual(F))[0]
 
 
 def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
@@ -413,6 +444,10 @@ def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
     Returns: the loss in u's dtype, computed in float32 (float64 for float64).
     Gradients and forward-mode tangents flow to u only: ∂loss_b/∂u = 2·(u − u_tgt)/(L_b + ε)^p,
     written in one pass.
+    Memory: for float32/float64 u that requires grad (grad mode on), the forward also writes
+    u − u_tgt, one extra tensor of u's shape and dtype kept until the backward, which then reads
+    only it. For bf16/fp16 (whose residual would be kept in float32 and cost more bytes than it
+    saves) and without grad, nothing per element is saved and the backward re-reads u, v, du/dt.
     """
     op = "meanflow_loss"
     _check_inputs(op, (("u", u), ("v", v), ("dudt", dudt)))
@@ -424,7 +459,7 @@ def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
     if select_backend(op, u.device) == "reference":
         return reference.meanflow_loss(u, v, dudt, t_b, r_b, eps=eps, p=p, reduction=reduction)
     return _MeanFlowLoss.apply(u.contiguous(), v.detach().contiguous(), dudt.detach().contiguous(), t_b, r_b,
-                               float(eps), float(p), reduction)[0]
+                               float(eps), float(p), reduction, _wants_residual(u))[0]
 
 
 __all__ = ["pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss"]

@@ -5,12 +5,26 @@ contiguous (B,) tensors in the compute dtype. A forward is one streaming pass: a
 (chunk, sample) programs, each looping over `blocks_per_chunk` blocks of one sample and writing
 its partial per-sample sums, then a one-program epilogue that adds the partials in a fixed order
 (deterministic, no atomics), evaluates the per-sample loss, saves the few per-sample numbers the
-backward needs and applies the batch reduction. A backward is one elementwise pass that
-rebuilds the per-element term from the inputs and those saved per-sample numbers.
+backward needs and applies the batch reduction.
 
-The sCM loss needs ‖F − F⁻ − g/(‖g‖+c)‖², whose normalisation is known only once ‖g‖ is. It is
-assembled from three sums taken in the same pass, ‖Δ‖², ⟨Δ,g⟩ and ‖g‖² (Δ = F − F⁻), so the
-inputs are read once; in the usual sCM setting F⁻ is F detached, Δ = 0 and the expansion is exact.
+Backward, two designs. Without a saved tensor, one elementwise pass rebuilds the per-element term
+from all the inputs and those per-sample numbers (pseudo-Huber; the fallbacks below). When the
+forward saved the per-element residual (one N-element tensor), the backward reads only that
+residual: grad = G_b·coef_b·residual, one read and one write. The residual is kept in the compute
+dtype: a 16-bit residual would round the gradient twice (residual, then output), up to twice the
+dtype's tolerance. So it is saved only where its write + read costs fewer bytes than the k inputs
+the backward would otherwise re-read (residual_pays): sCM (k = 5) in every dtype, MeanFlow (k = 3)
+in float32 and float64 but not bf16/fp16 (8 bytes written and read against 6 re-read).
+
+MeanFlow saves e = u − u_tgt from its streaming pass: e does not depend on the per-sample weight.
+
+The sCM residual F − F⁻ − g/(‖g‖+c) does depend on the per-sample ‖g‖, so it can only be written
+once the sample's reduction is done. Where a sample fits on chip (SCM_ON_CHIP_ELEMENTS), one
+program holds the whole sample in registers: it loads the five inputs once, reduces ‖g‖², and
+writes the final residual from registers. Larger samples use the streaming pass, which assembles
+‖F − F⁻ − ĝ‖² from ‖Δ‖², ⟨Δ,g⟩ and ‖g‖² (Δ = F − F⁻) so the inputs are read once, and a backward
+that re-reads all five inputs; in the usual sCM setting F⁻ is F detached, Δ = 0 and the expansion
+is exact.
 
 The upstream gradient is a 0-d tensor (mean, sum) or a (B,) tensor (none), read with its stride
 (0 for a scalar) and multiplied by `grad_scale` (1/B for mean).
@@ -28,6 +42,12 @@ NUM_WARPS = 8
 # when the samples are large enough.
 TARGET_PROGRAMS = 1024
 EPILOGUE_TILE = 2048
+# Largest sCM sample (elements) held in one program's registers: at the launch's 16 warps the five
+# inputs then take 80 and the two live fp32 arrays (Δ, g) 32 of a thread's 128 registers. Halved
+# for float64. A 4x128x128 sample (64K fp32 elements, 512 KiB for Δ and g) would not fit even in an
+# SM's whole register file (256 KiB) or shared memory (228 KiB).
+SCM_ON_CHIP_ELEMENTS = 8192
+ON_CHIP_NUM_WARPS = 16
 TANGENT_NORM_IDS = {"none": 0, "l2": 1, "rms": 2}
 REDUCTION_IDS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -64,6 +84,20 @@ def _sum_partials(partial_ptr, rows, row_mask, n_chunks, BLOCK_C: tl.constexpr):
     cols = tl.arange(0, BLOCK_C)
     mask = row_mask[:, None] & (cols[None, :] < n_chunks)
     return tl.sum(tl.load(partial_ptr + rows[:, None] * n_chunks + cols[None, :], mask=mask, other=0.0), axis=1)
+
+
+@triton.jit
+def _residual_bwd_kernel(residual_ptr, grad_ptr, grad_stride, grad_scale, coef_ptr, grad_x_ptr, per_sample,
+                         blocks_per_chunk, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """grad = G_b·grad_scale·coef_b·residual: the backward of a loss whose forward saved its residual."""
+    chunk = tl.program_id(0)
+    sample = tl.program_id(1)
+    base = sample.to(tl.int64) * per_sample
+    coef = _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE) * tl.load(coef_ptr + sample)
+    for i in range(blocks_per_chunk):
+        cols, mask = _chunk_columns(chunk * blocks_per_chunk + i, per_sample, BLOCK_SIZE)
+        residual = tl.load(residual_ptr + base + cols, mask=mask).to(COMPUTE)
+        tl.store(grad_x_ptr + base + cols, (coef * residual).to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- pseudo-Huber
@@ -170,6 +204,26 @@ def _scm_partial_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, g
 
 
 @triton.jit
+def _scm_on_chip_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, gg_ptr, rr_ptr, residual_ptr,
+                        per_sample, sigma_data, tangent_norm_c, TANGENT_NORM: tl.constexpr, COMPUTE: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr):
+    """One program per sample, the whole sample in registers: writes ‖g‖², ‖F − F⁻ − ĝ‖² and the
+    residual F − F⁻ − ĝ itself, which needs ‖g‖ first and so cannot be streamed out."""
+    sample = tl.program_id(0)
+    base = sample.to(tl.int64) * per_sample
+    t = tl.load(t_ptr + sample)
+    cols, mask = _chunk_columns(0, per_sample, BLOCK_SIZE)
+    g, f_minus = _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, base + cols, mask, tl.cos(t), tl.sin(t),
+                                    tl.load(r_ptr + sample), sigma_data, COMPUTE)
+    delta = tl.load(f_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE) - f_minus
+    gg = tl.sum(g * g, axis=0)
+    residual = delta - _scm_norm_scale(gg, per_sample, tangent_norm_c, TANGENT_NORM) * g
+    tl.store(residual_ptr + base + cols, residual.to(residual_ptr.dtype.element_ty), mask=mask)
+    tl.store(gg_ptr + sample, gg)
+    tl.store(rr_ptr + sample, tl.sum(residual * residual, axis=0))
+
+
+@triton.jit
 def _scm_norm_scale(gg, per_sample, tangent_norm_c, TANGENT_NORM: tl.constexpr):
     """k with ĝ = k·g: 1/(‖g‖ + c) (l2), 1/(‖g‖/√D + c) (rms), 1 (none)."""
     if TANGENT_NORM == 0:
@@ -182,19 +236,23 @@ def _scm_norm_scale(gg, per_sample, tangent_norm_c, TANGENT_NORM: tl.constexpr):
 @triton.jit
 def _scm_epilogue_kernel(gg_ptr, dg_ptr, dd_ptr, weight_ptr, logvar_ptr, stats_ptr, out_ptr, batch, n_chunks,
                          per_sample, tangent_norm_c, HAS_WEIGHT: tl.constexpr, HAS_LOGVAR: tl.constexpr,
-                         TANGENT_NORM: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """stats rows: 0 k (ĝ = k·g), 1 scale = w·e^{−logvar}, 2 mse = ‖Δ − ĝ‖²/D."""
+                         RESIDUAL_SUM: tl.constexpr, TANGENT_NORM: tl.constexpr, REDUCTION: tl.constexpr,
+                         COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """stats rows: 0 k (ĝ = k·g), 1 scale = w·e^{−logvar}, 2 mse = ‖Δ − ĝ‖²/D.
+    RESIDUAL_SUM: dd already holds ‖Δ − ĝ‖² (the on-chip pass); dg is not read."""
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         row_mask = rows < batch
         gg = _sum_partials(gg_ptr, rows, row_mask, n_chunks, BLOCK_C)
-        dg = _sum_partials(dg_ptr, rows, row_mask, n_chunks, BLOCK_C)
         dd = _sum_partials(dd_ptr, rows, row_mask, n_chunks, BLOCK_C)
         k = _scm_norm_scale(gg, per_sample, tangent_norm_c, TANGENT_NORM)
-        # ‖Δ − k·g‖² ≥ 0; the clamp only removes rounding below zero when Δ ≈ ĝ.
-        mse = tl.maximum(dd - 2.0 * k * dg + k * k * gg, 0.0) / per_sample
+        if RESIDUAL_SUM:
+            mse = dd / per_sample
+        else:
+            dg = _sum_partials(dg_ptr, rows, row_mask, n_chunks, BLOCK_C)
+            # ‖Δ − k·g‖² ≥ 0; the clamp only removes rounding below zero when Δ ≈ ĝ.
+            mse = tl.maximum(dd - 2.0 * k * dg + k * k * gg, 0.0) / per_sample
         scale = tl.zeros([BLOCK_B], dtype=COMPUTE) + 1.0
         if HAS_WEIGHT:
             scale = tl.load(weight_ptr + rows, mask=row_mask, other=0.0)
@@ -260,8 +318,9 @@ def _meanflow_error_block(u_ptr, v_ptr, dudt_ptr, offsets, mask, t_minus_r, COMP
 
 
 @triton.jit
-def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, per_sample, blocks_per_chunk,
-                             COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, residual_ptr, per_sample,
+                             blocks_per_chunk, SAVE_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr):
     chunk = tl.program_id(0)
     sample = tl.program_id(1)
     base = sample.to(tl.int64) * per_sample
@@ -271,6 +330,8 @@ def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, 
         cols, mask = _chunk_columns(chunk * blocks_per_chunk + i, per_sample, BLOCK_SIZE)
         error = _meanflow_error_block(u_ptr, v_ptr, dudt_ptr, base + cols, mask, t_minus_r, COMPUTE)
         acc += error * error
+        if SAVE_RESIDUAL:
+            tl.store(residual_ptr + base + cols, error.to(residual_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + sample * tl.num_programs(0) + chunk, tl.sum(acc, axis=0))
 
 
@@ -382,22 +443,53 @@ def _scm_partials(F: Optional[torch.Tensor], F_minus: torch.Tensor, F_jvp: torch
     return (gg, dg, dd), n_chunks
 
 
+def residual_pays(x: torch.Tensor, inputs_reread: int) -> bool:
+    """Whether a residual saved in the compute dtype (written once, read once) moves fewer bytes than
+    a backward that re-reads `inputs_reread` inputs shaped and typed like x."""
+    return 2 * _stats_dtype(x).itemsize < inputs_reread * x.element_size()
+
+
+def scm_saves_residual(x: torch.Tensor, save_residual: bool) -> bool:
+    """Whether scm_forward saves the residual: asked to, it pays, and one sample of x fits in a
+    program's registers."""
+    on_chip = x.numel() // x.shape[0] <= SCM_ON_CHIP_ELEMENTS // (2 if x.dtype == torch.float64 else 1)
+    return save_residual and on_chip and residual_pays(x, 5)
+
+
+def meanflow_saves_residual(x: torch.Tensor, save_residual: bool) -> bool:
+    return save_residual and residual_pays(x, 3)
+
+
 def scm_forward(F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor,
                 dx_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor],
                 logvar: Optional[torch.Tensor], sigma_data: float, tangent_norm_c: float, tangent_norm: str,
-                reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                reduction: str, save_residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All per-element inputs contiguous (B, ...); t, r (and weight, logvar): (B,). Returns
-    (loss, stats) with stats = [k; w·e^{−logvar}; ‖F − F⁻ − k·g‖²/D], shape (3, B)."""
+    (loss, stats, residual) with stats = [k; w·e^{−logvar}; ‖F − F⁻ − k·g‖²/D], shape (3, B), and
+    residual = F − F⁻ − ĝ in the compute dtype where scm_saves_residual(F, save_residual), otherwise an
+    empty (0,) tensor (the inputs are then streamed and nothing per-element is written)."""
     batch, per_sample, _, _, _, compute = _geometry(F)
-    (gg, dg, dd), n_chunks = _scm_partials(F, F_minus, F_jvp, x_t, dx_dt, t, r, sigma_data)
+    on_chip = scm_saves_residual(F, save_residual)
+    if on_chip:
+        sums = torch.empty((2, batch, 1), dtype=_stats_dtype(F), device=F.device)
+        (gg, dd), dg, n_chunks = sums, sums[1], 1
+        residual = torch.empty(F.shape, dtype=_stats_dtype(F), device=F.device)
+        block = max(triton.next_power_of_2(per_sample), 16)
+        _scm_on_chip_kernel[(batch,)](
+            F, F_minus, F_jvp, x_t, dx_dt, t, r, gg, dd, residual, per_sample, float(sigma_data),
+            float(tangent_norm_c), TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm], COMPUTE=compute, BLOCK_SIZE=block,
+            num_warps=max(1, min(ON_CHIP_NUM_WARPS, block // 512)))
+    else:
+        (gg, dg, dd), n_chunks = _scm_partials(F, F_minus, F_jvp, x_t, dx_dt, t, r, sigma_data)
+        residual = F.new_empty(0)
     stats = torch.empty((3, batch), dtype=_stats_dtype(F), device=F.device)
     out = _loss_output(F, reduction)
     _scm_epilogue_kernel[(1,)](
         gg, dg, dd, stats if weight is None else weight, stats if logvar is None else logvar, stats, out, batch,
         n_chunks, per_sample, float(tangent_norm_c), HAS_WEIGHT=weight is not None, HAS_LOGVAR=logvar is not None,
-        TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm], REDUCTION=REDUCTION_IDS[reduction], COMPUTE=compute,
-        **_epilogue_tiles(batch, n_chunks))
-    return out, stats
+        RESIDUAL_SUM=on_chip, TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm], REDUCTION=REDUCTION_IDS[reduction],
+        COMPUTE=compute, **_epilogue_tiles(batch, n_chunks))
+    return out, stats, residual
 
 
 def scm_backward(grad_out: torch.Tensor, F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor,
@@ -435,18 +527,24 @@ def scm_tangent(F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor, d
 
 
 def meanflow_forward(u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-                     eps: float, p: float, reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss, inv_weight) with inv_weight_b = (L_b + ε)^{−p}, shape (B,)."""
+                     eps: float, p: float, reduction: str,
+                     save_residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, inv_weight, residual) with inv_weight_b = (L_b + ε)^{−p}, shape (B,), and
+    residual = u − u_tgt in the compute dtype, written by the same pass, where
+    meanflow_saves_residual(u, save_residual) (else an empty (0,) tensor)."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(u)
     partials = torch.empty((batch, n_chunks), dtype=_stats_dtype(u), device=u.device)
     inv_weight = torch.empty((batch,), dtype=_stats_dtype(u), device=u.device)
+    save = meanflow_saves_residual(u, save_residual)
+    residual = torch.empty(u.shape, dtype=_stats_dtype(u), device=u.device) if save else u.new_empty(0)
     out = _loss_output(u, reduction)
-    _meanflow_partial_kernel[(n_chunks, batch)](u, v, dudt, t, r, partials, per_sample, blocks_per_chunk,
+    _meanflow_partial_kernel[(n_chunks, batch)](u, v, dudt, t, r, partials, residual if save else partials,
+                                                per_sample, blocks_per_chunk, SAVE_RESIDUAL=save,
                                                 COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
     _meanflow_epilogue_kernel[(1,)](partials, inv_weight, out, batch, n_chunks, float(eps), float(p),
                                     REDUCTION=REDUCTION_IDS[reduction], COMPUTE=compute,
                                     **_epilogue_tiles(batch, n_chunks))
-    return out, inv_weight
+    return out, inv_weight, residual
 
 
 def meanflow_backward(grad_out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor,
@@ -459,3 +557,16 @@ def meanflow_backward(grad_out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
                                             grad_u, per_sample, blocks_per_chunk, COMPUTE=compute,
                                             BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return grad_u
+
+
+def residual_backward(grad_out: torch.Tensor, residual: torch.Tensor, coef: torch.Tensor, coef_scale: float,
+                      reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """grad = G_b·coef_scale·coef_b·residual from a residual saved by the forward (coef: (B,)), one
+    read and one write; returned in `dtype` (the loss input's)."""
+    batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(residual)
+    grad = torch.empty(residual.shape, dtype=dtype, device=residual.device)
+    grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
+    _residual_bwd_kernel[(n_chunks, batch)](residual, grad_out, grad_stride, grad_scale * coef_scale, coef, grad,
+                                            per_sample, blocks_per_chunk, COMPUTE=compute, BLOCK_SIZE=block,
+                                            num_warps=NUM_WARPS)
+    return grad
