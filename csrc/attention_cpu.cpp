@@ -25,10 +25,10 @@
 namespace fastcm {
 namespace {
 
-// 64 x 128 float tiles: one score tile is 32 KiB, and the working set of a JVP step (scores,
+// 128 x 128 float tiles: one score tile is 64 KiB, and the working set of a JVP step (scores,
 // score tangents, [p | h], packed K and V tiles) stays inside a 1 MiB L2 while each GEMM is
-// large enough (~1 MFLOP) that its call overhead is a few percent.
-constexpr int64_t kBlockQ = 64;
+// large enough (~2 MFLOP) that its call overhead (about a microsecond) is a few percent.
+constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 128;
 
 template <typename scalar_t>
