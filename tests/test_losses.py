@@ -18,10 +18,12 @@ SHAPES = [(1, 5), (3, 3, 37), (7, 2, 5, 9)]  # B = 1, 3, 7; D = 5, 111, 90: neve
 @pytest.fixture(params=["default blocks", "small blocks"])
 def geometry(request, monkeypatch):
     """Also run with 32-element blocks and few programs, so that the per-program block loop, several
-    chunks per sample and a partial last block are exercised on test-sized samples."""
+    chunks per sample and a partial last block are exercised on test-sized samples; and with a
+    64-element sCM on-chip limit, so that test-sized samples above it take the streaming fallback."""
     if request.param == "small blocks":
         monkeypatch.setattr(launchers, "BLOCK", 32)
         monkeypatch.setattr(launchers, "TARGET_PROGRAMS", 4)
+        monkeypatch.setattr(launchers, "SCM_ON_CHIP_ELEMENTS", 64)
     return request.param
 
 
@@ -232,6 +234,85 @@ def test_meanflow_loss_matches_reference(dtype, shape, reduction, geometry, back
     _check_against_reference(lambda **kw: losses.meanflow_loss(**kw, reduction=reduction),
                              lambda **kw: reference.meanflow_loss(**kw, reduction=reduction),
                              inputs, ["u"], dtype, reduction, scale)
+
+
+# ------------------------------------------------------------------ saved residual
+
+def _spy_forward(monkeypatch, name):
+    """Record, per call of the forward launcher `name`, (save_residual asked, residual elements saved)."""
+    calls, real = [], getattr(losses._ops, name)
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((args[-1], out[2].numel()))
+        return out
+    monkeypatch.setattr(losses._ops, name, spy)
+    return calls
+
+
+def _scm_residual64(inputs):
+    """F − F⁻ − ĝ of the reference in float64 on the same inputs."""
+    x = {k: to64(v) for k, v in inputs.items()}
+    g_hat = reference.scm_tangent(x["F_minus"], x["F_jvp"], x["x_t"], x["dx_dt"], x["t"], r=x["r"])
+    return x["F"].detach() - x["F_minus"] - g_hat
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES + (F64,))
+@pytest.mark.parametrize("path", ["on chip", "streamed"])
+def test_scm_saved_residual_and_no_grad_paths_match_reference(dtype, path, monkeypatch, backend):
+    """With grad, the forward saves F − F⁻ − ĝ (compute dtype) where a sample fits on chip and the
+    backward reads it; larger samples stream and save nothing. Without grad nothing is saved."""
+    backend("triton")
+    monkeypatch.setattr(launchers, "SCM_ON_CHIP_ELEMENTS", 256 if path == "on chip" else 64)
+    calls = _spy_forward(monkeypatch, "scm_forward")
+    shape = (3, 3, 37)
+    inputs = _scm_inputs(shape, dtype)
+    _check_against_reference(lambda **kw: losses.scm_loss(**kw), lambda **kw: reference.scm_loss(**kw),
+                             inputs, ["F", "logvar"], dtype, "mean", _per_sample_numel(shape) / 2)
+    with poisoned_empty():
+        residual = launchers.scm_forward(*(inputs[k].detach() for k in ("F", "F_minus", "F_jvp", "x_t", "dx_dt")),
+                                         *(v.to(launchers._stats_dtype(inputs["F"])) for v in (inputs["t"],
+                                                                                             inputs["r"])),
+                                         None, None, 0.5, 0.1, "l2", "mean", True)[2]
+    if path == "on chip":
+        assert residual.dtype == (F64 if dtype == F64 else torch.float32)
+        assert_close(residual, _scm_residual64(inputs), dtype, name="residual")
+    else:
+        assert residual.numel() == 0
+    with torch.no_grad(), poisoned_empty():
+        out = losses.scm_loss(**inputs, reduction="none")
+    assert_close(out, reference.scm_loss(**{k: to64(v) for k, v in inputs.items()}, reduction="none"), dtype)
+    saved = math.prod(shape) if path == "on chip" else 0
+    assert calls == [(True, saved), (False, 0)], calls
+
+
+def test_scm_residual_saved_only_for_a_gradient_of_F(monkeypatch, backend):
+    backend("triton")
+    calls = _spy_forward(monkeypatch, "scm_forward")
+    inputs = _scm_inputs((2, 7), torch.float32)
+    inputs["F"] = inputs["F"].detach()
+    loss = losses.scm_loss(**inputs)
+    torch.autograd.grad(loss, inputs["logvar"])
+    assert calls == [(False, 0)], calls
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES + (F64,))
+def test_meanflow_saved_residual_and_no_grad_paths_match_reference(dtype, monkeypatch, backend):
+    """float32/float64: the forward saves u − u_tgt and the backward reads it; bf16/fp16 save
+    nothing (a float32 residual would move more bytes than the re-read). No grad: nothing saved."""
+    backend("triton")
+    calls = _spy_forward(monkeypatch, "meanflow_forward")
+    shape = (3, 3, 37)
+    t = torch.rand(3, dtype=F64, device=DEVICE)
+    inputs = {"u": randn(*shape, dtype=dtype, requires_grad=True), "v": randn(*shape, dtype=dtype),
+              "dudt": randn(*shape, dtype=dtype), "t": t, "r": t * torch.rand(3, dtype=F64, device=DEVICE)}
+    _check_against_reference(losses.meanflow_loss, reference.meanflow_loss, inputs, ["u"], dtype, "mean",
+                             (3.0 * _per_sample_numel(shape)) ** 0.75 / 2)
+    with torch.no_grad(), poisoned_empty():
+        out = losses.meanflow_loss(**inputs, reduction="none")
+    assert_close(out, reference.meanflow_loss(**{k: to64(v) for k, v in inputs.items()}, reduction="none"), dtype)
+    saved = math.prod(shape) if dtype in (torch.float32, F64) else 0
+    assert calls == [(True, saved), (False, 0)], calls
 
 
 # ------------------------------------------------------------------ jvp and double backward
