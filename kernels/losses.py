@@ -11,8 +11,9 @@ Backward, two designs. Without a saved tensor, one elementwise pass rebuilds the
 from all the inputs and those per-sample numbers (pseudo-Huber; the fallbacks below). When the
 forward saved the per-element residual (one N-element tensor), the backward reads only that
 residual: grad = G_b·coef_b·residual, one read and one write. The residual is kept in the compute
-dtype: a 16-bit residual would round the gradient twice (residual, then output), up to twice the
-dtype's tolerance. So it is saved only where its write + read costs fewer bytes than the k inputs
+dtype: a 16-bit residual would round the gradient twice (residual, then output), which can exceed
+the bf16/fp16 gradient tolerance (it does in the Triton interpreter, whose 16-bit stores round
+toward zero). So it is saved only where its write + read costs fewer bytes than the k inputs
 the backward would otherwise re-read (residual_pays): sCM (k = 5) in every dtype, MeanFlow (k = 3)
 in float32 and float64 but not bf16/fp16 (8 bytes written and read against 6 re-read).
 
@@ -457,6 +458,7 @@ def scm_saves_residual(x: torch.Tensor, save_residual: bool) -> bool:
 
 
 def meanflow_saves_residual(x: torch.Tensor, save_residual: bool) -> bool:
+    """Whether meanflow_forward saves the residual: asked to, and it pays."""
     return save_residual and residual_pays(x, 3)
 
 

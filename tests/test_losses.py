@@ -413,12 +413,13 @@ def test_bad_input(impl, call, error, words, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 def test_large_samples_match_reference_on_gpu(dtype, backend):
-    """The benchmark's per-sample size (64K elements, several chunks per sample at default geometry)."""
+    """The benchmark's per-sample size (64K elements, several chunks per sample at default geometry,
+    sCM streamed), and the largest sCM sample held on chip (8192 elements, 16 warps)."""
     backend("triton")
     shape = (5, 4, 128, 128)
     inputs = {"input": randn(*shape, dtype=dtype, requires_grad=True), "target": randn(*shape, dtype=dtype)}
     _check_against_reference(losses.pseudo_huber_loss, reference.pseudo_huber_loss, inputs, ["input"], dtype, "mean",
                              256.0)
-    scm_inputs = _scm_inputs(shape, dtype)
-    _check_against_reference(losses.scm_loss, reference.scm_loss, scm_inputs, ["F", "logvar"], dtype, "mean",
-                             _per_sample_numel(shape) / 2)
+    for scm_shape in (shape, (5, 2, 64, 64)):
+        _check_against_reference(losses.scm_loss, reference.scm_loss, _scm_inputs(scm_shape, dtype), ["F", "logvar"],
+                                 dtype, "mean", _per_sample_numel(scm_shape) / 2)
