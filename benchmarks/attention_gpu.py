@@ -10,7 +10,7 @@ unless --causal), times
 and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), time relative to the SDPA forward
 and peak memory above the inputs. Writes attention_gpu.json and attention_gpu.csv into --out.
 
-    python benchmarks/attention_gpu.py --out results_dir [--causal] [--quick]
+    python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick]
 """
 
 import argparse
@@ -24,55 +24,17 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .common import peak_memory_mb, time_ms
+
+DEVICE = torch.device("cuda")
 CONFIGS = [(1, 32, 64), (1, 16, 128)]          # (B, H, d)
 LENGTHS = [1024, 4096, 8192, 16384]
 
 
-def bench_ms(fn, warmup_ms=200, rep_ms=1000):
-    """Median milliseconds by CUDA events (triton.testing.do_bench when available)."""
-    try:
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except ImportError:
-        pass
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    once = max(start.elapsed_time(end), 1e-3)
-    n_warm, n_rep = max(1, int(warmup_ms / once)), max(5, int(rep_ms / once))
-    for _ in range(n_warm):
-        fn()
-    times = []
-    for _ in range(n_rep):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def peak_mib(fn):
-    """Peak allocated memory (MiB) during one call, above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
-
-
 def measure(name, fn, flops):
     try:
-        ms = bench_ms(fn)
-        mem = peak_mib(fn)
+        ms = time_ms(fn, DEVICE)
+        mem = peak_memory_mb(fn, DEVICE)
         return {"impl": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_mib": mem, "status": "ok"}
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -92,7 +54,7 @@ def main():
     parser.add_argument("--no-backward", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("attention_gpu.py needs a CUDA GPU; GPU figures need a GPU.")
+        sys.exit("benchmarks.attention_gpu needs a CUDA GPU; GPU figures need a GPU.")
 
     from fastcm._extension import extension_ops
     ops = extension_ops()
@@ -151,7 +113,7 @@ def main():
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+            "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python -m benchmarks.attention_gpu"] + sys.argv[1:])}
     with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "ms", "tflops", "vs_sdpa_fwd", "peak_mib", "status"]

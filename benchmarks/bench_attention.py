@@ -14,7 +14,7 @@ fa = importlib.import_module("fastcm.attention")
 from .common import Case, make_pytest_benchmark
 
 GPU_SHAPE = (4, 16, 2048, 64)
-CPU_SHAPE = (1, 4, 256, 64)
+CPU_SHAPES = ((1, 4, 256, 64), (1, 4, 1024, 64))
 
 
 def _math_sdpa(q, k, v):
@@ -60,9 +60,9 @@ def _cases_for(device, shape, dtype):
 
 
 def cases(device: torch.device, small: bool) -> list:
-    shape = CPU_SHAPE if small else GPU_SHAPE
-    dtypes = (torch.float32,) if device.type == "cpu" else (torch.bfloat16,)
-    return [case for dtype in dtypes for case in _cases_for(device, shape, dtype)]
+    shapes = CPU_SHAPES if small else (GPU_SHAPE,)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return [case for shape in shapes for case in _cases_for(device, shape, dtype)]
 
 
 test_attention = make_pytest_benchmark(cases)

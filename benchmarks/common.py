@@ -86,10 +86,54 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return statistics.median(samples)
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak device memory allocated during one call, above what was allocated before (GPU only)."""
-    if device.type != "cuda":
+_host_peak_tracking = False
+
+
+def track_host_peak_memory() -> bool:
+    """Make peak host memory measurable (Linux, glibc): tensors above 64 KiB get their own
+    mmap, so freeing one returns it to the OS and the resident-set high-water mark tracks
+    what is live. Call once, before timing, so every case runs under the same allocator."""
+    global _host_peak_tracking
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_trim_threshold = -3, -1
+        fixed = libc.mallopt(m_mmap_threshold, 64 * 2**10) and libc.mallopt(m_trim_threshold, 64 * 2**10)
+        _host_peak_tracking = bool(fixed) and _read_status_mb("VmHWM:") is not None
+    except (OSError, AttributeError):
+        _host_peak_tracking = False
+    return _host_peak_tracking
+
+
+def _read_status_mb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
+def _host_peak_mb(fn: Callable[[], object]) -> Optional[float]:
+    fn()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+    except OSError:
         return None
+    base = _read_status_mb("VmRSS:")
+    fn()
+    return _read_status_mb("VmHWM:") - base
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory allocated during one call, above what was allocated before: the CUDA
+    allocator's counters on GPU; on CPU the resident-set high-water mark (None unless
+    track_host_peak_memory() succeeded)."""
+    if device.type != "cuda":
+        return _host_peak_mb(fn) if _host_peak_tracking else None
     _synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)

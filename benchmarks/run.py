@@ -19,7 +19,7 @@ import sys
 import torch
 
 from .common import (bench_device, copy_bandwidth, input_sets_for, matmul_rate, peak_memory_mb,
-                     rotating, time_ms)
+                     rotating, time_ms, track_host_peak_memory)
 
 HERE = pathlib.Path(__file__).resolve().parent
 IMPLEMENTATIONS = ("eager", "compiled", "fastcm")
@@ -87,18 +87,26 @@ def run_case(case, device, bandwidth, compile_reference):
 
 def print_table(rows, env):
     print(f"\nfastcm benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
-    header = f"{'case':58s} {'eager':>9s} {'compile':>9s} {'fastcm':>9s} {'floor':>9s} {'fastcm/fl':>9s} {'eager/fl':>9s} {'comp/fl':>9s}"
+    header = (f"{'case':58s} {'eager':>9s} {'compile':>9s} {'fastcm':>9s} {'floor':>9s} {'fastcm/fl':>9s} "
+              f"{'eager/fl':>9s} {'comp/fl':>9s} {'eager MiB':>10s} {'fastcm MiB':>10s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         label = f"{r['family']}/{r['case']} {r['shape']} {r['dtype']}"
         print(f"{label[:58]:58s} {r['eager_ms']:9.4f} {r['compiled_ms']:9.4f} {r['fastcm_ms']:9.4f} {r['floor_ms']:9.4f} "
-              f"{r['fastcm_over_floor']:9.2f} {r['eager_over_floor']:9.2f} {r['compiled_over_floor']:9.2f}")
+              f"{r['fastcm_over_floor']:9.2f} {r['eager_over_floor']:9.2f} {r['compiled_over_floor']:9.2f} "
+              f"{_mib(r['eager_peak_mb']):>10s} {_mib(r['fastcm_peak_mb']):>10s}")
         for name in IMPLEMENTATIONS:
             error = r[f"{name}_error"]
             if error and error != "not run":
                 print(f"    {name} failed: {error}")
-    print("(times in ms, medians; floor = min bytes / copy bandwidth or FLOPs / matmul rate, measured in this run)")
+    print("(times in ms, medians; floor = min bytes / copy bandwidth or FLOPs / matmul rate, measured in this run;\n"
+          " MiB = peak memory of one call above what was allocated before it: CUDA allocator on GPU,\n"
+          " resident-set high-water mark on CPU)")
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def write_results(rows, env, out: pathlib.Path, plot: bool):
@@ -158,6 +166,8 @@ def main(argv=None):
     if small:
         print("No CUDA device: running small CPU cases (fastcm's CPU path is the reference or the C++ "
               "extension). GPU figures need a GPU: run this same command on one.")
+    if small and not track_host_peak_memory():
+        print("Peak host memory is not measurable here (needs Linux /proc and glibc): MiB columns are n/a.")
     bandwidth = copy_bandwidth(device)
     env["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")

@@ -65,7 +65,7 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   step "benchmark"
   BENCH_ARGS="--out $OUT/bench"
   [ "${QUICK_BENCH:-0}" = "1" ] && BENCH_ARGS="$BENCH_ARGS --quick"
-  timeout 280 python benchmarks/attention_gpu.py $BENCH_ARGS > "$OUT/bench.log" 2>&1 || status=1
+  timeout 280 python -m benchmarks.attention_gpu $BENCH_ARGS > "$OUT/bench.log" 2>&1 || status=1
   tail -30 "$OUT/bench.log"
 fi
 

@@ -1,0 +1,45 @@
+"""The benchmark harness measures what it says: host peak memory on CPU, and a CLI run that
+writes finite times and memory for every implementation it runs."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import common
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host peak memory reads /proc")
+
+
+@linux_only
+def test_host_peak_memory_sees_a_temporary_and_nothing_else():
+    assert common.track_host_peak_memory()
+    cpu = torch.device("cpu")
+    mib = 2**20
+
+    def temporary():
+        torch.ones(32 * mib // 4).sum()  # 32 MiB, written, then freed before returning
+
+    def nothing():
+        return None
+
+    peak = common.peak_memory_mb(temporary, cpu)
+    assert 30 <= peak <= 40, peak
+    assert common.peak_memory_mb(nothing, cpu) < 2
+
+
+def test_cli_writes_times_and_memory(tmp_path):
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, "-m", "benchmarks", "--families", "precondition", "--filter", "edm fwd+bwd",
+                    "--no-plot", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows and {row["case"] for row in rows} == {"edm fwd+bwd"}
+    for row in rows:
+        assert row["fastcm_ms"] > 0 and row["eager_ms"] > 0 and row["floor_ms"] > 0
+        assert row["fastcm_error"] is None and row["eager_error"] is None
+        if sys.platform.startswith("linux"):
+            assert row["fastcm_peak_mb"] is not None and row["fastcm_peak_mb"] >= 0
