@@ -87,10 +87,14 @@ def _reporter(op, total, progress, callback):
     return report
 
 
-def _check_x(op, x):
+def _prepare(op, name, values, x, progress, callback):
+    """Checks a loop's schedule and x; returns the schedule (floats), its (B,) level tensors and
+    the per-step reporter."""
+    schedule = _schedule(op, name, values)
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError(f"fastcm.{op}: x must be a tensor of shape (B, ...), got "
                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    return schedule, _levels(schedule, x), _reporter(op, len(schedule) - 1, progress, callback)
 
 
 def _run(op, loop, x, capture, progress, callback):
@@ -147,14 +151,10 @@ def sample_cm(denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None
     sigmas = karras_sigmas(40, append_zero=False)[ts]. x: (B, ...), x = σmax·randn.
     """
     op = "sample_cm"
-    schedule = _schedule(op, "sigmas", sigmas)
+    schedule, levels, report = _prepare(op, "sigmas", sigmas, x, progress, callback)
     if any(s < sigma_min for s in schedule[1:-1]):
         raise ValueError(f"fastcm.{op}: intermediate sigmas {schedule[1:-1]} must be >= sigma_min={sigma_min}")
     seed = _resolve_seed(op, seed, generator)
-    report = _reporter(op, len(schedule) - 1, progress, callback)
-
-    _check_x(op, x)
-    levels = _levels(schedule, x)
 
     renoise = lambda denoised, sigma_next, offset: steps.cm_step(  # noqa: E731
         denoised, sigma_next, sigma_min=sigma_min, seed=seed, offset=offset)
@@ -172,12 +172,8 @@ def sample_trigflow(denoiser, x, times, *, sigma_data=0.5, seed=None, generator=
     denoiser(x, t) returns the clean estimate (e.g. precondition(x, net(x/σd, t), t, param="trigflow")).
     """
     op = "sample_trigflow"
-    schedule = _schedule(op, "times", times)
+    schedule, levels, report = _prepare(op, "times", times, x, progress, callback)
     seed = _resolve_seed(op, seed, generator)
-    report = _reporter(op, len(schedule) - 1, progress, callback)
-
-    _check_x(op, x)
-    levels = _levels(schedule, x)
 
     renoise = lambda denoised, t_next, offset: steps.trigflow_step(  # noqa: E731
         denoised, t_next, sigma_data=sigma_data, seed=seed, offset=offset)
@@ -190,11 +186,7 @@ def sample_euler(denoiser, x, sigmas, *, capture=False, progress=False, callback
     """EDM Euler sampling of the probability-flow ODE over sigmas (e.g. karras_sigmas(n, append_zero=True)); returns x at
     the last level (x = D at σ = 0)."""
     op = "sample_euler"
-    schedule = _schedule(op, "sigmas", sigmas)
-    report = _reporter(op, len(schedule) - 1, progress, callback)
-
-    _check_x(op, x)
-    levels = _levels(schedule, x)
+    schedule, levels, report = _prepare(op, "sigmas", sigmas, x, progress, callback)
 
     def loop(x):
         for i in range(len(schedule) - 1):
@@ -211,11 +203,7 @@ def sample_heun(denoiser, x, sigmas, *, capture=False, progress=False, callback=
     """EDM Heun sampling (2nd order; Euler on the step to σ = 0): per step D = f(x, σ),
     x̃ = euler_step(...), D̃ = f(x̃, σ'), x = heun_step(x, D, σ, σ', denoised_next=D̃)."""
     op = "sample_heun"
-    schedule = _schedule(op, "sigmas", sigmas)
-    report = _reporter(op, len(schedule) - 1, progress, callback)
-
-    _check_x(op, x)
-    levels = _levels(schedule, x)
+    schedule, levels, report = _prepare(op, "sigmas", sigmas, x, progress, callback)
 
     def loop(x):
         for i in range(len(schedule) - 1):
@@ -237,11 +225,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, capture=False, progress=False, callb
     """DPM-Solver++(2M) sampling (k-diffusion sample_dpmpp_2m): first-order first step, then
     multistep with the previous D; returns x at the last level."""
     op = "sample_dpmpp_2m"
-    schedule = _schedule(op, "sigmas", sigmas)
-    report = _reporter(op, len(schedule) - 1, progress, callback)
-
-    _check_x(op, x)
-    levels = _levels(schedule, x)
+    schedule, levels, report = _prepare(op, "sigmas", sigmas, x, progress, callback)
 
     def loop(x):
         old_denoised = None
