@@ -8,8 +8,8 @@ Sampling takes 1 or 2 network calls (fastcm.trigflow_step re-noises between them
 
     python examples/scm_toy.py --plot samples.png    # 4000 steps, ~2 minutes on a 2-core CPU
 
-With the defaults (seed 0, CPU) the mean distance of a sample to the nearest mode is 0.086 in
-1 step and 0.081 in 2 steps, against 0.050 for the data itself and 0.32 for pure noise.
+With the defaults (seed 0, CPU) the mean distance of a sample to the nearest mode is 0.087 in
+1 step and 0.079 in 2 steps, against 0.051 for the data itself and 0.33 for Gaussian noise.
 """
 
 import argparse
@@ -19,40 +19,8 @@ import torch
 
 import fastcm
 from fastcm.schedules import scm_sample_t, tangent_warmup
+from toy import SIGMA_DATA, Net, evaluate, plot, sample_data
 
-SIGMA_DATA = 0.5
-MODES = 8
-RADIUS = 0.7
-MODE_STD = 0.04
-
-
-def sample_data(batch, generator=None, device="cpu"):
-    angle = 2 * math.pi * torch.randint(0, MODES, (batch,), generator=generator) / MODES
-    centers = RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-    return (centers + MODE_STD * torch.randn(batch, 2, generator=generator)).to(device)
-
-
-def distance_to_nearest_mode(points):
-    angle = 2 * math.pi * torch.arange(MODES, dtype=points.dtype, device=points.device) / MODES
-    centers = RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-    return torch.cdist(points, centers).min(dim=1).values
-
-
-class Net(torch.nn.Module):
-    """F_θ(x_in, t): an MLP on the input and Fourier features of the time."""
-
-    def __init__(self, width=128, frequencies=16):
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(frequencies) * 4.0)
-        self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(2 + 2 * frequencies, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, 2))
-
-    def forward(self, x_in, t):
-        phase = t.reshape(-1, 1) * self.freqs
-        return self.mlp(torch.cat([x_in, torch.sin(phase), torch.cos(phase)], dim=1))
 
 
 def consistency_function(net, x_t, t):
@@ -116,30 +84,12 @@ def main(argv=None):
             print(f"step {step:6d}  sCM loss {loss:.4f}")
 
     sample_sets = {"data": sample_data(4096, generator)}
-    results = {"noise": distance_to_nearest_mode(SIGMA_DATA * torch.randn(4096, 2, generator=generator)).mean().item(),
-               "data": distance_to_nearest_mode(sample_data(4096, generator)).mean().item()}
     for steps in (1, 2):
-        sample_sets[f"{steps}-step"] = sample(net, 4096, steps, generator, args.device).float().cpu()
-        results[f"{steps}-step"] = distance_to_nearest_mode(sample_sets[f"{steps}-step"]).mean().item()
-    print("mean distance to the nearest mode: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        sample_sets[f"{steps}-step"] = sample(net, 4096, steps, generator, args.device)
+    results = evaluate({k: v for k, v in sample_sets.items() if k != "data"}, generator)
     if args.plot:
         plot(sample_sets, results, args.plot)
     return results
-
-
-def plot(sample_sets, results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(sample_sets), figsize=(4 * len(sample_sets), 4), sharex=True, sharey=True)
-    for ax, (name, points) in zip(axes, sample_sets.items()):
-        ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.4)
-        ax.set_title(f"{name} (distance to mode {results[name]:.3f})", fontsize=9)
-        ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
-
 
 if __name__ == "__main__":
     main()
