@@ -1,0 +1,8 @@
+// Instantiations of the attention backward kernels for __half (one file per dtype: parallel builds).
+#include "attention_bwd_launch.cuh"
+
+namespace fastcm {
+namespace attn {
+template void launch_bwd_dispatch<__half>(const BwdParams& p, int kd, cudaStream_t stream);
+}  // namespace attn
+}  // namespace fastcm

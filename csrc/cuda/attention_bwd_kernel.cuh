@@ -1,0 +1,442 @@
+// Attention backward for sm_80 and later: dQ, dK, dV of O = softmax(scale·QKᵀ + bias)·V from the
+// saved LSE, FA2-style recomputation of P, tensor-core mma.sync m16n8k16, fp32 accumulators.
+//
+//   P  = exp(scale·QKᵀ + bias − LSE)       (0 where masked, and on rows with LSE = −inf)
+//   δ  = rowsum(dO ⊙ O)                    (kernel 1, fp32)
+//   dS = P ⊙ (dO·Vᵀ − δ);  dQ = scale·dS·K;  dK = scale·dSᵀ·Q;  dV = Pᵀ·dO
+// In base 2 with the forward's folding: P = 2^(s·scale·log2e + bias·log2e − LSE·log2e). The saved
+// LSE is natural-log (the forward writes (m + log2 ℓ)·ln2); a row with LSE = −inf is staged as
+// +inf so every P of it is 2^(−inf) = 0 without a branch.
+//
+// Three kernels, no atomics, deterministic (same bits every run, as the forward):
+//   delta: one warp per query row.
+//   dq:    one CTA per (b, h, 64 query rows), 4 warps × 16 rows; loops over key tiles
+//          (the forward's shape): S = Q·Kᵀ, dP = dO·Vᵀ, dS, dQ += dS·K.
+//   dkdv:  one CTA per (b, kv head, 64 keys), 4 warps × 16 keys; loops over the G query heads of
+//          the group and their query tiles: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
+//          GQA sums land in the same registers: no fp32 scratch, no reduction pass.
+// Why a separate dQ kernel instead of FA2's fp32 atomicAdd: it recomputes S and dP (7 GEMMs of
+// Nq·Nk·d instead of 5), but needs no (B, H, Nq, D) fp32 scratch, no smem round trip of dSᵀ, no
+// cast pass, and its results do not depend on atomic ordering (tests compare bits run to run).
+#pragma once
+
+#include "attention_fwd_kernel.cuh"
+
+namespace fastcm {
+namespace attn {
+
+// Strides in elements; the same alignment / multiple-of-8 guarantees as FwdParams.
+struct BwdParams {
+  const void* q; const void* k; const void* v; const void* dout; const void* out;
+  const void* bias;                                       // may be null
+  const float* lse;                                       // (B, H, Nq) contiguous, natural log
+  float* delta;                                           // (B, H, Nq) contiguous scratch
+  void* dq; void* dk; void* dv;
+
+  int64_t q_sb, q_sh, q_sn;
+  int64_t k_sb, k_sh, k_sn;
+  int64_t v_sb, v_sh, v_sn;
+  int64_t do_sb, do_sh, do_sn;
+  int64_t o_sb, o_sh, o_sn;
+  int64_t b_sb, b_sh, b_sm, b_sn;                         // bias strides (0 allowed)
+  int64_t dq_sb, dq_sh, dq_sn;
+  int64_t dk_sb, dk_sh, dk_sn;
+  int64_t dv_sb, dv_sh, dv_sn;
+
+  int B, H, Hkv, Nq, Nk;
+  int d_qk, d_v;            // actual head dims (multiples of 8, ≤ kD; the delta kernel: any multiple of 8)
+  float scale, scale_log2;
+  int causal;
+  int bias_is_f32;
+};
+
+// kBM query rows × kBN keys per tile; load_tile and stage_bias of the forward read these names.
+// dkdv holds dK, dV (kD/2 fp32 each per thread) for the whole kernel plus Sᵀ, dPᵀ (kBM/2 each):
+// kBM = 32 above kD = 64 keeps that at 160 accumulator registers, as the forward JVP does.
+template <typename T_, int kD_, bool kKeyMajor_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr bool kKeyMajor = kKeyMajor_;           // true: the dkdv kernel
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBM = (kKeyMajor && kD > 64) ? 32 : 64;
+  static constexpr int kBN = 64;
+  static constexpr int kStride = kD + 8;                  // +16 B per row: conflict-free ldmatrix
+  // dq: Q, dO once + 2 stages of (K, V). dkdv: K, V once + 2 stages of (Q, dO) + LSE, δ rows.
+  static constexpr int kOnceRows = kKeyMajor ? kBN : kBM;
+  static constexpr int kStageRows = kKeyMajor ? kBM : kBN;
+  static constexpr int kSmemElems = 2 * kOnceRows * kStride + 2 * 2 * kStageRows * kStride;
+  static constexpr int kRowStatBytes = kKeyMajor ? 2 * kBM * (int)sizeof(float) : 0;
+  static constexpr int kSmemBytes = kSmemElems * (int)sizeof(T) + kRowStatBytes;
+  static constexpr int kBiasBytes = kBM * kBN * (int)sizeof(float);
+  static_assert(kD % 16 == 0 && kBM % 16 == 0 && kBN % 16 == 0, "mma k-steps are 16 wide");
+};
+
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t x);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+  return __half22float2(*reinterpret_cast<__half2*>(&x));
+}
+
+// δ[bh, i] = Σ_d dO·O over the stored (rounded) O, as the reference differentiates it.
+template <typename T>
+__global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const BwdParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = (int64_t)blockIdx.x * 8 + threadIdx.x / 32;
+  if (row >= (int64_t)p.B * p.H * p.Nq) return;
+  const int i = (int)(row % p.Nq);
+  const int bh = (int)(row / p.Nq), b = bh / p.H, h = bh % p.H;
+  const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sn;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sn;
+  float acc = 0.f;
+  for (int c0 = lane * 8; c0 < p.d_v; c0 += 32 * 8) {
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + c0);
+    const uint4 dv = *reinterpret_cast<const uint4*>(d + c0);
+    const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w}, dw[4] = {dv.x, dv.y, dv.z, dv.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float2 a = unpack2<T>(ow[w]), e = unpack2<T>(dw[w]);
+      acc += a.x * e.x + a.y * e.y;
+    }
+  }
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) p.delta[row] = acc;
+}
+
+// LSE of row i in base 2, +inf for a row that sees no key (P = 0 there).
+__device__ __forceinline__ float lse_log2(const BwdParams& p, int64_t li) {
+  const float l = p.lse[li];
+  return l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+}
+
+// ----------------------------------------------------------------------------------------------
+// dQ: the forward's tiling. Element (nt, e) of S / dP is row 16·warp + g + 8(e/2) of the CTA
+// tile, key n0 + 8nt + 2c + e%2.
+// ----------------------------------------------------------------------------------------------
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const BwdParams p) {
+  using T = typename Tr::T;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD, kS = Tr::kStride;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBM * kS;
+  T* sKV = sdO + kBM * kS;                               // stage s: K at sKV + 2s·kBN·kS, then V
+  float* sBias = reinterpret_cast<float*>(smem_raw + Tr::kSmemBytes);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int num_m = (p.Nq + kBM - 1) / kBM;
+  const int mb = num_m - 1 - (int)(blockIdx.x % num_m);   // causal: heaviest tiles first
+  const int bh = (int)(blockIdx.x / num_m);
+  const int b = bh / p.H, h = bh % p.H, hkv = h / (p.H / p.Hkv);
+  const int m0 = mb * kBM, off = p.Nk - p.Nq;
+
+  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+
+  int n_end = p.Nk;
+  if (p.causal) n_end = max(0, min(p.Nk, m0 + kBM + off));
+  const int n_tiles = (n_end + kBN - 1) / kBN;
+
+  auto load_kv = [&](int stage, int tile) {
+    T* base = sKV + stage * 2 * kBN * kS;
+    const int n0 = tile * kBN, rows = p.Nk - n0;
+    load_tile<Tr, kBN>(base, gK + n0 * p.k_sn, (int)p.k_sn, rows, p.d_qk, tid);
+    load_tile<Tr, kBN>(base + kBN * kS, gV + n0 * p.v_sn, (int)p.v_sn, rows, p.d_v, tid);
+  };
+  load_tile<Tr, kBM>(sQ, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
+  load_tile<Tr, kBM>(sdO, gdO + m0 * p.do_sn, (int)p.do_sn, p.Nq - m0, p.d_v, tid);
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int row_in_cta = 16 * warp + g;
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int i = m0 + row_in_cta + 8 * rr;
+    const int64_t li = (int64_t)bh * p.Nq + i;
+    lse2[rr] = i < p.Nq ? lse_log2(p, li) : INFINITY;
+    dlt[rr] = i < p.Nq ? p.delta[li] : 0.f;
+  }
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+
+  const bool has_bias = p.bias != nullptr;
+  const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile & 1;
+    if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
+    cp_async_commit();
+    if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                 p.bias_is_f32, kLog2e, tid);
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sK = sKV + stage * 2 * kBN * kS;
+    const T* sV = sK + kBN * kS;
+    const int n0 = tile * kBN;
+
+    // S = Q·Kᵀ and dP = dO·Vᵀ share the k loop (Dqk and Dv share the padded kD).
+    float s[kBN / 8][4], dp[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll 1
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t qa[4], oa[4];
+      const int a_off = (16 * warp + (lane % 16)) * kS + ks * 16 + (lane / 16) * 8;
+      ldmatrix_x4(qa, sQ + a_off);
+      ldmatrix_x4(oa, sdO + a_off);
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        const int b_off = (np * 16 + (lane % 8) + (lane / 16) * 8) * kS + ks * 16 + ((lane / 8) % 2) * 8;
+        uint32_t kb[4], vb[4];
+        ldmatrix_x4(kb, sK + b_off);
+        ldmatrix_x4(vb, sV + b_off);
+        mma16816<T>(s[2 * np], qa, kb[0], kb[1]);
+        mma16816<T>(s[2 * np + 1], qa, kb[2], kb[3]);
+        mma16816<T>(dp[2 * np], oa, vb[0], vb[1]);
+        mma16816<T>(dp[2 * np + 1], oa, vb[2], vb[3]);
+      }
+    }
+
+    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ri = row_in_cta + 8 * (e / 2), jl = nt * 8 + 2 * c + (e % 2);
+        float x = s[nt][e] * p.scale_log2;
+        if (has_bias) x += sBias[ri * kBN + jl];
+        if (need_mask) {
+          const int i = m0 + ri, j = n0 + jl;
+          if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
+        }
+        s[nt][e] = exp2f(x - lse2[e / 2]) * (dp[nt][e] - dlt[e / 2]);   // dS
+      }
+    }
+
+    // dQ += dS·K: the S accumulator layout is the A-operand layout (as P·V in the forward);
+    // K[key][dim] is the k × n operand, read with .trans as V in the forward.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t da[4];
+      da[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      da[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      da[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      da[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dd = 0; dd < kD / 16; ++dd) {
+        const int k_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + dd * 16 + (lane / 16) * 8;
+        uint32_t kb[4];
+        ldmatrix_x4_trans(kb, sK + k_off);
+        mma16816<T>(acc[2 * dd], da, kb[0], kb[1]);
+        mma16816<T>(acc[2 * dd + 1], da, kb[2], kb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* gdQ = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+#pragma unroll
+  for (int nt = 0; nt < kD / 8; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    if (col >= p.d_qk) continue;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int i = m0 + row_in_cta + 8 * rr;
+      if (i >= p.Nq) continue;
+      *reinterpret_cast<uint32_t*>(gdQ + (int64_t)i * p.dq_sn + col) =
+          pack2<T>(acc[nt][2 * rr] * p.scale, acc[nt][2 * rr + 1] * p.scale);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// dK, dV: the transposed tiling. Element (nt, e) of Sᵀ / dPᵀ is key n0 + 16·warp + g + 8(e/2),
+// query m0 + 8nt + 2c + e%2. Keys that no query of this CTA sees still get their zeros stored.
+// ----------------------------------------------------------------------------------------------
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const BwdParams p) {
+  using T = typename Tr::T;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD, kS = Tr::kStride;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * kS;
+  T* sQdO = sV + kBN * kS;                               // stage s: Q at sQdO + 2s·kBM·kS, then dO
+  float* sLse = reinterpret_cast<float*>(smem_raw + Tr::kSmemElems * sizeof(T));
+  float* sDelta = sLse + kBM;
+  float* sBias = reinterpret_cast<float*>(smem_raw + Tr::kSmemBytes);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int num_n = (p.Nk + kBN - 1) / kBN;
+  const int nb = (int)(blockIdx.x % num_n);
+  const int bhkv = (int)(blockIdx.x / num_n);
+  const int b = bhkv / p.Hkv, hkv = bhkv % p.Hkv, G = p.H / p.Hkv;
+  const int n0 = nb * kBN, off = p.Nk - p.Nq;
+
+  // Causal: query i sees key n0 only if i ≥ n0 − off; earlier query tiles are skipped.
+  const int num_m = (p.Nq + kBM - 1) / kBM;
+  const int m_first = p.causal ? min(num_m, max(0, n0 - off) / kBM) : 0;
+  const int per_head = num_m - m_first;
+  const int steps = G * per_head;
+
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  auto head_of = [&](int step) { return hkv * G + step / per_head; };
+  auto row0_of = [&](int step) { return (m_first + step % per_head) * kBM; };
+  auto load_qdo = [&](int stage, int step) {
+    T* base = sQdO + stage * 2 * kBM * kS;
+    const int h = head_of(step), m0 = row0_of(step);
+    const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+    const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    load_tile<Tr, kBM>(base, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
+    load_tile<Tr, kBM>(base + kBM * kS, gdO + m0 * p.do_sn, (int)p.do_sn, p.Nq - m0, p.d_v, tid);
+  };
+  load_tile<Tr, kBN>(sK, gK + n0 * p.k_sn, (int)p.k_sn, p.Nk - n0, p.d_qk, tid);
+  load_tile<Tr, kBN>(sV, gV + n0 * p.v_sn, (int)p.v_sn, p.Nk - n0, p.d_v, tid);
+  if (steps > 0) load_qdo(0, 0);
+  cp_async_commit();
+
+  float acc_k[kD / 8][4], acc_v[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_k[i][e] = acc_v[i][e] = 0.f;
+
+  const bool has_bias = p.bias != nullptr;
+  const int key_in_cta = 16 * warp + g;
+
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step & 1;
+    const int h = head_of(step), m0 = row0_of(step);
+    if (step + 1 < steps) load_qdo(stage ^ 1, step + 1);
+    cp_async_commit();
+    // Row statistics and bias are single-buffered: the barrier ending the previous step retired
+    // their readers; the barrier below publishes them.
+    if (tid < kBM) {
+      const int i = m0 + tid;
+      const int64_t li = ((int64_t)b * p.H + h) * p.Nq + i;
+      sLse[tid] = i < p.Nq ? lse_log2(p, li) : INFINITY;
+      sDelta[tid] = i < p.Nq ? p.delta[li] : 0.f;
+    }
+    if (has_bias) stage_bias<Tr>(sBias, p.bias, (int64_t)b * p.b_sb + (int64_t)h * p.b_sh, p.b_sm, p.b_sn,
+                                 m0, n0, p.Nq, p.Nk, p.bias_is_f32, kLog2e, tid);
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sQ = sQdO + stage * 2 * kBM * kS;
+    const T* sdO = sQ + kBM * kS;
+
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warp's 16 keys are the A operand, queries the n dimension.
+    float st[kBM / 8][4], dpt[kBM / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll 1
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t ka[4], va[4];
+      const int a_off = (16 * warp + (lane % 16)) * kS + ks * 16 + (lane / 16) * 8;
+      ldmatrix_x4(ka, sK + a_off);
+      ldmatrix_x4(va, sV + a_off);
+#pragma unroll
+      for (int np = 0; np < kBM / 16; ++np) {
+        const int b_off = (np * 16 + (lane % 8) + (lane / 16) * 8) * kS + ks * 16 + ((lane / 8) % 2) * 8;
+        uint32_t qb[4], ob[4];
+        ldmatrix_x4(qb, sQ + b_off);
+        ldmatrix_x4(ob, sdO + b_off);
+        mma16816<T>(st[2 * np], ka, qb[0], qb[1]);
+        mma16816<T>(st[2 * np + 1], ka, qb[2], qb[3]);
+        mma16816<T>(dpt[2 * np], va, ob[0], ob[1]);
+        mma16816<T>(dpt[2 * np + 1], va, ob[2], ob[3]);
+      }
+    }
+
+    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
+#pragma unroll
+    for (int nt = 0; nt < kBM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kl = key_in_cta + 8 * (e / 2), ql = nt * 8 + 2 * c + (e % 2);
+        float x = st[nt][e] * p.scale_log2;
+        if (has_bias) x += sBias[ql * kBN + kl];
+        if (need_mask) {
+          const int i = m0 + ql, j = n0 + kl;
+          if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
+        }
+        const float pe = exp2f(x - sLse[ql]);
+        st[nt][e] = pe;
+        dpt[nt][e] = pe * (dpt[nt][e] - sDelta[ql]);   // dSᵀ
+      }
+    }
+
+    // dV += Pᵀ·dO and dK += dSᵀ·Q: k runs over queries; dO, Q [query][dim] read with .trans.
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t pa[4], da[4];
+      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      da[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+      da[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+      da[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      da[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+      for (int dd = 0; dd < kD / 16; ++dd) {
+        const int t_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + dd * 16 + (lane / 16) * 8;
+        uint32_t ob[4], qb[4];
+        ldmatrix_x4_trans(ob, sdO + t_off);
+        ldmatrix_x4_trans(qb, sQ + t_off);
+        mma16816<T>(acc_v[2 * dd], pa, ob[0], ob[1]);
+        mma16816<T>(acc_v[2 * dd + 1], pa, ob[2], ob[3]);
+        mma16816<T>(acc_k[2 * dd], da, qb[0], qb[1]);
+        mma16816<T>(acc_k[2 * dd + 1], da, qb[2], qb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* gdK = static_cast<T*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh;
+  T* gdV = static_cast<T*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh;
+#pragma unroll
+  for (int nt = 0; nt < kD / 8; ++nt) {
+    const int col = nt * 8 + 2 * c;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int j = n0 + key_in_cta + 8 * rr;
+      if (j >= p.Nk) continue;
+      if (col < p.d_qk)
+        *reinterpret_cast<uint32_t*>(gdK + (int64_t)j * p.dk_sn + col) =
+            pack2<T>(acc_k[nt][2 * rr] * p.scale, acc_k[nt][2 * rr + 1] * p.scale);
+      if (col < p.d_v)
+        *reinterpret_cast<uint32_t*>(gdV + (int64_t)j * p.dv_sn + col) =
+            pack2<T>(acc_v[nt][2 * rr], acc_v[nt][2 * rr + 1]);
+    }
+  }
+}
+
+// Dispatch on the padded head dim (32, 64, 96 or 128): delta, dq and dkdv launches, each checked.
+// Instantiated in attention_bwd_<dtype>.cu.
+template <typename T>
+void launch_bwd_dispatch(const BwdParams& p, int kd, cudaStream_t stream);
+
+}  // namespace attn
+}  // namespace fastcm
