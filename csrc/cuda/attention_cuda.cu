@@ -2,9 +2,8 @@
 // (the schemas are defined with TORCH_LIBRARY(fastcm, m) in csrc/attention.cpp).
 //
 // Forward and forward-JVP: the fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
-// Backward: NOT a fused kernel yet. It recomputes P from the saved LSE with ATen batched matmuls
-// in float32, chunked over query rows (peak extra memory ≈ 3·H·chunk·Nk·4 bytes per batch entry,
-// capped near 512 MiB). Correct but slow; the FA2-style kernel is the planned replacement (NOTES.md).
+// Backward: the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen
+// batched matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
 //
 // Input handling (shared by all three ops): q (B, H, Nq, Dqk), k (B, Hkv, Nk, Dqk),
 // v (B, Hkv, Nk, Dv), H % Hkv == 0, bf16 or fp16, same device. Strides are passed to the kernel
@@ -23,6 +22,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_bwd_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
 
 namespace fastcm {
@@ -235,32 +235,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
   return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
 }
 
-// Non-fused backward (see the file comment). dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)),
+// Head dims the fused backward covers (its kernels are compiled for padded d ≤ 128).
+constexpr int64_t kMaxHeadDimBwd = 128;
+
+// ATen backward for head dims above kMaxHeadDimBwd. dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)),
 // dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO, with P = exp(scale·QKᵀ + bias − LSE) (0 on
-// fully masked rows, LSE = −inf). GQA: the gradients of the H/Hkv query heads sharing a kv head add.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& bias_in, double scale, bool causal) {
-  const char* op = "fastcm::attention_backward";
-  check_qkv(op, q, k, v);
+// fully masked rows, LSE = −inf), in float32, chunked over query rows (peak extra memory
+// ≈ 3·H·chunk·Nk·4 bytes per batch entry, capped near 512 MiB). GQA: the gradients of the H/Hkv
+// query heads sharing a kv head add.
+void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const at::Tensor& grad_out,
+                             const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale, bool causal) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3), G = H / Hkv;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() == grad_out.sizes(), op,
-              ": grad_out and out must be (B, H, Nq, Dv) = (", B, ", ", H, ", ", Nq, ", ", Dv, "), got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be (B, H, Nq), got ", lse.sizes());
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), op,
-              ": grad_out, out, lse must be on q's device");
-  c10::cuda::CUDAGuard guard(q.device());
-  const auto bias = prepare_bias(op, "bias", bias_in, q, Nk);
-
-  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  if (q.numel() == 0 || k.numel() == 0 || Nq == 0) {
-    dq.zero_(); dk.zero_(); dv.zero_();
-    return std::make_tuple(dq, dk, dv);
-  }
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t budget = int64_t(512) << 20;   // bytes for the (H, chunk, Nk) float32 temporaries (×3)
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(Nq, budget / (12 * H * std::max<int64_t>(Nk, 1))));
@@ -273,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor vf = v[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dv)
     const at::Tensor dof = grad_out[b].to(at::kFloat);                             // (H, Nq, Dv)
     const at::Tensor delta = (dof * out[b].to(at::kFloat)).sum(-1);                // (H, Nq)
-    const at::Tensor lse_b = lse[b].to(at::kFloat);
+    const at::Tensor lse_b = lse[b];
     at::Tensor dq_b = at::empty({H, Nq, Dqk}, f32);
     at::Tensor dk_b = at::zeros({H, Nk, Dqk}, f32);
     at::Tensor dv_b = at::zeros({H, Nk, Dv}, f32);
@@ -299,6 +286,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     dk[b].copy_(dk_b.view({Hkv, G, Nk, Dqk}).sum(1));
     dv[b].copy_(dv_b.view({Hkv, G, Nk, Dv}).sum(1));
   }
+}
+
+// Fused backward (attention_bwd_kernel.cuh): δ, dQ and dK/dV kernels. Inputs go through
+// kernel_view like the forward's (head dims zero-padded to a multiple of 8 where needed); the
+// gradients are allocated at the padded width and narrowed back.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
+    bool causal) {
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dqk = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
+  const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
+  const at::Tensor dout = kernel_view(grad_out_in), out = kernel_view(out_in);
+  const int64_t Dqk8 = q.size(3), Dv8 = v.size(3);
+  const auto opts = q_in.options();
+  at::Tensor dq = at::empty({B, H, Nq, Dqk8}, opts);
+  at::Tensor dk = at::empty({B, Hkv, Nk, Dqk8}, opts);
+  at::Tensor dv = at::empty({B, Hkv, Nk, Dv8}, opts);
+  at::Tensor delta = at::empty({B, H, Nq}, opts.dtype(at::kFloat));
+
+  attn::BwdParams p{};
+  p.B = (int)B; p.H = (int)H; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.Nk = (int)Nk;
+  p.d_qk = (int)Dqk8; p.d_v = (int)Dv8;
+  p.scale = (float)scale;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.causal = causal ? 1 : 0;
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.dout = dout.data_ptr(); p.out = out.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sn = v.stride(2);
+  p.do_sb = dout.stride(0); p.do_sh = dout.stride(1); p.do_sn = dout.stride(2);
+  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sn = out.stride(2);
+  if (bias.has_value()) {
+    p.bias = bias->data_ptr();
+    p.b_sb = bias->stride(0); p.b_sh = bias->stride(1); p.b_sm = bias->stride(2); p.b_sn = bias->stride(3);
+    p.bias_is_f32 = bias->scalar_type() == at::kFloat;
+  }
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sn = dq.stride(2);
+  p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sn = dk.stride(2);
+  p.dv_sb = dv.stride(0); p.dv_sh = dv.stride(1); p.dv_sn = dv.stride(2);
+
+  const int kd = padded_head_dim(std::max(Dqk8, Dv8));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16) {
+    attn::launch_bwd_dispatch<__nv_bfloat16>(p, kd, stream);
+  } else {
+    attn::launch_bwd_dispatch<__half>(p, kd, stream);
+  }
+  if (Dqk8 != Dqk) {
+    dq = dq.narrow(-1, 0, Dqk).contiguous();
+    dk = dk.narrow(-1, 0, Dqk).contiguous();
+  }
+  if (Dv8 != Dv) dv = dv.narrow(-1, 0, Dv).contiguous();
+  return std::make_tuple(dq, dk, dv);
+}
+
+// The fused kernels for head dims ≤ kMaxHeadDimBwd, the ATen path above it (e.g. D = 256).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& bias_in, double scale, bool causal) {
+  const char* op = "fastcm::attention_backward";
+  check_qkv(op, q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
+  const int64_t Nk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() == grad_out.sizes(), op,
+              ": grad_out and out must be (B, H, Nq, Dv) = (", B, ", ", H, ", ", Nq, ", ", Dv, "), got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(), " and ",
+              out.scalar_type());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be (B, H, Nq), got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32 (as the forward returns it), got ",
+              lse_in.scalar_type());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse_in.device() == q.device(), op,
+              ": grad_out, out, lse must be on q's device");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && B * H < (int64_t(1) << 31), op,
+              ": sizes too large for 32-bit row indices");
+  c10::cuda::CUDAGuard guard(q.device());
+  const auto bias = prepare_bias(op, "bias", bias_in, q, Nk);
+  const at::Tensor lse = lse_in.contiguous();
+
+  if (q.numel() == 0 || k.numel() == 0 || Nq == 0) {
+    return std::make_tuple(at::zeros_like(q, at::MemoryFormat::Contiguous),
+                           at::zeros_like(k, at::MemoryFormat::Contiguous),
+                           at::zeros_like(v, at::MemoryFormat::Contiguous));
+  }
+  if (Dqk <= kMaxHeadDimBwd && Dv <= kMaxHeadDimBwd) {
+    return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal);
+  }
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  attention_backward_aten(dq, dk, dv, grad_out, q, k, v, out, lse, bias, scale, causal);
   return std::make_tuple(dq, dk, dv);
 }
 
