@@ -183,9 +183,8 @@ def test_fully_masked_rows(dtype):
         assert torch.isfinite(lse[~dead]).all() and not torch.isnan(out).any() and not torch.isnan(out_t).any()
         _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5, bias=bias)
         grad = _rand(B, H, Nq, D, dtype=dtype)
-        dq, dk, dv = ops.attention_backward(grad, q, k, v, out, lse, bias, D ** -0.5, causal)
+        dq, dk, dv = _run_backward_and_check(q, k, v, grad, causal=causal, scale=D ** -0.5, bias=bias)
         assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
-        assert not (torch.isnan(dq).any() or torch.isnan(dk).any() or torch.isnan(dv).any())
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -232,20 +231,17 @@ def test_deterministic(dtype):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", LOWP)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 100, 77, 64, 64), (1, 2, 1, 64, 130, 128, 64), (1, 2, 2, 33, 20, 40, 24)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_backward_matches_reference(shape, causal, dtype, with_bias):
+def _run_backward_and_check(q, k, v, grad, *, causal, scale, bias=None, out=None, lse=None):
+    """attention_backward vs autograd through the reference (float64, and PyTorch's own low-precision
+    math). out / lse default to the CUDA forward's; pass them where that forward does not run."""
     ops = _ops()
-    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
-    q, k, v, _, _, _ = _inputs(*shape, dtype)
-    bias = _rand(B, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk) if with_bias else None
-    grad = _rand(B, H, Nq, Dv, dtype=dtype)
-    scale = Dqk ** -0.5
-    out, lse = ops.attention_forward(q, k, v, bias, scale, causal)
+    if out is None:
+        out, lse = ops.attention_forward(q, k, v, bias, scale, causal)
+    _poison_allocator(q.shape, k.shape, v.shape, dtype=q.dtype)
     dq, dk, dv = ops.attention_backward(grad, q, k, v, out, lse, bias, scale, causal)
-    assert dq.dtype == q.dtype and dk.shape == k.shape and dv.shape == v.shape
+    torch.cuda.synchronize()
+    assert dq.dtype == q.dtype and dk.dtype == q.dtype and dv.dtype == q.dtype
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
     def grads(q_, k_, v_, g_, b_):
         q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q_, k_, v_))
@@ -253,9 +249,74 @@ def test_backward_matches_reference(shape, causal, dtype, with_bias):
         return torch.autograd.grad(o, (q_, k_, v_), g_)
 
     r = grads(to64(q), to64(k), to64(v), to64(grad), to64(bias))
-    t = grads(q, k, v, grad, None if bias is None else bias.to(dtype))
+    t = grads(q, k, v, grad, None if bias is None else bias.to(q.dtype))
     for name, a, tt, rr in zip(("dq", "dk", "dv"), (dq, dk, dv), t, r):
         _check_against_torch(name, a, tt, rr)
+    return dq, dk, dv
+
+
+# Backward shapes (B, H, Hkv, Nq, Nk, Dqk, Dv): every padded head dim of the fused kernels
+# (32, 64, 96, 128; 40 and 24 through padding), D_qk != D_v, GQA groups of 1-4, Nq != Nk both
+# ways, tails (not multiples of the 64/32-row tiles), one-row heads.
+BWD_SHAPES = [
+    (2, 4, 2, 100, 77, 64, 64),
+    (1, 2, 1, 64, 130, 128, 64),
+    (1, 2, 2, 33, 20, 40, 24),
+    (2, 2, 2, 65, 130, 32, 32),
+    (1, 4, 1, 200, 50, 96, 96),
+    (1, 2, 2, 70, 90, 64, 128),
+    (1, 3, 3, 1, 1, 64, 64),
+    (1, 4, 2, 129, 257, 128, 128),
+    (2, 6, 2, 90, 91, 96, 48),
+]
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", BWD_SHAPES)
+@pytest.mark.parametrize("bias_kind", [None, "f32_broadcast", "lowp_full"])
+def test_backward_matches_reference(shape, causal, dtype, bias_kind):
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, _, _, _ = _inputs(*shape, dtype)
+    if bias_kind == "f32_broadcast":
+        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)   # stride-0 view
+    elif bias_kind == "lowp_full":
+        bias = _rand(B, H, Nq, Nk, dtype=dtype)
+    else:
+        bias = None
+    grad = _rand(B, H, Nq, Dv, dtype=dtype)
+    _run_backward_and_check(q, k, v, grad, causal=causal, scale=Dqk ** -0.5, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 70, 90, 64, 256), (1, 2, 2, 50, 40, 192, 64)])
+def test_backward_aten_fallback(shape, dtype):
+    """Head dims above 128 take the ATen path of attention_backward_cuda. D_qk = 192 has no CUDA
+    forward, so out and LSE come from the reference there (in float32, out rounded to dtype)."""
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, _, _, _ = _inputs(*shape, dtype)
+    grad = _rand(B, H, Nq, Dv, dtype=dtype)
+    bias = _rand(1, H, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
+    out = lse = None
+    if Dqk > 128:
+        o32, lse = ref.attention(q.float(), k.float(), v.float(), scale=Dqk ** -0.5, causal=True, attn_bias=bias,
+                                 return_lse=True)
+        out = o32.to(dtype)
+    _run_backward_and_check(q, k, v, grad, causal=True, scale=Dqk ** -0.5, bias=bias, out=out, lse=lse)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_backward_deterministic(dtype):
+    """The fused backward has no atomics: same inputs, same bits."""
+    ops = _ops()
+    q, k, v, _, _, _ = _inputs(2, 8, 2, 300, 513, 128, 96, dtype)
+    grad = _rand(2, 8, 300, 96, dtype=dtype)
+    out, lse = ops.attention_forward(q, k, v, None, 0.1, True)
+    first = ops.attention_backward(grad, q, k, v, out, lse, None, 0.1, True)
+    for _ in range(3):
+        again = ops.attention_backward(grad, q, k, v, out, lse, None, 0.1, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
 
 
 def test_bad_input_messages():
