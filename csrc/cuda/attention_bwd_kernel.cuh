@@ -20,6 +20,8 @@
 // cast pass, and its results do not depend on atomic ordering (tests compare bits run to run).
 #pragma once
 
+#include <algorithm>
+
 #include "attention_fwd_kernel.cuh"
 
 namespace fastcm {
@@ -286,7 +288,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
   const int num_n = (p.Nk + kBN - 1) / kBN;
-  const int nb = (int)(blockIdx.x % num_n);
+  const int nb = (int)(blockIdx.x % num_n);              // causal: low key tiles (the longest) first
   const int bhkv = (int)(blockIdx.x / num_n);
   const int b = bhkv / p.Hkv, hkv = bhkv % p.Hkv, G = p.H / p.Hkv;
   const int n0 = nb * kBN, off = p.Nk - p.Nq;
@@ -430,6 +432,23 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
         *reinterpret_cast<uint32_t*>(gdV + (int64_t)j * p.dv_sn + col) =
             pack2<T>(acc_v[nt][2 * rr], acc_v[nt][2 * rr + 1]);
     }
+  }
+}
+
+// Largest dynamic shared memory of the dq / dkdv launches at padded head dim kd (bytes); the host
+// falls back to the ATen backward where the device's opt-in limit is smaller (99 KB on sm_86/89).
+inline int bwd_smem_bytes(int kd, bool has_bias) {
+  auto need = [&](auto dq, auto dkdv) {
+    using Dq = decltype(dq);
+    using Dkv = decltype(dkdv);
+    return std::max(Dq::kSmemBytes + (has_bias ? Dq::kBiasBytes : 0),
+                    Dkv::kSmemBytes + (has_bias ? Dkv::kBiasBytes : 0));
+  };
+  switch (kd) {
+    case 32: return need(BwdTraits<__half, 32, false>{}, BwdTraits<__half, 32, true>{});
+    case 64: return need(BwdTraits<__half, 64, false>{}, BwdTraits<__half, 64, true>{});
+    case 96: return need(BwdTraits<__half, 96, false>{}, BwdTraits<__half, 96, true>{});
+    default: return need(BwdTraits<__half, 128, false>{}, BwdTraits<__half, 128, true>{});
   }
 }
 

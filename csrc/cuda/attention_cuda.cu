@@ -345,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
   return std::make_tuple(dq, dk, dv);
 }
 
-// The fused kernels for head dims ≤ kMaxHeadDimBwd, the ATen path above it (e.g. D = 256).
+// The fused kernels for head dims ≤ kMaxHeadDimBwd where their shared memory fits the device, the
+// ATen path otherwise (e.g. D = 256).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse_in, const std::optional<at::Tensor>& bias_in, double scale, bool causal) {
@@ -377,7 +378,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
                            at::zeros_like(v, at::MemoryFormat::Contiguous));
   }
   if (Dqk <= kMaxHeadDimBwd && Dv <= kMaxHeadDimBwd) {
-    return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal);
+    const int kd = padded_head_dim(std::max(round_up(Dqk, 8), round_up(Dv, 8)));
+    int smem_limit = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          (int)q.device().index()));
+    if (attn::bwd_smem_bytes(kd, bias.has_value()) <= smem_limit) {
+      return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal);
+    }
   }
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
