@@ -4,8 +4,9 @@ For B=1, H=32, d=64 and B=1, H=16, d=128 at N in {1024, 4096, 8192, 16384} (bf16
 unless --causal), times
   fastcm JVP      torch.ops.fastcm.attention_forward_jvp (primal + tangent, one kernel)
   fastcm fwd      torch.ops.fastcm.attention_forward
-  fastcm bwd      torch.ops.fastcm.attention_backward (non-fused ATen fallback for now)
+  fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels; TFLOP/s on 10·N²·d per head)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
+  sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
   math jvp        torch.func.jvp of SDPA on the MATH backend (the baseline of the issue)
 and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), time relative to the SDPA forward
 and peak memory above the inputs. Writes attention_gpu.json and attention_gpu.csv into --out.
@@ -88,9 +89,15 @@ def main():
                 ("fastcm_jvp", lambda: ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, args.causal),
                  f_jvp),
             ]
+            sdpa_graph = None
             if not args.no_backward:
                 cases.append(("fastcm_bwd", lambda: ops.attention_backward(grad, q, k, v, out, lse, None, scale,
                                                                            args.causal), f_bwd))
+                # The baseline backward alone: one SDPA forward graph, differentiated on every call.
+                sdpa_graph = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                sdpa_graph.append(F.scaled_dot_product_attention(*sdpa_graph, is_causal=args.causal))
+                cases.append(("sdpa_bwd", lambda: torch.autograd.grad(sdpa_graph[3], sdpa_graph[:3], grad,
+                                                                      retain_graph=True), f_bwd))
             if not args.no_math:
                 cases.append(("math_jvp", sdpa_math_jvp, f_jvp))
             results = {}
@@ -105,7 +112,7 @@ def main():
             ref_ms = results["sdpa_fwd"]["ms"]
             for r in results.values():
                 r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
-            del q, k, v, qt, kt, vt, grad, out, lse
+            del q, k, v, qt, kt, vt, grad, out, lse, sdpa_graph, cases
             torch.cuda.empty_cache()
 
     try:

@@ -48,8 +48,9 @@ for dtype in (torch.bfloat16, torch.float16):
         q, k, v = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
         bias = torch.randn(1, 1, Nq, Nk, device="cuda").expand(B, H, Nq, Nk)
         ops.attention_forward_jvp(q, k, v, r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv), bias, bias, 0.125, causal)
-        out, lse = ops.attention_forward(q, k, v, None, 0.125, causal)
-        ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, None, 0.125, causal)
+        for b in (None, bias):   # the fused backward with and without a staged bias tile
+            out, lse = ops.attention_forward(q, k, v, b, 0.125, causal)
+            ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal)
 torch.cuda.synchronize()
 print("sanitize case done")
 PY
