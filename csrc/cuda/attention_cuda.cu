@@ -21,6 +21,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "attention_bwd_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
@@ -28,7 +29,7 @@
 namespace fastcm {
 namespace {
 
-constexpr int64_t kMaxHeadDimQK = 128;   // the kernel keeps Q, K tiles of up to 128 columns
+constexpr int64_t kMaxHeadDimQK = 256;   // the forward keeps Q, K tiles of up to 256 columns
 constexpr int64_t kMaxHeadDimVChunk = 128;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -122,6 +123,16 @@ int padded_head_dim(int64_t d) {
   return 128;
 }
 
+// Padded (D_qk, D_v) of one forward launch (see launch_fwd_dispatch for the compiled pairs).
+// dqk8 ≤ 128: one shared padded dim, as in v1; above: 192 or 256 for Q/K, 64 or 128 for the V slice.
+std::pair<int, int> fwd_padded_head_dims(int64_t dqk8, int64_t dv_cols) {
+  if (dqk8 <= 128) {
+    const int kd = padded_head_dim(std::max(dqk8, dv_cols));
+    return {kd, kd};
+  }
+  return {dqk8 <= 192 ? 192 : 256, dv_cols <= 64 ? 64 : 128};
+}
+
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -135,8 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     check_same(op, "k_t", kt_in, k_in);
     check_same(op, "v_t", vt_in, v_in);
   }
-  TORCH_CHECK(q_in.size(3) <= kMaxHeadDimQK, op, " (CUDA): head dim of q/k is ", q_in.size(3),
-              "; the CUDA kernel supports up to ", kMaxHeadDimQK);
+  TORCH_CHECK(q_in.size(3) <= kMaxHeadDimQK, op, " (CUDA): q.size(-1) (the q/k head dim D_qk) is ", q_in.size(3),
+              "; the CUDA kernel supports D_qk up to ", kMaxHeadDimQK,
+              " (padded to 32, 64, 96, 128, 192 or 256; D_v is not limited)");
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   c10::cuda::CUDAGuard guard(q_in.device());
 
@@ -209,11 +221,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const int kd = padded_head_dim(std::max<int64_t>(p.d_qk, cols));
+    const auto [kdqk, kdv] = fwd_padded_head_dims(p.d_qk, cols);
     if (q.scalar_type() == at::kBFloat16) {
-      attn::launch_fwd_dispatch<__nv_bfloat16>(p, kd, jvp, stream);
+      attn::launch_fwd_dispatch<__nv_bfloat16>(p, kdqk, kdv, jvp, stream);
     } else {
-      attn::launch_fwd_dispatch<__half>(p, kd, jvp, stream);
+      attn::launch_fwd_dispatch<__half>(p, kdqk, kdv, jvp, stream);
     }
   }
   return finish();

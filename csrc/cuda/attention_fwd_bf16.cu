@@ -3,6 +3,6 @@
 
 namespace fastcm {
 namespace attn {
-template void launch_fwd_dispatch<__nv_bfloat16>(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
+template void launch_fwd_dispatch<__nv_bfloat16>(const FwdParams& p, int kdqk, int kdv, bool jvp, cudaStream_t stream);
 }  // namespace attn
 }  // namespace fastcm

@@ -50,7 +50,7 @@ struct FwdParams {
   int64_t ot_sb, ot_sh, ot_sn;
 
   int B, H, Hkv, Nq, Nk;
-  int d_qk, d_v;            // actual head dims (multiples of 8, ≤ kD); columns beyond are zero
+  int d_qk, d_v;            // actual head dims (multiples of 8, ≤ kDqk, kDv); columns beyond are zero
   int num_m_blocks;
   float scale;              // softmax scale (natural units)
   float scale_log2;         // scale·log2(e)
@@ -61,28 +61,43 @@ struct FwdParams {
 // ----------------------------------------------------------------------------------------------
 // Tile configuration: all index constants live here.
 // ----------------------------------------------------------------------------------------------
-template <typename T_, int kD_, bool kJvp_>
+// kDqk: padded head dim of Q and K (the k extent of S = Q·Kᵀ); kDv: padded head dim of the V / O
+// columns of one launch (≤ 128; wider V runs as several launches). Instantiated pairs: kDqk = kDv
+// ∈ {32, 64, 96, 128} and kDqk ∈ {192, 256} × kDv ∈ {64, 128} (attention_fwd_launch.cuh).
+template <typename T_, int kDqk_, int kDv_, bool kJvp_>
 struct FwdTraits {
   using T = T_;
-  static constexpr int kD = kD_;                    // padded head dim (Dqk and Dv share it)
+  static constexpr int kDqk = kDqk_;
+  static constexpr int kDv = kDv_;
   static constexpr bool kJvp = kJvp_;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBM = 16 * kWarps;           // query rows per CTA
-  // Registers per thread (fp32 accumulators): A = kD/2, T = kD/2, S = BN/2, Ṡ = BN/2.
-  // JVP at kD = 128 with BN = 64 would need 192 accumulator registers; BN = 32 keeps it ~160.
-  static constexpr int kBN = (kJvp && kD > 64) ? 32 : 64;
-  static constexpr int kStride = kD + 8;            // smem row length (+16 B: conflict-free ldmatrix)
-  static constexpr int kQElems = kBM * kStride;     // one Q-like tile
-  static constexpr int kKElems = kBN * kStride;     // one K-like tile
+  // Registers per thread (fp32 accumulators): A = kDv/2, T = kDv/2, S = BN/2, Ṡ = BN/2; kDqk
+  // only sets the trip count of the S loop (Q fragments are re-read per k-step), not registers.
+  // JVP at kDv = 128 with BN = 64 would need 192 accumulator registers; BN = 32 keeps it ~160.
+  // kDqk > 128: shared memory sets BN. Q, K rows are 2·(kDqk + 8) bytes, so the 2-stage ring
+  // at kDqk = 256, kDv = 128 needs 83 KB (primal, BN = 32; 133 KB at BN = 64) and 116 KB (JVP,
+  // BN = 16; 166 KB at BN = 32, over sm_80's 163 KB opt-in limit once a bias tile is added).
+  static constexpr int kBN = kDqk > 128 ? (kJvp ? 16 : 32) : ((kJvp && kDv > 64) ? 32 : 64);
+  static constexpr int kStrideQK = kDqk + 8;        // smem row lengths (+16 B: conflict-free ldmatrix)
+  static constexpr int kStrideV = kDv + 8;
+  static constexpr int kQElems = kBM * kStrideQK;   // one Q-like tile
+  static constexpr int kKElems = kBN * kStrideQK;   // one K-like tile
+  static constexpr int kVElems = kBN * kStrideV;    // one V-like tile
   static constexpr int kQTiles = kJvp ? 2 : 1;      // Q, Q̇
-  static constexpr int kKVTiles = kJvp ? 4 : 2;     // K, V (+ K̇, V̇)
+  // One ring stage holds K, V (+ K̇, V̇) in this order.
+  static constexpr int kOffV = kKElems;
+  static constexpr int kOffKt = kKElems + kVElems;
+  static constexpr int kOffVt = 2 * kKElems + kVElems;
+  static constexpr int kStageElems = (kJvp ? 2 : 1) * (kKElems + kVElems);
   static constexpr int kStages = 2;
-  static constexpr int kSmemElems = kQTiles * kQElems + kStages * kKVTiles * kKElems;
+  static constexpr int kSmemElems = kQTiles * kQElems + kStages * kStageElems;
   static constexpr int kSmemBytes = kSmemElems * (int)sizeof(T);
   static constexpr int kNTileS = kBN / 8;           // n8 tiles of S per warp
-  static constexpr int kNTileO = kD / 8;            // n8 tiles of O per warp
-  static_assert(kD % 16 == 0 && kBN % 16 == 0, "mma k-steps are 16 wide");
+  static constexpr int kNTileO = kDv / 8;           // n8 tiles of O per warp
+  static_assert(kDqk % 16 == 0 && kDv % 16 == 0 && kBN % 16 == 0, "mma k-steps are 16 wide");
+  static_assert(kDv <= 128, "wider V runs as several launches");
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -155,16 +170,17 @@ __device__ __forceinline__ float load_scalar(const void* p, int64_t off, int is_
   return __half2float(static_cast<const __half*>(p)[off]);
 }
 
-// Copy a ROWS x kD tile whose first row starts at `g` (row stride `stride` elements) into smem
-// (row length kStride). Rows ≥ rows_valid and columns ≥ d_valid are zero-filled.
+// Copy a ROWS x kCols tile whose first row starts at `g` (row stride `stride` elements) into smem
+// (row length kRowLen). Rows ≥ rows_valid and columns ≥ d_valid are zero-filled. kCols and kRowLen
+// default to Tr::kD and Tr::kStride (the backward's traits); the forward passes them explicitly.
 // Thread layout: column chunk (8 elements = 16 B) tid % kMapChunks, rows tid / kMapChunks + k·kRowStep.
 // In-tile offsets are 32-bit (the host guarantees 256·stride < 2^31): with 64-bit per-chunk
 // addresses the compiler hoisted one register pair per chunk out of the key loop and spilled.
-template <class Tr, int ROWS>
+template <class Tr, int ROWS, int kCols = Tr::kD, int kRowLen = Tr::kStride>
 __device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename Tr::T* g, int stride,
                                           int rows_valid, int d_valid, int tid) {
-  constexpr int kChunks = Tr::kD / 8;
-  constexpr int kMapChunks = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : 16;   // power of 2 ≥ kChunks
+  constexpr int kChunks = kCols / 8;
+  constexpr int kMapChunks = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;   // power of 2 ≥ kChunks
   constexpr int kRowStep = Tr::kThreads / kMapChunks;
   static_assert(Tr::kThreads % kMapChunks == 0 && ROWS % kRowStep == 0, "tile loader layout");
   const int c = tid % kMapChunks, r0 = tid / kMapChunks;
@@ -175,7 +191,7 @@ __device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename T
     const int r = r0 + it * kRowStep;
     const bool ok = col_ok && r < rows_valid;
     const typename Tr::T* src = ok ? g + (r * stride + c * 8) : g;
-    cp_async16(smem + r * Tr::kStride + c * 8, src, ok ? 16 : 0);
+    cp_async16(smem + r * kRowLen + c * 8, src, ok ? 16 : 0);
   }
 }
 
@@ -210,7 +226,8 @@ template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads)
 attention_fwd_kernel(const FwdParams p) {
   using T = typename Tr::T;
-  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD, kS = Tr::kStride;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN;
+  constexpr int kDqk = Tr::kDqk, kDv = Tr::kDv, kSqk = Tr::kStrideQK, kSv = Tr::kStrideV;
   constexpr bool kJvp = Tr::kJvp;
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr float kLn2 = 0.6931471805599453f;
@@ -218,8 +235,7 @@ attention_fwd_kernel(const FwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sQt = sQ + Tr::kQElems;                          // valid only if kJvp
-  T* sKV = sQ + Tr::kQTiles * Tr::kQElems;            // stage s, tile t: sKV + (s*kKVTiles + t)*kKElems
-  // tile order inside a stage: 0 = K, 1 = V, 2 = K̇, 3 = V̇
+  T* sKV = sQ + Tr::kQTiles * Tr::kQElems;            // stage s: sKV + s*kStageElems, then K, V, K̇, V̇
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
@@ -245,19 +261,20 @@ attention_fwd_kernel(const FwdParams p) {
   const int n_tiles = (n_end + kBN - 1) / kBN;
 
   auto load_kv = [&](int stage, int tile) {
-    T* base = sKV + stage * Tr::kKVTiles * Tr::kKElems;
+    T* base = sKV + stage * Tr::kStageElems;
     const int n0 = tile * kBN, rows = p.Nk - n0;
-    load_tile<Tr, kBN>(base + 0 * Tr::kKElems, gK + n0 * p.k_sn, (int)p.k_sn, rows, p.d_qk, tid);
-    load_tile<Tr, kBN>(base + 1 * Tr::kKElems, gV + n0 * p.v_sn, (int)p.v_sn, rows, p.d_v, tid);
+    load_tile<Tr, kBN, kDqk, kSqk>(base, gK + n0 * p.k_sn, (int)p.k_sn, rows, p.d_qk, tid);
+    load_tile<Tr, kBN, kDv, kSv>(base + Tr::kOffV, gV + n0 * p.v_sn, (int)p.v_sn, rows, p.d_v, tid);
     if constexpr (kJvp) {
-      load_tile<Tr, kBN>(base + 2 * Tr::kKElems, gKt + n0 * p.kt_sn, (int)p.kt_sn, rows, p.d_qk, tid);
-      load_tile<Tr, kBN>(base + 3 * Tr::kKElems, gVt + n0 * p.vt_sn, (int)p.vt_sn, rows, p.d_v, tid);
+      load_tile<Tr, kBN, kDqk, kSqk>(base + Tr::kOffKt, gKt + n0 * p.kt_sn, (int)p.kt_sn, rows, p.d_qk, tid);
+      load_tile<Tr, kBN, kDv, kSv>(base + Tr::kOffVt, gVt + n0 * p.vt_sn, (int)p.vt_sn, rows, p.d_v, tid);
     }
   };
 
   // Prologue: Q (+Q̇) and the first K/V tile form commit group 0.
-  load_tile<Tr, kBM>(sQ, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
-  if constexpr (kJvp) load_tile<Tr, kBM>(sQt, gQt + m0 * p.qt_sn, (int)p.qt_sn, p.Nq - m0, p.d_qk, tid);
+  load_tile<Tr, kBM, kDqk, kSqk>(sQ, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
+  if constexpr (kJvp)
+    load_tile<Tr, kBM, kDqk, kSqk>(sQt, gQt + m0 * p.qt_sn, (int)p.qt_sn, p.Nq - m0, p.d_qk, tid);
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -303,10 +320,10 @@ attention_fwd_kernel(const FwdParams p) {
     cp_async_wait<1>();        // everything but the group just committed has landed
     __syncthreads();
 
-    const T* sK = sKV + stage * Tr::kKVTiles * Tr::kKElems;
-    const T* sV = sK + 1 * Tr::kKElems;
-    const T* sKt = sK + 2 * Tr::kKElems;
-    const T* sVt = sK + 3 * Tr::kKElems;
+    const T* sK = sKV + stage * Tr::kStageElems;
+    const T* sV = sK + Tr::kOffV;
+    const T* sKt = sK + Tr::kOffKt;
+    const T* sVt = sK + Tr::kOffVt;
     const int n0 = tile * kBN;
 
     // ---- S = Q·Kᵀ and Ṡ = Q̇·Kᵀ + Q·K̇ᵀ (16 x kBN per warp) ----
@@ -323,17 +340,17 @@ attention_fwd_kernel(const FwdParams p) {
         for (int e = 0; e < 4; ++e) sd[i][e] = 0.f;
     }
 #pragma unroll 1
-    for (int ks = 0; ks < kD / 16; ++ks) {
+    for (int ks = 0; ks < kDqk / 16; ++ks) {
       // A operand (16 query rows x 16 dims): lane gives row lane%16, column block lane/16.
       uint32_t qa[4], qta[4];
-      const int a_off = (16 * warp + (lane % 16)) * kS + ks * 16 + (lane / 16) * 8;
+      const int a_off = (16 * warp + (lane % 16)) * kSqk + ks * 16 + (lane / 16) * 8;
       ldmatrix_x4(qa, sQ + a_off);
       if constexpr (kJvp) ldmatrix_x4(qta, sQt + a_off);
 #pragma unroll
       for (int np = 0; np < Tr::kNTileS / 2; ++np) {
         // B operand from K[key][dim]: matrices (keys +0..7, dims +0..7), (keys +0..7, dims +8..15),
         // (keys +8..15, dims +0..7), (keys +8..15, dims +8..15) -> b0,b1 of n-tile 2np, b0,b1 of 2np+1.
-        const int b_off = (np * 16 + (lane % 8) + (lane / 16) * 8) * kS + ks * 16 + ((lane / 8) % 2) * 8;
+        const int b_off = (np * 16 + (lane % 8) + (lane / 16) * 8) * kSqk + ks * 16 + ((lane / 8) % 2) * 8;
         uint32_t kb[4];
         ldmatrix_x4(kb, sK + b_off);
         mma16816<T>(s[2 * np], qa, kb[0], kb[1]);
@@ -428,11 +445,11 @@ attention_fwd_kernel(const FwdParams p) {
         ha[3] = pack2<T>(sd[2 * kk + 1][2], sd[2 * kk + 1][3]);
       }
 #pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
+      for (int dp = 0; dp < kDv / 16; ++dp) {
         // B operand from V[key][dim] with .trans: matrices (keys +0..7, dims +0..7),
         // (keys +8..15, dims +0..7), (keys +0..7, dims +8..15), (keys +8..15, dims +8..15)
         // -> b0,b1 of dim n-tile 2dp, b0,b1 of 2dp+1.
-        const int v_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + dp * 16 + (lane / 16) * 8;
+        const int v_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kSv + dp * 16 + (lane / 16) * 8;
         uint32_t vb[4];
         ldmatrix_x4_trans(vb, sV + v_off);
         mma16816<T>(acc_o[2 * dp], pa, vb[0], vb[1]);
@@ -493,12 +510,13 @@ attention_fwd_kernel(const FwdParams p) {
 }
 
 // Host-side launch of one instantiation; throws (TORCH_CHECK) on a launch error.
-template <typename T, int kD, bool kJvp>
+template <typename T, int kDqk, int kDv, bool kJvp>
 void launch_fwd(const FwdParams& p, cudaStream_t stream);
 
-// Dispatch on the padded head dim (32, 64, 96 or 128); instantiated in attention_fwd_<dtype>.cu.
+// Dispatch on the padded head dims (kdqk, kdv): (d, d) for d ∈ {32, 64, 96, 128}, or kdqk ∈ {192, 256}
+// with kdv ∈ {64, 128}; instantiated in attention_fwd_<dtype>.cu.
 template <typename T>
-void launch_fwd_dispatch(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
+void launch_fwd_dispatch(const FwdParams& p, int kdqk, int kdv, bool jvp, cudaStream_t stream);
 
 }  // namespace attn
 }  // namespace fastcm
