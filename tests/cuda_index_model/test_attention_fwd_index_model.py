@@ -1,0 +1,465 @@
+"""Index-math check of the CUDA attention forward (csrc/cuda/attention_fwd_kernel.cuh) without a GPU.
+
+A line-by-line float64 transcription of the forward / forward-JVP kernel with decoupled padded
+head dims (kDqk for Q/K, kDv for one V/O slice) and of the host side that picks them
+(forward_impl / fwd_padded_head_dims / launch_fwd_dispatch in attention_cuda.cu and
+attention_fwd_launch.cuh): FwdTraits (BN, smem row lengths, one flat shared-memory buffer with the
+Q, Q̇ tiles and the 2-stage K, V, K̇, V̇ ring at the kernel's offsets), the tile loader's thread
+mapping, the ldmatrix / ldmatrix.trans row addresses (each 8-row phase checked for distinct 16-B
+bank groups), the mma.m16n8k16 fragments (PTX ISA tables, as the kernel header states them), the
+S → P register reuse, masks, the base-2 online softmax with its quad shuffles, the epilogue and the
+128-column V slicing, against fastcm.reference.attention in float64.
+
+It checks the layout and indexing reasoning, not the hardware: PTX semantics modelled wrongly,
+races, cp.async ordering, bf16/fp16 rounding and the compiler stay for tests/test_attention_cuda.py.
+Keep it in step with the kernel when the kernel changes.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastcm.reference import attention as ref
+
+LOG2E = 1.4426950408889634
+LANE = np.arange(32)
+G_, C_ = LANE // 4, LANE % 4
+ELEM = 2                                 # bytes per bf16/fp16 element
+SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+# ---- PTX fragment models ---------------------------------------------------------------------
+
+def ldmatrix_x4(smem, addr, trans=False):
+    """addr[lane]: element offset of row lane%8 of matrix lane//8. Returns regs[lane, i, 0:2]."""
+    assert np.all(addr % 8 == 0), "ldmatrix row addresses must be 16-byte aligned"
+    regs = np.empty((32, 4, 2))
+    for m in range(4):
+        rows = addr[8 * m: 8 * m + 8]
+        # One phase reads the 8 rows of one matrix: conflict-free iff they sit in 8 distinct
+        # 16-byte bank groups (a 128-byte line of 32 banks holds 8 groups).
+        assert len(set(((rows * ELEM) // 16) % 8)) == 8, "ldmatrix phase has a bank conflict"
+        if not trans:   # lane L: row L/4, columns 2(L%4), 2(L%4)+1
+            regs[:, m, 0] = smem[rows[G_] + 2 * C_]
+            regs[:, m, 1] = smem[rows[G_] + 2 * C_ + 1]
+        else:           # lane L: (row 2(L%4), col L/4) and (row 2(L%4)+1, col L/4)
+            regs[:, m, 0] = smem[rows[2 * C_] + G_]
+            regs[:, m, 1] = smem[rows[2 * C_ + 1] + G_]
+    return regs
+
+
+def mma16816(d, a, b0, b1):
+    """d[lane, 4] += A·B with the m16n8k16 fragment layouts of the kernel header's table."""
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for j in range(2):
+        A[G_, 2 * C_ + j] = a[:, 0, j]
+        A[G_ + 8, 2 * C_ + j] = a[:, 1, j]
+        A[G_, 2 * C_ + 8 + j] = a[:, 2, j]
+        A[G_ + 8, 2 * C_ + 8 + j] = a[:, 3, j]
+        B[2 * C_ + j, G_] = b0[:, j]
+        B[2 * C_ + 8 + j, G_] = b1[:, j]
+    D = A @ B
+    for j in range(2):
+        d[:, j] += D[G_, 2 * C_ + j]
+        d[:, 2 + j] += D[G_ + 8, 2 * C_ + j]
+
+
+def pack_a(acc, kk):
+    """S-accumulator tiles 2kk, 2kk+1 as the A operand of keys 16kk..16kk+15 (pa / ha)."""
+    a = np.empty((32, 4, 2))
+    for r, (t, e) in enumerate(((2 * kk, 0), (2 * kk, 2), (2 * kk + 1, 0), (2 * kk + 1, 2))):
+        a[:, r, 0], a[:, r, 1] = acc[t][:, e], acc[t][:, e + 1]
+    return a
+
+
+def shfl_xor(x, m):
+    return x[LANE ^ m]
+
+
+# ---- traits and dispatch (FwdTraits, launch_fwd_dispatch, fwd_padded_head_dims) ----------------
+
+INSTANTIATED = [(32, 32), (64, 64), (96, 96), (128, 128), (192, 64), (192, 128), (256, 64), (256, 128)]
+
+
+def fwd_traits(kdqk, kdv, jvp):
+    bn = (16 if jvp else 32) if kdqk > 128 else (32 if (jvp and kdv > 64) else 64)
+    sqk, sv = kdqk + 8, kdv + 8
+    qe, ke, ve = 64 * sqk, bn * sqk, bn * sv
+    stage = (2 if jvp else 1) * (ke + ve)
+    elems = (2 if jvp else 1) * qe + 2 * stage
+    return dict(kDqk=kdqk, kDv=kdv, jvp=jvp, kBM=64, kBN=bn, kSqk=sqk, kSv=sv, kQElems=qe, kKElems=ke,
+                kVElems=ve, kOffV=ke, kOffKt=ke + ve, kOffVt=2 * ke + ve, kStageElems=stage, kSmemElems=elems,
+                kThreads=128, kNTileS=bn // 8, kNTileO=kdv // 8)
+
+
+def bias_smem_bytes(tr, has_bias, has_bias_t):
+    return ((1 if has_bias else 0) + (1 if (tr["jvp"] and has_bias_t) else 0)) * tr["kBM"] * tr["kBN"] * 4
+
+
+def padded_head_dim(d):
+    return next(x for x in (32, 64, 96, 128) if d <= x)
+
+
+def fwd_padded_head_dims(dqk8, dv_cols):
+    if dqk8 <= 128:
+        kd = padded_head_dim(max(dqk8, dv_cols))
+        return kd, kd
+    return (192 if dqk8 <= 192 else 256), (64 if dv_cols <= 64 else 128)
+
+
+# ---- kernel helpers --------------------------------------------------------------------------
+
+class Tensor:
+    """A global-memory tensor: flat storage + element strides (stride 0 allowed) + base offset."""
+
+    def __init__(self, storage, strides, base=0):
+        self.s, self.st, self.base = storage, strides, base
+
+
+def contiguous(a):
+    a = np.ascontiguousarray(a)
+    return Tensor(a.reshape(-1), [s // a.itemsize for s in a.strides])
+
+
+def load_tile(tr, smem, dst0, region_end, src, base, stride, rows, rows_valid, d_valid, kcols, krowlen):
+    kchunks = kcols // 8
+    kmap = 4 if kchunks <= 4 else 8 if kchunks <= 8 else 16 if kchunks <= 16 else 32
+    kstep = tr["kThreads"] // kmap
+    assert tr["kThreads"] % kmap == 0 and rows % kstep == 0, "tile loader layout"
+    for tid in range(tr["kThreads"]):
+        c, r0 = tid % kmap, tid // kmap
+        if kchunks != kmap and c >= kchunks:
+            continue
+        col_ok = c * 8 < d_valid
+        for it in range(rows // kstep):
+            r = r0 + it * kstep
+            ok = col_ok and r < rows_valid
+            dst = dst0 + r * krowlen + c * 8
+            assert dst % 8 == 0 and dst + 8 <= region_end, "cp.async destination outside its tile"
+            smem[dst:dst + 8] = src[base + r * stride + c * 8 + np.arange(8)] if ok else 0.0
+
+
+def stage_bias(tr, p, bias, base, m0, n0, mult):
+    idx = np.arange(tr["kBM"] * tr["kBN"])          # every thread's idx loop at once
+    r, cc = idx // tr["kBN"], idx % tr["kBN"]
+    i, j = m0 + r, n0 + cc
+    ok = (i < p["Nq"]) & (j < p["Nk"])
+    out = np.zeros(idx.size)
+    out[ok] = mult * bias.s[base + i[ok] * bias.st[2] + j[ok] * bias.st[3]]
+    return out
+
+
+def zeros_frags(n):
+    return [np.zeros((32, 4)) for _ in range(n)]
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+def fwd_kernel(p, tr, block):
+    kBM, kBN, kDqk, kDv, kSqk, kSv = tr["kBM"], tr["kBN"], tr["kDqk"], tr["kDv"], tr["kSqk"], tr["kSv"]
+    jvp = tr["jvp"]
+    smem = np.full(tr["kSmemElems"], np.nan)          # stale shared memory is NaN
+    sQ, sQt, sKV = 0, tr["kQElems"], (2 if jvp else 1) * tr["kQElems"]
+
+    mb = p["num_m_blocks"] - 1 - block % p["num_m_blocks"]
+    bh = block // p["num_m_blocks"]
+    b, h = bh // p["H"], bh % p["H"]
+    hkv = h // (p["H"] // p["Hkv"])
+    m0, off = mb * kBM, p["Nk"] - p["Nq"]
+    q, k, v, qt, kt, vt = (p[x] for x in ("q", "k", "v", "q_t", "k_t", "v_t"))
+    gQ = q.base + b * q.st[0] + h * q.st[1]
+    gK = k.base + b * k.st[0] + hkv * k.st[1]
+    gV = v.base + b * v.st[0] + hkv * v.st[1]
+    if jvp:
+        gQt = qt.base + b * qt.st[0] + h * qt.st[1]
+        gKt = kt.base + b * kt.st[0] + hkv * kt.st[1]
+        gVt = vt.base + b * vt.st[0] + hkv * vt.st[1]
+    n_end = p["Nk"]
+    if p["causal"]:
+        n_end = max(0, min(p["Nk"], m0 + kBM + off))
+    n_tiles = (n_end + kBN - 1) // kBN
+
+    def load_kv(stage, tile):
+        base = sKV + stage * tr["kStageElems"]
+        n0 = tile * kBN
+        rows = p["Nk"] - n0
+        load_tile(tr, smem, base, base + tr["kOffV"], k.s, gK + n0 * k.st[2], k.st[2], kBN, rows, p["d_qk"],
+                  kDqk, kSqk)
+        load_tile(tr, smem, base + tr["kOffV"], base + tr["kOffV"] + tr["kVElems"], v.s, gV + n0 * v.st[2],
+                  v.st[2], kBN, rows, p["d_v"], kDv, kSv)
+        if jvp:
+            load_tile(tr, smem, base + tr["kOffKt"], base + tr["kOffVt"], kt.s, gKt + n0 * kt.st[2], kt.st[2],
+                      kBN, rows, p["d_qk"], kDqk, kSqk)
+            load_tile(tr, smem, base + tr["kOffVt"], base + tr["kStageElems"], vt.s, gVt + n0 * vt.st[2],
+                      vt.st[2], kBN, rows, p["d_v"], kDv, kSv)
+
+    load_tile(tr, smem, sQ, sQ + tr["kQElems"], q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"],
+              kDqk, kSqk)
+    if jvp:
+        load_tile(tr, smem, sQt, sQt + tr["kQElems"], qt.s, gQt + m0 * qt.st[2], qt.st[2], kBM, p["Nq"] - m0,
+                  p["d_qk"], kDqk, kSqk)
+    if n_tiles > 0:
+        load_kv(0, 0)
+
+    warps = []
+    for warp in range(4):
+        warps.append(dict(row_in_cta=16 * warp + G_, acc_o=zeros_frags(tr["kNTileO"]),
+                          acc_t=zeros_frags(tr["kNTileO"]), row_max=[np.full(32, -math.inf)] * 2,
+                          row_sum=[np.zeros(32)] * 2, row_r=[np.zeros(32)] * 2))
+    has_bias, has_bias_t = p["bias"] is not None, jvp and p["bias_t"] is not None
+    bias_base = b * p["bias"].st[0] + h * p["bias"].st[1] if has_bias else 0
+    bias_t_base = b * p["bias_t"].st[0] + h * p["bias_t"].st[1] if has_bias_t else 0
+
+    for tile in range(n_tiles):
+        stage = tile & 1
+        if tile + 1 < n_tiles:
+            load_kv(stage ^ 1, tile + 1)
+        sBias = stage_bias(tr, p, p["bias"], bias_base, m0, tile * kBN, LOG2E) if has_bias else None
+        sBiasT = stage_bias(tr, p, p["bias_t"], bias_t_base, m0, tile * kBN, 1.0) if has_bias_t else None
+        sK = sKV + stage * tr["kStageElems"]
+        sV, sKt, sVt = sK + tr["kOffV"], sK + tr["kOffKt"], sK + tr["kOffVt"]
+        n0 = tile * kBN
+        for warp, w in enumerate(warps):
+            s, sd = zeros_frags(tr["kNTileS"]), zeros_frags(tr["kNTileS"])
+            for ks in range(kDqk // 16):
+                a_off = (16 * warp + LANE % 16) * kSqk + ks * 16 + (LANE // 16) * 8
+                qa = ldmatrix_x4(smem, sQ + a_off)
+                qta = ldmatrix_x4(smem, sQt + a_off) if jvp else None
+                for np_ in range(tr["kNTileS"] // 2):
+                    b_off = (np_ * 16 + LANE % 8 + (LANE // 16) * 8) * kSqk + ks * 16 + ((LANE // 8) % 2) * 8
+                    kb = ldmatrix_x4(smem, sK + b_off)
+                    mma16816(s[2 * np_], qa, kb[:, 0], kb[:, 1])
+                    mma16816(s[2 * np_ + 1], qa, kb[:, 2], kb[:, 3])
+                    if jvp:
+                        ktb = ldmatrix_x4(smem, sKt + b_off)
+                        mma16816(sd[2 * np_], qta, kb[:, 0], kb[:, 1])
+                        mma16816(sd[2 * np_ + 1], qta, kb[:, 2], kb[:, 3])
+                        mma16816(sd[2 * np_], qa, ktb[:, 0], ktb[:, 1])
+                        mma16816(sd[2 * np_ + 1], qa, ktb[:, 2], ktb[:, 3])
+
+            need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
+            for nt in range(tr["kNTileS"]):
+                for e in range(4):
+                    ri, jl = w["row_in_cta"] + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
+                    x = s[nt][:, e] * p["scale_log2"]
+                    if has_bias:
+                        x = x + sBias[ri * kBN + jl]
+                    if need_mask:
+                        i, j = m0 + ri, n0 + jl
+                        x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
+                    s[nt][:, e] = x
+                    if jvp:
+                        xd = sd[nt][:, e] * p["scale"]
+                        if has_bias_t:
+                            xd = xd + sBiasT[ri * kBN + jl]
+                        sd[nt][:, e] = xd
+
+            alpha = [None, None]
+            row_max, row_sum, row_r = list(w["row_max"]), list(w["row_sum"]), list(w["row_r"])
+            for rr in range(2):
+                mx = row_max[rr]
+                for nt in range(tr["kNTileS"]):
+                    mx = np.maximum(mx, np.maximum(s[nt][:, 2 * rr], s[nt][:, 2 * rr + 1]))
+                mx = np.maximum(mx, shfl_xor(mx, 1))
+                mx = np.maximum(mx, shfl_xor(mx, 2))
+                m_use = np.where(mx == -math.inf, 0.0, mx)
+                alpha[rr] = np.exp2(row_max[rr] - m_use)
+                row_max[rr] = mx
+                ps, hs = np.zeros(32), np.zeros(32)
+                for nt in range(tr["kNTileS"]):
+                    for e in (2 * rr, 2 * rr + 1):
+                        pe = np.exp2(s[nt][:, e] - m_use)
+                        s[nt][:, e] = pe
+                        ps = ps + pe
+                        if jvp:
+                            he = np.where(pe > 0, pe * np.where(pe > 0, sd[nt][:, e], 0.0), 0.0)
+                            sd[nt][:, e] = he
+                            hs = hs + he
+                row_sum[rr] = alpha[rr] * row_sum[rr] + ps
+                if jvp:
+                    row_r[rr] = alpha[rr] * row_r[rr] + hs
+            w["row_max"], w["row_sum"], w["row_r"] = row_max, row_sum, row_r
+            for nt in range(tr["kNTileO"]):
+                for e in range(4):
+                    w["acc_o"][nt][:, e] *= alpha[e // 2]
+                    w["acc_t"][nt][:, e] *= alpha[e // 2]
+
+            for kk in range(kBN // 16):
+                pa = pack_a(s, kk)
+                ha = pack_a(sd, kk) if jvp else None
+                for dp in range(kDv // 16):
+                    v_off = (kk * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * kSv + dp * 16 + (LANE // 16) * 8
+                    vb = ldmatrix_x4(smem, sV + v_off, trans=True)
+                    mma16816(w["acc_o"][2 * dp], pa, vb[:, 0], vb[:, 1])
+                    mma16816(w["acc_o"][2 * dp + 1], pa, vb[:, 2], vb[:, 3])
+                    if jvp:
+                        vtb = ldmatrix_x4(smem, sVt + v_off, trans=True)
+                        mma16816(w["acc_t"][2 * dp], pa, vtb[:, 0], vtb[:, 1])
+                        mma16816(w["acc_t"][2 * dp + 1], pa, vtb[:, 2], vtb[:, 3])
+                        mma16816(w["acc_t"][2 * dp], ha, vb[:, 0], vb[:, 1])
+                        mma16816(w["acc_t"][2 * dp + 1], ha, vb[:, 2], vb[:, 3])
+
+    out, out_t = p["out"], p["out_t"]
+    gO = out.base + b * out.st[0] + h * out.st[1]
+    gOt = out_t.base + b * out_t.st[0] + h * out_t.st[1] if jvp else 0
+    for w in warps:
+        inv_l, mu = [None, None], [None, None]
+        for rr in range(2):
+            l, r = w["row_sum"][rr], w["row_r"][rr]
+            l = l + shfl_xor(l, 1)
+            l = l + shfl_xor(l, 2)
+            if jvp:
+                r = r + shfl_xor(r, 1)
+                r = r + shfl_xor(r, 2)
+            inv_l[rr] = np.where(l > 0, 1.0 / np.where(l > 0, l, 1.0), 0.0)
+            mu[rr] = r * inv_l[rr] if jvp else np.zeros(32)
+            i = m0 + w["row_in_cta"] + 8 * rr
+            ok = (C_ == 0) & (i < p["Nq"])
+            li = bh * p["Nq"] + i
+            lse = np.where(l > 0, (w["row_max"][rr] + np.log2(np.where(l > 0, l, 1.0))) / LOG2E, -math.inf)
+            p["lse"][li[ok]] = lse[ok]
+            if jvp:
+                p["lse_t"][li[ok]] = mu[rr][ok]
+        for nt in range(tr["kNTileO"]):
+            col = nt * 8 + 2 * C_
+            for rr in range(2):
+                i = m0 + w["row_in_cta"] + 8 * rr
+                ok = (col < p["d_v"]) & (i < p["Nq"])
+                o = [w["acc_o"][nt][:, 2 * rr + j] * inv_l[rr] for j in range(2)]
+                for j in range(2):
+                    out.s[(gO + i * out.st[2] + col + j)[ok]] = o[j][ok]
+                    if jvp:
+                        t = w["acc_t"][nt][:, 2 * rr + j] * inv_l[rr] - mu[rr] * o[j]
+                        out_t.s[(gOt + i * out_t.st[2] + col + j)[ok]] = t[ok]
+
+
+def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, launches=None):
+    """forward_impl on float64 numpy data: padding to multiples of 8, the V slicing, dispatch."""
+    jvp = qt is not None
+    B, H, Nq, Dqk = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Dqk > 256:
+        raise ValueError(f"q.size(-1) (the q/k head dim D_qk) is {Dqk}; the CUDA kernel supports D_qk up to 256")
+    d8 = lambda d: (d + 7) // 8 * 8                                   # noqa: E731
+    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])      # noqa: E731
+    p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), scale=scale, scale_log2=scale * LOG2E,
+             causal=bool(causal), num_m_blocks=(Nq + 63) // 64,
+             q=contiguous(pad(q, Dqk)), k=contiguous(pad(k, Dqk)), v=contiguous(pad(v, Dv)),
+             q_t=contiguous(pad(qt, Dqk)) if jvp else None, k_t=contiguous(pad(kt, Dqk)) if jvp else None,
+             v_t=contiguous(pad(vt, Dv)) if jvp else None,
+             bias=None if bias is None else Tensor(*bias), bias_t=None if bias_t is None else Tensor(*bias_t),
+             lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan))
+    # NaN-poisoned outputs: an element no launch writes fails the comparison.
+    p["out"] = contiguous(np.full((B, H, Nq, d8(Dv)), np.nan))
+    p["out_t"] = contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None
+    v_full, vt_full, o_full, ot_full = p["v"], p["v_t"], p["out"], p["out_t"]
+    for c0 in range(0, d8(Dv), 128):
+        cols = min(128, d8(Dv) - c0)
+        p["d_v"] = cols
+        p["v"] = Tensor(v_full.s, v_full.st, c0)
+        p["out"] = Tensor(o_full.s, o_full.st, c0)
+        if jvp:
+            p["v_t"] = Tensor(vt_full.s, vt_full.st, c0)
+            p["out_t"] = Tensor(ot_full.s, ot_full.st, c0)
+        kdqk, kdv = fwd_padded_head_dims(p["d_qk"], cols)
+        assert (kdqk, kdv) in INSTANTIATED, "launch_fwd_dispatch has no kernel for this pair"
+        assert p["d_qk"] <= kdqk and cols <= kdv
+        tr = fwd_traits(kdqk, kdv, jvp)
+        if launches is not None:
+            launches.append((kdqk, kdv, tr["kBN"]))
+        for blk in range(p["num_m_blocks"] * B * H):
+            fwd_kernel(p, tr, blk)
+    out = o_full.s.reshape(B, H, Nq, -1)[..., :Dv]
+    out_t = ot_full.s.reshape(B, H, Nq, -1)[..., :Dv] if jvp else None
+    return out, out_t, p["lse"].reshape(B, H, Nq), p["lse_t"].reshape(B, H, Nq) if jvp else None
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+def test_traits_fit_shared_memory_and_keep_v1_tiles():
+    """Every instantiated pair fits sm_80's and sm_90's opt-in shared memory with both bias tiles,
+    its tiles are 16-byte aligned, and the v1 pairs keep their v1 BN."""
+    v1_bn = {(32, False): 64, (64, False): 64, (96, False): 64, (128, False): 64,
+             (32, True): 64, (64, True): 64, (96, True): 32, (128, True): 32}
+    for kdqk, kdv in INSTANTIATED:
+        for jvp in (False, True):
+            tr = fwd_traits(kdqk, kdv, jvp)
+            total = tr["kSmemElems"] * ELEM + bias_smem_bytes(tr, True, True)
+            assert total <= SMEM_OPTIN["sm_80"] <= SMEM_OPTIN["sm_90"], (kdqk, kdv, jvp, total)
+            for key in ("kQElems", "kKElems", "kVElems", "kStageElems"):
+                assert tr[key] % 8 == 0
+            if kdqk == kdv:
+                assert tr["kBN"] == v1_bn[(kdqk, jvp)]
+
+
+def test_dispatch_covers_every_head_dim():
+    for dqk8 in range(8, 257, 8):
+        for dv in range(8, 513, 8):
+            for c0 in range(0, dv, 128):
+                cols = min(128, dv - c0)
+                kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
+                assert (kdqk, kdv) in INSTANTIATED and dqk8 <= kdqk and cols <= kdv
+
+
+def test_head_dim_limit():
+    z = np.zeros((1, 1, 4, 264))
+    with pytest.raises(ValueError, match="supports D_qk up to 256"):
+        forward_model(z, z, z, None, None, None, None, None, 0.1, False)
+
+
+# (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
+CASES = [
+    (1, 2, 1, 70, 90, 256, 64, True, True, None),         # (256, 64), GQA, causal Nq < Nk, tails
+    (1, 2, 2, 45, 33, 256, 128, True, True, "broadcast"),  # (256, 128), causal Nq > Nk: dead rows, -inf bias row
+    (1, 3, 1, 20, 70, 256, 200, False, True, "full"),      # D_v = 200: slices 128 + 72 -> (256, 128) twice, G = 3
+    (1, 3, 1, 20, 70, 256, 200, True, False, None),        # the same primal-only (BN = 32)
+    (1, 1, 1, 17, 40, 184, 96, True, False, "head"),       # D_qk 184 -> 192, D_v 96 -> 128, primal
+    (1, 2, 2, 33, 47, 160, 40, True, True, None),          # D_qk 160 -> 192, D_v 40 -> 64, JVP
+    (1, 2, 2, 65, 130, 40, 24, False, True, "broadcast"),  # a v1 pair (64, 64), for comparison
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_index_model_matches_reference(case):
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
+    q, k, v = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
+    qt, kt, vt = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
+    # The bias as prepare_bias hands it to the kernel: a (B, H, Nq, Nk) view of a smaller tensor.
+    shape = {"broadcast": (1, 1, Nq, Nk), "full": (B, H, Nq, Nk), "head": (1, H, 1, Nk), None: None}[bias_kind]
+    base = None if shape is None else rnd(*shape)
+    base_t = None if shape is None or not jvp else rnd(*shape)
+    if bias_kind == "broadcast":
+        base[..., 3, :] = -math.inf                      # a row no key is visible to
+        base_t[..., 3, :] = math.inf                     # h = 0 there even though ṡ is infinite
+    bias = None if base is None else base.expand(B, H, Nq, Nk)
+    bias_t = None if base_t is None else base_t.expand(B, H, Nq, Nk)
+    scale = 0.8 * Dqk ** -0.5
+    strided = lambda t, bt: None if t is None else (bt.numpy().reshape(-1), list(t.stride()))   # noqa: E731
+
+    launches = []
+    with np.errstate(invalid="raise", over="raise", divide="raise"):
+        got = forward_model(q.numpy(), k.numpy(), v.numpy(), qt.numpy() if jvp else None,
+                            kt.numpy() if jvp else None, vt.numpy() if jvp else None,
+                            strided(bias, base), strided(bias_t, base_t), scale, causal, launches)
+    if jvp:
+        bt_ref = None if bias_t is None else torch.where(torch.isinf(bias_t), 0.0, bias_t)
+        expected = ref.attention_jvp(q, k, v, qt, kt, vt, scale=scale, causal=causal, attn_bias=bias,
+                                     bias_t=bt_ref, return_lse=True)
+        names = ("out", "out_t", "lse", "lse_t")
+    else:
+        expected = ref.attention(q, k, v, scale=scale, causal=causal, attn_bias=bias, return_lse=True)
+        got, names = (got[0], got[2]), ("out", "lse")
+    if Dqk > 128:
+        assert all(kdqk in (192, 256) for kdqk, _, _ in launches)
+    assert len(launches) == (Dv + 127) // 128
+    for name, g, e in zip(names, got, expected):
+        e = e.numpy()
+        assert not np.isnan(g).any(), f"{name}: unwritten element"
+        fin = np.isfinite(e)
+        assert np.array_equal(g[~fin], e[~fin]), f"{name}: non-finite entries differ"
+        np.testing.assert_allclose(g[fin], e[fin], rtol=1e-10, atol=1e-10, err_msg=name)
