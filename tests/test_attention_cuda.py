@@ -231,6 +231,88 @@ def test_deterministic(dtype):
             assert torch.equal(a, b)
 
 
+# ---- D_qk > 128: the decoupled (D_qk, D_v) forward kernels -------------------------------------
+# Padded pairs (192 | 256) x (64 | 128), BN 32 (primal) / 16 (JVP); D_v > 128 through 128-column
+# slices. (B, H, Hkv, Nq, Nk, Dqk, Dv): D_v 64, 128, 256 and 200 (slices 128 + 72), 40 -> 64,
+# D_qk 160 / 184 -> 192, GQA, Nq != Nk both ways, tails of the 16/32-key and 64-row tiles.
+SHAPES_DQK256 = [
+    (1, 2, 1, 70, 90, 256, 64),
+    (2, 4, 2, 100, 77, 256, 128),
+    (1, 2, 2, 65, 130, 256, 256),
+    (1, 3, 1, 33, 47, 256, 200),
+    (1, 2, 2, 64, 80, 192, 128),
+    (1, 2, 1, 50, 40, 184, 96),
+    (1, 1, 1, 17, 9, 160, 40),
+]
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES_DQK256)
+def test_dqk256_forward_jvp_matches_reference(shape, causal, dtype):
+    q, k, v, qt, kt, vt = _inputs(*shape, dtype)
+    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=shape[5] ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES_DQK256)
+def test_dqk256_forward_matches_reference(shape, causal, dtype):
+    ops = _ops()
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, _, _, _ = _inputs(*shape, dtype)
+    scale = 0.7 * Dqk ** -0.5
+    _poison_allocator((B, H, Nq, Dv), (B, H, Nq), dtype=dtype)
+    out, lse = ops.attention_forward(q, k, v, None, scale, causal)
+    torch.cuda.synchronize()
+    r_out, r_lse = ref.attention(to64(q), to64(k), to64(v), scale=scale, causal=causal, return_lse=True)
+    t_out, t_lse = ref.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    _check_against_torch("out", out, t_out, r_out)
+    _check_against_torch("lse", lse, t_lse, r_lse)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("kind", ["f32_broadcast", "lowp_full", "with_tangent"])
+def test_dqk256_bias_and_masked_rows(kind, dtype):
+    """Bias tiles at BN 16/32 (stride-0 and full), bias_t, a row masked by the bias, and causal
+    with Nq > Nk (rows that see no key)."""
+    B, H, Hkv, Nq, Nk, Dqk, Dv = 2, 4, 2, 90, 70, 256, 128
+    q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, dtype)
+    bias_t = None
+    if kind == "f32_broadcast":
+        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)   # stride-0 view
+    elif kind == "lowp_full":
+        bias = _rand(B, H, Nq, Nk, dtype=dtype)
+    else:
+        bias = _rand(B, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
+        bias_t = _rand(B, H, Nq, Nk, dtype=torch.float32)
+    bias = bias.clone()
+    bias[:, :, 5] = -math.inf
+    for causal in (False, True):
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=Dqk ** -0.5, bias=bias, bias_t=bias_t)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_dqk256_noncontiguous_and_deterministic(dtype):
+    """(B, N, H, D) storage viewed as (B, H, N, D) at D_qk = 256 (strides passed through), an odd
+    D_qk (padded copy); then same inputs, same bits."""
+    ops = _ops()
+    B, H, Hkv, Nq, Nk, Dqk, Dv = 1, 4, 2, 77, 99, 256, 200
+    q = _rand(B, Nq, H, Dqk, dtype=dtype).transpose(1, 2)
+    k = _rand(B, Nk, Hkv, Dqk, dtype=dtype).transpose(1, 2)
+    v = _rand(B, Nk, Hkv, Dv, dtype=dtype).transpose(1, 2)
+    qt, kt = _rand(B, H, Nq, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dqk, dtype=dtype)
+    vt = _rand(B, Hkv, Nk, Dv, dtype=dtype)
+    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=True, scale=Dqk ** -0.5)
+    odd = [t[..., :250] for t in (q, k, qt, kt)]
+    _run_jvp_and_check(odd[0], odd[1], v, odd[2], odd[3], vt, causal=False, scale=250 ** -0.5)
+    first = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.06, True)
+    for _ in range(2):
+        again = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.06, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
 def _run_backward_and_check(q, k, v, grad, *, causal, scale, bias=None, out=None, lse=None):
     """attention_backward vs autograd through the reference (float64, and PyTorch's own low-precision
     math). out / lse default to the CUDA forward's; pass them where that forward does not run."""
@@ -328,9 +410,12 @@ def test_bad_input_messages():
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         ops.attention_forward(qb, _rand(1, 3, 16, 64, dtype=torch.bfloat16), _rand(1, 3, 16, 64, dtype=torch.bfloat16),
                               None, 0.125, False)
-    big = _rand(1, 2, 16, 192, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="supports up to 128"):
+    big = _rand(1, 2, 16, 264, dtype=torch.bfloat16)
+    msg = r"q.size\(-1\) \(the q/k head dim D_qk\) is 264; the CUDA kernel supports D_qk up to 256"
+    with pytest.raises(RuntimeError, match=msg):
         ops.attention_forward(big, big, big, None, 0.1, False)
+    with pytest.raises(RuntimeError, match="supports D_qk up to 256"):
+        ops.attention_forward_jvp(big, big, big, big, big, big, None, None, 0.1, False)
     with pytest.raises(RuntimeError, match="match its primal"):
         ops.attention_forward_jvp(qb, qb, qb, qb[..., :32], qb, qb, None, None, 0.125, False)
 
