@@ -43,7 +43,8 @@ ops = extension_ops()
 torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):
     for (B, H, Hkv, Nq, Nk, D, Dv, causal) in [(1, 2, 1, 70, 45, 64, 64, True), (1, 2, 2, 33, 100, 128, 128, False),
-                                             (1, 1, 1, 20, 20, 40, 24, False), (1, 2, 2, 64, 64, 96, 96, True)]:
+                                             (1, 1, 1, 20, 20, 40, 24, False), (1, 2, 2, 64, 64, 96, 96, True),
+                                             (1, 2, 1, 70, 45, 256, 200, True), (1, 2, 2, 33, 100, 192, 64, False)]:
         r = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)
         q, k, v = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
         bias = torch.randn(1, 1, Nq, Nk, device="cuda").expand(B, H, Nq, Nk)
