@@ -313,12 +313,11 @@ def test_dqk256_noncontiguous_and_deterministic(dtype):
             assert torch.equal(a, b)
 
 
-def _run_backward_and_check(q, k, v, grad, *, causal, scale, bias=None, out=None, lse=None):
-    """attention_backward vs autograd through the reference (float64, and PyTorch's own low-precision
-    math). out / lse default to the CUDA forward's; pass them where that forward does not run."""
+def _run_backward_and_check(q, k, v, grad, *, causal, scale, bias=None):
+    """attention_backward (from the CUDA forward's out and LSE) vs autograd through the reference
+    (float64, and PyTorch's own low-precision math)."""
     ops = _ops()
-    if out is None:
-        out, lse = ops.attention_forward(q, k, v, bias, scale, causal)
+    out, lse = ops.attention_forward(q, k, v, bias, scale, causal)
     _poison_allocator(q.shape, k.shape, v.shape, dtype=q.dtype)
     dq, dk, dv = ops.attention_backward(grad, q, k, v, out, lse, bias, scale, causal)
     torch.cuda.synchronize()
@@ -373,18 +372,13 @@ def test_backward_matches_reference(shape, causal, dtype, bias_kind):
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("shape", [(1, 2, 1, 70, 90, 64, 256), (1, 2, 2, 50, 40, 192, 64)])
 def test_backward_aten_fallback(shape, dtype):
-    """Head dims above 128 take the ATen path of attention_backward_cuda. D_qk = 192 has no CUDA
-    forward, so out and LSE come from the reference there (in float32, out rounded to dtype)."""
+    """Head dims above 128 take the ATen path of attention_backward_cuda (out and LSE from the
+    CUDA forward, which covers D_qk up to 256)."""
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, _, _, _ = _inputs(*shape, dtype)
     grad = _rand(B, H, Nq, Dv, dtype=dtype)
     bias = _rand(1, H, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
-    out = lse = None
-    if Dqk > 128:
-        o32, lse = ref.attention(q.float(), k.float(), v.float(), scale=Dqk ** -0.5, causal=True, attn_bias=bias,
-                                 return_lse=True)
-        out = o32.to(dtype)
-    _run_backward_and_check(q, k, v, grad, causal=True, scale=Dqk ** -0.5, bias=bias, out=out, lse=lse)
+    _run_backward_and_check(q, k, v, grad, causal=True, scale=Dqk ** -0.5, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
