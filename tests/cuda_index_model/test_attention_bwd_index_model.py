@@ -18,112 +18,30 @@ import pytest
 import torch
 
 from fastcm.reference import attention as ref
-
-LOG2E = 1.4426950408889634
-LANE = np.arange(32)
-G_, C_ = LANE // 4, LANE % 4
-
-
-# ---- PTX fragment models ---------------------------------------------------------------------
-
-def ldmatrix_x4(smem, addr, trans=False):
-    """addr[lane]: element offset of row lane%8 of matrix lane//8. Returns regs[lane, i, 0:2]."""
-    regs = np.empty((32, 4, 2))
-    for m in range(4):
-        rows = addr[8 * m: 8 * m + 8]
-        if not trans:   # lane L: row L/4, columns 2(L%4), 2(L%4)+1
-            regs[:, m, 0] = smem[rows[G_] + 2 * C_]
-            regs[:, m, 1] = smem[rows[G_] + 2 * C_ + 1]
-        else:           # lane L: (row 2(L%4), col L/4) and (row 2(L%4)+1, col L/4)
-            regs[:, m, 0] = smem[rows[2 * C_] + G_]
-            regs[:, m, 1] = smem[rows[2 * C_ + 1] + G_]
-    return regs
-
-
-def mma16816(d, a, b0, b1):
-    """d[lane, 4] += A·B with the m16n8k16 fragment layouts of the kernel header's table."""
-    A = np.zeros((16, 16))
-    B = np.zeros((16, 8))
-    for j in range(2):
-        A[G_, 2 * C_ + j] = a[:, 0, j]
-        A[G_ + 8, 2 * C_ + j] = a[:, 1, j]
-        A[G_, 2 * C_ + 8 + j] = a[:, 2, j]
-        A[G_ + 8, 2 * C_ + 8 + j] = a[:, 3, j]
-        B[2 * C_ + j, G_] = b0[:, j]
-        B[2 * C_ + 8 + j, G_] = b1[:, j]
-    D = A @ B
-    for j in range(2):
-        d[:, j] += D[G_, 2 * C_ + j]
-        d[:, 2 + j] += D[G_ + 8, 2 * C_ + j]
-
-
-def pack2(x, y):
-    return np.stack([x, y], axis=-1)   # no rounding: the model checks indexing in float64
-
-
-def pack_a(acc, kk):
-    """The accumulator tiles 2kk, 2kk+1 as an A operand (the kernel's pa/da construction)."""
-    a = np.empty((32, 4, 2))
-    a[:, 0] = pack2(acc[2 * kk][:, 0], acc[2 * kk][:, 1])
-    a[:, 1] = pack2(acc[2 * kk][:, 2], acc[2 * kk][:, 3])
-    a[:, 2] = pack2(acc[2 * kk + 1][:, 0], acc[2 * kk + 1][:, 1])
-    a[:, 3] = pack2(acc[2 * kk + 1][:, 2], acc[2 * kk + 1][:, 3])
-    return a
+from ptx_model import (LANE, LOG2E, C_, G_, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a,
+                       zeros_frags)
+from ptx_model import stage_bias as stage_bias_tile
 
 
 # ---- host side and kernel helpers ------------------------------------------------------------
-
-class Tensor:
-    """A global-memory tensor: flat storage + element strides (stride 0 allowed)."""
-
-    def __init__(self, storage, strides):
-        self.s, self.st = storage, strides
-
-
-def contiguous(a):
-    a = np.ascontiguousarray(a)
-    return Tensor(a.reshape(-1), [s // a.itemsize for s in a.strides])
-
 
 def traits(kd, key_major):
     bm = 32 if (key_major and kd > 64) else 64
     return dict(kD=kd, kBM=bm, kBN=64, kS=kd + 8, kThreads=128)
 
 
-def load_tile(tr, smem, src, base, stride, rows, rows_valid, d_valid):
-    kchunks = tr["kD"] // 8
-    kmap = 4 if kchunks <= 4 else 8 if kchunks <= 8 else 16
-    kstep = tr["kThreads"] // kmap
-    assert rows % kstep == 0
-    for tid in range(tr["kThreads"]):
-        c, r0 = tid % kmap, tid // kmap
-        if kchunks != kmap and c >= kchunks:
-            continue
-        col_ok = c * 8 < d_valid
-        for it in range(rows // kstep):
-            r = r0 + it * kstep
-            ok = col_ok and r < rows_valid
-            dst = r * tr["kS"] + c * 8
-            smem[dst:dst + 8] = src[base + r * stride + c * 8 + np.arange(8)] if ok else 0.0
+def load_tile_into(tr, smem, src, base, stride, rows, rows_valid, d_valid):
+    """The backward's tiles each own a buffer of kS-element rows."""
+    load_tile(tr["kThreads"], smem, 0, smem.size, src, base, stride, rows, rows_valid, d_valid, tr["kD"], tr["kS"])
 
 
 def stage_bias(tr, p, base, m0, n0):
-    idx = np.arange(tr["kBM"] * tr["kBN"])          # every thread's idx loop at once
-    r, cc = idx // tr["kBN"], idx % tr["kBN"]
-    i, j = m0 + r, n0 + cc
-    ok = (i < p["Nq"]) & (j < p["Nk"])
-    out = np.zeros(idx.size)
-    out[ok] = LOG2E * p["bias"].s[base + i[ok] * p["bias"].st[2] + j[ok] * p["bias"].st[3]]
-    return out
+    return stage_bias_tile(tr["kBM"], tr["kBN"], p, p["bias"], base, m0, n0, LOG2E)
 
 
 def lse_log2(p, li):
     lv = p["lse"][li]
     return math.inf if lv == -math.inf else lv * LOG2E
-
-
-def zeros_frags(n):
-    return [np.zeros((32, 4)) for _ in range(n)]
 
 
 # ---- the three kernels -----------------------------------------------------------------------
@@ -167,11 +85,11 @@ def dq_kernel(p, tr, block):
 
     def load_kv(stage, tile):
         n0 = tile * kBN
-        load_tile(tr, sKV[stage][0], k.s, gK + n0 * k.st[2], k.st[2], kBN, p["Nk"] - n0, p["d_qk"])
-        load_tile(tr, sKV[stage][1], v.s, gV + n0 * v.st[2], v.st[2], kBN, p["Nk"] - n0, p["d_v"])
+        load_tile_into(tr, sKV[stage][0], k.s, gK + n0 * k.st[2], k.st[2], kBN, p["Nk"] - n0, p["d_qk"])
+        load_tile_into(tr, sKV[stage][1], v.s, gV + n0 * v.st[2], v.st[2], kBN, p["Nk"] - n0, p["d_v"])
 
-    load_tile(tr, sQ, q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"])
-    load_tile(tr, sdO, do.s, gdO + m0 * do.st[2], do.st[2], kBM, p["Nq"] - m0, p["d_v"])
+    load_tile_into(tr, sQ, q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"])
+    load_tile_into(tr, sdO, do.s, gdO + m0 * do.st[2], do.st[2], kBM, p["Nq"] - m0, p["d_v"])
     if n_tiles > 0:
         load_kv(0, 0)
 
@@ -259,11 +177,11 @@ def dkdv_kernel(p, tr, block):
         h, m0 = head_of(step), row0_of(step)
         gQ = b * q.st[0] + h * q.st[1]
         gdO = b * do.st[0] + h * do.st[1]
-        load_tile(tr, sQdO[stage][0], q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"])
-        load_tile(tr, sQdO[stage][1], do.s, gdO + m0 * do.st[2], do.st[2], kBM, p["Nq"] - m0, p["d_v"])
+        load_tile_into(tr, sQdO[stage][0], q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"])
+        load_tile_into(tr, sQdO[stage][1], do.s, gdO + m0 * do.st[2], do.st[2], kBM, p["Nq"] - m0, p["d_v"])
 
-    load_tile(tr, sK, k.s, gK + n0 * k.st[2], k.st[2], kBN, p["Nk"] - n0, p["d_qk"])
-    load_tile(tr, sV, v.s, gV + n0 * v.st[2], v.st[2], kBN, p["Nk"] - n0, p["d_v"])
+    load_tile_into(tr, sK, k.s, gK + n0 * k.st[2], k.st[2], kBN, p["Nk"] - n0, p["d_qk"])
+    load_tile_into(tr, sV, v.s, gV + n0 * v.st[2], v.st[2], kBN, p["Nk"] - n0, p["d_v"])
     if steps > 0:
         load_qdo(0, 0)
     acc_k = [zeros_frags(kD // 8) for _ in range(4)]
