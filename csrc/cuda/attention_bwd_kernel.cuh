@@ -235,10 +235,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t da[4];
-      da[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      da[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      da[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      da[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pack_a_operand<T>(da, s, kk);
 #pragma unroll
       for (int dd = 0; dd < kD / 16; ++dd) {
         const int k_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + dd * 16 + (lane / 16) * 8;
@@ -392,14 +389,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
       uint32_t pa[4], da[4];
-      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      da[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-      da[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-      da[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      da[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      pack_a_operand<T>(pa, st, kk);
+      pack_a_operand<T>(da, dpt, kk);
 #pragma unroll
       for (int dd = 0; dd < kD / 16; ++dd) {
         const int t_off = (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + dd * 16 + (lane / 16) * 8;

@@ -164,6 +164,17 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) 
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Accumulator tiles 2kk and 2kk+1 (keys 16kk..16kk+15 of an m16 row block) as the A operand of
+// the next mma: the m16n8 C layout of two n-tiles is the m16k16 A layout, so the registers are
+// only converted and paired, never moved between lanes.
+template <typename T, int N>
+__device__ __forceinline__ void pack_a_operand(uint32_t (&a)[4], const float (&acc)[N][4], int kk) {
+  a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
 __device__ __forceinline__ float load_scalar(const void* p, int64_t off, int is_f32, bool is_bf16) {
   if (is_f32) return __ldg(static_cast<const float*>(p) + off);
   if (is_bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
@@ -434,15 +445,9 @@ attention_fwd_kernel(const FwdParams p) {
       // The S accumulator layout of n-tiles 2kk, 2kk+1 is exactly the A-operand layout of keys
       // 16kk..16kk+15: a0 = tile 2kk (row g), a1 = tile 2kk (row g+8), a2/a3 = tile 2kk+1.
       uint32_t pa[4], ha[4];
-      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pack_a_operand<T>(pa, s, kk);
       if constexpr (kJvp) {
-        ha[0] = pack2<T>(sd[2 * kk][0], sd[2 * kk][1]);
-        ha[1] = pack2<T>(sd[2 * kk][2], sd[2 * kk][3]);
-        ha[2] = pack2<T>(sd[2 * kk + 1][0], sd[2 * kk + 1][1]);
-        ha[3] = pack2<T>(sd[2 * kk + 1][2], sd[2 * kk + 1][3]);
+        pack_a_operand<T>(ha, sd, kk);
       }
 #pragma unroll
       for (int dp = 0; dp < kDv / 16; ++dp) {
