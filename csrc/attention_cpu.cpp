@@ -519,51 +519,92 @@ void backward_dq(const Problem& p, const BackwardTensors<scalar_t>& t) {
   });
 }
 
-// dK, dV: parallel over (b, kv head, key block); each task sums over the query heads of its
-// group and owns its rows of dk and dv.
+// Per-thread buffers of the key-block sweep, in the accumulation type.
+template <typename acc_t>
+struct KeyBlockScratch {
+  std::vector<acc_t> k_blk, v_blk, dk_blk, dv_blk, q_blk, go_blk, scores, dprob;
+  KeyBlockScratch(int64_t Dqk, int64_t Dv)
+      : k_blk(kBlockK * Dqk), v_blk(kBlockK * Dv), dk_blk(kBlockK * Dqk), dv_blk(kBlockK * Dv),
+        q_blk(kBlockQ * Dqk), go_blk(kBlockQ * Dv), scores(kBlockQ * kBlockK), dprob(kBlockQ * kBlockK) {}
+};
+
+// One key block: dK, dV summed over the query heads of the group and their query blocks, and,
+// when dq_group is given, scale·dS·K of this key block added into the group's dQ rows
+// (G × Nq × Dqk, acc_t) while S and dS are at hand.
+template <typename scalar_t, typename acc_t>
+void backward_key_block(const Problem& p, const BackwardTensors<scalar_t>& t, int64_t b, int64_t kvh,
+                        int64_t j0, KeyBlockScratch<acc_t>& w, acc_t* dq_group) {
+  const int64_t Dqk = p.dim_qk, Dv = p.dim_v;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const int64_t nk = std::min(kBlockK, p.num_keys - j0);
+  load_rows(t.k, b, kvh, j0, nk, Dqk, w.k_blk.data(), Dqk);
+  load_rows(t.v, b, kvh, j0, nk, Dv, w.v_blk.data(), Dv);
+  std::fill(w.dk_blk.begin(), w.dk_blk.end(), acc_t(0));
+  std::fill(w.dv_blk.begin(), w.dv_blk.end(), acc_t(0));
+  for (int64_t h = kvh * p.groups; h < (kvh + 1) * p.groups; ++h) {
+    for (int64_t i0 = p.first_query(j0); i0 < p.num_queries; i0 += kBlockQ) {
+      const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
+      load_rows(t.q, b, h, i0, nq, Dqk, w.q_blk.data(), Dqk);
+      load_rows(t.grad_out, b, h, i0, nq, Dv, w.go_blk.data(), Dv);
+      gemm(Mat<acc_t>{w.q_blk.data(), nq, Dqk, Dqk}, Mat<acc_t>{w.k_blk.data(), Dqk, nk, Dqk, true},
+           w.scores.data(), nk, scale, acc_t(0));
+      gemm(Mat<acc_t>{w.go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{w.v_blk.data(), Dv, nk, Dv, true},
+           w.dprob.data(), nk, acc_t(1), acc_t(0));
+      probabilities_and_score_grads(p, t, b, h, i0, nq, j0, nk, w.scores.data(), w.dprob.data());
+      gemm(Mat<acc_t>{w.scores.data(), nk, nq, nk, true}, Mat<acc_t>{w.go_blk.data(), nq, Dv, Dv},
+           w.dv_blk.data(), Dv, acc_t(1), acc_t(1));
+      gemm(Mat<acc_t>{w.dprob.data(), nk, nq, nk, true}, Mat<acc_t>{w.q_blk.data(), nq, Dqk, Dqk},
+           w.dk_blk.data(), Dqk, scale, acc_t(1));
+      if (dq_group != nullptr) {
+        acc_t* dq_rows = dq_group + ((h - kvh * p.groups) * p.num_queries + i0) * Dqk;
+        gemm(Mat<acc_t>{w.dprob.data(), nq, nk, nk}, Mat<acc_t>{w.k_blk.data(), nk, Dqk, Dqk}, dq_rows, Dqk,
+             scale, acc_t(1));
+      }
+    }
+  }
+  const int64_t key0 = (b * p.kv_heads + kvh) * p.num_keys + j0;
+  for (int64_t j = 0; j < nk; ++j) {
+    for (int64_t d = 0; d < Dqk; ++d) t.dk[(key0 + j) * Dqk + d] = static_cast<scalar_t>(w.dk_blk[j * Dqk + d]);
+    for (int64_t d = 0; d < Dv; ++d) t.dv[(key0 + j) * Dv + d] = static_cast<scalar_t>(w.dv_blk[j * Dv + d]);
+  }
+}
+
+// dK, dV: parallel over (b, kv head, key block); each task owns its rows of dk and dv.
 template <typename scalar_t>
 void backward_dkdv(const Problem& p, const BackwardTensors<scalar_t>& t) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t k_blocks = (p.num_keys + kBlockK - 1) / kBlockK;
-  const int64_t Dqk = p.dim_qk, Dv = p.dim_v;
-  const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.kv_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> k_blk(kBlockK * Dqk), v_blk(kBlockK * Dv);
-    std::vector<acc_t> dk_blk(kBlockK * Dqk), dv_blk(kBlockK * Dv);
-    std::vector<acc_t> q_blk(kBlockQ * Dqk), go_blk(kBlockQ * Dv);
-    std::vector<acc_t> scores(kBlockQ * kBlockK), dprob(kBlockQ * kBlockK);
+    KeyBlockScratch<acc_t> scratch(p.dim_qk, p.dim_v);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kb = task % k_blocks;
       const int64_t kvh = (task / k_blocks) % p.kv_heads;
       const int64_t b = task / (k_blocks * p.kv_heads);
-      const int64_t j0 = kb * kBlockK;
-      const int64_t nk = std::min(kBlockK, p.num_keys - j0);
-      load_rows(t.k, b, kvh, j0, nk, Dqk, k_blk.data(), Dqk);
-      load_rows(t.v, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
-      std::fill(dk_blk.begin(), dk_blk.end(), acc_t(0));
-      std::fill(dv_blk.begin(), dv_blk.end(), acc_t(0));
-      for (int64_t h = kvh * p.groups; h < (kvh + 1) * p.groups; ++h) {
-        for (int64_t i0 = p.first_query(j0); i0 < p.num_queries; i0 += kBlockQ) {
-          const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
-          load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data(), Dqk);
-          load_rows(t.grad_out, b, h, i0, nq, Dv, go_blk.data(), Dv);
-          gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk},
-               Mat<acc_t>{k_blk.data(), Dqk, nk, Dqk, true}, scores.data(), nk, scale, acc_t(0));
-          gemm(Mat<acc_t>{go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{v_blk.data(), Dv, nk, Dv, true},
-               dprob.data(), nk, acc_t(1), acc_t(0));
-          probabilities_and_score_grads(p, t, b, h, i0, nq, j0, nk, scores.data(), dprob.data());
-          gemm(Mat<acc_t>{scores.data(), nk, nq, nk, true}, Mat<acc_t>{go_blk.data(), nq, Dv, Dv},
-               dv_blk.data(), Dv, acc_t(1), acc_t(1));
-          gemm(Mat<acc_t>{dprob.data(), nk, nq, nk, true}, Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk},
-               dk_blk.data(), Dqk, scale, acc_t(1));
-        }
-      }
-      const int64_t key0 = (b * p.kv_heads + kvh) * p.num_keys + j0;
-      for (int64_t j = 0; j < nk; ++j) {
-        for (int64_t d = 0; d < Dqk; ++d)
-          t.dk[(key0 + j) * Dqk + d] = static_cast<scalar_t>(dk_blk[j * Dqk + d]);
-        for (int64_t d = 0; d < Dv; ++d)
-          t.dv[(key0 + j) * Dv + d] = static_cast<scalar_t>(dv_blk[j * Dv + d]);
+      backward_key_block(p, t, b, kvh, kb * kBlockK, scratch, static_cast<acc_t*>(nullptr));
+    }
+  });
+}
+
+// dQ, dK, dV in one sweep: parallel over (b, kv head), each task owning its group's dQ rows
+// (accumulated over all key blocks), so S and dS are formed once instead of once for dQ and once
+// for dK/dV. Needs B·H_kv tasks to keep the threads busy; with fewer, the two-pass split
+// (backward_dq + backward_dkdv, more and smaller tasks) is used instead.
+template <typename scalar_t>
+void backward_one_sweep(const Problem& p, const BackwardTensors<scalar_t>& t) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t Dqk = p.dim_qk;
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    KeyBlockScratch<acc_t> scratch(Dqk, p.dim_v);
+    std::vector<acc_t> dq_group(p.groups * p.num_queries * Dqk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kvh = task % p.kv_heads, b = task / p.kv_heads;
+      std::fill(dq_group.begin(), dq_group.end(), acc_t(0));
+      for (int64_t j0 = 0; j0 < p.num_keys; j0 += kBlockK)
+        backward_key_block(p, t, b, kvh, j0, scratch, dq_group.data());
+      for (int64_t g = 0; g < p.groups; ++g) {
+        scalar_t* dst = t.dq + ((b * p.heads + kvh * p.groups + g) * p.num_queries) * Dqk;
+        const acc_t* src = dq_group.data() + g * p.num_queries * Dqk;
+        for (int64_t e = 0; e < p.num_queries * Dqk; ++e) dst[e] = static_cast<scalar_t>(src[e]);
       }
     }
   });
@@ -672,8 +713,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     t.dq = dq.data_ptr<scalar_t>();
     t.dk = dk.data_ptr<scalar_t>();
     t.dv = dv.data_ptr<scalar_t>();
-    backward_dq(p, t);
-    backward_dkdv(p, t);
+    if (p.batch * p.kv_heads >= at::get_num_threads()) {
+      backward_one_sweep(p, t);
+    } else {
+      backward_dq(p, t);
+      backward_dkdv(p, t);
+    }
   });
   return {dq, dk, dv};
 }
