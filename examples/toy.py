@@ -1,6 +1,8 @@
 """What the toy examples share: a ring of 8 Gaussians in 2-D, the distance-to-mode metric, a
-small MLP with Fourier features of its time input, and the scatter plot."""
+small MLP with Fourier features of its time input, the command line (train, sample, evaluate)
+and the scatter plot."""
 
+import argparse
 import math
 
 import torch
@@ -48,6 +50,41 @@ def evaluate(sample_sets, generator):
     for name, points in sample_sets.items():
         results[name] = distance_to_nearest_mode(points.float().cpu()).mean().item()
     print("mean distance to the nearest mode: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return results
+
+
+def main(argv, description, default_steps, train_step, sample, loss_name):
+    """Trains Net with Adam and a cosine learning-rate decay, calling
+    train_step(net, optimizer, x0, step, total_steps, generator) -> loss, then samples 4096 points
+    in 1 and 2 network calls with sample(net, num, steps, generator, device) and prints their
+    distance to the modes. Returns {name: mean distance}."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plot", default=None, help="write a scatter plot of data and samples to this PNG")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    net = Net().to(args.device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    for step in range(args.steps):
+        loss = train_step(net, optimizer, sample_data(args.batch, generator, args.device), step, args.steps,
+                          generator)
+        scheduler.step()
+        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
+            print(f"step {step:6d}  {loss_name} {loss:.4f}")
+
+    sample_sets = {"data": sample_data(4096, generator)}
+    for steps in (1, 2):
+        sample_sets[f"{steps}-step"] = sample(net, 4096, steps, generator, args.device)
+    results = evaluate({k: v for k, v in sample_sets.items() if k != "data"}, generator)
+    if args.plot:
+        plot(sample_sets, results, args.plot)
     return results
 
 
