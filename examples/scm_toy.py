@@ -22,7 +22,6 @@ import toy
 from toy import SIGMA_DATA
 
 
-
 def consistency_function(net, x_t, t):
     """f(x_t, t) = cos t·x_t − sin t·σd·F_θ(x_t/σd, t)."""
     return fastcm.precondition(x_t, net(x_t / SIGMA_DATA, t), t, param="trigflow", sigma_data=SIGMA_DATA)
