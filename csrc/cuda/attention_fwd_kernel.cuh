@@ -231,6 +231,142 @@ constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Per-tile steps shared by this kernel and the sm_90 one (attention_fwd_sm90_kernel.cuh). A thread
+// holds query rows row_in_cta and row_in_cta + 8 of its CTA tile; element (nt, e) of an S-like
+// fragment is row row_in_cta + 8·(e/2), key 8·nt + 2c + e%2 of the key tile (the m16n8 C layout of
+// mma.sync, which is also wgmma's accumulator layout per warp). They take the kernel parameters by
+// value: once inlined that is the kernel's own parameter block (by reference, the d = 256 / 128
+// kernels came out with other registers and scheduling).
+// ----------------------------------------------------------------------------------------------
+
+// s ← s·scale·log2e + bias (fp32 smem tile [BM][kBN], already × log2e), −inf where masked;
+// ṡ ← ṡ·scale + bias_t.
+template <bool kJvp, int kBN, int kNT, int kNTd>
+__device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[kNTd][4], const FwdParams p,
+                                               bool has_bias, const float* sBias, bool has_bias_t,
+                                               const float* sBiasT, int row_in_cta, int m0, int n0, int off,
+                                               bool need_mask, int c) {
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
+      const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
+      float x = s[nt][e] * p.scale_log2;
+      if (has_bias) x += sBias[ri * kBN + jl];            // already in log2 units
+      if (need_mask) {
+        const int i = m0 + ri, j = n0 + jl;
+        if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
+      }
+      s[nt][e] = x;
+      if constexpr (kJvp) {
+        float xd = sd[nt][e] * p.scale;
+        if (has_bias_t) xd += sBiasT[ri * kBN + jl];
+        sd[nt][e] = xd;
+      }
+    }
+  }
+}
+
+// Online softmax over one key tile: the running max moves to m', s becomes p = 2^(s − m'), ṡ
+// becomes h = p·ṡ, ℓ and r take the tile's partial sums; alpha = 2^(m − m') rescales the
+// accumulators (rescale_accumulators).
+template <bool kJvp, int kNT, int kNTd>
+__device__ __forceinline__ void online_softmax(float (&s)[kNT][4], float (&sd)[kNTd][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&row_r)[2], float (&alpha)[2]) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = row_max[rr];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));   // the 4 lanes of a quad share a row
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_use = (mx == -INFINITY) ? 0.f : mx;       // row fully masked so far
+    alpha[rr] = exp2f(row_max[rr] - m_use);                 // exp2(-inf) = 0 on the first hit
+    row_max[rr] = mx;
+    float ps = 0.f, hs = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
+        const float pe = exp2f(s[nt][e] - m_use);
+        s[nt][e] = pe;
+        ps += pe;
+        if constexpr (kJvp) {
+          const float he = (pe > 0.f) ? pe * sd[nt][e] : 0.f;   // masked: 0 even if ṡ is inf
+          sd[nt][e] = he;
+          hs += he;
+        }
+      }
+    }
+    row_sum[rr] = alpha[rr] * row_sum[rr] + ps;
+    if constexpr (kJvp) row_r[rr] = alpha[rr] * row_r[rr] + hs;
+  }
+}
+
+template <bool kJvp, int kNTO, int kNTOt>
+__device__ __forceinline__ void rescale_accumulators(float (&acc_o)[kNTO][4], float (&acc_t)[kNTOt][4],
+                                                     const float (&alpha)[2]) {
+#pragma unroll
+  for (int nt = 0; nt < kNTO; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_o[nt][e] *= alpha[e / 2];
+      if constexpr (kJvp) acc_t[nt][e] *= alpha[e / 2];
+    }
+  }
+}
+
+// Epilogue: quad-reduce ℓ and r, write LSE (and μ) and O = A/ℓ (and Ȯ = T/ℓ − μ·O) of query rows
+// qrow0 and qrow0 + 8.
+template <typename T, bool kJvp, int kNTO, int kNTOt>
+__device__ __forceinline__ void write_outputs(const FwdParams p, const float (&acc_o)[kNTO][4],
+                                              const float (&acc_t)[kNTOt][4], const float (&row_max)[2],
+                                              const float (&row_sum)[2], const float (&row_r)[2],
+                                              int qrow0, int bh, int b, int h, int c) {
+  const int qrow[2] = {qrow0, qrow0 + 8};
+  constexpr float kLn2 = 0.6931471805599453f;
+  float inv_l[2], mu[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = row_sum[rr], r = row_r[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if constexpr (kJvp) {
+      r += __shfl_xor_sync(0xffffffffu, r, 1);
+      r += __shfl_xor_sync(0xffffffffu, r, 2);
+    }
+    inv_l[rr] = (l > 0.f) ? 1.f / l : 0.f;
+    mu[rr] = kJvp ? r * inv_l[rr] : 0.f;
+    const int i = qrow[rr];
+    if (c == 0 && i < p.Nq) {
+      const int64_t li = (int64_t)bh * p.Nq + i;
+      p.lse[li] = (l > 0.f) ? (row_max[rr] + __log2f(l)) * kLn2 : -INFINITY;
+      if constexpr (kJvp) p.lse_t[li] = mu[rr];
+    }
+  }
+  T* gO = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  T* gOt = kJvp ? static_cast<T*>(p.out_t) + b * p.ot_sb + h * p.ot_sh : nullptr;
+#pragma unroll
+  for (int nt = 0; nt < kNTO; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    if (col >= p.d_v) continue;            // d_v % 8 == 0: the pair is all in or all out
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int i = qrow[rr];
+      if (i >= p.Nq) continue;
+      const float o0 = acc_o[nt][2 * rr] * inv_l[rr], o1 = acc_o[nt][2 * rr + 1] * inv_l[rr];
+      *reinterpret_cast<uint32_t*>(gO + (int64_t)i * p.o_sn + col) = pack2<T>(o0, o1);
+      if constexpr (kJvp) {
+        const float t0 = acc_t[nt][2 * rr] * inv_l[rr] - mu[rr] * o0;
+        const float t1 = acc_t[nt][2 * rr + 1] * inv_l[rr] - mu[rr] * o1;
+        *reinterpret_cast<uint32_t*>(gOt + (int64_t)i * p.ot_sn + col) = pack2<T>(t0, t1);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
 // The kernel.
 // ----------------------------------------------------------------------------------------------
 template <class Tr>
@@ -241,7 +377,6 @@ attention_fwd_kernel(const FwdParams p) {
   constexpr int kDqk = Tr::kDqk, kDv = Tr::kDv, kSqk = Tr::kStrideQK, kSv = Tr::kStrideV;
   constexpr bool kJvp = Tr::kJvp;
   constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kLn2 = 0.6931471805599453f;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -307,7 +442,6 @@ attention_fwd_kernel(const FwdParams p) {
   float row_r[2] = {0.f, 0.f};                 // this thread's partial r
 
   const int row_in_cta = 16 * warp + g;       // + 8 for the second row
-  const int qrow[2] = {m0 + row_in_cta, m0 + row_in_cta + 8};
 
   const bool has_bias = p.bias != nullptr;
   const bool has_bias_t = kJvp && p.bias_t != nullptr;
@@ -377,67 +511,12 @@ attention_fwd_kernel(const FwdParams p) {
       }
     }
 
-    // ---- scale, bias, mask; element (nt, e) is row qrow[e/2], key n0 + 8nt + 2c + e%2 ----
+    // ---- scale, bias, mask; then the online softmax update ----
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-#pragma unroll
-    for (int nt = 0; nt < Tr::kNTileS; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
-        const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
-        float x = s[nt][e] * p.scale_log2;
-        if (has_bias) x += sBias[ri * kBN + jl];            // already in log2 units
-        if (need_mask) {
-          const int i = m0 + ri, j = n0 + jl;
-          if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
-        }
-        s[nt][e] = x;
-        if constexpr (kJvp) {
-          float xd = sd[nt][e] * p.scale;
-          if (has_bias_t) xd += sBiasT[ri * kBN + jl];
-          sd[nt][e] = xd;
-        }
-      }
-    }
-
-    // ---- online softmax update ----
+    scores_to_log2<kJvp, kBN>(s, sd, p, has_bias, sBias, has_bias_t, sBiasT, row_in_cta, m0, n0, off, need_mask, c);
     float alpha[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = row_max[rr];
-#pragma unroll
-      for (int nt = 0; nt < Tr::kNTileS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));   // the 4 lanes of a quad share a row
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = (mx == -INFINITY) ? 0.f : mx;       // row fully masked so far
-      alpha[rr] = exp2f(row_max[rr] - m_use);                 // exp2(-inf) = 0 on the first hit
-      row_max[rr] = mx;
-      float ps = 0.f, hs = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < Tr::kNTileS; ++nt) {
-#pragma unroll
-        for (int e = 2 * rr; e < 2 * rr + 2; ++e) {
-          const float pe = exp2f(s[nt][e] - m_use);
-          s[nt][e] = pe;
-          ps += pe;
-          if constexpr (kJvp) {
-            const float he = (pe > 0.f) ? pe * sd[nt][e] : 0.f;   // masked: 0 even if ṡ is inf
-            sd[nt][e] = he;
-            hs += he;
-          }
-        }
-      }
-      row_sum[rr] = alpha[rr] * row_sum[rr] + ps;
-      if constexpr (kJvp) row_r[rr] = alpha[rr] * row_r[rr] + hs;
-    }
-#pragma unroll
-    for (int nt = 0; nt < Tr::kNTileO; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc_o[nt][e] *= alpha[e / 2];
-        if constexpr (kJvp) acc_t[nt][e] *= alpha[e / 2];
-      }
-    }
+    online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
+    rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
 
     // ---- A += P·V, T += P·V̇ + H·V (the [p | h]·[V̇ ; V] product, k-step by k-step) ----
 #pragma unroll
@@ -473,45 +552,7 @@ attention_fwd_kernel(const FwdParams p) {
   }
   cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
 
-  // ---- epilogue ----
-  float inv_l[2], mu[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float l = row_sum[rr], r = row_r[rr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if constexpr (kJvp) {
-      r += __shfl_xor_sync(0xffffffffu, r, 1);
-      r += __shfl_xor_sync(0xffffffffu, r, 2);
-    }
-    inv_l[rr] = (l > 0.f) ? 1.f / l : 0.f;
-    mu[rr] = kJvp ? r * inv_l[rr] : 0.f;
-    const int i = qrow[rr];
-    if (c == 0 && i < p.Nq) {
-      const int64_t li = (int64_t)bh * p.Nq + i;
-      p.lse[li] = (l > 0.f) ? (row_max[rr] + __log2f(l)) * kLn2 : -INFINITY;
-      if constexpr (kJvp) p.lse_t[li] = mu[rr];
-    }
-  }
-  T* gO = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  T* gOt = kJvp ? static_cast<T*>(p.out_t) + b * p.ot_sb + h * p.ot_sh : nullptr;
-#pragma unroll
-  for (int nt = 0; nt < Tr::kNTileO; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    if (col >= p.d_v) continue;            // d_v % 8 == 0: the pair is all in or all out
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int i = qrow[rr];
-      if (i >= p.Nq) continue;
-      const float o0 = acc_o[nt][2 * rr] * inv_l[rr], o1 = acc_o[nt][2 * rr + 1] * inv_l[rr];
-      *reinterpret_cast<uint32_t*>(gO + (int64_t)i * p.o_sn + col) = pack2<T>(o0, o1);
-      if constexpr (kJvp) {
-        const float t0 = acc_t[nt][2 * rr] * inv_l[rr] - mu[rr] * o0;
-        const float t1 = acc_t[nt][2 * rr + 1] * inv_l[rr] - mu[rr] * o1;
-        *reinterpret_cast<uint32_t*>(gOt + (int64_t)i * p.ot_sn + col) = pack2<T>(t0, t1);
-      }
-    }
-  }
+  write_outputs<T, kJvp>(p, acc_o, acc_t, row_max, row_sum, row_r, m0 + row_in_cta, bh, b, h, c);
 }
 
 // Host-side launch of one instantiation; throws (TORCH_CHECK) on a launch error.
