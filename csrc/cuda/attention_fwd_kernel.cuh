@@ -239,6 +239,50 @@ constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
 // kernels came out with other registers and scheduling).
 // ----------------------------------------------------------------------------------------------
 
+// The CTA's work: its (b, h), query tile [m0, m0 + kBM), the number of kBN-key tiles it needs, and
+// the first rows of its q, k, v (and tangent) heads. Causal schedules the heaviest query tiles first.
+template <typename T>
+struct FwdBlock {
+  int bh, b, h, m0;
+  int off;            // Nk − Nq: with causal, key j is visible to row i iff j <= i + off
+  int n_tiles;
+  const T *q, *k, *v, *q_t, *k_t, *v_t;
+};
+
+template <typename T, bool kJvp, int kBM, int kBN>
+__device__ __forceinline__ FwdBlock<T> fwd_block(const FwdParams p) {
+  FwdBlock<T> w;
+  const int mb = p.num_m_blocks - 1 - (int)(blockIdx.x % p.num_m_blocks);
+  w.bh = (int)(blockIdx.x / p.num_m_blocks);
+  w.b = w.bh / p.H;
+  w.h = w.bh % p.H;
+  const int hkv = w.h / (p.H / p.Hkv);
+  w.m0 = mb * kBM;
+  w.off = p.Nk - p.Nq;
+  w.q = static_cast<const T*>(p.q) + w.b * p.q_sb + w.h * p.q_sh;
+  w.k = static_cast<const T*>(p.k) + w.b * p.k_sb + hkv * p.k_sh;
+  w.v = static_cast<const T*>(p.v) + w.b * p.v_sb + hkv * p.v_sh;
+  w.q_t = kJvp ? static_cast<const T*>(p.q_t) + w.b * p.qt_sb + w.h * p.qt_sh : nullptr;
+  w.k_t = kJvp ? static_cast<const T*>(p.k_t) + w.b * p.kt_sb + hkv * p.kt_sh : nullptr;
+  w.v_t = kJvp ? static_cast<const T*>(p.v_t) + w.b * p.vt_sb + hkv * p.vt_sh : nullptr;
+  // Keys this CTA may need: [0, n_end).
+  int n_end = p.Nk;
+  if (p.causal) n_end = max(0, min(p.Nk, w.m0 + kBM + w.off));
+  w.n_tiles = (n_end + kBN - 1) / kBN;
+  return w;
+}
+
+template <bool kJvp, int kNTO, int kNTOt>
+__device__ __forceinline__ void zero_accumulators(float (&acc_o)[kNTO][4], float (&acc_t)[kNTOt][4]) {
+#pragma unroll
+  for (int i = 0; i < kNTO; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_o[i][e] = 0.f;
+      if constexpr (kJvp) acc_t[i][e] = 0.f;
+    }
+}
+
 // s ← s·scale·log2e + bias (fp32 smem tile [BM][kBN], already × log2e), −inf where masked;
 // ṡ ← ṡ·scale + bias_t.
 template <bool kJvp, int kBN, int kNT, int kNTd>
@@ -386,25 +430,9 @@ attention_fwd_kernel(const FwdParams p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
 
-  // Causal schedules the heaviest query tiles first.
-  const int mb = p.num_m_blocks - 1 - (int)(blockIdx.x % p.num_m_blocks);
-  const int bh = (int)(blockIdx.x / p.num_m_blocks);
-  const int b = bh / p.H, h = bh % p.H;
-  const int hkv = h / (p.H / p.Hkv);
-  const int m0 = mb * kBM;
-  const int off = p.Nk - p.Nq;                         // causal: key j visible to row i iff j <= i + off
-
-  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
-  const T* gQt = kJvp ? static_cast<const T*>(p.q_t) + b * p.qt_sb + h * p.qt_sh : nullptr;
-  const T* gKt = kJvp ? static_cast<const T*>(p.k_t) + b * p.kt_sb + hkv * p.kt_sh : nullptr;
-  const T* gVt = kJvp ? static_cast<const T*>(p.v_t) + b * p.vt_sb + hkv * p.vt_sh : nullptr;
-
-  // Keys this CTA may need: [0, n_end).
-  int n_end = p.Nk;
-  if (p.causal) n_end = max(0, min(p.Nk, m0 + kBM + off));
-  const int n_tiles = (n_end + kBN - 1) / kBN;
+  const FwdBlock<T> blk = fwd_block<T, kJvp, kBM, kBN>(p);
+  const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles;
+  const T *gQ = blk.q, *gK = blk.k, *gV = blk.v, *gQt = blk.q_t, *gKt = blk.k_t, *gVt = blk.v_t;
 
   auto load_kv = [&](int stage, int tile) {
     T* base = sKV + stage * Tr::kStageElems;
@@ -427,16 +455,7 @@ attention_fwd_kernel(const FwdParams p) {
   // Per-thread state for rows r0 = m0 + 16·warp + g and r1 = r0 + 8.
   float acc_o[Tr::kNTileO][4];
   float acc_t[kJvp ? Tr::kNTileO : 1][4];
-#pragma unroll
-  for (int i = 0; i < Tr::kNTileO; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
-  if constexpr (kJvp) {
-#pragma unroll
-    for (int i = 0; i < Tr::kNTileO; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_t[i][e] = 0.f;
-  }
+  zero_accumulators<kJvp>(acc_o, acc_t);
   float row_max[2] = {-INFINITY, -INFINITY};   // running max, base-2 units
   float row_sum[2] = {0.f, 0.f};               // this thread's partial ℓ (quad-reduced at the end)
   float row_r[2] = {0.f, 0.f};                 // this thread's partial r

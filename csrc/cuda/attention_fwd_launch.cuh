@@ -10,28 +10,41 @@
 namespace fastcm {
 namespace attn {
 
-template <typename T, int kDqk, int kDv, bool kJvp>
-void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kDqk, kDv, kJvp>;
-  TORCH_CHECK(p.num_m_blocks == (p.Nq + Tr::kBM - 1) / Tr::kBM, "fastcm attention: internal error (m blocks)");
+// Raises `kernel`'s dynamic shared-memory limit to `smem` bytes; where the device allows less, a
+// TORCH_CHECK error naming the kernel (`family`, padded head dims, tangents), the bytes and the
+// device's opt-in limit.
+template <typename Kernel>
+void set_dynamic_smem(Kernel kernel, int smem, const char* family, int kdqk, int kdv, bool jvp) {
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr == cudaSuccess) return;
+  (void)cudaGetLastError();   // clear the (non-sticky) error before reporting our own
+  int dev = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(smem <= limit, "fastcm attention (CUDA): the ", family, " forward kernel for padded head dims (D_qk ",
+              kdqk, ", D_v ", kdv, ")", jvp ? " with tangents" : "", " needs ", smem,
+              " bytes of shared memory per block; this device allows ", limit);
+  C10_CUDA_CHECK(attr);
+}
+
+// One CTA per (b, h, query tile of kBM rows); p.num_m_blocks is set here for the kernel's kBM.
+template <class Tr, typename Kernel>
+void launch_fwd_grid(Kernel kernel, FwdParams p, int smem, cudaStream_t stream) {
+  p.num_m_blocks = (p.Nq + Tr::kBM - 1) / Tr::kBM;
   const int64_t grid = (int64_t)p.num_m_blocks * p.B * p.H;
   TORCH_CHECK(grid <= 0x7fffffff, "fastcm attention: too many query tiles (B*H*ceil(Nq/", Tr::kBM, ") = ",
               grid, ")");
-  const int smem = Tr::kSmemBytes + bias_smem_bytes<Tr>(p.bias != nullptr, p.bias_t != nullptr);
-  auto kernel = attention_fwd_kernel<Tr>;
-  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (attr != cudaSuccess) {
-    (void)cudaGetLastError();   // clear the (non-sticky) error before reporting our own
-    int dev = 0, limit = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    TORCH_CHECK(smem <= limit, "fastcm attention (CUDA): the forward kernel for padded head dims (D_qk ", kDqk,
-                ", D_v ", kDv, ")", kJvp ? " with tangents" : "", " needs ", smem,
-                " bytes of shared memory per block; this device allows ", limit);
-    C10_CUDA_CHECK(attr);
-  }
   kernel<<<(unsigned)grid, Tr::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kDqk, int kDv, bool kJvp>
+void launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kDqk, kDv, kJvp>;
+  const int smem = Tr::kSmemBytes + bias_smem_bytes<Tr>(p.bias != nullptr, p.bias_t != nullptr);
+  auto kernel = attention_fwd_kernel<Tr>;
+  set_dynamic_smem(kernel, smem, "sm_80", kDqk, kDv, kJvp);
+  launch_fwd_grid<Tr>(kernel, p, smem, stream);
 }
 
 // The pairs instantiated (× JVP × dtype = 24 kernels per dtype). D_qk ≤ 128 keeps the v1 rule:

@@ -22,15 +22,11 @@ import pytest
 import torch
 
 from fastcm.reference import attention as ref
-from ptx_model import (ELEM, LANE, LOG2E, C_, G_, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a,
-                       zeros_frags)
+from fwd_steps import assert_matches_reference, fwd_block, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
+from ptx_model import ELEM, LANE, LOG2E, G_, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a, zeros_frags
 from ptx_model import stage_bias as stage_bias_tile
 
 SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-
-
-def shfl_xor(x, m):
-    return x[LANE ^ m]
 
 
 # ---- traits and dispatch (FwdTraits, launch_fwd_dispatch, fwd_padded_head_dims) ----------------
@@ -79,23 +75,8 @@ def fwd_kernel(p, tr, block):
     smem = np.full(tr["kSmemElems"], np.nan)          # stale shared memory is NaN
     sQ, sQt, sKV = 0, tr["kQElems"], (2 if jvp else 1) * tr["kQElems"]
 
-    mb = p["num_m_blocks"] - 1 - block % p["num_m_blocks"]
-    bh = block // p["num_m_blocks"]
-    b, h = bh // p["H"], bh % p["H"]
-    hkv = h // (p["H"] // p["Hkv"])
-    m0, off = mb * kBM, p["Nk"] - p["Nq"]
+    bh, b, h, m0, off, n_tiles, (gQ, gK, gV, gQt, gKt, gVt) = fwd_block(p, kBM, kBN, block)
     q, k, v, qt, kt, vt = (p[x] for x in ("q", "k", "v", "q_t", "k_t", "v_t"))
-    gQ = q.base + b * q.st[0] + h * q.st[1]
-    gK = k.base + b * k.st[0] + hkv * k.st[1]
-    gV = v.base + b * v.st[0] + hkv * v.st[1]
-    if jvp:
-        gQt = qt.base + b * qt.st[0] + h * qt.st[1]
-        gKt = kt.base + b * kt.st[0] + hkv * kt.st[1]
-        gVt = vt.base + b * vt.st[0] + hkv * vt.st[1]
-    n_end = p["Nk"]
-    if p["causal"]:
-        n_end = max(0, min(p["Nk"], m0 + kBM + off))
-    n_tiles = (n_end + kBN - 1) // kBN
 
     def load_kv(stage, tile):
         base = sKV + stage * tr["kStageElems"]
@@ -156,51 +137,8 @@ def fwd_kernel(p, tr, block):
                         mma16816(sd[2 * np_ + 1], qa, ktb[:, 2], ktb[:, 3])
 
             need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
-            for nt in range(tr["kNTileS"]):
-                for e in range(4):
-                    ri, jl = w["row_in_cta"] + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
-                    x = s[nt][:, e] * p["scale_log2"]
-                    if has_bias:
-                        x = x + sBias[ri * kBN + jl]
-                    if need_mask:
-                        i, j = m0 + ri, n0 + jl
-                        x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
-                    s[nt][:, e] = x
-                    if jvp:
-                        xd = sd[nt][:, e] * p["scale"]
-                        if has_bias_t:
-                            xd = xd + sBiasT[ri * kBN + jl]
-                        sd[nt][:, e] = xd
-
-            alpha = [None, None]
-            row_max, row_sum, row_r = list(w["row_max"]), list(w["row_sum"]), list(w["row_r"])
-            for rr in range(2):
-                mx = row_max[rr]
-                for nt in range(tr["kNTileS"]):
-                    mx = np.maximum(mx, np.maximum(s[nt][:, 2 * rr], s[nt][:, 2 * rr + 1]))
-                mx = np.maximum(mx, shfl_xor(mx, 1))
-                mx = np.maximum(mx, shfl_xor(mx, 2))
-                m_use = np.where(mx == -math.inf, 0.0, mx)
-                alpha[rr] = np.exp2(row_max[rr] - m_use)
-                row_max[rr] = mx
-                ps, hs = np.zeros(32), np.zeros(32)
-                for nt in range(tr["kNTileS"]):
-                    for e in (2 * rr, 2 * rr + 1):
-                        pe = np.exp2(s[nt][:, e] - m_use)
-                        s[nt][:, e] = pe
-                        ps = ps + pe
-                        if jvp:
-                            he = np.where(pe > 0, pe * np.where(pe > 0, sd[nt][:, e], 0.0), 0.0)
-                            sd[nt][:, e] = he
-                            hs = hs + he
-                row_sum[rr] = alpha[rr] * row_sum[rr] + ps
-                if jvp:
-                    row_r[rr] = alpha[rr] * row_r[rr] + hs
-            w["row_max"], w["row_sum"], w["row_r"] = row_max, row_sum, row_r
-            for nt in range(tr["kNTileO"]):
-                for e in range(4):
-                    w["acc_o"][nt][:, e] *= alpha[e // 2]
-                    w["acc_t"][nt][:, e] *= alpha[e // 2]
+            scores_to_log2(s, sd, p, jvp, kBN, sBias, sBiasT, w["row_in_cta"], m0, n0, off, need_mask)
+            rescale_accumulators(w, online_softmax(s, sd, jvp, w))
 
             for kk in range(kBN // 16):
                 pa = pack_a(s, kk)
@@ -217,38 +155,8 @@ def fwd_kernel(p, tr, block):
                         mma16816(w["acc_t"][2 * dp], ha, vb[:, 0], vb[:, 1])
                         mma16816(w["acc_t"][2 * dp + 1], ha, vb[:, 2], vb[:, 3])
 
-    out, out_t = p["out"], p["out_t"]
-    gO = out.base + b * out.st[0] + h * out.st[1]
-    gOt = out_t.base + b * out_t.st[0] + h * out_t.st[1] if jvp else 0
     for w in warps:
-        inv_l, mu = [None, None], [None, None]
-        for rr in range(2):
-            l, r = w["row_sum"][rr], w["row_r"][rr]
-            l = l + shfl_xor(l, 1)
-            l = l + shfl_xor(l, 2)
-            if jvp:
-                r = r + shfl_xor(r, 1)
-                r = r + shfl_xor(r, 2)
-            inv_l[rr] = np.where(l > 0, 1.0 / np.where(l > 0, l, 1.0), 0.0)
-            mu[rr] = r * inv_l[rr] if jvp else np.zeros(32)
-            i = m0 + w["row_in_cta"] + 8 * rr
-            ok = (C_ == 0) & (i < p["Nq"])
-            li = bh * p["Nq"] + i
-            lse = np.where(l > 0, (w["row_max"][rr] + np.log2(np.where(l > 0, l, 1.0))) / LOG2E, -math.inf)
-            p["lse"][li[ok]] = lse[ok]
-            if jvp:
-                p["lse_t"][li[ok]] = mu[rr][ok]
-        for nt in range(tr["kNTileO"]):
-            col = nt * 8 + 2 * C_
-            for rr in range(2):
-                i = m0 + w["row_in_cta"] + 8 * rr
-                ok = (col < p["d_v"]) & (i < p["Nq"])
-                o = [w["acc_o"][nt][:, 2 * rr + j] * inv_l[rr] for j in range(2)]
-                for j in range(2):
-                    out.s[(gO + i * out.st[2] + col + j)[ok]] = o[j][ok]
-                    if jvp:
-                        t = w["acc_t"][nt][:, 2 * rr + j] * inv_l[rr] - mu[rr] * o[j]
-                        out_t.s[(gOt + i * out_t.st[2] + col + j)[ok]] = t[ok]
+        write_outputs(p, w, jvp, m0, bh, b, h)
 
 
 def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, launches=None):
@@ -372,9 +280,4 @@ def test_forward_index_model_matches_reference(case):
     if Dqk > 128:
         assert all(kdqk in (192, 256) for kdqk, _, _ in launches)
     assert len(launches) == (Dv + 127) // 128
-    for name, g, e in zip(names, got, expected):
-        e = e.numpy()
-        assert not np.isnan(g).any(), f"{name}: unwritten element"
-        fin = np.isfinite(e)
-        assert np.array_equal(g[~fin], e[~fin]), f"{name}: non-finite entries differ"
-        np.testing.assert_allclose(g[fin], e[fin], rtol=1e-10, atol=1e-10, err_msg=name)
+    assert_matches_reference(names, got, expected)
