@@ -40,10 +40,15 @@ def _extensions():
     if not with_cuda:
         ext = CppExtension("fastcm._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
     else:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("FASTCM_CUDA_ARCH_LIST", "8.0;9.0a")
+        arch_list = os.environ.get("FASTCM_CUDA_ARCH_LIST", "8.0;9.0a")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        macros = [("FASTCM_WITH_CUDA", "1")]
+        # The wgmma forward kernel exists only in sm_90a code; the host may pick it only then.
+        if "9.0a" in arch_list.replace(" ", ";").split(";"):
+            macros.append(("FASTCM_WITH_SM90A", "1"))
         ext = CUDAExtension(
             "fastcm._C", cpp_sources + cuda_sources,
-            define_macros=[("FASTCM_WITH_CUDA", "1")],
+            define_macros=macros,
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",

@@ -1,7 +1,9 @@
 // CUDA implementations of fastcm::attention_forward, attention_forward_jvp, attention_backward
 // (the schemas are defined with TORCH_LIBRARY(fastcm, m) in csrc/attention.cpp).
 //
-// Forward and forward-JVP: the fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
+// Forward and forward-JVP: on sm_90 devices the wgmma kernel of attention_fwd_sm90_kernel.cuh
+// where it applies (padded head dim 64 or 128, no bias; FASTCM_ATTN_SM90=0 turns it off), else the
+// fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
 // Backward: the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen
 // batched matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
 //
@@ -18,13 +20,18 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "attention_bwd_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
+#include "attention_fwd_sm90_kernel.cuh"
 
 namespace fastcm {
 namespace {
@@ -133,6 +140,35 @@ std::pair<int, int> fwd_padded_head_dims(int64_t dqk8, int64_t dv_cols) {
   return {dqk8 <= 192 ? 192 : 256, dv_cols <= 64 ? 64 : 128};
 }
 
+// Whether the sm_90a forward kernel may run on `device`: the build
+// has sm_90a code (setup.py defines FASTCM_WITH_SM90A when the arch list names 9.0a), the device is
+// sm_90, and FASTCM_ATTN_SM90 (read per call) is unset or 1.
+bool sm90_forward_enabled(const at::Device& device) {
+  const char* env = std::getenv("FASTCM_ATTN_SM90");
+  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+              "fastcm attention (CUDA): FASTCM_ATTN_SM90 must be 0 or 1 (or unset), got '", env, "'");
+#ifdef FASTCM_WITH_SM90A
+  if (env != nullptr && env[0] == '0') return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, (int)device.index()));
+  return major == 9;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+// The kernel for one launch of the forward (one V slice of `cols` columns).
+struct FwdLaunch {
+  bool sm90;        // the wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
+  int kdqk, kdv;    // padded head dims
+};
+
+FwdLaunch plan_forward_launch(bool sm90_enabled, int64_t dqk8, int64_t cols, bool has_bias) {
+  const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
+  return {sm90_enabled && !has_bias && kdqk == kdv && (kdqk == 64 || kdqk == 128), kdqk, kdv};
+}
+
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -190,7 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   p.scale = (float)scale;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.causal = causal ? 1 : 0;
-  p.num_m_blocks = (int)((Nq + 63) / 64);   // kBM = 64 for every instantiation (FwdTraits::kWarps = 4)
   p.q = q.data_ptr(); p.k = k.data_ptr();
   p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
   p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
@@ -209,6 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (jvp) { p.ot_sb = out_t.stride(0); p.ot_sh = out_t.stride(1); p.ot_sn = out_t.stride(2); }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool sm90 = sm90_forward_enabled(q.device());
+  const bool has_bias = bias.has_value() || bias_t.has_value();
   // Head dims of V above 128 run as several launches over 128-column slices of V / O (each
   // recomputes S; LSE and μ are rewritten with the same values).
   const int64_t v_cols = v.size(3);   // Dv8
@@ -221,11 +258,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const auto [kdqk, kdv] = fwd_padded_head_dims(p.d_qk, cols);
-    if (q.scalar_type() == at::kBFloat16) {
-      attn::launch_fwd_dispatch<__nv_bfloat16>(p, kdqk, kdv, jvp, stream);
+    const FwdLaunch launch = plan_forward_launch(sm90, p.d_qk, cols, has_bias);
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    if (launch.sm90) {
+      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, stream);
+      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, stream);
     } else {
-      attn::launch_fwd_dispatch<__half>(p, kdqk, kdv, jvp, stream);
+      if (bf16) attn::launch_fwd_dispatch<__nv_bfloat16>(p, launch.kdqk, launch.kdv, jvp, stream);
+      else attn::launch_fwd_dispatch<__half>(p, launch.kdqk, launch.kdv, jvp, stream);
     }
   }
   return finish();
@@ -245,6 +285,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
     double scale, bool causal) {
   auto r = forward_impl("fastcm::attention_forward_jvp", q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal);
   return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
+}
+
+// fastcm::attention_forward_kernels: the forward kernel of each launch the forward ops would make
+// for these q, v (one per 128-column V slice), as "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)"; for
+// tests and benchmark labels.
+std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool has_bias) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool sm90 = sm90_forward_enabled(q.device());
+  std::vector<std::string> names;
+  const int64_t dqk8 = round_up(q.size(3), 8), dv8 = round_up(v.size(3), 8);
+  for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
+    const FwdLaunch l = plan_forward_launch(sm90, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0), has_bias);
+    names.push_back(std::string(l.sm90 ? "sm_90a" : "sm_80") + " (" + std::to_string(l.kdqk) + ", " +
+                    std::to_string(l.kdv) + ")");
+  }
+  return names;
 }
 
 // Head dims the fused backward covers (its kernels are compiled for padded d ≤ 128).
@@ -411,6 +468,7 @@ TORCH_LIBRARY_IMPL(fastcm, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
   m.impl("attention_forward_jvp", &attention_forward_jvp_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("attention_forward_kernels", &attention_forward_kernels_cuda);
 }
 
 }  // namespace fastcm

@@ -1,0 +1,8 @@
+// Instantiations of the sm_90a attention forward kernels for __half (one file per dtype: parallel builds).
+#include "attention_fwd_sm90_launch.cuh"
+
+namespace fastcm {
+namespace attn {
+template void launch_fwd_sm90_dispatch<__half>(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
+}  // namespace attn
+}  // namespace fastcm

@@ -1,0 +1,232 @@
+// Attention forward (primal, or primal + tangent) for sm_90a: the online softmax and the formula
+// contract of attention_fwd_kernel.cuh, with the products on wgmma (warpgroup MMA) instead of
+// mma.sync.
+//
+// Work split: one CTA = 2 warpgroups = one tile of BM = 128 query rows of one (b, h); warpgroup wg
+// owns rows 64·wg..64·wg + 63 (one m64 wgmma tile), warp w of it rows 16w..16w + 15 of those, in the
+// same per-thread layout as the sm_80 kernel (so the softmax, mask and epilogue helpers are shared).
+// All 256 threads stream K, V (K̇, V̇) tiles of BN keys into a 2-stage cp.async ring.
+//
+// Per key tile and warpgroup:
+//   S = Q·Kᵀ                          d/16 SS wgmma m64n{BN}k16 (Q, K K-major in smem)
+//   Ṡ = Q̇·Kᵀ + Q·K̇ᵀ                  2·d/16 SS wgmma into one accumulator
+//   softmax in registers; P, H = P·Ṡ converted to bf16/fp16 A fragments in place
+//   A += P·V                          BN/16 RS wgmma m64n{d}k16 (V MN-major in smem: transposed read)
+//   T += P·V̇ + H·V                   2·BN/16 RS wgmma into ONE accumulator (the [p | h]·[V̇ ; V] form)
+// Each chain is committed and waited before its results are touched; the two warpgroups' chains
+// interleave on the tensor cores while the other one runs its softmax.
+//
+// Shared memory: every operand tile is stored in wgmma's 128-byte-swizzle canonical layout: 64-
+// column panels (128 bytes of a row), each panel ROWS rows × 128 B, the 16-byte chunk c of row r at
+// r·128 + ((c ⊕ (r mod 8))·16). Tiles start at 1024-byte boundaries (the swizzle period).
+// cp.async writes through the generic proxy and wgmma reads through the async proxy: each thread
+// runs fence.proxy.async after its copies land, before the barrier that publishes them.
+//
+// Head dims: one template parameter kD ∈ {64, 128} for Q/K and V (the host pads both to it, the
+// sm_80 kernel's (d, d) rule). Bias tiles are not staged here: the host sends biased calls, other
+// head dims and non-sm_90 devices to the sm_80 kernel.
+#pragma once
+
+#include "attention_fwd_kernel.cuh"
+#include "wgmma.cuh"
+
+namespace fastcm {
+namespace attn {
+
+template <typename T_, int kD_, bool kJvp_>
+struct FwdSm90Traits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr bool kJvp = kJvp_;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBM = 64 * kWarpGroups;
+  // Accumulator registers per thread: A, T = kD/2 each, S, Ṡ = BN/2 each. JVP at kD = 128 with
+  // BN = 64 is 192 (plus the P, H fragments, which reuse S, Ṡ once converted); BN = 128 would be 256.
+  static constexpr int kBN = kJvp ? 64 : 128;
+  static constexpr int kPanels = kD / 64;                     // 128-byte swizzle rows per tile row
+  static constexpr int kQBytes = kBM * kD * 2;                // one Q-like tile
+  static constexpr int kKVBytes = kBN * kD * 2;               // one K-, V-, K̇- or V̇-like tile
+  static constexpr int kQTiles = kJvp ? 2 : 1;                // Q, Q̇
+  // One ring stage holds K, V (+ K̇, V̇) in this order, each tile 1024-byte aligned.
+  static constexpr int kOffV = kKVBytes, kOffKt = 2 * kKVBytes, kOffVt = 3 * kKVBytes;
+  static constexpr int kStageBytes = (kJvp ? 4 : 2) * kKVBytes;
+  static constexpr int kStages = 2;
+  // + 1024: the dynamic shared-memory base is only guaranteed 16-byte aligned; the kernel rounds it up.
+  static constexpr int kSmemBytes = kQTiles * kQBytes + kStages * kStageBytes + 1024;
+  static constexpr int kNTileS = kBN / 8;                     // n8 blocks of S per thread
+  static constexpr int kNTileO = kD / 8;                      // n8 blocks of O per thread
+  static_assert(kD == 64 || kD == 128, "wgmma kernel head dims");
+  static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles keep the 1024-byte swizzle alignment");
+};
+
+// Copy a ROWS × kD tile whose first row starts at `g` (row stride `stride` elements) into the
+// swizzled layout: element (r, col) goes to panel col/64, chunk (col%64)/8 of row r. Rows ≥
+// rows_valid and columns ≥ d_valid are zero-filled. Consecutive threads take consecutive chunks of
+// a row (coalesced global reads; the 8 chunks of a 128-byte row land in 8 distinct bank groups).
+template <class Tr, int ROWS>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* smem, const typename Tr::T* g, int stride,
+                                                int rows_valid, int d_valid, int tid) {
+  constexpr int kChunks = Tr::kD / 8;
+  constexpr int kRowStep = Tr::kThreads / kChunks;
+  static_assert(ROWS % kRowStep == 0, "tile loader layout");
+  const int c = tid % kChunks, r0 = tid / kChunks;
+  const int panel = c / 8, cc = c % 8;
+  const bool col_ok = c * 8 < d_valid;
+#pragma unroll
+  for (int it = 0; it < ROWS / kRowStep; ++it) {
+    const int r = r0 + it * kRowStep;
+    const bool ok = col_ok && r < rows_valid;
+    const typename Tr::T* src = ok ? g + (r * stride + c * 8) : g;
+    cp_async16(smem + panel * (ROWS * 128) + r * 128 + ((cc ^ (r & 7)) << 4), src, ok ? 16 : 0);
+  }
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+attention_fwd_sm90_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  using namespace sm90;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
+  constexpr bool kJvp = Tr::kJvp;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* sQ = smem;
+  unsigned char* sQt = smem + Tr::kQBytes;                  // valid only if kJvp
+  unsigned char* sKV = smem + Tr::kQTiles * Tr::kQBytes;    // stage s: sKV + s·kStageBytes
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Broadcast from lane 0: the compiler then knows wg is warp-uniform, and the descriptors built
+  // from it stay in uniform registers, where wgmma reads them.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+  const int c = lane % 4;
+
+  const FwdBlock<T> blk = fwd_block<T, kJvp, kBM, kBN>(p);
+  const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, off = blk.off, n_tiles = blk.n_tiles;
+  const T *gQ = blk.q, *gK = blk.k, *gV = blk.v, *gQt = blk.q_t, *gKt = blk.k_t, *gVt = blk.v_t;
+
+  auto load_kv = [&](int stage, int tile) {
+    unsigned char* base = sKV + stage * Tr::kStageBytes;
+    const int n0 = tile * kBN, rows = p.Nk - n0;
+    load_tile_sw128<Tr, kBN>(base, gK + n0 * p.k_sn, (int)p.k_sn, rows, p.d_qk, tid);
+    load_tile_sw128<Tr, kBN>(base + Tr::kOffV, gV + n0 * p.v_sn, (int)p.v_sn, rows, p.d_v, tid);
+    if constexpr (kJvp) {
+      load_tile_sw128<Tr, kBN>(base + Tr::kOffKt, gKt + n0 * p.kt_sn, (int)p.kt_sn, rows, p.d_qk, tid);
+      load_tile_sw128<Tr, kBN>(base + Tr::kOffVt, gVt + n0 * p.vt_sn, (int)p.vt_sn, rows, p.d_v, tid);
+    }
+  };
+
+  // Prologue: Q (+Q̇) and the first K/V tile form commit group 0.
+  load_tile_sw128<Tr, kBM>(sQ, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
+  if constexpr (kJvp) load_tile_sw128<Tr, kBM>(sQt, gQt + m0 * p.qt_sn, (int)p.qt_sn, p.Nq - m0, p.d_qk, tid);
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float acc_o[Tr::kNTileO][4];
+  float acc_t[kJvp ? Tr::kNTileO : 1][4];
+  zero_accumulators<kJvp>(acc_o, acc_t);
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  float row_r[2] = {0.f, 0.f};
+  const int row_in_cta = 16 * warp + lane / 4;        // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
+
+  // Descriptor byte offsets. K-major tiles (Q, K): k-step ks (16 columns = 32 bytes) sits in panel
+  // ks/4 at byte (ks%4)·32 of each 128-byte row; 8-row groups 1024 bytes apart. This warpgroup's
+  // 64 query rows start 64·128 bytes into each Q panel. MN-major tiles (V): k-step kk (16 keys) is
+  // 16 rows = 2048 bytes down each panel; the kD/64 panels are kBN·128 bytes apart.
+  const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;
+  const uint32_t qt_base = smem_addr(sQt) + wg * 64 * 128;
+  auto k_step = [](int ks, int rows) { return (uint32_t)((ks / 4) * rows * 128 + (ks % 4) * 32); };
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile & 1;
+    if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
+    cp_async_commit();
+    cp_async_wait<1>();        // everything but the group just committed has landed
+    fence_proxy_async();
+    __syncthreads();
+
+    const uint32_t k_base = smem_addr(sKV + stage * Tr::kStageBytes);
+    const uint32_t v_base = k_base + Tr::kOffV, kt_base = k_base + Tr::kOffKt, vt_base = k_base + Tr::kOffVt;
+    const int n0 = tile * kBN;
+
+    // ---- S = Q·Kᵀ and Ṡ = Q̇·Kᵀ + Q·K̇ᵀ (64 x kBN per warpgroup) ----
+    float s[Tr::kNTileS][4];
+    float sd[kJvp ? Tr::kNTileS : 1][4];
+    fence_regs(s);
+    if constexpr (kJvp) fence_regs(sd);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      WgmmaSS<T, Tr::kNTileS>::run(s, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
+                                   desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0);
+    }
+    if constexpr (kJvp) {
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        WgmmaSS<T, Tr::kNTileS>::run(sd, desc_sw128(qt_base + k_step(ks, kBM), 16, 1024),
+                                     desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0);
+      }
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        WgmmaSS<T, Tr::kNTileS>::run(sd, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
+                                     desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
+    if constexpr (kJvp) fence_regs(sd);
+
+    // ---- scale, mask, online softmax (no bias on this path) ----
+    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
+    scores_to_log2<kJvp, kBN>(s, sd, p, false, nullptr, false, nullptr, row_in_cta, m0, n0, off, need_mask, c);
+    float alpha[2];
+    online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
+    rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
+
+    // ---- A += P·V, T += P·V̇ + H·V ----
+    uint32_t pa[kBN / 16][4];
+    uint32_t ha[kJvp ? kBN / 16 : 1][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      pack_a_operand<T>(pa[kk], s, kk);
+      if constexpr (kJvp) pack_a_operand<T>(ha[kk], sd, kk);
+    }
+    fence_regs(pa);
+    if constexpr (kJvp) fence_regs(ha);
+    fence_regs(acc_o);
+    if constexpr (kJvp) fence_regs(acc_t);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint64_t dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024);
+      WgmmaRS<T, Tr::kNTileO>::run(acc_o, pa[kk], dv);
+      if constexpr (kJvp) {
+        WgmmaRS<T, Tr::kNTileO>::run(acc_t, pa[kk], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024));
+        WgmmaRS<T, Tr::kNTileO>::run(acc_t, ha[kk], dv);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+    if constexpr (kJvp) fence_regs(acc_t);
+    __syncthreads();   // both warpgroups are done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
+
+  write_outputs<T, kJvp>(p, acc_o, acc_t, row_max, row_sum, row_r, m0 + row_in_cta, bh, b, h, c);
+#else
+  __trap();   // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
+#endif
+}
+
+// Dispatch on the padded head dim kd ∈ {64, 128} (D_qk and D_v both padded to it); instantiated in
+// attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90) and that there is no bias.
+template <typename T>
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
+
+}  // namespace attn
+}  // namespace fastcm
