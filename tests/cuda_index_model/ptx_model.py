@@ -99,3 +99,84 @@ def stage_bias(rows, cols, p, bias, base, m0, n0, mult):
     out = np.zeros(idx.size)
     out[ok] = mult * bias.s[base + i[ok] * bias.st[2] + j[ok] * bias.st[3]]
     return out
+
+
+# ---- wgmma (sm_90a; csrc/cuda/wgmma.cuh) ------------------------------------------------------
+# Shared memory is modelled with absolute byte addresses: `SharedMemory` maps [base, base + size)
+# onto an array of 16-bit elements. The hardware side (descriptor decoding, the canonical 128-byte
+# swizzle layouts, the warpgroup fragment layouts) is written from the PTX ISA independently of the
+# kernel's encoding, so a descriptor or loader the kernel gets wrong reads the wrong elements here.
+
+class SharedMemory:
+    def __init__(self, base, size):
+        assert base % 16 == 0, "dynamic shared memory is 16-byte aligned"
+        self.base, self.size = base, size
+        self.e = np.full(size // ELEM, np.nan)           # stale shared memory is NaN
+
+    def index(self, addr):
+        addr = np.asarray(addr)
+        assert np.all(addr % ELEM == 0) and np.all(addr >= self.base) and np.all(addr + ELEM <= self.base + self.size), \
+            "shared-memory access outside the allocation"
+        return (addr - self.base) // ELEM
+
+
+def desc_sw128(addr, lbo, sbo):
+    """The kernel's descriptor encoding (desc_sw128 in wgmma.cuh)."""
+    return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (1 << 62)
+
+
+def _decode(desc):
+    start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    assert desc >> 62 == 1, "128-byte swizzle mode"
+    assert (desc >> 49) & 7 == 0, "base offset 0: the swizzle pattern starts at a 1024-byte boundary"
+    return start, lbo, sbo
+
+
+def swizzle128(addr):
+    """128-byte swizzle on absolute addresses: 16-byte chunk bits [4, 7) ^= row bits [7, 10)."""
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
+def kmajor_operand(sm, desc, rows):
+    """rows × 16 operand, K contiguous: element (i, k) at start + (i%8)·128 + (i//8)·SBO + 2k."""
+    start, _, sbo = _decode(desc)
+    assert start % 128 + 32 <= 128, "a k16 step stays inside one 128-byte swizzle row"
+    i, k = np.arange(rows)[:, None], np.arange(16)[None, :]
+    return sm.e[sm.index(swizzle128(start + (i % 8) * 128 + (i // 8) * sbo + ELEM * k))]
+
+
+def mnmajor_operand(sm, desc, cols):
+    """16 × cols operand (K rows, M/N contiguous): element (k, j) at start + 2·(j%64) + (j//64)·LBO +
+    (k%8)·128 + (k//8)·SBO."""
+    start, lbo, sbo = _decode(desc)
+    k, j = np.arange(16)[:, None], np.arange(cols)[None, :]
+    return sm.e[sm.index(swizzle128(start + ELEM * (j % 64) + (j // 64) * lbo + (k % 8) * 128 + (k // 8) * sbo))]
+
+
+def _scatter_acc(d, D, accumulate):
+    """D (64 × N) into the warpgroup accumulators d[warp][j] (32 × 4): warp w holds rows 16w..16w+15,
+    per n8 block j the m16n8 C layout."""
+    for w in range(4):
+        for j in range(len(d[w])):
+            for e in range(4):
+                v = D[16 * w + G_ + 8 * (e // 2), 8 * j + 2 * C_ + e % 2]
+                d[w][j][:, e] = d[w][j][:, e] + v if accumulate else v
+
+
+def wgmma_ss(sm, d, desc_a, desc_b, scale_d):
+    """D (+)= A·Bᵀ: A 64 × 16 and B N × 16, both K-major (m64nNk16, no transpose)."""
+    n = 8 * len(d[0])
+    D = kmajor_operand(sm, desc_a, 64) @ kmajor_operand(sm, desc_b, n).T
+    _scatter_acc(d, D, bool(scale_d))
+
+
+def wgmma_rs(sm, d, a, desc_b):
+    """D += A·B: A 64 × 16 from the warps' m16k16 A fragments a[warp] (32, 4, 2); B 16 × N MN-major."""
+    A = np.zeros((64, 16))
+    for w in range(4):
+        for j in range(2):
+            A[16 * w + G_, 2 * C_ + j] = a[w][:, 0, j]
+            A[16 * w + G_ + 8, 2 * C_ + j] = a[w][:, 1, j]
+            A[16 * w + G_, 2 * C_ + 8 + j] = a[w][:, 2, j]
+            A[16 * w + G_ + 8, 2 * C_ + 8 + j] = a[w][:, 3, j]
+    _scatter_acc(d, A @ mnmajor_operand(sm, desc_b, 8 * len(d[0])), True)

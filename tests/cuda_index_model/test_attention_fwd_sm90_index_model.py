@@ -1,0 +1,234 @@
+"""Index-math check of the sm_90a (wgmma) attention forward (csrc/cuda/attention_fwd_sm90_kernel.cuh)
+without a GPU.
+
+A float64 transcription of the kernel and of the host's kernel choice (plan_forward_launch in
+attention_cuda.cu): FwdSm90Traits, the 1024-byte realignment of the dynamic shared-memory base
+(modelled at a base that is only 16-byte aligned), the swizzled tile loader's thread map (every
+16-byte chunk of a tile written exactly once, inside its tile), the descriptors the kernel builds
+(start address, LBO, SBO per k-step, warpgroup and stage), S/Ṡ accumulators that the first wgmma
+overwrites (scale_d = 0; they start as NaN), the P/H register fragments and the RS products, with
+the shared softmax steps and epilogue (fwd_steps.py), against fastcm.reference.attention in float64.
+
+The hardware side (ptx_model.py: descriptor decoding, the canonical K-major / MN-major 128-byte
+swizzle layouts, the warpgroup accumulator and A-fragment layouts) is written from the PTX ISA
+apart from the kernel's encoding. What it cannot check: that those PTX readings are right, the
+proxy fence and barrier placement, wgmma/cp.async ordering, rounding, the compiler.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastcm.reference import attention as ref
+from fwd_steps import assert_matches_reference, fwd_block, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
+from ptx_model import G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, wgmma_rs, wgmma_ss
+from test_attention_fwd_index_model import fwd_kernel, fwd_padded_head_dims, fwd_traits
+
+SMEM_OPTIN_SM90 = 227 * 1024
+
+
+# ---- traits and the host's choice (FwdSm90Traits, plan_forward_launch) -------------------------
+
+def sm90_traits(kd, jvp):
+    bn = 64 if jvp else 128
+    qb, kvb = 128 * kd * 2, bn * kd * 2
+    stage = (4 if jvp else 2) * kvb
+    qtiles = 2 if jvp else 1
+    return dict(kD=kd, jvp=jvp, kBM=128, kBN=bn, kThreads=256, kQBytes=qb, kKVBytes=kvb, kQTiles=qtiles,
+                kOffV=kvb, kOffKt=2 * kvb, kOffVt=3 * kvb, kStageBytes=stage,
+                kSmemBytes=qtiles * qb + 2 * stage + 1024, kNTileS=bn // 8, kNTileO=kd // 8)
+
+
+def plan_forward_launch(sm90_enabled, dqk8, cols, has_bias):
+    kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
+    return sm90_enabled and not has_bias and kdqk == kdv and kdqk in (64, 128), kdqk, kdv
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+def load_tile_sw128(tr, sm, dst0, rows, src, base, stride, rows_valid, d_valid):
+    """The swizzled cp.async loader: one call's 16-byte chunks, each written once, inside its tile."""
+    kchunks = tr["kD"] // 8
+    kstep = tr["kThreads"] // kchunks
+    assert rows % kstep == 0, "tile loader layout"
+    written = set()
+    for tid in range(tr["kThreads"]):
+        c, r0 = tid % kchunks, tid // kchunks
+        panel, cc = c // 8, c % 8
+        for it in range(rows // kstep):
+            r = r0 + it * kstep
+            dst = dst0 + panel * (rows * 128) + r * 128 + ((cc ^ (r & 7)) << 4)
+            assert dst % 16 == 0 and dst0 <= dst and dst + 16 <= dst0 + rows * tr["kD"] * 2, "chunk outside its tile"
+            assert dst not in written, "two chunks of one tile written to the same 16 bytes"
+            written.add(dst)
+            ok = c * 8 < d_valid and r < rows_valid
+            sm.e[sm.index(dst + 2 * np.arange(8))] = src[base + r * stride + c * 8 + np.arange(8)] if ok else 0.0
+    assert len(written) == rows * kchunks
+
+
+def frags(n, fill=0.0):
+    return [np.full((32, 4), fill) for _ in range(n)]
+
+
+def sm90_kernel(p, tr, block, smem_raw):
+    kBM, kBN, kD, jvp = tr["kBM"], tr["kBN"], tr["kD"], tr["jvp"]
+    sm = SharedMemory(smem_raw, tr["kSmemBytes"])
+    smem = smem_raw + ((1024 - (smem_raw & 1023)) & 1023)
+    sQ, sQt, sKV = smem, smem + tr["kQBytes"], smem + tr["kQTiles"] * tr["kQBytes"]
+    assert sKV + 2 * tr["kStageBytes"] <= smem_raw + tr["kSmemBytes"], "tiles past the allocation"
+
+    bh, b, h, m0, off, n_tiles, (gQ, gK, gV, gQt, gKt, gVt) = fwd_block(p, kBM, kBN, block)
+    q, k, v, qt, kt, vt = (p[x] for x in ("q", "k", "v", "q_t", "k_t", "v_t"))
+
+    def load_kv(stage, tile):
+        base, n0 = sKV + stage * tr["kStageBytes"], tile * kBN
+        rows = p["Nk"] - n0
+        load_tile_sw128(tr, sm, base, kBN, k.s, gK + n0 * k.st[2], k.st[2], rows, p["d_qk"])
+        load_tile_sw128(tr, sm, base + tr["kOffV"], kBN, v.s, gV + n0 * v.st[2], v.st[2], rows, p["d_v"])
+        if jvp:
+            load_tile_sw128(tr, sm, base + tr["kOffKt"], kBN, kt.s, gKt + n0 * kt.st[2], kt.st[2], rows, p["d_qk"])
+            load_tile_sw128(tr, sm, base + tr["kOffVt"], kBN, vt.s, gVt + n0 * vt.st[2], vt.st[2], rows, p["d_v"])
+
+    load_tile_sw128(tr, sm, sQ, kBM, q.s, gQ + m0 * q.st[2], q.st[2], p["Nq"] - m0, p["d_qk"])
+    if jvp:
+        load_tile_sw128(tr, sm, sQt, kBM, qt.s, gQt + m0 * qt.st[2], qt.st[2], p["Nq"] - m0, p["d_qk"])
+    if n_tiles > 0:
+        load_kv(0, 0)
+
+    warps = [dict(row_in_cta=16 * warp + G_, acc_o=frags(tr["kNTileO"]), acc_t=frags(tr["kNTileO"]),
+                  row_max=[np.full(32, -math.inf)] * 2, row_sum=[np.zeros(32)] * 2, row_r=[np.zeros(32)] * 2)
+             for warp in range(8)]
+
+    def k_step(ks, rows):
+        return (ks // 4) * rows * 128 + (ks % 4) * 32
+
+    for tile in range(n_tiles):
+        stage = tile & 1
+        if tile + 1 < n_tiles:
+            load_kv(stage ^ 1, tile + 1)
+        k_base = sKV + stage * tr["kStageBytes"]
+        v_base, kt_base, vt_base = k_base + tr["kOffV"], k_base + tr["kOffKt"], k_base + tr["kOffVt"]
+        n0 = tile * kBN
+        for wg in range(2):
+            ws = warps[4 * wg: 4 * wg + 4]
+            q_base, qt_base = sQ + wg * 64 * 128, sQt + wg * 64 * 128
+            s = [frags(tr["kNTileS"], np.nan) for _ in range(4)]     # uninitialised: scale_d = 0 overwrites
+            sd = [frags(tr["kNTileS"], np.nan) for _ in range(4)]
+            for ks in range(kD // 16):
+                wgmma_ss(sm, s, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
+                         desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0)
+            if jvp:
+                for ks in range(kD // 16):
+                    wgmma_ss(sm, sd, desc_sw128(qt_base + k_step(ks, kBM), 16, 1024),
+                             desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0)
+                for ks in range(kD // 16):
+                    wgmma_ss(sm, sd, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
+                             desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1)
+            need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
+            for w, sw, sdw in zip(ws, s, sd):
+                scores_to_log2(sw, sdw, p, jvp, kBN, None, None, w["row_in_cta"], m0, n0, off, need_mask)
+                rescale_accumulators(w, online_softmax(sw, sdw, jvp, w))
+            pa = [[pack_a(sw, kk) for kk in range(kBN // 16)] for sw in s]
+            ha = [[pack_a(sdw, kk) for kk in range(kBN // 16)] for sdw in sd] if jvp else None
+            acc_o, acc_t = [w["acc_o"] for w in ws], [w["acc_t"] for w in ws]
+            for kk in range(kBN // 16):
+                dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024)
+                wgmma_rs(sm, acc_o, [pa[w][kk] for w in range(4)], dv)
+                if jvp:
+                    wgmma_rs(sm, acc_t, [pa[w][kk] for w in range(4)], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024))
+                    wgmma_rs(sm, acc_t, [ha[w][kk] for w in range(4)], dv)
+    for w in warps:
+        write_outputs(p, w, jvp, m0, bh, b, h)
+
+
+def forward_model(q, k, v, qt, kt, vt, scale, causal, sm90_enabled, launches, smem_raw=0x410):
+    """forward_impl on float64 numpy data with the sm_90 choice, no bias: padding to multiples of 8,
+    the 128-column V slices, each launched on the kernel plan_forward_launch picks."""
+    jvp = qt is not None
+    B, H, Nq, Dqk = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    d8 = lambda d: (d + 7) // 8 * 8                                   # noqa: E731
+    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])      # noqa: E731
+    t = lambda a, d: contiguous(pad(a, d)) if a is not None else None  # noqa: E731
+    p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), scale=scale, scale_log2=scale * LOG2E,
+             causal=bool(causal), q=t(q, Dqk), k=t(k, Dqk), v=t(v, Dv), q_t=t(qt, Dqk), k_t=t(kt, Dqk),
+             v_t=t(vt, Dv), bias=None, bias_t=None, lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan),
+             out=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)),
+             out_t=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None)
+    v_full, vt_full, o_full, ot_full = p["v"], p["v_t"], p["out"], p["out_t"]
+    for c0 in range(0, d8(Dv), 128):
+        cols = min(128, d8(Dv) - c0)
+        p["d_v"] = cols
+        p["v"], p["out"] = Tensor(v_full.s, v_full.st, c0), Tensor(o_full.s, o_full.st, c0)
+        if jvp:
+            p["v_t"], p["out_t"] = Tensor(vt_full.s, vt_full.st, c0), Tensor(ot_full.s, ot_full.st, c0)
+        use_sm90, kdqk, kdv = plan_forward_launch(sm90_enabled, p["d_qk"], cols, False)
+        launches.append(("sm_90a" if use_sm90 else "sm_80", kdqk, kdv))
+        tr = sm90_traits(kdqk, jvp) if use_sm90 else fwd_traits(kdqk, kdv, jvp)
+        p["num_m_blocks"] = (Nq + tr["kBM"] - 1) // tr["kBM"]
+        for blk in range(p["num_m_blocks"] * B * H):
+            if use_sm90:
+                sm90_kernel(p, tr, blk, smem_raw)
+            else:
+                fwd_kernel(p, tr, blk)
+    out = o_full.s.reshape(B, H, Nq, -1)[..., :Dv]
+    out_t = ot_full.s.reshape(B, H, Nq, -1)[..., :Dv] if jvp else None
+    return out, out_t, p["lse"].reshape(B, H, Nq), p["lse_t"].reshape(B, H, Nq) if jvp else None
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+def test_traits_fit_hopper_shared_memory():
+    for kd in (64, 128):
+        for jvp in (False, True):
+            tr = sm90_traits(kd, jvp)
+            assert tr["kSmemBytes"] <= SMEM_OPTIN_SM90, (kd, jvp, tr["kSmemBytes"])
+            assert tr["kQBytes"] % 1024 == 0 and tr["kKVBytes"] % 1024 == 0
+            # Accumulators per thread (A, T: kD/2; S, Ṡ: BN/2) leave room under 255 registers.
+            assert (2 if jvp else 1) * (kd + tr["kBN"]) // 2 <= 192
+
+
+def test_plan_takes_sm90_only_for_its_head_dims():
+    for dqk8 in range(8, 257, 8):
+        for cols in range(8, 129, 8):
+            for has_bias in (False, True):
+                use, kdqk, kdv = plan_forward_launch(True, dqk8, cols, has_bias)
+                if use:
+                    assert not has_bias and kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
+                assert plan_forward_launch(False, dqk8, cols, has_bias)[0] is False
+    assert plan_forward_launch(True, 64, 64, False)[0] and plan_forward_launch(True, 128, 104, False)[0]
+
+
+# (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp)
+CASES = [
+    (1, 2, 1, 150, 200, 64, 64, True, True),      # d 64 JVP: GQA, causal Nq < Nk, 2 query tiles, key tail
+    (2, 1, 1, 140, 70, 128, 128, True, True),     # d 128 JVP: causal Nq > Nk (dead rows), B = 2
+    (1, 1, 1, 130, 300, 128, 128, False, False),  # d 128 primal (BN = 128), key tail 44, query tail 2
+    (1, 3, 3, 40, 90, 40, 24, True, False),       # D_qk 40, D_v 24 -> padded 64 (zero-filled columns), primal
+    (1, 2, 2, 70, 129, 104, 120, False, True),    # D_qk 104, D_v 120 -> 128, JVP
+    (1, 1, 1, 33, 65, 64, 200, False, True),      # D_v 200: slice 128 on sm_90a, slice 72 on sm_80 (96, 96)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sm90_forward_index_model_matches_reference(case):
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp = case
+    gen = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
+    q, k, v = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
+    qt, kt, vt = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
+    scale = 0.8 * Dqk ** -0.5
+    launches = []
+    with np.errstate(invalid="raise", over="raise", divide="raise"):
+        got = forward_model(q.numpy(), k.numpy(), v.numpy(), qt.numpy() if jvp else None, kt.numpy() if jvp else None,
+                            vt.numpy() if jvp else None, scale, causal, True, launches)
+    assert launches[0][0] == "sm_90a"
+    if jvp:
+        expected = ref.attention_jvp(q, k, v, qt, kt, vt, scale=scale, causal=causal, return_lse=True)
+        names = ("out", "out_t", "lse", "lse_t")
+    else:
+        expected = ref.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+        got, names = (got[0], got[2]), ("out", "lse")
+    assert_matches_reference(names, got, expected)
