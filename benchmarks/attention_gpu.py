@@ -4,6 +4,7 @@ For B=1, H=32, d=64 and B=1, H=16, d=128 at N in {1024, 4096, 8192, 16384} (bf16
 unless --causal), times
   fastcm JVP      torch.ops.fastcm.attention_forward_jvp (primal + tangent, one kernel)
   fastcm fwd      torch.ops.fastcm.attention_forward
+  ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 devices only
   fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels; TFLOP/s on 10·N²·d per head)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
@@ -30,6 +31,21 @@ from .common import peak_memory_mb, time_ms
 DEVICE = torch.device("cuda")
 CONFIGS = [(1, 32, 64), (1, 16, 128)]          # (B, H, d)
 LENGTHS = [1024, 4096, 8192, 16384]
+
+
+def with_sm80_kernel(fn):
+    """fn run with FASTCM_ATTN_SM90=0 (read by the extension at every call)."""
+    def run():
+        old = os.environ.get("FASTCM_ATTN_SM90")
+        os.environ["FASTCM_ATTN_SM90"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FASTCM_ATTN_SM90"]
+            else:
+                os.environ["FASTCM_ATTN_SM90"] = old
+    return run
 
 
 def measure(name, fn, flops):
@@ -61,6 +77,7 @@ def main():
     ops = extension_ops()
     assert ops.has_cuda(), "fastcm._C was built without CUDA kernels"
     dtype = getattr(torch, args.dtype)
+    hopper = torch.cuda.get_device_capability()[0] == 9
     lengths = LENGTHS[:2] if args.quick else LENGTHS
     os.makedirs(args.out, exist_ok=True)
     rows = []
@@ -83,12 +100,25 @@ def main():
                         (q, k, v), (qt, kt, vt))
 
             out, lse = ops.attention_forward(q, k, v, None, scale, args.causal)
+
+            def fastcm_fwd():
+                return ops.attention_forward(q, k, v, None, scale, args.causal)
+
+            def fastcm_jvp():
+                return ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, args.causal)
+
             cases = [
                 ("sdpa_fwd", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal), f_fwd),
-                ("fastcm_fwd", lambda: ops.attention_forward(q, k, v, None, scale, args.causal), f_fwd),
-                ("fastcm_jvp", lambda: ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, args.causal),
-                 f_jvp),
+                ("fastcm_fwd", fastcm_fwd, f_fwd),
+                ("fastcm_jvp", fastcm_jvp, f_jvp),
             ]
+            default_kernels = ops.attention_forward_kernels(q, v, False)
+            kernels = {"fastcm_fwd": default_kernels, "fastcm_jvp": default_kernels}
+            if hopper:   # the sm_80 (mma.sync) kernel beside the default in the same run
+                cases += [("fastcm_fwd_sm80", with_sm80_kernel(fastcm_fwd), f_fwd),
+                          ("fastcm_jvp_sm80", with_sm80_kernel(fastcm_jvp), f_jvp)]
+                sm80_kernels = with_sm80_kernel(lambda: ops.attention_forward_kernels(q, v, False))()
+                kernels.update(fastcm_fwd_sm80=sm80_kernels, fastcm_jvp_sm80=sm80_kernels)
             sdpa_graph = None
             if not args.no_backward:
                 cases.append(("fastcm_bwd", lambda: ops.attention_backward(grad, q, k, v, out, lse, None, scale,
@@ -103,12 +133,14 @@ def main():
             results = {}
             for name, fn, flops in cases:
                 r = measure(name, fn, flops)
-                r.update({"B": B, "H": H, "N": N, "d": d, "dtype": args.dtype, "causal": args.causal})
+                r.update({"B": B, "H": H, "N": N, "d": d, "dtype": args.dtype, "causal": args.causal,
+                          "kernel": " + ".join(kernels.get(name, []))})
                 results[name] = r
                 rows.append(r)
-                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:11s} "
+                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:15s} "
                       + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_mib']:9.1f} MiB"
-                         if r["status"] == "ok" else r["status"]), flush=True)
+                         if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
+                      flush=True)
             ref_ms = results["sdpa_fwd"]["ms"]
             for r in results.values():
                 r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
@@ -123,18 +155,18 @@ def main():
             "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python -m benchmarks.attention_gpu"] + sys.argv[1:])}
     with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "ms", "tflops", "vs_sdpa_fwd", "peak_mib", "status"]
+    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "vs_sdpa_fwd", "peak_mib", "status"]
     with open(os.path.join(args.out, "attention_gpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}")
-    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>11} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'MiB':>9}")
+    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>15} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'MiB':>9}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>11} {r['status'][:40]}")
+            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>15} {r['status'][:40]}")
             continue
-        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>11} {r['ms']:9.3f} {r['tflops']:8.1f} "
+        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>15} {r['ms']:9.3f} {r['tflops']:8.1f} "
               f"{r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
 
 

@@ -112,6 +112,20 @@ def _run_jvp_and_check(q, k, v, qt, kt, vt, *, causal, scale, bias=None, bias_t=
     return out, out_t, lse, lse_t
 
 
+def _run_forward_and_check(q, k, v, *, causal, scale):
+    """The primal op (poisoned outputs) against the float64 reference; returns PyTorch's
+    low-precision (out, lse) and the reference's."""
+    ops = _ops()
+    B, H, Nq, _ = q.shape
+    _poison_allocator((B, H, Nq, v.shape[-1]), (B, H, Nq), dtype=q.dtype)
+    out, lse = ops.attention_forward(q, k, v, None, scale, causal)
+    r_out, r_lse = ref.attention(to64(q), to64(k), to64(v), scale=scale, causal=causal, return_lse=True)
+    t_out, t_lse = ref.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    _check_against_torch("out", out, t_out, r_out)
+    _check_against_torch("lse", lse, t_lse, r_lse)
+    return t_out, t_lse, r_out, r_lse
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -129,12 +143,7 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
     scale = 0.7 * Dqk ** -0.5
-    _poison_allocator((B, H, Nq, Dv), (B, H, Nq), dtype=dtype)
-    out, lse = ops.attention_forward(q, k, v, None, scale, causal)
-    r_out, r_lse = ref.attention(to64(q), to64(k), to64(v), scale=scale, causal=causal, return_lse=True)
-    t_out, t_lse = ref.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
-    _check_against_torch("out", out, t_out, r_out)
-    _check_against_torch("lse", lse, t_lse, r_lse)
+    t_out, t_lse, r_out, r_lse = _run_forward_and_check(q, k, v, causal=causal, scale=scale)
     out_j, _, lse_j, _ = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, causal)
     _check_against_torch("out (jvp kernel)", out_j, t_out, r_out)
     _check_against_torch("lse (jvp kernel)", lse_j, t_lse, r_lse)
@@ -229,6 +238,63 @@ def test_deterministic(dtype):
         again = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.1, True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+# ---- the sm_90a (wgmma) forward and the choice between the two forward kernels ----------------
+# On sm_90 devices the forward ops run the wgmma kernel for padded head dims 64 / 128 without a bias
+# (every test above with such a shape exercises it there); FASTCM_ATTN_SM90=0 selects the sm_80 kernel.
+
+def _hopper():
+    return torch.cuda.get_device_capability()[0] == 9
+
+
+def test_forward_kernel_choice(monkeypatch):
+    ops = _ops()
+    monkeypatch.delenv("FASTCM_ATTN_SM90", raising=False)
+    t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
+    fast = "sm_90a" if _hopper() else "sm_80"
+    assert ops.attention_forward_kernels(t(64), t(64), False) == [f"{fast} (64, 64)"]
+    assert ops.attention_forward_kernels(t(40), t(104), False) == [f"{fast} (128, 128)"]
+    assert ops.attention_forward_kernels(t(64), t(200), False) == [f"{fast} (128, 128)", "sm_80 (96, 96)"]
+    assert ops.attention_forward_kernels(t(64), t(64), True) == ["sm_80 (64, 64)"]
+    assert ops.attention_forward_kernels(t(32), t(32), False) == ["sm_80 (32, 32)"]
+    assert ops.attention_forward_kernels(t(256), t(128), False) == ["sm_80 (256, 128)"]
+    monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
+    assert ops.attention_forward_kernels(t(64), t(200), False) == ["sm_80 (128, 128)", "sm_80 (96, 96)"]
+    monkeypatch.setenv("FASTCM_ATTN_SM90", "yes")
+    with pytest.raises(RuntimeError, match="FASTCM_ATTN_SM90 must be 0 or 1"):
+        ops.attention_forward_kernels(t(64), t(64), False)
+    with pytest.raises(RuntimeError, match="FASTCM_ATTN_SM90 must be 0 or 1"):
+        ops.attention_forward(t(64), t(64), t(64), None, 0.125, False)
+
+
+# Shapes the sm_90a kernel takes, with many key tiles (BN 64 JVP / 128 primal) and 128-row query tiles.
+SHAPES_SM90 = [
+    (1, 4, 1, 1000, 1500, 64, 64),
+    (1, 2, 2, 777, 2048, 128, 128),
+    (2, 3, 3, 129, 127, 64, 48),
+    (1, 2, 1, 300, 513, 120, 128),
+]
+
+
+@pytest.mark.parametrize("kernel", ["default", "sm_80"])
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8])
+def test_forward_kernels_on_sm90_head_dims(shape, causal, dtype, kernel, monkeypatch):
+    """Primal and JVP ops on shapes whose padded head dim is 64 or 128, with the default kernel (the
+    wgmma one on sm_90) and with the sm_80 one forced: on an H100 both forward kernels are held to
+    2x PyTorch's own low-precision error."""
+    ops = _ops()
+    if kernel == "sm_80":
+        monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, qt, kt, vt = _inputs(*shape, dtype)
+    used = ops.attention_forward_kernels(q, v, False)
+    assert all(name.startswith("sm_90a" if (_hopper() and kernel == "default") else "sm_80") for name in used)
+    scale = 0.9 * Dqk ** -0.5
+    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=scale)
+    _run_forward_and_check(q, k, v, causal=causal, scale=scale)
 
 
 # ---- D_qk > 128: the decoupled (D_qk, D_v) forward kernels -------------------------------------
