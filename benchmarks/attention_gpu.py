@@ -112,12 +112,12 @@ def main():
                 ("fastcm_fwd", fastcm_fwd, f_fwd),
                 ("fastcm_jvp", fastcm_jvp, f_jvp),
             ]
-            default_kernels = ops.attention_forward_kernels(q, v, False)
-            kernels = {"fastcm_fwd": default_kernels, "fastcm_jvp": default_kernels}
+            kernels = {"fastcm_fwd": ops.attention_forward_kernels(q, v, False, False, False),
+                       "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
             if hopper:   # the sm_80 (mma.sync) kernel beside the default in the same run
                 cases += [("fastcm_fwd_sm80", with_sm80_kernel(fastcm_fwd), f_fwd),
                           ("fastcm_jvp_sm80", with_sm80_kernel(fastcm_jvp), f_jvp)]
-                sm80_kernels = with_sm80_kernel(lambda: ops.attention_forward_kernels(q, v, False))()
+                sm80_kernels = with_sm80_kernel(lambda: ops.attention_forward_kernels(q, v, True, False, False))()
                 kernels.update(fastcm_fwd_sm80=sm80_kernels, fastcm_jvp_sm80=sm80_kernels)
             sdpa_graph = None
             if not args.no_backward:

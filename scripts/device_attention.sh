@@ -41,7 +41,7 @@ import torch
 from fastcm._extension import extension_ops
 ops = extension_ops()
 torch.manual_seed(0)
-print("forward kernels:", ops.attention_forward_kernels(torch.empty(1, 1, 1, 64, device="cuda"), torch.empty(1, 1, 1, 64, device="cuda"), False))
+print("forward kernels (d 64 JVP):", ops.attention_forward_kernels(torch.empty(1, 1, 1, 64, device="cuda"), torch.empty(1, 1, 1, 64, device="cuda"), True, False, False))
 for dtype in (torch.bfloat16, torch.float16):
     for (B, H, Hkv, Nq, Nk, D, Dv, causal) in [(1, 2, 1, 70, 45, 64, 64, True), (1, 2, 2, 33, 100, 128, 128, False),
                                              (1, 1, 1, 20, 20, 40, 24, False), (1, 2, 2, 64, 64, 96, 96, True),
@@ -51,7 +51,7 @@ for dtype in (torch.bfloat16, torch.float16):
         q, k, v = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
         bias = torch.randn(1, 1, Nq, Nk, device="cuda").expand(B, H, Nq, Nk)
         qt, kt, vt = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
-        for b in (None, bias):   # without a bias: the sm_90a kernel where the head dim allows it
+        for b in (None, bias):   # the sm_90a kernel where the head dim allows it (not d 128 JVP with both biases)
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, b, 0.125, causal)
         for b in (None, bias):   # the fused backward with and without a staged bias tile
             out, lse = ops.attention_forward(q, k, v, b, 0.125, causal)

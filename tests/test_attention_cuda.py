@@ -149,9 +149,13 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
     _check_against_torch("lse (jvp kernel)", lse_j, t_lse, r_lse)
 
 
+@pytest.mark.parametrize("kernel", ["default", "sm_80"])
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("kind", ["f32_full", "f32_broadcast", "lowp_full", "bool_mask", "with_tangent"])
-def test_bias(kind, dtype):
+def test_bias(kind, dtype, kernel, monkeypatch):
+    """Bias tiles in both forward kernels (on sm_90 the default is the wgmma one at D = 64)."""
+    if kernel == "sm_80":
+        monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150, 64
     q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, D, D, dtype)
     bias_t = None
@@ -241,8 +245,9 @@ def test_deterministic(dtype):
 
 
 # ---- the sm_90a (wgmma) forward and the choice between the two forward kernels ----------------
-# On sm_90 devices the forward ops run the wgmma kernel for padded head dims 64 / 128 without a bias
-# (every test above with such a shape exercises it there); FASTCM_ATTN_SM90=0 selects the sm_80 kernel.
+# On sm_90 devices the forward ops run the wgmma kernel for padded head dims 64 / 128 (every test
+# above with such a shape exercises it there, bias tiles included); FASTCM_ATTN_SM90=0 selects the
+# sm_80 kernel.
 
 def _hopper():
     return torch.cuda.get_device_capability()[0] == 9
@@ -252,18 +257,22 @@ def test_forward_kernel_choice(monkeypatch):
     ops = _ops()
     monkeypatch.delenv("FASTCM_ATTN_SM90", raising=False)
     t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
+    kernels = ops.attention_forward_kernels        # (q, v, jvp, has_bias, has_bias_t)
     fast = "sm_90a" if _hopper() else "sm_80"
-    assert ops.attention_forward_kernels(t(64), t(64), False) == [f"{fast} (64, 64)"]
-    assert ops.attention_forward_kernels(t(40), t(104), False) == [f"{fast} (128, 128)"]
-    assert ops.attention_forward_kernels(t(64), t(200), False) == [f"{fast} (128, 128)", "sm_80 (96, 96)"]
-    assert ops.attention_forward_kernels(t(64), t(64), True) == ["sm_80 (64, 64)"]
-    assert ops.attention_forward_kernels(t(32), t(32), False) == ["sm_80 (32, 32)"]
-    assert ops.attention_forward_kernels(t(256), t(128), False) == ["sm_80 (256, 128)"]
+    assert kernels(t(64), t(64), True, False, False) == [f"{fast} (64, 64)"]
+    assert kernels(t(40), t(104), False, False, False) == [f"{fast} (128, 128)"]
+    assert kernels(t(64), t(200), True, False, False) == [f"{fast} (128, 128)", "sm_80 (96, 96)"]
+    assert kernels(t(64), t(64), True, True, True) == [f"{fast} (64, 64)"]
+    assert kernels(t(128), t(128), True, True, False) == [f"{fast} (128, 128)"]
+    assert kernels(t(128), t(128), False, True, True) == [f"{fast} (128, 128)"]    # no bias_t without jvp
+    assert kernels(t(128), t(128), True, True, True) == ["sm_80 (128, 128)"]       # 257 KB of smem on sm_90a
+    assert kernels(t(32), t(32), False, False, False) == ["sm_80 (32, 32)"]
+    assert kernels(t(256), t(128), False, False, False) == ["sm_80 (256, 128)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
-    assert ops.attention_forward_kernels(t(64), t(200), False) == ["sm_80 (128, 128)", "sm_80 (96, 96)"]
+    assert kernels(t(64), t(200), True, False, False) == ["sm_80 (128, 128)", "sm_80 (96, 96)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90", "yes")
     with pytest.raises(RuntimeError, match="FASTCM_ATTN_SM90 must be 0 or 1"):
-        ops.attention_forward_kernels(t(64), t(64), False)
+        kernels(t(64), t(64), False, False, False)
     with pytest.raises(RuntimeError, match="FASTCM_ATTN_SM90 must be 0 or 1"):
         ops.attention_forward(t(64), t(64), t(64), None, 0.125, False)
 
@@ -290,7 +299,7 @@ def test_forward_kernels_on_sm90_head_dims(shape, causal, dtype, kernel, monkeyp
         monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    used = ops.attention_forward_kernels(q, v, False)
+    used = ops.attention_forward_kernels(q, v, True, False, False)
     assert all(name.startswith("sm_90a" if (_hopper() and kernel == "default") else "sm_80") for name in used)
     scale = 0.9 * Dqk ** -0.5
     _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=scale)

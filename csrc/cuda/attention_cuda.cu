@@ -2,8 +2,8 @@
 // (the schemas are defined with TORCH_LIBRARY(fastcm, m) in csrc/attention.cpp).
 //
 // Forward and forward-JVP: on sm_90 devices the wgmma kernel of attention_fwd_sm90_kernel.cuh
-// where it applies (padded head dim 64 or 128, no bias; FASTCM_ATTN_SM90=0 turns it off), else the
-// fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
+// where it applies (padded head dim 64 or 128, its shared memory within the device's limit;
+// FASTCM_ATTN_SM90=0 turns it off), else the fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
 // Backward: the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen
 // batched matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
 //
@@ -140,21 +140,23 @@ std::pair<int, int> fwd_padded_head_dims(int64_t dqk8, int64_t dv_cols) {
   return {dqk8 <= 192 ? 192 : 256, dv_cols <= 64 ? 64 : 128};
 }
 
-// Whether the sm_90a forward kernel may run on `device`: the build
-// has sm_90a code (setup.py defines FASTCM_WITH_SM90A when the arch list names 9.0a), the device is
-// sm_90, and FASTCM_ATTN_SM90 (read per call) is unset or 1.
-bool sm90_forward_enabled(const at::Device& device) {
+// The shared memory per block the sm_90a forward kernel may use on `device` (its opt-in limit), or
+// 0 where it may not run: the build has no sm_90a code (setup.py defines FASTCM_WITH_SM90A when the
+// arch list names 9.0a), the device is not sm_90, or FASTCM_ATTN_SM90 (read per call) is 0.
+int sm90_forward_smem_limit(const at::Device& device) {
   const char* env = std::getenv("FASTCM_ATTN_SM90");
   TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
               "fastcm attention (CUDA): FASTCM_ATTN_SM90 must be 0 or 1 (or unset), got '", env, "'");
 #ifdef FASTCM_WITH_SM90A
-  if (env != nullptr && env[0] == '0') return false;
-  int major = 0;
+  if (env != nullptr && env[0] == '0') return 0;
+  int major = 0, limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, (int)device.index()));
-  return major == 9;
+  if (major != 9) return 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, (int)device.index()));
+  return limit;
 #else
   (void)device;
-  return false;
+  return 0;
 #endif
 }
 
@@ -164,9 +166,15 @@ struct FwdLaunch {
   int kdqk, kdv;    // padded head dims
 };
 
-FwdLaunch plan_forward_launch(bool sm90_enabled, int64_t dqk8, int64_t cols, bool has_bias) {
+// sm90_smem_limit: sm90_forward_smem_limit's answer. The wgmma kernel where the padded head dims
+// are (64, 64) or (128, 128) and its tiles (with the bias tiles) fit; only d = 128 JVP with both
+// bias and bias_t (257 KB) does not fit sm_90's 227 KB.
+FwdLaunch plan_forward_launch(int sm90_smem_limit, int64_t dqk8, int64_t cols, bool jvp, bool has_bias,
+                              bool has_bias_t) {
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
-  return {sm90_enabled && !has_bias && kdqk == kdv && (kdqk == 64 || kdqk == 128), kdqk, kdv};
+  const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
+                    attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
+  return {sm90, kdqk, kdv};
 }
 
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
@@ -244,8 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (jvp) { p.ot_sb = out_t.stride(0); p.ot_sh = out_t.stride(1); p.ot_sn = out_t.stride(2); }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool sm90 = sm90_forward_enabled(q.device());
-  const bool has_bias = bias.has_value() || bias_t.has_value();
+  const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
   // Head dims of V above 128 run as several launches over 128-column slices of V / O (each
   // recomputes S; LSE and μ are rewritten with the same values).
   const int64_t v_cols = v.size(3);   // Dv8
@@ -258,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const FwdLaunch launch = plan_forward_launch(sm90, p.d_qk, cols, has_bias);
+    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, p.d_qk, cols, jvp, bias.has_value(),
+                                                 bias_t.has_value());
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     if (launch.sm90) {
       if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, stream);
@@ -287,17 +295,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
   return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
 }
 
-// fastcm::attention_forward_kernels: the forward kernel of each launch the forward ops would make
-// for these q, v (one per 128-column V slice), as "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)"; for
-// tests and benchmark labels.
-std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool has_bias) {
+// fastcm::attention_forward_kernels: the forward kernel of each launch the forward op (jvp: the JVP
+// op) would make for these q, v (one per 128-column V slice) with or without bias / bias_t, as
+// "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)"; for tests and benchmark labels.
+std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool jvp,
+                                                        bool has_bias, bool has_bias_t) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
-  const bool sm90 = sm90_forward_enabled(q.device());
+  const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
   std::vector<std::string> names;
   const int64_t dqk8 = round_up(q.size(3), 8), dv8 = round_up(v.size(3), 8);
   for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
-    const FwdLaunch l = plan_forward_launch(sm90, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0), has_bias);
+    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0), jvp,
+                                            has_bias, jvp && has_bias_t);
     names.push_back(std::string(l.sm90 ? "sm_90a" : "sm_80") + " (" + std::to_string(l.kdqk) + ", " +
                     std::to_string(l.kdv) + ")");
   }

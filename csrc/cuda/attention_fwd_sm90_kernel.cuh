@@ -23,8 +23,10 @@
 // runs fence.proxy.async after its copies land, before the barrier that publishes them.
 //
 // Head dims: one template parameter kD ∈ {64, 128} for Q/K and V (the host pads both to it, the
-// sm_80 kernel's (d, d) rule). Bias tiles are not staged here: the host sends biased calls, other
-// head dims and non-sm_90 devices to the sm_80 kernel.
+// sm_80 kernel's (d, d) rule); other head dims and non-sm_90 devices take the sm_80 kernel.
+// Bias / bias_t: staged per key tile into fp32 [BM][BN] tiles after the ring, as in the sm_80
+// kernel; the host sends a call whose tiles would pass the device's shared-memory limit (d = 128
+// JVP with both bias and bias_t: 257 KB) to the sm_80 kernel.
 #pragma once
 
 #include "attention_fwd_kernel.cuh"
@@ -33,11 +35,14 @@
 namespace fastcm {
 namespace attn {
 
-template <typename T_, int kD_, bool kJvp_>
+// kBias: the kernel stages bias (and bias_t) tiles; a separate instantiation, so that unbiased calls
+// carry no per-element bias reads (64 predicated LDS per thread and tile at d = 64 JVP).
+template <typename T_, int kD_, bool kJvp_, bool kBias_>
 struct FwdSm90Traits {
   using T = T_;
   static constexpr int kD = kD_;
   static constexpr bool kJvp = kJvp_;
+  static constexpr bool kBias = kBias_;
   static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBM = 64 * kWarpGroups;
@@ -53,12 +58,23 @@ struct FwdSm90Traits {
   static constexpr int kStageBytes = (kJvp ? 4 : 2) * kKVBytes;
   static constexpr int kStages = 2;
   // + 1024: the dynamic shared-memory base is only guaranteed 16-byte aligned; the kernel rounds it up.
+  // The optional fp32 bias tiles follow (bias_smem_bytes).
   static constexpr int kSmemBytes = kQTiles * kQBytes + kStages * kStageBytes + 1024;
   static constexpr int kNTileS = kBN / 8;                     // n8 blocks of S per thread
   static constexpr int kNTileO = kD / 8;                      // n8 blocks of O per thread
   static_assert(kD == 64 || kD == 128, "wgmma kernel head dims");
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles keep the 1024-byte swizzle alignment");
 };
+
+// Dynamic shared memory of the sm_90a kernel for padded head dim kd (64 or 128), with the bias tiles.
+inline int fwd_sm90_smem_bytes(int kd, bool jvp, bool has_bias, bool has_bias_t) {
+  auto bytes = [&](auto tr) {
+    using Tr = decltype(tr);
+    return Tr::kSmemBytes + bias_smem_bytes<Tr>(has_bias, has_bias_t);
+  };
+  if (kd == 64) return jvp ? bytes(FwdSm90Traits<__half, 64, true, true>{}) : bytes(FwdSm90Traits<__half, 64, false, true>{});
+  return jvp ? bytes(FwdSm90Traits<__half, 128, true, true>{}) : bytes(FwdSm90Traits<__half, 128, false, true>{});
+}
 
 // Copy a ROWS × kD tile whose first row starts at `g` (row stride `stride` elements) into the
 // swizzled layout: element (r, col) goes to panel col/64, chunk (col%64)/8 of row r. Rows ≥
@@ -136,6 +152,13 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   // ks/4 at byte (ks%4)·32 of each 128-byte row; 8-row groups 1024 bytes apart. This warpgroup's
   // 64 query rows start 64·128 bytes into each Q panel. MN-major tiles (V): k-step kk (16 keys) is
   // 16 rows = 2048 bytes down each panel; the kD/64 panels are kBN·128 bytes apart.
+  const bool has_bias = Tr::kBias && p.bias != nullptr;
+  const bool has_bias_t = Tr::kBias && kJvp && p.bias_t != nullptr;
+  float* sBias = reinterpret_cast<float*>(sKV + Tr::kStages * Tr::kStageBytes);
+  float* sBiasT = sBias + (has_bias ? kBM * kBN : 0);
+  const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
+  const int64_t bias_t_base = (int64_t)b * p.bt_sb + (int64_t)h * p.bt_sh;
+
   const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;
   const uint32_t qt_base = smem_addr(sQt) + wg * 64 * 128;
   auto k_step = [](int ks, int rows) { return (uint32_t)((ks / 4) * rows * 128 + (ks % 4) * 32); };
@@ -144,6 +167,11 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     const int stage = tile & 1;
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
+    // The barrier below publishes the bias tiles; the one ending the previous tile retired their readers.
+    if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                 p.bias_is_f32, 1.4426950408889634f, tid);
+    if (has_bias_t) stage_bias<Tr>(sBiasT, p.bias_t, bias_t_base, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
+                                   p.Nk, p.bias_t_is_f32, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();
@@ -180,9 +208,9 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     fence_regs(s);
     if constexpr (kJvp) fence_regs(sd);
 
-    // ---- scale, mask, online softmax (no bias on this path) ----
+    // ---- scale, bias, mask, online softmax ----
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN>(s, sd, p, false, nullptr, false, nullptr, row_in_cta, m0, n0, off, need_mask, c);
+    scores_to_log2<kJvp, kBN>(s, sd, p, has_bias, sBias, has_bias_t, sBiasT, row_in_cta, m0, n0, off, need_mask, c);
     float alpha[2];
     online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
     rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
@@ -224,7 +252,8 @@ attention_fwd_sm90_kernel(const FwdParams p) {
 }
 
 // Dispatch on the padded head dim kd ∈ {64, 128} (D_qk and D_v both padded to it); instantiated in
-// attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90) and that there is no bias.
+// attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90) and the shared memory
+// (fwd_sm90_smem_bytes).
 template <typename T>
 void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
 

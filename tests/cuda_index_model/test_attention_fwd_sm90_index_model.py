@@ -23,8 +23,8 @@ import torch
 
 from fastcm.reference import attention as ref
 from fwd_steps import assert_matches_reference, fwd_block, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
-from ptx_model import G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, wgmma_rs, wgmma_ss
-from test_attention_fwd_index_model import fwd_kernel, fwd_padded_head_dims, fwd_traits
+from ptx_model import G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, stage_bias, wgmma_rs, wgmma_ss
+from test_attention_fwd_index_model import bias_smem_bytes, fwd_kernel, fwd_padded_head_dims, fwd_traits
 
 SMEM_OPTIN_SM90 = 227 * 1024
 
@@ -41,9 +41,15 @@ def sm90_traits(kd, jvp):
                 kSmemBytes=qtiles * qb + 2 * stage + 1024, kNTileS=bn // 8, kNTileO=kd // 8)
 
 
-def plan_forward_launch(sm90_enabled, dqk8, cols, has_bias):
+def sm90_smem_bytes(kd, jvp, has_bias, has_bias_t):
+    tr = sm90_traits(kd, jvp)
+    return tr["kSmemBytes"] + bias_smem_bytes(tr, has_bias, has_bias_t)
+
+
+def plan_forward_launch(sm90_smem_limit, dqk8, cols, jvp, has_bias, has_bias_t):
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
-    return sm90_enabled and not has_bias and kdqk == kdv and kdqk in (64, 128), kdqk, kdv
+    sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
+    return sm90, kdqk, kdv
 
 
 # ---- the kernel ------------------------------------------------------------------------------
@@ -97,6 +103,9 @@ def sm90_kernel(p, tr, block, smem_raw):
     if n_tiles > 0:
         load_kv(0, 0)
 
+    has_bias, has_bias_t = p["bias"] is not None, jvp and p["bias_t"] is not None
+    bias_base = b * p["bias"].st[0] + h * p["bias"].st[1] if has_bias else 0
+    bias_t_base = b * p["bias_t"].st[0] + h * p["bias_t"].st[1] if has_bias_t else 0
     warps = [dict(row_in_cta=16 * warp + G_, acc_o=frags(tr["kNTileO"]), acc_t=frags(tr["kNTileO"]),
                   row_max=[np.full(32, -math.inf)] * 2, row_sum=[np.zeros(32)] * 2, row_r=[np.zeros(32)] * 2)
              for warp in range(8)]
@@ -108,6 +117,8 @@ def sm90_kernel(p, tr, block, smem_raw):
         stage = tile & 1
         if tile + 1 < n_tiles:
             load_kv(stage ^ 1, tile + 1)
+        sBias = stage_bias(kBM, kBN, p, p["bias"], bias_base, m0, tile * kBN, LOG2E) if has_bias else None
+        sBiasT = stage_bias(kBM, kBN, p, p["bias_t"], bias_t_base, m0, tile * kBN, 1.0) if has_bias_t else None
         k_base = sKV + stage * tr["kStageBytes"]
         v_base, kt_base, vt_base = k_base + tr["kOffV"], k_base + tr["kOffKt"], k_base + tr["kOffVt"]
         n0 = tile * kBN
@@ -128,7 +139,7 @@ def sm90_kernel(p, tr, block, smem_raw):
                              desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1)
             need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
             for w, sw, sdw in zip(ws, s, sd):
-                scores_to_log2(sw, sdw, p, jvp, kBN, None, None, w["row_in_cta"], m0, n0, off, need_mask)
+                scores_to_log2(sw, sdw, p, jvp, kBN, sBias, sBiasT, w["row_in_cta"], m0, n0, off, need_mask)
                 rescale_accumulators(w, online_softmax(sw, sdw, jvp, w))
             pa = [[pack_a(sw, kk) for kk in range(kBN // 16)] for sw in s]
             ha = [[pack_a(sdw, kk) for kk in range(kBN // 16)] for sdw in sd] if jvp else None
@@ -143,9 +154,10 @@ def sm90_kernel(p, tr, block, smem_raw):
         write_outputs(p, w, jvp, m0, bh, b, h)
 
 
-def forward_model(q, k, v, qt, kt, vt, scale, causal, sm90_enabled, launches, smem_raw=0x410):
-    """forward_impl on float64 numpy data with the sm_90 choice, no bias: padding to multiples of 8,
-    the 128-column V slices, each launched on the kernel plan_forward_launch picks."""
+def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_limit, launches, smem_raw=0x410):
+    """forward_impl on float64 numpy data with the sm_90 choice: padding to multiples of 8, the
+    128-column V slices, each launched on the kernel plan_forward_launch picks. bias, bias_t:
+    (storage, strides) of (B, H, Nq, Nk) views, or None."""
     jvp = qt is not None
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -154,7 +166,8 @@ def forward_model(q, k, v, qt, kt, vt, scale, causal, sm90_enabled, launches, sm
     t = lambda a, d: contiguous(pad(a, d)) if a is not None else None  # noqa: E731
     p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), scale=scale, scale_log2=scale * LOG2E,
              causal=bool(causal), q=t(q, Dqk), k=t(k, Dqk), v=t(v, Dv), q_t=t(qt, Dqk), k_t=t(kt, Dqk),
-             v_t=t(vt, Dv), bias=None, bias_t=None, lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan),
+             v_t=t(vt, Dv), bias=None if bias is None else Tensor(*bias),
+             bias_t=None if bias_t is None else Tensor(*bias_t), lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan),
              out=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)),
              out_t=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None)
     v_full, vt_full, o_full, ot_full = p["v"], p["v_t"], p["out"], p["out_t"]
@@ -164,7 +177,8 @@ def forward_model(q, k, v, qt, kt, vt, scale, causal, sm90_enabled, launches, sm
         p["v"], p["out"] = Tensor(v_full.s, v_full.st, c0), Tensor(o_full.s, o_full.st, c0)
         if jvp:
             p["v_t"], p["out_t"] = Tensor(vt_full.s, vt_full.st, c0), Tensor(ot_full.s, ot_full.st, c0)
-        use_sm90, kdqk, kdv = plan_forward_launch(sm90_enabled, p["d_qk"], cols, False)
+        use_sm90, kdqk, kdv = plan_forward_launch(sm90_smem_limit, p["d_qk"], cols, jvp, bias is not None,
+                                                  bias_t is not None)
         launches.append(("sm_90a" if use_sm90 else "sm_80", kdqk, kdv))
         tr = sm90_traits(kdqk, jvp) if use_sm90 else fwd_traits(kdqk, kdv, jvp)
         p["num_m_blocks"] = (Nq + tr["kBM"] - 1) // tr["kBM"]
@@ -193,42 +207,61 @@ def test_traits_fit_hopper_shared_memory():
 def test_plan_takes_sm90_only_for_its_head_dims():
     for dqk8 in range(8, 257, 8):
         for cols in range(8, 129, 8):
-            for has_bias in (False, True):
-                use, kdqk, kdv = plan_forward_launch(True, dqk8, cols, has_bias)
+            for jvp, has_bias, has_bias_t in [(j, b, t) for j in (0, 1) for b in (0, 1) for t in (0, 1)]:
+                use, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, dqk8, cols, jvp, has_bias, has_bias_t)
                 if use:
-                    assert not has_bias and kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
-                assert plan_forward_launch(False, dqk8, cols, has_bias)[0] is False
-    assert plan_forward_launch(True, 64, 64, False)[0] and plan_forward_launch(True, 128, 104, False)[0]
+                    assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
+                    assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
+                assert plan_forward_launch(0, dqk8, cols, jvp, has_bias, has_bias_t)[0] is False
+    assert plan_forward_launch(SMEM_OPTIN_SM90, 128, 104, True, True, False)[0]        # 225 KB: fits
+    assert not plan_forward_launch(SMEM_OPTIN_SM90, 128, 128, True, True, True)[0]     # 257 KB: sm_80
+    assert plan_forward_launch(SMEM_OPTIN_SM90, 64, 64, True, True, True)[0]
 
 
-# (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp)
+# (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
 CASES = [
-    (1, 2, 1, 150, 200, 64, 64, True, True),      # d 64 JVP: GQA, causal Nq < Nk, 2 query tiles, key tail
-    (2, 1, 1, 140, 70, 128, 128, True, True),     # d 128 JVP: causal Nq > Nk (dead rows), B = 2
-    (1, 1, 1, 130, 300, 128, 128, False, False),  # d 128 primal (BN = 128), key tail 44, query tail 2
-    (1, 3, 3, 40, 90, 40, 24, True, False),       # D_qk 40, D_v 24 -> padded 64 (zero-filled columns), primal
-    (1, 2, 2, 70, 129, 104, 120, False, True),    # D_qk 104, D_v 120 -> 128, JVP
-    (1, 1, 1, 33, 65, 64, 200, False, True),      # D_v 200: slice 128 on sm_90a, slice 72 on sm_80 (96, 96)
+    (1, 2, 1, 150, 200, 64, 64, True, True, None),      # d 64 JVP: GQA, causal Nq < Nk, 2 query tiles, key tail
+    (2, 1, 1, 140, 70, 128, 128, True, True, None),     # d 128 JVP: causal Nq > Nk (dead rows), B = 2
+    (1, 1, 1, 130, 300, 128, 128, False, False, None),  # d 128 primal (BN = 128), key tail 44, query tail 2
+    (1, 3, 3, 40, 90, 40, 24, True, False, None),       # D_qk 40, D_v 24 -> padded 64 (zero-filled columns), primal
+    (1, 2, 2, 70, 129, 104, 120, False, True, None),    # D_qk 104, D_v 120 -> 128, JVP
+    (1, 1, 1, 33, 65, 64, 200, False, True, None),      # D_v 200: slice 128 on sm_90a, slice 72 on sm_80 (96, 96)
+    (1, 2, 1, 150, 140, 64, 64, True, True, "broadcast"),  # bias and bias_t tiles, a -inf bias row, +inf bias_t row
+    (1, 2, 2, 70, 200, 128, 128, False, False, "full"),    # d 128 primal with a full bias (225 KB of smem)
+    (1, 2, 2, 60, 100, 128, 128, True, True, "head"),      # d 128 JVP with bias and bias_t: too big, sm_80 takes it
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_sm90_forward_index_model_matches_reference(case):
-    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp = case
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     gen = torch.Generator().manual_seed(1)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
     q, k, v = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
     qt, kt, vt = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
+    shape = {"broadcast": (1, 1, Nq, Nk), "full": (B, H, Nq, Nk), "head": (1, H, 1, Nk), None: None}[bias_kind]
+    base = None if shape is None else rnd(*shape)
+    base_t = None if shape is None or not jvp else rnd(*shape)
+    if bias_kind == "broadcast":
+        base[..., 3, :] = -math.inf
+        base_t[..., 3, :] = math.inf
+    bias = None if base is None else base.expand(B, H, Nq, Nk)
+    bias_t = None if base_t is None else base_t.expand(B, H, Nq, Nk)
+    strided = lambda t, bt: None if t is None else (bt.numpy().reshape(-1), list(t.stride()))   # noqa: E731
     scale = 0.8 * Dqk ** -0.5
     launches = []
     with np.errstate(invalid="raise", over="raise", divide="raise"):
         got = forward_model(q.numpy(), k.numpy(), v.numpy(), qt.numpy() if jvp else None, kt.numpy() if jvp else None,
-                            vt.numpy() if jvp else None, scale, causal, True, launches)
-    assert launches[0][0] == "sm_90a"
+                            vt.numpy() if jvp else None, strided(bias, base), strided(bias_t, base_t), scale, causal,
+                            SMEM_OPTIN_SM90, launches)
+    too_big = jvp and Dqk > 64 and bias is not None
+    assert launches[0][0] == ("sm_80" if too_big else "sm_90a")
     if jvp:
-        expected = ref.attention_jvp(q, k, v, qt, kt, vt, scale=scale, causal=causal, return_lse=True)
+        bt_ref = None if bias_t is None else torch.where(torch.isinf(bias_t), 0.0, bias_t)
+        expected = ref.attention_jvp(q, k, v, qt, kt, vt, scale=scale, causal=causal, attn_bias=bias, bias_t=bt_ref,
+                                     return_lse=True)
         names = ("out", "out_t", "lse", "lse_t")
     else:
-        expected = ref.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+        expected = ref.attention(q, k, v, scale=scale, causal=causal, attn_bias=bias, return_lse=True)
         got, names = (got[0], got[2]), ("out", "lse")
     assert_matches_reference(names, got, expected)
