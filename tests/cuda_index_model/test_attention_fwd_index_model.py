@@ -19,10 +19,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from fastcm.reference import attention as ref
-from fwd_steps import assert_matches_reference, fwd_block, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
+from fwd_steps import assert_matches_reference, case_inputs, fwd_block, reference_outputs, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
 from ptx_model import ELEM, LANE, LOG2E, G_, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a, zeros_frags
 from ptx_model import stage_bias as stage_bias_tile
 
@@ -248,35 +246,16 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_forward_index_model_matches_reference(case):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
-    gen = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
-    q, k, v = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
-    qt, kt, vt = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv)
-    # The bias as prepare_bias hands it to the kernel: a (B, H, Nq, Nk) view of a smaller tensor.
-    shape = {"broadcast": (1, 1, Nq, Nk), "full": (B, H, Nq, Nk), "head": (1, H, 1, Nk), None: None}[bias_kind]
-    base = None if shape is None else rnd(*shape)
-    base_t = None if shape is None or not jvp else rnd(*shape)
-    if bias_kind == "broadcast":
-        base[..., 3, :] = -math.inf                      # a row no key is visible to
-        base_t[..., 3, :] = math.inf                     # h = 0 there even though ṡ is infinite
-    bias = None if base is None else base.expand(B, H, Nq, Nk)
-    bias_t = None if base_t is None else base_t.expand(B, H, Nq, Nk)
+    tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=0)
+    q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
     scale = 0.8 * Dqk ** -0.5
-    strided = lambda t, bt: None if t is None else (bt.numpy().reshape(-1), list(t.stride()))   # noqa: E731
-
     launches = []
     with np.errstate(invalid="raise", over="raise", divide="raise"):
-        got = forward_model(q.numpy(), k.numpy(), v.numpy(), qt.numpy() if jvp else None,
-                            kt.numpy() if jvp else None, vt.numpy() if jvp else None,
-                            strided(bias, base), strided(bias_t, base_t), scale, causal, launches)
-    if jvp:
-        bt_ref = None if bias_t is None else torch.where(torch.isinf(bias_t), 0.0, bias_t)
-        expected = ref.attention_jvp(q, k, v, qt, kt, vt, scale=scale, causal=causal, attn_bias=bias,
-                                     bias_t=bt_ref, return_lse=True)
-        names = ("out", "out_t", "lse", "lse_t")
-    else:
-        expected = ref.attention(q, k, v, scale=scale, causal=causal, attn_bias=bias, return_lse=True)
-        got, names = (got[0], got[2]), ("out", "lse")
+        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
+                            scale, causal, launches)
+    names, expected = reference_outputs(tensors, bias, bias_t, scale, causal, jvp)
+    if not jvp:
+        got = (got[0], got[2])
     if Dqk > 128:
         assert all(kdqk in (192, 256) for kdqk, _, _ in launches)
     assert len(launches) == (Dv + 127) // 128
