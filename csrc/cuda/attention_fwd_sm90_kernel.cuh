@@ -106,6 +106,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   using namespace sm90;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
   constexpr bool kJvp = Tr::kJvp;
+  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -148,10 +149,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   float row_r[2] = {0.f, 0.f};
   const int row_in_cta = 16 * warp + lane / 4;        // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
 
-  // Descriptor byte offsets. K-major tiles (Q, K): k-step ks (16 columns = 32 bytes) sits in panel
-  // ks/4 at byte (ks%4)·32 of each 128-byte row; 8-row groups 1024 bytes apart. This warpgroup's
-  // 64 query rows start 64·128 bytes into each Q panel. MN-major tiles (V): k-step kk (16 keys) is
-  // 16 rows = 2048 bytes down each panel; the kD/64 panels are kBN·128 bytes apart.
+  // Optional fp32 bias tiles after the ring (the host sizes them: bias_smem_bytes).
   const bool has_bias = Tr::kBias && p.bias != nullptr;
   const bool has_bias_t = Tr::kBias && kJvp && p.bias_t != nullptr;
   float* sBias = reinterpret_cast<float*>(sKV + Tr::kStages * Tr::kStageBytes);
@@ -159,6 +157,10 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
   const int64_t bias_t_base = (int64_t)b * p.bt_sb + (int64_t)h * p.bt_sh;
 
+  // Descriptor byte offsets. K-major tiles (Q, K): k-step ks (16 columns = 32 bytes) sits in panel
+  // ks/4 at byte (ks%4)·32 of each 128-byte row; 8-row groups 1024 bytes apart. This warpgroup's
+  // 64 query rows start 64·128 bytes into each Q panel. MN-major tiles (V): k-step kk (16 keys) is
+  // 16 rows = 2048 bytes down each panel; the kD/64 panels are kBN·128 bytes apart.
   const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;
   const uint32_t qt_base = smem_addr(sQt) + wg * 64 * 128;
   auto k_step = [](int ks, int rows) { return (uint32_t)((ks / 4) * rows * 128 + (ks % 4) * 32); };
@@ -169,7 +171,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one ending the previous tile retired their readers.
     if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                 p.bias_is_f32, 1.4426950408889634f, tid);
+                                 p.bias_is_f32, kLog2e, tid);
     if (has_bias_t) stage_bias<Tr>(sBiasT, p.bias_t, bias_t_base, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
                                    p.Nk, p.bias_t_is_f32, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
