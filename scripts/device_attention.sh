@@ -34,7 +34,7 @@ FASTCM_TEST_DEVICE=cuda timeout 300 python -m pytest $TESTS -q -x --maxfail=5 -p
 tail -25 "$OUT/pytest.log"
 
 if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
-  step "compute-sanitizer (memcheck, racecheck) on a small shape"
+  step "compute-sanitizer (memcheck, racecheck, synccheck: barrier use) on small shapes"
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   cat > "$OUT/sanitize_case.py" <<'PY'
 import torch
@@ -59,7 +59,7 @@ for dtype in (torch.bfloat16, torch.float16):
 torch.cuda.synchronize()
 print("sanitize case done")
 PY
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$SAN" --tool $tool --error-exitcode 9 \
       python "$OUT/sanitize_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; [ $rc -ne 0 ] && status=1

@@ -13,8 +13,10 @@
 //   softmax in registers; P, H = P·Ṡ converted to bf16/fp16 A fragments in place
 //   A += P·V                          BN/16 RS wgmma m64n{d}k16 (V MN-major in smem: transposed read)
 //   T += P·V̇ + H·V                   2·BN/16 RS wgmma into ONE accumulator (the [p | h]·[V̇ ; V] form)
-// Each chain is committed and waited before its results are touched; the two warpgroups' chains
-// interleave on the tensor cores while the other one runs its softmax.
+// Each chain is committed and waited before its results are touched. Warpgroup 1 issues its S chain
+// only after warpgroup 0 has issued its own (a named barrier), so the tensor cores run WG0's S, then
+// WG1's S while WG0 does its softmax, then WG0's P·V while WG1 does its softmax, and so on: the
+// softmax of one warpgroup overlaps the products of the other instead of both waiting together.
 //
 // Shared memory: every operand tile is stored in wgmma's 128-byte-swizzle canonical layout: 64-
 // column panels (128 bytes of a row), each panel ROWS rows × 128 B, the 16-byte chunk c of row r at
@@ -107,6 +109,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
   constexpr bool kJvp = Tr::kJvp;
   constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kScheduleBarrier = 1;   // named barrier ordering the warpgroups' S chains
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -187,6 +190,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     float sd[kJvp ? Tr::kNTileS : 1][4];
     fence_regs(s);
     if constexpr (kJvp) fence_regs(sd);
+    if (wg == 1) named_barrier_sync(kScheduleBarrier, Tr::kThreads);   // after WG0 has issued its S chain
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
@@ -206,6 +210,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
       }
     }
     wgmma_commit();
+    if (wg == 0) named_barrier_arrive(kScheduleBarrier, Tr::kThreads);
     wgmma_wait<0>();
     fence_regs(s);
     if constexpr (kJvp) fence_regs(sd);

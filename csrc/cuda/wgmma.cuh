@@ -42,6 +42,16 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // proxy that wgmma reads through; each writing thread runs it before the barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Named barrier `id` (1..15; 0 is __syncthreads) over `count` threads: bar.sync waits for the phase
+// to complete, bar.arrive counts this thread in and goes on. One warpgroup arriving while the other
+// syncs orders the second after the first.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
+
 // Compiler-only fences: the registers count as read and written here, so no access to them moves
 // across the wgmma fence / wait they sit beside (the wgmma asm itself names them, the waits do not).
 template <int NT>
