@@ -239,6 +239,28 @@ constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
 // kernels came out with other registers and scheduling).
 // ----------------------------------------------------------------------------------------------
 
+// The optional fp32 bias / bias_t tiles of one CTA ([kBM][kBN] each, at `smem`; the host sizes them
+// with bias_smem_bytes). They go through shared memory for coalesced reads and few registers; the
+// kernels stage them per key tile with stage_bias (bias × log2e, bias_t as it is), written out in
+// each kernel: behind one more inline helper, ptxas spilled 40 B in the sm_80 d = 128 JVP kernel.
+struct FwdBiasTiles {
+  bool has_bias, has_bias_t;
+  float *bias, *bias_t;
+  int64_t base, base_t;   // element offsets of this (b, h) in bias, bias_t
+};
+
+template <class Tr>
+__device__ __forceinline__ FwdBiasTiles fwd_bias_tiles(const FwdParams p, unsigned char* smem, int b, int h) {
+  FwdBiasTiles t;
+  t.has_bias = p.bias != nullptr;
+  t.has_bias_t = Tr::kJvp && p.bias_t != nullptr;
+  t.bias = reinterpret_cast<float*>(smem);
+  t.bias_t = t.bias + (t.has_bias ? Tr::kBM * Tr::kBN : 0);
+  t.base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
+  t.base_t = (int64_t)b * p.bt_sb + (int64_t)h * p.bt_sh;
+  return t;
+}
+
 // The CTA's work: its (b, h), query tile [m0, m0 + kBM), the number of kBN-key tiles it needs, and
 // the first rows of its q, k, v (and tangent) heads. Causal schedules the heaviest query tiles first.
 template <typename T>
@@ -462,25 +484,18 @@ attention_fwd_kernel(const FwdParams p) {
 
   const int row_in_cta = 16 * warp + g;       // + 8 for the second row
 
-  const bool has_bias = p.bias != nullptr;
-  const bool has_bias_t = kJvp && p.bias_t != nullptr;
-  // Optional fp32 bias tiles after the fixed part of shared memory (host sizes it: bias_smem_bytes).
-  float* sBias = reinterpret_cast<float*>(smem_raw + Tr::kSmemBytes);
-  float* sBiasT = sBias + (has_bias ? kBM * kBN : 0);
-  const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
-  const int64_t bias_t_base = (int64_t)b * p.bt_sb + (int64_t)h * p.bt_sh;
+  const FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem_raw + Tr::kSmemBytes, b, h);
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
     // Issue the next tile into the other stage (its readers finished: barrier at loop end).
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
-    // Bias tiles go through shared memory (coalesced reads, few registers). The barrier below
-    // publishes them; the barrier at the end of the previous tile retired their last readers.
-    if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                 p.bias_is_f32, kLog2e, tid);
-    if (has_bias_t) stage_bias<Tr>(sBiasT, p.bias_t, bias_t_base, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
-                                   p.Nk, p.bias_t_is_f32, 1.f, tid);
+    // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
+    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                      p.bias_is_f32, kLog2e, tid);
+    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
+                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     __syncthreads();
 
@@ -532,7 +547,8 @@ attention_fwd_kernel(const FwdParams p) {
 
     // ---- scale, bias, mask; then the online softmax update ----
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN>(s, sd, p, has_bias, sBias, has_bias_t, sBiasT, row_in_cta, m0, n0, off, need_mask, c);
+    scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+                              off, need_mask, c);
     float alpha[2];
     online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
     rescale_accumulators<kJvp>(acc_o, acc_t, alpha);

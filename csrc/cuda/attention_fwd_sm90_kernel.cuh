@@ -152,13 +152,10 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   float row_r[2] = {0.f, 0.f};
   const int row_in_cta = 16 * warp + lane / 4;        // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
 
-  // Optional fp32 bias tiles after the ring (the host sizes them: bias_smem_bytes).
-  const bool has_bias = Tr::kBias && p.bias != nullptr;
-  const bool has_bias_t = Tr::kBias && kJvp && p.bias_t != nullptr;
-  float* sBias = reinterpret_cast<float*>(sKV + Tr::kStages * Tr::kStageBytes);
-  float* sBiasT = sBias + (has_bias ? kBM * kBN : 0);
-  const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
-  const int64_t bias_t_base = (int64_t)b * p.bt_sb + (int64_t)h * p.bt_sh;
+  // Optional fp32 bias tiles after the ring; kBias = false compiles them out.
+  FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, sKV + Tr::kStages * Tr::kStageBytes, b, h);
+  bias.has_bias = bias.has_bias && Tr::kBias;
+  bias.has_bias_t = bias.has_bias_t && Tr::kBias;
 
   // Descriptor byte offsets. K-major tiles (Q, K): k-step ks (16 columns = 32 bytes) sits in panel
   // ks/4 at byte (ks%4)·32 of each 128-byte row; 8-row groups 1024 bytes apart. This warpgroup's
@@ -172,11 +169,11 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     const int stage = tile & 1;
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
-    // The barrier below publishes the bias tiles; the one ending the previous tile retired their readers.
-    if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                 p.bias_is_f32, kLog2e, tid);
-    if (has_bias_t) stage_bias<Tr>(sBiasT, p.bias_t, bias_t_base, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
-                                   p.Nk, p.bias_t_is_f32, 1.f, tid);
+    // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
+    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                      p.bias_is_f32, kLog2e, tid);
+    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
+                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();
@@ -217,7 +214,8 @@ attention_fwd_sm90_kernel(const FwdParams p) {
 
     // ---- scale, bias, mask, online softmax ----
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN>(s, sd, p, has_bias, sBias, has_bias_t, sBiasT, row_in_cta, m0, n0, off, need_mask, c);
+    scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+                              off, need_mask, c);
     float alpha[2];
     online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
     rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
