@@ -5,6 +5,7 @@ unless --causal), times
   fastcm JVP      torch.ops.fastcm.attention_forward_jvp (primal + tangent, one kernel)
   fastcm fwd      torch.ops.fastcm.attention_forward
   ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 devices only
+  ..._cpasync     the same with FASTCM_ATTN_SM90_TMA=0 (the cp.async wgmma kernel), on sm_90 only
   fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels; TFLOP/s on 10·N²·d per head)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
@@ -33,18 +34,22 @@ CONFIGS = [(1, 32, 64), (1, 16, 128)]          # (B, H, d)
 LENGTHS = [1024, 4096, 8192, 16384]
 
 
-def with_sm80_kernel(fn):
-    """fn run with FASTCM_ATTN_SM90=0 (read by the extension at every call)."""
+# Row suffix -> the kernel switch that selects it on sm_90 (read by the extension at every call).
+SM90_VARIANTS = {"_sm80": "FASTCM_ATTN_SM90", "_cpasync": "FASTCM_ATTN_SM90_TMA"}
+
+
+def with_switch_off(variable, fn):
+    """fn run with the environment variable `variable` set to 0."""
     def run():
-        old = os.environ.get("FASTCM_ATTN_SM90")
-        os.environ["FASTCM_ATTN_SM90"] = "0"
+        old = os.environ.get(variable)
+        os.environ[variable] = "0"
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["FASTCM_ATTN_SM90"]
+                del os.environ[variable]
             else:
-                os.environ["FASTCM_ATTN_SM90"] = old
+                os.environ[variable] = old
     return run
 
 
@@ -114,11 +119,13 @@ def main():
             ]
             kernels = {"fastcm_fwd": ops.attention_forward_kernels(q, v, False, False, False),
                        "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
-            if hopper:   # the sm_80 (mma.sync) kernel beside the default in the same run
-                cases += [("fastcm_fwd_sm80", with_sm80_kernel(fastcm_fwd), f_fwd),
-                          ("fastcm_jvp_sm80", with_sm80_kernel(fastcm_jvp), f_jvp)]
-                sm80_kernels = with_sm80_kernel(lambda: ops.attention_forward_kernels(q, v, True, False, False))()
-                kernels.update(fastcm_fwd_sm80=sm80_kernels, fastcm_jvp_sm80=sm80_kernels)
+            if hopper:   # the other forward kernels beside the default in the same run
+                for suffix, variable in SM90_VARIANTS.items():
+                    cases += [("fastcm_fwd" + suffix, with_switch_off(variable, fastcm_fwd), f_fwd),
+                              ("fastcm_jvp" + suffix, with_switch_off(variable, fastcm_jvp), f_jvp)]
+                    for name, jvp in (("fastcm_fwd", False), ("fastcm_jvp", True)):
+                        kernels[name + suffix] = with_switch_off(
+                            variable, lambda jvp=jvp: ops.attention_forward_kernels(q, v, jvp, False, False))()
             sdpa_graph = None
             if not args.no_backward:
                 cases.append(("fastcm_bwd", lambda: ops.attention_backward(grad, q, k, v, out, lse, None, scale,
@@ -137,7 +144,7 @@ def main():
                           "kernel": " + ".join(kernels.get(name, []))})
                 results[name] = r
                 rows.append(r)
-                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:15s} "
+                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:19s} "
                       + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_mib']:9.1f} MiB"
                          if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
                       flush=True)
@@ -161,12 +168,12 @@ def main():
         w.writeheader()
         w.writerows(rows)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}")
-    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>15} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'MiB':>9}")
+    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>19} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'MiB':>9}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>15} {r['status'][:40]}")
+            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>19} {r['status'][:40]}")
             continue
-        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>15} {r['ms']:9.3f} {r['tflops']:8.1f} "
+        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>19} {r['ms']:9.3f} {r['tflops']:8.1f} "
               f"{r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build fastcm with the CUDA kernels, run the attention tests on cuda,
-# compute-sanitizer memcheck + racecheck on a small shape, then the benchmark. Logs under $OUT.
+# compute-sanitizer memcheck + racecheck + synccheck on small shapes, then the benchmark. Logs under $OUT.
 #
 #   OUT=/some/dir bash scripts/device_attention.sh            (run tool: $OUT is set for you)
 #   SKIP_BENCH=1 / SKIP_SANITIZER=1 / QUICK_BENCH=1 shorten it.
@@ -37,6 +37,7 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   step "compute-sanitizer (memcheck, racecheck, synccheck: barrier use) on small shapes"
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   cat > "$OUT/sanitize_case.py" <<'PY'
+import os
 import torch
 from fastcm._extension import extension_ops
 ops = extension_ops()
@@ -51,8 +52,12 @@ for dtype in (torch.bfloat16, torch.float16):
         q, k, v = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
         bias = torch.randn(1, 1, Nq, Nk, device="cuda").expand(B, H, Nq, Nk)
         qt, kt, vt = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
-        for b in (None, bias):   # the sm_90a kernel where the head dim allows it (not d 128 JVP with both biases)
+        for b in (None, bias):   # on sm_90 where the head dim allows: the TMA kernel, then the cp.async one with bias tiles
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, b, 0.125, causal)
+        os.environ["FASTCM_ATTN_SM90_TMA"] = "0"   # the cp.async kernel without bias tiles
+        ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)
+        ops.attention_forward(q, k, v, None, 0.125, causal)
+        del os.environ["FASTCM_ATTN_SM90_TMA"]
         for b in (None, bias):   # the fused backward with and without a staged bias tile
             out, lse = ops.attention_forward(q, k, v, b, 0.125, causal)
             ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal)

@@ -153,9 +153,9 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("kind", ["f32_full", "f32_broadcast", "lowp_full", "bool_mask", "with_tangent"])
 def test_bias(kind, dtype, kernel, monkeypatch):
-    """Bias tiles in both forward kernels (on sm_90 the default is the wgmma one at D = 64)."""
-    if kernel == "sm_80":
-        monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
+    """Bias tiles in both forward kernels that take them (on sm_90 the default is the cp.async
+    wgmma one at D = 64; the bias-free calls at the end run the TMA one)."""
+    _force_kernel(kernel, monkeypatch)
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150, 64
     q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, D, D, dtype)
     bias_t = None
@@ -244,40 +244,59 @@ def test_deterministic(dtype):
             assert torch.equal(a, b)
 
 
-# ---- the sm_90a (wgmma) forward and the choice between the two forward kernels ----------------
-# On sm_90 devices the forward ops run the wgmma kernel for padded head dims 64 / 128 (every test
-# above with such a shape exercises it there, bias tiles included); FASTCM_ATTN_SM90=0 selects the
-# sm_80 kernel.
+# ---- the sm_90a (wgmma) forwards and the choice between the forward kernels ------------------
+# On sm_90 devices the forward ops run a wgmma kernel for padded head dims 64 / 128 (every test
+# above with such a shape exercises one there): the warp-specialised TMA kernel without a bias, the
+# cp.async one with bias tiles. FASTCM_ATTN_SM90_TMA=0 selects the cp.async kernel for every call,
+# FASTCM_ATTN_SM90=0 the sm_80 kernel.
 
 def _hopper():
     return torch.cuda.get_device_capability()[0] == 9
 
 
+# kernel -> the switch that forces it (None: the default choice)
+KERNEL_SWITCH = {"default": None, "cp_async": "FASTCM_ATTN_SM90_TMA", "sm_80": "FASTCM_ATTN_SM90"}
+
+
+def _force_kernel(kernel, monkeypatch):
+    for variable in ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA"):
+        monkeypatch.delenv(variable, raising=False)
+    if KERNEL_SWITCH[kernel] is not None:
+        monkeypatch.setenv(KERNEL_SWITCH[kernel], "0")
+
+
 def test_forward_kernel_choice(monkeypatch):
     ops = _ops()
-    monkeypatch.delenv("FASTCM_ATTN_SM90", raising=False)
+    _force_kernel("default", monkeypatch)
     t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
     kernels = ops.attention_forward_kernels        # (q, v, jvp, has_bias, has_bias_t)
-    fast = "sm_90a" if _hopper() else "sm_80"
+    fast, tiles = ("sm_90a_tma", "sm_90a") if _hopper() else ("sm_80", "sm_80")
     assert kernels(t(64), t(64), True, False, False) == [f"{fast} (64, 64)"]
     assert kernels(t(40), t(104), False, False, False) == [f"{fast} (128, 128)"]
     assert kernels(t(64), t(200), True, False, False) == [f"{fast} (128, 128)", "sm_80 (96, 96)"]
-    assert kernels(t(64), t(64), True, True, True) == [f"{fast} (64, 64)"]
-    assert kernels(t(128), t(128), True, True, False) == [f"{fast} (128, 128)"]
-    assert kernels(t(128), t(128), False, True, True) == [f"{fast} (128, 128)"]    # no bias_t without jvp
+    assert kernels(t(64), t(64), True, True, True) == [f"{tiles} (64, 64)"]
+    assert kernels(t(128), t(128), True, True, False) == [f"{tiles} (128, 128)"]
+    assert kernels(t(128), t(128), False, True, True) == [f"{tiles} (128, 128)"]    # no bias_t without jvp
+    assert kernels(t(128), t(128), False, False, True) == [f"{fast} (128, 128)"]
     assert kernels(t(128), t(128), True, True, True) == ["sm_80 (128, 128)"]       # 257 KB of smem on sm_90a
     assert kernels(t(32), t(32), False, False, False) == ["sm_80 (32, 32)"]
     assert kernels(t(256), t(128), False, False, False) == ["sm_80 (256, 128)"]
+    broadcast = _rand(1, 1, 16, 64, dtype=torch.bfloat16).expand(3, 2, 16, 64)    # stride 0: no tensor map
+    assert kernels(broadcast, t(64), True, False, False) == [f"{tiles} (64, 64)"]
+    monkeypatch.setenv("FASTCM_ATTN_SM90_TMA", "0")
+    assert kernels(t(64), t(200), True, False, False) == [f"{tiles} (128, 128)", "sm_80 (96, 96)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
     assert kernels(t(64), t(200), True, False, False) == ["sm_80 (128, 128)", "sm_80 (96, 96)"]
-    monkeypatch.setenv("FASTCM_ATTN_SM90", "yes")
-    with pytest.raises(RuntimeError, match="FASTCM_ATTN_SM90 must be 0 or 1"):
-        kernels(t(64), t(64), False, False, False)
-    with pytest.raises(RuntimeError, match="FASTCM_ATTN_SM90 must be 0 or 1"):
-        ops.attention_forward(t(64), t(64), t(64), None, 0.125, False)
+    for variable in ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA"):
+        _force_kernel("default", monkeypatch)
+        monkeypatch.setenv(variable, "yes")
+        with pytest.raises(RuntimeError, match=f"{variable} must be 0 or 1"):
+            kernels(t(64), t(64), False, False, False)
+        with pytest.raises(RuntimeError, match=f"{variable} must be 0 or 1"):
+            ops.attention_forward(t(64), t(64), t(64), None, 0.125, False)
 
 
-# Shapes the sm_90a kernel takes, with many key tiles (BN 64 JVP / 128 primal) and 128-row query tiles.
+# Shapes the sm_90a kernels take, with many key tiles (BN 64 JVP / 128 primal) and 128-row query tiles.
 SHAPES_SM90 = [
     (1, 4, 1, 1000, 1500, 64, 64),
     (1, 2, 2, 777, 2048, 128, 128),
@@ -286,24 +305,42 @@ SHAPES_SM90 = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["default", "sm_80"])
+@pytest.mark.parametrize("kernel", list(KERNEL_SWITCH))
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8])
 def test_forward_kernels_on_sm90_head_dims(shape, causal, dtype, kernel, monkeypatch):
-    """Primal and JVP ops on shapes whose padded head dim is 64 or 128, with the default kernel (the
-    wgmma one on sm_90) and with the sm_80 one forced: on an H100 both forward kernels are held to
-    2x PyTorch's own low-precision error."""
+    """Primal and JVP ops on shapes whose padded head dim is 64 or 128, with each forward kernel (on
+    sm_90: TMA, cp.async, sm_80) held to 2x PyTorch's own low-precision error."""
     ops = _ops()
-    if kernel == "sm_80":
-        monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
-    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    _force_kernel(kernel, monkeypatch)
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    used = ops.attention_forward_kernels(q, v, True, False, False)
-    assert all(name.startswith("sm_90a" if (_hopper() and kernel == "default") else "sm_80") for name in used)
-    scale = 0.9 * Dqk ** -0.5
+    expected = {"default": "sm_90a_tma (", "cp_async": "sm_90a ("}.get(kernel, "sm_80") if _hopper() else "sm_80"
+    for jvp in (False, True):
+        assert all(name.startswith(expected) for name in ops.attention_forward_kernels(q, v, jvp, False, False))
+    scale = 0.9 * shape[5] ** -0.5
     _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=scale)
     _run_forward_and_check(q, k, v, causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_SWITCH))
+@pytest.mark.parametrize("dtype", LOWP)
+def test_forward_strided_layouts(dtype, kernel, monkeypatch):
+    """Inputs the kernels read in place through their strides: (B, N, H, D) storage viewed as
+    (B, H, N, D) (head stride < row stride: the tensor maps' strides), a V slice of a wider
+    tensor, and k / v broadcast over the batch (stride 0: the TMA kernel cannot map it, the
+    cp.async one takes the call)."""
+    _force_kernel(kernel, monkeypatch)
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 200, 333, 64
+    q, qt = (_rand(B, Nq, H, D, dtype=dtype).transpose(1, 2) for _ in range(2))
+    k, kt = (_rand(B, Nk, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))
+    v, vt = (_rand(B, Hkv, Nk, 2 * D, dtype=dtype)[..., D:] for _ in range(2))
+    expected = {"default": "sm_90a_tma", "cp_async": "sm_90a"}.get(kernel, "sm_80") if _hopper() else "sm_80"
+    assert _ops().attention_forward_kernels(q, v, True, False, False) == [f"{expected} (64, 64)"]
+    for causal in (False, True):
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5)
+    k1, v1, kt1, vt1 = (_rand(1, Hkv, Nk, D, dtype=dtype).expand(B, Hkv, Nk, D) for _ in range(4))
+    _run_jvp_and_check(q, k1, v1, qt, kt1, vt1, causal=False, scale=D ** -0.5)
 
 
 # ---- D_qk > 128: the decoupled (D_qk, D_v) forward kernels -------------------------------------

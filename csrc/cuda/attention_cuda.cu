@@ -1,9 +1,11 @@
 // CUDA implementations of fastcm::attention_forward, attention_forward_jvp, attention_backward
 // (the schemas are defined with TORCH_LIBRARY(fastcm, m) in csrc/attention.cpp).
 //
-// Forward and forward-JVP: on sm_90 devices the wgmma kernel of attention_fwd_sm90_kernel.cuh
-// where it applies (padded head dim 64 or 128, its shared memory within the device's limit;
-// FASTCM_ATTN_SM90=0 turns it off), else the fused kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
+// Forward and forward-JVP: on sm_90 devices a wgmma kernel where one applies (padded head dim 64 or
+// 128, its shared memory within the device's limit; FASTCM_ATTN_SM90=0 turns both off): without a
+// bias the warp-specialised TMA kernel of attention_fwd_sm90_ws_kernel.cuh (FASTCM_ATTN_SM90_TMA=0
+// turns it off), else the cp.async one of attention_fwd_sm90_kernel.cuh; everywhere else the fused
+// kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
 // Backward: the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen
 // batched matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
 //
@@ -32,6 +34,7 @@
 #include "attention_bwd_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
 #include "attention_fwd_sm90_kernel.cuh"
+#include "attention_fwd_sm90_ws_kernel.cuh"
 
 namespace fastcm {
 namespace {
@@ -160,22 +163,42 @@ int sm90_forward_smem_limit(const at::Device& device) {
 #endif
 }
 
+// Whether the sm_90a TMA kernel may run: FASTCM_ATTN_SM90_TMA (read per call) unset or 1.
+bool sm90_tma_enabled() {
+  const char* env = std::getenv("FASTCM_ATTN_SM90_TMA");
+  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+              "fastcm attention (CUDA): FASTCM_ATTN_SM90_TMA must be 0 or 1 (or unset), got '", env, "'");
+  return env == nullptr || env[0] == '1';
+}
+
+// A (B, heads, rows, D) tensor as the kernel reads it, readable through a tensor map: no stride-0
+// (broadcast) dimension longer than 1 (kernel_view has made the other strides multiples of 8).
+bool tma_ready(const at::Tensor& t) {
+  return attn::tma_strides_ok(t.stride(0), t.stride(1), t.stride(2), t.size(0), t.size(1), t.size(2));
+}
+
 // The kernel for one launch of the forward (one V slice of `cols` columns).
 struct FwdLaunch {
-  bool sm90;        // the wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
+  bool sm90;        // a wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
+  bool tma;         // sm90 and the warp-specialised TMA kernel, else the cp.async one
   int kdqk, kdv;    // padded head dims
 };
 
-// sm90_smem_limit: sm90_forward_smem_limit's answer. The wgmma kernel where the padded head dims
-// are (64, 64) or (128, 128) and its tiles (with the bias tiles) fit; only d = 128 JVP with both
-// bias and bias_t (257 KB) does not fit sm_90's 227 KB.
-FwdLaunch plan_forward_launch(int sm90_smem_limit, int64_t dqk8, int64_t cols, bool jvp, bool has_bias,
+// sm90_smem_limit: sm90_forward_smem_limit's answer; tma_ok: sm90_tma_enabled and every input
+// tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
+// (with the bias tiles) fit; only d = 128 JVP with both bias and bias_t (257 KB) does not fit
+// sm_90's 227 KB. Of the two, the TMA kernel for calls without bias / bias_t.
+FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, int64_t dqk8, int64_t cols, bool jvp, bool has_bias,
                               bool has_bias_t) {
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
   const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
                     attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
-  return {sm90, kdqk, kdv};
+  const bool tma = sm90 && tma_ok && !has_bias && !has_bias_t &&
+                   attn::fwd_sm90_ws_smem_bytes(kdqk, jvp) <= sm90_smem_limit;
+  return {sm90, tma, kdqk, kdv};
 }
+
+const char* kernel_name(const FwdLaunch& l) { return l.tma ? "sm_90a_tma" : l.sm90 ? "sm_90a" : "sm_80"; }
 
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
@@ -253,6 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
+  const bool tma_ok = sm90_tma_enabled() && sm90_smem_limit > 0 && tma_ready(q) && tma_ready(k) && tma_ready(v) &&
+                      (!jvp || (tma_ready(qt) && tma_ready(kt) && tma_ready(vt)));
   // Head dims of V above 128 run as several launches over 128-column slices of V / O (each
   // recomputes S; LSE and μ are rewritten with the same values).
   const int64_t v_cols = v.size(3);   // Dv8
@@ -265,12 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, p.d_qk, cols, jvp, bias.has_value(),
+    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, tma_ok, p.d_qk, cols, jvp, bias.has_value(),
                                                  bias_t.has_value());
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     if (launch.sm90) {
-      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, stream);
-      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, stream);
+      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.tma, stream);
+      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.tma, stream);
     } else {
       if (bf16) attn::launch_fwd_dispatch<__nv_bfloat16>(p, launch.kdqk, launch.kdv, jvp, stream);
       else attn::launch_fwd_dispatch<__half>(p, launch.kdqk, launch.kdv, jvp, stream);
@@ -296,19 +321,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
 }
 
 // fastcm::attention_forward_kernels: the forward kernel of each launch the forward op (jvp: the JVP
-// op) would make for these q, v (one per 128-column V slice) with or without bias / bias_t, as
-// "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)"; for tests and benchmark labels.
+// op) would make for these q, v (one per 128-column V slice; k and the tangents laid out as q, v)
+// with or without bias / bias_t, as "sm_90a_tma (kd, kd)", "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)";
+// for tests and benchmark labels.
 std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool jvp,
                                                         bool has_bias, bool has_bias_t) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
   const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
+  const bool tma_ok = sm90_tma_enabled() && sm90_smem_limit > 0 && tma_ready(kernel_view(q)) && tma_ready(kernel_view(v));
   std::vector<std::string> names;
   const int64_t dqk8 = round_up(q.size(3), 8), dv8 = round_up(v.size(3), 8);
   for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
-    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0), jvp,
+    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0), jvp,
                                             has_bias, jvp && has_bias_t);
-    names.push_back(std::string(l.sm90 ? "sm_90a" : "sm_80") + " (" + std::to_string(l.kdqk) + ", " +
+    names.push_back(std::string(kernel_name(l)) + " (" + std::to_string(l.kdqk) + ", " +
                     std::to_string(l.kdv) + ")");
   }
   return names;

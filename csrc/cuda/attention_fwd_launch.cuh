@@ -28,13 +28,14 @@ void set_dynamic_smem(Kernel kernel, int smem, const char* family, int kdqk, int
 }
 
 // One CTA per (b, h, query tile of kBM rows); p.num_m_blocks is set here for the kernel's kBM.
-template <class Tr, typename Kernel>
-void launch_fwd_grid(Kernel kernel, FwdParams p, int smem, cudaStream_t stream) {
+// `extra`: kernel parameters after p (the tensor maps of the TMA kernel).
+template <class Tr, typename Kernel, typename... Extra>
+void launch_fwd_grid(Kernel kernel, FwdParams p, int smem, cudaStream_t stream, const Extra&... extra) {
   p.num_m_blocks = (p.Nq + Tr::kBM - 1) / Tr::kBM;
   const int64_t grid = (int64_t)p.num_m_blocks * p.B * p.H;
   TORCH_CHECK(grid <= 0x7fffffff, "fastcm attention: too many query tiles (B*H*ceil(Nq/", Tr::kBM, ") = ",
               grid, ")");
-  kernel<<<(unsigned)grid, Tr::kThreads, smem, stream>>>(p);
+  kernel<<<(unsigned)grid, Tr::kThreads, smem, stream>>>(p, extra...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

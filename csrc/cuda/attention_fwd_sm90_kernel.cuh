@@ -100,13 +100,101 @@ __device__ __forceinline__ void load_tile_sw128(unsigned char* smem, const typen
   }
 }
 
+// Byte offset of k-step ks (16 columns) in a K-major swizzled tile of `rows` rows: panel ks/4, byte
+// (ks%4)·32 of each 128-byte row (8-row groups are 1024 bytes apart: the descriptors' SBO).
+__device__ __forceinline__ uint32_t sw128_k_step(int ks, int rows) {
+  return (uint32_t)((ks / 4) * rows * 128 + (ks % 4) * 32);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Issues (and commits, without waiting) this warpgroup's S = Q·Kᵀ and Ṡ = Q̇·Kᵀ + Q·K̇ᵀ chains, 64 ×
+// kBN each: SS wgmma over kD/16 k-steps. q_base, qt_base: this warpgroup's rows of Q, Q̇; k_base:
+// the stage (K, V, K̇, V̇ at Tr's offsets). The first k-step overwrites (scale_d = 0).
+template <class Tr, int kNT, int kNTd>
+__device__ __forceinline__ void issue_s_chain(float (&s)[kNT][4], float (&sd)[kNTd][4], uint32_t q_base,
+                                              uint32_t qt_base, uint32_t k_base) {
+  using namespace sm90;
+  using T = typename Tr::T;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN;
+  const uint32_t kt_base = k_base + Tr::kOffKt;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < Tr::kD / 16; ++ks) {
+    WgmmaSS<T, kNT>::run(s, desc_sw128(q_base + sw128_k_step(ks, kBM), 16, 1024),
+                         desc_sw128(k_base + sw128_k_step(ks, kBN), 16, 1024), ks > 0);
+  }
+  if constexpr (Tr::kJvp) {
+#pragma unroll
+    for (int ks = 0; ks < Tr::kD / 16; ++ks) {
+      WgmmaSS<T, kNT>::run(sd, desc_sw128(qt_base + sw128_k_step(ks, kBM), 16, 1024),
+                           desc_sw128(k_base + sw128_k_step(ks, kBN), 16, 1024), ks > 0);
+    }
+#pragma unroll
+    for (int ks = 0; ks < Tr::kD / 16; ++ks) {
+      WgmmaSS<T, kNT>::run(sd, desc_sw128(q_base + sw128_k_step(ks, kBM), 16, 1024),
+                           desc_sw128(kt_base + sw128_k_step(ks, kBN), 16, 1024), 1);
+    }
+  }
+  wgmma_commit();
+}
+
+// Scale, bias, mask and online softmax of one tile's S (Ṡ), the α rescale of A (T), and P, H = P·Ṡ
+// packed in place into RS A fragments pa, ha (the accumulator layout is the A layout per warp).
+template <class Tr, int kNT, int kNTd, int kK, int kKh, int kNTO, int kNTOt>
+__device__ __forceinline__ void softmax_to_operands(float (&s)[kNT][4], float (&sd)[kNTd][4], uint32_t (&pa)[kK][4],
+                                                    uint32_t (&ha)[kKh][4], float (&acc_o)[kNTO][4],
+                                                    float (&acc_t)[kNTOt][4], float (&row_max)[2], float (&row_sum)[2],
+                                                    float (&row_r)[2], const FwdParams p, const FwdBiasTiles bias,
+                                                    int row_in_cta, int m0, int n0, int off, int c) {
+  constexpr int kBN = Tr::kBN;
+  constexpr bool kJvp = Tr::kJvp;
+  const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
+  scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+                            off, need_mask, c);
+  float alpha[2];
+  online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
+  rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    pack_a_operand<typename Tr::T>(pa[kk], s, kk);
+    if constexpr (kJvp) pack_a_operand<typename Tr::T>(ha[kk], sd, kk);
+  }
+}
+
+// Issues (and commits) A += P·V and T += P·V̇ + H·V: RS wgmma m64n{kD}k16 over kBN/16 k-steps, V,
+// V̇ read MN-major (k-step kk = 16 keys = 2048 bytes down each panel; panels kBN·128 bytes apart).
+template <class Tr, int kK, int kKh, int kNTO, int kNTOt>
+__device__ __forceinline__ void issue_pv_chain(float (&acc_o)[kNTO][4], float (&acc_t)[kNTOt][4],
+                                               uint32_t (&pa)[kK][4], uint32_t (&ha)[kKh][4], uint32_t k_base) {
+  using namespace sm90;
+  using T = typename Tr::T;
+  constexpr int kBN = Tr::kBN;
+  const uint32_t v_base = k_base + Tr::kOffV, vt_base = k_base + Tr::kOffVt;
+  fence_regs(pa);
+  if constexpr (Tr::kJvp) fence_regs(ha);
+  fence_regs(acc_o);
+  if constexpr (Tr::kJvp) fence_regs(acc_t);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    const uint64_t dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024);
+    WgmmaRS<T, kNTO>::run(acc_o, pa[kk], dv);
+    if constexpr (Tr::kJvp) {
+      WgmmaRS<T, kNTO>::run(acc_t, pa[kk], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024));
+      WgmmaRS<T, kNTO>::run(acc_t, ha[kk], dv);
+    }
+  }
+  wgmma_commit();
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
 attention_fwd_sm90_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   using namespace sm90;
-  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN;
   constexpr bool kJvp = Tr::kJvp;
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kScheduleBarrier = 1;   // named barrier ordering the warpgroups' S chains
@@ -157,13 +245,8 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
 
-  // Descriptor byte offsets. K-major tiles (Q, K): k-step ks (16 columns = 32 bytes) sits in panel
-  // ks/4 at byte (ks%4)·32 of each 128-byte row; 8-row groups 1024 bytes apart. This warpgroup's
-  // 64 query rows start 64·128 bytes into each Q panel. MN-major tiles (V): k-step kk (16 keys) is
-  // 16 rows = 2048 bytes down each panel; the kD/64 panels are kBN·128 bytes apart.
-  const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;
+  const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;   // this warpgroup's 64 query rows
   const uint32_t qt_base = smem_addr(sQt) + wg * 64 * 128;
-  auto k_step = [](int ks, int rows) { return (uint32_t)((ks / 4) * rows * 128 + (ks % 4) * 32); };
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
@@ -179,70 +262,22 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     __syncthreads();
 
     const uint32_t k_base = smem_addr(sKV + stage * Tr::kStageBytes);
-    const uint32_t v_base = k_base + Tr::kOffV, kt_base = k_base + Tr::kOffKt, vt_base = k_base + Tr::kOffVt;
-    const int n0 = tile * kBN;
-
-    // ---- S = Q·Kᵀ and Ṡ = Q̇·Kᵀ + Q·K̇ᵀ (64 x kBN per warpgroup) ----
     float s[Tr::kNTileS][4];
     float sd[kJvp ? Tr::kNTileS : 1][4];
     fence_regs(s);
     if constexpr (kJvp) fence_regs(sd);
     if (wg == 1) named_barrier_sync(kScheduleBarrier, Tr::kThreads);   // after WG0 has issued its S chain
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      WgmmaSS<T, Tr::kNTileS>::run(s, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
-                                   desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0);
-    }
-    if constexpr (kJvp) {
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        WgmmaSS<T, Tr::kNTileS>::run(sd, desc_sw128(qt_base + k_step(ks, kBM), 16, 1024),
-                                     desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0);
-      }
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        WgmmaSS<T, Tr::kNTileS>::run(sd, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
-                                     desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1);
-      }
-    }
-    wgmma_commit();
+    issue_s_chain<Tr>(s, sd, q_base, qt_base, k_base);
     if (wg == 0) named_barrier_arrive(kScheduleBarrier, Tr::kThreads);
     wgmma_wait<0>();
     fence_regs(s);
     if constexpr (kJvp) fence_regs(sd);
 
-    // ---- scale, bias, mask, online softmax ----
-    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
-                              off, need_mask, c);
-    float alpha[2];
-    online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
-    rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
-
-    // ---- A += P·V, T += P·V̇ + H·V ----
     uint32_t pa[kBN / 16][4];
     uint32_t ha[kJvp ? kBN / 16 : 1][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pack_a_operand<T>(pa[kk], s, kk);
-      if constexpr (kJvp) pack_a_operand<T>(ha[kk], sd, kk);
-    }
-    fence_regs(pa);
-    if constexpr (kJvp) fence_regs(ha);
-    fence_regs(acc_o);
-    if constexpr (kJvp) fence_regs(acc_t);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint64_t dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024);
-      WgmmaRS<T, Tr::kNTileO>::run(acc_o, pa[kk], dv);
-      if constexpr (kJvp) {
-        WgmmaRS<T, Tr::kNTileO>::run(acc_t, pa[kk], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024));
-        WgmmaRS<T, Tr::kNTileO>::run(acc_t, ha[kk], dv);
-      }
-    }
-    wgmma_commit();
+    softmax_to_operands<Tr>(s, sd, pa, ha, acc_o, acc_t, row_max, row_sum, row_r, p, bias, row_in_cta, m0,
+                            tile * kBN, off, c);
+    issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, k_base);
     wgmma_wait<0>();
     fence_regs(acc_o);
     if constexpr (kJvp) fence_regs(acc_t);
@@ -260,7 +295,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
 // attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90) and the shared memory
 // (fwd_sm90_smem_bytes).
 template <typename T>
-void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, cudaStream_t stream);
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, bool tma, cudaStream_t stream);
 
 }  // namespace attn
 }  // namespace fastcm

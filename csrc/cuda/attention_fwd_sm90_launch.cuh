@@ -1,8 +1,12 @@
-// Launch of the sm_90a (wgmma) forward kernel, and its head-dim dispatch.
+// Launch of the sm_90a (wgmma) forward kernels, cp.async and warp-specialised TMA, and their
+// head-dim dispatch.
 #pragma once
+
+#include <type_traits>
 
 #include "attention_fwd_launch.cuh"
 #include "attention_fwd_sm90_kernel.cuh"
+#include "attention_fwd_sm90_ws_kernel.cuh"
 
 namespace fastcm {
 namespace attn {
@@ -16,24 +20,47 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   launch_fwd_grid<Tr>(kernel, p, smem, stream);
 }
 
+// The warp-specialised kernel: tensor maps of Q, K, V (+ tangents) in boxes of one 64-column panel
+// × the kernel's tile rows; columns past d_qk / d_v (this launch's V slice) read as zero.
+template <typename T, int kD, bool kJvp>
+void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
+  using Tr = FwdSm90WsTraits<T, kD, kJvp>;
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  FwdTmaMaps maps{};
+  maps.q = tma_map_4d(p.q, bf16, p.B, p.H, p.Nq, p.d_qk, p.q_sb, p.q_sh, p.q_sn, Tr::kBM);
+  maps.k = tma_map_4d(p.k, bf16, p.B, p.Hkv, p.Nk, p.d_qk, p.k_sb, p.k_sh, p.k_sn, Tr::kBN);
+  maps.v = tma_map_4d(p.v, bf16, p.B, p.Hkv, p.Nk, p.d_v, p.v_sb, p.v_sh, p.v_sn, Tr::kBN);
+  if constexpr (kJvp) {
+    maps.q_t = tma_map_4d(p.q_t, bf16, p.B, p.H, p.Nq, p.d_qk, p.qt_sb, p.qt_sh, p.qt_sn, Tr::kBM);
+    maps.k_t = tma_map_4d(p.k_t, bf16, p.B, p.Hkv, p.Nk, p.d_qk, p.kt_sb, p.kt_sh, p.kt_sn, Tr::kBN);
+    maps.v_t = tma_map_4d(p.v_t, bf16, p.B, p.Hkv, p.Nk, p.d_v, p.vt_sb, p.vt_sh, p.vt_sn, Tr::kBN);
+  }
+  auto kernel = attention_fwd_sm90_ws_kernel<Tr>;
+  set_dynamic_smem(kernel, Tr::kSmemBytes, "sm_90a (TMA)", kD, kD, kJvp);
+  launch_fwd_grid<Tr>(kernel, p, Tr::kSmemBytes, stream, maps);
+}
+
 template <typename T, int kD>
-void launch_fwd_sm90_head_dim(const FwdParams& p, bool jvp, cudaStream_t stream) {
+void launch_fwd_sm90_head_dim(const FwdParams& p, bool jvp, bool tma, cudaStream_t stream) {
   const bool bias = p.bias != nullptr || (jvp && p.bias_t != nullptr);
+  TORCH_CHECK(!(tma && bias), "fastcm attention (CUDA): the TMA forward kernel takes no bias (host plan error)");
   if (jvp) {
-    if (bias) launch_fwd_sm90<T, kD, true, true>(p, stream);
+    if (tma) launch_fwd_sm90_ws<T, kD, true>(p, stream);
+    else if (bias) launch_fwd_sm90<T, kD, true, true>(p, stream);
     else launch_fwd_sm90<T, kD, true, false>(p, stream);
   } else {
-    if (bias) launch_fwd_sm90<T, kD, false, true>(p, stream);
+    if (tma) launch_fwd_sm90_ws<T, kD, false>(p, stream);
+    else if (bias) launch_fwd_sm90<T, kD, false, true>(p, stream);
     else launch_fwd_sm90<T, kD, false, false>(p, stream);
   }
 }
 
 template <typename T>
-void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, cudaStream_t stream) {
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, bool tma, cudaStream_t stream) {
   if (kd == 64) {
-    launch_fwd_sm90_head_dim<T, 64>(p, jvp, stream);
+    launch_fwd_sm90_head_dim<T, 64>(p, jvp, tma, stream);
   } else if (kd == 128) {
-    launch_fwd_sm90_head_dim<T, 128>(p, jvp, stream);
+    launch_fwd_sm90_head_dim<T, 128>(p, jvp, tma, stream);
   } else {
     TORCH_CHECK(false, "fastcm attention (CUDA): no sm_90a forward kernel for padded head dim ", kd,
                 "; compiled: 64, 128");

@@ -180,3 +180,40 @@ def wgmma_rs(sm, d, a, desc_b):
             A[16 * w + G_, 2 * C_ + 8 + j] = a[w][:, 2, j]
             A[16 * w + G_ + 8, 2 * C_ + 8 + j] = a[w][:, 3, j]
     _scatter_acc(d, A @ mnmajor_operand(sm, desc_b, 8 * len(d[0])), True)
+
+
+# ---- TMA (cp.async.bulk.tensor, tiled mode, 128-byte swizzle; csrc/cuda/tma.cuh) -------------
+# From the CUDA driver API's cuTensorMapEncodeTiled requirements and the PTX ISA's tensor copy:
+# a box of box[0] × box[1] × ... elements at coordinates c (innermost first) lands in shared memory
+# row-major (box[0] elements per row), swizzled like every other 128-byte-swizzle tile; elements
+# outside the tensor's dims are written as zeros and count towards the transaction bytes.
+
+class TensorMap:
+    """A 4-D tiled tensor map: storage, base element offset, dims and byte strides (dims 1..3) as
+    the host encodes them, with the encoder's checks."""
+
+    def __init__(self, storage, base, dims, byte_strides, box):
+        assert (base * ELEM) % 16 == 0, "global address 16-byte aligned"
+        assert all(0 < d <= 2 ** 32 for d in dims), "dims in (0, 2^32]"
+        assert all(s > 0 and s % 16 == 0 and s < 2 ** 40 for s in byte_strides), "strides: positive multiples of 16 B"
+        assert all(0 < b <= 256 for b in box) and box[0] * ELEM <= 128 and (box[0] * ELEM) % 16 == 0, \
+            "box: inner extent within the 128-byte swizzle span"
+        self.s, self.base, self.dims, self.box = storage, base, dims, box
+        self.st = [1] + [s // ELEM for s in byte_strides]
+
+
+def tma_load(sm, dst, tmap, coords):
+    """One tiled load into shared memory at dst; returns the bytes it completes on its barrier."""
+    assert dst % 128 == 0, "TMA destination 128-byte aligned"
+    b0, b1 = tmap.box[0], tmap.box[1]
+    assert tmap.box[2] == tmap.box[3] == 1
+    r, c = np.arange(b1)[:, None], np.arange(b0)[None, :]
+    g = [coords[0] + c, coords[1] + r, np.full_like(r, coords[2]), np.full_like(r, coords[3])]
+    inside = np.ones((b1, b0), dtype=bool)
+    offset = np.full((b1, b0), tmap.base)
+    for axis in range(4):
+        inside &= (g[axis] >= 0) & (g[axis] < tmap.dims[axis])
+        offset = offset + np.where(inside, g[axis], 0) * tmap.st[axis]
+    values = np.where(inside, tmap.s[np.where(inside, offset, 0)], 0.0)
+    sm.e[sm.index(swizzle128(dst + (r * b0 + c) * ELEM))] = values
+    return b0 * b1 * ELEM

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fwd_steps import assert_matches_reference, case_inputs, fwd_block, reference_outputs, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
-from ptx_model import G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, stage_bias, wgmma_rs, wgmma_ss
+from ptx_model import G_, LOG2E, SharedMemory, Tensor, TensorMap, contiguous, desc_sw128, pack_a, stage_bias, tma_load, wgmma_rs, wgmma_ss
 from test_attention_fwd_index_model import bias_smem_bytes, fwd_kernel, fwd_padded_head_dims, fwd_traits
 
 SMEM_OPTIN_SM90 = 227 * 1024
@@ -39,15 +39,44 @@ def sm90_traits(kd, jvp):
                 kSmemBytes=qtiles * qb + 2 * stage + 1024, kNTileS=bn // 8, kNTileO=kd // 8)
 
 
+def sm90_ws_traits(kd, jvp):
+    """FwdSm90WsTraits: the cp.async kernel's tiles, 3 warpgroups, a kStages ring and its mbarriers."""
+    tr = sm90_traits(kd, jvp)
+    stages = 3 if kd == 64 else 2
+    tile_bytes = tr["kQTiles"] * tr["kQBytes"] + stages * tr["kStageBytes"]
+    tr.update(kThreads=384, kConsumerWarps=8, kStages=stages, kTileBytes=tile_bytes, kBarriers=1 + 3 * stages,
+              kSmemBytes=tile_bytes + 8 * (1 + 3 * stages) + 1024)
+    return tr
+
+
 def sm90_smem_bytes(kd, jvp, has_bias, has_bias_t):
     tr = sm90_traits(kd, jvp)
     return tr["kSmemBytes"] + bias_smem_bytes(tr, has_bias, has_bias_t)
 
 
-def plan_forward_launch(sm90_smem_limit, dqk8, cols, jvp, has_bias, has_bias_t):
+def plan_forward_launch(sm90_smem_limit, tma_ok, dqk8, cols, jvp, has_bias, has_bias_t):
+    """(kernel name, padded D_qk, padded D_v) of one launch."""
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
     sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
-    return sm90, kdqk, kdv
+    tma = sm90 and tma_ok and not has_bias and not has_bias_t and sm90_ws_traits(kdqk, jvp)["kSmemBytes"] <= sm90_smem_limit
+    return ("sm_90a_tma" if tma else "sm_90a" if sm90 else "sm_80"), kdqk, kdv
+
+
+def tma_strides_ok(t, sizes):
+    """tma_strides_ok of tma.cuh for the (B, heads, rows) strides of a kernel-ready tensor."""
+    return all(size <= 1 or (0 < stride and stride % 8 == 0 and stride < 2 ** 39) for stride, size in zip(t.st[:3], sizes))
+
+
+def tma_map_4d(t, B, heads, rows, cols, box_rows):
+    """The host's tma_map_4d: a (B, heads, rows, cols) view in boxes of 64 columns × box_rows."""
+    sb, sh, sn = t.st[:3]
+    if rows <= 1:
+        sn = cols
+    if heads <= 1:
+        sh = sn * rows
+    if B <= 1:
+        sb = sh * heads
+    return TensorMap(t.s, t.base, (cols, rows, heads, B), (2 * sn, 2 * sh, 2 * sb), (64, box_rows, 1, 1))
 
 
 # ---- the kernel ------------------------------------------------------------------------------
@@ -76,15 +105,54 @@ def frags(n, fill=0.0):
     return [np.full((32, 4), fill) for _ in range(n)]
 
 
-def sm90_kernel(p, tr, block, smem_raw):
+def tma_producer(p, tr, sm, sQ, sQt, sKV, block, n_tiles, maps):
+    """The producer thread of the warp-specialised kernel, with every load run at once: Q (+ Q̇) on
+    q_full, then per tile K (+ K̇) on k_full, V (+ V̇) on v_full of stage tile % kStages. Checks that
+    each barrier's announced bytes (arrive.expect_tx) equal the bytes its loads complete."""
+    kBM, kBN, jvp = tr["kBM"], tr["kBN"], tr["jvp"]
+    _, b, h, m0, _, _, _ = fwd_block(p, kBM, kBN, block)
+    hkv = h // (p["H"] // p["Hkv"])
+    if n_tiles == 0:
+        return
+    q_bytes = 0
+    for panel in range(tr["kD"] // 64):
+        q_bytes += tma_load(sm, sQ + panel * kBM * 128, maps["q"], (64 * panel, m0, h, b))
+        if jvp:
+            q_bytes += tma_load(sm, sQt + panel * kBM * 128, maps["q_t"], (64 * panel, m0, h, b))
+    assert q_bytes == tr["kQTiles"] * tr["kQBytes"], "q_full: expect_tx bytes != bytes loaded"
+    for tile in range(n_tiles):
+        stage, n0 = sKV + (tile % tr["kStages"]) * tr["kStageBytes"], tile * kBN
+        k_bytes = v_bytes = 0
+        for panel in range(tr["kD"] // 64):
+            k_bytes += tma_load(sm, stage + panel * kBN * 128, maps["k"], (64 * panel, n0, hkv, b))
+            if jvp:
+                k_bytes += tma_load(sm, stage + tr["kOffKt"] + panel * kBN * 128, maps["k_t"], (64 * panel, n0, hkv, b))
+        for panel in range(tr["kD"] // 64):
+            v_bytes += tma_load(sm, stage + tr["kOffV"] + panel * kBN * 128, maps["v"], (64 * panel, n0, hkv, b))
+            if jvp:
+                v_bytes += tma_load(sm, stage + tr["kOffVt"] + panel * kBN * 128, maps["v_t"], (64 * panel, n0, hkv, b))
+        expect = (2 if jvp else 1) * tr["kKVBytes"]
+        assert k_bytes == expect and v_bytes == expect, "k_full / v_full: expect_tx bytes != bytes loaded"
+        yield tile
+
+
+def sm90_kernel(p, tr, block, smem_raw, maps=None):
+    """One CTA of the cp.async kernel, or with tensor maps `maps` (and FwdSm90WsTraits) of the
+    warp-specialised one; the consumer math is the same code."""
     kBM, kBN, kD, jvp = tr["kBM"], tr["kBN"], tr["kD"], tr["jvp"]
     sm = SharedMemory(smem_raw, tr["kSmemBytes"])
     smem = smem_raw + ((1024 - (smem_raw & 1023)) & 1023)
     sQ, sQt, sKV = smem, smem + tr["kQBytes"], smem + tr["kQTiles"] * tr["kQBytes"]
-    assert sKV + 2 * tr["kStageBytes"] <= smem_raw + tr["kSmemBytes"], "tiles past the allocation"
+    stages = tr.get("kStages", 2)
+    assert sKV + stages * tr["kStageBytes"] <= smem_raw + tr["kSmemBytes"], "tiles past the allocation"
+    if maps is not None:
+        bars = smem + tr["kTileBytes"]
+        assert bars == sKV + stages * tr["kStageBytes"] and bars % 8 == 0, "mbarriers 8-byte aligned after the ring"
+        assert bars + 8 * tr["kBarriers"] <= smem_raw + tr["kSmemBytes"], "mbarriers past the allocation"
 
     bh, b, h, m0, off, n_tiles, (gQ, gK, gV, gQt, gKt, gVt) = fwd_block(p, kBM, kBN, block)
     q, k, v, qt, kt, vt = (p[x] for x in ("q", "k", "v", "q_t", "k_t", "v_t"))
+    producer = tma_producer(p, tr, sm, sQ, sQt, sKV, block, n_tiles, maps) if maps is not None else None
 
     def load_kv(stage, tile):
         base, n0 = sKV + stage * tr["kStageBytes"], tile * kBN
@@ -95,11 +163,12 @@ def sm90_kernel(p, tr, block, smem_raw):
             load_tile_sw128(tr, sm, base + tr["kOffKt"], kBN, kt.s, gKt + n0 * kt.st[2], kt.st[2], rows, p["d_qk"])
             load_tile_sw128(tr, sm, base + tr["kOffVt"], kBN, vt.s, gVt + n0 * vt.st[2], vt.st[2], rows, p["d_v"])
 
-    load_tile_sw128(tr, sm, sQ, kBM, q.s, gQ + m0 * q.st[2], q.st[2], p["Nq"] - m0, p["d_qk"])
-    if jvp:
-        load_tile_sw128(tr, sm, sQt, kBM, qt.s, gQt + m0 * qt.st[2], qt.st[2], p["Nq"] - m0, p["d_qk"])
-    if n_tiles > 0:
-        load_kv(0, 0)
+    if producer is None:
+        load_tile_sw128(tr, sm, sQ, kBM, q.s, gQ + m0 * q.st[2], q.st[2], p["Nq"] - m0, p["d_qk"])
+        if jvp:
+            load_tile_sw128(tr, sm, sQt, kBM, qt.s, gQt + m0 * qt.st[2], qt.st[2], p["Nq"] - m0, p["d_qk"])
+        if n_tiles > 0:
+            load_kv(0, 0)
 
     has_bias, has_bias_t = p["bias"] is not None, jvp and p["bias_t"] is not None
     bias_base = b * p["bias"].st[0] + h * p["bias"].st[1] if has_bias else 0
@@ -112,12 +181,18 @@ def sm90_kernel(p, tr, block, smem_raw):
         return (ks // 4) * rows * 128 + (ks % 4) * 32
 
     for tile in range(n_tiles):
-        stage = tile & 1
-        if tile + 1 < n_tiles:
-            load_kv(stage ^ 1, tile + 1)
+        if producer is None:
+            stage = tile & 1
+            if tile + 1 < n_tiles:
+                load_kv(stage ^ 1, tile + 1)
+        else:
+            stage = tile % stages
+            assert next(producer) == tile    # the tile's K and V have landed (k_full, v_full of its phase)
         sBias = stage_bias(kBM, kBN, p, p["bias"], bias_base, m0, tile * kBN, LOG2E) if has_bias else None
         sBiasT = stage_bias(kBM, kBN, p, p["bias_t"], bias_t_base, m0, tile * kBN, 1.0) if has_bias_t else None
         k_base = sKV + stage * tr["kStageBytes"]
+        if producer is not None:
+            assert sBias is None and sBiasT is None, "the TMA kernel takes no bias"
         v_base, kt_base, vt_base = k_base + tr["kOffV"], k_base + tr["kOffKt"], k_base + tr["kOffVt"]
         n0 = tile * kBN
         for wg in range(2):
@@ -152,22 +227,34 @@ def sm90_kernel(p, tr, block, smem_raw):
         write_outputs(p, w, jvp, m0, bh, b, h)
 
 
-def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_limit, launches, smem_raw=0x410):
+def strided(a, layout):
+    """a (B, H, N, D) as a kernel-ready Tensor: stored as is ("bhnd") or as (B, N, H, D) ("bnhd")."""
+    if layout == "bhnd":
+        return contiguous(a)
+    B, H, N, D = a.shape
+    return Tensor(np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(-1), [N * H * D, D, H * D, 1])
+
+
+def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_limit, launches, smem_raw=0x410,
+                  tma_enabled=True, layout="bhnd"):
     """forward_impl on float64 numpy data with the sm_90 choice: padding to multiples of 8, the
     128-column V slices, each launched on the kernel plan_forward_launch picks. bias, bias_t:
-    (storage, strides) of (B, H, Nq, Nk) views, or None."""
+    (storage, strides) of (B, H, Nq, Nk) views, or None. layout: how q, k, v (and tangents) are
+    stored (strided)."""
     jvp = qt is not None
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     d8 = lambda d: (d + 7) // 8 * 8                                   # noqa: E731
     pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])      # noqa: E731
-    t = lambda a, d: contiguous(pad(a, d)) if a is not None else None  # noqa: E731
+    t = lambda a, d: strided(pad(a, d), layout) if a is not None else None  # noqa: E731
     p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), scale=scale, scale_log2=scale * LOG2E,
              causal=bool(causal), q=t(q, Dqk), k=t(k, Dqk), v=t(v, Dv), q_t=t(qt, Dqk), k_t=t(kt, Dqk),
              v_t=t(vt, Dv), bias=None if bias is None else Tensor(*bias),
              bias_t=None if bias_t is None else Tensor(*bias_t), lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan),
              out=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)),
              out_t=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None)
+    inputs = [(p[n], (B, H, Nq)) for n in ("q", "q_t")] + [(p[n], (B, Hkv, Nk)) for n in ("k", "v", "k_t", "v_t")]
+    tma_ok = tma_enabled and all(tma_strides_ok(x, sizes) for x, sizes in inputs if x is not None)
     v_full, vt_full, o_full, ot_full = p["v"], p["v_t"], p["out"], p["out_t"]
     for c0 in range(0, d8(Dv), 128):
         cols = min(128, d8(Dv) - c0)
@@ -175,16 +262,23 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
         p["v"], p["out"] = Tensor(v_full.s, v_full.st, c0), Tensor(o_full.s, o_full.st, c0)
         if jvp:
             p["v_t"], p["out_t"] = Tensor(vt_full.s, vt_full.st, c0), Tensor(ot_full.s, ot_full.st, c0)
-        use_sm90, kdqk, kdv = plan_forward_launch(sm90_smem_limit, p["d_qk"], cols, jvp, bias is not None,
-                                                  bias_t is not None)
-        launches.append(("sm_90a" if use_sm90 else "sm_80", kdqk, kdv))
-        tr = sm90_traits(kdqk, jvp) if use_sm90 else fwd_traits(kdqk, kdv, jvp)
+        kernel, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, p["d_qk"], cols, jvp, bias is not None,
+                                                jvp and bias_t is not None)
+        launches.append((kernel, kdqk, kdv))
+        tr = {"sm_90a_tma": sm90_ws_traits, "sm_90a": sm90_traits}[kernel](kdqk, jvp) if kernel != "sm_80" \
+            else fwd_traits(kdqk, kdv, jvp)
+        maps = None
+        if kernel == "sm_90a_tma":   # launch_fwd_sm90_ws: the maps of this launch (V slice: its columns)
+            maps = {n: tma_map_4d(p[n], B, heads, rows, cols_, box) for n, heads, rows, cols_, box in (
+                ("q", H, Nq, p["d_qk"], tr["kBM"]), ("k", Hkv, Nk, p["d_qk"], tr["kBN"]), ("v", Hkv, Nk, cols, tr["kBN"]),
+                ("q_t", H, Nq, p["d_qk"], tr["kBM"]), ("k_t", Hkv, Nk, p["d_qk"], tr["kBN"]),
+                ("v_t", Hkv, Nk, cols, tr["kBN"])) if p[n] is not None}
         p["num_m_blocks"] = (Nq + tr["kBM"] - 1) // tr["kBM"]
         for blk in range(p["num_m_blocks"] * B * H):
-            if use_sm90:
-                sm90_kernel(p, tr, blk, smem_raw)
-            else:
+            if kernel == "sm_80":
                 fwd_kernel(p, tr, blk)
+            else:
+                sm90_kernel(p, tr, blk, smem_raw, maps)
     out = o_full.s.reshape(B, H, Nq, -1)[..., :Dv]
     out_t = ot_full.s.reshape(B, H, Nq, -1)[..., :Dv] if jvp else None
     return out, out_t, p["lse"].reshape(B, H, Nq), p["lse_t"].reshape(B, H, Nq) if jvp else None
@@ -195,25 +289,31 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
 def test_traits_fit_hopper_shared_memory():
     for kd in (64, 128):
         for jvp in (False, True):
-            tr = sm90_traits(kd, jvp)
-            assert tr["kSmemBytes"] <= SMEM_OPTIN_SM90, (kd, jvp, tr["kSmemBytes"])
-            assert tr["kQBytes"] % 1024 == 0 and tr["kKVBytes"] % 1024 == 0
-            # Accumulators per thread (A, T: kD/2; S, Ṡ: BN/2) leave room under 255 registers.
-            assert (2 if jvp else 1) * (kd + tr["kBN"]) // 2 <= 192
+            for tr in (sm90_traits(kd, jvp), sm90_ws_traits(kd, jvp)):
+                assert tr["kSmemBytes"] <= SMEM_OPTIN_SM90, (kd, jvp, tr["kSmemBytes"])
+                assert tr["kQBytes"] % 1024 == 0 and tr["kKVBytes"] % 1024 == 0
+                # Accumulators per thread (A, T: kD/2; S, Ṡ: BN/2) leave room under the 240 registers
+                # a consumer thread of the TMA kernel gets.
+                assert (2 if jvp else 1) * (kd + tr["kBN"]) // 2 <= 192
+    # setmaxnreg: 128 producer threads at 24 + 256 consumer threads at 240 within the register file.
+    assert 128 * 24 + 256 * 240 <= 65536 and 384 * 168 <= 65536
 
 
 def test_plan_takes_sm90_only_for_its_head_dims():
     for dqk8 in range(8, 257, 8):
         for cols in range(8, 129, 8):
             for jvp, has_bias, has_bias_t in [(j, b, t) for j in (0, 1) for b in (0, 1) for t in (0, 1)]:
-                use, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, dqk8, cols, jvp, has_bias, has_bias_t)
-                if use:
-                    assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
-                    assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
-                assert plan_forward_launch(0, dqk8, cols, jvp, has_bias, has_bias_t)[0] is False
-    assert plan_forward_launch(SMEM_OPTIN_SM90, 128, 104, True, True, False)[0]        # 225 KB: fits
-    assert not plan_forward_launch(SMEM_OPTIN_SM90, 128, 128, True, True, True)[0]     # 257 KB: sm_80
-    assert plan_forward_launch(SMEM_OPTIN_SM90, 64, 64, True, True, True)[0]
+                for tma_ok in (False, True):
+                    kernel, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, tma_ok, dqk8, cols, jvp, has_bias, has_bias_t)
+                    if kernel != "sm_80":
+                        assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
+                        assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
+                    assert (kernel == "sm_90a_tma") == (kernel != "sm_80" and tma_ok and not has_bias and not has_bias_t)
+                    assert plan_forward_launch(0, tma_ok, dqk8, cols, jvp, has_bias, has_bias_t)[0] == "sm_80"
+    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 128, 104, True, True, False)[0] == "sm_90a"   # 225 KB: fits
+    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 128, 128, True, True, True)[0] == "sm_80"     # 257 KB
+    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 64, 64, True, True, True)[0] == "sm_90a"
+    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 128, 128, True, False, False)[0] == "sm_90a_tma"
 
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
@@ -230,8 +330,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_sm90_forward_index_model_matches_reference(case):
+def test_sm90_forward_index_model_matches_reference(case, tma):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=1)
     q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
@@ -239,10 +340,23 @@ def test_sm90_forward_index_model_matches_reference(case):
     launches = []
     with np.errstate(invalid="raise", over="raise", divide="raise"):
         got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
-                            scale, causal, SMEM_OPTIN_SM90, launches)
+                            scale, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma)
     too_big = jvp and Dqk > 64 and bias is not None
-    assert launches[0][0] == ("sm_80" if too_big else "sm_90a")
+    assert launches[0][0] == ("sm_80" if too_big else "sm_90a" if bias is not None or not tma else "sm_90a_tma")
     names, expected = reference_outputs(tensors, bias, bias_t, scale, causal, jvp)
     if not jvp:
         got = (got[0], got[2])
+    assert_matches_reference(names, got, expected)
+
+
+@pytest.mark.parametrize("case", [(2, 4, 2, 130, 200, 64, 64, True), (1, 2, 1, 70, 140, 128, 120, False)])
+def test_tma_kernel_reads_strided_layouts(case):
+    """(B, N, H, D) storage read as (B, H, N, D): head stride below the row stride in the tensor maps."""
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal = case
+    tensors, *_ = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, True, None, seed=2)
+    launches = []
+    got = forward_model(*(t.numpy() for t in tensors), None, None, Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches,
+                        layout="bnhd")
+    assert launches == [("sm_90a_tma", 64 if Dqk <= 64 else 128, 64 if Dqk <= 64 else 128)]
+    names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, True)
     assert_matches_reference(names, got, expected)

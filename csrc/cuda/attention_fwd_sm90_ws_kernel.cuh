@@ -1,0 +1,180 @@
+// Attention forward (primal, or primal + tangent) for sm_90a, warp-specialised: the per-tile math
+// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_to_operands, issue_pv_chain), with the
+// loads moved to a producer warpgroup that issues TMA copies, and the CTA-wide barriers replaced
+// by mbarriers, so the two consumer warpgroups are never realigned by a tile barrier.
+//
+// CTA = 3 warpgroups. Warpgroups 0, 1 (consumers, 240 registers each after setmaxnreg) own query
+// rows 0..63 and 64..127 exactly as in the cp.async kernel; warpgroup 2 (producer, 24 registers)
+// has one thread that issues every TMA load: Q (+ Q̇) once, then per key tile K (+ K̇) and V (+ V̇)
+// into a kStages-deep ring. The TMA writes the 128-byte-swizzled panels the descriptors read
+// (box = 64 columns × rows: one panel), and zero-fills rows past N and columns past the head dim.
+//
+// Per ring stage s three mbarriers: k_full[s] (K, K̇ landed: the S chain may start), v_full[s] (V,
+// V̇ landed: the P·V chain may start), empty[s] (all 8 consumer warps are done with the stage: the
+// producer may refill it). Stage s holds tiles s, s + kStages, ...; round r = tile / kStages waits
+// on the phase of parity r & 1 (full barriers), the producer on r − 1 (empty barriers).
+//
+// Warpgroup order (ping-pong): named barriers 1 (WG0's turn) and 2 (WG1's turn), 256 threads each.
+// Before its S chain a warpgroup waits for its turn; after issuing it, it hands the turn to the
+// other. WG1 hands WG0 the first turn. So the S chains alternate WG0, WG1, WG0, ... and each
+// warpgroup's softmax runs while the other's products are on the tensor cores.
+//
+// Bias tiles are not supported here (the host sends calls with a bias to the cp.async kernel).
+#pragma once
+
+#include "attention_fwd_sm90_kernel.cuh"
+#include "tma.cuh"
+
+namespace fastcm {
+namespace attn {
+
+template <typename T_, int kD_, bool kJvp_>
+struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
+  using Base = FwdSm90Traits<T_, kD_, kJvp_, false>;
+  static constexpr int kConsumerThreads = Base::kThreads;   // 2 warpgroups
+  static constexpr int kConsumerWarps = kConsumerThreads / 32;
+  static constexpr int kThreads = kConsumerThreads + 128;    // + the producer warpgroup
+  // Stages: as many as leave the ring within sm_90's 227 KB (d = 64: 3 × 32 KB; d = 128: 2 × 64 KB).
+  static constexpr int kStages = kD_ == 64 ? 3 : 2;
+  static constexpr int kTileBytes = Base::kQTiles * Base::kQBytes + kStages * Base::kStageBytes;
+  static constexpr int kBarriers = 1 + 3 * kStages;           // q_full, k_full[], v_full[], empty[]
+  // + 1024: the dynamic shared-memory base is realigned to the 1024-byte swizzle period.
+  static constexpr int kSmemBytes = kTileBytes + 8 * kBarriers + 1024;
+  // 128·24 + 256·240 = 64512 of the 65536 registers; the launch gives each thread 168.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+// Dynamic shared memory of the warp-specialised kernel for padded head dim kd (64 or 128).
+inline int fwd_sm90_ws_smem_bytes(int kd, bool jvp) {
+  if (kd == 64) return jvp ? FwdSm90WsTraits<__half, 64, true>::kSmemBytes : FwdSm90WsTraits<__half, 64, false>::kSmemBytes;
+  return jvp ? FwdSm90WsTraits<__half, 128, true>::kSmemBytes : FwdSm90WsTraits<__half, 128, false>::kSmemBytes;
+}
+
+// The tensor maps the producer reads (built on the host by tma_map_4d; kernel parameters).
+struct FwdTmaMaps {
+  CUtensorMap q, k, v, q_t, k_t, v_t;
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  using namespace sm90;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kStages = Tr::kStages;
+  constexpr bool kJvp = Tr::kJvp;
+  constexpr int kTurnBarrier = 1;   // named barriers 1, 2: warpgroup 0's, 1's turn to issue its S chain
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t sQ = smem_addr(smem_raw) + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const uint32_t sQt = sQ + Tr::kQBytes;                    // valid only if kJvp
+  const uint32_t sKV = sQ + Tr::kQTiles * Tr::kQBytes;      // stage s: sKV + s·kStageBytes
+  const uint32_t q_full = sQ + Tr::kTileBytes;
+  auto k_full = [&](int s) { return q_full + 8 * (1 + s); };
+  auto v_full = [&](int s) { return q_full + 8 * (1 + kStages + s); };
+  auto empty = [&](int s) { return q_full + 8 * (1 + 2 * kStages + s); };
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+  const FwdBlock<T> blk = fwd_block<T, kJvp, kBM, kBN>(p);
+  const int n_tiles = blk.n_tiles;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(empty(s), Tr::kConsumerWarps);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 2) {
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    // n_tiles = 0 (rows that see no key) loads nothing: no copy may still be in flight at exit.
+    if (warp == Tr::kConsumerWarps && lane == 0 && n_tiles > 0) {
+      const int b = blk.b, h = blk.h, hkv = blk.h / (p.H / p.Hkv);
+      mbar_arrive_expect_tx(q_full, Tr::kQTiles * Tr::kQBytes);
+#pragma unroll
+      for (int panel = 0; panel < Tr::kPanels; ++panel) {
+        tma_load_4d(sQ + panel * kBM * 128, &maps.q, 64 * panel, blk.m0, h, b, q_full);
+        if constexpr (kJvp) tma_load_4d(sQt + panel * kBM * 128, &maps.q_t, 64 * panel, blk.m0, h, b, q_full);
+      }
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        const int s = tile % kStages, n0 = tile * kBN;
+        if (tile >= kStages) mbar_wait(empty(s), (tile / kStages - 1) & 1);
+        const uint32_t stage = sKV + s * Tr::kStageBytes;
+        mbar_arrive_expect_tx(k_full(s), (kJvp ? 2 : 1) * Tr::kKVBytes);
+#pragma unroll
+        for (int panel = 0; panel < Tr::kPanels; ++panel) {
+          tma_load_4d(stage + panel * kBN * 128, &maps.k, 64 * panel, n0, hkv, b, k_full(s));
+          if constexpr (kJvp)
+            tma_load_4d(stage + Tr::kOffKt + panel * kBN * 128, &maps.k_t, 64 * panel, n0, hkv, b, k_full(s));
+        }
+        mbar_arrive_expect_tx(v_full(s), (kJvp ? 2 : 1) * Tr::kKVBytes);
+#pragma unroll
+        for (int panel = 0; panel < Tr::kPanels; ++panel) {
+          tma_load_4d(stage + Tr::kOffV + panel * kBN * 128, &maps.v, 64 * panel, n0, hkv, b, v_full(s));
+          if constexpr (kJvp)
+            tma_load_4d(stage + Tr::kOffVt + panel * kBN * 128, &maps.v_t, 64 * panel, n0, hkv, b, v_full(s));
+        }
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int c = lane % 4;
+  const int row_in_cta = 16 * warp + lane / 4;
+  float acc_o[Tr::kNTileO][4];
+  float acc_t[kJvp ? Tr::kNTileO : 1][4];
+  zero_accumulators<kJvp>(acc_o, acc_t);
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  float row_r[2] = {0.f, 0.f};
+  const FwdBiasTiles no_bias{false, false, nullptr, nullptr, 0, 0};
+  const uint32_t q_base = sQ + wg * 64 * 128, qt_base = sQt + wg * 64 * 128;
+
+  if (n_tiles > 0) {
+    if (wg == 1) named_barrier_arrive(kTurnBarrier, Tr::kConsumerThreads);   // WG0 issues first
+    mbar_wait(q_full, 0);
+  }
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int s = tile % kStages;
+    const uint32_t parity = (tile / kStages) & 1;
+    const uint32_t k_base = sKV + s * Tr::kStageBytes;
+
+    float sc[Tr::kNTileS][4];
+    float sd[kJvp ? Tr::kNTileS : 1][4];
+    fence_regs(sc);
+    if constexpr (kJvp) fence_regs(sd);
+    mbar_wait(k_full(s), parity);
+    named_barrier_sync(kTurnBarrier + wg, Tr::kConsumerThreads);
+    issue_s_chain<Tr>(sc, sd, q_base, qt_base, k_base);
+    // The other warpgroup's turn; WG1's last turn goes to nobody (WG0 has no S chain left).
+    if (wg == 0 || tile + 1 < n_tiles) named_barrier_arrive(kTurnBarrier + 1 - wg, Tr::kConsumerThreads);
+    wgmma_wait<0>();
+    fence_regs(sc);
+    if constexpr (kJvp) fence_regs(sd);
+
+    uint32_t pa[kBN / 16][4];
+    uint32_t ha[kJvp ? kBN / 16 : 1][4];
+    softmax_to_operands<Tr>(sc, sd, pa, ha, acc_o, acc_t, row_max, row_sum, row_r, p, no_bias, row_in_cta, blk.m0,
+                            tile * kBN, blk.off, c);
+    mbar_wait(v_full(s), parity);
+    issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, k_base);
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+    if constexpr (kJvp) fence_regs(acc_t);
+    if (lane == 0) mbar_arrive(empty(s));   // this warp's reads of the stage are complete
+  }
+
+  write_outputs<T, kJvp>(p, acc_o, acc_t, row_max, row_sum, row_r, blk.m0 + row_in_cta, blk.bh, blk.b, blk.h, c);
+#else
+  __trap();   // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
+#endif
+}
+
+}  // namespace attn
+}  // namespace fastcm
