@@ -4,8 +4,9 @@ For B=1, H=32, d=64 and B=1, H=16, d=128 at N in {1024, 4096, 8192, 16384} (bf16
 unless --causal), times
   fastcm JVP      torch.ops.fastcm.attention_forward_jvp (primal + tangent, one kernel)
   fastcm fwd      torch.ops.fastcm.attention_forward
-  ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 devices only
+  ..._serial      the same with FASTCM_ATTN_SM90_OVERLAP=0 (TMA kernel, no intra-warpgroup overlap), on sm_90 only
   ..._cpasync     the same with FASTCM_ATTN_SM90_TMA=0 (the cp.async wgmma kernel), on sm_90 only
+  ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 only
   fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels; TFLOP/s on 10·N²·d per head)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
@@ -35,7 +36,7 @@ LENGTHS = [1024, 4096, 8192, 16384]
 
 
 # Row suffix -> the kernel switch that selects it on sm_90 (read by the extension at every call).
-SM90_VARIANTS = {"_sm80": "FASTCM_ATTN_SM90", "_cpasync": "FASTCM_ATTN_SM90_TMA"}
+SM90_VARIANTS = {"_serial": "FASTCM_ATTN_SM90_OVERLAP", "_cpasync": "FASTCM_ATTN_SM90_TMA", "_sm80": "FASTCM_ATTN_SM90"}
 
 
 def with_switch_off(variable, fn):

@@ -54,10 +54,11 @@ for dtype in (torch.bfloat16, torch.float16):
         qt, kt, vt = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
         for b in (None, bias):   # on sm_90 where the head dim allows: the TMA kernel, then the cp.async one with bias tiles
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, b, 0.125, causal)
-        os.environ["FASTCM_ATTN_SM90_TMA"] = "0"   # the cp.async kernel without bias tiles
-        ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)
-        ops.attention_forward(q, k, v, None, 0.125, causal)
-        del os.environ["FASTCM_ATTN_SM90_TMA"]
+        for switch in ("FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_TMA"):   # TMA without overlap; cp.async without bias
+            os.environ[switch] = "0"
+            ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)
+            ops.attention_forward(q, k, v, None, 0.125, causal)
+            del os.environ[switch]
         for b in (None, bias):   # the fused backward with and without a staged bias tile
             out, lse = ops.attention_forward(q, k, v, b, 0.125, causal)
             ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal)

@@ -246,20 +246,23 @@ def test_deterministic(dtype):
 
 # ---- the sm_90a (wgmma) forwards and the choice between the forward kernels ------------------
 # On sm_90 devices the forward ops run a wgmma kernel for padded head dims 64 / 128 (every test
-# above with such a shape exercises one there): the warp-specialised TMA kernel without a bias, the
-# cp.async one with bias tiles. FASTCM_ATTN_SM90_TMA=0 selects the cp.async kernel for every call,
-# FASTCM_ATTN_SM90=0 the sm_80 kernel.
+# above with such a shape exercises one there): the warp-specialised TMA kernel without a bias
+# (with the intra-warpgroup overlap except at d 128 JVP), the cp.async one with bias tiles.
+# FASTCM_ATTN_SM90_OVERLAP=0 selects the TMA kernel without the overlap, FASTCM_ATTN_SM90_TMA=0 the
+# cp.async kernel for every call, FASTCM_ATTN_SM90=0 the sm_80 kernel.
 
 def _hopper():
     return torch.cuda.get_device_capability()[0] == 9
 
 
 # kernel -> the switch that forces it (None: the default choice)
-KERNEL_SWITCH = {"default": None, "cp_async": "FASTCM_ATTN_SM90_TMA", "sm_80": "FASTCM_ATTN_SM90"}
+KERNEL_SWITCH = {"default": None, "tma_serial": "FASTCM_ATTN_SM90_OVERLAP", "cp_async": "FASTCM_ATTN_SM90_TMA",
+                 "sm_80": "FASTCM_ATTN_SM90"}
+SWITCHES = ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA", "FASTCM_ATTN_SM90_OVERLAP")
 
 
 def _force_kernel(kernel, monkeypatch):
-    for variable in ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA"):
+    for variable in SWITCHES:
         monkeypatch.delenv(variable, raising=False)
     if KERNEL_SWITCH[kernel] is not None:
         monkeypatch.setenv(KERNEL_SWITCH[kernel], "0")
@@ -270,24 +273,28 @@ def test_forward_kernel_choice(monkeypatch):
     _force_kernel("default", monkeypatch)
     t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
     kernels = ops.attention_forward_kernels        # (q, v, jvp, has_bias, has_bias_t)
-    fast, tiles = ("sm_90a_tma", "sm_90a") if _hopper() else ("sm_80", "sm_80")
-    assert kernels(t(64), t(64), True, False, False) == [f"{fast} (64, 64)"]
-    assert kernels(t(40), t(104), False, False, False) == [f"{fast} (128, 128)"]
-    assert kernels(t(64), t(200), True, False, False) == [f"{fast} (128, 128)", "sm_80 (96, 96)"]
+    hopper = _hopper()
+    ovl, tma, tiles = ("sm_90a_tma_overlap", "sm_90a_tma", "sm_90a") if hopper else ("sm_80",) * 3
+    assert kernels(t(64), t(64), True, False, False) == [f"{ovl} (64, 64)"]
+    assert kernels(t(40), t(104), False, False, False) == [f"{ovl} (128, 128)"]
+    assert kernels(t(128), t(128), True, False, False) == [f"{tma} (128, 128)"]   # no overlap: registers
+    assert kernels(t(64), t(200), True, False, False) == [f"{tma} (128, 128)", "sm_80 (96, 96)"]
     assert kernels(t(64), t(64), True, True, True) == [f"{tiles} (64, 64)"]
     assert kernels(t(128), t(128), True, True, False) == [f"{tiles} (128, 128)"]
     assert kernels(t(128), t(128), False, True, True) == [f"{tiles} (128, 128)"]    # no bias_t without jvp
-    assert kernels(t(128), t(128), False, False, True) == [f"{fast} (128, 128)"]
+    assert kernels(t(128), t(128), False, False, True) == [f"{ovl} (128, 128)"]
     assert kernels(t(128), t(128), True, True, True) == ["sm_80 (128, 128)"]       # 257 KB of smem on sm_90a
     assert kernels(t(32), t(32), False, False, False) == ["sm_80 (32, 32)"]
     assert kernels(t(256), t(128), False, False, False) == ["sm_80 (256, 128)"]
     broadcast = _rand(1, 1, 16, 64, dtype=torch.bfloat16).expand(3, 2, 16, 64)    # stride 0: no tensor map
     assert kernels(broadcast, t(64), True, False, False) == [f"{tiles} (64, 64)"]
+    monkeypatch.setenv("FASTCM_ATTN_SM90_OVERLAP", "0")
+    assert kernels(t(64), t(64), False, False, False) == [f"{tma} (64, 64)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90_TMA", "0")
     assert kernels(t(64), t(200), True, False, False) == [f"{tiles} (128, 128)", "sm_80 (96, 96)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
     assert kernels(t(64), t(200), True, False, False) == ["sm_80 (128, 128)", "sm_80 (96, 96)"]
-    for variable in ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA"):
+    for variable in SWITCHES:
         _force_kernel("default", monkeypatch)
         monkeypatch.setenv(variable, "yes")
         with pytest.raises(RuntimeError, match=f"{variable} must be 0 or 1"):
@@ -311,13 +318,15 @@ SHAPES_SM90 = [
 @pytest.mark.parametrize("shape", SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8])
 def test_forward_kernels_on_sm90_head_dims(shape, causal, dtype, kernel, monkeypatch):
     """Primal and JVP ops on shapes whose padded head dim is 64 or 128, with each forward kernel (on
-    sm_90: TMA, cp.async, sm_80) held to 2x PyTorch's own low-precision error."""
+    sm_90: TMA with and without the overlap, cp.async, sm_80) held to 2x PyTorch's own
+    low-precision error."""
     ops = _ops()
     _force_kernel(kernel, monkeypatch)
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    expected = {"default": "sm_90a_tma (", "cp_async": "sm_90a ("}.get(kernel, "sm_80") if _hopper() else "sm_80"
+    expected = {"default": "sm_90a_tma", "tma_serial": "sm_90a_tma (", "cp_async": "sm_90a ("}.get(kernel, "sm_80")
     for jvp in (False, True):
-        assert all(name.startswith(expected) for name in ops.attention_forward_kernels(q, v, jvp, False, False))
+        used = ops.attention_forward_kernels(q, v, jvp, False, False)
+        assert all(name.startswith(expected if _hopper() else "sm_80") for name in used), used
     scale = 0.9 * shape[5] ** -0.5
     _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=scale)
     _run_forward_and_check(q, k, v, causal=causal, scale=scale)
@@ -335,8 +344,8 @@ def test_forward_strided_layouts(dtype, kernel, monkeypatch):
     q, qt = (_rand(B, Nq, H, D, dtype=dtype).transpose(1, 2) for _ in range(2))
     k, kt = (_rand(B, Nk, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))
     v, vt = (_rand(B, Hkv, Nk, 2 * D, dtype=dtype)[..., D:] for _ in range(2))
-    expected = {"default": "sm_90a_tma", "cp_async": "sm_90a"}.get(kernel, "sm_80") if _hopper() else "sm_80"
-    assert _ops().attention_forward_kernels(q, v, True, False, False) == [f"{expected} (64, 64)"]
+    expected = {"default": "sm_90a_tma_overlap", "tma_serial": "sm_90a_tma", "cp_async": "sm_90a"}.get(kernel, "sm_80")
+    assert _ops().attention_forward_kernels(q, v, True, False, False) == [f"{expected if _hopper() else 'sm_80'} (64, 64)"]
     for causal in (False, True):
         _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5)
     k1, v1, kt1, vt1 = (_rand(1, Hkv, Nk, D, dtype=dtype).expand(B, Hkv, Nk, D) for _ in range(4))

@@ -4,8 +4,9 @@
 // Forward and forward-JVP: on sm_90 devices a wgmma kernel where one applies (padded head dim 64 or
 // 128, its shared memory within the device's limit; FASTCM_ATTN_SM90=0 turns both off): without a
 // bias the warp-specialised TMA kernel of attention_fwd_sm90_ws_kernel.cuh (FASTCM_ATTN_SM90_TMA=0
-// turns it off), else the cp.async one of attention_fwd_sm90_kernel.cuh; everywhere else the fused
-// kernel of attention_fwd_kernel.cuh (mma.sync, sm_80+).
+// turns it off; FASTCM_ATTN_SM90_OVERLAP=0 its intra-warpgroup overlap), else the cp.async one of
+// attention_fwd_sm90_kernel.cuh; everywhere else the fused kernel of attention_fwd_kernel.cuh
+// (mma.sync, sm_80+).
 // Backward: the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen
 // batched matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
 //
@@ -143,15 +144,21 @@ std::pair<int, int> fwd_padded_head_dims(int64_t dqk8, int64_t dv_cols) {
   return {dqk8 <= 192 ? 192 : 256, dv_cols <= 64 ? 64 : 128};
 }
 
+// An on/off switch read per call: unset or "1" is on, "0" off, anything else an error.
+bool switch_on(const char* variable) {
+  const char* env = std::getenv(variable);
+  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+              "fastcm attention (CUDA): ", variable, " must be 0 or 1 (or unset), got '", env, "'");
+  return env == nullptr || env[0] == '1';
+}
+
 // The shared memory per block the sm_90a forward kernel may use on `device` (its opt-in limit), or
 // 0 where it may not run: the build has no sm_90a code (setup.py defines FASTCM_WITH_SM90A when the
 // arch list names 9.0a), the device is not sm_90, or FASTCM_ATTN_SM90 (read per call) is 0.
 int sm90_forward_smem_limit(const at::Device& device) {
-  const char* env = std::getenv("FASTCM_ATTN_SM90");
-  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
-              "fastcm attention (CUDA): FASTCM_ATTN_SM90 must be 0 or 1 (or unset), got '", env, "'");
+  const bool on = switch_on("FASTCM_ATTN_SM90");
 #ifdef FASTCM_WITH_SM90A
-  if (env != nullptr && env[0] == '0') return 0;
+  if (!on) return 0;
   int major = 0, limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, (int)device.index()));
   if (major != 9) return 0;
@@ -159,16 +166,9 @@ int sm90_forward_smem_limit(const at::Device& device) {
   return limit;
 #else
   (void)device;
+  (void)on;
   return 0;
 #endif
-}
-
-// Whether the sm_90a TMA kernel may run: FASTCM_ATTN_SM90_TMA (read per call) unset or 1.
-bool sm90_tma_enabled() {
-  const char* env = std::getenv("FASTCM_ATTN_SM90_TMA");
-  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
-              "fastcm attention (CUDA): FASTCM_ATTN_SM90_TMA must be 0 or 1 (or unset), got '", env, "'");
-  return env == nullptr || env[0] == '1';
 }
 
 // A (B, heads, rows, D) tensor as the kernel reads it, readable through a tensor map: no stride-0
@@ -179,26 +179,43 @@ bool tma_ready(const at::Tensor& t) {
 
 // The kernel for one launch of the forward (one V slice of `cols` columns).
 struct FwdLaunch {
-  bool sm90;        // a wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
-  bool tma;         // sm90 and the warp-specialised TMA kernel, else the cp.async one
-  int kdqk, kdv;    // padded head dims
+  bool sm90;                 // a wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
+  attn::Sm90Kernel kernel;   // which one, if sm90
+  int kdqk, kdv;             // padded head dims
 };
 
-// sm90_smem_limit: sm90_forward_smem_limit's answer; tma_ok: sm90_tma_enabled and every input
-// tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
+// The switches of the sm_90a kernels, read per call: FASTCM_ATTN_SM90_TMA and _OVERLAP.
+struct Sm90Switches {
+  bool tma, overlap;
+};
+Sm90Switches sm90_switches() { return {switch_on("FASTCM_ATTN_SM90_TMA"), switch_on("FASTCM_ATTN_SM90_OVERLAP")}; }
+
+// sm90_smem_limit: sm90_forward_smem_limit's answer; tma_ok: the TMA switch is on and every input
+// is tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
 // (with the bias tiles) fit; only d = 128 JVP with both bias and bias_t (257 KB) does not fit
-// sm_90's 227 KB. Of the two, the TMA kernel for calls without bias / bias_t.
-FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, int64_t dqk8, int64_t cols, bool jvp, bool has_bias,
-                              bool has_bias_t) {
+// sm_90's 227 KB. Of those, the TMA kernel for calls without bias / bias_t, overlapped (overlap:
+// its switch) except at d = 128 JVP, whose registers do not allow it.
+FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, bool overlap, int64_t dqk8, int64_t cols, bool jvp,
+                              bool has_bias, bool has_bias_t) {
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
   const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
                     attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
   const bool tma = sm90 && tma_ok && !has_bias && !has_bias_t &&
                    attn::fwd_sm90_ws_smem_bytes(kdqk, jvp) <= sm90_smem_limit;
-  return {sm90, tma, kdqk, kdv};
+  const attn::Sm90Kernel kernel = !tma ? attn::Sm90Kernel::kCpAsync
+                                  : (overlap && !(kdqk == 128 && jvp)) ? attn::Sm90Kernel::kTmaOverlap
+                                                                       : attn::Sm90Kernel::kTma;
+  return {sm90, kernel, kdqk, kdv};
 }
 
-const char* kernel_name(const FwdLaunch& l) { return l.tma ? "sm_90a_tma" : l.sm90 ? "sm_90a" : "sm_80"; }
+const char* kernel_name(const FwdLaunch& l) {
+  if (!l.sm90) return "sm_80";
+  switch (l.kernel) {
+    case attn::Sm90Kernel::kTma: return "sm_90a_tma";
+    case attn::Sm90Kernel::kTmaOverlap: return "sm_90a_tma_overlap";
+    default: return "sm_90a";
+  }
+}
 
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
@@ -276,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
-  const bool tma_ok = sm90_tma_enabled() && sm90_smem_limit > 0 && tma_ready(q) && tma_ready(k) && tma_ready(v) &&
+  const Sm90Switches sw = sm90_switches();
+  const bool tma_ok = sw.tma && sm90_smem_limit > 0 && tma_ready(q) && tma_ready(k) && tma_ready(v) &&
                       (!jvp || (tma_ready(qt) && tma_ready(kt) && tma_ready(vt)));
   // Head dims of V above 128 run as several launches over 128-column slices of V / O (each
   // recomputes S; LSE and μ are rewritten with the same values).
@@ -290,12 +308,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, tma_ok, p.d_qk, cols, jvp, bias.has_value(),
-                                                 bias_t.has_value());
+    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, tma_ok, sw.overlap, p.d_qk, cols, jvp,
+                                                 bias.has_value(), bias_t.has_value());
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     if (launch.sm90) {
-      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.tma, stream);
-      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.tma, stream);
+      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.kernel, stream);
+      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.kernel, stream);
     } else {
       if (bf16) attn::launch_fwd_dispatch<__nv_bfloat16>(p, launch.kdqk, launch.kdv, jvp, stream);
       else attn::launch_fwd_dispatch<__half>(p, launch.kdqk, launch.kdv, jvp, stream);
@@ -322,19 +340,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
 
 // fastcm::attention_forward_kernels: the forward kernel of each launch the forward op (jvp: the JVP
 // op) would make for these q, v (one per 128-column V slice; k and the tangents laid out as q, v)
-// with or without bias / bias_t, as "sm_90a_tma (kd, kd)", "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)";
+// with or without bias / bias_t, as "sm_90a_tma_overlap (kd, kd)", "sm_90a_tma (kd, kd)", "sm_90a (kd, kd)"
+// or "sm_80 (kdqk, kdv)";
 // for tests and benchmark labels.
 std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool jvp,
                                                         bool has_bias, bool has_bias_t) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
   const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
-  const bool tma_ok = sm90_tma_enabled() && sm90_smem_limit > 0 && tma_ready(kernel_view(q)) && tma_ready(kernel_view(v));
+  const Sm90Switches sw = sm90_switches();
+  const bool tma_ok = sw.tma && sm90_smem_limit > 0 && tma_ready(kernel_view(q)) && tma_ready(kernel_view(v));
   std::vector<std::string> names;
   const int64_t dqk8 = round_up(q.size(3), 8), dv8 = round_up(v.size(3), 8);
   for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
-    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0), jvp,
-                                            has_bias, jvp && has_bias_t);
+    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, sw.overlap, dqk8,
+                                            std::min(kMaxHeadDimVChunk, dv8 - c0), jvp, has_bias, jvp && has_bias_t);
     names.push_back(std::string(kernel_name(l)) + " (" + std::to_string(l.kdqk) + ", " +
                     std::to_string(l.kdv) + ")");
   }

@@ -138,26 +138,32 @@ __device__ __forceinline__ void issue_s_chain(float (&s)[kNT][4], float (&sd)[kN
   wgmma_commit();
 }
 
-// Scale, bias, mask and online softmax of one tile's S (Ṡ), the α rescale of A (T), and P, H = P·Ṡ
-// packed in place into RS A fragments pa, ha (the accumulator layout is the A layout per warp).
-template <class Tr, int kNT, int kNTd, int kK, int kKh, int kNTO, int kNTOt>
-__device__ __forceinline__ void softmax_to_operands(float (&s)[kNT][4], float (&sd)[kNTd][4], uint32_t (&pa)[kK][4],
-                                                    uint32_t (&ha)[kKh][4], float (&acc_o)[kNTO][4],
-                                                    float (&acc_t)[kNTOt][4], float (&row_max)[2], float (&row_sum)[2],
-                                                    float (&row_r)[2], const FwdParams p, const FwdBiasTiles bias,
-                                                    int row_in_cta, int m0, int n0, int off, int c) {
+// Scale, bias, mask and online softmax of one tile's S (Ṡ): s, sd become P and H = P·Ṡ, the row
+// statistics move on, alpha is the factor A (and T) must be rescaled by (rescale_and_pack).
+template <class Tr, int kNT, int kNTd>
+__device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[kNTd][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&row_r)[2], float (&alpha)[2],
+                                               const FwdParams p, const FwdBiasTiles bias, int row_in_cta, int m0,
+                                               int n0, int off, int c) {
   constexpr int kBN = Tr::kBN;
   constexpr bool kJvp = Tr::kJvp;
   const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
   scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                             off, need_mask, c);
-  float alpha[2];
   online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
-  rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
+}
+
+// The α rescale of A (T), then P, H packed in place into RS A fragments pa, ha (the accumulator
+// layout is the A layout per warp).
+template <class Tr, int kNT, int kNTd, int kK, int kKh, int kNTO, int kNTOt>
+__device__ __forceinline__ void rescale_and_pack(float (&s)[kNT][4], float (&sd)[kNTd][4], uint32_t (&pa)[kK][4],
+                                                 uint32_t (&ha)[kKh][4], float (&acc_o)[kNTO][4],
+                                                 float (&acc_t)[kNTOt][4], const float (&alpha)[2]) {
+  rescale_accumulators<Tr::kJvp>(acc_o, acc_t, alpha);
 #pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
+  for (int kk = 0; kk < Tr::kBN / 16; ++kk) {
     pack_a_operand<typename Tr::T>(pa[kk], s, kk);
-    if constexpr (kJvp) pack_a_operand<typename Tr::T>(ha[kk], sd, kk);
+    if constexpr (Tr::kJvp) pack_a_operand<typename Tr::T>(ha[kk], sd, kk);
   }
 }
 
@@ -275,8 +281,9 @@ attention_fwd_sm90_kernel(const FwdParams p) {
 
     uint32_t pa[kBN / 16][4];
     uint32_t ha[kJvp ? kBN / 16 : 1][4];
-    softmax_to_operands<Tr>(s, sd, pa, ha, acc_o, acc_t, row_max, row_sum, row_r, p, bias, row_in_cta, m0,
-                            tile * kBN, off, c);
+    float alpha[2];
+    softmax_scores<Tr>(s, sd, row_max, row_sum, row_r, alpha, p, bias, row_in_cta, m0, tile * kBN, off, c);
+    rescale_and_pack<Tr>(s, sd, pa, ha, acc_o, acc_t, alpha);
     issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, k_base);
     wgmma_wait<0>();
     fence_regs(acc_o);
@@ -291,11 +298,15 @@ attention_fwd_sm90_kernel(const FwdParams p) {
 #endif
 }
 
+// The sm_90a forward kernels: this file's (cp.async loads, bias tiles), and the warp-specialised
+// TMA kernel of attention_fwd_sm90_ws_kernel.cuh without or with the intra-warpgroup overlap.
+enum class Sm90Kernel { kCpAsync, kTma, kTmaOverlap };
+
 // Dispatch on the padded head dim kd ∈ {64, 128} (D_qk and D_v both padded to it); instantiated in
-// attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90) and the shared memory
-// (fwd_sm90_smem_bytes).
+// attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90), the shared memory
+// (fwd_sm90_smem_bytes, fwd_sm90_ws_smem_bytes) and that TMA kernels get no bias.
 template <typename T>
-void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, bool tma, cudaStream_t stream);
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, cudaStream_t stream);
 
 }  // namespace attn
 }  // namespace fastcm

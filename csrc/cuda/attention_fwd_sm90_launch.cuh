@@ -22,9 +22,9 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
 
 // The warp-specialised kernel: tensor maps of Q, K, V (+ tangents) in boxes of one 64-column panel
 // × the kernel's tile rows; columns past d_qk / d_v (this launch's V slice) read as zero.
-template <typename T, int kD, bool kJvp>
+template <typename T, int kD, bool kJvp, bool kOverlap>
 void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
-  using Tr = FwdSm90WsTraits<T, kD, kJvp>;
+  using Tr = FwdSm90WsTraits<T, kD, kJvp, kOverlap>;
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   FwdTmaMaps maps{};
   maps.q = tma_map_4d(p.q, bf16, p.B, p.H, p.Nq, p.d_qk, p.q_sb, p.q_sh, p.q_sn, Tr::kBM);
@@ -40,27 +40,32 @@ void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
   launch_fwd_grid<Tr>(kernel, p, Tr::kSmemBytes, stream, maps);
 }
 
-template <typename T, int kD>
-void launch_fwd_sm90_head_dim(const FwdParams& p, bool jvp, bool tma, cudaStream_t stream) {
-  const bool bias = p.bias != nullptr || (jvp && p.bias_t != nullptr);
-  TORCH_CHECK(!(tma && bias), "fastcm attention (CUDA): the TMA forward kernel takes no bias (host plan error)");
-  if (jvp) {
-    if (tma) launch_fwd_sm90_ws<T, kD, true>(p, stream);
-    else if (bias) launch_fwd_sm90<T, kD, true, true>(p, stream);
-    else launch_fwd_sm90<T, kD, true, false>(p, stream);
+template <typename T, int kD, bool kJvp>
+void launch_fwd_sm90_variant(const FwdParams& p, Sm90Kernel kernel, cudaStream_t stream) {
+  const bool bias = p.bias != nullptr || (kJvp && p.bias_t != nullptr);
+  TORCH_CHECK(kernel == Sm90Kernel::kCpAsync || !bias,
+              "fastcm attention (CUDA): the TMA forward kernel takes no bias (host plan error)");
+  if (kernel == Sm90Kernel::kTma) {
+    launch_fwd_sm90_ws<T, kD, kJvp, false>(p, stream);
+  } else if (kernel == Sm90Kernel::kTmaOverlap) {
+    // S, Ṡ of one tile and P, H of the previous one do not fit the consumers' 240 registers at d 128 JVP.
+    TORCH_CHECK(!(kD == 128 && kJvp), "fastcm attention (CUDA): no overlapped TMA kernel for d 128 JVP (host plan error)");
+    if constexpr (!(kD == 128 && kJvp)) launch_fwd_sm90_ws<T, kD, kJvp, true>(p, stream);
+  } else if (bias) {
+    launch_fwd_sm90<T, kD, kJvp, true>(p, stream);
   } else {
-    if (tma) launch_fwd_sm90_ws<T, kD, false>(p, stream);
-    else if (bias) launch_fwd_sm90<T, kD, false, true>(p, stream);
-    else launch_fwd_sm90<T, kD, false, false>(p, stream);
+    launch_fwd_sm90<T, kD, kJvp, false>(p, stream);
   }
 }
 
 template <typename T>
-void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, bool tma, cudaStream_t stream) {
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, cudaStream_t stream) {
   if (kd == 64) {
-    launch_fwd_sm90_head_dim<T, 64>(p, jvp, tma, stream);
+    if (jvp) launch_fwd_sm90_variant<T, 64, true>(p, kernel, stream);
+    else launch_fwd_sm90_variant<T, 64, false>(p, kernel, stream);
   } else if (kd == 128) {
-    launch_fwd_sm90_head_dim<T, 128>(p, jvp, tma, stream);
+    if (jvp) launch_fwd_sm90_variant<T, 128, true>(p, kernel, stream);
+    else launch_fwd_sm90_variant<T, 128, false>(p, kernel, stream);
   } else {
     TORCH_CHECK(false, "fastcm attention (CUDA): no sm_90a forward kernel for padded head dim ", kd,
                 "; compiled: 64, 128");

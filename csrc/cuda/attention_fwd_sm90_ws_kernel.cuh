@@ -28,9 +28,13 @@
 namespace fastcm {
 namespace attn {
 
-template <typename T_, int kD_, bool kJvp_>
+// kOverlap: each warpgroup issues tile j's S chain, then tile j − 1's P·V chain, and runs tile j's
+// softmax while the P·V chain is on the tensor cores (S, Ṡ of tile j and P, H of tile j − 1 live
+// at once: not at d = 128 JVP, where they would pass the 240 registers).
+template <typename T_, int kD_, bool kJvp_, bool kOverlap_>
 struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   using Base = FwdSm90Traits<T_, kD_, kJvp_, false>;
+  static constexpr bool kOverlap = kOverlap_;
   static constexpr int kConsumerThreads = Base::kThreads;   // 2 warpgroups
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = kConsumerThreads + 128;    // + the producer warpgroup
@@ -46,8 +50,8 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
 
 // Dynamic shared memory of the warp-specialised kernel for padded head dim kd (64 or 128).
 inline int fwd_sm90_ws_smem_bytes(int kd, bool jvp) {
-  if (kd == 64) return jvp ? FwdSm90WsTraits<__half, 64, true>::kSmemBytes : FwdSm90WsTraits<__half, 64, false>::kSmemBytes;
-  return jvp ? FwdSm90WsTraits<__half, 128, true>::kSmemBytes : FwdSm90WsTraits<__half, 128, false>::kSmemBytes;
+  if (kd == 64) return jvp ? FwdSm90WsTraits<__half, 64, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 64, false, false>::kSmemBytes;
+  return jvp ? FwdSm90WsTraits<__half, 128, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 128, false, false>::kSmemBytes;
 }
 
 // The tensor maps the producer reads (built on the host by tma_map_4d; kernel parameters).
@@ -136,38 +140,86 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   const FwdBiasTiles no_bias{false, false, nullptr, nullptr, 0, 0};
   const uint32_t q_base = sQ + wg * 64 * 128, qt_base = sQt + wg * 64 * 128;
 
+  // P, H packed for the next P·V chain (kOverlap: the previous tile's, issued after this tile's S).
+  uint32_t pa[kBN / 16][4];
+  uint32_t ha[kJvp ? kBN / 16 : 1][4];
+  auto stage_of = [&](int tile) { return tile % kStages; };
+  auto parity_of = [&](int tile) { return (uint32_t)((tile / kStages) & 1); };
+  auto stage_base = [&](int tile) { return sKV + stage_of(tile) * Tr::kStageBytes; };
+  // P·V of `tile`: waits for its V (+ V̇), issues the chain (the caller waits on it).
+  auto issue_pv = [&](int tile) {
+    mbar_wait(v_full(stage_of(tile)), parity_of(tile));
+    issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, stage_base(tile));
+  };
+  auto retire_pv = [&](int tile) {
+    fence_regs(acc_o);
+    if constexpr (kJvp) fence_regs(acc_t);
+    fence_regs(pa);
+    if constexpr (kJvp) fence_regs(ha);
+    if (lane == 0) mbar_arrive(empty(stage_of(tile)));   // this warp's reads of the stage are complete
+  };
+
+  // Wait for the tile's K (+ K̇), take this warpgroup's turn, issue its S chain.
+  auto issue_s = [&](int tile, auto& sc, auto& sd) {
+    fence_regs(sc);
+    if constexpr (kJvp) fence_regs(sd);
+    mbar_wait(k_full(stage_of(tile)), parity_of(tile));
+    named_barrier_sync(kTurnBarrier + wg, Tr::kConsumerThreads);
+    issue_s_chain<Tr>(sc, sd, q_base, qt_base, stage_base(tile));
+  };
+  // The other warpgroup's turn; WG1's last turn goes to nobody (WG0 has no S chain left).
+  auto hand_over = [&](int tile) {
+    if (wg == 0 || tile + 1 < n_tiles) named_barrier_arrive(kTurnBarrier + 1 - wg, Tr::kConsumerThreads);
+  };
+  auto softmax = [&](int tile, auto& sc, auto& sd, float (&alpha)[2]) {
+    fence_regs(sc);
+    if constexpr (kJvp) fence_regs(sd);
+    softmax_scores<Tr>(sc, sd, row_max, row_sum, row_r, alpha, p, no_bias, row_in_cta, blk.m0, tile * kBN, blk.off, c);
+  };
+
   if (n_tiles > 0) {
     if (wg == 1) named_barrier_arrive(kTurnBarrier, Tr::kConsumerThreads);   // WG0 issues first
     mbar_wait(q_full, 0);
   }
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int s = tile % kStages;
-    const uint32_t parity = (tile / kStages) & 1;
-    const uint32_t k_base = sKV + s * Tr::kStageBytes;
-
-    float sc[Tr::kNTileS][4];
-    float sd[kJvp ? Tr::kNTileS : 1][4];
-    fence_regs(sc);
-    if constexpr (kJvp) fence_regs(sd);
-    mbar_wait(k_full(s), parity);
-    named_barrier_sync(kTurnBarrier + wg, Tr::kConsumerThreads);
-    issue_s_chain<Tr>(sc, sd, q_base, qt_base, k_base);
-    // The other warpgroup's turn; WG1's last turn goes to nobody (WG0 has no S chain left).
-    if (wg == 0 || tile + 1 < n_tiles) named_barrier_arrive(kTurnBarrier + 1 - wg, Tr::kConsumerThreads);
-    wgmma_wait<0>();
-    fence_regs(sc);
-    if constexpr (kJvp) fence_regs(sd);
-
-    uint32_t pa[kBN / 16][4];
-    uint32_t ha[kJvp ? kBN / 16 : 1][4];
-    softmax_to_operands<Tr>(sc, sd, pa, ha, acc_o, acc_t, row_max, row_sum, row_r, p, no_bias, row_in_cta, blk.m0,
-                            tile * kBN, blk.off, c);
-    mbar_wait(v_full(s), parity);
-    issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, k_base);
-    wgmma_wait<0>();
-    fence_regs(acc_o);
-    if constexpr (kJvp) fence_regs(acc_t);
-    if (lane == 0) mbar_arrive(empty(s));   // this warp's reads of the stage are complete
+  if constexpr (Tr::kOverlap) {
+    // Tile 0 has no P·V before it and the last P·V none after it: peeled, so that every wait in the
+    // loop retires a known chain (ptxas serialises the wgmmas when a branch hides which).
+    if (n_tiles > 0) {
+      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4], alpha[2];
+      issue_s(0, sc, sd);
+      hand_over(0);
+      wgmma_wait<0>();
+      softmax(0, sc, sd, alpha);
+      rescale_and_pack<Tr>(sc, sd, pa, ha, acc_o, acc_t, alpha);
+    }
+    for (int tile = 1; tile < n_tiles; ++tile) {
+      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4], alpha[2];
+      issue_s(tile, sc, sd);
+      issue_pv(tile - 1);                   // runs under this tile's softmax
+      hand_over(tile);
+      wgmma_wait<1>();                      // the S chain, committed first, is complete
+      softmax(tile, sc, sd, alpha);
+      wgmma_wait<0>();                      // A, T and the fragments are free again
+      retire_pv(tile - 1);
+      rescale_and_pack<Tr>(sc, sd, pa, ha, acc_o, acc_t, alpha);
+    }
+    if (n_tiles > 0) {
+      issue_pv(n_tiles - 1);
+      wgmma_wait<0>();
+      retire_pv(n_tiles - 1);
+    }
+  } else {
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4], alpha[2];
+      issue_s(tile, sc, sd);
+      hand_over(tile);
+      wgmma_wait<0>();
+      softmax(tile, sc, sd, alpha);
+      rescale_and_pack<Tr>(sc, sd, pa, ha, acc_o, acc_t, alpha);
+      issue_pv(tile);
+      wgmma_wait<0>();
+      retire_pv(tile);
+    }
   }
 
   write_outputs<T, kJvp>(p, acc_o, acc_t, row_max, row_sum, row_r, blk.m0 + row_in_cta, blk.bh, blk.b, blk.h, c);

@@ -39,9 +39,10 @@ def sm90_traits(kd, jvp):
                 kSmemBytes=qtiles * qb + 2 * stage + 1024, kNTileS=bn // 8, kNTileO=kd // 8)
 
 
-def sm90_ws_traits(kd, jvp):
+def sm90_ws_traits(kd, jvp, overlap=False):
     """FwdSm90WsTraits: the cp.async kernel's tiles, 3 warpgroups, a kStages ring and its mbarriers."""
     tr = sm90_traits(kd, jvp)
+    tr["kOverlap"] = overlap
     stages = 3 if kd == 64 else 2
     tile_bytes = tr["kQTiles"] * tr["kQBytes"] + stages * tr["kStageBytes"]
     tr.update(kThreads=384, kConsumerWarps=8, kStages=stages, kTileBytes=tile_bytes, kBarriers=1 + 3 * stages,
@@ -54,12 +55,16 @@ def sm90_smem_bytes(kd, jvp, has_bias, has_bias_t):
     return tr["kSmemBytes"] + bias_smem_bytes(tr, has_bias, has_bias_t)
 
 
-def plan_forward_launch(sm90_smem_limit, tma_ok, dqk8, cols, jvp, has_bias, has_bias_t):
+def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, dqk8, cols, jvp, has_bias, has_bias_t):
     """(kernel name, padded D_qk, padded D_v) of one launch."""
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
     sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
     tma = sm90 and tma_ok and not has_bias and not has_bias_t and sm90_ws_traits(kdqk, jvp)["kSmemBytes"] <= sm90_smem_limit
-    return ("sm_90a_tma" if tma else "sm_90a" if sm90 else "sm_80"), kdqk, kdv
+    if not sm90:
+        return "sm_80", kdqk, kdv
+    if not tma:
+        return "sm_90a", kdqk, kdv
+    return ("sm_90a_tma_overlap" if overlap and not (kdqk == 128 and jvp) else "sm_90a_tma"), kdqk, kdv
 
 
 def tma_strides_ok(t, sizes):
@@ -180,6 +185,19 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
     def k_step(ks, rows):
         return (ks // 4) * rows * 128 + (ks % 4) * 32
 
+    def pv_chain(ws, pa, ha, v_base, vt_base):
+        """A += P·V, T += P·V̇ + H·V of one warpgroup (issue_pv_chain)."""
+        acc_o, acc_t = [w["acc_o"] for w in ws], [w["acc_t"] for w in ws]
+        for kk in range(kBN // 16):
+            dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024)
+            wgmma_rs(sm, acc_o, [pa[w][kk] for w in range(4)], dv)
+            if jvp:
+                wgmma_rs(sm, acc_t, [pa[w][kk] for w in range(4)], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024))
+                wgmma_rs(sm, acc_t, [ha[w][kk] for w in range(4)], dv)
+
+    overlap = tr.get("kOverlap", False)
+    pending = [None, None]            # per warpgroup: the P, H fragments and V stage of a P·V chain not yet issued
+
     for tile in range(n_tiles):
         if producer is None:
             stage = tile & 1
@@ -210,19 +228,21 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
                 for ks in range(kD // 16):
                     wgmma_ss(sm, sd, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
                              desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1)
+            if overlap and pending[wg] is not None:
+                pv_chain(ws, *pending[wg])           # tile - 1's P·V, issued after this tile's S chain
             need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
             for w, sw, sdw in zip(ws, s, sd):
                 scores_to_log2(sw, sdw, p, jvp, kBN, sBias, sBiasT, w["row_in_cta"], m0, n0, off, need_mask)
                 rescale_accumulators(w, online_softmax(sw, sdw, jvp, w))
             pa = [[pack_a(sw, kk) for kk in range(kBN // 16)] for sw in s]
             ha = [[pack_a(sdw, kk) for kk in range(kBN // 16)] for sdw in sd] if jvp else None
-            acc_o, acc_t = [w["acc_o"] for w in ws], [w["acc_t"] for w in ws]
-            for kk in range(kBN // 16):
-                dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024)
-                wgmma_rs(sm, acc_o, [pa[w][kk] for w in range(4)], dv)
-                if jvp:
-                    wgmma_rs(sm, acc_t, [pa[w][kk] for w in range(4)], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024))
-                    wgmma_rs(sm, acc_t, [ha[w][kk] for w in range(4)], dv)
+            pending[wg] = (pa, ha, v_base, vt_base)
+            if not overlap:
+                pv_chain(ws, *pending[wg])
+                pending[wg] = None
+    for wg in range(2):
+        if pending[wg] is not None:
+            pv_chain(warps[4 * wg: 4 * wg + 4], *pending[wg])
     for w in warps:
         write_outputs(p, w, jvp, m0, bh, b, h)
 
@@ -236,7 +256,7 @@ def strided(a, layout):
 
 
 def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_limit, launches, smem_raw=0x410,
-                  tma_enabled=True, layout="bhnd"):
+                  tma_enabled=True, overlap=True, layout="bhnd"):
     """forward_impl on float64 numpy data with the sm_90 choice: padding to multiples of 8, the
     128-column V slices, each launched on the kernel plan_forward_launch picks. bias, bias_t:
     (storage, strides) of (B, H, Nq, Nk) views, or None. layout: how q, k, v (and tangents) are
@@ -262,13 +282,14 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
         p["v"], p["out"] = Tensor(v_full.s, v_full.st, c0), Tensor(o_full.s, o_full.st, c0)
         if jvp:
             p["v_t"], p["out_t"] = Tensor(vt_full.s, vt_full.st, c0), Tensor(ot_full.s, ot_full.st, c0)
-        kernel, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, p["d_qk"], cols, jvp, bias is not None,
-                                                jvp and bias_t is not None)
+        kernel, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, overlap, p["d_qk"], cols, jvp,
+                                                bias is not None, jvp and bias_t is not None)
         launches.append((kernel, kdqk, kdv))
-        tr = {"sm_90a_tma": sm90_ws_traits, "sm_90a": sm90_traits}[kernel](kdqk, jvp) if kernel != "sm_80" \
-            else fwd_traits(kdqk, kdv, jvp)
+        tr = {"sm_80": lambda: fwd_traits(kdqk, kdv, jvp), "sm_90a": lambda: sm90_traits(kdqk, jvp),
+              "sm_90a_tma": lambda: sm90_ws_traits(kdqk, jvp),
+              "sm_90a_tma_overlap": lambda: sm90_ws_traits(kdqk, jvp, overlap=True)}[kernel]()
         maps = None
-        if kernel == "sm_90a_tma":   # launch_fwd_sm90_ws: the maps of this launch (V slice: its columns)
+        if kernel.startswith("sm_90a_tma"):   # launch_fwd_sm90_ws: the maps of this launch (V slice: its columns)
             maps = {n: tma_map_4d(p[n], B, heads, rows, cols_, box) for n, heads, rows, cols_, box in (
                 ("q", H, Nq, p["d_qk"], tr["kBM"]), ("k", Hkv, Nk, p["d_qk"], tr["kBN"]), ("v", Hkv, Nk, cols, tr["kBN"]),
                 ("q_t", H, Nq, p["d_qk"], tr["kBM"]), ("k_t", Hkv, Nk, p["d_qk"], tr["kBN"]),
@@ -303,17 +324,22 @@ def test_plan_takes_sm90_only_for_its_head_dims():
     for dqk8 in range(8, 257, 8):
         for cols in range(8, 129, 8):
             for jvp, has_bias, has_bias_t in [(j, b, t) for j in (0, 1) for b in (0, 1) for t in (0, 1)]:
-                for tma_ok in (False, True):
-                    kernel, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, tma_ok, dqk8, cols, jvp, has_bias, has_bias_t)
+                for tma_ok, overlap in ((False, True), (True, False), (True, True)):
+                    kernel, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, tma_ok, overlap, dqk8, cols, jvp, has_bias,
+                                                            has_bias_t)
                     if kernel != "sm_80":
                         assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
                         assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
-                    assert (kernel == "sm_90a_tma") == (kernel != "sm_80" and tma_ok and not has_bias and not has_bias_t)
-                    assert plan_forward_launch(0, tma_ok, dqk8, cols, jvp, has_bias, has_bias_t)[0] == "sm_80"
-    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 128, 104, True, True, False)[0] == "sm_90a"   # 225 KB: fits
-    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 128, 128, True, True, True)[0] == "sm_80"     # 257 KB
-    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 64, 64, True, True, True)[0] == "sm_90a"
-    assert plan_forward_launch(SMEM_OPTIN_SM90, True, 128, 128, True, False, False)[0] == "sm_90a_tma"
+                    tma = kernel != "sm_80" and tma_ok and not has_bias and not has_bias_t
+                    assert kernel.startswith("sm_90a_tma") == tma
+                    assert (kernel == "sm_90a_tma_overlap") == (tma and overlap and not (kdqk == 128 and jvp))
+                    assert plan_forward_launch(0, tma_ok, overlap, dqk8, cols, jvp, has_bias, has_bias_t)[0] == "sm_80"
+    plan = lambda *a: plan_forward_launch(SMEM_OPTIN_SM90, True, True, *a)[0]   # noqa: E731
+    assert plan(128, 104, True, True, False) == "sm_90a"   # 225 KB: fits
+    assert plan(128, 128, True, True, True) == "sm_80"     # 257 KB
+    assert plan(64, 64, True, True, True) == "sm_90a"
+    assert plan(128, 128, True, False, False) == "sm_90a_tma"         # S, Ṡ and P, H of two tiles: too many registers
+    assert plan(128, 128, False, False, False) == "sm_90a_tma_overlap"
 
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
@@ -330,9 +356,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "cp_async"])
+@pytest.mark.parametrize("kernel", ["tma_overlap", "tma", "cp_async"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_sm90_forward_index_model_matches_reference(case, tma):
+def test_sm90_forward_index_model_matches_reference(case, kernel):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=1)
     q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
@@ -340,9 +366,16 @@ def test_sm90_forward_index_model_matches_reference(case, tma):
     launches = []
     with np.errstate(invalid="raise", over="raise", divide="raise"):
         got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
-                            scale, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma)
+                            scale, causal, SMEM_OPTIN_SM90, launches, tma_enabled=kernel != "cp_async",
+                            overlap=kernel == "tma_overlap")
     too_big = jvp and Dqk > 64 and bias is not None
-    assert launches[0][0] == ("sm_80" if too_big else "sm_90a" if bias is not None or not tma else "sm_90a_tma")
+    if too_big:
+        expected = "sm_80"
+    elif bias is not None or kernel == "cp_async":
+        expected = "sm_90a"
+    else:
+        expected = "sm_90a_tma_overlap" if kernel == "tma_overlap" and not (jvp and launches[0][1] == 128) else "sm_90a_tma"
+    assert launches[0][0] == expected
     names, expected = reference_outputs(tensors, bias, bias_t, scale, causal, jvp)
     if not jvp:
         got = (got[0], got[2])
@@ -351,12 +384,14 @@ def test_sm90_forward_index_model_matches_reference(case, tma):
 
 @pytest.mark.parametrize("case", [(2, 4, 2, 130, 200, 64, 64, True), (1, 2, 1, 70, 140, 128, 120, False)])
 def test_tma_kernel_reads_strided_layouts(case):
-    """(B, N, H, D) storage read as (B, H, N, D): head stride below the row stride in the tensor maps."""
+    """(B, N, H, D) storage read as (B, H, N, D): head stride below the row stride in the tensor maps
+    (JVP, so the d 128 case runs the TMA kernel without the overlap)."""
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal = case
     tensors, *_ = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, True, None, seed=2)
     launches = []
     got = forward_model(*(t.numpy() for t in tensors), None, None, Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches,
                         layout="bnhd")
-    assert launches == [("sm_90a_tma", 64 if Dqk <= 64 else 128, 64 if Dqk <= 64 else 128)]
+    kd = 64 if Dqk <= 64 else 128
+    assert launches == [("sm_90a_tma_overlap" if kd == 64 else "sm_90a_tma", kd, kd)]
     names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, True)
     assert_matches_reference(names, got, expected)

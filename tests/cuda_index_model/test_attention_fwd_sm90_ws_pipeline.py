@@ -125,39 +125,69 @@ def named_sync(kc, bar_id, count):
     yield lambda: bar.generation > generation
 
 
-def consumer(kc, warp, stages):
-    """Consumer warp `warp` (warpgroup warp // 4) of attention_fwd_sm90_ws_kernel."""
+def consumer(kc, warp, stages, overlap):
+    """Consumer warp `warp` (warpgroup warp // 4) of attention_fwd_sm90_ws_kernel; overlap: the
+    kOverlap loop (tile 0 peeled; tile j's S chain, then tile j − 1's P·V chain, in one turn)."""
     wg = warp // 4
     threads = CONSUMER_WARPS * WARP
+
+    def issue_s(tile):
+        s = tile % stages
+        yield wait(kc.k_full[s], (tile // stages) & 1, tile // stages)
+        yield from named_sync(kc, TURN_BARRIER + wg, threads)
+        assert kc.slot[(s, "k")] == tile, f"warp {warp} S chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'k')]}"
+        kc.readers.setdefault(s, {})[warp] = tile
+        kc.s_issues.append((wg, tile))
+
+    def issue_pv(tile):
+        s = tile % stages
+        yield wait(kc.v_full[s], (tile // stages) & 1, tile // stages)
+        assert kc.slot[(s, "v")] == tile, f"warp {warp} P·V chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'v')]}"
+
+    def hand_over(tile):
+        if wg == 0 or tile + 1 < kc.n_tiles:
+            kc.named[TURN_BARRIER + 1 - wg].arrive(threads)
+
+    def retire_pv(tile):
+        s = tile % stages
+        del kc.readers[s][warp]
+        kc.empty[s].arrive()
+
     if kc.n_tiles > 0:
         if wg == 1:
             kc.named[TURN_BARRIER].arrive(threads)
             yield None
         yield wait(kc.q_full, 0, 0)
         assert kc.slot[("q",)] == 0
-    for tile in range(kc.n_tiles):
-        s = tile % stages
-        parity = (tile // stages) & 1
-        yield wait(kc.k_full[s], parity, tile // stages)
-        yield from named_sync(kc, TURN_BARRIER + wg, threads)
-        assert kc.slot[(s, "k")] == tile, f"warp {warp} S chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'k')]}"
-        kc.readers.setdefault(s, {})[warp] = tile
-        kc.s_issues.append((wg, tile))
-        if wg == 0 or tile + 1 < kc.n_tiles:
-            kc.named[TURN_BARRIER + 1 - wg].arrive(threads)
-        yield None                                  # wgmma_wait, softmax
-        yield wait(kc.v_full[s], parity, tile // stages)
-        assert kc.slot[(s, "v")] == tile, f"warp {warp} P·V chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'v')]}"
-        yield None                                  # wgmma_wait
-        del kc.readers[s][warp]
-        kc.empty[s].arrive()
-        yield None
+    if overlap:
+        for tile in range(kc.n_tiles):
+            yield from issue_s(tile)
+            if tile > 0:
+                yield from issue_pv(tile - 1)
+            hand_over(tile)
+            yield None                              # wgmma_wait<1>, softmax
+            if tile > 0:
+                retire_pv(tile - 1)                 # after wgmma_wait<0>
+            yield None
+        if kc.n_tiles > 0:
+            yield from issue_pv(kc.n_tiles - 1)
+            yield None
+            retire_pv(kc.n_tiles - 1)
+    else:
+        for tile in range(kc.n_tiles):
+            yield from issue_s(tile)
+            hand_over(tile)
+            yield None                              # wgmma_wait, softmax
+            yield from issue_pv(tile)
+            yield None                              # wgmma_wait
+            retire_pv(tile)
+            yield None
 
 
-def run_cta(n_tiles, stages, jvp, seed, kv_bytes=8192):
+def run_cta(n_tiles, stages, jvp, overlap, seed, kv_bytes=8192):
     rng = random.Random(seed)
     kc = Kernel(n_tiles, stages, kv_bytes, jvp)
-    agents = [producer(kc, stages)] + [consumer(kc, w, stages) for w in range(CONSUMER_WARPS)]
+    agents = [producer(kc, stages)] + [consumer(kc, w, stages, overlap) for w in range(CONSUMER_WARPS)]
     blocked = [None] * len(agents)                 # a pending wait condition, or None
     done = [False] * len(agents)
     while not all(done):
@@ -177,12 +207,13 @@ def run_cta(n_tiles, stages, jvp, seed, kv_bytes=8192):
     return kc
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("n_tiles", [0, 1, 2, 3, 4, 7])
 @pytest.mark.parametrize("jvp", [False, True])
-def test_pipeline_is_safe_under_random_schedules(n_tiles, stages, jvp):
+def test_pipeline_is_safe_under_random_schedules(n_tiles, stages, jvp, overlap):
     for seed in range(40):
-        kc = run_cta(n_tiles, stages, jvp, seed)
+        kc = run_cta(n_tiles, stages, jvp, overlap, seed)
         # S chains in turns: every warp of WG1 issues tile j after all of WG0's, and WG0's tile
         # j + 1 after all of WG1's tile j.
         order = [wg * 0.5 + tile for wg, tile in kc.s_issues]
