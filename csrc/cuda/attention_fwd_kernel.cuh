@@ -546,8 +546,9 @@ attention_fwd_kernel(const FwdParams p) {
     }
 
     // ---- scale, bias, mask; then the online softmax update ----
-    // (The sm_90a kernels run these four lines from one helper, softmax_to_operands; here they stay
-    // written out: behind a helper ptxas spills 44 B in the sm_90a build of the d = 128 JVP kernel.)
+    // (The sm_90a kernels run these lines from helpers, softmax_scores and rescale_and_pack; here
+    // they stay written out: behind a helper ptxas spills 44 B in the sm_90a build of the d = 128
+    // JVP kernel.)
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
     scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                               off, need_mask, c);

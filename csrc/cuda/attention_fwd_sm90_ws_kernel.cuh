@@ -1,5 +1,5 @@
 // Attention forward (primal, or primal + tangent) for sm_90a, warp-specialised: the per-tile math
-// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_to_operands, issue_pv_chain), with the
+// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_scores, rescale_and_pack, issue_pv_chain), with the
 // loads moved to a producer warpgroup that issues TMA copies, and the CTA-wide barriers replaced
 // by mbarriers, so the two consumer warpgroups are never realigned by a tile barrier.
 //
