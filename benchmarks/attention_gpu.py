@@ -75,6 +75,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
     parser.add_argument("--no-math", action="store_true", help="skip the MATH-backend JVP baseline")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--skip", default="", help="comma-separated sm_90 row suffixes not to run (e.g. _serial,_cpasync)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks.attention_gpu needs a CUDA GPU; GPU figures need a GPU.")
@@ -122,6 +123,8 @@ def main():
                        "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
             if hopper:   # the other forward kernels beside the default in the same run
                 for suffix, variable in SM90_VARIANTS.items():
+                    if suffix in args.skip.split(","):
+                        continue
                     cases += [("fastcm_fwd" + suffix, with_switch_off(variable, fastcm_fwd), f_fwd),
                               ("fastcm_jvp" + suffix, with_switch_off(variable, fastcm_jvp), f_jvp)]
                     for name, jvp in (("fastcm_fwd", False), ("fastcm_jvp", True)):

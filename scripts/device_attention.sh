@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build fastcm with the CUDA kernels, run the attention tests on cuda,
-# compute-sanitizer memcheck + racecheck + synccheck on small shapes, then the benchmark. Logs under $OUT.
+# One call on a GPU machine: build fastcm with the CUDA kernels, a smoke call per forward kernel,
+# the attention tests on cuda, compute-sanitizer memcheck + racecheck + synccheck on small shapes,
+# then the benchmark. Logs under $OUT.
 #
 #   OUT=/some/dir bash scripts/device_attention.sh            (run tool: $OUT is set for you)
 #   SKIP_BENCH=1 / SKIP_SANITIZER=1 / QUICK_BENCH=1 shorten it.
@@ -26,11 +27,34 @@ grep -E "registers|spill" "$OUT/build.log" | head -40
 python -c "import torch, fastcm._C; assert torch.ops.fastcm.has_cuda(), 'built without CUDA'; print('has_cuda: True')" \
   2>&1 | tee "$OUT/import.txt" || { echo "IMPORT FAILED"; exit 1; }
 
+step "smoke: one small primal + JVP call per forward kernel (a hang shows as the timeout)"
+# Each kernel by the switch that forces it; a failing one is switched off (and its forced tests
+# deselected) for the rest of the run, so one broken kernel does not cost the other results.
+FAILED=""
+for variant in default: tma_serial:FASTCM_ATTN_SM90_OVERLAP cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
+  name=${variant%%:*}; switch=${variant#*:}
+  if env ${switch:+$switch=0} timeout 90 python scripts/attention_smoke.py > "$OUT/smoke_$name.log" 2>&1; then
+    echo "$name: ok"
+  else
+    echo "$name: FAILED (exit $?)"; tail -14 "$OUT/smoke_$name.log"; FAILED="$FAILED $name"; status=1
+  fi
+done
+failed() { case " $FAILED " in *" $1 "*) return 0;; esac; return 1; }
+if failed default && ! failed tma_serial; then export FASTCM_ATTN_SM90_OVERLAP=0
+elif failed default && ! failed cp_async; then export FASTCM_ATTN_SM90_TMA=0
+elif failed default; then export FASTCM_ATTN_SM90=0; fi
+DESELECT=""; BENCH_SKIP=""
+for name in $FAILED; do
+  DESELECT="${DESELECT:+$DESELECT and }not $name"
+  case $name in tma_serial) BENCH_SKIP="$BENCH_SKIP,_serial";; cp_async) BENCH_SKIP="$BENCH_SKIP,_cpasync";; sm_80) BENCH_SKIP="$BENCH_SKIP,_sm80";; esac
+done
+[ -n "$FAILED" ] && echo "switched off for the rest:$FAILED (env: $(env | grep FASTCM_ATTN | tr '\n' ' '))"
+
 step "tests (FASTCM_TEST_DEVICE=cuda)"
 TESTS="tests/test_attention_cuda.py"
 [ -f tests/test_attention.py ] && TESTS="$TESTS tests/test_attention.py"   # the part-1 suite, unchanged
 FASTCM_TEST_DEVICE=cuda timeout 300 python -m pytest $TESTS -q -x --maxfail=5 -p no:cacheprovider \
-  > "$OUT/pytest.log" 2>&1 || status=1
+  ${DESELECT:+-k "$DESELECT"} > "$OUT/pytest.log" 2>&1 || status=1
 tail -25 "$OUT/pytest.log"
 
 if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
@@ -55,10 +79,14 @@ for dtype in (torch.bfloat16, torch.float16):
         for b in (None, bias):   # on sm_90 where the head dim allows: the TMA kernel, then the cp.async one with bias tiles
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, b, 0.125, causal)
         for switch in ("FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_TMA"):   # TMA without overlap; cp.async without bias
+            old = os.environ.get(switch)
             os.environ[switch] = "0"
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)
             ops.attention_forward(q, k, v, None, 0.125, causal)
-            del os.environ[switch]
+            if old is None:
+                del os.environ[switch]
+            else:
+                os.environ[switch] = old
         for b in (None, bias):   # the fused backward with and without a staged bias tile
             out, lse = ops.attention_forward(q, k, v, b, 0.125, causal)
             ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal)
@@ -75,7 +103,7 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   step "benchmark"
-  BENCH_ARGS="--out $OUT/bench"
+  BENCH_ARGS="--out $OUT/bench${BENCH_SKIP:+ --skip ${BENCH_SKIP#,}}"
   [ "${QUICK_BENCH:-0}" = "1" ] && BENCH_ARGS="$BENCH_ARGS --quick"
   timeout 280 python -m benchmarks.attention_gpu $BENCH_ARGS > "$OUT/bench.log" 2>&1 || status=1
   tail -30 "$OUT/bench.log"
