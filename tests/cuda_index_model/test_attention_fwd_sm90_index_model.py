@@ -395,3 +395,29 @@ def test_tma_kernel_reads_strided_layouts(case):
     assert launches == [("sm_90a_tma_overlap" if kd == 64 else "sm_90a_tma", kd, kd)]
     names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, True)
     assert_matches_reference(names, got, expected)
+
+
+def _random_case(seed):
+    """A random call the sm_90a kernels take: any lengths (tails of the 64 / 128-key and 128-row
+    tiles), GQA, causal either way, head dims padding to 64 or 128; JVP for odd seeds."""
+    rng = np.random.default_rng(seed)
+    Hkv = int(rng.integers(1, 3))
+    H = Hkv * int(rng.integers(1, 3))
+    d = 8 * int(rng.choice([rng.integers(5, 9), rng.integers(13, 17)]))   # pads to 64 or to 128
+    return (1, H, Hkv, int(rng.integers(1, 300)), int(rng.integers(1, 400)), d, d, bool(rng.integers(2)),
+            seed % 2 == 1, None)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sm90_kernels_on_random_shapes(seed):
+    case = _random_case(seed)
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, _ = case
+    tensors, *_ = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, None, seed=100 + seed)
+    names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, jvp)
+    for tma_enabled, overlap in ((True, True), (True, False), (False, False)):
+        launches = []
+        q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
+        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, None, None,
+                            Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap)
+        assert launches[0][0].startswith("sm_90a_tma" if tma_enabled else "sm_90a"), (case, launches)
+        assert_matches_reference(names, got if jvp else (got[0], got[2]), expected)
