@@ -546,7 +546,7 @@ attention_fwd_kernel(const FwdParams p) {
     }
 
     // ---- scale, bias, mask; then the online softmax update ----
-    // (The sm_90a kernels run these lines from helpers, softmax_scores and rescale_and_pack; here
+    // (The sm_90a kernels run these lines from helpers, softmax_scores and pack_operands; here
     // they stay written out: behind a helper ptxas spills 44 B in the sm_90a build of the d = 128
     // JVP kernel.)
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));

@@ -139,7 +139,7 @@ __device__ __forceinline__ void issue_s_chain(float (&s)[kNT][4], float (&sd)[kN
 }
 
 // Scale, bias, mask and online softmax of one tile's S (Ṡ): s, sd become P and H = P·Ṡ, the row
-// statistics move on, alpha is the factor A (and T) must be rescaled by (rescale_and_pack).
+// statistics move on, alpha is the factor A (and T) must be rescaled by before this tile's P·V.
 template <class Tr, int kNT, int kNTd>
 __device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[kNTd][4], float (&row_max)[2],
                                                float (&row_sum)[2], float (&row_r)[2], float (&alpha)[2],
@@ -153,13 +153,11 @@ __device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[k
   online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
 }
 
-// The α rescale of A (T), then P, H packed in place into RS A fragments pa, ha (the accumulator
-// layout is the A layout per warp).
-template <class Tr, int kNT, int kNTd, int kK, int kKh, int kNTO, int kNTOt>
-__device__ __forceinline__ void rescale_and_pack(float (&s)[kNT][4], float (&sd)[kNTd][4], uint32_t (&pa)[kK][4],
-                                                 uint32_t (&ha)[kKh][4], float (&acc_o)[kNTO][4],
-                                                 float (&acc_t)[kNTOt][4], const float (&alpha)[2]) {
-  rescale_accumulators<Tr::kJvp>(acc_o, acc_t, alpha);
+// P, H (in s, sd after softmax_scores) packed into RS A fragments pa, ha: the accumulator layout
+// of n-tiles 2kk, 2kk + 1 is the A layout of keys 16kk..16kk + 15 per warp.
+template <class Tr, int kNT, int kNTd, int kK, int kKh>
+__device__ __forceinline__ void pack_operands(const float (&s)[kNT][4], const float (&sd)[kNTd][4],
+                                              uint32_t (&pa)[kK][4], uint32_t (&ha)[kKh][4]) {
 #pragma unroll
   for (int kk = 0; kk < Tr::kBN / 16; ++kk) {
     pack_a_operand<typename Tr::T>(pa[kk], s, kk);
@@ -283,7 +281,8 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     uint32_t ha[kJvp ? kBN / 16 : 1][4];
     float alpha[2];
     softmax_scores<Tr>(s, sd, row_max, row_sum, row_r, alpha, p, bias, row_in_cta, m0, tile * kBN, off, c);
-    rescale_and_pack<Tr>(s, sd, pa, ha, acc_o, acc_t, alpha);
+    rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
+    pack_operands<Tr>(s, sd, pa, ha);
     issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, k_base);
     wgmma_wait<0>();
     fence_regs(acc_o);

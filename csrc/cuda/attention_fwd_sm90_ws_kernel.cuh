@@ -1,5 +1,5 @@
 // Attention forward (primal, or primal + tangent) for sm_90a, warp-specialised: the per-tile math
-// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_scores, rescale_and_pack, issue_pv_chain), with the
+// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_scores, pack_operands, issue_pv_chain), with the
 // loads moved to a producer warpgroup that issues TMA copies, and the CTA-wide barriers replaced
 // by mbarriers, so the two consumer warpgroups are never realigned by a tile barrier.
 //
@@ -183,27 +183,31 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   }
   if constexpr (Tr::kOverlap) {
     // Tile 0 has no P·V before it and the last P·V none after it: peeled, so that every wait in the
-    // loop retires a known chain (ptxas serialises the wgmmas when a branch hides which).
+    // loop retires a known chain (ptxas serialises the wgmmas when a branch hides which). A, T are
+    // rescaled by the previous tile's α while this tile's S chain runs, just before that tile's P·V.
+    float alpha_prev[2];
     if (n_tiles > 0) {
-      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4], alpha[2];
+      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4];
       issue_s(0, sc, sd);
       hand_over(0);
       wgmma_wait<0>();
-      softmax(0, sc, sd, alpha);
-      rescale_and_pack<Tr>(sc, sd, pa, ha, acc_o, acc_t, alpha);
+      softmax(0, sc, sd, alpha_prev);
+      pack_operands<Tr>(sc, sd, pa, ha);
     }
     for (int tile = 1; tile < n_tiles; ++tile) {
-      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4], alpha[2];
+      float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4];
       issue_s(tile, sc, sd);
+      rescale_accumulators<kJvp>(acc_o, acc_t, alpha_prev);
       issue_pv(tile - 1);                   // runs under this tile's softmax
       hand_over(tile);
       wgmma_wait<1>();                      // the S chain, committed first, is complete
-      softmax(tile, sc, sd, alpha);
-      wgmma_wait<0>();                      // A, T and the fragments are free again
+      softmax(tile, sc, sd, alpha_prev);
+      wgmma_wait<0>();                      // the fragments are free again
       retire_pv(tile - 1);
-      rescale_and_pack<Tr>(sc, sd, pa, ha, acc_o, acc_t, alpha);
+      pack_operands<Tr>(sc, sd, pa, ha);
     }
     if (n_tiles > 0) {
+      rescale_accumulators<kJvp>(acc_o, acc_t, alpha_prev);
       issue_pv(n_tiles - 1);
       wgmma_wait<0>();
       retire_pv(n_tiles - 1);
@@ -215,7 +219,8 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       hand_over(tile);
       wgmma_wait<0>();
       softmax(tile, sc, sd, alpha);
-      rescale_and_pack<Tr>(sc, sd, pa, ha, acc_o, acc_t, alpha);
+      rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
+      pack_operands<Tr>(sc, sd, pa, ha);
       issue_pv(tile);
       wgmma_wait<0>();
       retire_pv(tile);

@@ -196,7 +196,7 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
                 wgmma_rs(sm, acc_t, [ha[w][kk] for w in range(4)], dv)
 
     overlap = tr.get("kOverlap", False)
-    pending = [None, None]            # per warpgroup: the P, H fragments and V stage of a P·V chain not yet issued
+    pending = [None, None]            # per warpgroup: P, H fragments, V stage and α of a P·V chain not yet issued
 
     for tile in range(n_tiles):
         if producer is None:
@@ -229,20 +229,30 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
                     wgmma_ss(sm, sd, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
                              desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1)
             if overlap and pending[wg] is not None:
-                pv_chain(ws, *pending[wg])           # tile - 1's P·V, issued after this tile's S chain
+                # tile - 1's P·V, issued after this tile's S chain, on A, T rescaled by tile - 1's α
+                *chain, alphas = pending[wg]
+                for w, alpha in zip(ws, alphas):
+                    rescale_accumulators(w, alpha)
+                pv_chain(ws, *chain)
             need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
+            alphas = []
             for w, sw, sdw in zip(ws, s, sd):
                 scores_to_log2(sw, sdw, p, jvp, kBN, sBias, sBiasT, w["row_in_cta"], m0, n0, off, need_mask)
-                rescale_accumulators(w, online_softmax(sw, sdw, jvp, w))
+                alphas.append(online_softmax(sw, sdw, jvp, w))
             pa = [[pack_a(sw, kk) for kk in range(kBN // 16)] for sw in s]
             ha = [[pack_a(sdw, kk) for kk in range(kBN // 16)] for sdw in sd] if jvp else None
-            pending[wg] = (pa, ha, v_base, vt_base)
+            pending[wg] = (pa, ha, v_base, vt_base, alphas)
             if not overlap:
-                pv_chain(ws, *pending[wg])
+                for w, alpha in zip(ws, alphas):
+                    rescale_accumulators(w, alpha)
+                pv_chain(ws, pa, ha, v_base, vt_base)
                 pending[wg] = None
     for wg in range(2):
         if pending[wg] is not None:
-            pv_chain(warps[4 * wg: 4 * wg + 4], *pending[wg])
+            *chain, alphas = pending[wg]
+            for w, alpha in zip(warps[4 * wg: 4 * wg + 4], alphas):
+                rescale_accumulators(w, alpha)
+            pv_chain(warps[4 * wg: 4 * wg + 4], *chain)
     for w in warps:
         write_outputs(p, w, jvp, m0, bh, b, h)
 
