@@ -1,7 +1,7 @@
 // Attention forward (primal, or primal + tangent) for sm_90a, warp-specialised: the per-tile math
-// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_scores, pack_operands, issue_pv_chain), with the
-// loads moved to a producer warpgroup that issues TMA copies, and the CTA-wide barriers replaced
-// by mbarriers, so the two consumer warpgroups are never realigned by a tile barrier.
+// of attention_fwd_sm90_kernel.cuh (issue_s_chain, softmax_scores, pack_operands, issue_pv_chain),
+// with the loads moved to a producer warpgroup that issues TMA copies, and the CTA-wide barriers
+// replaced by mbarriers, so the two consumer warpgroups are never realigned by a tile barrier.
 //
 // CTA = 3 warpgroups. Warpgroups 0, 1 (consumers, 240 registers each after setmaxnreg) own query
 // rows 0..63 and 64..127 exactly as in the cp.async kernel; warpgroup 2 (producer, 24 registers)
@@ -38,8 +38,10 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   static constexpr int kConsumerThreads = Base::kThreads;   // 2 warpgroups
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = kConsumerThreads + 128;    // + the producer warpgroup
-  // Stages: as many as leave the ring within sm_90's 227 KB (d = 64: 3 × 32 KB; d = 128: 2 × 64 KB).
-  static constexpr int kStages = kD_ == 64 ? 3 : 2;
+  // Stages: 3 (d = 64: 3 × 32 KB; d = 128 primal: 3 × 64 KB, 225 KB in all), 2 for d = 128 JVP,
+  // whose 64 KB stages leave room for only two next to Q, Q̇. Three let the producer refill one
+  // stage while the overlapped loop still holds the other two (tile j's S, tile j − 1's P·V).
+  static constexpr int kStages = (kD_ == 128 && kJvp_) ? 2 : 3;
   static constexpr int kTileBytes = Base::kQTiles * Base::kQBytes + kStages * Base::kStageBytes;
   static constexpr int kBarriers = 1 + 3 * kStages;           // q_full, k_full[], v_full[], empty[]
   // + 1024: the dynamic shared-memory base is realigned to the 1024-byte swizzle period.
@@ -50,7 +52,9 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
 
 // Dynamic shared memory of the warp-specialised kernel for padded head dim kd (64 or 128).
 inline int fwd_sm90_ws_smem_bytes(int kd, bool jvp) {
-  if (kd == 64) return jvp ? FwdSm90WsTraits<__half, 64, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 64, false, false>::kSmemBytes;
+  if (kd == 64) {
+    return jvp ? FwdSm90WsTraits<__half, 64, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 64, false, false>::kSmemBytes;
+  }
   return jvp ? FwdSm90WsTraits<__half, 128, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 128, false, false>::kSmemBytes;
 }
 

@@ -43,7 +43,7 @@ def sm90_ws_traits(kd, jvp, overlap=False):
     """FwdSm90WsTraits: the cp.async kernel's tiles, 3 warpgroups, a kStages ring and its mbarriers."""
     tr = sm90_traits(kd, jvp)
     tr["kOverlap"] = overlap
-    stages = 3 if kd == 64 else 2
+    stages = 2 if (kd == 128 and jvp) else 3
     tile_bytes = tr["kQTiles"] * tr["kQBytes"] + stages * tr["kStageBytes"]
     tr.update(kThreads=384, kConsumerWarps=8, kStages=stages, kTileBytes=tile_bytes, kBarriers=1 + 3 * stages,
               kSmemBytes=tile_bytes + 8 * (1 + 3 * stages) + 1024)
