@@ -39,13 +39,20 @@ void launch_fwd_grid(Kernel kernel, FwdParams p, int smem, cudaStream_t stream, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A forward kernel whose dynamic shared memory is Tr::kSmemBytes plus the call's bias tiles: raise
+// its limit (errors name `family` and the padded head dims), then launch it over the grid.
+template <class Tr, typename Kernel, typename... Extra>
+void launch_fwd_kernel(Kernel kernel, const char* family, int kdqk, int kdv, const FwdParams& p,
+                       cudaStream_t stream, const Extra&... extra) {
+  const int smem = Tr::kSmemBytes + bias_smem_bytes<Tr>(p.bias != nullptr, p.bias_t != nullptr);
+  set_dynamic_smem(kernel, smem, family, kdqk, kdv, Tr::kJvp);
+  launch_fwd_grid<Tr>(kernel, p, smem, stream, extra...);
+}
+
 template <typename T, int kDqk, int kDv, bool kJvp>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, kDqk, kDv, kJvp>;
-  const int smem = Tr::kSmemBytes + bias_smem_bytes<Tr>(p.bias != nullptr, p.bias_t != nullptr);
-  auto kernel = attention_fwd_kernel<Tr>;
-  set_dynamic_smem(kernel, smem, "sm_80", kDqk, kDv, kJvp);
-  launch_fwd_grid<Tr>(kernel, p, smem, stream);
+  launch_fwd_kernel<Tr>(attention_fwd_kernel<Tr>, "sm_80", kDqk, kDv, p, stream);
 }
 
 // The pairs instantiated (× JVP × dtype = 24 kernels per dtype). D_qk ≤ 128 keeps the v1 rule:

@@ -14,10 +14,7 @@ namespace attn {
 template <typename T, int kD, bool kJvp, bool kBias>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdSm90Traits<T, kD, kJvp, kBias>;
-  const int smem = Tr::kSmemBytes + bias_smem_bytes<Tr>(p.bias != nullptr, p.bias_t != nullptr);
-  auto kernel = attention_fwd_sm90_kernel<Tr>;
-  set_dynamic_smem(kernel, smem, "sm_90a", kD, kD, kJvp);
-  launch_fwd_grid<Tr>(kernel, p, smem, stream);
+  launch_fwd_kernel<Tr>(attention_fwd_sm90_kernel<Tr>, "sm_90a", kD, kD, p, stream);
 }
 
 // The warp-specialised kernel: tensor maps of Q, K, V (+ tangents) in boxes of one 64-column panel
@@ -35,9 +32,7 @@ void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     maps.k_t = tma_map_4d(p.k_t, bf16, p.B, p.Hkv, p.Nk, p.d_qk, p.kt_sb, p.kt_sh, p.kt_sn, Tr::kBN);
     maps.v_t = tma_map_4d(p.v_t, bf16, p.B, p.Hkv, p.Nk, p.d_v, p.vt_sb, p.vt_sh, p.vt_sn, Tr::kBN);
   }
-  auto kernel = attention_fwd_sm90_ws_kernel<Tr>;
-  set_dynamic_smem(kernel, Tr::kSmemBytes, "sm_90a (TMA)", kD, kD, kJvp);
-  launch_fwd_grid<Tr>(kernel, p, Tr::kSmemBytes, stream, maps);
+  launch_fwd_kernel<Tr>(attention_fwd_sm90_ws_kernel<Tr>, "sm_90a (TMA)", kD, kD, p, stream, maps);   // no bias tiles
 }
 
 template <typename T, int kD, bool kJvp>
