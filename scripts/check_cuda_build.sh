@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds fastcm's CUDA extension on a machine without a GPU, against the torch the device machines
+# run (torch 2.11, CUDA 13.0, from PyPI), imports it and checks that every op of the extension has its
+# CUDA kernel registered, then runs the attention tests (CPU) against that build. Compile, link and
+# registration errors show here instead of in the first minutes of a device session.
+#
+#   bash scripts/check_cuda_build.sh
+#
+# Needs nvcc 13 (CUDA_HOME, or nvcc on PATH) and about 6 GB of disk under FASTCM_CUDA_CHECK_DIR
+# (default /tmp/fastcm_cuda_check; the venv is kept there and reused). Where there is no nvcc, too
+# little disk, or the torch wheel cannot be downloaded, it says so and exits 0: it checks the build,
+# not the machine. FASTCM_CUDA_ARCH_LIST as in setup.py (default "8.0;9.0a": both kernel families).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${FASTCM_CUDA_CHECK_DIR:-/tmp/fastcm_cuda_check}
+TORCH_SPEC=${FASTCM_CUDA_CHECK_TORCH:-torch==2.11.0}
+skip() { echo "check_cuda_build: skipped: $*"; exit 0; }
+
+# The toolkit: CUDA_HOME, else /usr/local/cuda, else where nvcc on PATH lives (nvcc there may be a
+# wrapper script, so the toolkit is the first candidate with nvcc and the runtime library).
+NVCC_DIR=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")")
+TOOLKIT=""
+for candidate in "${CUDA_HOME:-}" /usr/local/cuda "$NVCC_DIR"; do
+  if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -e "$candidate/lib64/libcudart.so" ]; then
+    TOOLKIT=$candidate; break
+  fi
+done
+[ -n "$TOOLKIT" ] || skip "no CUDA toolkit (bin/nvcc and lib64/libcudart.so) in CUDA_HOME, /usr/local/cuda or nvcc's folder"
+export CUDA_HOME=$TOOLKIT
+mkdir -p "$DIR"
+free_gb=$(df -Pk "$DIR" | awk 'NR == 2 { print int($4 / 1048576) }')
+if [ ! -x "$DIR/venv/bin/python" ] && [ "$free_gb" -lt 8 ]; then
+  skip "$free_gb GB free under $DIR, the CUDA torch venv needs about 6"
+fi
+
+if ! "$DIR/venv/bin/python" -c "import torch, ninja, numpy" 2>/dev/null; then
+  python3 -m venv "$DIR/venv"
+  # setuptools 81: the device machines' version (torch 2.11 asks for < 82).
+  if ! "$DIR/venv/bin/pip" install --quiet "$TORCH_SPEC" "setuptools==81.*" wheel ninja numpy pytest \
+      > "$DIR/venv.log" 2>&1; then
+    tail -5 "$DIR/venv.log"; skip "could not install $TORCH_SPEC from the package index"
+  fi
+fi
+"$DIR/venv/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# The working tree (tracked and untracked, not ignored files), so uncommitted changes are checked.
+rm -rf "$DIR/src" && mkdir -p "$DIR/src"
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+  [ -e "$f" ] && printf '%s\0' "$f"
+done | xargs -0 cp --parents -t "$DIR/src"
+cd "$DIR/src"
+echo "build (FASTCM_CUDA_ARCH_LIST=${FASTCM_CUDA_ARCH_LIST:-8.0;9.0a}), log: $DIR/build.log"
+start=$(date +%s)
+if ! "$DIR/venv/bin/pip" install --no-build-isolation --no-deps -e . -v > "$DIR/build.log" 2>&1; then
+  grep -n -E "error|Error" "$DIR/build.log" | head -40; tail -20 "$DIR/build.log"
+  echo "check_cuda_build: BUILD FAILED"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s; $(grep -c -E 'warning' "$DIR/build.log" || true) warning lines"
+
+"$DIR/venv/bin/python" - <<'PY'
+import torch
+import fastcm._C  # noqa: F401  (registers torch.ops.fastcm.*)
+
+assert torch.ops.fastcm.has_cuda(), "the extension was built without its CUDA part"
+ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastcm::"))
+kernels = {name: torch._C._dispatch_dump(name) for name in ops}
+missing = [name for name, dump in kernels.items() if "\nCPU:" in dump and "\nCUDA:" not in dump]
+assert ops and not missing, f"ops with a CPU kernel but no CUDA kernel: {missing}"
+print("CUDA kernels registered:", ", ".join(name for name, dump in kernels.items() if "\nCUDA:" in dump))
+PY
+FASTCM_NO_JIT=1 "$DIR/venv/bin/python" -m pytest tests/test_attention.py -q -x -p no:cacheprovider
+echo "check_cuda_build: ok"
