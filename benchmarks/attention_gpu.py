@@ -5,6 +5,7 @@ unless --causal), times
   fastcm JVP      torch.ops.fastcm.attention_forward_jvp (primal + tangent, one kernel)
   fastcm fwd      torch.ops.fastcm.attention_forward
   ..._serial      the same with FASTCM_ATTN_SM90_OVERLAP=0 (TMA kernel, no intra-warpgroup overlap), on sm_90 only
+  ..._smemq       the same with FASTCM_ATTN_SM90_QREGS=0 (TMA kernel, Q read from shared memory), sm_90, d=64 only
   ..._cpasync     the same with FASTCM_ATTN_SM90_TMA=0 (the cp.async wgmma kernel), on sm_90 only
   ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 only
   fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels; TFLOP/s on 10·N²·d per head)
@@ -36,7 +37,9 @@ LENGTHS = [1024, 4096, 8192, 16384]
 
 
 # Row suffix -> the kernel switch that selects it on sm_90 (read by the extension at every call).
-SM90_VARIANTS = {"_serial": "FASTCM_ATTN_SM90_OVERLAP", "_cpasync": "FASTCM_ATTN_SM90_TMA", "_sm80": "FASTCM_ATTN_SM90"}
+SM90_VARIANTS = {"_serial": "FASTCM_ATTN_SM90_OVERLAP", "_smemq": "FASTCM_ATTN_SM90_QREGS",
+                 "_cpasync": "FASTCM_ATTN_SM90_TMA", "_sm80": "FASTCM_ATTN_SM90"}
+D64_ONLY = {"_smemq"}   # at d = 128 Q is read from shared memory anyway: the default kernel
 
 
 def with_switch_off(variable, fn):
@@ -123,7 +126,7 @@ def main():
                        "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
             if hopper:   # the other forward kernels beside the default in the same run
                 for suffix, variable in SM90_VARIANTS.items():
-                    if suffix in args.skip.split(","):
+                    if suffix in args.skip.split(",") or (suffix in D64_ONLY and d != 64):
                         continue
                     cases += [("fastcm_fwd" + suffix, with_switch_off(variable, fastcm_fwd), f_fwd),
                               ("fastcm_jvp" + suffix, with_switch_off(variable, fastcm_jvp), f_jvp)]

@@ -32,7 +32,8 @@ step "smoke: one small primal + JVP call per forward kernel (a hang shows as the
 # Each kernel by the switch that forces it; a failing one is switched off (and its forced tests
 # deselected) for the rest of the run, so one broken kernel does not cost the other results.
 FAILED=""
-for variant in default: tma_serial:FASTCM_ATTN_SM90_OVERLAP cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
+for variant in default: tma_serial:FASTCM_ATTN_SM90_OVERLAP tma_smem_q:FASTCM_ATTN_SM90_QREGS \
+               cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
   name=${variant%%:*}; switch=${variant#*:}
   if env ${switch:+$switch=0} timeout 90 python scripts/attention_smoke.py > "$OUT/smoke_$name.log" 2>&1; then
     echo "$name: ok"
@@ -41,13 +42,19 @@ for variant in default: tma_serial:FASTCM_ATTN_SM90_OVERLAP cp_async:FASTCM_ATTN
   fi
 done
 failed() { case " $FAILED " in *" $1 "*) return 0;; esac; return 1; }
-if failed default && ! failed tma_serial; then export FASTCM_ATTN_SM90_OVERLAP=0
+if failed default && ! failed tma_smem_q; then export FASTCM_ATTN_SM90_QREGS=0
+elif failed default && ! failed tma_serial; then export FASTCM_ATTN_SM90_OVERLAP=0
 elif failed default && ! failed cp_async; then export FASTCM_ATTN_SM90_TMA=0
 elif failed default; then export FASTCM_ATTN_SM90=0; fi
 DESELECT=""; BENCH_SKIP=""
 for name in $FAILED; do
   DESELECT="${DESELECT:+$DESELECT and }not $name"
-  case $name in tma_serial) BENCH_SKIP="$BENCH_SKIP,_serial";; cp_async) BENCH_SKIP="$BENCH_SKIP,_cpasync";; sm_80) BENCH_SKIP="$BENCH_SKIP,_sm80";; esac
+  case $name in
+    tma_serial) BENCH_SKIP="$BENCH_SKIP,_serial";;
+    tma_smem_q) BENCH_SKIP="$BENCH_SKIP,_smemq";;
+    cp_async) BENCH_SKIP="$BENCH_SKIP,_cpasync";;
+    sm_80) BENCH_SKIP="$BENCH_SKIP,_sm80";;
+  esac
 done
 [ -n "$FAILED" ] && echo "switched off for the rest:$FAILED (env: $(env | grep FASTCM_ATTN | tr '\n' ' '))"
 
@@ -81,7 +88,8 @@ for dtype in (torch.bfloat16, torch.float16):
         qt, kt, vt = r(B, H, Nq, D), r(B, Hkv, Nk, D), r(B, Hkv, Nk, Dv)
         for b in (None, bias):   # on sm_90 where the head dim allows: the TMA kernel, then the cp.async one with bias tiles
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, b, 0.125, causal)
-        for switch in ("FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_TMA"):   # TMA without overlap; cp.async without bias
+        # TMA without overlap; Q from shared memory; cp.async without bias
+        for switch in ("FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_QREGS", "FASTCM_ATTN_SM90_TMA"):
             old = os.environ.get(switch)
             os.environ[switch] = "0"
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)

@@ -248,17 +248,27 @@ def test_deterministic(dtype):
 # On sm_90 devices the forward ops run a wgmma kernel for padded head dims 64 / 128 (every test
 # above with such a shape exercises one there): the warp-specialised TMA kernel without a bias
 # (with the intra-warpgroup overlap except at d 128 JVP), the cp.async one with bias tiles.
-# FASTCM_ATTN_SM90_OVERLAP=0 selects the TMA kernel without the overlap, FASTCM_ATTN_SM90_TMA=0 the
-# cp.async kernel for every call, FASTCM_ATTN_SM90=0 the sm_80 kernel.
+# FASTCM_ATTN_SM90_OVERLAP=0 selects the TMA kernel without the overlap, FASTCM_ATTN_SM90_QREGS=0
+# the TMA kernel reading Q from shared memory at d 64 (default: Q in registers there),
+# FASTCM_ATTN_SM90_TMA=0 the cp.async kernel for every call, FASTCM_ATTN_SM90=0 the sm_80 kernel.
 
 def _hopper():
     return torch.cuda.get_device_capability()[0] == 9
 
 
 # kernel -> the switch that forces it (None: the default choice)
-KERNEL_SWITCH = {"default": None, "tma_serial": "FASTCM_ATTN_SM90_OVERLAP", "cp_async": "FASTCM_ATTN_SM90_TMA",
-                 "sm_80": "FASTCM_ATTN_SM90"}
-SWITCHES = ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA", "FASTCM_ATTN_SM90_OVERLAP")
+KERNEL_SWITCH = {"default": None, "tma_serial": "FASTCM_ATTN_SM90_OVERLAP", "tma_smem_q": "FASTCM_ATTN_SM90_QREGS",
+                 "cp_async": "FASTCM_ATTN_SM90_TMA", "sm_80": "FASTCM_ATTN_SM90"}
+SWITCHES = ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA", "FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_QREGS")
+
+
+def _sm90_name(kernel, kd, jvp):
+    """The name attention_forward_kernels gives a no-bias launch of padded head dim kd ∈ {64, 128}
+    under `kernel`'s switch, on an sm_90 device."""
+    if kernel in ("cp_async", "sm_80"):
+        return {"cp_async": "sm_90a", "sm_80": "sm_80"}[kernel]
+    name = "sm_90a_tma" if kernel == "tma_serial" or (kd == 128 and jvp) else "sm_90a_tma_overlap"
+    return name + ("_qregs" if kd == 64 and kernel != "tma_smem_q" else "")
 
 
 def _force_kernel(kernel, monkeypatch):
@@ -275,7 +285,9 @@ def test_forward_kernel_choice(monkeypatch):
     kernels = ops.attention_forward_kernels        # (q, v, jvp, has_bias, has_bias_t)
     hopper = _hopper()
     ovl, tma, tiles = ("sm_90a_tma_overlap", "sm_90a_tma", "sm_90a") if hopper else ("sm_80",) * 3
-    assert kernels(t(64), t(64), True, False, False) == [f"{ovl} (64, 64)"]
+    qregs = "_qregs" if hopper else ""              # d 64: Q (and Q̇) in registers
+    assert kernels(t(64), t(64), True, False, False) == [f"{ovl}{qregs} (64, 64)"]
+    assert kernels(t(40), t(24), False, False, False) == [f"{ovl}{qregs} (64, 64)"]
     assert kernels(t(40), t(104), False, False, False) == [f"{ovl} (128, 128)"]
     assert kernels(t(128), t(128), True, False, False) == [f"{tma} (128, 128)"]   # no overlap: registers
     assert kernels(t(64), t(200), True, False, False) == [f"{tma} (128, 128)", "sm_80 (96, 96)"]
@@ -289,7 +301,12 @@ def test_forward_kernel_choice(monkeypatch):
     broadcast = _rand(1, 1, 16, 64, dtype=torch.bfloat16).expand(3, 2, 16, 64)    # stride 0: no tensor map
     assert kernels(broadcast, t(64), True, False, False) == [f"{tiles} (64, 64)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90_OVERLAP", "0")
-    assert kernels(t(64), t(64), False, False, False) == [f"{tma} (64, 64)"]
+    assert kernels(t(64), t(64), False, False, False) == [f"{tma}{qregs} (64, 64)"]
+    monkeypatch.setenv("FASTCM_ATTN_SM90_QREGS", "0")
+    assert kernels(t(64), t(64), True, False, False) == [f"{tma} (64, 64)"]
+    monkeypatch.setenv("FASTCM_ATTN_SM90_OVERLAP", "1")
+    assert kernels(t(64), t(64), True, False, False) == [f"{ovl} (64, 64)"]
+    assert kernels(t(128), t(128), False, False, False) == [f"{ovl} (128, 128)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90_TMA", "0")
     assert kernels(t(64), t(200), True, False, False) == [f"{tiles} (128, 128)", "sm_80 (96, 96)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90", "0")
@@ -312,21 +329,27 @@ SHAPES_SM90 = [
 ]
 
 
-@pytest.mark.parametrize("kernel", list(KERNEL_SWITCH))
+def _padded_head_dim(shape):
+    return 64 if max(shape[5], shape[6]) <= 64 else 128
+
+
+# tma_smem_q differs from the default only at padded d 64.
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8])
-def test_forward_kernels_on_sm90_head_dims(shape, causal, dtype, kernel, monkeypatch):
+@pytest.mark.parametrize("shape,kernel", [(shape, kernel) for shape in SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8]
+                                          for kernel in KERNEL_SWITCH
+                                          if kernel != "tma_smem_q" or _padded_head_dim(shape) == 64])
+def test_forward_kernels_on_sm90_head_dims(shape, kernel, causal, dtype, monkeypatch):
     """Primal and JVP ops on shapes whose padded head dim is 64 or 128, with each forward kernel (on
-    sm_90: TMA with and without the overlap, cp.async, sm_80) held to 2x PyTorch's own
-    low-precision error."""
+    sm_90: TMA with and without the overlap, with Q in registers or shared memory, cp.async,
+    sm_80) held to 2x PyTorch's own low-precision error."""
     ops = _ops()
     _force_kernel(kernel, monkeypatch)
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    expected = {"default": "sm_90a_tma", "tma_serial": "sm_90a_tma (", "cp_async": "sm_90a ("}.get(kernel, "sm_80")
+    kd = _padded_head_dim(shape)
     for jvp in (False, True):
-        used = ops.attention_forward_kernels(q, v, jvp, False, False)
-        assert all(name.startswith(expected if _hopper() else "sm_80") for name in used), used
+        expected = _sm90_name(kernel, kd, jvp) if _hopper() else "sm_80"
+        assert ops.attention_forward_kernels(q, v, jvp, False, False) == [f"{expected} ({kd}, {kd})"]
     scale = 0.9 * shape[5] ** -0.5
     _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=scale)
     _run_forward_and_check(q, k, v, causal=causal, scale=scale)
@@ -344,8 +367,8 @@ def test_forward_strided_layouts(dtype, kernel, monkeypatch):
     q, qt = (_rand(B, Nq, H, D, dtype=dtype).transpose(1, 2) for _ in range(2))
     k, kt = (_rand(B, Nk, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))
     v, vt = (_rand(B, Hkv, Nk, 2 * D, dtype=dtype)[..., D:] for _ in range(2))
-    expected = {"default": "sm_90a_tma_overlap", "tma_serial": "sm_90a_tma", "cp_async": "sm_90a"}.get(kernel, "sm_80")
-    assert _ops().attention_forward_kernels(q, v, True, False, False) == [f"{expected if _hopper() else 'sm_80'} (64, 64)"]
+    expected = _sm90_name(kernel, 64, True) if _hopper() else "sm_80"
+    assert _ops().attention_forward_kernels(q, v, True, False, False) == [f"{expected} (64, 64)"]
     for causal in (False, True):
         _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5)
     k1, v1, kt1, vt1 = (_rand(1, Hkv, Nk, D, dtype=dtype).expand(B, Hkv, Nk, D) for _ in range(4))

@@ -181,38 +181,42 @@ bool tma_ready(const at::Tensor& t) {
 struct FwdLaunch {
   bool sm90;                 // a wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
   attn::Sm90Kernel kernel;   // which one, if sm90
+  bool q_regs;               // the TMA kernel with Q, Q̇ in registers
   int kdqk, kdv;             // padded head dims
 };
 
-// The switches of the sm_90a kernels, read per call: FASTCM_ATTN_SM90_TMA and _OVERLAP.
+// The switches of the sm_90a kernels, read per call: FASTCM_ATTN_SM90_TMA, _OVERLAP and _QREGS.
 struct Sm90Switches {
-  bool tma, overlap;
+  bool tma, overlap, q_regs;
 };
-Sm90Switches sm90_switches() { return {switch_on("FASTCM_ATTN_SM90_TMA"), switch_on("FASTCM_ATTN_SM90_OVERLAP")}; }
+Sm90Switches sm90_switches() {
+  return {switch_on("FASTCM_ATTN_SM90_TMA"), switch_on("FASTCM_ATTN_SM90_OVERLAP"), switch_on("FASTCM_ATTN_SM90_QREGS")};
+}
 
 // sm90_smem_limit: sm90_forward_smem_limit's answer; tma_ok: the TMA switch is on and every input
 // is tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
 // (with the bias tiles) fit; only d = 128 JVP with both bias and bias_t (257 KB) does not fit
-// sm_90's 227 KB. Of those, the TMA kernel for calls without bias / bias_t, overlapped (overlap:
-// its switch) except at d = 128 JVP, whose registers do not allow it.
-FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, bool overlap, int64_t dqk8, int64_t cols, bool jvp,
-                              bool has_bias, bool has_bias_t) {
+// sm_90's 227 KB. Of those, the TMA kernel for calls without bias / bias_t, overlapped (its switch)
+// except at d = 128 JVP, whose registers do not allow it, with Q in registers (its switch) at d = 64.
+FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, const Sm90Switches& sw, int64_t dqk8, int64_t cols,
+                              bool jvp, bool has_bias, bool has_bias_t) {
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
   const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
                     attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
   const bool tma = sm90 && tma_ok && !has_bias && !has_bias_t &&
                    attn::fwd_sm90_ws_smem_bytes(kdqk, jvp) <= sm90_smem_limit;
   const attn::Sm90Kernel kernel = !tma ? attn::Sm90Kernel::kCpAsync
-                                  : (overlap && !(kdqk == 128 && jvp)) ? attn::Sm90Kernel::kTmaOverlap
-                                                                       : attn::Sm90Kernel::kTma;
-  return {sm90, kernel, kdqk, kdv};
+                                  : (sw.overlap && !(kdqk == 128 && jvp)) ? attn::Sm90Kernel::kTmaOverlap
+                                                                          : attn::Sm90Kernel::kTma;
+  return {sm90, kernel, tma && sw.q_regs && kdqk == 64, kdqk, kdv};
 }
 
-const char* kernel_name(const FwdLaunch& l) {
+std::string kernel_name(const FwdLaunch& l) {
   if (!l.sm90) return "sm_80";
+  const char* q = l.q_regs ? "_qregs" : "";
   switch (l.kernel) {
-    case attn::Sm90Kernel::kTma: return "sm_90a_tma";
-    case attn::Sm90Kernel::kTmaOverlap: return "sm_90a_tma_overlap";
+    case attn::Sm90Kernel::kTma: return std::string("sm_90a_tma") + q;
+    case attn::Sm90Kernel::kTmaOverlap: return std::string("sm_90a_tma_overlap") + q;
     default: return "sm_90a";
   }
 }
@@ -308,12 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, tma_ok, sw.overlap, p.d_qk, cols, jvp,
-                                                 bias.has_value(), bias_t.has_value());
+    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, tma_ok, sw, p.d_qk, cols, jvp, bias.has_value(),
+                                                 bias_t.has_value());
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     if (launch.sm90) {
-      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.kernel, stream);
-      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.kernel, stream);
+      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.kernel, launch.q_regs, stream);
+      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.kernel, launch.q_regs, stream);
     } else {
       if (bf16) attn::launch_fwd_dispatch<__nv_bfloat16>(p, launch.kdqk, launch.kdv, jvp, stream);
       else attn::launch_fwd_dispatch<__half>(p, launch.kdqk, launch.kdv, jvp, stream);
@@ -340,8 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
 
 // fastcm::attention_forward_kernels: the forward kernel of each launch the forward op (jvp: the JVP
 // op) would make for these q, v (one per 128-column V slice; k and the tangents laid out as q, v)
-// with or without bias / bias_t, as "sm_90a_tma_overlap (kd, kd)", "sm_90a_tma (kd, kd)", "sm_90a (kd, kd)"
-// or "sm_80 (kdqk, kdv)";
+// with or without bias / bias_t, as "sm_90a_tma_overlap (kd, kd)", "sm_90a_tma (kd, kd)" (either with
+// "_qregs" after "tma..." where Q stays in registers), "sm_90a (kd, kd)" or "sm_80 (kdqk, kdv)";
 // for tests and benchmark labels.
 std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool jvp,
                                                         bool has_bias, bool has_bias_t) {
@@ -353,9 +357,9 @@ std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, con
   std::vector<std::string> names;
   const int64_t dqk8 = round_up(q.size(3), 8), dv8 = round_up(v.size(3), 8);
   for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
-    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, sw.overlap, dqk8,
+    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, sw, dqk8,
                                             std::min(kMaxHeadDimVChunk, dv8 - c0), jvp, has_bias, jvp && has_bias_t);
-    names.push_back(std::string(kernel_name(l)) + " (" + std::to_string(l.kdqk) + ", " +
+    names.push_back(kernel_name(l) + " (" + std::to_string(l.kdqk) + ", " +
                     std::to_string(l.kdv) + ")");
   }
   return names;

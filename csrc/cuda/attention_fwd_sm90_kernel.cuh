@@ -107,33 +107,56 @@ __device__ __forceinline__ uint32_t sw128_k_step(int ks, int rows) {
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One k-step (16 columns of the head dim) of an S chain, D (+)= A·Bᵀ with B = K or K̇ read K-major
+// (desc_b). A = this warpgroup's rows of Q or Q̇: a_base, the shared-memory tile (SS; kRows rows, so
+// panels are kRows·128 bytes apart), or a, its fragments in registers (RS; load_a_fragments).
+template <typename T, int kRows, int kNT>
+__device__ __forceinline__ void s_chain_k_step(float (&d)[kNT][4], uint32_t a_base, int ks, uint64_t desc_b,
+                                               int scale_d) {
+  sm90::WgmmaSS<T, kNT>::run(d, sm90::desc_sw128(a_base + sw128_k_step(ks, kRows), 16, 1024), desc_b, scale_d);
+}
+template <typename T, int kRows, int kNT, int kKS>
+__device__ __forceinline__ void s_chain_k_step(float (&d)[kNT][4], const uint32_t (&a)[kKS][4], int ks,
+                                               uint64_t desc_b, int scale_d) {
+  sm90::WgmmaRS<T, kNT, false>::run(d, a[ks], desc_b, scale_d);
+}
+
+// The RS A fragments of this warp's 16 rows of a swizzled tile (a_base: the warpgroup's row 0 of a
+// tile of kRows rows), one per k-step: ldmatrix.x4 matrices 0..3 = (rows 0-7 | 8-15) × (columns
+// 0-7 | 8-15) of the k-step, i.e. registers a[ks][0..3] in the m16k16 A order. Lane l addresses row
+// l % 8 (+ 8 for odd l / 8) of the 16-byte chunk 2·(ks % 4) + l / 16, XOR the row's swizzle phase.
+template <int kRows, int kKS>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[kKS][4], uint32_t a_base, int warp_in_wg, int lane) {
+  const int row = 16 * warp_in_wg + lane % 8 + 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int ks = 0; ks < kKS; ++ks) {
+    const int chunk = 2 * (ks % 4) + lane / 16;
+    const uint32_t addr = a_base + (ks / 4) * kRows * 128 + row * 128 + ((chunk ^ (row % 8)) * 16);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[ks][0]), "=r"(a[ks][1]), "=r"(a[ks][2]), "=r"(a[ks][3]) : "r"(addr));
+  }
+}
+
 // Issues (and commits, without waiting) this warpgroup's S = Q·Kᵀ and Ṡ = Q̇·Kᵀ + Q·K̇ᵀ chains, 64 ×
-// kBN each: SS wgmma over kD/16 k-steps. q_base, qt_base: this warpgroup's rows of Q, Q̇; k_base:
-// the stage (K, V, K̇, V̇ at Tr's offsets). The first k-step overwrites (scale_d = 0).
-template <class Tr, int kNT, int kNTd>
-__device__ __forceinline__ void issue_s_chain(float (&s)[kNT][4], float (&sd)[kNTd][4], uint32_t q_base,
-                                              uint32_t qt_base, uint32_t k_base) {
+// kBN each, over kD/16 k-steps. q, qt: this warpgroup's rows of Q, Q̇, as shared-memory addresses
+// (SS wgmma) or register fragments (RS; s_chain_k_step); k_base: the stage (K, V, K̇, V̇ at Tr's
+// offsets). The first k-step overwrites (scale_d = 0).
+template <class Tr, int kNT, int kNTd, typename QOperand>
+__device__ __forceinline__ void issue_s_chain(float (&s)[kNT][4], float (&sd)[kNTd][4], const QOperand& q,
+                                              const QOperand& qt, uint32_t k_base) {
   using namespace sm90;
   using T = typename Tr::T;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN;
   const uint32_t kt_base = k_base + Tr::kOffKt;
+  auto desc_k = [&](uint32_t base, int ks) { return desc_sw128(base + sw128_k_step(ks, kBN), 16, 1024); };
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < Tr::kD / 16; ++ks) {
-    WgmmaSS<T, kNT>::run(s, desc_sw128(q_base + sw128_k_step(ks, kBM), 16, 1024),
-                         desc_sw128(k_base + sw128_k_step(ks, kBN), 16, 1024), ks > 0);
-  }
+  for (int ks = 0; ks < Tr::kD / 16; ++ks) s_chain_k_step<T, kBM>(s, q, ks, desc_k(k_base, ks), ks > 0);
   if constexpr (Tr::kJvp) {
 #pragma unroll
-    for (int ks = 0; ks < Tr::kD / 16; ++ks) {
-      WgmmaSS<T, kNT>::run(sd, desc_sw128(qt_base + sw128_k_step(ks, kBM), 16, 1024),
-                           desc_sw128(k_base + sw128_k_step(ks, kBN), 16, 1024), ks > 0);
-    }
+    for (int ks = 0; ks < Tr::kD / 16; ++ks) s_chain_k_step<T, kBM>(sd, qt, ks, desc_k(k_base, ks), ks > 0);
 #pragma unroll
-    for (int ks = 0; ks < Tr::kD / 16; ++ks) {
-      WgmmaSS<T, kNT>::run(sd, desc_sw128(q_base + sw128_k_step(ks, kBM), 16, 1024),
-                           desc_sw128(kt_base + sw128_k_step(ks, kBN), 16, 1024), 1);
-    }
+    for (int ks = 0; ks < Tr::kD / 16; ++ks) s_chain_k_step<T, kBM>(sd, q, ks, desc_k(kt_base, ks), 1);
   }
   wgmma_commit();
 }
@@ -182,10 +205,10 @@ __device__ __forceinline__ void issue_pv_chain(float (&acc_o)[kNTO][4], float (&
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) {
     const uint64_t dv = desc_sw128(v_base + kk * 2048, kBN * 128, 1024);
-    WgmmaRS<T, kNTO>::run(acc_o, pa[kk], dv);
+    WgmmaRS<T, kNTO, true>::run(acc_o, pa[kk], dv, 1);
     if constexpr (Tr::kJvp) {
-      WgmmaRS<T, kNTO>::run(acc_t, pa[kk], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024));
-      WgmmaRS<T, kNTO>::run(acc_t, ha[kk], dv);
+      WgmmaRS<T, kNTO, true>::run(acc_t, pa[kk], desc_sw128(vt_base + kk * 2048, kBN * 128, 1024), 1);
+      WgmmaRS<T, kNTO, true>::run(acc_t, ha[kk], dv, 1);
     }
   }
   wgmma_commit();
@@ -302,10 +325,12 @@ attention_fwd_sm90_kernel(const FwdParams p) {
 enum class Sm90Kernel { kCpAsync, kTma, kTmaOverlap };
 
 // Dispatch on the padded head dim kd ∈ {64, 128} (D_qk and D_v both padded to it); instantiated in
-// attention_fwd_sm90_<dtype>.cu. The caller checks the device (sm_90), the shared memory
-// (fwd_sm90_smem_bytes, fwd_sm90_ws_smem_bytes) and that TMA kernels get no bias.
+// attention_fwd_sm90_<dtype>.cu. q_regs: the TMA kernel keeps Q, Q̇ in registers (kd = 64 only).
+// The caller checks the device (sm_90), the shared memory (fwd_sm90_smem_bytes,
+// fwd_sm90_ws_smem_bytes) and that TMA kernels get no bias.
 template <typename T>
-void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, cudaStream_t stream);
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, bool q_regs,
+                              cudaStream_t stream);
 
 }  // namespace attn
 }  // namespace fastcm

@@ -19,9 +19,9 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
 
 // The warp-specialised kernel: tensor maps of Q, K, V (+ tangents) in boxes of one 64-column panel
 // × the kernel's tile rows; columns past d_qk / d_v (this launch's V slice) read as zero.
-template <typename T, int kD, bool kJvp, bool kOverlap>
+template <typename T, int kD, bool kJvp, bool kOverlap, bool kQRegs>
 void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
-  using Tr = FwdSm90WsTraits<T, kD, kJvp, kOverlap>;
+  using Tr = FwdSm90WsTraits<T, kD, kJvp, kOverlap, kQRegs>;
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   FwdTmaMaps maps{};
   maps.q = tma_map_4d(p.q, bf16, p.B, p.H, p.Nq, p.d_qk, p.q_sb, p.q_sh, p.q_sn, Tr::kBM);
@@ -35,17 +35,28 @@ void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
   launch_fwd_kernel<Tr>(attention_fwd_sm90_ws_kernel<Tr>, "sm_90a (TMA)", kD, kD, p, stream, maps);   // no bias tiles
 }
 
+// The TMA kernel with the overlap or without, Q in registers (d = 64) or read from shared memory.
+template <typename T, int kD, bool kJvp, bool kOverlap>
+void launch_fwd_sm90_ws_q(const FwdParams& p, bool q_regs, cudaStream_t stream) {
+  TORCH_CHECK(kD == 64 || !q_regs, "fastcm attention (CUDA): Q in registers only at d 64 (host plan error)");
+  if (q_regs) {
+    if constexpr (kD == 64) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true>(p, stream);
+  } else {
+    launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false>(p, stream);
+  }
+}
+
 template <typename T, int kD, bool kJvp>
-void launch_fwd_sm90_variant(const FwdParams& p, Sm90Kernel kernel, cudaStream_t stream) {
+void launch_fwd_sm90_variant(const FwdParams& p, Sm90Kernel kernel, bool q_regs, cudaStream_t stream) {
   const bool bias = p.bias != nullptr || (kJvp && p.bias_t != nullptr);
   TORCH_CHECK(kernel == Sm90Kernel::kCpAsync || !bias,
               "fastcm attention (CUDA): the TMA forward kernel takes no bias (host plan error)");
   if (kernel == Sm90Kernel::kTma) {
-    launch_fwd_sm90_ws<T, kD, kJvp, false>(p, stream);
+    launch_fwd_sm90_ws_q<T, kD, kJvp, false>(p, q_regs, stream);
   } else if (kernel == Sm90Kernel::kTmaOverlap) {
     // S, Ṡ of one tile and P, H of the previous one do not fit the consumers' 240 registers at d 128 JVP.
     TORCH_CHECK(!(kD == 128 && kJvp), "fastcm attention (CUDA): no overlapped TMA kernel for d 128 JVP (host plan error)");
-    if constexpr (!(kD == 128 && kJvp)) launch_fwd_sm90_ws<T, kD, kJvp, true>(p, stream);
+    if constexpr (!(kD == 128 && kJvp)) launch_fwd_sm90_ws_q<T, kD, kJvp, true>(p, q_regs, stream);
   } else if (bias) {
     launch_fwd_sm90<T, kD, kJvp, true>(p, stream);
   } else {
@@ -54,13 +65,14 @@ void launch_fwd_sm90_variant(const FwdParams& p, Sm90Kernel kernel, cudaStream_t
 }
 
 template <typename T>
-void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, cudaStream_t stream) {
+void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, bool q_regs,
+                              cudaStream_t stream) {
   if (kd == 64) {
-    if (jvp) launch_fwd_sm90_variant<T, 64, true>(p, kernel, stream);
-    else launch_fwd_sm90_variant<T, 64, false>(p, kernel, stream);
+    if (jvp) launch_fwd_sm90_variant<T, 64, true>(p, kernel, q_regs, stream);
+    else launch_fwd_sm90_variant<T, 64, false>(p, kernel, q_regs, stream);
   } else if (kd == 128) {
-    if (jvp) launch_fwd_sm90_variant<T, 128, true>(p, kernel, stream);
-    else launch_fwd_sm90_variant<T, 128, false>(p, kernel, stream);
+    if (jvp) launch_fwd_sm90_variant<T, 128, true>(p, kernel, q_regs, stream);
+    else launch_fwd_sm90_variant<T, 128, false>(p, kernel, q_regs, stream);
   } else {
     TORCH_CHECK(false, "fastcm attention (CUDA): no sm_90a forward kernel for padded head dim ", kd,
                 "; compiled: 64, 128");

@@ -31,10 +31,19 @@ namespace attn {
 // kOverlap: each warpgroup issues tile j's S chain, then tile j − 1's P·V chain, and runs tile j's
 // softmax while the P·V chain is on the tensor cores (S, Ṡ of tile j and P, H of tile j − 1 live
 // at once: not at d = 128 JVP, where they would pass the 240 registers).
-template <typename T_, int kD_, bool kJvp_, bool kOverlap_>
+//
+// kQRegs (d = 64 only): each consumer thread loads its rows of Q (and Q̇) into registers once, as RS
+// A fragments (16 registers per tile), and the S chains read only K, K̇ from shared memory. At
+// m64n64k16 an SS wgmma reads 2 KB of A and 2 KB of B per 32 tensor-core cycles, the 128 B/cycle an
+// SM's shared memory delivers (an estimate from the instruction shapes; FASTCM_ATTN_SM90_QREGS=0 and
+// the benchmark's `_smemq` rows compare); at d = 128 the fragments (32, or 64 with Q̇) would pass the
+// 240 registers.
+template <typename T_, int kD_, bool kJvp_, bool kOverlap_, bool kQRegs_>
 struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   using Base = FwdSm90Traits<T_, kD_, kJvp_, false>;
   static constexpr bool kOverlap = kOverlap_;
+  static constexpr bool kQRegs = kQRegs_;
+  static_assert(!kQRegs_ || kD_ == 64, "Q in registers only at d = 64");
   static constexpr int kConsumerThreads = Base::kThreads;   // 2 warpgroups
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = kConsumerThreads + 128;    // + the producer warpgroup
@@ -53,9 +62,11 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
 // Dynamic shared memory of the warp-specialised kernel for padded head dim kd (64 or 128).
 inline int fwd_sm90_ws_smem_bytes(int kd, bool jvp) {
   if (kd == 64) {
-    return jvp ? FwdSm90WsTraits<__half, 64, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 64, false, false>::kSmemBytes;
+    return jvp ? FwdSm90WsTraits<__half, 64, true, false, false>::kSmemBytes
+               : FwdSm90WsTraits<__half, 64, false, false, false>::kSmemBytes;
   }
-  return jvp ? FwdSm90WsTraits<__half, 128, true, false>::kSmemBytes : FwdSm90WsTraits<__half, 128, false, false>::kSmemBytes;
+  return jvp ? FwdSm90WsTraits<__half, 128, true, false, false>::kSmemBytes
+             : FwdSm90WsTraits<__half, 128, false, false, false>::kSmemBytes;
 }
 
 // The tensor maps the producer reads (built on the host by tma_map_4d; kernel parameters).
@@ -143,6 +154,8 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   float row_r[2] = {0.f, 0.f};
   const FwdBiasTiles no_bias{false, false, nullptr, nullptr, 0, 0};
   const uint32_t q_base = sQ + wg * 64 * 128, qt_base = sQt + wg * 64 * 128;
+  // kQRegs: this thread's Q, Q̇ fragments (loaded once Q has landed, below).
+  uint32_t qa[Tr::kQRegs ? Tr::kD / 16 : 1][4], qta[Tr::kQRegs ? Tr::kD / 16 : 1][4];
 
   // P, H packed for the next P·V chain (kOverlap: the previous tile's, issued after this tile's S).
   uint32_t pa[kBN / 16][4];
@@ -169,7 +182,8 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
     if constexpr (kJvp) fence_regs(sd);
     mbar_wait(k_full(stage_of(tile)), parity_of(tile));
     named_barrier_sync(kTurnBarrier + wg, Tr::kConsumerThreads);
-    issue_s_chain<Tr>(sc, sd, q_base, qt_base, stage_base(tile));
+    if constexpr (Tr::kQRegs) issue_s_chain<Tr>(sc, sd, qa, qta, stage_base(tile));
+    else issue_s_chain<Tr>(sc, sd, q_base, qt_base, stage_base(tile));
   };
   // The other warpgroup's turn; WG1's last turn goes to nobody (WG0 has no S chain left).
   auto hand_over = [&](int tile) {
@@ -184,6 +198,10 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   if (n_tiles > 0) {
     if (wg == 1) named_barrier_arrive(kTurnBarrier, Tr::kConsumerThreads);   // WG0 issues first
     mbar_wait(q_full, 0);
+    if constexpr (Tr::kQRegs) {
+      load_a_fragments<kBM>(qa, q_base, warp % 4, lane);
+      if constexpr (kJvp) load_a_fragments<kBM>(qta, qt_base, warp % 4, lane);
+    }
   }
   if constexpr (Tr::kOverlap) {
     // Tile 0 has no P·V before it and the last P·V none after it: peeled, so that every wait in the

@@ -85,12 +85,13 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[K][4]) {
 // D (+)= A·B, m64nNk16, A and B K-major in shared memory (no transpose); scale_d = 0 overwrites D.
 template <typename T, int NT>
 struct WgmmaSS;
-// D += A·B, m64nNk16, A from registers, B MN-major in shared memory (imm-trans-b = 1).
-template <typename T, int NT>
+// D (+)= A·B, m64nNk16, A from registers; B in shared memory, MN-major (kBMnMajor: imm-trans-b = 1,
+// V in the P·V chains) or K-major (K in the S chains when Q stays in registers).
+template <typename T, int NT, bool kBMnMajor>
 struct WgmmaRS;
 
 // N = 8·NT; REGS names the NT·4 accumulator operands %0..; I0.. are the operand numbers after them.
-#define FASTCM_WGMMA_DEFINE(T, PTX, NT, N, REGS, I0, I1, I2, I3, I4, I5)                                 \
+#define FASTCM_WGMMA_DEFINE(T, PTX, NT, N, REGS, I0, I1, I2, I3, I4, I5, I6)                                 \
   template <>                                                                                          \
   struct WgmmaSS<T, NT> {                                                                              \
     static __device__ __forceinline__ void run(float (&d)[NT][4], uint64_t desc_a, uint64_t desc_b,     \
@@ -102,21 +103,23 @@ struct WgmmaRS;
                    : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                          \
     }                                                                                                  \
   };                                                                                                   \
-  template <>                                                                                          \
-  struct WgmmaRS<T, NT> {                                                                              \
-    static __device__ __forceinline__ void run(float (&d)[NT][4], const uint32_t (&a)[4], uint64_t desc_b) { \
+  template <bool kBMnMajor>                                                                            \
+  struct WgmmaRS<T, NT, kBMnMajor> {                                                                   \
+    static __device__ __forceinline__ void run(float (&d)[NT][4], const uint32_t (&a)[4], uint64_t desc_b, \
+                                               int scale_d) {                                           \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #I5 ", 0;\n"                                    \
                    "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " " REGS                 \
-                   ", {%" #I0 ", %" #I1 ", %" #I2 ", %" #I3 "}, %" #I4 ", p, 1, 1, 1;\n}\n"                \
+                   ", {%" #I0 ", %" #I1 ", %" #I2 ", %" #I3 "}, %" #I4 ", p, 1, 1, %" #I6 ";\n}\n"        \
                    : FASTCM_WGMMA_ACC##NT(d)                                                           \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                 \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d),            \
+                     "n"(kBMnMajor ? 1 : 0));                                                           \
     }                                                                                                  \
   };
 
-FASTCM_WGMMA_DEFINE(__nv_bfloat16, "bf16", 8, 64, FASTCM_WGMMA_REGS32, 32, 33, 34, 35, 36, 37)
-FASTCM_WGMMA_DEFINE(__nv_bfloat16, "bf16", 16, 128, FASTCM_WGMMA_REGS64, 64, 65, 66, 67, 68, 69)
-FASTCM_WGMMA_DEFINE(__half, "f16", 8, 64, FASTCM_WGMMA_REGS32, 32, 33, 34, 35, 36, 37)
-FASTCM_WGMMA_DEFINE(__half, "f16", 16, 128, FASTCM_WGMMA_REGS64, 64, 65, 66, 67, 68, 69)
+FASTCM_WGMMA_DEFINE(__nv_bfloat16, "bf16", 8, 64, FASTCM_WGMMA_REGS32, 32, 33, 34, 35, 36, 37, 38)
+FASTCM_WGMMA_DEFINE(__nv_bfloat16, "bf16", 16, 128, FASTCM_WGMMA_REGS64, 64, 65, 66, 67, 68, 69, 70)
+FASTCM_WGMMA_DEFINE(__half, "f16", 8, 64, FASTCM_WGMMA_REGS32, 32, 33, 34, 35, 36, 37, 38)
+FASTCM_WGMMA_DEFINE(__half, "f16", 16, 128, FASTCM_WGMMA_REGS64, 64, 65, 66, 67, 68, 69, 70)
 
 #undef FASTCM_WGMMA_DEFINE
 #undef FASTCM_WGMMA_REGS32

@@ -170,8 +170,10 @@ def wgmma_ss(sm, d, desc_a, desc_b, scale_d):
     _scatter_acc(d, D, bool(scale_d))
 
 
-def wgmma_rs(sm, d, a, desc_b):
-    """D += A·B: A 64 × 16 from the warps' m16k16 A fragments a[warp] (32, 4, 2); B 16 × N MN-major."""
+def wgmma_rs(sm, d, a, desc_b, b_mn_major=True, scale_d=1):
+    """D (+)= A·B: A 64 × 16 from the warps' m16k16 A fragments a[warp] (32, 4, 2); B 16 × N, MN-major
+    (imm-trans-b = 1) or K-major (stored N × 16, as in wgmma_ss)."""
+    n = 8 * len(d[0])
     A = np.zeros((64, 16))
     for w in range(4):
         for j in range(2):
@@ -179,7 +181,8 @@ def wgmma_rs(sm, d, a, desc_b):
             A[16 * w + G_ + 8, 2 * C_ + j] = a[w][:, 1, j]
             A[16 * w + G_, 2 * C_ + 8 + j] = a[w][:, 2, j]
             A[16 * w + G_ + 8, 2 * C_ + 8 + j] = a[w][:, 3, j]
-    _scatter_acc(d, A @ mnmajor_operand(sm, desc_b, 8 * len(d[0])), True)
+    B = mnmajor_operand(sm, desc_b, n) if b_mn_major else kmajor_operand(sm, desc_b, n).T
+    _scatter_acc(d, A @ B, bool(scale_d))
 
 
 # ---- TMA (cp.async.bulk.tensor, tiled mode, 128-byte swizzle; csrc/cuda/tma.cuh) -------------

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fwd_steps import assert_matches_reference, case_inputs, fwd_block, reference_outputs, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
-from ptx_model import G_, LOG2E, SharedMemory, Tensor, TensorMap, contiguous, desc_sw128, pack_a, stage_bias, tma_load, wgmma_rs, wgmma_ss
+from ptx_model import G_, LANE, LOG2E, SharedMemory, Tensor, TensorMap, contiguous, desc_sw128, ldmatrix_x4, pack_a, stage_bias, tma_load, wgmma_rs, wgmma_ss
 from test_attention_fwd_index_model import bias_smem_bytes, fwd_kernel, fwd_padded_head_dims, fwd_traits
 
 SMEM_OPTIN_SM90 = 227 * 1024
@@ -39,10 +39,11 @@ def sm90_traits(kd, jvp):
                 kSmemBytes=qtiles * qb + 2 * stage + 1024, kNTileS=bn // 8, kNTileO=kd // 8)
 
 
-def sm90_ws_traits(kd, jvp, overlap=False):
+def sm90_ws_traits(kd, jvp, overlap=False, q_regs=False):
     """FwdSm90WsTraits: the cp.async kernel's tiles, 3 warpgroups, a kStages ring and its mbarriers."""
+    assert not q_regs or kd == 64, "Q in registers only at d = 64"
     tr = sm90_traits(kd, jvp)
-    tr["kOverlap"] = overlap
+    tr.update(kOverlap=overlap, kQRegs=q_regs)
     stages = 2 if (kd == 128 and jvp) else 3
     tile_bytes = tr["kQTiles"] * tr["kQBytes"] + stages * tr["kStageBytes"]
     tr.update(kThreads=384, kConsumerWarps=8, kStages=stages, kTileBytes=tile_bytes, kBarriers=1 + 3 * stages,
@@ -55,8 +56,8 @@ def sm90_smem_bytes(kd, jvp, has_bias, has_bias_t):
     return tr["kSmemBytes"] + bias_smem_bytes(tr, has_bias, has_bias_t)
 
 
-def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, dqk8, cols, jvp, has_bias, has_bias_t):
-    """(kernel name, padded D_qk, padded D_v) of one launch."""
+def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jvp, has_bias, has_bias_t):
+    """(kernel name, padded D_qk, padded D_v) of one launch; overlap, q_regs: the switches."""
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
     sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
     tma = sm90 and tma_ok and not has_bias and not has_bias_t and sm90_ws_traits(kdqk, jvp)["kSmemBytes"] <= sm90_smem_limit
@@ -64,7 +65,8 @@ def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, dqk8, cols, jvp, has_b
         return "sm_80", kdqk, kdv
     if not tma:
         return "sm_90a", kdqk, kdv
-    return ("sm_90a_tma_overlap" if overlap and not (kdqk == 128 and jvp) else "sm_90a_tma"), kdqk, kdv
+    name = "sm_90a_tma_overlap" if overlap and not (kdqk == 128 and jvp) else "sm_90a_tma"
+    return name + ("_qregs" if q_regs and kdqk == 64 else ""), kdqk, kdv
 
 
 def tma_strides_ok(t, sizes):
@@ -185,6 +187,25 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
     def k_step(ks, rows):
         return (ks // 4) * rows * 128 + (ks % 4) * 32
 
+    def load_a_fragments(a_base, warp_in_wg):
+        """load_a_fragments<kBM>: one ldmatrix.x4 per k-step from the swizzled tile."""
+        row = 16 * warp_in_wg + LANE % 8 + 8 * ((LANE // 8) % 2)
+        frags_ = []
+        for ks in range(kD // 16):
+            chunk = 2 * (ks % 4) + LANE // 16
+            addr = a_base + (ks // 4) * kBM * 128 + row * 128 + ((chunk ^ (row % 8)) * 16)
+            frags_.append(ldmatrix_x4(sm.e, sm.index(addr)))
+        return frags_
+
+    def s_chain(d, a_base, a_frags, b_base, ks, scale_d):
+        """One k-step of an S chain (s_chain_k_step): SS from a_base, or RS from this warpgroup's
+        fragments a_frags[warp][ks]; B = K or K̇ K-major."""
+        desc_b = desc_sw128(b_base + k_step(ks, kBN), 16, 1024)
+        if a_frags is None:
+            wgmma_ss(sm, d, desc_sw128(a_base + k_step(ks, kBM), 16, 1024), desc_b, scale_d)
+        else:
+            wgmma_rs(sm, d, [a_frags[w][ks] for w in range(4)], desc_b, b_mn_major=False, scale_d=scale_d)
+
     def pv_chain(ws, pa, ha, v_base, vt_base):
         """A += P·V, T += P·V̇ + H·V of one warpgroup (issue_pv_chain)."""
         acc_o, acc_t = [w["acc_o"] for w in ws], [w["acc_t"] for w in ws]
@@ -197,6 +218,7 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
 
     overlap = tr.get("kOverlap", False)
     pending = [None, None]            # per warpgroup: P, H fragments, V stage and α of a P·V chain not yet issued
+    q_frags = [None, None]            # kQRegs: per warpgroup, [Q fragments, Q̇ fragments] of its 4 warps
 
     for tile in range(n_tiles):
         if producer is None:
@@ -218,16 +240,19 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
             q_base, qt_base = sQ + wg * 64 * 128, sQt + wg * 64 * 128
             s = [frags(tr["kNTileS"], np.nan) for _ in range(4)]     # uninitialised: scale_d = 0 overwrites
             sd = [frags(tr["kNTileS"], np.nan) for _ in range(4)]
+            qa = qta = None
+            if tr.get("kQRegs"):
+                if q_frags[wg] is None:    # once Q (and Q̇) have landed
+                    q_frags[wg] = ([load_a_fragments(q_base, w) for w in range(4)],
+                                   [load_a_fragments(qt_base, w) for w in range(4)] if jvp else None)
+                qa, qta = q_frags[wg]
             for ks in range(kD // 16):
-                wgmma_ss(sm, s, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
-                         desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0)
+                s_chain(s, q_base, qa, k_base, ks, ks > 0)
             if jvp:
                 for ks in range(kD // 16):
-                    wgmma_ss(sm, sd, desc_sw128(qt_base + k_step(ks, kBM), 16, 1024),
-                             desc_sw128(k_base + k_step(ks, kBN), 16, 1024), ks > 0)
+                    s_chain(sd, qt_base, qta, k_base, ks, ks > 0)
                 for ks in range(kD // 16):
-                    wgmma_ss(sm, sd, desc_sw128(q_base + k_step(ks, kBM), 16, 1024),
-                             desc_sw128(kt_base + k_step(ks, kBN), 16, 1024), 1)
+                    s_chain(sd, q_base, qa, kt_base, ks, 1)
             if overlap and pending[wg] is not None:
                 # tile - 1's P·V, issued after this tile's S chain, on A, T rescaled by tile - 1's α
                 *chain, alphas = pending[wg]
@@ -266,7 +291,7 @@ def strided(a, layout):
 
 
 def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_limit, launches, smem_raw=0x410,
-                  tma_enabled=True, overlap=True, layout="bhnd"):
+                  tma_enabled=True, overlap=True, q_regs=True, layout="bhnd"):
     """forward_impl on float64 numpy data with the sm_90 choice: padding to multiples of 8, the
     128-column V slices, each launched on the kernel plan_forward_launch picks. bias, bias_t:
     (storage, strides) of (B, H, Nq, Nk) views, or None. layout: how q, k, v (and tangents) are
@@ -292,12 +317,15 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
         p["v"], p["out"] = Tensor(v_full.s, v_full.st, c0), Tensor(o_full.s, o_full.st, c0)
         if jvp:
             p["v_t"], p["out_t"] = Tensor(vt_full.s, vt_full.st, c0), Tensor(ot_full.s, ot_full.st, c0)
-        kernel, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, overlap, p["d_qk"], cols, jvp,
+        kernel, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, p["d_qk"], cols, jvp,
                                                 bias is not None, jvp and bias_t is not None)
         launches.append((kernel, kdqk, kdv))
-        tr = {"sm_80": lambda: fwd_traits(kdqk, kdv, jvp), "sm_90a": lambda: sm90_traits(kdqk, jvp),
-              "sm_90a_tma": lambda: sm90_ws_traits(kdqk, jvp),
-              "sm_90a_tma_overlap": lambda: sm90_ws_traits(kdqk, jvp, overlap=True)}[kernel]()
+        if kernel == "sm_80":
+            tr = fwd_traits(kdqk, kdv, jvp)
+        elif kernel == "sm_90a":
+            tr = sm90_traits(kdqk, jvp)
+        else:
+            tr = sm90_ws_traits(kdqk, jvp, overlap="_overlap" in kernel, q_regs=kernel.endswith("_qregs"))
         maps = None
         if kernel.startswith("sm_90a_tma"):   # launch_fwd_sm90_ws: the maps of this launch (V slice: its columns)
             maps = {n: tma_map_4d(p[n], B, heads, rows, cols_, box) for n, heads, rows, cols_, box in (
@@ -334,22 +362,26 @@ def test_plan_takes_sm90_only_for_its_head_dims():
     for dqk8 in range(8, 257, 8):
         for cols in range(8, 129, 8):
             for jvp, has_bias, has_bias_t in [(j, b, t) for j in (0, 1) for b in (0, 1) for t in (0, 1)]:
-                for tma_ok, overlap in ((False, True), (True, False), (True, True)):
-                    kernel, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, tma_ok, overlap, dqk8, cols, jvp, has_bias,
-                                                            has_bias_t)
+                for tma_ok, overlap, q_regs in ((False, True, True), (True, False, True), (True, True, True),
+                                                (True, True, False)):
+                    args = (tma_ok, overlap, q_regs, dqk8, cols, jvp, has_bias, has_bias_t)
+                    kernel, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, *args)
                     if kernel != "sm_80":
                         assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
                         assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
                     tma = kernel != "sm_80" and tma_ok and not has_bias and not has_bias_t
                     assert kernel.startswith("sm_90a_tma") == tma
-                    assert (kernel == "sm_90a_tma_overlap") == (tma and overlap and not (kdqk == 128 and jvp))
-                    assert plan_forward_launch(0, tma_ok, overlap, dqk8, cols, jvp, has_bias, has_bias_t)[0] == "sm_80"
-    plan = lambda *a: plan_forward_launch(SMEM_OPTIN_SM90, True, True, *a)[0]   # noqa: E731
+                    assert kernel.startswith("sm_90a_tma_overlap") == (tma and overlap and not (kdqk == 128 and jvp))
+                    assert kernel.endswith("_qregs") == (tma and q_regs and kdqk == 64)
+                    assert plan_forward_launch(0, *args)[0] == "sm_80"
+    plan = lambda *a: plan_forward_launch(SMEM_OPTIN_SM90, True, True, True, *a)[0]   # noqa: E731
     assert plan(128, 104, True, True, False) == "sm_90a"   # 225 KB: fits
     assert plan(128, 128, True, True, True) == "sm_80"     # 257 KB
     assert plan(64, 64, True, True, True) == "sm_90a"
     assert plan(128, 128, True, False, False) == "sm_90a_tma"         # S, Ṡ and P, H of two tiles: too many registers
     assert plan(128, 128, False, False, False) == "sm_90a_tma_overlap"
+    assert plan(64, 64, True, False, False) == "sm_90a_tma_overlap_qregs"
+    assert plan(40, 24, False, False, False) == "sm_90a_tma_overlap_qregs"
 
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
@@ -366,26 +398,38 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["tma_overlap", "tma", "cp_async"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+# The switches of each kernel choice: (tma_enabled, overlap, q_regs); the default is the first.
+KERNELS = {"tma_overlap": (True, True, True), "tma": (True, False, True), "tma_smem_q": (True, True, False),
+           "cp_async": (False, False, False)}
+
+
+def _expected_kernel(case, kernel, kd):
+    """The plan's name for the first launch of `case` (padded head dim kd) under `kernel`'s switches."""
+    jvp, bias_kind = case[8], case[9]
+    if jvp and kd > 64 and bias_kind is not None:
+        return "sm_80"                     # d 128 JVP with bias and bias_t: too big for sm_90a
+    if bias_kind is not None or kernel == "cp_async":
+        return "sm_90a"
+    name = "sm_90a_tma_overlap" if kernel != "tma" and not (jvp and kd == 128) else "sm_90a_tma"
+    return name + ("_qregs" if kernel != "tma_smem_q" and kd == 64 else "")
+
+
+# Q from shared memory differs from the default only where Q would be in registers: d 64, no bias.
+@pytest.mark.parametrize("case,kernel", [(c, k) for c in CASES for k in KERNELS
+                                         if k != "tma_smem_q" or (max(c[5], c[6]) <= 64 and c[9] is None)],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
 def test_sm90_forward_index_model_matches_reference(case, kernel):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=1)
     q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
     scale = 0.8 * Dqk ** -0.5
     launches = []
+    tma_enabled, overlap, q_regs = KERNELS[kernel]
     with np.errstate(invalid="raise", over="raise", divide="raise"):
         got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
-                            scale, causal, SMEM_OPTIN_SM90, launches, tma_enabled=kernel != "cp_async",
-                            overlap=kernel == "tma_overlap")
-    too_big = jvp and Dqk > 64 and bias is not None
-    if too_big:
-        expected = "sm_80"
-    elif bias is not None or kernel == "cp_async":
-        expected = "sm_90a"
-    else:
-        expected = "sm_90a_tma_overlap" if kernel == "tma_overlap" and not (jvp and launches[0][1] == 128) else "sm_90a_tma"
-    assert launches[0][0] == expected
+                            scale, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap,
+                            q_regs=q_regs)
+    assert launches[0][0] == _expected_kernel(case, kernel, launches[0][1])
     names, expected = reference_outputs(tensors, bias, bias_t, scale, causal, jvp)
     if not jvp:
         got = (got[0], got[2])
@@ -402,7 +446,7 @@ def test_tma_kernel_reads_strided_layouts(case):
     got = forward_model(*(t.numpy() for t in tensors), None, None, Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches,
                         layout="bnhd")
     kd = 64 if Dqk <= 64 else 128
-    assert launches == [("sm_90a_tma_overlap" if kd == 64 else "sm_90a_tma", kd, kd)]
+    assert launches == [("sm_90a_tma_overlap_qregs" if kd == 64 else "sm_90a_tma", kd, kd)]
     names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, True)
     assert_matches_reference(names, got, expected)
 
@@ -424,10 +468,13 @@ def test_sm90_kernels_on_random_shapes(seed):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, _ = case
     tensors, *_ = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, None, seed=100 + seed)
     names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, jvp)
-    for tma_enabled, overlap in ((True, True), (True, False), (False, False)):
+    for kernel, (tma_enabled, overlap, q_regs) in KERNELS.items():
+        if kernel == "tma_smem_q" and Dqk > 64:
+            continue                        # the same kernel as the default at d 128
         launches = []
         q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
         got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, None, None,
-                            Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap)
-        assert launches[0][0].startswith("sm_90a_tma" if tma_enabled else "sm_90a"), (case, launches)
+                            Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap,
+                            q_regs=q_regs)
+        assert launches[0][0] == _expected_kernel(case, kernel, launches[0][1]), (case, launches)
         assert_matches_reference(names, got if jvp else (got[0], got[2]), expected)
