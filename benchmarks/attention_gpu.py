@@ -8,7 +8,8 @@ unless --causal), times
   ..._smemq       the same with FASTCM_ATTN_SM90_QREGS=0 (TMA kernel, Q read from shared memory), sm_90, d=64 only
   ..._cpasync     the same with FASTCM_ATTN_SM90_TMA=0 (the cp.async wgmma kernel), on sm_90 only
   ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 only
-  fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels; TFLOP/s on 10·N²·d per head)
+  fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels, wgmma on sm_90; TFLOP/s on 10·N²·d per head)
+  fastcm bwd_sm80 the same with FASTCM_ATTN_SM90_BWD=0 (the mma.sync kernels), on sm_90 only (--skip _bwdsm80)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
   math jvp        torch.func.jvp of SDPA on the MATH backend (the baseline of the issue)
@@ -135,8 +136,15 @@ def main():
                             variable, lambda jvp=jvp: ops.attention_forward_kernels(q, v, jvp, False, False))()
             sdpa_graph = None
             if not args.no_backward:
-                cases.append(("fastcm_bwd", lambda: ops.attention_backward(grad, q, k, v, out, lse, None, scale,
-                                                                           args.causal), f_bwd))
+                def fastcm_bwd():
+                    return ops.attention_backward(grad, q, k, v, out, lse, None, scale, args.causal)
+
+                cases.append(("fastcm_bwd", fastcm_bwd, f_bwd))
+                kernels["fastcm_bwd"] = ops.attention_backward_kernels(q, v, False)
+                if hopper and "_bwdsm80" not in args.skip.split(","):
+                    cases.append(("fastcm_bwd_sm80", with_switch_off("FASTCM_ATTN_SM90_BWD", fastcm_bwd), f_bwd))
+                    kernels["fastcm_bwd_sm80"] = with_switch_off(
+                        "FASTCM_ATTN_SM90_BWD", lambda: ops.attention_backward_kernels(q, v, False))()
                 # The baseline backward alone: one SDPA forward graph, differentiated on every call.
                 sdpa_graph = [t.detach().requires_grad_(True) for t in (q, k, v)]
                 sdpa_graph.append(F.scaled_dot_product_attention(*sdpa_graph, is_causal=args.causal))

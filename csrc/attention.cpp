@@ -82,8 +82,10 @@ TORCH_LIBRARY(fastcm, m) {
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
       " Tensor? bias, float scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
-  // CUDA only: which forward kernels the CUDA ops would launch for these q, v (see attention_cuda.cu).
+  // CUDA only: which forward / backward kernels the CUDA ops would launch for these q, v (see
+  // attention_cuda.cu).
   m.def("attention_forward_kernels(Tensor q, Tensor v, bool jvp, bool has_bias, bool has_bias_t) -> str[]");
+  m.def("attention_backward_kernels(Tensor q, Tensor v, bool has_bias) -> str[]");
   // No tensor arguments: a catch-all kernel, answered the same whatever the device.
   m.def("has_cuda() -> bool", &fastcm::has_cuda);
 }

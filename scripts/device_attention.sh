@@ -28,12 +28,13 @@ grep -E "registers|spill" "$OUT/build.log" | head -40
 python -c "import torch, fastcm._C; assert torch.ops.fastcm.has_cuda(), 'built without CUDA'; print('has_cuda: True')" \
   2>&1 | tee "$OUT/import.txt" || { echo "IMPORT FAILED"; exit 1; }
 
-step "smoke: one small primal + JVP call per forward kernel (a hang shows as the timeout)"
+step "smoke: one small primal + JVP + backward call per kernel choice (a hang shows as the timeout)"
 # Each kernel by the switch that forces it; a failing one is switched off (and its forced tests
 # deselected) for the rest of the run, so one broken kernel does not cost the other results.
+# bwd_sm80: every forward default, the mma.sync backward instead of the wgmma one.
 FAILED=""
-for variant in default: tma_serial:FASTCM_ATTN_SM90_OVERLAP tma_smem_q:FASTCM_ATTN_SM90_QREGS \
-               cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
+for variant in default: bwd_sm80:FASTCM_ATTN_SM90_BWD tma_serial:FASTCM_ATTN_SM90_OVERLAP \
+               tma_smem_q:FASTCM_ATTN_SM90_QREGS cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
   name=${variant%%:*}; switch=${variant#*:}
   if env ${switch:+$switch=0} timeout 90 python scripts/attention_smoke.py > "$OUT/smoke_$name.log" 2>&1; then
     echo "$name: ok"
@@ -42,7 +43,8 @@ for variant in default: tma_serial:FASTCM_ATTN_SM90_OVERLAP tma_smem_q:FASTCM_AT
   fi
 done
 failed() { case " $FAILED " in *" $1 "*) return 0;; esac; return 1; }
-if failed default && ! failed tma_smem_q; then export FASTCM_ATTN_SM90_QREGS=0
+if failed default && ! failed bwd_sm80; then export FASTCM_ATTN_SM90_BWD=0
+elif failed default && ! failed tma_smem_q; then export FASTCM_ATTN_SM90_QREGS=0
 elif failed default && ! failed tma_serial; then export FASTCM_ATTN_SM90_OVERLAP=0
 elif failed default && ! failed cp_async; then export FASTCM_ATTN_SM90_TMA=0
 elif failed default; then export FASTCM_ATTN_SM90=0; fi
@@ -52,6 +54,7 @@ for name in $FAILED; do
   case $name in
     tma_serial) BENCH_SKIP="$BENCH_SKIP,_serial";;
     tma_smem_q) BENCH_SKIP="$BENCH_SKIP,_smemq";;
+    bwd_sm80) BENCH_SKIP="$BENCH_SKIP,_bwdsm80";;
     cp_async) BENCH_SKIP="$BENCH_SKIP,_cpasync";;
     sm_80) BENCH_SKIP="$BENCH_SKIP,_sm80";;
   esac

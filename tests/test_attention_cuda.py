@@ -513,6 +513,61 @@ def test_backward_matches_reference(shape, causal, dtype, bias_kind):
     _run_backward_and_check(q, k, v, grad, causal=causal, scale=Dqk ** -0.5, bias=bias)
 
 
+# ---- the sm_90a (wgmma) backward and the choice between the backward kernels -----------------
+# On sm_90 devices an unbiased backward with padded head dim 64 or 128 runs the wgmma kernels;
+# FASTCM_ATTN_SM90_BWD=0 (or FASTCM_ATTN_SM90=0) sends it to the mma.sync ones.
+
+def test_backward_kernel_choice(monkeypatch):
+    ops = _ops()
+    for variable in ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_BWD"):
+        monkeypatch.delenv(variable, raising=False)
+    t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
+    kernels = ops.attention_backward_kernels       # (q, v, has_bias)
+    wgmma = "sm_90a" if _hopper() else "sm_80"
+    assert kernels(t(64), t(64), False) == [f"{wgmma} (64)"]
+    assert kernels(t(40), t(24), False) == [f"{wgmma} (64)"]
+    assert kernels(t(104), t(128), False) == [f"{wgmma} (128)"]
+    assert kernels(t(64), t(64), True) == ["sm_80 (64)"]
+    assert kernels(t(96), t(96), False) == ["sm_80 (96)"]
+    assert kernels(t(32), t(16), False) == ["sm_80 (32)"]
+    assert kernels(t(64), t(256), False) == ["aten"]
+    for variable in ("FASTCM_ATTN_SM90_BWD", "FASTCM_ATTN_SM90"):
+        monkeypatch.setenv(variable, "0")
+        assert kernels(t(64), t(64), False) == ["sm_80 (64)"]
+        monkeypatch.setenv(variable, "2")
+        with pytest.raises(RuntimeError, match=f"{variable} must be 0 or 1"):
+            kernels(t(64), t(64), False)
+        monkeypatch.delenv(variable)
+
+
+# Padded head dims 64 and 128 with many tiles of both kernels (128 owned rows, 64-row tiles),
+# GQA, tails, Nq != Nk both ways.
+BWD_SHAPES_SM90 = [
+    (1, 4, 1, 300, 513, 64, 64),
+    (2, 2, 2, 777, 1000, 128, 120),
+    (1, 6, 2, 129, 127, 48, 64),
+    (1, 2, 1, 1000, 300, 128, 128),
+]
+
+
+@pytest.mark.parametrize("bwd_kernel", ["default", "bwd_sm80"])
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", BWD_SHAPES_SM90 + BWD_SHAPES[:3] + BWD_SHAPES[5:8])
+def test_backward_kernels_on_sm90_head_dims(shape, causal, dtype, bwd_kernel, monkeypatch):
+    """The unbiased backward on each kernel (on sm_90: the wgmma kernels by default, the mma.sync
+    ones with FASTCM_ATTN_SM90_BWD=0) held to 2x PyTorch's own low-precision error."""
+    monkeypatch.delenv("FASTCM_ATTN_SM90", raising=False)
+    monkeypatch.setenv("FASTCM_ATTN_SM90_BWD", "0" if bwd_kernel == "bwd_sm80" else "1")
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, _, _, _ = _inputs(*shape, dtype)
+    kd = 64 if max(Dqk, Dv) <= 64 else 128
+    expected = "sm_90a" if _hopper() and bwd_kernel == "default" else "sm_80"
+    assert _ops().attention_backward_kernels(q, v, False) == [f"{expected} ({kd})"]
+    grad = _rand(B, H, Nq, Dv, dtype=dtype)
+    _run_backward_and_check(q, k, v, grad, causal=causal, scale=0.9 * Dqk ** -0.5)
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("shape", [(1, 2, 1, 70, 90, 64, 256), (1, 2, 2, 50, 40, 192, 64)])
 def test_backward_aten_fallback(shape, dtype):
@@ -527,7 +582,8 @@ def test_backward_aten_fallback(shape, dtype):
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_backward_deterministic(dtype):
-    """The fused backward has no atomics: same inputs, same bits."""
+    """The fused backward has no atomics (on sm_90: the wgmma kernels at this head dim): same
+    inputs, same bits."""
     ops = _ops()
     q, k, v, _, _, _ = _inputs(2, 8, 2, 300, 513, 128, 96, dtype)
     grad = _rand(2, 8, 300, 96, dtype=dtype)

@@ -115,6 +115,103 @@ __device__ __forceinline__ float lse_log2(const BwdParams& p, int64_t li) {
   return l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
 }
 
+// dS = P ⊙ (dP − δ) in place of s, query-major (the dQ kernels): element (nt, e) is row
+// row_in_cta + 8(e/2) of the tile at m0, key n0 + 8nt + 2c + e%2. sBias: the staged fp32 tile
+// (row stride 8·kNT), read only if has_bias.
+template <int kNT>
+__device__ __forceinline__ void dq_scores_to_ds(float (&s)[kNT][4], const float (&dp)[kNT][4], const BwdParams& p,
+                                                bool has_bias, const float* sBias, int row_in_cta, int m0, int n0,
+                                                const float (&lse2)[2], const float (&dlt)[2], int c) {
+  const int off = p.Nk - p.Nq;
+  const bool need_mask = (n0 + 8 * kNT > p.Nk) || (p.causal && (n0 + 8 * kNT - 1 > m0 + off));
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int ri = row_in_cta + 8 * (e / 2), jl = nt * 8 + 2 * c + (e % 2);
+      float x = s[nt][e] * p.scale_log2;
+      if (has_bias) x += sBias[ri * 8 * kNT + jl];
+      if (need_mask) {
+        const int i = m0 + ri, j = n0 + jl;
+        if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
+      }
+      s[nt][e] = exp2f(x - lse2[e / 2]) * (dp[nt][e] - dlt[e / 2]);
+    }
+  }
+}
+
+// Pᵀ in place of st and dSᵀ = Pᵀ ⊙ (dPᵀ − δ) in place of dpt, key-major (the dK/dV kernels): element
+// (nt, e) is key key_in_cta + 8(e/2) of the CTA's cta_keys keys at n0, query m0 + 8nt + 2c + e%2;
+// sLse, sDelta: the query tile's staged rows. sBias: the staged fp32 tile (query rows of bias_cols
+// keys), read only if has_bias.
+template <int kNT>
+__device__ __forceinline__ void dkdv_scores_to_ds(float (&st)[kNT][4], float (&dpt)[kNT][4], const BwdParams& p,
+                                                  bool has_bias, const float* sBias, int bias_cols,
+                                                  const float* sLse, const float* sDelta, int key_in_cta, int m0,
+                                                  int n0, int cta_keys, int c) {
+  const int off = p.Nk - p.Nq;
+  const bool need_mask = (n0 + cta_keys > p.Nk) || (p.causal && (n0 + cta_keys - 1 > m0 + off));
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int kl = key_in_cta + 8 * (e / 2), ql = nt * 8 + 2 * c + (e % 2);
+      float x = st[nt][e] * p.scale_log2;
+      if (has_bias) x += sBias[ql * bias_cols + kl];
+      if (need_mask) {
+        const int i = m0 + ql, j = n0 + kl;
+        if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
+      }
+      const float pe = exp2f(x - sLse[ql]);
+      st[nt][e] = pe;
+      dpt[nt][e] = pe * (dpt[nt][e] - sDelta[ql]);
+    }
+  }
+}
+
+// dQ (× scale) of this thread's rows row_in_cta, + 8 of the tile at m0: the m16n8 C layout.
+template <typename T, int kNT>
+__device__ __forceinline__ void store_dq(const BwdParams& p, const float (&acc)[kNT][4], int b, int h, int m0,
+                                         int row_in_cta, int c) {
+  T* gdQ = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    if (col >= p.d_qk) continue;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int i = m0 + row_in_cta + 8 * rr;
+      if (i >= p.Nq) continue;
+      *reinterpret_cast<uint32_t*>(gdQ + (int64_t)i * p.dq_sn + col) =
+          pack2<T>(acc[nt][2 * rr] * p.scale, acc[nt][2 * rr + 1] * p.scale);
+    }
+  }
+}
+
+// dK (× scale) and dV of this thread's keys key_in_cta, + 8 of the CTA's keys at n0.
+template <typename T, int kNT>
+__device__ __forceinline__ void store_dkdv(const BwdParams& p, const float (&acc_k)[kNT][4],
+                                           const float (&acc_v)[kNT][4], int b, int hkv, int n0, int key_in_cta,
+                                           int c) {
+  T* gdK = static_cast<T*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh;
+  T* gdV = static_cast<T*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int j = n0 + key_in_cta + 8 * rr;
+      if (j >= p.Nk) continue;
+      if (col < p.d_qk)
+        *reinterpret_cast<uint32_t*>(gdK + (int64_t)j * p.dk_sn + col) =
+            pack2<T>(acc_k[nt][2 * rr] * p.scale, acc_k[nt][2 * rr + 1] * p.scale);
+      if (col < p.d_v)
+        *reinterpret_cast<uint32_t*>(gdV + (int64_t)j * p.dv_sn + col) =
+            pack2<T>(acc_v[nt][2 * rr], acc_v[nt][2 * rr + 1]);
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // dQ: the forward's tiling. Element (nt, e) of S / dP is row 16·warp + g + 8(e/2) of the CTA
 // tile, key n0 + 8nt + 2c + e%2.
@@ -214,21 +311,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
       }
     }
 
-    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ri = row_in_cta + 8 * (e / 2), jl = nt * 8 + 2 * c + (e % 2);
-        float x = s[nt][e] * p.scale_log2;
-        if (has_bias) x += sBias[ri * kBN + jl];
-        if (need_mask) {
-          const int i = m0 + ri, j = n0 + jl;
-          if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
-        }
-        s[nt][e] = exp2f(x - lse2[e / 2]) * (dp[nt][e] - dlt[e / 2]);   // dS
-      }
-    }
+    dq_scores_to_ds(s, dp, p, has_bias, sBias, row_in_cta, m0, n0, lse2, dlt, c);
 
     // dQ += dS·K: the S accumulator layout is the A-operand layout (as P·V in the forward);
     // K[key][dim] is the k × n operand, read with .trans as V in the forward.
@@ -249,19 +332,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
   }
   cp_async_wait<0>();
 
-  T* gdQ = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
-#pragma unroll
-  for (int nt = 0; nt < kD / 8; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    if (col >= p.d_qk) continue;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int i = m0 + row_in_cta + 8 * rr;
-      if (i >= p.Nq) continue;
-      *reinterpret_cast<uint32_t*>(gdQ + (int64_t)i * p.dq_sn + col) =
-          pack2<T>(acc[nt][2 * rr] * p.scale, acc[nt][2 * rr + 1] * p.scale);
-    }
-  }
+  store_dq<T>(p, acc, b, h, m0, row_in_cta, c);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -367,23 +438,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
       }
     }
 
-    const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-#pragma unroll
-    for (int nt = 0; nt < kBM / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kl = key_in_cta + 8 * (e / 2), ql = nt * 8 + 2 * c + (e % 2);
-        float x = st[nt][e] * p.scale_log2;
-        if (has_bias) x += sBias[ql * kBN + kl];
-        if (need_mask) {
-          const int i = m0 + ql, j = n0 + kl;
-          if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
-        }
-        const float pe = exp2f(x - sLse[ql]);
-        st[nt][e] = pe;
-        dpt[nt][e] = pe * (dpt[nt][e] - sDelta[ql]);   // dSᵀ
-      }
-    }
+    dkdv_scores_to_ds(st, dpt, p, has_bias, sBias, kBN, sLse, sDelta, key_in_cta, m0, n0, kBN, c);
 
     // dV += Pᵀ·dO and dK += dSᵀ·Q: k runs over queries; dO, Q [query][dim] read with .trans.
 #pragma unroll
@@ -407,23 +462,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   }
   cp_async_wait<0>();
 
-  T* gdK = static_cast<T*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh;
-  T* gdV = static_cast<T*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh;
-#pragma unroll
-  for (int nt = 0; nt < kD / 8; ++nt) {
-    const int col = nt * 8 + 2 * c;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int j = n0 + key_in_cta + 8 * rr;
-      if (j >= p.Nk) continue;
-      if (col < p.d_qk)
-        *reinterpret_cast<uint32_t*>(gdK + (int64_t)j * p.dk_sn + col) =
-            pack2<T>(acc_k[nt][2 * rr] * p.scale, acc_k[nt][2 * rr + 1] * p.scale);
-      if (col < p.d_v)
-        *reinterpret_cast<uint32_t*>(gdV + (int64_t)j * p.dv_sn + col) =
-            pack2<T>(acc_v[nt][2 * rr], acc_v[nt][2 * rr + 1]);
-    }
-  }
+  store_dkdv<T>(p, acc_k, acc_v, b, hkv, n0, key_in_cta, c);
 }
 
 // Largest dynamic shared memory of the dq / dkdv launches at padded head dim kd (bytes); the host

@@ -7,8 +7,10 @@
 // turns it off; FASTCM_ATTN_SM90_OVERLAP=0 its intra-warpgroup overlap), else the cp.async one of
 // attention_fwd_sm90_kernel.cuh; everywhere else the fused kernel of attention_fwd_kernel.cuh
 // (mma.sync, sm_80+).
-// Backward: the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen
-// batched matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
+// Backward: on sm_90 devices without a bias, for padded head dim 64 or 128, the wgmma kernels of
+// attention_bwd_sm90_kernel.cuh (FASTCM_ATTN_SM90_BWD=0 or FASTCM_ATTN_SM90=0 turn them off); else
+// the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen batched
+// matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
 //
 // Input handling (shared by all three ops): q (B, H, Nq, Dqk), k (B, Hkv, Nk, Dqk),
 // v (B, Hkv, Nk, Dv), H % Hkv == 0, bf16 or fp16, same device. Strides are passed to the kernel
@@ -33,6 +35,7 @@
 #include <vector>
 
 #include "attention_bwd_kernel.cuh"
+#include "attention_bwd_sm90_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
 #include "attention_fwd_sm90_kernel.cuh"
 #include "attention_fwd_sm90_ws_kernel.cuh"
@@ -152,10 +155,10 @@ bool switch_on(const char* variable) {
   return env == nullptr || env[0] == '1';
 }
 
-// The shared memory per block the sm_90a forward kernel may use on `device` (its opt-in limit), or
+// The shared memory per block the sm_90a kernels may use on `device` (its opt-in limit), or
 // 0 where it may not run: the build has no sm_90a code (setup.py defines FASTCM_WITH_SM90A when the
 // arch list names 9.0a), the device is not sm_90, or FASTCM_ATTN_SM90 (read per call) is 0.
-int sm90_forward_smem_limit(const at::Device& device) {
+int sm90_smem_limit_of(const at::Device& device) {
   const bool on = switch_on("FASTCM_ATTN_SM90");
 #ifdef FASTCM_WITH_SM90A
   if (!on) return 0;
@@ -193,7 +196,7 @@ Sm90Switches sm90_switches() {
   return {switch_on("FASTCM_ATTN_SM90_TMA"), switch_on("FASTCM_ATTN_SM90_OVERLAP"), switch_on("FASTCM_ATTN_SM90_QREGS")};
 }
 
-// sm90_smem_limit: sm90_forward_smem_limit's answer; tma_ok: the TMA switch is on and every input
+// sm90_smem_limit: sm90_smem_limit_of's answer; tma_ok: the TMA switch is on and every input
 // is tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
 // (with the bias tiles) fit; only d = 128 JVP with both bias and bias_t (257 KB) does not fit
 // sm_90's 227 KB. Of those, the TMA kernel for calls without bias / bias_t, overlapped (its switch)
@@ -296,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (jvp) { p.ot_sb = out_t.stride(0); p.ot_sh = out_t.stride(1); p.ot_sn = out_t.stride(2); }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
+  const int sm90_smem_limit = sm90_smem_limit_of(q.device());
   const Sm90Switches sw = sm90_switches();
   const bool tma_ok = sw.tma && sm90_smem_limit > 0 && tma_ready(q) && tma_ready(k) && tma_ready(v) &&
                       (!jvp || (tma_ready(qt) && tma_ready(kt) && tma_ready(vt)));
@@ -351,7 +354,7 @@ std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, con
                                                         bool has_bias, bool has_bias_t) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
-  const int sm90_smem_limit = sm90_forward_smem_limit(q.device());
+  const int sm90_smem_limit = sm90_smem_limit_of(q.device());
   const Sm90Switches sw = sm90_switches();
   const bool tma_ok = sw.tma && sm90_smem_limit > 0 && tma_ready(kernel_view(q)) && tma_ready(kernel_view(v));
   std::vector<std::string> names;
@@ -418,13 +421,35 @@ void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, con
   }
 }
 
-// Fused backward (attention_bwd_kernel.cuh): δ, dQ and dK/dV kernels. Inputs go through
+// The backward kernels of one call: the wgmma ones ("sm_90a": sm_90 device with sm_90a code, no
+// bias, padded head dim 64 or 128, FASTCM_ATTN_SM90_BWD on), the fused mma.sync ones ("sm_80":
+// D_qk, D_v ≤ 128 and their shared memory fits), else "aten". kd: the padded head dim of the fused
+// kernels (0 for aten).
+struct BwdPlan {
+  const char* kernel;
+  int kd;
+};
+BwdPlan plan_backward(const at::Device& device, int64_t Dqk, int64_t Dv, bool has_bias) {
+  const bool sm90_on = switch_on("FASTCM_ATTN_SM90_BWD");
+  const int sm90_limit = sm90_smem_limit_of(device);
+  if (Dqk > kMaxHeadDimBwd || Dv > kMaxHeadDimBwd) return {"aten", 0};
+  const int kd = padded_head_dim(std::max(round_up(Dqk, 8), round_up(Dv, 8)));
+  if (sm90_on && !has_bias && (kd == 64 || kd == 128) && attn::bwd_sm90_smem_bytes(kd) <= sm90_limit) {
+    return {"sm_90a", kd};
+  }
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, (int)device.index()));
+  return attn::bwd_smem_bytes(kd, has_bias) <= smem_limit ? BwdPlan{"sm_80", kd} : BwdPlan{"aten", 0};
+}
+
+// Fused backward (attention_bwd_kernel.cuh, or attention_bwd_sm90_kernel.cuh where plan.kernel is
+// "sm_90a"): δ, dQ and dK/dV kernels. Inputs go through
 // kernel_view like the forward's (head dims zero-padded to a multiple of 8 where needed); the
 // gradients are allocated at the padded width and narrowed back.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
-    bool causal) {
+    bool causal, const BwdPlan& plan) {
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dqk = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
   const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
@@ -460,12 +485,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sn = dk.stride(2);
   p.dv_sb = dv.stride(0); p.dv_sh = dv.stride(1); p.dv_sn = dv.stride(2);
 
-  const int kd = padded_head_dim(std::max(Dqk8, Dv8));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kBFloat16) {
-    attn::launch_bwd_dispatch<__nv_bfloat16>(p, kd, stream);
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  if (std::strcmp(plan.kernel, "sm_90a") == 0) {
+    if (bf16) attn::launch_bwd_sm90_dispatch<__nv_bfloat16>(p, plan.kd, stream);
+    else attn::launch_bwd_sm90_dispatch<__half>(p, plan.kd, stream);
   } else {
-    attn::launch_bwd_dispatch<__half>(p, kd, stream);
+    if (bf16) attn::launch_bwd_dispatch<__nv_bfloat16>(p, plan.kd, stream);
+    else attn::launch_bwd_dispatch<__half>(p, plan.kd, stream);
   }
   if (Dqk8 != Dqk) {
     dq = dq.narrow(-1, 0, Dqk).contiguous();
@@ -475,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
   return std::make_tuple(dq, dk, dv);
 }
 
-// The fused kernels for head dims ≤ kMaxHeadDimBwd where their shared memory fits the device, the
-// ATen path otherwise (e.g. D = 256).
+// The kernels plan_backward picks: wgmma (sm_90) or fused mma.sync for head dims ≤ kMaxHeadDimBwd
+// where their shared memory fits the device, the ATen path otherwise (e.g. D = 256).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse_in, const std::optional<at::Tensor>& bias_in, double scale, bool causal) {
@@ -507,20 +534,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
                            at::zeros_like(k, at::MemoryFormat::Contiguous),
                            at::zeros_like(v, at::MemoryFormat::Contiguous));
   }
-  if (Dqk <= kMaxHeadDimBwd && Dv <= kMaxHeadDimBwd) {
-    const int kd = padded_head_dim(std::max(round_up(Dqk, 8), round_up(Dv, 8)));
-    int smem_limit = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          (int)q.device().index()));
-    if (attn::bwd_smem_bytes(kd, bias.has_value()) <= smem_limit) {
-      return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal);
-    }
-  }
+  const BwdPlan plan = plan_backward(q.device(), Dqk, Dv, bias.has_value());
+  if (plan.kd > 0) return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal, plan);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   attention_backward_aten(dq, dk, dv, grad_out, q, k, v, out, lse, bias, scale, causal);
   return std::make_tuple(dq, dk, dv);
+}
+
+// fastcm::attention_backward_kernels: the backward kernels attention_backward would use for these
+// q, v (with or without a bias), as "sm_90a (kd)", "sm_80 (kd)" or "aten"; for tests and benchmark
+// labels.
+std::vector<std::string> attention_backward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool has_bias) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_backward_kernels: q, v must be 4-D CUDA tensors");
+  c10::cuda::CUDAGuard guard(q.device());
+  const BwdPlan plan = plan_backward(q.device(), q.size(3), v.size(3), has_bias);
+  if (plan.kd == 0) return {"aten"};
+  return {std::string(plan.kernel) + " (" + std::to_string(plan.kd) + ")"};
 }
 
 }  // namespace
@@ -530,6 +561,7 @@ TORCH_LIBRARY_IMPL(fastcm, CUDA, m) {
   m.impl("attention_forward_jvp", &attention_forward_jvp_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
   m.impl("attention_forward_kernels", &attention_forward_kernels_cuda);
+  m.impl("attention_backward_kernels", &attention_backward_kernels_cuda);
 }
 
 }  // namespace fastcm

@@ -1,0 +1,341 @@
+"""Index-math check of the sm_90a (wgmma) attention backward (csrc/cuda/attention_bwd_sm90_kernel.cuh)
+without a GPU.
+
+A float64 transcription of the two wgmma kernels (dq, dkdv; δ is the mma.sync backward's kernel,
+modelled in test_attention_bwd_index_model.py) and of the host's choice between the backward
+kernels (plan_backward in attention_cuda.cu): BwdSm90Traits, the 1024-byte realignment of the
+dynamic shared-memory base, the swizzled cp.async loader, the descriptors of the SS score chains
+and of the RS gradient chains (B read MN-major), the accumulators packed as A operands, the shared
+dS steps (dq_scores_to_ds, dkdv_scores_to_ds), the LSE / δ rows staged per stage, the causal skip,
+the GQA loop and the stores, against torch autograd through fastcm.reference.attention in float64.
+The PTX side (descriptor decoding, swizzled layouts, warpgroup fragments) is ptx_model.py's. What it
+cannot check: the PTX readings themselves, barrier and proxy-fence placement, rounding, the compiler.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastcm.reference import attention as ref
+from ptx_model import C_, G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, wgmma_rs, wgmma_ss
+from test_attention_bwd_index_model import delta_kernel, dkdv_kernel, dq_kernel, lse_log2, traits
+from test_attention_fwd_sm90_index_model import SMEM_OPTIN_SM90, frags, load_tile_sw128
+
+SMEM_OPTIN_SM80 = 163 * 1024
+
+
+# ---- traits and the host's choice (BwdSm90Traits, plan_backward) ------------------------------
+
+def sm90_traits(kd, key_major):
+    own, tile = 128 * kd * 2, 64 * kd * 2
+    stats = 2 * 2 * 64 * 4 if key_major else 0
+    return dict(kD=kd, key_major=key_major, kThreads=256, kOwnRows=128, kTileRows=64, kOwnBytes=own,
+                kTileBytes=tile, kStageBytes=2 * tile, kRowStatBytes=stats,
+                kSmemBytes=2 * own + 2 * 2 * tile + stats + 1024)
+
+
+def bwd_smem_bytes(kd, has_bias):
+    """The mma.sync backward's larger launch (bwd_smem_bytes in attention_bwd_kernel.cuh)."""
+    def need(tr, key_major):
+        once, stage = (tr["kBN"], tr["kBM"]) if key_major else (tr["kBM"], tr["kBN"])
+        stats = 2 * tr["kBM"] * 4 if key_major else 0
+        return (2 * once * tr["kS"] + 4 * stage * tr["kS"]) * 2 + stats + (tr["kBM"] * tr["kBN"] * 4 if has_bias else 0)
+    return max(need(traits(kd, False), False), need(traits(kd, True), True))
+
+
+def plan_backward(sm90_limit, sm90_bwd, Dqk, Dv, has_bias, smem_limit):
+    """(kernel, padded head dim) of one backward call; sm90_limit: 0 where no sm_90a kernel may run."""
+    if Dqk > 128 or Dv > 128:
+        return "aten", 0
+    d8 = max((Dqk + 7) // 8 * 8, (Dv + 7) // 8 * 8)
+    kd = next(x for x in (32, 64, 96, 128) if x >= d8)
+    if sm90_bwd and not has_bias and kd in (64, 128) and sm90_traits(kd, True)["kSmemBytes"] <= sm90_limit:
+        return "sm_90a", kd
+    return ("sm_80", kd) if bwd_smem_bytes(kd, has_bias) <= smem_limit else ("aten", 0)
+
+
+# ---- the two kernels -------------------------------------------------------------------------
+
+def smem_tiles(tr, smem_raw):
+    sm = SharedMemory(smem_raw, tr["kSmemBytes"])
+    smem = smem_raw + ((1024 - (smem_raw & 1023)) & 1023)
+    end = smem + 2 * tr["kOwnBytes"] + 2 * tr["kStageBytes"] + tr["kRowStatBytes"]
+    assert end <= smem_raw + tr["kSmemBytes"], "tiles past the allocation"
+    return sm, smem, smem + tr["kOwnBytes"], smem + 2 * tr["kOwnBytes"]
+
+
+def score_chain(sm, d, a_base, rows_a, b_base, rows_b, kd):
+    """issue_score_chain: D = A·Bᵀ, SS, both K-major."""
+    for ks in range(kd // 16):
+        step = lambda rows: (ks // 4) * rows * 128 + (ks % 4) * 32   # noqa: E731  (sw128_k_step)
+        wgmma_ss(sm, d, desc_sw128(a_base + step(rows_a), 16, 1024), desc_sw128(b_base + step(rows_b), 16, 1024), ks > 0)
+
+
+def grad_chain(sm, acc, a, b_base):
+    """issue_grad_chain: acc += A·B, A = packed fragments a[warp][kk], B 64 rows MN-major."""
+    for kk in range(4):
+        wgmma_rs(sm, acc, [a[w][kk] for w in range(4)], desc_sw128(b_base + kk * 2048, 64 * 128, 1024))
+
+
+def dq_sm90_kernel(p, tr, block, smem_raw):
+    kBM, kBN, kD = tr["kOwnRows"], tr["kTileRows"], tr["kD"]
+    sm, sQ, sdO, sKV = smem_tiles(tr, smem_raw)
+    num_m = (p["Nq"] + kBM - 1) // kBM
+    mb, bh = num_m - 1 - block % num_m, block // num_m
+    b, h = bh // p["H"], bh % p["H"]
+    hkv = h // (p["H"] // p["Hkv"])
+    m0, off = mb * kBM, p["Nk"] - p["Nq"]
+    q, k, v, do = p["q"], p["k"], p["v"], p["dout"]
+    gQ, gdO = b * q.st[0] + h * q.st[1], b * do.st[0] + h * do.st[1]
+    gK, gV = b * k.st[0] + hkv * k.st[1], b * v.st[0] + hkv * v.st[1]
+    n_end = max(0, min(p["Nk"], m0 + kBM + off)) if p["causal"] else p["Nk"]
+    n_tiles = (n_end + kBN - 1) // kBN
+
+    def load_kv(stage, tile):
+        base, n0 = sKV + stage * tr["kStageBytes"], tile * kBN
+        load_tile_sw128(tr, sm, base, kBN, k.s, gK + n0 * k.st[2], k.st[2], p["Nk"] - n0, p["d_qk"])
+        load_tile_sw128(tr, sm, base + tr["kTileBytes"], kBN, v.s, gV + n0 * v.st[2], v.st[2], p["Nk"] - n0, p["d_v"])
+
+    load_tile_sw128(tr, sm, sQ, kBM, q.s, gQ + m0 * q.st[2], q.st[2], p["Nq"] - m0, p["d_qk"])
+    load_tile_sw128(tr, sm, sdO, kBM, do.s, gdO + m0 * do.st[2], do.st[2], p["Nq"] - m0, p["d_v"])
+    if n_tiles > 0:
+        load_kv(0, 0)
+    warps = []
+    for warp in range(8):
+        row_in_cta = 16 * warp + G_
+        i = [m0 + row_in_cta + 8 * rr for rr in range(2)]
+        li = [bh * p["Nq"] + x for x in i]
+        warps.append(dict(row_in_cta=row_in_cta, acc=frags(kD // 8),
+                          lse2=[np.array([lse_log2(p, a) if r < p["Nq"] else math.inf for a, r in zip(l_, i_)])
+                                for l_, i_ in zip(li, i)],
+                          dlt=[np.array([p["delta"][a] if r < p["Nq"] else 0.0 for a, r in zip(l_, i_)])
+                               for l_, i_ in zip(li, i)]))
+
+    for tile in range(n_tiles):
+        stage = tile & 1
+        if tile + 1 < n_tiles:
+            load_kv(stage ^ 1, tile + 1)
+        k_base = sKV + stage * tr["kStageBytes"]
+        v_base, n0 = k_base + tr["kTileBytes"], tile * kBN
+        for wg in range(2):
+            ws = warps[4 * wg: 4 * wg + 4]
+            s = [frags(kBN // 8, np.nan) for _ in range(4)]     # uninitialised: scale_d = 0 overwrites
+            dp = [frags(kBN // 8, np.nan) for _ in range(4)]
+            score_chain(sm, s, sQ + wg * 64 * 128, kBM, k_base, kBN, kD)
+            score_chain(sm, dp, sdO + wg * 64 * 128, kBM, v_base, kBN, kD)
+            for w, sw, dpw in zip(ws, s, dp):
+                dq_scores_to_ds(sw, dpw, p, w["row_in_cta"], m0, n0, w["lse2"], w["dlt"])
+            grad_chain(sm, [w["acc"] for w in ws], [[pack_a(sw, kk) for kk in range(kBN // 16)] for sw in s], k_base)
+
+    dq = p["dq"]
+    gdQ = b * dq.st[0] + h * dq.st[1]
+    for w in warps:       # store_dq
+        for nt in range(kD // 8):
+            col = nt * 8 + 2 * C_
+            for rr in range(2):
+                i = m0 + w["row_in_cta"] + 8 * rr
+                ok = (col < p["d_qk"]) & (i < p["Nq"])
+                for j in range(2):
+                    dq.s[(gdQ + i * dq.st[2] + col + j)[ok]] = (w["acc"][nt][:, 2 * rr + j] * p["scale"])[ok]
+
+
+def dq_scores_to_ds(s, dp, p, row_in_cta, m0, n0, lse2, dlt):
+    knt, off = len(s), p["Nk"] - p["Nq"]
+    need_mask = (n0 + 8 * knt > p["Nk"]) or (p["causal"] and n0 + 8 * knt - 1 > m0 + off)
+    for nt in range(knt):
+        for e in range(4):
+            ri, jl = row_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
+            x = s[nt][:, e] * p["scale_log2"]
+            if need_mask:
+                i, j = m0 + ri, n0 + jl
+                x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
+            s[nt][:, e] = np.exp2(x - lse2[e // 2]) * (dp[nt][:, e] - dlt[e // 2])
+
+
+def dkdv_scores_to_ds(st, dpt, p, sLse, sDelta, key_in_cta, m0, n0, cta_keys):
+    off = p["Nk"] - p["Nq"]
+    need_mask = (n0 + cta_keys > p["Nk"]) or (p["causal"] and n0 + cta_keys - 1 > m0 + off)
+    for nt in range(len(st)):
+        for e in range(4):
+            kl, ql = key_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
+            x = st[nt][:, e] * p["scale_log2"]
+            if need_mask:
+                i, j = m0 + ql, n0 + kl
+                x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
+            pe = np.exp2(x - sLse[ql])
+            st[nt][:, e] = pe
+            dpt[nt][:, e] = pe * (dpt[nt][:, e] - sDelta[ql])
+
+
+def dkdv_sm90_kernel(p, tr, block, smem_raw):
+    kBN, kBM, kD = tr["kOwnRows"], tr["kTileRows"], tr["kD"]
+    sm, sK, sV, sQdO = smem_tiles(tr, smem_raw)
+    stats = np.full(2 * 2 * kBM, np.nan)                 # sStat[stage][LSE | δ][kBM]
+    num_n = (p["Nk"] + kBN - 1) // kBN
+    nb, bhkv = block % num_n, block // num_n
+    b, hkv, G = bhkv // p["Hkv"], bhkv % p["Hkv"], p["H"] // p["Hkv"]
+    n0, off = nb * kBN, p["Nk"] - p["Nq"]
+    num_m = (p["Nq"] + kBM - 1) // kBM
+    m_first = min(num_m, max(0, n0 - off) // kBM) if p["causal"] else 0
+    per_head = num_m - m_first
+    steps = G * per_head
+    q, k, v, do = p["q"], p["k"], p["v"], p["dout"]
+    gK, gV = b * k.st[0] + hkv * k.st[1], b * v.st[0] + hkv * v.st[1]
+    head_of = lambda step: hkv * G + step // per_head          # noqa: E731
+    row0_of = lambda step: (m_first + step % per_head) * kBM   # noqa: E731
+
+    def load_qdo(stage, step):
+        base, h, m0 = sQdO + stage * tr["kStageBytes"], head_of(step), row0_of(step)
+        gQ, gdO = b * q.st[0] + h * q.st[1], b * do.st[0] + h * do.st[1]
+        load_tile_sw128(tr, sm, base, kBM, q.s, gQ + m0 * q.st[2], q.st[2], p["Nq"] - m0, p["d_qk"])
+        load_tile_sw128(tr, sm, base + tr["kTileBytes"], kBM, do.s, gdO + m0 * do.st[2], do.st[2], p["Nq"] - m0,
+                        p["d_v"])
+        for tid in range(kBM):
+            i = m0 + tid
+            li = (b * p["H"] + h) * p["Nq"] + i
+            stats[stage * 2 * kBM + tid] = lse_log2(p, li) if i < p["Nq"] else math.inf
+            stats[stage * 2 * kBM + kBM + tid] = p["delta"][li] if i < p["Nq"] else 0.0
+
+    load_tile_sw128(tr, sm, sK, kBN, k.s, gK + n0 * k.st[2], k.st[2], p["Nk"] - n0, p["d_qk"])
+    load_tile_sw128(tr, sm, sV, kBN, v.s, gV + n0 * v.st[2], v.st[2], p["Nk"] - n0, p["d_v"])
+    if steps > 0:
+        load_qdo(0, 0)
+    acc_k = [frags(kD // 8) for _ in range(8)]
+    acc_v = [frags(kD // 8) for _ in range(8)]
+
+    for step in range(steps):
+        stage = step & 1
+        if step + 1 < steps:
+            load_qdo(stage ^ 1, step + 1)
+        q_base = sQdO + stage * tr["kStageBytes"]
+        do_base = q_base + tr["kTileBytes"]
+        sLse, sDelta = stats[stage * 2 * kBM: stage * 2 * kBM + kBM], stats[stage * 2 * kBM + kBM: (stage + 1) * 2 * kBM]
+        for wg in range(2):
+            st = [frags(kBM // 8, np.nan) for _ in range(4)]
+            dpt = [frags(kBM // 8, np.nan) for _ in range(4)]
+            score_chain(sm, st, sK + wg * 64 * 128, kBN, q_base, kBM, kD)
+            score_chain(sm, dpt, sV + wg * 64 * 128, kBN, do_base, kBM, kD)
+            for w in range(4):
+                dkdv_scores_to_ds(st[w], dpt[w], p, sLse, sDelta, 16 * (4 * wg + w) + G_, row0_of(step), n0, kBN)
+            pa = [[pack_a(x, kk) for kk in range(kBM // 16)] for x in st]
+            da = [[pack_a(x, kk) for kk in range(kBM // 16)] for x in dpt]
+            grad_chain(sm, acc_v[4 * wg: 4 * wg + 4], pa, do_base)
+            grad_chain(sm, acc_k[4 * wg: 4 * wg + 4], da, q_base)
+
+    dk, dv = p["dk"], p["dv"]
+    gdK, gdV = b * dk.st[0] + hkv * dk.st[1], b * dv.st[0] + hkv * dv.st[1]
+    for warp in range(8):     # store_dkdv
+        key_in_cta = 16 * warp + G_
+        for nt in range(kD // 8):
+            col = nt * 8 + 2 * C_
+            for rr in range(2):
+                j = n0 + key_in_cta + 8 * rr
+                for jj in range(2):
+                    ok = (j < p["Nk"]) & (col < p["d_qk"])
+                    dk.s[(gdK + j * dk.st[2] + col + jj)[ok]] = (acc_k[warp][nt][:, 2 * rr + jj] * p["scale"])[ok]
+                    ok = (j < p["Nk"]) & (col < p["d_v"])
+                    dv.s[(gdV + j * dv.st[2] + col + jj)[ok]] = acc_v[warp][nt][:, 2 * rr + jj][ok]
+
+
+def backward_model(grad, q, k, v, out, lse, scale, causal, plan, smem_raw=0x410):
+    """attention_backward_fused on float64 numpy data with the kernels `plan` names."""
+    B, H, Nq, Dqk = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    kernel, kd = plan
+    d8 = lambda d: (d + 7) // 8 * 8                            # noqa: E731
+    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])   # noqa: E731
+    p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), d_v=d8(Dv), scale=scale, scale_log2=scale * LOG2E,
+             causal=bool(causal), q=contiguous(pad(q, Dqk)), k=contiguous(pad(k, Dqk)), v=contiguous(pad(v, Dv)),
+             dout=contiguous(pad(grad, Dv)), out=contiguous(pad(out, Dv)), lse=np.ascontiguousarray(lse).reshape(-1),
+             delta=np.full(B * H * Nq, np.nan), bias=None,
+             dq=contiguous(np.full((B, H, Nq, d8(Dqk)), np.nan)), dk=contiguous(np.full((B, Hkv, Nk, d8(Dqk)), np.nan)),
+             dv=contiguous(np.full((B, Hkv, Nk, d8(Dv)), np.nan)))
+    delta_kernel(p)
+    if kernel == "sm_90a":
+        tq, tkv = sm90_traits(kd, False), sm90_traits(kd, True)
+        for blk in range((Nq + 127) // 128 * B * H):
+            dq_sm90_kernel(p, tq, blk, smem_raw)
+        for blk in range((Nk + 127) // 128 * B * Hkv):
+            dkdv_sm90_kernel(p, tkv, blk, smem_raw)
+    else:
+        tq, tkv = traits(kd, False), traits(kd, True)
+        for blk in range((Nq + tq["kBM"] - 1) // tq["kBM"] * B * H):
+            dq_kernel(p, tq, blk)
+        for blk in range((Nk + tkv["kBN"] - 1) // tkv["kBN"] * B * Hkv):
+            dkdv_kernel(p, tkv, blk)
+    return (p["dq"].s.reshape(B, H, Nq, -1)[..., :Dqk], p["dk"].s.reshape(B, Hkv, Nk, -1)[..., :Dqk],
+            p["dv"].s.reshape(B, Hkv, Nk, -1)[..., :Dv])
+
+
+def check_against_autograd(case, seed, sm90_bwd=True):
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal = case
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
+    q, k, v, grad = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv), rnd(B, H, Nq, Dv)
+    scale = 0.8 * Dqk ** -0.5
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = ref.attention(qr, kr, vr, scale=scale, causal=causal, return_lse=True)
+    expected = torch.autograd.grad(out, (qr, kr, vr), grad)
+    plan = plan_backward(SMEM_OPTIN_SM90, sm90_bwd, Dqk, Dv, False, SMEM_OPTIN_SM90)
+    with np.errstate(invalid="raise", over="raise"):
+        got = backward_model(grad.numpy(), q.numpy(), k.numpy(), v.numpy(), out.detach().numpy(),
+                             lse.detach().numpy(), scale, causal, plan)
+    for name, g, e in zip(("dq", "dk", "dv"), got, expected):
+        assert not np.isnan(g).any(), f"{name}: unwritten element"
+        np.testing.assert_allclose(g, e.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
+    return plan, lse
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+def test_traits_fit_hopper_shared_memory():
+    for kd in (64, 128):
+        for key_major in (False, True):
+            tr = sm90_traits(kd, key_major)
+            assert tr["kSmemBytes"] <= SMEM_OPTIN_SM90 and tr["kOwnBytes"] % 1024 == 0 and tr["kTileBytes"] % 1024 == 0
+        assert sm90_traits(kd, True)["kSmemBytes"] >= sm90_traits(kd, False)["kSmemBytes"]
+
+
+def test_plan_takes_sm90_for_unbiased_calls_at_its_head_dims():
+    for d in range(8, 257, 8):
+        for dv in range(8, 257, 24):
+            for has_bias in (False, True):
+                kernel, kd = plan_backward(SMEM_OPTIN_SM90, True, d, dv, has_bias, SMEM_OPTIN_SM90)
+                assert (kernel == "aten") == (max(d, dv) > 128)
+                assert (kernel == "sm_90a") == (not has_bias and kd in (64, 128))
+                assert plan_backward(SMEM_OPTIN_SM90, False, d, dv, has_bias, SMEM_OPTIN_SM90)[0] != "sm_90a"
+                assert plan_backward(0, True, d, dv, has_bias, SMEM_OPTIN_SM80)[0] != "sm_90a"
+    assert plan_backward(SMEM_OPTIN_SM90, True, 40, 24, False, SMEM_OPTIN_SM90) == ("sm_90a", 64)
+    assert plan_backward(SMEM_OPTIN_SM90, True, 104, 32, False, SMEM_OPTIN_SM90) == ("sm_90a", 128)
+    assert plan_backward(SMEM_OPTIN_SM90, True, 96, 96, False, SMEM_OPTIN_SM90) == ("sm_80", 96)
+    assert plan_backward(SMEM_OPTIN_SM90, True, 64, 64, True, SMEM_OPTIN_SM90) == ("sm_80", 64)
+
+
+# (B, H, Hkv, Nq, Nk, Dqk, Dv, causal)
+CASES = [
+    (1, 2, 1, 150, 70, 64, 64, True),       # GQA, causal Nq > Nk: dead rows; query tiles 128 + 22
+    (1, 3, 3, 40, 90, 40, 24, False),       # padded dims 40 / 24 -> 64 (zero-filled columns)
+    (1, 2, 2, 70, 260, 104, 120, True),     # kd 128, causal Nq < Nk: key tiles 128, 128, 4; skipped query tiles
+    (2, 1, 1, 130, 129, 128, 128, True),    # B = 2, kd 128: the key block at 128 starts inside the second query tile
+    (1, 3, 1, 17, 200, 64, 48, False),      # G = 3: three heads' query tiles into one kv head's dK, dV
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sm90_backward_index_model_matches_autograd(case):
+    plan, lse = check_against_autograd(case, seed=0)
+    assert plan[0] == "sm_90a"
+    if case[7] and case[3] > case[4]:
+        assert torch.isneginf(lse).any()    # the case exercises a dead row
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sm90_backward_on_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    Hkv = int(rng.integers(1, 3))
+    d = 8 * int(rng.choice([rng.integers(5, 9), rng.integers(13, 17)]))   # pads to 64 or to 128
+    case = (1, Hkv * int(rng.integers(1, 3)), Hkv, int(rng.integers(1, 300)), int(rng.integers(1, 300)), d, d,
+            bool(rng.integers(2)))
+    assert check_against_autograd(case, seed=10 + seed)[0][0] == "sm_90a"
