@@ -115,6 +115,61 @@ __device__ __forceinline__ float lse_log2(const BwdParams& p, int64_t li) {
   return l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
 }
 
+// The CTA of a dQ kernel: (b, h, kBM query rows at m0), heaviest (causal) tiles first, and the
+// key tiles of kBN it visits (causal: up to the last visible key).
+struct BwdDqBlock {
+  int bh, b, h, hkv, m0, n_tiles;
+};
+template <int kBM, int kBN>
+__device__ __forceinline__ BwdDqBlock bwd_dq_block(const BwdParams& p) {
+  BwdDqBlock w;
+  const int num_m = (p.Nq + kBM - 1) / kBM;
+  w.bh = (int)(blockIdx.x / num_m);
+  w.b = w.bh / p.H;
+  w.h = w.bh % p.H;
+  w.hkv = w.h / (p.H / p.Hkv);
+  w.m0 = (num_m - 1 - (int)(blockIdx.x % num_m)) * kBM;
+  const int n_end = p.causal ? max(0, min(p.Nk, w.m0 + kBM + p.Nk - p.Nq)) : p.Nk;
+  w.n_tiles = (n_end + kBN - 1) / kBN;
+  return w;
+}
+
+// The CTA of a dK/dV kernel: (b, kv head, kBN keys at n0), low key tiles (the longest) first, and
+// its steps: the G query heads of the group × their query tiles of kBM rows; causal: query i sees
+// key n0 only if i ≥ n0 − (Nk − Nq), so the tiles before m_first are skipped.
+struct BwdDkdvBlock {
+  int b, hkv, G, n0, m_first, per_head, steps;
+  __device__ int head_of(int step) const { return hkv * G + step / per_head; }
+  __device__ int row0_of(int step, int kBM) const { return (m_first + step % per_head) * kBM; }
+};
+template <int kBN, int kBM>
+__device__ __forceinline__ BwdDkdvBlock bwd_dkdv_block(const BwdParams& p) {
+  BwdDkdvBlock w;
+  const int num_n = (p.Nk + kBN - 1) / kBN;
+  const int bhkv = (int)(blockIdx.x / num_n);
+  w.b = bhkv / p.Hkv;
+  w.hkv = bhkv % p.Hkv;
+  w.G = p.H / p.Hkv;
+  w.n0 = (int)(blockIdx.x % num_n) * kBN;
+  const int num_m = (p.Nq + kBM - 1) / kBM;
+  w.m_first = p.causal ? min(num_m, max(0, w.n0 - (p.Nk - p.Nq)) / kBM) : 0;
+  w.per_head = num_m - w.m_first;
+  w.steps = w.G * w.per_head;
+  return w;
+}
+
+// LSE (base 2) and δ of this thread's rows row_in_cta, + 8 of the dQ tile at m0 (+inf and 0 past Nq).
+__device__ __forceinline__ void dq_row_stats(const BwdParams& p, int bh, int m0, int row_in_cta, float (&lse2)[2],
+                                             float (&dlt)[2]) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int i = m0 + row_in_cta + 8 * rr;
+    const int64_t li = (int64_t)bh * p.Nq + i;
+    lse2[rr] = i < p.Nq ? lse_log2(p, li) : INFINITY;
+    dlt[rr] = i < p.Nq ? p.delta[li] : 0.f;
+  }
+}
+
 // dS = P ⊙ (dP − δ) in place of s, query-major (the dQ kernels): element (nt, e) is row
 // row_in_cta + 8(e/2) of the tile at m0, key n0 + 8nt + 2c + e%2. sBias: the staged fp32 tile
 // (row stride 8·kNT), read only if has_bias.
@@ -230,20 +285,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
-  const int num_m = (p.Nq + kBM - 1) / kBM;
-  const int mb = num_m - 1 - (int)(blockIdx.x % num_m);   // causal: heaviest tiles first
-  const int bh = (int)(blockIdx.x / num_m);
-  const int b = bh / p.H, h = bh % p.H, hkv = h / (p.H / p.Hkv);
-  const int m0 = mb * kBM, off = p.Nk - p.Nq;
+  const BwdDqBlock blk = bwd_dq_block<kBM, kBN>(p);
+  const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, n_tiles = blk.n_tiles;
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
-
-  int n_end = p.Nk;
-  if (p.causal) n_end = max(0, min(p.Nk, m0 + kBM + off));
-  const int n_tiles = (n_end + kBN - 1) / kBN;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + blk.hkv * p.k_sh;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + blk.hkv * p.v_sh;
 
   auto load_kv = [&](int stage, int tile) {
     T* base = sKV + stage * 2 * kBN * kS;
@@ -258,18 +306,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
 
   const int row_in_cta = 16 * warp + g;
   float lse2[2], dlt[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int i = m0 + row_in_cta + 8 * rr;
-    const int64_t li = (int64_t)bh * p.Nq + i;
-    lse2[rr] = i < p.Nq ? lse_log2(p, li) : INFINITY;
-    dlt[rr] = i < p.Nq ? p.delta[li] : 0.f;
-  }
+  dq_row_stats(p, bh, m0, row_in_cta, lse2, dlt);
   float acc[kD / 8][4];
-#pragma unroll
-  for (int i = 0; i < kD / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+  zero_accumulators<false>(acc, acc);
 
   const bool has_bias = p.bias != nullptr;
   const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
@@ -355,22 +394,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
-  const int num_n = (p.Nk + kBN - 1) / kBN;
-  const int nb = (int)(blockIdx.x % num_n);              // causal: low key tiles (the longest) first
-  const int bhkv = (int)(blockIdx.x / num_n);
-  const int b = bhkv / p.Hkv, hkv = bhkv % p.Hkv, G = p.H / p.Hkv;
-  const int n0 = nb * kBN, off = p.Nk - p.Nq;
-
-  // Causal: query i sees key n0 only if i ≥ n0 − off; earlier query tiles are skipped.
-  const int num_m = (p.Nq + kBM - 1) / kBM;
-  const int m_first = p.causal ? min(num_m, max(0, n0 - off) / kBM) : 0;
-  const int per_head = num_m - m_first;
-  const int steps = G * per_head;
+  const BwdDkdvBlock blk = bwd_dkdv_block<kBN, kBM>(p);
+  const int b = blk.b, hkv = blk.hkv, n0 = blk.n0, steps = blk.steps;
 
   const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
   const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
-  auto head_of = [&](int step) { return hkv * G + step / per_head; };
-  auto row0_of = [&](int step) { return (m_first + step % per_head) * kBM; };
+  auto head_of = [&](int step) { return blk.head_of(step); };
+  auto row0_of = [&](int step) { return blk.row0_of(step, kBM); };
   auto load_qdo = [&](int stage, int step) {
     T* base = sQdO + stage * 2 * kBM * kS;
     const int h = head_of(step), m0 = row0_of(step);
@@ -385,10 +415,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   cp_async_commit();
 
   float acc_k[kD / 8][4], acc_v[kD / 8][4];
-#pragma unroll
-  for (int i = 0; i < kD / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_k[i][e] = acc_v[i][e] = 0.f;
+  zero_accumulators<true>(acc_k, acc_v);
 
   const bool has_bias = p.bias != nullptr;
   const int key_in_cta = 16 * warp + g;

@@ -85,19 +85,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);   // warp-uniform: descriptors in uniform registers
   const int g = lane / 4, c = lane % 4;
-  const int num_m = (p.Nq + kBM - 1) / kBM;
-  const int mb = num_m - 1 - (int)(blockIdx.x % num_m);
-  const int bh = (int)(blockIdx.x / num_m);
-  const int b = bh / p.H, h = bh % p.H, hkv = h / (p.H / p.Hkv);
-  const int m0 = mb * kBM, off = p.Nk - p.Nq;
+  const BwdDqBlock blk = bwd_dq_block<kBM, kBN>(p);
+  const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, n_tiles = blk.n_tiles;
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
-  int n_end = p.Nk;
-  if (p.causal) n_end = max(0, min(p.Nk, m0 + kBM + off));
-  const int n_tiles = (n_end + kBN - 1) / kBN;
+  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + blk.hkv * p.k_sh;
+  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + blk.hkv * p.v_sh;
 
   auto load_kv = [&](int stage, int tile) {
     unsigned char* base = sKV + stage * Tr::kStageBytes;
@@ -112,18 +106,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
 
   const int row_in_cta = 16 * warp + g;                // = 64·wg + 16·(warp % 4) + g
   float lse2[2], dlt[2];
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int i = m0 + row_in_cta + 8 * rr;
-    const int64_t li = (int64_t)bh * p.Nq + i;
-    lse2[rr] = i < p.Nq ? lse_log2(p, li) : INFINITY;
-    dlt[rr] = i < p.Nq ? p.delta[li] : 0.f;
-  }
+  dq_row_stats(p, bh, m0, row_in_cta, lse2, dlt);
   float acc[kD / 8][4];
-#pragma unroll
-  for (int i = 0; i < kD / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+  zero_accumulators<false>(acc, acc);
   const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128, do_base = smem_addr(sdO) + wg * 64 * 128;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -185,20 +170,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
   const int g = lane / 4, c = lane % 4;
-  const int num_n = (p.Nk + kBN - 1) / kBN;
-  const int nb = (int)(blockIdx.x % num_n);
-  const int bhkv = (int)(blockIdx.x / num_n);
-  const int b = bhkv / p.Hkv, hkv = bhkv % p.Hkv, G = p.H / p.Hkv;
-  const int n0 = nb * kBN, off = p.Nk - p.Nq;
-  const int num_m = (p.Nq + kBM - 1) / kBM;
-  const int m_first = p.causal ? min(num_m, max(0, n0 - off) / kBM) : 0;
-  const int per_head = num_m - m_first;
-  const int steps = G * per_head;
+  const BwdDkdvBlock blk = bwd_dkdv_block<kBN, kBM>(p);
+  const int b = blk.b, hkv = blk.hkv, n0 = blk.n0, steps = blk.steps;
 
   const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
   const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
-  auto head_of = [&](int step) { return hkv * G + step / per_head; };
-  auto row0_of = [&](int step) { return (m_first + step % per_head) * kBM; };
+  auto head_of = [&](int step) { return blk.head_of(step); };
+  auto row0_of = [&](int step) { return blk.row0_of(step, kBM); };
   // Q, dO by cp.async; the rows' LSE and δ by plain stores, published by the same barrier.
   auto load_qdo = [&](int stage, int step) {
     unsigned char* base = sQdO + stage * Tr::kStageBytes;
@@ -220,10 +198,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
   cp_async_commit();
 
   float acc_k[kD / 8][4], acc_v[kD / 8][4];
-#pragma unroll
-  for (int i = 0; i < kD / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_k[i][e] = acc_v[i][e] = 0.f;
+  zero_accumulators<true>(acc_k, acc_v);
   const int key_in_cta = 16 * warp + g;                // = 64·wg + 16·(warp % 4) + g
   const uint32_t k_base = smem_addr(sK) + wg * 64 * 128, v_base = smem_addr(sV) + wg * 64 * 128;
 

@@ -143,10 +143,15 @@ def dq_kernel(p, tr, block):
                     mma16816(w["acc"][2 * dd], da, kb[:, 0], kb[:, 1])
                     mma16816(w["acc"][2 * dd + 1], da, kb[:, 2], kb[:, 3])
 
+    store_dq(p, warps, b, h, m0)
+
+
+def store_dq(p, warps, b, h, m0):
+    """store_dq: each warp's rows row_in_cta, + 8 of the tile at m0, × scale."""
     dq = p["dq"]
     gdQ = b * dq.st[0] + h * dq.st[1]
     for w in warps:
-        for nt in range(kD // 8):
+        for nt in range(len(w["acc"])):
             col = nt * 8 + 2 * C_
             for rr in range(2):
                 i = m0 + w["row_in_cta"] + 8 * rr
@@ -238,12 +243,17 @@ def dkdv_kernel(p, tr, block):
                     mma16816(acc_k[warp][2 * dd], da, qb[:, 0], qb[:, 1])
                     mma16816(acc_k[warp][2 * dd + 1], da, qb[:, 2], qb[:, 3])
 
+    store_dkdv(p, acc_k, acc_v, b, hkv, n0)
+
+
+def store_dkdv(p, acc_k, acc_v, b, hkv, n0):
+    """store_dkdv: warp w's keys 16w + g, + 8 of the CTA's keys at n0; dK × scale."""
     dk, dv = p["dk"], p["dv"]
     gdK = b * dk.st[0] + hkv * dk.st[1]
     gdV = b * dv.st[0] + hkv * dv.st[1]
-    for warp in range(4):
+    for warp in range(len(acc_k)):
         key_in_cta = 16 * warp + G_
-        for nt in range(kD // 8):
+        for nt in range(len(acc_k[warp])):
             col = nt * 8 + 2 * C_
             for rr in range(2):
                 j = n0 + key_in_cta + 8 * rr

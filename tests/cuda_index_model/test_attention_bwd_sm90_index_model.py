@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fastcm.reference import attention as ref
-from ptx_model import C_, G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, wgmma_rs, wgmma_ss
-from test_attention_bwd_index_model import delta_kernel, dkdv_kernel, dq_kernel, lse_log2, traits
+from ptx_model import C_, G_, LOG2E, SharedMemory, contiguous, desc_sw128, pack_a, wgmma_rs, wgmma_ss
+from test_attention_bwd_index_model import delta_kernel, dkdv_kernel, dq_kernel, lse_log2, store_dkdv, store_dq, traits
 from test_attention_fwd_sm90_index_model import SMEM_OPTIN_SM90, frags, load_tile_sw128
 
 SMEM_OPTIN_SM80 = 163 * 1024
@@ -129,16 +129,7 @@ def dq_sm90_kernel(p, tr, block, smem_raw):
                 dq_scores_to_ds(sw, dpw, p, w["row_in_cta"], m0, n0, w["lse2"], w["dlt"])
             grad_chain(sm, [w["acc"] for w in ws], [[pack_a(sw, kk) for kk in range(kBN // 16)] for sw in s], k_base)
 
-    dq = p["dq"]
-    gdQ = b * dq.st[0] + h * dq.st[1]
-    for w in warps:       # store_dq
-        for nt in range(kD // 8):
-            col = nt * 8 + 2 * C_
-            for rr in range(2):
-                i = m0 + w["row_in_cta"] + 8 * rr
-                ok = (col < p["d_qk"]) & (i < p["Nq"])
-                for j in range(2):
-                    dq.s[(gdQ + i * dq.st[2] + col + j)[ok]] = (w["acc"][nt][:, 2 * rr + j] * p["scale"])[ok]
+    store_dq(p, warps, b, h, m0)
 
 
 def dq_scores_to_ds(s, dp, p, row_in_cta, m0, n0, lse2, dlt):
@@ -224,19 +215,7 @@ def dkdv_sm90_kernel(p, tr, block, smem_raw):
             grad_chain(sm, acc_v[4 * wg: 4 * wg + 4], pa, do_base)
             grad_chain(sm, acc_k[4 * wg: 4 * wg + 4], da, q_base)
 
-    dk, dv = p["dk"], p["dv"]
-    gdK, gdV = b * dk.st[0] + hkv * dk.st[1], b * dv.st[0] + hkv * dv.st[1]
-    for warp in range(8):     # store_dkdv
-        key_in_cta = 16 * warp + G_
-        for nt in range(kD // 8):
-            col = nt * 8 + 2 * C_
-            for rr in range(2):
-                j = n0 + key_in_cta + 8 * rr
-                for jj in range(2):
-                    ok = (j < p["Nk"]) & (col < p["d_qk"])
-                    dk.s[(gdK + j * dk.st[2] + col + jj)[ok]] = (acc_k[warp][nt][:, 2 * rr + jj] * p["scale"])[ok]
-                    ok = (j < p["Nk"]) & (col < p["d_v"])
-                    dv.s[(gdV + j * dv.st[2] + col + jj)[ok]] = acc_v[warp][nt][:, 2 * rr + jj][ok]
+    store_dkdv(p, acc_k, acc_v, b, hkv, n0)
 
 
 def backward_model(grad, q, k, v, out, lse, scale, causal, plan, smem_raw=0x410):
