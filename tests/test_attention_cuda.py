@@ -514,7 +514,7 @@ def test_backward_matches_reference(shape, causal, dtype, bias_kind):
 
 
 # ---- the sm_90a (wgmma) backward and the choice between the backward kernels -----------------
-# On sm_90 devices an unbiased backward with padded head dim 64 or 128 runs the wgmma kernels;
+# On sm_90 devices a backward with padded head dim 64 or 128 runs the wgmma kernels;
 # FASTCM_ATTN_SM90_BWD=0 (or FASTCM_ATTN_SM90=0) sends it to the mma.sync ones.
 
 def test_backward_kernel_choice(monkeypatch):
@@ -527,7 +527,7 @@ def test_backward_kernel_choice(monkeypatch):
     assert kernels(t(64), t(64), False) == [f"{wgmma} (64)"]
     assert kernels(t(40), t(24), False) == [f"{wgmma} (64)"]
     assert kernels(t(104), t(128), False) == [f"{wgmma} (128)"]
-    assert kernels(t(64), t(64), True) == ["sm_80 (64)"]
+    assert kernels(t(64), t(64), True) == [f"{wgmma} (64)"]          # bias tiles staged as in sm_80
     assert kernels(t(96), t(96), False) == ["sm_80 (96)"]
     assert kernels(t(32), t(16), False) == ["sm_80 (32)"]
     assert kernels(t(64), t(256), False) == ["aten"]
@@ -551,21 +551,24 @@ BWD_SHAPES_SM90 = [
 
 
 @pytest.mark.parametrize("bwd_kernel", ["default", "bwd_sm80"])
+@pytest.mark.parametrize("bias_kind", [None, "f32_broadcast"])
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", BWD_SHAPES_SM90 + BWD_SHAPES[:3] + BWD_SHAPES[5:8])
-def test_backward_kernels_on_sm90_head_dims(shape, causal, dtype, bwd_kernel, monkeypatch):
-    """The unbiased backward on each kernel (on sm_90: the wgmma kernels by default, the mma.sync
-    ones with FASTCM_ATTN_SM90_BWD=0) held to 2x PyTorch's own low-precision error."""
+def test_backward_kernels_on_sm90_head_dims(shape, causal, dtype, bias_kind, bwd_kernel, monkeypatch):
+    """The backward on each kernel (on sm_90: the wgmma kernels by default, the mma.sync ones with
+    FASTCM_ATTN_SM90_BWD=0), without a bias and with a broadcast fp32 one, held to 2x PyTorch's own
+    low-precision error."""
     monkeypatch.delenv("FASTCM_ATTN_SM90", raising=False)
     monkeypatch.setenv("FASTCM_ATTN_SM90_BWD", "0" if bwd_kernel == "bwd_sm80" else "1")
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, _, _, _ = _inputs(*shape, dtype)
     kd = 64 if max(Dqk, Dv) <= 64 else 128
     expected = "sm_90a" if _hopper() and bwd_kernel == "default" else "sm_80"
-    assert _ops().attention_backward_kernels(q, v, False) == [f"{expected} ({kd})"]
+    assert _ops().attention_backward_kernels(q, v, bias_kind is not None) == [f"{expected} ({kd})"]
+    bias = None if bias_kind is None else _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
     grad = _rand(B, H, Nq, Dv, dtype=dtype)
-    _run_backward_and_check(q, k, v, grad, causal=causal, scale=0.9 * Dqk ** -0.5)
+    _run_backward_and_check(q, k, v, grad, causal=causal, scale=0.9 * Dqk ** -0.5, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", LOWP)

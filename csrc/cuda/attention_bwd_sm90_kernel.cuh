@@ -9,8 +9,9 @@
 //   dK/dV: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ   SS (A = this warpgroup's keys of the resident K, V)
 //         Pᵀ, dSᵀ                   dkdv_scores_to_ds, LSE and δ rows staged with each Q, dO stage
 //         dV += Pᵀ·dO, dK += dSᵀ·Q  RS (dO, Q read MN-major)
-// Padded head dim kD ∈ {64, 128} (D_qk, D_v both padded to it); no bias: the host sends calls with
-// a bias to the mma.sync kernels. Accumulators per thread at kD = 128: dK, dV 64 + 64 (dQ: 64), Sᵀ,
+// Padded head dim kD ∈ {64, 128} (D_qk, D_v both padded to it). kBias: the kernels stage an fp32 bias
+// tile per step as the mma.sync ones do (stage_bias, between the ring's barriers); a separate
+// instantiation, so unbiased calls carry no bias reads. Accumulators per thread at kD = 128: dK, dV 64 + 64 (dQ: 64), Sᵀ,
 // dPᵀ 32 + 32, the packed operands 16 + 16: the register budget of the cp.async forward's d 128 JVP.
 #pragma once
 
@@ -20,29 +21,37 @@
 namespace fastcm {
 namespace attn {
 
-// kKeyMajor: the dK/dV kernel. kThreads, kD: what load_tile_sw128 reads.
-template <typename T_, int kD_, bool kKeyMajor_>
+// kKeyMajor: the dK/dV kernel. kThreads, kD: what load_tile_sw128 reads; kBM, kBN: the bias tile
+// (query rows × keys of one step) stage_bias reads.
+template <typename T_, int kD_, bool kKeyMajor_, bool kBias_>
 struct BwdSm90Traits {
   using T = T_;
   static constexpr int kD = kD_;
   static constexpr bool kKeyMajor = kKeyMajor_;
+  static constexpr bool kBias = kBias_;
   static constexpr int kThreads = 256;                 // 2 warpgroups
   static constexpr int kOwnRows = 128;                 // the CTA's rows, 64 per warpgroup
   static constexpr int kTileRows = 64;                 // rows of a streamed tile
   static constexpr int kOwnBytes = kOwnRows * kD * 2;  // one of Q, dO (dQ) or K, V (dK/dV)
   static constexpr int kTileBytes = kTileRows * kD * 2;
+  static constexpr int kBM = kKeyMajor ? kTileRows : kOwnRows, kBN = kKeyMajor ? kOwnRows : kTileRows;
+  static constexpr int kBiasBytes = kBias ? kBM * kBN * 4 : 0;
   static constexpr int kStages = 2;
   static constexpr int kStageBytes = 2 * kTileBytes;   // K, V (dQ) or Q, dO (dK/dV)
   // dK/dV: LSE (base 2) and δ of each stage's 64 query rows, after the ring.
   static constexpr int kRowStatBytes = kKeyMajor ? kStages * 2 * kTileRows * 4 : 0;
-  // + 1024: the dynamic shared-memory base is realigned to the 1024-byte swizzle period.
-  static constexpr int kSmemBytes = 2 * kOwnBytes + kStages * kStageBytes + kRowStatBytes + 1024;
+  // The bias tile after them; + 1024: the dynamic shared-memory base is realigned to the 1024-byte
+  // swizzle period.
+  static constexpr int kSmemBytes = 2 * kOwnBytes + kStages * kStageBytes + kRowStatBytes + kBiasBytes + 1024;
   static_assert(kD == 64 || kD == 128, "wgmma backward head dims");
 };
 
 // Dynamic shared memory of the larger of the two launches at padded head dim kd (64 or 128).
-inline int bwd_sm90_smem_bytes(int kd) {
-  return kd == 64 ? BwdSm90Traits<__half, 64, true>::kSmemBytes : BwdSm90Traits<__half, 128, true>::kSmemBytes;
+inline int bwd_sm90_smem_bytes(int kd, bool has_bias) {
+  if (kd == 64) {
+    return has_bias ? BwdSm90Traits<__half, 64, true, true>::kSmemBytes : BwdSm90Traits<__half, 64, true, false>::kSmemBytes;
+  }
+  return has_bias ? BwdSm90Traits<__half, 128, true, true>::kSmemBytes : BwdSm90Traits<__half, 128, true, false>::kSmemBytes;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -81,6 +90,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   unsigned char* sQ = smem;
   unsigned char* sdO = smem + Tr::kOwnBytes;
   unsigned char* sKV = smem + 2 * Tr::kOwnBytes;       // stage s: K at sKV + s·kStageBytes, then V
+  float* sBias = reinterpret_cast<float*>(sKV + Tr::kStages * Tr::kStageBytes);   // kBias: [kBM][kBN]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);   // warp-uniform: descriptors in uniform registers
@@ -110,11 +120,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   float acc[kD / 8][4];
   zero_accumulators<false>(acc, acc);
   const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128, do_base = smem_addr(sdO) + wg * 64 * 128;
+  const int64_t bias_base = (int64_t)b * p.b_sb + (int64_t)h * p.b_sh;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
+    // The barrier below publishes the bias tile; the one ending the previous tile retired its readers.
+    if constexpr (Tr::kBias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                            p.bias_is_f32, 1.4426950408889634f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();
@@ -131,7 +145,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
     fence_regs(s);
     fence_regs(dp);
 
-    dq_scores_to_ds(s, dp, p, false, nullptr, row_in_cta, m0, tile * kBN, lse2, dlt, c);
+    dq_scores_to_ds(s, dp, p, Tr::kBias, sBias, row_in_cta, m0, tile * kBN, lse2, dlt, c);
     uint32_t da[kBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) pack_a_operand<T>(da[kk], s, kk);
@@ -166,6 +180,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
   unsigned char* sV = smem + Tr::kOwnBytes;
   unsigned char* sQdO = smem + 2 * Tr::kOwnBytes;      // stage s: Q at sQdO + s·kStageBytes, then dO
   float* sStat = reinterpret_cast<float*>(sQdO + Tr::kStages * Tr::kStageBytes);   // [stage][LSE | δ][kBM]
+  float* sBias = sStat + Tr::kStages * 2 * kBM;        // kBias: [kBM][kBN]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
@@ -206,6 +221,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
     const int stage = step & 1;
     if (step + 1 < steps) load_qdo(stage ^ 1, step + 1);
     cp_async_commit();
+    if constexpr (Tr::kBias) {
+      stage_bias<Tr>(sBias, p.bias, (int64_t)b * p.b_sb + (int64_t)head_of(step) * p.b_sh, p.b_sm, p.b_sn,
+                     row0_of(step), n0, p.Nq, p.Nk, p.bias_is_f32, 1.4426950408889634f, tid);
+    }
     cp_async_wait<1>();
     fence_proxy_async();
     __syncthreads();
@@ -223,7 +242,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
     fence_regs(st);
     fence_regs(dpt);
 
-    dkdv_scores_to_ds(st, dpt, p, false, nullptr, kBN, sLse, sLse + kBM, key_in_cta, row0_of(step), n0, kBN, c);
+    dkdv_scores_to_ds(st, dpt, p, Tr::kBias, sBias, kBN, sLse, sLse + kBM, key_in_cta, row0_of(step), n0, kBN, c);
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
@@ -250,9 +269,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
 #endif
 }
 
-// δ, dQ and dK/dV launches at padded head dim kd ∈ {64, 128}; instantiated in
-// attention_bwd_sm90_<dtype>.cu. The caller checks the device (sm_90), the shared memory
-// (bwd_sm90_smem_bytes) and that the call has no bias.
+// δ, dQ and dK/dV launches at padded head dim kd ∈ {64, 128}, with bias tiles where p.bias is set;
+// instantiated in attention_bwd_sm90_<dtype>.cu. The caller checks the device (sm_90) and the
+// shared memory (bwd_sm90_smem_bytes).
 template <typename T>
 void launch_bwd_sm90_dispatch(const BwdParams& p, int kd, cudaStream_t stream);
 

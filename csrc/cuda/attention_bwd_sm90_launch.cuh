@@ -7,23 +7,28 @@
 namespace fastcm {
 namespace attn {
 
-template <typename T, int kD>
+template <typename T, int kD, bool kBias>
 void launch_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
-  TORCH_CHECK(p.bias == nullptr, "fastcm attention backward (CUDA): the sm_90a kernels take no bias (host plan error)");
   launch_bwd_delta<T>(p, stream);
-  using Dq = BwdSm90Traits<T, kD, false>;
+  using Dq = BwdSm90Traits<T, kD, false, kBias>;
   launch_bwd_tiles<Dq>(attention_bwd_dq_sm90_kernel<Dq>, (int64_t)(p.Nq + Dq::kOwnRows - 1) / Dq::kOwnRows * p.B * p.H,
                        Dq::kSmemBytes, p, stream);
-  using Dkv = BwdSm90Traits<T, kD, true>;
+  using Dkv = BwdSm90Traits<T, kD, true, kBias>;
   launch_bwd_tiles<Dkv>(attention_bwd_dkdv_sm90_kernel<Dkv>,
                         (int64_t)(p.Nk + Dkv::kOwnRows - 1) / Dkv::kOwnRows * p.B * p.Hkv, Dkv::kSmemBytes, p, stream);
+}
+
+template <typename T, int kD>
+void launch_bwd_sm90_bias(const BwdParams& p, cudaStream_t stream) {
+  if (p.bias != nullptr) launch_bwd_sm90<T, kD, true>(p, stream);
+  else launch_bwd_sm90<T, kD, false>(p, stream);
 }
 
 template <typename T>
 void launch_bwd_sm90_dispatch(const BwdParams& p, int kd, cudaStream_t stream) {
   switch (kd) {
-    case 64: launch_bwd_sm90<T, 64>(p, stream); return;
-    case 128: launch_bwd_sm90<T, 128>(p, stream); return;
+    case 64: launch_bwd_sm90_bias<T, 64>(p, stream); return;
+    case 128: launch_bwd_sm90_bias<T, 128>(p, stream); return;
     default:
       TORCH_CHECK(false, "fastcm attention backward (CUDA): no sm_90a kernel for padded head dim ", kd,
                   "; compiled: 64, 128");

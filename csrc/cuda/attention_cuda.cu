@@ -7,7 +7,7 @@
 // turns it off; FASTCM_ATTN_SM90_OVERLAP=0 its intra-warpgroup overlap), else the cp.async one of
 // attention_fwd_sm90_kernel.cuh; everywhere else the fused kernel of attention_fwd_kernel.cuh
 // (mma.sync, sm_80+).
-// Backward: on sm_90 devices without a bias, for padded head dim 64 or 128, the wgmma kernels of
+// Backward: on sm_90 devices, for padded head dim 64 or 128, the wgmma kernels of
 // attention_bwd_sm90_kernel.cuh (FASTCM_ATTN_SM90_BWD=0 or FASTCM_ATTN_SM90=0 turn them off); else
 // the fused kernels of attention_bwd_kernel.cuh for head dims ≤ 128; above that, ATen batched
 // matmuls in float32 that recompute P from the saved LSE (attention_backward_aten).
@@ -421,8 +421,8 @@ void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, con
   }
 }
 
-// The backward kernels of one call: the wgmma ones ("sm_90a": sm_90 device with sm_90a code, no
-// bias, padded head dim 64 or 128, FASTCM_ATTN_SM90_BWD on), the fused mma.sync ones ("sm_80":
+// The backward kernels of one call: the wgmma ones ("sm_90a": sm_90 device with sm_90a code,
+// padded head dim 64 or 128, FASTCM_ATTN_SM90_BWD on), the fused mma.sync ones ("sm_80":
 // D_qk, D_v ≤ 128 and their shared memory fits), else "aten". kd: the padded head dim of the fused
 // kernels (0 for aten).
 struct BwdPlan {
@@ -434,7 +434,7 @@ BwdPlan plan_backward(const at::Device& device, int64_t Dqk, int64_t Dv, bool ha
   const int sm90_limit = sm90_smem_limit_of(device);
   if (Dqk > kMaxHeadDimBwd || Dv > kMaxHeadDimBwd) return {"aten", 0};
   const int kd = padded_head_dim(std::max(round_up(Dqk, 8), round_up(Dv, 8)));
-  if (sm90_on && !has_bias && (kd == 64 || kd == 128) && attn::bwd_sm90_smem_bytes(kd) <= sm90_limit) {
+  if (sm90_on && (kd == 64 || kd == 128) && attn::bwd_sm90_smem_bytes(kd, has_bias) <= sm90_limit) {
     return {"sm_90a", kd};
   }
   int smem_limit = 0;
