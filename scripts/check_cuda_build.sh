@@ -28,6 +28,9 @@ done
 [ -n "$TOOLKIT" ] || skip "no CUDA toolkit (bin/nvcc and lib64/libcudart.so) in CUDA_HOME, /usr/local/cuda or nvcc's folder"
 export CUDA_HOME=$TOOLKIT
 mkdir -p "$DIR"
+# One check at a time per DIR: they share the venv and its editable install of $DIR/src.
+exec 9> "$DIR/lock"
+if command -v flock > /dev/null; then flock 9; fi
 free_gb=$(df -Pk "$DIR" | awk 'NR == 2 { print int($4 / 1048576) }')
 if [ ! -x "$DIR/venv/bin/python" ] && [ "$free_gb" -lt 8 ]; then
   skip "$free_gb GB free under $DIR, the CUDA torch venv needs about 6"
