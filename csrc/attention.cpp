@@ -81,7 +81,7 @@ TORCH_LIBRARY(fastcm, m) {
       " -> (Tensor out, Tensor out_t, Tensor lse, Tensor lse_t)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-      " Tensor? bias, float scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+      " Tensor? bias, float scale, bool causal, Tensor? grad_lse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // CUDA only: which forward / backward kernels the CUDA ops would launch for these q, v (see
   // attention_cuda.cu).
   m.def("attention_forward_kernels(Tensor q, Tensor v, bool jvp, bool has_bias, bool has_bias_t) -> str[]");

@@ -35,6 +35,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& bias,
-    double scale, bool causal);
+    double scale, bool causal, const c10::optional<at::Tensor>& grad_lse);
 
 }  // namespace fastcm

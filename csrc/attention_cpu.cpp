@@ -671,7 +671,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const c10::optional<at::Tensor>& bias, double scale, bool causal) {
+    const c10::optional<at::Tensor>& bias, double scale, bool causal,
+    const c10::optional<at::Tensor>& grad_lse) {
   constexpr const char* op = "fastcm::attention_backward";
   check_attention_inputs(op, q_in, k_in, v_in, bias);
   check_cpu(op, q_in);
@@ -687,13 +688,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
               " inputs");
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(out_shape).slice(0, 3), op, ": lse has shape ",
               lse_in.sizes(), "; expected (B, H, Nq) = ", at::IntArrayRef(out_shape).slice(0, 3));
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->sizes() == lse_in.sizes() && grad_lse->scalar_type() == lse_in.scalar_type() &&
+                    grad_lse->device() == lse_in.device(),
+                op, ": grad_lse must match lse (shape (B, H, Nq), dtype ", lse_in.scalar_type(),
+                ", device), got ", grad_lse->sizes(), " ", grad_lse->scalar_type(), " on ", grad_lse->device());
+  }
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
                    v = last_dim_contiguous(v_in), grad_out = last_dim_contiguous(grad_out_in),
                    out = last_dim_contiguous(out_in), lse = lse_in.contiguous();
   const Problem p(q, k, v, scale, causal);
-  // delta_i = sum_d dO_id * O_id, the row term of the softmax backward.
-  const at::Tensor delta =
-      (grad_out.to(acc_dtype(q)) * out.to(acc_dtype(q))).sum(-1).contiguous();
+  // delta_i = sum_d dO_id * O_id − dLSE_i, the row term of the softmax backward (∂LSE_i/∂s_ij =
+  // P_ij, so an LSE gradient enters dS = P ⊙ (dP − delta) through delta alone).
+  at::Tensor delta = (grad_out.to(acc_dtype(q)) * out.to(acc_dtype(q))).sum(-1);
+  if (grad_lse.has_value()) delta = delta - *grad_lse;
+  delta = delta.contiguous();
   at::Tensor dq = at::empty({p.batch, p.heads, p.num_queries, p.dim_qk}, q.options());
   at::Tensor dk = at::empty({p.batch, p.kv_heads, p.num_keys, p.dim_qk}, q.options());
   at::Tensor dv = at::empty({p.batch, p.kv_heads, p.num_keys, p.dim_v}, q.options());

@@ -40,7 +40,7 @@ def _fake_forward_jvp(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
     return out, torch.empty_like(out), lse, torch.empty_like(lse)
 
 
-def _fake_backward(grad_out, q, k, v, out, lse, bias, scale, causal):
+def _fake_backward(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -105,19 +105,10 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     grad_q = grad_k = grad_v = grad_bias = None
     if any(ctx.needs_input_grad[:3]):
-        if grad_lse is None:
-            grad_q, grad_k, grad_v = _ops().attention_backward(
-                grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal)
-        else:
-            # The kernel's row term is rowsum(dO⊙O); an LSE gradient g enters as an extra
-            # value column: dO' = [dO | g], O' = [O | −1], V' = [V | 0] gives
-            # rowsum(dO'⊙O') = rowsum(dO⊙O) − g and leaves dO'·V'ᵀ = dO·Vᵀ unchanged.
-            ones = out.new_ones(out.shape[:-1] + (1,))
-            grad_q, grad_k, grad_v = _ops().attention_backward(
-                torch.cat([grad_out, grad_lse.unsqueeze(-1).to(out.dtype)], -1), q, k,
-                torch.cat([v, v.new_zeros(v.shape[:-1] + (1,))], -1), torch.cat([out, -ones], -1),
-                lse, bias, scale, causal)
-            grad_v = grad_v[..., :-1]
+        # An LSE gradient g enters the kernels' row term: δ = rowsum(dO⊙O) − g.
+        grad_q, grad_k, grad_v = _ops().attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal,
+            None if grad_lse is None else grad_lse.to(lse.dtype).contiguous())
     if ctx.needs_input_grad[3]:
         grad_bias = _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse)
     return grad_q, grad_k, grad_v, grad_bias

@@ -132,18 +132,23 @@ def test_cpu_backward_schedules_match_reference(threads):
     q, k, v = (torch.randn(B, h, n, D, dtype=torch.float64) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
     bias = torch.randn(1, H, Nq, Nk, dtype=torch.float64)
     grad_out = torch.randn(B, H, Nq, D, dtype=torch.float64)
+    grad_lse = torch.randn(B, H, Nq, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = ref.attention(*leaves, attn_bias=bias, causal=True)
-    want = torch.autograd.grad(out, leaves, grad_out)
-    _, lse = ref.attention(q, k, v, attn_bias=bias, causal=True, return_lse=True)
+    out, lse = ref.attention(*leaves, attn_bias=bias, causal=True, return_lse=True)
+    want = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    want_with_lse = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = extension_ops().attention_backward(grad_out, q, k, v, out.detach(), lse, bias, D ** -0.5, True)
+        args = (grad_out, q, k, v, out.detach(), lse.detach(), bias, D ** -0.5, True)
+        got = extension_ops().attention_backward(*args)
+        got_with_lse = extension_ops().attention_backward(*args, grad_lse)
     finally:
         torch.set_num_threads(previous)
     for name, a, e in zip(("dq", "dk", "dv"), got, want):
         assert_close(a, e, torch.float64, name=name)
+    for name, a, e in zip(("dq", "dk", "dv"), got_with_lse, want_with_lse):
+        assert_close(a, e, torch.float64, name=name + " with an LSE gradient")
 
 
 def test_fully_masked_rows_give_zeros_and_minus_inf():
@@ -388,6 +393,9 @@ def test_extension_op_checks_name_argument_and_supported_set():
     with pytest.raises(RuntimeError, match="lse has dtype Double; expected Float"):
         ops.attention_backward(torch.zeros(1, 2, 5, 3), q, k, v, torch.zeros(1, 2, 5, 3),
                                torch.zeros(1, 2, 5, dtype=torch.float64), None, 1.0, False)
+    with pytest.raises(RuntimeError, match="grad_lse must match lse"):
+        ops.attention_backward(torch.zeros(1, 2, 5, 3), q, k, v, torch.zeros(1, 2, 5, 3), torch.zeros(1, 2, 5),
+                               None, 1.0, False, torch.zeros(1, 2, 5, dtype=torch.float64))
     assert ops.has_cuda() in (True, False)
 
 

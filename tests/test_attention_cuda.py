@@ -583,6 +583,34 @@ def test_backward_aten_fallback(shape, dtype):
     _run_backward_and_check(q, k, v, grad, causal=True, scale=Dqk ** -0.5, bias=bias)
 
 
+@pytest.mark.parametrize("bwd_kernel", ["default", "bwd_sm80"])
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("shape", [(1, 4, 2, 300, 513, 64, 64), (1, 2, 1, 200, 150, 128, 128),
+                                   (1, 2, 2, 70, 90, 64, 256)])
+def test_backward_lse_gradient(shape, dtype, bwd_kernel, monkeypatch):
+    """attention_backward with grad_lse (δ = rowsum(dO⊙O) − dLSE in every backward kernel: wgmma,
+    mma.sync, ATen for D_v 256) against autograd of (O·dO).sum() + (LSE·dLSE).sum() through the
+    float64 reference, held to 2x PyTorch's own low-precision error."""
+    monkeypatch.setenv("FASTCM_ATTN_SM90_BWD", "0" if bwd_kernel == "bwd_sm80" else "1")
+    ops = _ops()
+    B, H, Hkv, Nq, Nk, Dqk, Dv = shape
+    q, k, v, _, _, _ = _inputs(*shape, dtype)
+    grad, grad_lse = _rand(B, H, Nq, Dv, dtype=dtype), _rand(B, H, Nq, dtype=torch.float32)
+    scale = Dqk ** -0.5
+    out, lse = ops.attention_forward(q, k, v, None, scale, True)
+    got = ops.attention_backward(grad, q, k, v, out, lse, None, scale, True, grad_lse)
+
+    def grads(q_, k_, v_, g_, gl_):
+        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q_, k_, v_))
+        o, l = ref.attention(q_, k_, v_, scale=scale, causal=True, return_lse=True)
+        return torch.autograd.grad((o * g_).sum() + (l * gl_.to(l.dtype)).sum(), (q_, k_, v_))
+
+    r = grads(to64(q), to64(k), to64(v), to64(grad), to64(grad_lse))
+    t = grads(q, k, v, grad, grad_lse)
+    for name, a, tt, rr in zip(("dq", "dk", "dv"), got, t, r):
+        _check_against_torch(name, a, tt, rr)
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 def test_backward_deterministic(dtype):
     """The fused backward has no atomics (on sm_90: the wgmma kernels at this head dim): same

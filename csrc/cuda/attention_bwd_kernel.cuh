@@ -32,6 +32,7 @@ struct BwdParams {
   const void* q; const void* k; const void* v; const void* dout; const void* out;
   const void* bias;                                       // may be null
   const float* lse;                                       // (B, H, Nq) contiguous, natural log
+  const float* grad_lse;                                  // (B, H, Nq) contiguous, or null
   float* delta;                                           // (B, H, Nq) contiguous scratch
   void* dq; void* dk; void* dv;
 
@@ -83,7 +84,8 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
   return __half22float2(*reinterpret_cast<__half2*>(&x));
 }
 
-// δ[bh, i] = Σ_d dO·O over the stored (rounded) O, as the reference differentiates it.
+// δ[bh, i] = Σ_d dO·O over the stored (rounded) O, as the reference differentiates it, − dLSE[bh, i]
+// where an LSE gradient is given (∂LSE_i/∂s_ij = P_ij: it enters dS = P ⊙ (dP − δ) through δ).
 template <typename T>
 __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const BwdParams p) {
   const int lane = threadIdx.x % 32;
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const BwdParam
   }
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) p.delta[row] = acc;
+  if (lane == 0) p.delta[row] = p.grad_lse != nullptr ? acc - p.grad_lse[row] : acc;
 }
 
 // LSE of row i in base 2, +inf for a row that sees no key (P = 0 there).

@@ -378,7 +378,8 @@ constexpr int64_t kMaxHeadDimBwd = 128;
 // query heads sharing a kv head add.
 void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const at::Tensor& grad_out,
                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                             const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale, bool causal) {
+                             const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale, bool causal,
+                             const std::optional<at::Tensor>& grad_lse) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3), G = H / Hkv;
   const auto f32 = q.options().dtype(at::kFloat);
@@ -392,7 +393,8 @@ void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, con
     const at::Tensor kf = k[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dqk)
     const at::Tensor vf = v[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dv)
     const at::Tensor dof = grad_out[b].to(at::kFloat);                             // (H, Nq, Dv)
-    const at::Tensor delta = (dof * out[b].to(at::kFloat)).sum(-1);                // (H, Nq)
+    at::Tensor delta = (dof * out[b].to(at::kFloat)).sum(-1);                      // (H, Nq)
+    if (grad_lse.has_value()) delta = delta - (*grad_lse)[b];
     const at::Tensor lse_b = lse[b];
     at::Tensor dq_b = at::empty({H, Nq, Dqk}, f32);
     at::Tensor dk_b = at::zeros({H, Nk, Dqk}, f32);
@@ -449,7 +451,7 @@ BwdPlan plan_backward(const at::Device& device, int64_t Dqk, int64_t Dv, bool ha
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
-    bool causal, const BwdPlan& plan) {
+    bool causal, const std::optional<at::Tensor>& grad_lse, const BwdPlan& plan) {
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dqk = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
   const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
@@ -479,6 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
     p.bias_is_f32 = bias->scalar_type() == at::kFloat;
   }
   p.lse = lse.data_ptr<float>();
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sn = dq.stride(2);
@@ -506,7 +509,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
 // where their shared memory fits the device, the ATen path otherwise (e.g. D = 256).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse_in, const std::optional<at::Tensor>& bias_in, double scale, bool causal) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& bias_in, double scale, bool causal,
+    const std::optional<at::Tensor>& grad_lse_in) {
   const char* op = "fastcm::attention_backward";
   check_qkv(op, q, k, v);
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
@@ -520,6 +524,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be (B, H, Nq), got ", lse_in.sizes());
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32 (as the forward returns it), got ",
               lse_in.scalar_type());
+  if (grad_lse_in.has_value()) {
+    TORCH_CHECK(grad_lse_in->sizes() == lse_in.sizes() && grad_lse_in->scalar_type() == at::kFloat &&
+                    grad_lse_in->device() == q.device(),
+                op, ": grad_lse must match lse (shape (B, H, Nq), float32, q's device), got ", grad_lse_in->sizes(), " ",
+                grad_lse_in->scalar_type(), " on ", grad_lse_in->device());
+  }
   TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse_in.device() == q.device(), op,
               ": grad_out, out, lse must be on q's device");
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
@@ -528,6 +538,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   c10::cuda::CUDAGuard guard(q.device());
   const auto bias = prepare_bias(op, "bias", bias_in, q, Nk);
   const at::Tensor lse = lse_in.contiguous();
+  const std::optional<at::Tensor> grad_lse =
+      grad_lse_in.has_value() ? std::optional<at::Tensor>(grad_lse_in->contiguous()) : std::nullopt;
 
   if (q.numel() == 0 || k.numel() == 0 || Nq == 0) {
     return std::make_tuple(at::zeros_like(q, at::MemoryFormat::Contiguous),
@@ -535,11 +547,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
                            at::zeros_like(v, at::MemoryFormat::Contiguous));
   }
   const BwdPlan plan = plan_backward(q.device(), Dqk, Dv, bias.has_value());
-  if (plan.kd > 0) return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal, plan);
+  if (plan.kd > 0) return attention_backward_fused(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse, plan);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  attention_backward_aten(dq, dk, dv, grad_out, q, k, v, out, lse, bias, scale, causal);
+  attention_backward_aten(dq, dk, dv, grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse);
   return std::make_tuple(dq, dk, dv);
 }
 

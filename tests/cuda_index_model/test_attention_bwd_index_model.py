@@ -60,7 +60,7 @@ def delta_kernel(p):
                 acc[lane] += np.dot(o.s[ob + c0: ob + c0 + 8], d.s[db + c0: db + c0 + 8])
         for s in (16, 8, 4, 2, 1):
             acc = acc + acc[LANE ^ s]
-        p["delta"][row] = acc[0]
+        p["delta"][row] = acc[0] - p["grad_lse"][row] if p.get("grad_lse") is not None else acc[0]
 
 
 def dq_kernel(p, tr, block):

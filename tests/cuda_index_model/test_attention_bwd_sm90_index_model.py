@@ -232,7 +232,7 @@ def dkdv_sm90_kernel(p, tr, block, smem_raw):
     store_dkdv(p, acc_k, acc_v, b, hkv, n0)
 
 
-def backward_model(grad, q, k, v, out, lse, bias, scale, causal, plan, smem_raw=0x410):
+def backward_model(grad, q, k, v, out, lse, bias, scale, causal, plan, grad_lse=None, smem_raw=0x410):
     """attention_backward_fused on float64 numpy data with the kernels `plan` names."""
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -243,6 +243,7 @@ def backward_model(grad, q, k, v, out, lse, bias, scale, causal, plan, smem_raw=
              causal=bool(causal), q=contiguous(pad(q, Dqk)), k=contiguous(pad(k, Dqk)), v=contiguous(pad(v, Dv)),
              dout=contiguous(pad(grad, Dv)), out=contiguous(pad(out, Dv)), lse=np.ascontiguousarray(lse).reshape(-1),
              delta=np.full(B * H * Nq, np.nan), bias=None if bias is None else Tensor(*bias),
+             grad_lse=None if grad_lse is None else np.ascontiguousarray(grad_lse).reshape(-1),
              dq=contiguous(np.full((B, H, Nq, d8(Dqk)), np.nan)), dk=contiguous(np.full((B, Hkv, Nk, d8(Dqk)), np.nan)),
              dv=contiguous(np.full((B, Hkv, Nk, d8(Dv)), np.nan)))
     delta_kernel(p)
@@ -262,9 +263,10 @@ def backward_model(grad, q, k, v, out, lse, bias, scale, causal, plan, smem_raw=
             p["dv"].s.reshape(B, Hkv, Nk, -1)[..., :Dv])
 
 
-def check_against_autograd(case, seed, bias_kind=None, sm90_bwd=True):
+def check_against_autograd(case, seed, bias_kind=None, sm90_bwd=True, lse_gradient=False):
     """The model on `case` (random inputs of `seed`; bias_kind: None, "broadcast" (one (Nq, Nk) tile
-    with a −inf row), "full" or "head") against autograd; returns the plan and the LSE."""
+    with a −inf row), "full" or "head"; lse_gradient: an LSE term in the loss, passed as grad_lse)
+    against autograd; returns the plan and the LSE."""
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal = case
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
@@ -277,12 +279,17 @@ def check_against_autograd(case, seed, bias_kind=None, sm90_bwd=True):
     scale = 0.8 * Dqk ** -0.5
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
     out, lse = ref.attention(qr, kr, vr, scale=scale, causal=causal, attn_bias=bias, return_lse=True)
-    expected = torch.autograd.grad(out, (qr, kr, vr), grad)
+    grad_lse = rnd(B, H, Nq) if lse_gradient else None
+    loss = (out * grad).sum()
+    if lse_gradient:   # rows that see no key have LSE = −inf and no gradient
+        loss = loss + torch.where(torch.isfinite(lse), lse * grad_lse, 0).sum()
+    expected = torch.autograd.grad(loss, (qr, kr, vr))
     plan = plan_backward(SMEM_OPTIN_SM90, sm90_bwd, Dqk, Dv, bias is not None, SMEM_OPTIN_SM90)
     strided = None if bias is None else (base.numpy().reshape(-1), list(bias.stride()))
     with np.errstate(invalid="raise", over="raise"):
         got = backward_model(grad.numpy(), q.numpy(), k.numpy(), v.numpy(), out.detach().numpy(),
-                             lse.detach().numpy(), strided, scale, causal, plan)
+                             lse.detach().numpy(), strided, scale, causal, plan,
+                             None if grad_lse is None else grad_lse.numpy())
     for name, g, e in zip(("dq", "dk", "dv"), got, expected):
         assert not np.isnan(g).any(), f"{name}: unwritten element"
         np.testing.assert_allclose(g, e.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
@@ -330,7 +337,8 @@ CASES = [
 
 @pytest.mark.parametrize("case,bias_kind", CASES, ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else str(c))
 def test_sm90_backward_index_model_matches_autograd(case, bias_kind):
-    plan, lse = check_against_autograd(case, seed=0, bias_kind=bias_kind)
+    # The unbiased cases also carry an LSE gradient (case 0 with dead rows).
+    plan, lse = check_against_autograd(case, seed=0, bias_kind=bias_kind, lse_gradient=bias_kind is None)
     assert plan[0] == "sm_90a"
     if (case[7] and case[3] > case[4]) or bias_kind == "broadcast":
         assert torch.isneginf(lse).any()    # the case exercises a dead row
@@ -343,4 +351,5 @@ def test_sm90_backward_on_random_shapes(seed):
     d = 8 * int(rng.choice([rng.integers(5, 9), rng.integers(13, 17)]))   # pads to 64 or to 128
     case = (1, Hkv * int(rng.integers(1, 3)), Hkv, int(rng.integers(1, 300)), int(rng.integers(1, 300)), d, d,
             bool(rng.integers(2)))
-    assert check_against_autograd(case, seed=10 + seed, bias_kind=[None, "full"][seed % 2])[0][0] == "sm_90a"
+    plan, _ = check_against_autograd(case, seed=10 + seed, bias_kind=[None, "full"][seed % 2], lse_gradient=seed >= 2)
+    assert plan[0] == "sm_90a"
