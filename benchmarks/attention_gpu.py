@@ -13,10 +13,13 @@ unless --causal), times
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
   math jvp        torch.func.jvp of SDPA on the MATH backend (the baseline of the issue)
-and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), time relative to the SDPA forward
-and peak memory above the inputs. Writes attention_gpu.json and attention_gpu.csv into --out.
+  compiled jvp    the same under torch.compile, at N = 8192 only (one compile per shape; --no-compile skips it)
+and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), the time over the compute floor
+(FLOPs over the rate of an 8192³ matmul in the same dtype, measured at the start of the run), time
+relative to the SDPA forward and peak memory above the inputs. Writes attention_gpu.json and
+attention_gpu.csv into --out.
 
-    python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick]
+    python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick] [--no-compile]
 """
 
 import argparse
@@ -30,11 +33,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import peak_memory_mb, time_ms
+from .common import matmul_rate, peak_memory_mb, time_ms
 
 DEVICE = torch.device("cuda")
 CONFIGS = [(1, 32, 64), (1, 16, 128)]          # (B, H, d)
 LENGTHS = [1024, 4096, 8192, 16384]
+COMPILE_LENGTH = 8192                            # the issue's goal shapes: where the compiled baseline runs
 
 
 # Row suffix -> the kernel switch that selects it on sm_90 (read by the extension at every call).
@@ -66,9 +70,22 @@ def measure(name, fn, flops):
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"impl": name, "ms": None, "tflops": None, "peak_mib": None, "status": "OOM"}
-    except RuntimeError as error:   # noqa: BLE001 - a failing baseline must not stop the table
+    except Exception as error:   # noqa: BLE001 - a failing baseline (or its compile) must not stop the table
         torch.cuda.empty_cache()
         return {"impl": name, "ms": None, "tflops": None, "peak_mib": None, "status": f"error: {error}"[:200]}
+
+
+def write_results(out, rows, meta):
+    """attention_gpu.json and .csv of the rows so far (rewritten after every shape, so a run cut
+    short still leaves its measurements)."""
+    with open(os.path.join(out, "attention_gpu.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd", "peak_mib",
+            "status"]
+    with open(os.path.join(out, "attention_gpu.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main():
@@ -79,6 +96,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
     parser.add_argument("--no-math", action="store_true", help="skip the MATH-backend JVP baseline")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MATH-backend JVP")
     parser.add_argument("--skip", default="", help="comma-separated sm_90 row suffixes not to run (e.g. _serial,_cpasync)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -91,6 +109,15 @@ def main():
     hopper = torch.cuda.get_device_capability()[0] == 9
     lengths = LENGTHS[:2] if args.quick else LENGTHS
     os.makedirs(args.out, exist_ok=True)
+    rate = matmul_rate(DEVICE, dtype)                # FLOP/s: the compute floor of every row
+    print(f"{args.dtype} 8192^3 matmul: {rate / 1e12:.1f} TFLOP/s (the floor's rate)", flush=True)
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "matmul_tflops": rate / 1e12,
+            "command": " ".join(["python -m benchmarks.attention_gpu"] + sys.argv[1:])}
     rows = []
     for B, H, d in CONFIGS:
         for N in lengths:
@@ -152,15 +179,19 @@ def main():
                                                                       retain_graph=True), f_bwd))
             if not args.no_math:
                 cases.append(("math_jvp", sdpa_math_jvp, f_jvp))
+            if not args.no_compile and N == COMPILE_LENGTH:
+                compiled_jvp = torch.compile(sdpa_math_jvp)
+                cases.append(("compiled_math_jvp", compiled_jvp, f_jvp))
             results = {}
             for name, fn, flops in cases:
                 r = measure(name, fn, flops)
                 r.update({"B": B, "H": H, "N": N, "d": d, "dtype": args.dtype, "causal": args.causal,
-                          "kernel": " + ".join(kernels.get(name, []))})
+                          "kernel": " + ".join(kernels.get(name, [])),
+                          "x_floor": r["ms"] / (flops / rate * 1e3) if r["ms"] else None})
                 results[name] = r
                 rows.append(r)
                 print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:19s} "
-                      + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_mib']:9.1f} MiB"
+                      + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['x_floor']:5.2f}x floor {r['peak_mib']:9.1f} MiB"
                          if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
                       flush=True)
             ref_ms = results["sdpa_fwd"]["ms"]
@@ -168,28 +199,16 @@ def main():
                 r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
             del q, k, v, qt, kt, vt, grad, out, lse, sdpa_graph, cases
             torch.cuda.empty_cache()
+            write_results(args.out, rows, meta)
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python -m benchmarks.attention_gpu"] + sys.argv[1:])}
-    with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "vs_sdpa_fwd", "peak_mib", "status"]
-    with open(os.path.join(args.out, "attention_gpu.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}")
-    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>19} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'MiB':>9}")
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}, {args.dtype} matmul {rate / 1e12:.1f} TFLOP/s")
+    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>19} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9}")
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>19} {r['status'][:40]}")
             continue
         print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>19} {r['ms']:9.3f} {r['tflops']:8.1f} "
-              f"{r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
+              f"{r['x_floor']:7.2f} {r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
 
 
 if __name__ == "__main__":
