@@ -122,6 +122,8 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # The JSON / CSV are rewritten after every shape: a run cut short by the timeout keeps what it measured.
   timeout 420 python -m benchmarks.attention_gpu $BENCH_ARGS > "$OUT/bench.log" 2>&1 || status=1
   tail -30 "$OUT/bench.log"
+  python -m benchmarks.attention_plot "$OUT/bench/attention_gpu.json" \
+    || echo "no figure here (matplotlib?): python -m benchmarks.attention_plot on the fetched JSON"
 fi
 
 step "summary"

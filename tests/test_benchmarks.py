@@ -43,3 +43,21 @@ def test_cli_writes_times_and_memory(tmp_path):
         assert row["fastcm_error"] is None and row["eager_error"] is None
         if sys.platform.startswith("linux"):
             assert row["fastcm_peak_mb"] is not None and row["fastcm_peak_mb"] >= 0
+
+
+def test_attention_plot_draws_one_panel_per_config(tmp_path):
+    """benchmarks.attention_plot turns an attention_gpu.json into a PNG of one panel per (H, d)."""
+    pytest.importorskip("matplotlib")
+    rows = [{"H": h, "d": d, "N": n, "impl": impl, "tflops": t, "status": "ok"}
+            for h, d in ((32, 64), (16, 128)) for n in (1024, 4096)
+            for impl, t in (("fastcm_jvp", 300.0), ("math_jvp", 12.0), ("fastcm_jvp_sm80", 200.0))]
+    rows.append({"H": 32, "d": 64, "N": 8192, "impl": "math_jvp", "tflops": None, "status": "OOM"})
+    run = {"meta": {"gpu": "test GPU", "torch": "x", "commit": "0123456789abcdef", "matmul_tflops": 800.0,
+                    "command": "python -m benchmarks.attention_gpu --out x"}, "rows": rows}
+    (tmp_path / "attention_gpu.json").write_text(json.dumps(run))
+    subprocess.run([sys.executable, "-m", "benchmarks.attention_plot", str(tmp_path / "attention_gpu.json")],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    png = (tmp_path / "attention_gpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width > 2 * height        # two panels side by side
