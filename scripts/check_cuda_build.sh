@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds fastcm's CUDA extension on a machine without a GPU, against the torch the device machines
 # run (torch 2.11, CUDA 13.0, from PyPI), imports it and checks that every op of the extension has its
-# CUDA kernel registered, then runs the attention tests (CPU) against that build. Compile, link and
+# CUDA kernel registered, then runs the attention tests (CPU) against that build and compares the
+# build's kernel choice (plan_attention_forward / _backward) with the index models'. Compile, link and
 # registration errors show here instead of in the first minutes of a device session.
 #
 #   bash scripts/check_cuda_build.sh
@@ -71,5 +72,7 @@ missing = [name for name, dump in kernels.items() if "\nCPU:" in dump and "\nCUD
 assert ops and not missing, f"ops with a CPU kernel but no CUDA kernel: {missing}"
 print("CUDA kernels registered:", ", ".join(name for name, dump in kernels.items() if "\nCUDA:" in dump))
 PY
-FASTCM_NO_JIT=1 "$DIR/venv/bin/python" -m pytest tests/test_attention.py -q -x -p no:cacheprovider
+# The attention tests on CPU against this build, and its kernel choice against the index models.
+FASTCM_NO_JIT=1 "$DIR/venv/bin/python" -m pytest tests/test_attention.py tests/cuda_index_model/test_attention_plans.py \
+  -q -x -p no:cacheprovider
 echo "check_cuda_build: ok"

@@ -224,6 +224,11 @@ std::string kernel_name(const FwdLaunch& l) {
   }
 }
 
+// The name attention_forward_kernels gives a launch.
+std::string launch_label(const FwdLaunch& l) {
+  return kernel_name(l) + " (" + std::to_string(l.kdqk) + ", " + std::to_string(l.kdv) + ")";
+}
+
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -362,8 +367,7 @@ std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, con
   for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
     const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, sw, dqk8,
                                             std::min(kMaxHeadDimVChunk, dv8 - c0), jvp, has_bias, jvp && has_bias_t);
-    names.push_back(kernel_name(l) + " (" + std::to_string(l.kdqk) + ", " +
-                    std::to_string(l.kdv) + ")");
+    names.push_back(launch_label(l));
   }
   return names;
 }
@@ -431,17 +435,28 @@ struct BwdPlan {
   const char* kernel;
   int kd;
 };
-BwdPlan plan_backward(const at::Device& device, int64_t Dqk, int64_t Dv, bool has_bias) {
-  const bool sm90_on = switch_on("FASTCM_ATTN_SM90_BWD");
-  const int sm90_limit = sm90_smem_limit_of(device);
+// sm90_on: FASTCM_ATTN_SM90_BWD; sm90_limit: sm90_smem_limit_of's answer (0: no sm_90a kernel may
+// run); smem_limit: the device's opt-in shared memory per block.
+BwdPlan plan_backward_for(bool sm90_on, int sm90_limit, int smem_limit, int64_t Dqk, int64_t Dv, bool has_bias) {
   if (Dqk > kMaxHeadDimBwd || Dv > kMaxHeadDimBwd) return {"aten", 0};
   const int kd = padded_head_dim(std::max(round_up(Dqk, 8), round_up(Dv, 8)));
   if (sm90_on && (kd == 64 || kd == 128) && attn::bwd_sm90_smem_bytes(kd, has_bias) <= sm90_limit) {
     return {"sm_90a", kd};
   }
+  return attn::bwd_smem_bytes(kd, has_bias) <= smem_limit ? BwdPlan{"sm_80", kd} : BwdPlan{"aten", 0};
+}
+
+BwdPlan plan_backward(const at::Device& device, int64_t Dqk, int64_t Dv, bool has_bias) {
+  const bool sm90_on = switch_on("FASTCM_ATTN_SM90_BWD");
+  const int sm90_limit = sm90_smem_limit_of(device);
   int smem_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, (int)device.index()));
-  return attn::bwd_smem_bytes(kd, has_bias) <= smem_limit ? BwdPlan{"sm_80", kd} : BwdPlan{"aten", 0};
+  return plan_backward_for(sm90_on, sm90_limit, smem_limit, Dqk, Dv, has_bias);
+}
+
+// The name attention_backward_kernels gives a backward call.
+std::string launch_label(const BwdPlan& plan) {
+  return plan.kd == 0 ? std::string("aten") : std::string(plan.kernel) + " (" + std::to_string(plan.kd) + ")";
 }
 
 // Fused backward (attention_bwd_kernel.cuh, or attention_bwd_sm90_kernel.cuh where plan.kernel is
@@ -561,12 +576,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 std::vector<std::string> attention_backward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool has_bias) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_backward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
-  const BwdPlan plan = plan_backward(q.device(), q.size(3), v.size(3), has_bias);
-  if (plan.kd == 0) return {"aten"};
-  return {std::string(plan.kernel) + " (" + std::to_string(plan.kd) + ")"};
+  return {launch_label(plan_backward(q.device(), q.size(3), v.size(3), has_bias))};
+}
+
+// fastcm::plan_attention_forward / plan_attention_backward: the kernel choice for given device
+// limits and switches, without a device (CUDA builds only; the tests compare it with their model).
+std::string plan_attention_forward(int64_t sm90_smem_limit, bool tma_ok, bool overlap, bool q_regs, int64_t dqk8,
+                                   int64_t cols, bool jvp, bool has_bias, bool has_bias_t) {
+  return launch_label(plan_forward_launch((int)sm90_smem_limit, tma_ok, Sm90Switches{tma_ok, overlap, q_regs}, dqk8,
+                                          cols, jvp, has_bias, has_bias_t));
+}
+std::string plan_attention_backward(bool sm90_on, int64_t sm90_smem_limit, int64_t smem_limit, int64_t dqk, int64_t dv,
+                                    bool has_bias) {
+  return launch_label(plan_backward_for(sm90_on, (int)sm90_smem_limit, (int)smem_limit, dqk, dv, has_bias));
 }
 
 }  // namespace
+
+// Device-free ops of CUDA builds only (the schemas of the others are in csrc/attention.cpp).
+TORCH_LIBRARY_FRAGMENT(fastcm, m) {
+  m.def("plan_attention_forward(int sm90_smem_limit, bool tma_ok, bool overlap, bool q_regs, int dqk8, int cols,"
+        " bool jvp, bool has_bias, bool has_bias_t) -> str", &plan_attention_forward);
+  m.def("plan_attention_backward(bool sm90_on, int sm90_smem_limit, int smem_limit, int dqk, int dv, bool has_bias)"
+        " -> str", &plan_attention_backward);
+}
 
 TORCH_LIBRARY_IMPL(fastcm, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
