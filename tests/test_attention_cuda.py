@@ -149,12 +149,12 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
     _check_against_torch("lse (jvp kernel)", lse_j, t_lse, r_lse)
 
 
-@pytest.mark.parametrize("kernel", ["default", "sm_80"])
+@pytest.mark.parametrize("kernel", ["default", "cp_async", "sm_80"])
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("kind", ["f32_full", "f32_broadcast", "lowp_full", "bool_mask", "with_tangent"])
 def test_bias(kind, dtype, kernel, monkeypatch):
-    """Bias tiles in both forward kernels that take them (on sm_90 the default is the cp.async
-    wgmma one at D = 64; the bias-free calls at the end run the TMA one)."""
+    """Bias tiles in every forward kernel that takes them (on sm_90 at D = 64: the TMA kernel by
+    default, each warpgroup staging its rows; the cp.async wgmma one; the sm_80 one)."""
     _force_kernel(kernel, monkeypatch)
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150, 64
     q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, D, D, dtype)
@@ -291,7 +291,8 @@ def test_forward_kernel_choice(monkeypatch):
     assert kernels(t(40), t(104), False, False, False) == [f"{ovl} (128, 128)"]
     assert kernels(t(128), t(128), True, False, False) == [f"{tma} (128, 128)"]   # no overlap: registers
     assert kernels(t(64), t(200), True, False, False) == [f"{tma} (128, 128)", "sm_80 (96, 96)"]
-    assert kernels(t(64), t(64), True, True, True) == [f"{tiles} (64, 64)"]
+    assert kernels(t(64), t(64), True, True, True) == [f"{ovl}{qregs} (64, 64)"]     # bias tiles per warpgroup
+    assert kernels(t(64), t(64), False, True, False) == [f"{ovl}{qregs} (64, 64)"]
     assert kernels(t(128), t(128), True, True, False) == [f"{tiles} (128, 128)"]
     assert kernels(t(128), t(128), False, True, True) == [f"{tiles} (128, 128)"]    # no bias_t without jvp
     assert kernels(t(128), t(128), False, False, True) == [f"{ovl} (128, 128)"]

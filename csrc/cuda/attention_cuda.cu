@@ -2,10 +2,10 @@
 // (the schemas are defined with TORCH_LIBRARY(fastcm, m) in csrc/attention.cpp).
 //
 // Forward and forward-JVP: on sm_90 devices a wgmma kernel where one applies (padded head dim 64 or
-// 128, its shared memory within the device's limit; FASTCM_ATTN_SM90=0 turns both off): without a
-// bias the warp-specialised TMA kernel of attention_fwd_sm90_ws_kernel.cuh (FASTCM_ATTN_SM90_TMA=0
-// turns it off; FASTCM_ATTN_SM90_OVERLAP=0 its intra-warpgroup overlap), else the cp.async one of
-// attention_fwd_sm90_kernel.cuh; everywhere else the fused kernel of attention_fwd_kernel.cuh
+// 128, its shared memory within the device's limit; FASTCM_ATTN_SM90=0 turns both off): the
+// warp-specialised TMA kernel of attention_fwd_sm90_ws_kernel.cuh (FASTCM_ATTN_SM90_TMA=0 turns it
+// off; FASTCM_ATTN_SM90_OVERLAP=0 its intra-warpgroup overlap) without a bias, or at d 64 with one,
+// else the cp.async one of attention_fwd_sm90_kernel.cuh; everywhere else the fused kernel of attention_fwd_kernel.cuh
 // (mma.sync, sm_80+).
 // Backward: on sm_90 devices, for padded head dim 64 or 128, the wgmma kernels of
 // attention_bwd_sm90_kernel.cuh (FASTCM_ATTN_SM90_BWD=0 or FASTCM_ATTN_SM90=0 turn them off); else
@@ -199,15 +199,16 @@ Sm90Switches sm90_switches() {
 // sm90_smem_limit: sm90_smem_limit_of's answer; tma_ok: the TMA switch is on and every input
 // is tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
 // (with the bias tiles) fit; only d = 128 JVP with both bias and bias_t (257 KB) does not fit
-// sm_90's 227 KB. Of those, the TMA kernel for calls without bias / bias_t, overlapped (its switch)
-// except at d = 128 JVP, whose registers do not allow it, with Q in registers (its switch) at d = 64.
+// sm_90's 227 KB. Of those, the TMA kernel where its tiles fit (at d = 128 only without bias /
+// bias_t), overlapped (its switch) except at d = 128 JVP, whose registers do not allow it, with Q in
+// registers (its switch) at d = 64.
 FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, const Sm90Switches& sw, int64_t dqk8, int64_t cols,
                               bool jvp, bool has_bias, bool has_bias_t) {
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
   const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
                     attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
-  const bool tma = sm90 && tma_ok && !has_bias && !has_bias_t &&
-                   attn::fwd_sm90_ws_smem_bytes(kdqk, jvp) <= sm90_smem_limit;
+  const int ws_smem = attn::fwd_sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t);   // -1: takes no bias
+  const bool tma = sm90 && tma_ok && ws_smem >= 0 && ws_smem <= sm90_smem_limit;
   const attn::Sm90Kernel kernel = !tma ? attn::Sm90Kernel::kCpAsync
                                   : (sw.overlap && !(kdqk == 128 && jvp)) ? attn::Sm90Kernel::kTmaOverlap
                                                                           : attn::Sm90Kernel::kTma;

@@ -206,13 +206,12 @@ __device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename T
   }
 }
 
-// Stage bias[b, h, m0 : m0 + BM, n0 : n0 + BN] (times mult) into an fp32 smem tile [BM][BN].
-// __noinline__: inlined, its 64-bit address math pushed the d = 128 JVP kernel into spills (36 B).
-// Consecutive threads read consecutive keys (coalesced for a row-major bias). Out-of-range
-// elements are 0 (the caller masks them).
+// Stage bias[b, h, m0 : m0 + BM, n0 : n0 + BN] (times mult) into an fp32 smem tile [BM][BN] with
+// Tr::kThreads threads. Consecutive threads read consecutive keys (coalesced for a row-major bias).
+// Out-of-range elements are 0 (the caller masks them).
 template <class Tr>
-__device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
-                                           int m0, int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
+__device__ __forceinline__ void stage_bias_tile(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                                int m0, int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
   constexpr bool kIsBf16 = std::is_same<typename Tr::T, __nv_bfloat16>::value;
 #pragma unroll 1
   for (int idx = tid; idx < Tr::kBM * Tr::kBN; idx += Tr::kThreads) {
@@ -222,6 +221,15 @@ __device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t bas
     if (i < Nq && j < Nk) v = mult * load_scalar(src, base + (int64_t)i * sm + (int64_t)j * sn, is_f32, kIsBf16);
     dst[idx] = v;
   }
+}
+
+// stage_bias_tile behind a call, for the kernels that stage between their tile barriers with no
+// wgmma in flight. __noinline__: inlined, its 64-bit address math pushed the sm_80 d = 128 JVP kernel
+// into spills (36 B).
+template <class Tr>
+__device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                           int m0, int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
+  stage_bias_tile<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, mult, tid);
 }
 
 // Bytes of dynamic shared memory for the optional bias tiles.

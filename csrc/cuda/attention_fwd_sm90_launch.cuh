@@ -19,9 +19,9 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
 
 // The warp-specialised kernel: tensor maps of Q, K, V (+ tangents) in boxes of one 64-column panel
 // × the kernel's tile rows; columns past d_qk / d_v (this launch's V slice) read as zero.
-template <typename T, int kD, bool kJvp, bool kOverlap, bool kQRegs>
+template <typename T, int kD, bool kJvp, bool kOverlap, bool kQRegs, bool kBias>
 void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
-  using Tr = FwdSm90WsTraits<T, kD, kJvp, kOverlap, kQRegs>;
+  using Tr = FwdSm90WsTraits<T, kD, kJvp, kOverlap, kQRegs, kBias>;
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   FwdTmaMaps maps{};
   maps.q = tma_map_4d(p.q, bf16, p.B, p.H, p.Nq, p.d_qk, p.q_sb, p.q_sh, p.q_sn, Tr::kBM);
@@ -32,25 +32,29 @@ void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     maps.k_t = tma_map_4d(p.k_t, bf16, p.B, p.Hkv, p.Nk, p.d_qk, p.kt_sb, p.kt_sh, p.kt_sn, Tr::kBN);
     maps.v_t = tma_map_4d(p.v_t, bf16, p.B, p.Hkv, p.Nk, p.d_v, p.vt_sb, p.vt_sh, p.vt_sn, Tr::kBN);
   }
-  launch_fwd_kernel<Tr>(attention_fwd_sm90_ws_kernel<Tr>, "sm_90a (TMA)", kD, kD, p, stream, maps);   // no bias tiles
+  launch_fwd_kernel<Tr>(attention_fwd_sm90_ws_kernel<Tr>, "sm_90a (TMA)", kD, kD, p, stream, maps);
 }
 
-// The TMA kernel with the overlap or without, Q in registers (d = 64) or read from shared memory.
+// The TMA kernel with the overlap or without, Q in registers (d = 64) or read from shared memory,
+// with bias tiles (d = 64) where the call has a bias or bias_t.
 template <typename T, int kD, bool kJvp, bool kOverlap>
 void launch_fwd_sm90_ws_q(const FwdParams& p, bool q_regs, cudaStream_t stream) {
-  TORCH_CHECK(kD == 64 || !q_regs, "fastcm attention (CUDA): Q in registers only at d 64 (host plan error)");
-  if (q_regs) {
-    if constexpr (kD == 64) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true>(p, stream);
+  const bool bias = p.bias != nullptr || (kJvp && p.bias_t != nullptr);
+  TORCH_CHECK(kD == 64 || (!q_regs && !bias),
+              "fastcm attention (CUDA): Q in registers and bias tiles in the TMA kernel only at d 64 (host plan error)");
+  if constexpr (kD == 64) {
+    if (q_regs && bias) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true, true>(p, stream);
+    else if (q_regs) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true, false>(p, stream);
+    else if (bias) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, true>(p, stream);
+    else launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, false>(p, stream);
   } else {
-    launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false>(p, stream);
+    launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, false>(p, stream);
   }
 }
 
 template <typename T, int kD, bool kJvp>
 void launch_fwd_sm90_variant(const FwdParams& p, Sm90Kernel kernel, bool q_regs, cudaStream_t stream) {
   const bool bias = p.bias != nullptr || (kJvp && p.bias_t != nullptr);
-  TORCH_CHECK(kernel == Sm90Kernel::kCpAsync || !bias,
-              "fastcm attention (CUDA): the TMA forward kernel takes no bias (host plan error)");
   if (kernel == Sm90Kernel::kTma) {
     launch_fwd_sm90_ws_q<T, kD, kJvp, false>(p, q_regs, stream);
   } else if (kernel == Sm90Kernel::kTmaOverlap) {

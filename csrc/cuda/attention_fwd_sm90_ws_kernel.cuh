@@ -19,7 +19,12 @@
 // other. WG1 hands WG0 the first turn. So the S chains alternate WG0, WG1, WG0, ... and each
 // warpgroup's softmax runs while the other's products are on the tensor cores.
 //
-// Bias tiles are not supported here (the host sends calls with a bias to the cp.async kernel).
+// Bias tiles (kBias, d = 64 only): the CTA's fp32 [kBM][kBN] tile (× log2e) and bias_t tile after the
+// mbarriers, laid out as in the cp.async kernel; each consumer warpgroup stages its own 64 rows per
+// tile (stage_bias_tile over its 128 threads) while its S chain runs, then publishes them with a
+// warpgroup-local named barrier (3 + wg); its turn barrier already keeps the previous tile's
+// softmax ahead of the overwrite. At d = 128 the tiles do not fit next to the ring; the host sends
+// those calls to the cp.async kernel.
 #pragma once
 
 #include "attention_fwd_sm90_kernel.cuh"
@@ -38,12 +43,14 @@ namespace attn {
 // SM's shared memory delivers (an estimate from the instruction shapes; FASTCM_ATTN_SM90_QREGS=0 and
 // the benchmark's `_smemq` rows compare); at d = 128 the fragments (32, or 64 with Q̇) would pass the
 // 240 registers.
-template <typename T_, int kD_, bool kJvp_, bool kOverlap_, bool kQRegs_>
+template <typename T_, int kD_, bool kJvp_, bool kOverlap_, bool kQRegs_, bool kBias_>
 struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   using Base = FwdSm90Traits<T_, kD_, kJvp_, false>;
   static constexpr bool kOverlap = kOverlap_;
   static constexpr bool kQRegs = kQRegs_;
+  static constexpr bool kBias = kBias_;
   static_assert(!kQRegs_ || kD_ == 64, "Q in registers only at d = 64");
+  static_assert(!kBias_ || kD_ == 64, "bias tiles in the TMA kernel only at d = 64");
   static constexpr int kConsumerThreads = Base::kThreads;   // 2 warpgroups
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = kConsumerThreads + 128;    // + the producer warpgroup
@@ -59,14 +66,27 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
-// Dynamic shared memory of the warp-specialised kernel for padded head dim kd (64 or 128).
-inline int fwd_sm90_ws_smem_bytes(int kd, bool jvp) {
+// The half of a CTA's bias tile one consumer warpgroup stages: its 64 rows over its 128 threads.
+template <class Tr>
+struct WgBiasRows {
+  using T = typename Tr::T;
+  static constexpr int kBM = 64, kBN = Tr::kBN, kThreads = 128;
+};
+
+// Dynamic shared memory of the warp-specialised kernel for padded head dim kd (64 or 128), with the
+// bias tiles (0 bytes without); -1 where it takes no bias (kd = 128).
+inline int fwd_sm90_ws_smem_bytes(int kd, bool jvp, bool has_bias, bool has_bias_t) {
+  auto bytes = [&](auto tr) {
+    using Tr = decltype(tr);
+    return Tr::kSmemBytes + bias_smem_bytes<Tr>(has_bias, has_bias_t);
+  };
   if (kd == 64) {
-    return jvp ? FwdSm90WsTraits<__half, 64, true, false, false>::kSmemBytes
-               : FwdSm90WsTraits<__half, 64, false, false, false>::kSmemBytes;
+    return jvp ? bytes(FwdSm90WsTraits<__half, 64, true, false, false, true>{})
+               : bytes(FwdSm90WsTraits<__half, 64, false, false, false, true>{});
   }
-  return jvp ? FwdSm90WsTraits<__half, 128, true, false, false>::kSmemBytes
-             : FwdSm90WsTraits<__half, 128, false, false, false>::kSmemBytes;
+  if (has_bias || (jvp && has_bias_t)) return -1;
+  return jvp ? FwdSm90WsTraits<__half, 128, true, false, false, false>::kSmemBytes
+             : FwdSm90WsTraits<__half, 128, false, false, false, false>::kSmemBytes;
 }
 
 // The tensor maps the producer reads (built on the host by tma_map_4d; kernel parameters).
@@ -83,6 +103,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kStages = Tr::kStages;
   constexpr bool kJvp = Tr::kJvp;
   constexpr int kTurnBarrier = 1;   // named barriers 1, 2: warpgroup 0's, 1's turn to issue its S chain
+  constexpr int kBiasBarrier = 3;   // kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows staged
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sQ = smem_addr(smem_raw) + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -152,7 +173,11 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
   float row_r[2] = {0.f, 0.f};
-  const FwdBiasTiles no_bias{false, false, nullptr, nullptr, 0, 0};
+  // The bias tiles after the mbarriers (the generic address of the realigned base + their offset).
+  FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem_raw + (sQ - smem_addr(smem_raw)) + Tr::kTileBytes + 8 * Tr::kBarriers,
+                                         blk.b, blk.h);
+  bias.has_bias = bias.has_bias && Tr::kBias;
+  bias.has_bias_t = bias.has_bias_t && Tr::kBias;
   const uint32_t q_base = sQ + wg * 64 * 128, qt_base = sQt + wg * 64 * 128;
   // kQRegs: this thread's Q, Q̇ fragments (loaded once Q has landed, below).
   uint32_t qa[Tr::kQRegs ? Tr::kD / 16 : 1][4], qta[Tr::kQRegs ? Tr::kD / 16 : 1][4];
@@ -189,10 +214,26 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   auto hand_over = [&](int tile) {
     if (wg == 0 || tile + 1 < n_tiles) named_barrier_arrive(kTurnBarrier + 1 - wg, Tr::kConsumerThreads);
   };
+  // kBias: this warpgroup's rows of the tile's bias (and bias_t), staged while its S chain runs. No
+  // barrier before the overwrite: the turn barrier this warpgroup synced on before its S chain
+  // completes only once all 128 of its threads have arrived, i.e. finished the previous softmax.
+  auto stage_bias_rows = [&](int tile) {
+    if constexpr (Tr::kBias) {
+      using Rows = WgBiasRows<Tr>;
+      const int m0 = blk.m0 + 64 * wg, n0 = tile * kBN, t = tid % 128;
+      // Inlined: a call here, with this warpgroup's S (and P·V) chain in flight, would put the
+      // accumulators' registers at the mercy of the callee's.
+      if (bias.has_bias) stage_bias_tile<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0,
+                                               p.Nq, p.Nk, p.bias_is_f32, 1.4426950408889634f, t);
+      if (bias.has_bias_t) stage_bias_tile<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn,
+                                                 m0, n0, p.Nq, p.Nk, p.bias_t_is_f32, 1.f, t);
+      named_barrier_sync(kBiasBarrier + wg, 128);   // published to the warpgroup
+    }
+  };
   auto softmax = [&](int tile, auto& sc, auto& sd, float (&alpha)[2]) {
     fence_regs(sc);
     if constexpr (kJvp) fence_regs(sd);
-    softmax_scores<Tr>(sc, sd, row_max, row_sum, row_r, alpha, p, no_bias, row_in_cta, blk.m0, tile * kBN, blk.off, c);
+    softmax_scores<Tr>(sc, sd, row_max, row_sum, row_r, alpha, p, bias, row_in_cta, blk.m0, tile * kBN, blk.off, c);
   };
 
   if (n_tiles > 0) {
@@ -212,6 +253,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4];
       issue_s(0, sc, sd);
       hand_over(0);
+      stage_bias_rows(0);
       wgmma_wait<0>();
       softmax(0, sc, sd, alpha_prev);
       pack_operands<Tr>(sc, sd, pa, ha);
@@ -222,6 +264,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       rescale_accumulators<kJvp>(acc_o, acc_t, alpha_prev);
       issue_pv(tile - 1);                   // runs under this tile's softmax
       hand_over(tile);
+      stage_bias_rows(tile);
       wgmma_wait<1>();                      // the S chain, committed first, is complete
       softmax(tile, sc, sd, alpha_prev);
       wgmma_wait<0>();                      // the fragments are free again
@@ -239,6 +282,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4], alpha[2];
       issue_s(tile, sc, sd);
       hand_over(tile);
+      stage_bias_rows(tile);
       wgmma_wait<0>();
       softmax(tile, sc, sd, alpha);
       rescale_accumulators<kJvp>(acc_o, acc_t, alpha);

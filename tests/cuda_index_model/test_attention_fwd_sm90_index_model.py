@@ -56,11 +56,21 @@ def sm90_smem_bytes(kd, jvp, has_bias, has_bias_t):
     return tr["kSmemBytes"] + bias_smem_bytes(tr, has_bias, has_bias_t)
 
 
+def sm90_ws_smem_bytes(kd, jvp, has_bias, has_bias_t):
+    """fwd_sm90_ws_smem_bytes: with the bias tiles after the mbarriers; -1 where the TMA kernel
+    takes no bias (d 128)."""
+    tr = sm90_ws_traits(kd, jvp)
+    if kd == 128 and (has_bias or (jvp and has_bias_t)):
+        return -1
+    return tr["kSmemBytes"] + bias_smem_bytes(tr, has_bias, has_bias_t)
+
+
 def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jvp, has_bias, has_bias_t):
     """(kernel name, padded D_qk, padded D_v) of one launch; overlap, q_regs: the switches."""
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
     sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
-    tma = sm90 and tma_ok and not has_bias and not has_bias_t and sm90_ws_traits(kdqk, jvp)["kSmemBytes"] <= sm90_smem_limit
+    ws_smem = sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t) if sm90 else -1
+    tma = sm90 and tma_ok and 0 <= ws_smem <= sm90_smem_limit
     if not sm90:
         return "sm_80", kdqk, kdv
     if not tma:
@@ -228,16 +238,25 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
         else:
             stage = tile % stages
             assert next(producer) == tile    # the tile's K and V have landed (k_full, v_full of its phase)
-        sBias = stage_bias(kBM, kBN, p, p["bias"], bias_base, m0, tile * kBN, LOG2E) if has_bias else None
-        sBiasT = stage_bias(kBM, kBN, p, p["bias_t"], bias_t_base, m0, tile * kBN, 1.0) if has_bias_t else None
+        if producer is None:   # all 256 threads stage the CTA's tile between the tile barriers
+            sBias = stage_bias(kBM, kBN, p, p["bias"], bias_base, m0, tile * kBN, LOG2E) if has_bias else None
+            sBiasT = stage_bias(kBM, kBN, p, p["bias_t"], bias_t_base, m0, tile * kBN, 1.0) if has_bias_t else None
+        else:                  # each warpgroup stages its own rows (below); unstaged rows read as NaN
+            assert kD == 64 or not (has_bias or has_bias_t), "the TMA kernel takes bias tiles only at d 64"
+            sBias = np.full(kBM * kBN, np.nan) if has_bias else None
+            sBiasT = np.full(kBM * kBN, np.nan) if has_bias_t else None
         k_base = sKV + stage * tr["kStageBytes"]
-        if producer is not None:
-            assert sBias is None and sBiasT is None, "the TMA kernel takes no bias"
         v_base, kt_base, vt_base = k_base + tr["kOffV"], k_base + tr["kOffKt"], k_base + tr["kOffVt"]
         n0 = tile * kBN
         for wg in range(2):
             ws = warps[4 * wg: 4 * wg + 4]
             q_base, qt_base = sQ + wg * 64 * 128, sQt + wg * 64 * 128
+            if producer is not None:   # stage_bias_rows: rows 64·wg.. of the tile, from query m0 + 64·wg
+                rows = slice(64 * wg * kBN, (64 * wg + 64) * kBN)
+                if has_bias:
+                    sBias[rows] = stage_bias(64, kBN, p, p["bias"], bias_base, m0 + 64 * wg, n0, LOG2E)
+                if has_bias_t:
+                    sBiasT[rows] = stage_bias(64, kBN, p, p["bias_t"], bias_t_base, m0 + 64 * wg, n0, 1.0)
             s = [frags(tr["kNTileS"], np.nan) for _ in range(4)]     # uninitialised: scale_d = 0 overwrites
             sd = [frags(tr["kNTileS"], np.nan) for _ in range(4)]
             qa = qta = None
@@ -369,7 +388,8 @@ def test_plan_takes_sm90_only_for_its_head_dims():
                     if kernel != "sm_80":
                         assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
                         assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
-                    tma = kernel != "sm_80" and tma_ok and not has_bias and not has_bias_t
+                    # The TMA kernel: with bias tiles only at d 64 (next to the d 128 ring they do not fit).
+                    tma = kernel != "sm_80" and tma_ok and (kdqk == 64 or not (has_bias or (jvp and has_bias_t)))
                     assert kernel.startswith("sm_90a_tma") == tma
                     assert kernel.startswith("sm_90a_tma_overlap") == (tma and overlap and not (kdqk == 128 and jvp))
                     assert kernel.endswith("_qregs") == (tma and q_regs and kdqk == 64)
@@ -377,7 +397,8 @@ def test_plan_takes_sm90_only_for_its_head_dims():
     plan = lambda *a: plan_forward_launch(SMEM_OPTIN_SM90, True, True, True, *a)[0]   # noqa: E731
     assert plan(128, 104, True, True, False) == "sm_90a"   # 225 KB: fits
     assert plan(128, 128, True, True, True) == "sm_80"     # 257 KB
-    assert plan(64, 64, True, True, True) == "sm_90a"
+    assert plan(64, 64, True, True, True) == "sm_90a_tma_overlap_qregs"   # bias tiles staged per warpgroup
+    assert plan(128, 128, False, True, False) == "sm_90a"
     assert plan(128, 128, True, False, False) == "sm_90a_tma"         # S, Ṡ and P, H of two tiles: too many registers
     assert plan(128, 128, False, False, False) == "sm_90a_tma_overlap"
     assert plan(64, 64, True, False, False) == "sm_90a_tma_overlap_qregs"
@@ -393,6 +414,7 @@ CASES = [
     (1, 2, 2, 70, 129, 104, 120, False, True, None),    # D_qk 104, D_v 120 -> 128, JVP
     (1, 1, 1, 33, 65, 64, 200, False, True, None),      # D_v 200: slice 128 on sm_90a, slice 72 on sm_80 (96, 96)
     (1, 2, 1, 150, 140, 64, 64, True, True, "broadcast"),  # bias and bias_t tiles, a -inf bias row, +inf bias_t row
+    (1, 2, 1, 200, 300, 48, 64, False, False, "head"),     # d 64 primal bias (BN 128), a query tail in WG1's rows
     (1, 2, 2, 70, 200, 128, 128, False, False, "full"),    # d 128 primal with a full bias (225 KB of smem)
     (1, 2, 2, 60, 100, 128, 128, True, True, "head"),      # d 128 JVP with bias and bias_t: too big, sm_80 takes it
 ]
@@ -408,15 +430,15 @@ def _expected_kernel(case, kernel, kd):
     jvp, bias_kind = case[8], case[9]
     if jvp and kd > 64 and bias_kind is not None:
         return "sm_80"                     # d 128 JVP with bias and bias_t: too big for sm_90a
-    if bias_kind is not None or kernel == "cp_async":
+    if (bias_kind is not None and kd == 128) or kernel == "cp_async":
         return "sm_90a"
     name = "sm_90a_tma_overlap" if kernel != "tma" and not (jvp and kd == 128) else "sm_90a_tma"
     return name + ("_qregs" if kernel != "tma_smem_q" and kd == 64 else "")
 
 
-# Q from shared memory differs from the default only where Q would be in registers: d 64, no bias.
+# Q from shared memory differs from the default only where Q would be in registers: d 64.
 @pytest.mark.parametrize("case,kernel", [(c, k) for c in CASES for k in KERNELS
-                                         if k != "tma_smem_q" or (max(c[5], c[6]) <= 64 and c[9] is None)],
+                                         if k != "tma_smem_q" or max(c[5], c[6]) <= 64],
                          ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
 def test_sm90_forward_index_model_matches_reference(case, kernel):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case

@@ -20,6 +20,7 @@ import pytest
 
 CONSUMER_WARPS, WARP = 8, 32
 TURN_BARRIER = 1                     # named barriers 1, 2: warpgroup 0's, 1's turn
+BIAS_BARRIER = 3                     # kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows
 
 
 class MBarrier:
@@ -66,7 +67,9 @@ class Kernel:
         self.k_full = [MBarrier(1) for _ in range(stages)]
         self.v_full = [MBarrier(1) for _ in range(stages)]
         self.empty = [MBarrier(CONSUMER_WARPS) for _ in range(stages)]
-        self.named = {TURN_BARRIER: NamedBarrier(), TURN_BARRIER + 1: NamedBarrier()}
+        self.named = {b: NamedBarrier() for b in (TURN_BARRIER, TURN_BARRIER + 1, BIAS_BARRIER, BIAS_BARRIER + 1)}
+        self.bias_parts = [{}, {}]     # per warpgroup: warp -> tile whose bias rows that warp staged last
+        self.bias_reading = [set(), set()]   # per warpgroup: warps whose softmax reads the rows now
         self.tile_bytes = (2 if jvp else 1) * kv_bytes
         self.slot = {}                 # (stage, "k" | "v" | "q") -> tile whose copy landed
         self.readers = {}              # stage -> {warp: tile} of the warps whose wgmma may still read it
@@ -125,11 +128,32 @@ def named_sync(kc, bar_id, count):
     yield lambda: bar.generation > generation
 
 
-def consumer(kc, warp, stages, overlap):
+def consumer(kc, warp, stages, overlap, bias):
     """Consumer warp `warp` (warpgroup warp // 4) of attention_fwd_sm90_ws_kernel; overlap: the
-    kOverlap loop (tile 0 peeled; tile j's S chain, then tile j − 1's P·V chain, in one turn)."""
+    kOverlap loop (tile 0 peeled; tile j's S chain, then tile j − 1's P·V chain, in one turn); bias:
+    kBias (each warpgroup stages its bias rows after its S chain and publishes them on its named
+    barrier; then its softmax reads them)."""
     wg = warp // 4
     threads = CONSUMER_WARPS * WARP
+
+    def stage_bias_rows(tile):
+        if not bias:
+            return
+        # No barrier before the overwrite: issue_s's turn barrier completes only with all four warps
+        # of this warpgroup in, past their previous softmax.
+        assert not kc.bias_reading[wg], f"warp {warp} overwrites bias rows its warpgroup's softmax still reads"
+        kc.bias_parts[wg][warp] = tile
+        yield None
+        yield from named_sync(kc, BIAS_BARRIER + wg, 4 * WARP)
+
+    def softmax(tile):
+        """One step in which this warp's softmax reads its warpgroup's bias rows."""
+        if bias:
+            parts = [kc.bias_parts[wg].get(w) for w in range(4 * wg, 4 * wg + 4)]
+            assert parts == [tile] * 4, f"warp {warp} softmax of tile {tile} reads bias rows of tiles {parts}"
+            kc.bias_reading[wg].add(warp)
+        yield None
+        kc.bias_reading[wg].discard(warp)
 
     def issue_s(tile):
         s = tile % stages
@@ -165,7 +189,8 @@ def consumer(kc, warp, stages, overlap):
             if tile > 0:
                 yield from issue_pv(tile - 1)
             hand_over(tile)
-            yield None                              # wgmma_wait<1>, softmax
+            yield from stage_bias_rows(tile)
+            yield from softmax(tile)                # after wgmma_wait<1>
             if tile > 0:
                 retire_pv(tile - 1)                 # after wgmma_wait<0>
             yield None
@@ -177,17 +202,18 @@ def consumer(kc, warp, stages, overlap):
         for tile in range(kc.n_tiles):
             yield from issue_s(tile)
             hand_over(tile)
-            yield None                              # wgmma_wait, softmax
+            yield from stage_bias_rows(tile)
+            yield from softmax(tile)                # after wgmma_wait
             yield from issue_pv(tile)
             yield None                              # wgmma_wait
             retire_pv(tile)
             yield None
 
 
-def run_cta(n_tiles, stages, jvp, overlap, seed, kv_bytes=8192):
+def run_cta(n_tiles, stages, jvp, overlap, seed, bias=False, kv_bytes=8192):
     rng = random.Random(seed)
     kc = Kernel(n_tiles, stages, kv_bytes, jvp)
-    agents = [producer(kc, stages)] + [consumer(kc, w, stages, overlap) for w in range(CONSUMER_WARPS)]
+    agents = [producer(kc, stages)] + [consumer(kc, w, stages, overlap, bias) for w in range(CONSUMER_WARPS)]
     blocked = [None] * len(agents)                 # a pending wait condition, or None
     done = [False] * len(agents)
     while not all(done):
@@ -213,7 +239,8 @@ def run_cta(n_tiles, stages, jvp, overlap, seed, kv_bytes=8192):
 @pytest.mark.parametrize("jvp", [False, True])
 def test_pipeline_is_safe_under_random_schedules(n_tiles, stages, jvp, overlap):
     for seed in range(40):
-        kc = run_cta(n_tiles, stages, jvp, overlap, seed)
+        # kBias exists at d 64 only, where the ring has 3 stages.
+        kc = run_cta(n_tiles, stages, jvp, overlap, seed, bias=stages == 3 and seed % 2 == 1)
         # S chains in turns: every warp of WG1 issues tile j after all of WG0's, and WG0's tile
         # j + 1 after all of WG1's tile j.
         order = [wg * 0.5 + tile for wg, tile in kc.s_issues]
