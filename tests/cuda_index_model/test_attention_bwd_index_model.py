@@ -63,23 +63,37 @@ def delta_kernel(p):
         p["delta"][row] = acc[0] - p["grad_lse"][row] if p.get("grad_lse") is not None else acc[0]
 
 
-def dq_kernel(p, tr, block):
-    kBM, kBN, kD, kS = tr["kBM"], tr["kBN"], tr["kD"], tr["kS"]
+def bwd_dq_block(p, kBM, kBN, block):
+    """bwd_dq_block: (bh, b, h, hkv, m0, n_tiles) of a dQ CTA, heaviest (causal) tiles first."""
     num_m = (p["Nq"] + kBM - 1) // kBM
-    mb = num_m - 1 - block % num_m
     bh = block // num_m
     b, h = bh // p["H"], bh % p["H"]
-    hkv = h // (p["H"] // p["Hkv"])
-    m0, off = mb * kBM, p["Nk"] - p["Nq"]
+    m0 = (num_m - 1 - block % num_m) * kBM
+    n_end = max(0, min(p["Nk"], m0 + kBM + p["Nk"] - p["Nq"])) if p["causal"] else p["Nk"]
+    return bh, b, h, h // (p["H"] // p["Hkv"]), m0, (n_end + kBN - 1) // kBN
+
+
+def bwd_dkdv_block(p, kBN, kBM, block):
+    """bwd_dkdv_block: (b, hkv, n0, steps, head_of, row0_of) of a dK/dV CTA; causal: the query
+    tiles before the first that sees key n0 skipped."""
+    num_n = (p["Nk"] + kBN - 1) // kBN
+    bhkv, G = block // num_n, p["H"] // p["Hkv"]
+    b, hkv, n0 = bhkv // p["Hkv"], bhkv % p["Hkv"], (block % num_n) * kBN
+    num_m = (p["Nq"] + kBM - 1) // kBM
+    m_first = min(num_m, max(0, n0 - (p["Nk"] - p["Nq"])) // kBM) if p["causal"] else 0
+    per_head = num_m - m_first
+    return (b, hkv, n0, G * per_head, lambda step: hkv * G + step // per_head,
+            lambda step: (m_first + step % per_head) * kBM)
+
+
+def dq_kernel(p, tr, block):
+    kBM, kBN, kD, kS = tr["kBM"], tr["kBN"], tr["kD"], tr["kS"]
+    bh, b, h, hkv, m0, n_tiles = bwd_dq_block(p, kBM, kBN, block)
     q, k, v, do = p["q"], p["k"], p["v"], p["dout"]
     gQ = b * q.st[0] + h * q.st[1]
     gdO = b * do.st[0] + h * do.st[1]
     gK = b * k.st[0] + hkv * k.st[1]
     gV = b * v.st[0] + hkv * v.st[1]
-    n_end = p["Nk"]
-    if p["causal"]:
-        n_end = max(0, min(p["Nk"], m0 + kBM + off))
-    n_tiles = (n_end + kBN - 1) // kBN
     sQ, sdO = np.zeros(kBM * kS), np.zeros(kBM * kS)
     sKV = [[np.zeros(kBN * kS), np.zeros(kBN * kS)] for _ in range(2)]
 
@@ -124,17 +138,7 @@ def dq_kernel(p, tr, block):
                     mma16816(s[2 * np_ + 1], qa, kb[:, 2], kb[:, 3])
                     mma16816(dp[2 * np_], oa, vb[:, 0], vb[:, 1])
                     mma16816(dp[2 * np_ + 1], oa, vb[:, 2], vb[:, 3])
-            need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
-            for nt in range(kBN // 8):
-                for e in range(4):
-                    ri, jl = w["row_in_cta"] + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
-                    x = s[nt][:, e] * p["scale_log2"]
-                    if sBias is not None:
-                        x = x + sBias[ri * kBN + jl]
-                    if need_mask:
-                        i, j = m0 + ri, n0 + jl
-                        x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
-                    s[nt][:, e] = np.exp2(x - w["lse2"][e // 2]) * (dp[nt][:, e] - w["dlt"][e // 2])
+            dq_scores_to_ds(s, dp, p, sBias, w["row_in_cta"], m0, n0, w["lse2"], w["dlt"])
             for kk in range(kBN // 16):
                 da = pack_a(s, kk)
                 for dd in range(kD // 16):
@@ -160,21 +164,46 @@ def store_dq(p, warps, b, h, m0):
                     dq.s[(gdQ + i * dq.st[2] + col + j)[ok]] = (w["acc"][nt][:, 2 * rr + j] * p["scale"])[ok]
 
 
+def dq_scores_to_ds(s, dp, p, sBias, row_in_cta, m0, n0, lse2, dlt):
+    """dq_scores_to_ds (both backward families): dS in place of s, query-major."""
+    knt, off = len(s), p["Nk"] - p["Nq"]
+    need_mask = (n0 + 8 * knt > p["Nk"]) or (p["causal"] and n0 + 8 * knt - 1 > m0 + off)
+    for nt in range(knt):
+        for e in range(4):
+            ri, jl = row_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
+            x = s[nt][:, e] * p["scale_log2"]
+            if sBias is not None:
+                x = x + sBias[ri * 8 * knt + jl]
+            if need_mask:
+                i, j = m0 + ri, n0 + jl
+                x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
+            s[nt][:, e] = np.exp2(x - lse2[e // 2]) * (dp[nt][:, e] - dlt[e // 2])
+
+
+def dkdv_scores_to_ds(st, dpt, p, sBias, bias_cols, sLse, sDelta, key_in_cta, m0, n0, cta_keys):
+    """dkdv_scores_to_ds (both backward families): Pᵀ in place of st, dSᵀ in place of dpt, key-major."""
+    off = p["Nk"] - p["Nq"]
+    need_mask = (n0 + cta_keys > p["Nk"]) or (p["causal"] and n0 + cta_keys - 1 > m0 + off)
+    for nt in range(len(st)):
+        for e in range(4):
+            kl, ql = key_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
+            x = st[nt][:, e] * p["scale_log2"]
+            if sBias is not None:
+                x = x + sBias[ql * bias_cols + kl]
+            if need_mask:
+                i, j = m0 + ql, n0 + kl
+                x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
+            pe = np.exp2(x - sLse[ql])
+            st[nt][:, e] = pe
+            dpt[nt][:, e] = pe * (dpt[nt][:, e] - sDelta[ql])
+
+
 def dkdv_kernel(p, tr, block):
     kBM, kBN, kD, kS = tr["kBM"], tr["kBN"], tr["kD"], tr["kS"]
-    num_n = (p["Nk"] + kBN - 1) // kBN
-    nb, bhkv = block % num_n, block // num_n
-    b, hkv, G = bhkv // p["Hkv"], bhkv % p["Hkv"], p["H"] // p["Hkv"]
-    n0, off = nb * kBN, p["Nk"] - p["Nq"]
-    num_m = (p["Nq"] + kBM - 1) // kBM
-    m_first = min(num_m, max(0, n0 - off) // kBM) if p["causal"] else 0
-    per_head = num_m - m_first
-    steps = G * per_head
+    b, hkv, n0, steps, head_of, row0_of = bwd_dkdv_block(p, kBN, kBM, block)
     q, k, v, do = p["q"], p["k"], p["v"], p["dout"]
     gK = b * k.st[0] + hkv * k.st[1]
     gV = b * v.st[0] + hkv * v.st[1]
-    head_of = lambda step: hkv * G + step // per_head          # noqa: E731
-    row0_of = lambda step: (m_first + step % per_head) * kBM   # noqa: E731
     sK, sV = np.zeros(kBN * kS), np.zeros(kBN * kS)
     sQdO = [[np.zeros(kBM * kS), np.zeros(kBM * kS)] for _ in range(2)]
 
@@ -220,19 +249,7 @@ def dkdv_kernel(p, tr, block):
                     mma16816(st[2 * np_ + 1], ka, qb[:, 2], qb[:, 3])
                     mma16816(dpt[2 * np_], va, ob[:, 0], ob[:, 1])
                     mma16816(dpt[2 * np_ + 1], va, ob[:, 2], ob[:, 3])
-            need_mask = (n0 + kBN > p["Nk"]) or (p["causal"] and n0 + kBN - 1 > m0 + off)
-            for nt in range(kBM // 8):
-                for e in range(4):
-                    kl, ql = key_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
-                    x = st[nt][:, e] * p["scale_log2"]
-                    if sBias is not None:
-                        x = x + sBias[ql * kBN + kl]
-                    if need_mask:
-                        i, j = m0 + ql, n0 + kl
-                        x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
-                    pe = np.exp2(x - sLse[ql])
-                    st[nt][:, e] = pe
-                    dpt[nt][:, e] = pe * (dpt[nt][:, e] - sDelta[ql])
+            dkdv_scores_to_ds(st, dpt, p, sBias, kBN, sLse, sDelta, key_in_cta, m0, n0, kBN)
             for kk in range(kBM // 16):
                 pa, da = pack_a(st, kk), pack_a(dpt, kk)
                 for dd in range(kD // 16):

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from fastcm.reference import attention as ref
-from ptx_model import C_, G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, stage_bias, wgmma_rs, wgmma_ss
-from test_attention_bwd_index_model import delta_kernel, dkdv_kernel, dq_kernel, lse_log2, store_dkdv, store_dq, traits
+from ptx_model import G_, LOG2E, SharedMemory, Tensor, contiguous, desc_sw128, pack_a, stage_bias, wgmma_rs, wgmma_ss
+from test_attention_bwd_index_model import (bwd_dkdv_block, bwd_dq_block, delta_kernel, dkdv_kernel, dkdv_scores_to_ds,
+                                            dq_kernel, dq_scores_to_ds, lse_log2, store_dkdv, store_dq, traits)
 from test_attention_fwd_sm90_index_model import SMEM_OPTIN_SM90, frags, load_tile_sw128
 
 SMEM_OPTIN_SM80 = 163 * 1024
@@ -84,16 +85,10 @@ def grad_chain(sm, acc, a, b_base):
 def dq_sm90_kernel(p, tr, block, smem_raw):
     kBM, kBN, kD = tr["kOwnRows"], tr["kTileRows"], tr["kD"]
     sm, sQ, sdO, sKV = smem_tiles(tr, smem_raw)
-    num_m = (p["Nq"] + kBM - 1) // kBM
-    mb, bh = num_m - 1 - block % num_m, block // num_m
-    b, h = bh // p["H"], bh % p["H"]
-    hkv = h // (p["H"] // p["Hkv"])
-    m0, off = mb * kBM, p["Nk"] - p["Nq"]
+    bh, b, h, hkv, m0, n_tiles = bwd_dq_block(p, kBM, kBN, block)
     q, k, v, do = p["q"], p["k"], p["v"], p["dout"]
     gQ, gdO = b * q.st[0] + h * q.st[1], b * do.st[0] + h * do.st[1]
     gK, gV = b * k.st[0] + hkv * k.st[1], b * v.st[0] + hkv * v.st[1]
-    n_end = max(0, min(p["Nk"], m0 + kBM + off)) if p["causal"] else p["Nk"]
-    n_tiles = (n_end + kBN - 1) // kBN
 
     def load_kv(stage, tile):
         base, n0 = sKV + stage * tr["kStageBytes"], tile * kBN
@@ -136,54 +131,13 @@ def dq_sm90_kernel(p, tr, block, smem_raw):
     store_dq(p, warps, b, h, m0)
 
 
-def dq_scores_to_ds(s, dp, p, sBias, row_in_cta, m0, n0, lse2, dlt):
-    knt, off = len(s), p["Nk"] - p["Nq"]
-    need_mask = (n0 + 8 * knt > p["Nk"]) or (p["causal"] and n0 + 8 * knt - 1 > m0 + off)
-    for nt in range(knt):
-        for e in range(4):
-            ri, jl = row_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
-            x = s[nt][:, e] * p["scale_log2"]
-            if sBias is not None:
-                x = x + sBias[ri * 8 * knt + jl]
-            if need_mask:
-                i, j = m0 + ri, n0 + jl
-                x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
-            s[nt][:, e] = np.exp2(x - lse2[e // 2]) * (dp[nt][:, e] - dlt[e // 2])
-
-
-def dkdv_scores_to_ds(st, dpt, p, sBias, bias_cols, sLse, sDelta, key_in_cta, m0, n0, cta_keys):
-    off = p["Nk"] - p["Nq"]
-    need_mask = (n0 + cta_keys > p["Nk"]) or (p["causal"] and n0 + cta_keys - 1 > m0 + off)
-    for nt in range(len(st)):
-        for e in range(4):
-            kl, ql = key_in_cta + 8 * (e // 2), nt * 8 + 2 * C_ + e % 2
-            x = st[nt][:, e] * p["scale_log2"]
-            if sBias is not None:
-                x = x + sBias[ql * bias_cols + kl]
-            if need_mask:
-                i, j = m0 + ql, n0 + kl
-                x = np.where((j >= p["Nk"]) | (p["causal"] & (j > i + off)), -math.inf, x)
-            pe = np.exp2(x - sLse[ql])
-            st[nt][:, e] = pe
-            dpt[nt][:, e] = pe * (dpt[nt][:, e] - sDelta[ql])
-
-
 def dkdv_sm90_kernel(p, tr, block, smem_raw):
     kBN, kBM, kD = tr["kOwnRows"], tr["kTileRows"], tr["kD"]
     sm, sK, sV, sQdO = smem_tiles(tr, smem_raw)
     stats = np.full(2 * 2 * kBM, np.nan)                 # sStat[stage][LSE | δ][kBM]
-    num_n = (p["Nk"] + kBN - 1) // kBN
-    nb, bhkv = block % num_n, block // num_n
-    b, hkv, G = bhkv // p["Hkv"], bhkv % p["Hkv"], p["H"] // p["Hkv"]
-    n0, off = nb * kBN, p["Nk"] - p["Nq"]
-    num_m = (p["Nq"] + kBM - 1) // kBM
-    m_first = min(num_m, max(0, n0 - off) // kBM) if p["causal"] else 0
-    per_head = num_m - m_first
-    steps = G * per_head
+    b, hkv, n0, steps, head_of, row0_of = bwd_dkdv_block(p, kBN, kBM, block)
     q, k, v, do = p["q"], p["k"], p["v"], p["dout"]
     gK, gV = b * k.st[0] + hkv * k.st[1], b * v.st[0] + hkv * v.st[1]
-    head_of = lambda step: hkv * G + step // per_head          # noqa: E731
-    row0_of = lambda step: (m_first + step % per_head) * kBM   # noqa: E731
 
     def load_qdo(stage, step):
         base, h, m0 = sQdO + stage * tr["kStageBytes"], head_of(step), row0_of(step)
