@@ -149,12 +149,13 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
     _check_against_torch("lse (jvp kernel)", lse_j, t_lse, r_lse)
 
 
-@pytest.mark.parametrize("kernel", ["default", "cp_async", "sm_80"])
+@pytest.mark.parametrize("kernel", ["default", "tma_serial", "cp_async", "sm_80"])
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("kind", ["f32_full", "f32_broadcast", "lowp_full", "bool_mask", "with_tangent"])
 def test_bias(kind, dtype, kernel, monkeypatch):
     """Bias tiles in every forward kernel that takes them (on sm_90 at D = 64: the TMA kernel by
-    default, each warpgroup staging its rows; the cp.async wgmma one; the sm_80 one)."""
+    default and without the overlap, each warpgroup staging its rows; the cp.async wgmma one; the
+    sm_80 one)."""
     _force_kernel(kernel, monkeypatch)
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150, 64
     q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, D, D, dtype)
