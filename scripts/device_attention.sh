@@ -4,8 +4,9 @@
 # then the benchmark. Logs under $OUT.
 #
 #   OUT=/some/dir bash scripts/device_attention.sh            (run tool: $OUT is set for you)
-#   SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 / QUICK_BENCH=1 shorten it (the build and the smoke
-#   calls always run: the smoke decides which kernels the later steps may use).
+#   SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 / QUICK_BENCH=1 shorten it. The build and the smoke
+#   calls (which decide the kernels the later steps may use) run once per source state: a later call
+#   on the warm machine reuses both (FORCE_SMOKE=1 reruns the smoke).
 set -uo pipefail
 OUT=${OUT:-$(pwd)/device_out}
 mkdir -p "$OUT"
@@ -21,10 +22,17 @@ git rev-parse HEAD | tee -a "$OUT/gpu.txt"
 step "build (FASTCM_CUDA_ARCH_LIST=${FASTCM_CUDA_ARCH_LIST:-9.0a})"
 export FASTCM_CUDA_ARCH_LIST=${FASTCM_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-16}
-if ! pip install --no-build-isolation -e . -v > "$OUT/build.log" 2>&1; then
+# A warm machine keeps ignored build outputs between calls: the extension is rebuilt only when its
+# sources (or the arch list) changed since the last build (stamp in build/, ignored by git).
+STAMP=$( (echo "$FASTCM_CUDA_ARCH_LIST"; cat setup.py csrc/*.cpp csrc/*.h csrc/cuda/*) | sha1sum | cut -c1-16)
+if [ "$(cat build/ext_stamp 2>/dev/null)" = "$STAMP" ] && python -c "import fastcm._C" 2> /dev/null; then
+  echo "extension up to date (sources $STAMP): not rebuilt"
+elif pip install --no-build-isolation -e . -v > "$OUT/build.log" 2>&1; then
+  mkdir -p build && echo "$STAMP" > build/ext_stamp
+  grep -E "registers|spill" "$OUT/build.log" | head -40
+else
   echo "BUILD FAILED"; grep -n -E "error|Error" "$OUT/build.log" | head -40; tail -40 "$OUT/build.log"; exit 1
 fi
-grep -E "registers|spill" "$OUT/build.log" | head -40
 python -c "import torch, fastcm._C; assert torch.ops.fastcm.has_cuda(), 'built without CUDA'; print('has_cuda: True')" \
   2>&1 | tee "$OUT/import.txt" || { echo "IMPORT FAILED"; exit 1; }
 
@@ -32,16 +40,24 @@ step "smoke: one small primal + JVP + backward call per kernel choice (a hang sh
 # Each kernel by the switch that forces it; a failing one is switched off (and its forced tests
 # deselected) for the rest of the run, so one broken kernel does not cost the other results.
 # bwd_sm80: every forward default, the mma.sync backward instead of the wgmma one.
-FAILED=""
-for variant in default: bwd_sm80:FASTCM_ATTN_SM90_BWD tma_serial:FASTCM_ATTN_SM90_OVERLAP \
-               tma_smem_q:FASTCM_ATTN_SM90_QREGS cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
-  name=${variant%%:*}; switch=${variant#*:}
-  if env ${switch:+$switch=0} timeout 90 python scripts/attention_smoke.py > "$OUT/smoke_$name.log" 2>&1; then
-    echo "$name: ok"
-  else
-    echo "$name: FAILED (exit $?)"; tail -14 "$OUT/smoke_$name.log"; FAILED="$FAILED $name"; status=1
-  fi
-done
+# The smoke outcome of this build is kept beside its stamp; FORCE_SMOKE=1 runs it again.
+if [ "${FORCE_SMOKE:-0}" != "1" ] && [ "$(head -1 build/smoke 2>/dev/null)" = "$STAMP" ]; then
+  FAILED=$(sed -n 2p build/smoke)
+  echo "smoke of this build already run: failed:${FAILED:- none} (FORCE_SMOKE=1 reruns it)"
+else
+  FAILED=""
+  for variant in default: bwd_sm80:FASTCM_ATTN_SM90_BWD tma_serial:FASTCM_ATTN_SM90_OVERLAP \
+                 tma_smem_q:FASTCM_ATTN_SM90_QREGS cp_async:FASTCM_ATTN_SM90_TMA sm_80:FASTCM_ATTN_SM90; do
+    name=${variant%%:*}; switch=${variant#*:}
+    if env ${switch:+$switch=0} timeout 90 python scripts/attention_smoke.py > "$OUT/smoke_$name.log" 2>&1; then
+      echo "$name: ok"
+    else
+      echo "$name: FAILED (exit $?)"; tail -14 "$OUT/smoke_$name.log"; FAILED="$FAILED $name"
+    fi
+  done
+  printf '%s\n%s\n' "$STAMP" "$FAILED" > build/smoke
+fi
+[ -n "$FAILED" ] && status=1
 failed() { case " $FAILED " in *" $1 "*) return 0;; esac; return 1; }
 if failed default && ! failed bwd_sm80; then export FASTCM_ATTN_SM90_BWD=0
 elif failed default && ! failed tma_smem_q; then export FASTCM_ATTN_SM90_QREGS=0
@@ -65,7 +81,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   step "tests (FASTCM_TEST_DEVICE=cuda)"
   TESTS="tests/test_attention_cuda.py"
   [ -f tests/test_attention.py ] && TESTS="$TESTS tests/test_attention.py"   # the part-1 suite, unchanged
-  FASTCM_TEST_DEVICE=cuda timeout 300 python -m pytest $TESTS -q -x --maxfail=5 -p no:cacheprovider \
+  FASTCM_TEST_DEVICE=cuda timeout 360 python -m pytest $TESTS -q --maxfail=5 -p no:cacheprovider --durations=15 \
     ${DESELECT:+-k "$DESELECT"} > "$OUT/pytest.log" 2>&1 || status=1
   tail -25 "$OUT/pytest.log"
 fi
