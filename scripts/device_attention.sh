@@ -143,6 +143,6 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
 fi
 
 step "summary"
-[ -f "$OUT/pytest.log" ] && grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+[ -f "$OUT/pytest.log" ] && grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)" "$OUT/pytest.log" | tail -1
 echo "smoke failures:${FAILED:- none}"
 exit $status
