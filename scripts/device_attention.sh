@@ -90,11 +90,27 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ]; then
   step "compute-sanitizer (memcheck, racecheck, synccheck: barrier use) on small shapes"
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   cat > "$OUT/sanitize_case.py" <<'PY'
+import contextlib
 import os
 import torch
 from fastcm._extension import extension_ops
 ops = extension_ops()
 torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def switched_off(variable):
+    old = os.environ.get(variable)
+    os.environ[variable] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = old
+
+
 print("forward kernels (d 64 JVP):", ops.attention_forward_kernels(torch.empty(1, 1, 1, 64, device="cuda"), torch.empty(1, 1, 1, 64, device="cuda"), True, False, False))
 for dtype in (torch.bfloat16, torch.float16):
     for (B, H, Hkv, Nq, Nk, D, Dv, causal) in [(1, 2, 1, 70, 45, 64, 64, True), (1, 2, 2, 33, 100, 128, 128, False),
@@ -109,17 +125,15 @@ for dtype in (torch.bfloat16, torch.float16):
             ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, b, 0.125, causal)
         # TMA without overlap; Q from shared memory; cp.async without bias
         for switch in ("FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_QREGS", "FASTCM_ATTN_SM90_TMA"):
-            old = os.environ.get(switch)
-            os.environ[switch] = "0"
-            ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)
-            ops.attention_forward(q, k, v, None, 0.125, causal)
-            if old is None:
-                del os.environ[switch]
-            else:
-                os.environ[switch] = old
-        for b in (None, bias):   # the fused backward with and without a staged bias tile
+            with switched_off(switch):
+                ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.125, causal)
+                ops.attention_forward(q, k, v, None, 0.125, causal)
+        for b in (None, bias):   # the backward (wgmma on sm_90 at d 64 / 128, mma.sync with the switch off)
             out, lse = ops.attention_forward(q, k, v, b, 0.125, causal)
-            ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal)
+            ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal,
+                                   torch.randn(B, H, Nq, device="cuda"))
+            with switched_off("FASTCM_ATTN_SM90_BWD"):
+                ops.attention_backward(r(B, H, Nq, Dv), q, k, v, out, lse, b, 0.125, causal)
 torch.cuda.synchronize()
 print("sanitize case done")
 PY

@@ -475,27 +475,28 @@ def test_tma_kernel_reads_strided_layouts(case):
 
 def _random_case(seed):
     """A random call the sm_90a kernels take: any lengths (tails of the 64 / 128-key and 128-row
-    tiles), GQA, causal either way, head dims padding to 64 or 128; JVP for odd seeds."""
+    tiles), GQA, causal either way, head dims padding to 64 or 128; JVP for odd seeds; a full bias
+    (and bias_t) for seeds 2 and 5."""
     rng = np.random.default_rng(seed)
     Hkv = int(rng.integers(1, 3))
     H = Hkv * int(rng.integers(1, 3))
     d = 8 * int(rng.choice([rng.integers(5, 9), rng.integers(13, 17)]))   # pads to 64 or to 128
     return (1, H, Hkv, int(rng.integers(1, 300)), int(rng.integers(1, 400)), d, d, bool(rng.integers(2)),
-            seed % 2 == 1, None)
+            seed % 2 == 1, "full" if seed in (2, 5) else None)
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_sm90_kernels_on_random_shapes(seed):
     case = _random_case(seed)
-    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, _ = case
-    tensors, *_ = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, None, seed=100 + seed)
-    names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, jvp)
+    B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
+    tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=100 + seed)
+    names, expected = reference_outputs(tensors, bias, bias_t, Dqk ** -0.5, causal, jvp)
     for kernel, (tma_enabled, overlap, q_regs) in KERNELS.items():
         if kernel == "tma_smem_q" and Dqk > 64:
             continue                        # the same kernel as the default at d 128
         launches = []
         q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
-        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, None, None,
+        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
                             Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap,
                             q_regs=q_regs)
         assert launches[0][0] == _expected_kernel(case, kernel, launches[0][1]), (case, launches)
