@@ -8,6 +8,8 @@ unless --causal), times
   ..._smemq       the same with FASTCM_ATTN_SM90_QREGS=0 (TMA kernel, Q read from shared memory), sm_90, d=64 only
   ..._cpasync     the same with FASTCM_ATTN_SM90_TMA=0 (the cp.async wgmma kernel), on sm_90 only
   ..._sm80        the same with FASTCM_ATTN_SM90=0 (the mma.sync kernel), on sm_90 only
+  fastcm jvp_bias the JVP with a (1, 1, N, N) fp32 bias (a broadcast mask-like term) at d = 64, on sm_90
+                  with its _cpasync row (bias tiles in the TMA kernel against the cp.async one's)
   fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels, wgmma on sm_90; TFLOP/s on 10·N²·d per head)
   fastcm bwd_sm80 the same with FASTCM_ATTN_SM90_BWD=0 (the mma.sync kernels), on sm_90 only (--skip _bwdsm80)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
@@ -152,6 +154,19 @@ def main():
             ]
             kernels = {"fastcm_fwd": ops.attention_forward_kernels(q, v, False, False, False),
                        "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
+            if hopper and d == 64:   # bias tiles: staged per warpgroup (TMA) against the cp.async kernel's
+                bias = torch.randn(1, 1, N, N, device="cuda").expand(B, H, N, N)
+
+                def fastcm_jvp_bias():
+                    return ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, None, scale, args.causal)
+
+                cases.append(("fastcm_jvp_bias", fastcm_jvp_bias, f_jvp))
+                kernels["fastcm_jvp_bias"] = ops.attention_forward_kernels(q, v, True, True, False)
+                if "_cpasync" not in args.skip.split(","):
+                    cases.append(("fastcm_jvp_bias_cpasync", with_switch_off("FASTCM_ATTN_SM90_TMA", fastcm_jvp_bias),
+                                  f_jvp))
+                    kernels["fastcm_jvp_bias_cpasync"] = with_switch_off(
+                        "FASTCM_ATTN_SM90_TMA", lambda: ops.attention_forward_kernels(q, v, True, True, False))()
             if hopper:   # the other forward kernels beside the default in the same run
                 for suffix, variable in SM90_VARIANTS.items():
                     if suffix in args.skip.split(",") or (suffix in D64_ONLY and d != 64):
@@ -190,7 +205,7 @@ def main():
                           "x_floor": r["ms"] / (flops / rate * 1e3) if r["ms"] else None})
                 results[name] = r
                 rows.append(r)
-                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:19s} "
+                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:23s} "
                       + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['x_floor']:5.2f}x floor {r['peak_mib']:9.1f} MiB"
                          if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
                       flush=True)
@@ -202,12 +217,12 @@ def main():
             write_results(args.out, rows, meta)
 
     print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}, {args.dtype} matmul {rate / 1e12:.1f} TFLOP/s")
-    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>19} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9}")
+    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>23} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>19} {r['status'][:40]}")
+            print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>23} {r['status'][:40]}")
             continue
-        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>19} {r['ms']:9.3f} {r['tflops']:8.1f} "
+        print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>23} {r['ms']:9.3f} {r['tflops']:8.1f} "
               f"{r['x_floor']:7.2f} {r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
 
 
