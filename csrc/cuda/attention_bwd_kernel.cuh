@@ -117,14 +117,22 @@ __device__ __forceinline__ float lse_log2(const BwdParams& p, int64_t li) {
   return l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
 }
 
-// The CTA of a dQ kernel: (b, h, kBM query rows at m0), heaviest (causal) tiles first, and the
-// key tiles of kBN it visits (causal: up to the last visible key).
+// Row 0 of head h of batch entry b of a (B, heads, N, D) tensor with strides (sb, sh, ·, 1).
+template <typename T>
+__device__ __forceinline__ const T* head_rows(const void* base, int64_t sb, int64_t sh, int b, int h) {
+  return static_cast<const T*>(base) + b * sb + h * sh;
+}
+
+// The CTA of a dQ kernel: (b, h, kBM query rows at m0), heaviest (causal) tiles first, the key tiles
+// of kBN it visits (causal: up to the last visible key), and its heads of q, dO, k, v.
+template <typename T>
 struct BwdDqBlock {
   int bh, b, h, hkv, m0, n_tiles;
+  const T *q, *dout, *k, *v;
 };
-template <int kBM, int kBN>
-__device__ __forceinline__ BwdDqBlock bwd_dq_block(const BwdParams& p) {
-  BwdDqBlock w;
+template <typename T, int kBM, int kBN>
+__device__ __forceinline__ BwdDqBlock<T> bwd_dq_block(const BwdParams& p) {
+  BwdDqBlock<T> w;
   const int num_m = (p.Nq + kBM - 1) / kBM;
   w.bh = (int)(blockIdx.x / num_m);
   w.b = w.bh / p.H;
@@ -133,20 +141,26 @@ __device__ __forceinline__ BwdDqBlock bwd_dq_block(const BwdParams& p) {
   w.m0 = (num_m - 1 - (int)(blockIdx.x % num_m)) * kBM;
   const int n_end = p.causal ? max(0, min(p.Nk, w.m0 + kBM + p.Nk - p.Nq)) : p.Nk;
   w.n_tiles = (n_end + kBN - 1) / kBN;
+  w.q = head_rows<T>(p.q, p.q_sb, p.q_sh, w.b, w.h);
+  w.dout = head_rows<T>(p.dout, p.do_sb, p.do_sh, w.b, w.h);
+  w.k = head_rows<T>(p.k, p.k_sb, p.k_sh, w.b, w.hkv);
+  w.v = head_rows<T>(p.v, p.v_sb, p.v_sh, w.b, w.hkv);
   return w;
 }
 
-// The CTA of a dK/dV kernel: (b, kv head, kBN keys at n0), low key tiles (the longest) first, and
-// its steps: the G query heads of the group × their query tiles of kBM rows; causal: query i sees
-// key n0 only if i ≥ n0 − (Nk − Nq), so the tiles before m_first are skipped.
+// The CTA of a dK/dV kernel: (b, kv head, kBN keys at n0), low key tiles (the longest) first, its
+// heads of k, v, and its steps: the G query heads of the group × their query tiles of kBM rows;
+// causal: query i sees key n0 only if i ≥ n0 − (Nk − Nq), so the tiles before m_first are skipped.
+template <typename T>
 struct BwdDkdvBlock {
   int b, hkv, G, n0, m_first, per_head, steps;
+  const T *k, *v;
   __device__ int head_of(int step) const { return hkv * G + step / per_head; }
   __device__ int row0_of(int step, int kBM) const { return (m_first + step % per_head) * kBM; }
 };
-template <int kBN, int kBM>
-__device__ __forceinline__ BwdDkdvBlock bwd_dkdv_block(const BwdParams& p) {
-  BwdDkdvBlock w;
+template <typename T, int kBN, int kBM>
+__device__ __forceinline__ BwdDkdvBlock<T> bwd_dkdv_block(const BwdParams& p) {
+  BwdDkdvBlock<T> w;
   const int num_n = (p.Nk + kBN - 1) / kBN;
   const int bhkv = (int)(blockIdx.x / num_n);
   w.b = bhkv / p.Hkv;
@@ -157,6 +171,8 @@ __device__ __forceinline__ BwdDkdvBlock bwd_dkdv_block(const BwdParams& p) {
   w.m_first = p.causal ? min(num_m, max(0, w.n0 - (p.Nk - p.Nq)) / kBM) : 0;
   w.per_head = num_m - w.m_first;
   w.steps = w.G * w.per_head;
+  w.k = head_rows<T>(p.k, p.k_sb, p.k_sh, w.b, w.hkv);
+  w.v = head_rows<T>(p.v, p.v_sb, p.v_sh, w.b, w.hkv);
   return w;
 }
 
@@ -287,13 +303,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
-  const BwdDqBlock blk = bwd_dq_block<kBM, kBN>(p);
+  const BwdDqBlock<T> blk = bwd_dq_block<T, kBM, kBN>(p);
   const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, n_tiles = blk.n_tiles;
 
-  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + blk.hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + blk.hkv * p.v_sh;
+  const T *gQ = blk.q, *gdO = blk.dout, *gK = blk.k, *gV = blk.v;
 
   auto load_kv = [&](int stage, int tile) {
     T* base = sKV + stage * 2 * kBN * kS;
@@ -396,18 +409,17 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
-  const BwdDkdvBlock blk = bwd_dkdv_block<kBN, kBM>(p);
+  const BwdDkdvBlock<T> blk = bwd_dkdv_block<T, kBN, kBM>(p);
   const int b = blk.b, hkv = blk.hkv, n0 = blk.n0, steps = blk.steps;
 
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  const T *gK = blk.k, *gV = blk.v;
   auto head_of = [&](int step) { return blk.head_of(step); };
   auto row0_of = [&](int step) { return blk.row0_of(step, kBM); };
   auto load_qdo = [&](int stage, int step) {
     T* base = sQdO + stage * 2 * kBM * kS;
     const int h = head_of(step), m0 = row0_of(step);
-    const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-    const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    const T* gQ = head_rows<T>(p.q, p.q_sb, p.q_sh, b, h);
+    const T* gdO = head_rows<T>(p.dout, p.do_sb, p.do_sh, b, h);
     load_tile<Tr, kBM>(base, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
     load_tile<Tr, kBM>(base + kBM * kS, gdO + m0 * p.do_sn, (int)p.do_sn, p.Nq - m0, p.d_v, tid);
   };

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   constexpr int kBM = Tr::kOwnRows, kBN = Tr::kTileRows, kD = Tr::kD;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = swizzle_aligned(smem_raw);
   unsigned char* sQ = smem;
   unsigned char* sdO = smem + Tr::kOwnBytes;
   unsigned char* sKV = smem + 2 * Tr::kOwnBytes;       // stage s: K at sKV + s·kStageBytes, then V
@@ -95,13 +95,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);   // warp-uniform: descriptors in uniform registers
   const int g = lane / 4, c = lane % 4;
-  const BwdDqBlock blk = bwd_dq_block<kBM, kBN>(p);
+  const BwdDqBlock<T> blk = bwd_dq_block<T, kBM, kBN>(p);
   const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, n_tiles = blk.n_tiles;
 
-  const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + blk.hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + blk.hkv * p.v_sh;
+  const T *gQ = blk.q, *gdO = blk.dout, *gK = blk.k, *gV = blk.v;
 
   auto load_kv = [&](int stage, int tile) {
     unsigned char* base = sKV + stage * Tr::kStageBytes;
@@ -175,7 +172,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
   constexpr int kBN = Tr::kOwnRows, kBM = Tr::kTileRows, kD = Tr::kD;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = swizzle_aligned(smem_raw);
   unsigned char* sK = smem;
   unsigned char* sV = smem + Tr::kOwnBytes;
   unsigned char* sQdO = smem + 2 * Tr::kOwnBytes;      // stage s: Q at sQdO + s·kStageBytes, then dO
@@ -185,19 +182,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
   const int g = lane / 4, c = lane % 4;
-  const BwdDkdvBlock blk = bwd_dkdv_block<kBN, kBM>(p);
+  const BwdDkdvBlock<T> blk = bwd_dkdv_block<T, kBN, kBM>(p);
   const int b = blk.b, hkv = blk.hkv, n0 = blk.n0, steps = blk.steps;
 
-  const T* gK = static_cast<const T*>(p.k) + b * p.k_sb + hkv * p.k_sh;
-  const T* gV = static_cast<const T*>(p.v) + b * p.v_sb + hkv * p.v_sh;
+  const T *gK = blk.k, *gV = blk.v;
   auto head_of = [&](int step) { return blk.head_of(step); };
   auto row0_of = [&](int step) { return blk.row0_of(step, kBM); };
   // Q, dO by cp.async; the rows' LSE and δ by plain stores, published by the same barrier.
   auto load_qdo = [&](int stage, int step) {
     unsigned char* base = sQdO + stage * Tr::kStageBytes;
     const int h = head_of(step), m0 = row0_of(step);
-    const T* gQ = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-    const T* gdO = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    const T* gQ = head_rows<T>(p.q, p.q_sb, p.q_sh, b, h);
+    const T* gdO = head_rows<T>(p.dout, p.do_sb, p.do_sh, b, h);
     load_tile_sw128<Tr, kBM>(base, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
     load_tile_sw128<Tr, kBM>(base + Tr::kTileBytes, gdO + m0 * p.do_sn, (int)p.do_sn, p.Nq - m0, p.d_v, tid);
     if (tid < kBM) {

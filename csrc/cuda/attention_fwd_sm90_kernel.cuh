@@ -100,6 +100,12 @@ __device__ __forceinline__ void load_tile_sw128(unsigned char* smem, const typen
   }
 }
 
+// The dynamic shared-memory base rounded up to the 1024-byte period of the 128-byte swizzle (the
+// base is only guaranteed 16-byte aligned; the kernels' kSmemBytes include the 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* swizzle_aligned(unsigned char* smem_raw) {
+  return smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+}
+
 // Byte offset of k-step ks (16 columns) in a K-major swizzled tile of `rows` rows: panel ks/4, byte
 // (ks%4)·32 of each 128-byte row (8-row groups are 1024 bytes apart: the descriptors' SBO).
 __device__ __forceinline__ uint32_t sw128_k_step(int ks, int rows) {
@@ -227,7 +233,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   constexpr int kScheduleBarrier = 1;   // named barrier ordering the warpgroups' S chains
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = swizzle_aligned(smem_raw);
   unsigned char* sQ = smem;
   unsigned char* sQt = smem + Tr::kQBytes;                  // valid only if kJvp
   unsigned char* sKV = smem + Tr::kQTiles * Tr::kQBytes;    // stage s: sKV + s·kStageBytes

@@ -106,7 +106,8 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   constexpr int kBiasBarrier = 3;   // kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows staged
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const uint32_t sQ = smem_addr(smem_raw) + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = swizzle_aligned(smem_raw);
+  const uint32_t sQ = smem_addr(smem);
   const uint32_t sQt = sQ + Tr::kQBytes;                    // valid only if kJvp
   const uint32_t sKV = sQ + Tr::kQTiles * Tr::kQBytes;      // stage s: sKV + s·kStageBytes
   const uint32_t q_full = sQ + Tr::kTileBytes;
@@ -173,9 +174,8 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
   float row_r[2] = {0.f, 0.f};
-  // The bias tiles after the mbarriers (the generic address of the realigned base + their offset).
-  FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem_raw + (sQ - smem_addr(smem_raw)) + Tr::kTileBytes + 8 * Tr::kBarriers,
-                                         blk.b, blk.h);
+  // The bias tiles after the mbarriers.
+  FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem + Tr::kTileBytes + 8 * Tr::kBarriers, blk.b, blk.h);
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
   const uint32_t q_base = sQ + wg * 64 * 128, qt_base = sQt + wg * 64 * 128;
