@@ -605,6 +605,7 @@ def test_backward_lse_gradient(shape, dtype, bwd_kernel, monkeypatch):
     grad, grad_lse = _rand(B, H, Nq, Dv, dtype=dtype), _rand(B, H, Nq, dtype=torch.float32)
     scale = Dqk ** -0.5
     out, lse = ops.attention_forward(q, k, v, None, scale, True)
+    _poison_allocator(q.shape, k.shape, v.shape, dtype=q.dtype)
     got = ops.attention_backward(grad, q, k, v, out, lse, None, scale, True, grad_lse)
 
     def grads(q_, k_, v_, g_, gl_):
