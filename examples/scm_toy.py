@@ -31,7 +31,8 @@ def train_step(net, optimizer, x0, step, warmup_steps, generator):
     batch = x0.shape[0]
     t = scm_sample_t(batch, sigma_data=SIGMA_DATA, generator=generator, device=x0.device)
     z = SIGMA_DATA * torch.randn(x0.shape, generator=generator).to(x0.device)
-    cos_t, sin_t = torch.cos(t).reshape(-1, 1), torch.sin(t).reshape(-1, 1)
+    per_sample = (-1,) + (1,) * (x0.dim() - 1)
+    cos_t, sin_t = torch.cos(t).reshape(per_sample), torch.sin(t).reshape(per_sample)
     x_t = cos_t * x0 + sin_t * z
     dx_dt = cos_t * z - sin_t * x0
     with torch.no_grad():  # the sCM pattern: tangent without a graph, then a separate forward
@@ -47,15 +48,16 @@ def train_step(net, optimizer, x0, step, warmup_steps, generator):
 
 
 @torch.no_grad()
-def sample(net, num, steps, generator, device="cpu"):
-    """1 step: f(σd·z, π/2). 2 steps: re-noise to an intermediate time t = 1.1 and denoise again."""
+def sample(net, num, steps, generator, device="cpu", shape=(2,)):
+    """num samples of `shape`. 1 step: f(σd·z, π/2). 2 steps: re-noise to an intermediate time
+    t = 1.1 and denoise again."""
     times = [math.pi / 2, 1.1][:steps]
-    x = SIGMA_DATA * torch.randn(num, 2, generator=generator).to(device)
+    x = SIGMA_DATA * torch.randn(num, *shape, generator=generator).to(device)
     for i, t in enumerate(times):
         denoised = consistency_function(net, x, torch.full((num,), t, device=device))
         if i + 1 == len(times):
             return denoised
-        noise = torch.randn(num, 2, generator=generator).to(device)
+        noise = torch.randn(num, *shape, generator=generator).to(device)
         x = fastcm.trigflow_step(denoised, times[i + 1], sigma_data=SIGMA_DATA, noise=noise)
     return x
 

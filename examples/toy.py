@@ -4,6 +4,7 @@ and the scatter plot."""
 
 import argparse
 import math
+import sys
 
 import torch
 
@@ -11,6 +12,7 @@ MODES = 8
 RADIUS = 0.7
 MODE_STD = 0.04
 SIGMA_DATA = 0.5  # ≈ the per-coordinate std of the ring: the σd of both examples
+BATCH = 512  # training batch
 
 
 def sample_data(batch, generator=None, device="cpu"):
@@ -53,14 +55,16 @@ def evaluate(sample_sets, generator):
     return results
 
 
-def main(argv, description, default_steps, train_step, sample, loss_name):
-    """Trains Net with Adam and a cosine learning-rate decay, calling
-    train_step(net, optimizer, x0, step, total_steps, generator) -> loss, then samples 4096 points
-    in 1 and 2 network calls with sample(net, num, steps, generator, device) and prints their
-    distance to the modes. Returns {name: mean distance}."""
+def main(argv, description, default_steps, train_step, sample, loss_name, problem=None):
+    """Trains problem.Net with Adam and a cosine learning-rate decay, calling
+    train_step(net, optimizer, x0, step, total_steps, generator) -> loss, then draws 4096 samples
+    in 1 and 2 network calls with sample(net, num, steps, generator, device) and scores them with
+    problem.evaluate. problem: a module with Net, sample_data, evaluate, plot and BATCH (default: this
+    one, the ring of Gaussians). Returns {name: score}."""
+    problem = problem or sys.modules[__name__]
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=default_steps)
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=problem.BATCH)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,22 +73,22 @@ def main(argv, description, default_steps, train_step, sample, loss_name):
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    net = Net().to(args.device)
+    net = problem.Net().to(args.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     for step in range(args.steps):
-        loss = train_step(net, optimizer, sample_data(args.batch, generator, args.device), step, args.steps,
+        loss = train_step(net, optimizer, problem.sample_data(args.batch, generator, args.device), step, args.steps,
                           generator)
         scheduler.step()
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(f"step {step:6d}  {loss_name} {loss:.4f}")
 
-    sample_sets = {"data": sample_data(4096, generator)}
+    sample_sets = {"data": problem.sample_data(4096, generator)}
     for steps in (1, 2):
         sample_sets[f"{steps}-step"] = sample(net, 4096, steps, generator, args.device)
-    results = evaluate({k: v for k, v in sample_sets.items() if k != "data"}, generator)
+    results = problem.evaluate({k: v for k, v in sample_sets.items() if k != "data"}, generator)
     if args.plot:
-        plot(sample_sets, results, args.plot)
+        problem.plot(sample_sets, results, args.plot)
     return results
 
 
