@@ -21,7 +21,7 @@ and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), the time ove
 relative to the SDPA forward and peak memory above the inputs. Writes attention_gpu.json and
 attention_gpu.csv into --out.
 
-    python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick] [--no-compile]
+    python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick] [--no-compile] [--time-budget S]
 """
 
 import argparse
@@ -41,6 +41,14 @@ DEVICE = torch.device("cuda")
 CONFIGS = [(1, 32, 64), (1, 16, 128)]          # (B, H, d)
 LENGTHS = [1024, 4096, 8192, 16384]
 COMPILE_LENGTH = 8192                            # the issue's goal shapes: where the compiled baseline runs
+
+
+def shape_order(lengths):
+    """(B, H, d, N) in the order they run: the goal length first, then the shorter ones, then the
+    longer ones, both head dims at each, so a run cut short by its time budget has measured the
+    shapes that matter most."""
+    by_priority = sorted(lengths, key=lambda n: (n != COMPILE_LENGTH, n > COMPILE_LENGTH, n))
+    return [(B, H, d, N) for N in by_priority for B, H, d in CONFIGS]
 
 
 # Row suffix -> the kernel switch that selects it on sm_90 (read by the extension at every call).
@@ -95,11 +103,13 @@ def main():
     parser.add_argument("--out", required=True, help="directory for attention_gpu.json / .csv")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--quick", action="store_true", help="N in {1024, 4096} only")
+    parser.add_argument("--quick", action="store_true", help="N in {4096, 8192} only")
     parser.add_argument("--no-math", action="store_true", help="skip the MATH-backend JVP baseline")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MATH-backend JVP")
     parser.add_argument("--skip", default="", help="comma-separated sm_90 row suffixes not to run (e.g. _serial,_cpasync)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no new shape after this much time (the table so far is still printed)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks.attention_gpu needs a CUDA GPU; GPU figures need a GPU.")
@@ -109,7 +119,7 @@ def main():
     assert ops.has_cuda(), "fastcm._C was built without CUDA kernels"
     dtype = getattr(torch, args.dtype)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    lengths = LENGTHS[:2] if args.quick else LENGTHS
+    lengths = [4096, COMPILE_LENGTH] if args.quick else LENGTHS
     os.makedirs(args.out, exist_ok=True)
     rate = matmul_rate(DEVICE, dtype)                # FLOP/s: the compute floor of every row
     print(f"{args.dtype} 8192^3 matmul: {rate / 1e12:.1f} TFLOP/s (the floor's rate)", flush=True)
@@ -120,102 +130,109 @@ def main():
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "matmul_tflops": rate / 1e12,
             "command": " ".join(["python -m benchmarks.attention_gpu"] + sys.argv[1:])}
-    rows = []
-    for B, H, d in CONFIGS:
-        for N in lengths:
-            torch.manual_seed(0)
-            q, k, v, qt, kt, vt = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(6))
-            grad = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
-            scale = d ** -0.5
-            causal_factor = 0.5 if args.causal else 1.0
-            f_fwd = 4 * B * H * N * N * d * causal_factor
-            f_jvp = 12 * B * H * N * N * d * causal_factor
-            f_bwd = 10 * B * H * N * N * d * causal_factor    # dV, dP, dQ, dK + S recompute
-
-            def sdpa_math_jvp():
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-                with sdpa_kernel(SDPBackend.MATH):
-                    return torch.func.jvp(
-                        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=args.causal),
-                        (q, k, v), (qt, kt, vt))
-
-            out, lse = ops.attention_forward(q, k, v, None, scale, args.causal)
-
-            def fastcm_fwd():
-                return ops.attention_forward(q, k, v, None, scale, args.causal)
-
-            def fastcm_jvp():
-                return ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, args.causal)
-
-            cases = [
-                ("sdpa_fwd", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal), f_fwd),
-                ("fastcm_fwd", fastcm_fwd, f_fwd),
-                ("fastcm_jvp", fastcm_jvp, f_jvp),
-            ]
-            kernels = {"fastcm_fwd": ops.attention_forward_kernels(q, v, False, False, False),
-                       "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
-            if hopper and d == 64:   # bias tiles: staged per warpgroup (TMA) against the cp.async kernel's
-                bias = torch.randn(1, 1, N, N, device="cuda").expand(B, H, N, N)
-
-                def fastcm_jvp_bias():
-                    return ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, None, scale, args.causal)
-
-                cases.append(("fastcm_jvp_bias", fastcm_jvp_bias, f_jvp))
-                kernels["fastcm_jvp_bias"] = ops.attention_forward_kernels(q, v, True, True, False)
-                if "_cpasync" not in args.skip.split(","):
-                    cases.append(("fastcm_jvp_bias_cpasync", with_switch_off("FASTCM_ATTN_SM90_TMA", fastcm_jvp_bias),
-                                  f_jvp))
-                    kernels["fastcm_jvp_bias_cpasync"] = with_switch_off(
-                        "FASTCM_ATTN_SM90_TMA", lambda: ops.attention_forward_kernels(q, v, True, True, False))()
-            if hopper:   # the other forward kernels beside the default in the same run
-                for suffix, variable in SM90_VARIANTS.items():
-                    if suffix in args.skip.split(",") or (suffix in D64_ONLY and d != 64):
-                        continue
-                    cases += [("fastcm_fwd" + suffix, with_switch_off(variable, fastcm_fwd), f_fwd),
-                              ("fastcm_jvp" + suffix, with_switch_off(variable, fastcm_jvp), f_jvp)]
-                    for name, jvp in (("fastcm_fwd", False), ("fastcm_jvp", True)):
-                        kernels[name + suffix] = with_switch_off(
-                            variable, lambda jvp=jvp: ops.attention_forward_kernels(q, v, jvp, False, False))()
-            sdpa_graph = None
-            if not args.no_backward:
-                def fastcm_bwd():
-                    return ops.attention_backward(grad, q, k, v, out, lse, None, scale, args.causal)
-
-                cases.append(("fastcm_bwd", fastcm_bwd, f_bwd))
-                kernels["fastcm_bwd"] = ops.attention_backward_kernels(q, v, False)
-                if hopper and "_bwdsm80" not in args.skip.split(","):
-                    cases.append(("fastcm_bwd_sm80", with_switch_off("FASTCM_ATTN_SM90_BWD", fastcm_bwd), f_bwd))
-                    kernels["fastcm_bwd_sm80"] = with_switch_off(
-                        "FASTCM_ATTN_SM90_BWD", lambda: ops.attention_backward_kernels(q, v, False))()
-                # The baseline backward alone: one SDPA forward graph, differentiated on every call.
-                sdpa_graph = [t.detach().requires_grad_(True) for t in (q, k, v)]
-                sdpa_graph.append(F.scaled_dot_product_attention(*sdpa_graph, is_causal=args.causal))
-                cases.append(("sdpa_bwd", lambda: torch.autograd.grad(sdpa_graph[3], sdpa_graph[:3], grad,
-                                                                      retain_graph=True), f_bwd))
-            if not args.no_math:
-                cases.append(("math_jvp", sdpa_math_jvp, f_jvp))
-            if not args.no_compile and N == COMPILE_LENGTH:
-                compiled_jvp = torch.compile(sdpa_math_jvp)
-                cases.append(("compiled_math_jvp", compiled_jvp, f_jvp))
-            results = {}
-            for name, fn, flops in cases:
-                r = measure(name, fn, flops)
-                r.update({"B": B, "H": H, "N": N, "d": d, "dtype": args.dtype, "causal": args.causal,
-                          "kernel": " + ".join(kernels.get(name, [])),
-                          "x_floor": r["ms"] / (flops / rate * 1e3) if r["ms"] else None})
-                results[name] = r
-                rows.append(r)
-                print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:23s} "
-                      + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['x_floor']:5.2f}x floor {r['peak_mib']:9.1f} MiB"
-                         if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
-                      flush=True)
-            ref_ms = results["sdpa_fwd"]["ms"]
-            for r in results.values():
-                r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
-            del q, k, v, qt, kt, vt, grad, out, lse, sdpa_graph, cases
-            torch.cuda.empty_cache()
+    rows, started = [], time.monotonic()
+    for B, H, d, N in shape_order(lengths):
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: B={B} H={H} N={N} d={d} and the shapes after it not run",
+                  flush=True)
+            meta["cut_short_at"] = {"B": B, "H": H, "N": N, "d": d}
             write_results(args.out, rows, meta)
+            break
+        torch.manual_seed(0)
+        q, k, v, qt, kt, vt = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(6))
+        grad = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+        scale = d ** -0.5
+        causal_factor = 0.5 if args.causal else 1.0
+        f_fwd = 4 * B * H * N * N * d * causal_factor
+        f_jvp = 12 * B * H * N * N * d * causal_factor
+        f_bwd = 10 * B * H * N * N * d * causal_factor    # dV, dP, dQ, dK + S recompute
 
+        def sdpa_math_jvp():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.func.jvp(
+                    lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=args.causal),
+                    (q, k, v), (qt, kt, vt))
+
+        out, lse = ops.attention_forward(q, k, v, None, scale, args.causal)
+
+        def fastcm_fwd():
+            return ops.attention_forward(q, k, v, None, scale, args.causal)
+
+        def fastcm_jvp():
+            return ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, args.causal)
+
+        cases = [
+            ("sdpa_fwd", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=args.causal), f_fwd),
+            ("fastcm_fwd", fastcm_fwd, f_fwd),
+            ("fastcm_jvp", fastcm_jvp, f_jvp),
+        ]
+        kernels = {"fastcm_fwd": ops.attention_forward_kernels(q, v, False, False, False),
+                   "fastcm_jvp": ops.attention_forward_kernels(q, v, True, False, False)}
+        if hopper and d == 64:   # bias tiles: staged per warpgroup (TMA) against the cp.async kernel's
+            bias = torch.randn(1, 1, N, N, device="cuda").expand(B, H, N, N)
+
+            def fastcm_jvp_bias():
+                return ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, None, scale, args.causal)
+
+            cases.append(("fastcm_jvp_bias", fastcm_jvp_bias, f_jvp))
+            kernels["fastcm_jvp_bias"] = ops.attention_forward_kernels(q, v, True, True, False)
+            if "_cpasync" not in args.skip.split(","):
+                cases.append(("fastcm_jvp_bias_cpasync", with_switch_off("FASTCM_ATTN_SM90_TMA", fastcm_jvp_bias),
+                              f_jvp))
+                kernels["fastcm_jvp_bias_cpasync"] = with_switch_off(
+                    "FASTCM_ATTN_SM90_TMA", lambda: ops.attention_forward_kernels(q, v, True, True, False))()
+        if hopper:   # the other forward kernels beside the default in the same run
+            for suffix, variable in SM90_VARIANTS.items():
+                if suffix in args.skip.split(",") or (suffix in D64_ONLY and d != 64):
+                    continue
+                cases += [("fastcm_fwd" + suffix, with_switch_off(variable, fastcm_fwd), f_fwd),
+                          ("fastcm_jvp" + suffix, with_switch_off(variable, fastcm_jvp), f_jvp)]
+                for name, jvp in (("fastcm_fwd", False), ("fastcm_jvp", True)):
+                    kernels[name + suffix] = with_switch_off(
+                        variable, lambda jvp=jvp: ops.attention_forward_kernels(q, v, jvp, False, False))()
+        sdpa_graph = None
+        if not args.no_backward:
+            def fastcm_bwd():
+                return ops.attention_backward(grad, q, k, v, out, lse, None, scale, args.causal)
+
+            cases.append(("fastcm_bwd", fastcm_bwd, f_bwd))
+            kernels["fastcm_bwd"] = ops.attention_backward_kernels(q, v, False)
+            if hopper and "_bwdsm80" not in args.skip.split(","):
+                cases.append(("fastcm_bwd_sm80", with_switch_off("FASTCM_ATTN_SM90_BWD", fastcm_bwd), f_bwd))
+                kernels["fastcm_bwd_sm80"] = with_switch_off(
+                    "FASTCM_ATTN_SM90_BWD", lambda: ops.attention_backward_kernels(q, v, False))()
+            # The baseline backward alone: one SDPA forward graph, differentiated on every call.
+            sdpa_graph = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            sdpa_graph.append(F.scaled_dot_product_attention(*sdpa_graph, is_causal=args.causal))
+            cases.append(("sdpa_bwd", lambda: torch.autograd.grad(sdpa_graph[3], sdpa_graph[:3], grad,
+                                                                  retain_graph=True), f_bwd))
+        if not args.no_math:
+            cases.append(("math_jvp", sdpa_math_jvp, f_jvp))
+        if not args.no_compile and N == COMPILE_LENGTH:
+            compiled_jvp = torch.compile(sdpa_math_jvp)
+            cases.append(("compiled_math_jvp", compiled_jvp, f_jvp))
+        results = {}
+        for name, fn, flops in cases:
+            r = measure(name, fn, flops)
+            r.update({"B": B, "H": H, "N": N, "d": d, "dtype": args.dtype, "causal": args.causal,
+                      "kernel": " + ".join(kernels.get(name, [])),
+                      "x_floor": r["ms"] / (flops / rate * 1e3) if r["ms"] else None})
+            results[name] = r
+            rows.append(r)
+            print(f"  B={B} H={H} N={N:5d} d={d:3d} {name:23s} "
+                  + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['x_floor']:5.2f}x floor {r['peak_mib']:9.1f} MiB"
+                     if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
+                  flush=True)
+        ref_ms = results["sdpa_fwd"]["ms"]
+        for r in results.values():
+            r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
+        del q, k, v, qt, kt, vt, grad, out, lse, sdpa_graph, cases
+        torch.cuda.empty_cache()
+        write_results(args.out, rows, meta)
+
+    rows.sort(key=lambda r: (r["d"], r["N"]))
+    write_results(args.out, rows, meta)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}, {args.dtype} matmul {rate / 1e12:.1f} TFLOP/s")
     print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>23} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9}")
     for r in rows:

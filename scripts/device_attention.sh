@@ -4,7 +4,7 @@
 # then the benchmark. Logs under $OUT.
 #
 #   OUT=/some/dir bash scripts/device_attention.sh            (run tool: $OUT is set for you)
-#   SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 / QUICK_BENCH=1 shorten it. The build and the smoke
+#   SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 / QUICK_BENCH=1 / BENCH_BUDGET=seconds shorten it. The build and the smoke
 #   calls (which decide the kernels the later steps may use) run once per source state: a later call
 #   on the warm machine reuses both (FORCE_SMOKE=1 reruns the smoke).
 set -uo pipefail
@@ -147,7 +147,8 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   step "benchmark"
-  BENCH_ARGS="--out $OUT/bench${BENCH_SKIP:+ --skip ${BENCH_SKIP#,}}"
+  # No new shape after BENCH_BUDGET seconds (goal shapes run first), well inside the timeout.
+  BENCH_ARGS="--out $OUT/bench --time-budget ${BENCH_BUDGET:-300}${BENCH_SKIP:+ --skip ${BENCH_SKIP#,}}"
   [ "${QUICK_BENCH:-0}" = "1" ] && BENCH_ARGS="$BENCH_ARGS --quick --no-compile"
   # The JSON / CSV are rewritten after every shape: a run cut short by the timeout keeps what it measured.
   timeout 420 python -m benchmarks.attention_gpu $BENCH_ARGS > "$OUT/bench.log" 2>&1 || status=1

@@ -61,3 +61,12 @@ def test_attention_plot_draws_one_panel_per_config(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert width > 2 * height        # two panels side by side
+
+
+def test_attention_gpu_runs_the_goal_shapes_first():
+    """Every (config, length) runs once, the issue's goal length (8192) at both head dims first."""
+    from benchmarks import attention_gpu
+    order = attention_gpu.shape_order(attention_gpu.LENGTHS)
+    assert sorted(order) == sorted((B, H, d, N) for B, H, d in attention_gpu.CONFIGS for N in attention_gpu.LENGTHS)
+    assert [shape[3] for shape in order[:2]] == [attention_gpu.COMPILE_LENGTH] * 2
+    assert {shape[2] for shape in order[:2]} == {64, 128}
