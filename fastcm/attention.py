@@ -12,16 +12,18 @@ P = softmax(S), O = PV, LSE = logsumexp(S); Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + �
 """
 
 import math
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _checks
-from ._backend import select_backend
+from ._backend import requested_backend, select_backend
 from ._extension import extension_ops
 from .reference import attention as reference
 
 _OP = "attention"
+_CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Rows of the (B, H, rows, Nk) probability block recomputed at a time for the bias gradient.
 _SCORE_CHUNK_ELEMENTS = 1 << 24
 
@@ -278,8 +280,20 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _use_extension(device) -> bool:
-    return select_backend(_OP, device, implemented=("cuda",)) == "cuda"
+def _use_extension(device, dtype) -> bool:
+    """Whether a call on `device` in `dtype` runs the extension's kernels. The C++ CPU kernels take
+    every float dtype, the CUDA kernels bfloat16 and float16: float32 / float64 CUDA inputs run
+    the reference (O(N²) memory, with a warning) under FASTCM_BACKEND=auto and raise under =cuda."""
+    if select_backend(_OP, device, implemented=("cuda",)) != "cuda":
+        return False
+    if device.type != "cuda" or dtype in _CUDA_KERNEL_DTYPES:
+        return True
+    if requested_backend() == "cuda":
+        raise RuntimeError(f"fastcm.{_OP}: FASTCM_BACKEND='cuda' cannot run {dtype} CUDA tensors: the CUDA "
+                           f"kernels take bfloat16 or float16 (cast q, k, v, or run under torch.autocast)")
+    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory); the CUDA "
+                  f"kernels take bfloat16 or float16 (cast q, k, v, or run under torch.autocast)", stacklevel=3)
+    return False
 
 
 def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=False):
@@ -291,7 +305,9 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
         q: (B, H, Nq, Dqk); k: (B, Hkv, Nk, Dqk); v: (B, Hkv, Nk, Dv), the layout of
             F.scaled_dot_product_attention. Nq ≠ Nk (cross-attention) and Dqk ≠ Dv allowed.
             H % Hkv == 0 (GQA/MQA): query head h uses kv head h // (H // Hkv).
-            One dtype for all: float32, float64, bfloat16, float16; one device.
+            One dtype for all: float32, float64, bfloat16, float16; one device. The CUDA kernels
+            take bfloat16 and float16: float32 / float64 CUDA inputs run the O(N²)-memory
+            reference, with a warning.
         scale: defaults to Dqk ** -0.5.
         causal: query i sees key j iff j <= i + (Nk − Nq) (bottom-right aligned, as
             flash-attention; equals the usual lower triangle when Nq == Nk).
@@ -313,7 +329,7 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     """
     _check(q, k, v, attn_bias, scale, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not _use_extension(q.device):
+    if not _use_extension(q.device, q.dtype):
         return reference.attention(q, k, v, scale=scale, causal=causal, attn_bias=attn_bias,
                                    return_lse=return_lse)
     _compiled_forward_ad_guard()
@@ -355,7 +371,7 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
         _checks.check_same_device("attention_jvp", "bias_t", bias_t, "q", q)
         _expanded_shape(bias_t, q, k, "bias_t")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not _use_extension(q.device):
+    if not _use_extension(q.device, q.dtype):
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
     bias = _kernel_bias(attn_bias, q, k)

@@ -6,7 +6,8 @@ reference and tolerance code, shapes, expected names, before device time is spen
     .venv/bin/python scripts/gpu_tests_dry_run.py [extra pytest args]
 
 Deselected: what only the CUDA ops accept or read (fp32 and bool bias tensors with bf16/fp16
-inputs, the FASTCM_ATTN_* switches and their errors).
+inputs, the FASTCM_ATTN_* switches and their errors), and the public API's routing of fp32 CUDA
+inputs to the reference.
 """
 
 import pathlib

@@ -399,6 +399,25 @@ def test_extension_op_checks_name_argument_and_supported_set():
     assert ops.has_cuda() in (True, False)
 
 
+def test_float32_and_float64_cuda_inputs_take_the_reference(backend):
+    """The CUDA kernels take bfloat16 / float16: other CUDA dtypes run the reference with a
+    warning under FASTCM_BACKEND=auto and raise under =cuda; CPU tensors of every dtype, and
+    low-precision CUDA tensors, run the extension. (Decided from the device, no GPU needed.)"""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for dtype in (torch.float32, torch.float64):
+        with pytest.warns(UserWarning, match=f"{dtype} CUDA inputs run the PyTorch reference"):
+            assert not fa._use_extension(cuda, dtype)
+        assert fa._use_extension(cpu, dtype)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fa._use_extension(cuda, dtype)
+    backend("cuda")
+    with pytest.raises(RuntimeError, match="FASTCM_BACKEND='cuda' cannot run torch.float32 CUDA tensors"):
+        fa._use_extension(cuda, torch.float32)
+    assert fa._use_extension(cuda, torch.bfloat16)
+    backend("reference")
+    assert not fa._use_extension(cuda, torch.bfloat16)
+
+
 def test_nn_attention_module_matches_reference_and_jvp():
     import fastcm.nn
 

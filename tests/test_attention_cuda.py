@@ -655,6 +655,17 @@ def test_bad_input_messages():
         ops.attention_forward_jvp(qb, qb, qb, qb[..., :32], qb, qb, None, None, 0.125, False)
 
 
+def test_public_api_f32_inputs_run_the_reference():
+    """float32 CUDA inputs (no kernel takes them) give the reference's result, with a warning."""
+    import fastcm
+    q, k, v, qt, kt, vt = _inputs(1, 4, 2, 70, 90, 64, 64, torch.float32)
+    with pytest.warns(UserWarning, match="CUDA inputs run the PyTorch reference"):
+        out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, causal=True)
+    want, want_t = ref.attention_jvp(q, k, v, qt, kt, vt, causal=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out_t, want_t)
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 def test_public_api_on_cuda(dtype):
     """fastcm.attention_jvp (part 1) routes CUDA tensors to these kernels; skipped until it exists."""
