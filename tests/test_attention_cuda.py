@@ -267,11 +267,13 @@ KERNEL_SWITCH = {"default": None, "tma_serial": "FASTCM_ATTN_SM90_OVERLAP", "tma
 SWITCHES = ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA", "FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_QREGS")
 
 
-def _sm90_name(kernel, kd, jvp):
+def _sm90_name(kernel, kd, jvp, dqk=None, dv=None):
     """The name attention_forward_kernels gives a no-bias launch of padded head dim kd ∈ {64, 128}
-    under `kernel`'s switch, on an sm_90 device."""
-    if kernel in ("cp_async", "sm_80"):
-        return {"cp_async": "sm_90a", "sm_80": "sm_80"}[kernel]
+    under `kernel`'s switch, on an sm_90 device. dqk, dv: the head dims where they differ; the TMA
+    kernels take no call whose Q/K or V leaves a 64-column panel without data (cp.async does)."""
+    empty_panel = dqk is not None and min(-(-dqk // 8), -(-dv // 8)) * 8 <= kd - 64
+    if kernel == "sm_80" or kernel == "cp_async" or empty_panel:
+        return "sm_80" if kernel == "sm_80" else "sm_90a"
     name = "sm_90a_tma" if kernel == "tma_serial" or (kd == 128 and jvp) else "sm_90a_tma_overlap"
     return name + ("_qregs" if kd == 64 and kernel != "tma_smem_q" else "")
 
@@ -293,9 +295,11 @@ def test_forward_kernel_choice(monkeypatch):
     qregs = "_qregs" if hopper else ""              # d 64: Q (and Q̇) in registers
     assert kernels(t(64), t(64), True, False, False) == [f"{ovl}{qregs} (64, 64)"]
     assert kernels(t(40), t(24), False, False, False) == [f"{ovl}{qregs} (64, 64)"]
-    assert kernels(t(40), t(104), False, False, False) == [f"{ovl} (128, 128)"]
+    assert kernels(t(40), t(104), False, False, False) == [f"{tiles} (128, 128)"]   # Q/K's panel 2: no data
+    assert kernels(t(72), t(104), False, False, False) == [f"{ovl} (128, 128)"]
     assert kernels(t(128), t(128), True, False, False) == [f"{tma} (128, 128)"]   # no overlap: registers
-    assert kernels(t(64), t(200), True, False, False) == [f"{tma} (128, 128)", "sm_80 (96, 96)"]
+    assert kernels(t(64), t(200), True, False, False) == [f"{tiles} (128, 128)", "sm_80 (96, 96)"]
+    assert kernels(t(128), t(200), True, False, False) == [f"{tma} (128, 128)"] * 2
     assert kernels(t(64), t(64), True, True, True) == [f"{ovl}{qregs} (64, 64)"]     # bias tiles per warpgroup
     assert kernels(t(64), t(64), False, True, False) == [f"{ovl}{qregs} (64, 64)"]
     assert kernels(t(128), t(128), True, True, False) == [f"{tiles} (128, 128)"]
@@ -354,11 +358,30 @@ def test_forward_kernels_on_sm90_head_dims(shape, kernel, causal, dtype, monkeyp
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
     kd = _padded_head_dim(shape)
     for jvp in (False, True):
-        expected = _sm90_name(kernel, kd, jvp) if _hopper() else "sm_80"
+        expected = _sm90_name(kernel, kd, jvp, shape[5], shape[6]) if _hopper() else "sm_80"
         assert ops.attention_forward_kernels(q, v, jvp, False, False) == [f"{expected} ({kd}, {kd})"]
     scale = 0.9 * shape[5] ** -0.5
     _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=scale)
     _run_forward_and_check(q, k, v, causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_SWITCH))
+@pytest.mark.parametrize("d", [64, 128])
+def test_empty_keys(d, kernel, monkeypatch):
+    """Nk = 0 on every forward kernel choice: no row sees a key, so O = 0, LSE = −inf, zero
+    tangents, and the backward gives dQ = 0 (the TMA kernels cannot map an empty tensor and leave
+    the call to a kernel that loops over no key tile)."""
+    ops = _ops()
+    _force_kernel(kernel, monkeypatch)
+    q, k, v, qt, kt, vt = _inputs(1, 2, 1, 70, 0, d, d, torch.bfloat16)
+    out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, d ** -0.5, False)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(out_t, torch.zeros_like(out_t))
+    assert torch.isneginf(lse).all() and torch.equal(lse_t, torch.zeros_like(lse_t))
+    out, lse = ops.attention_forward(q, k, v, None, d ** -0.5, True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    dq, dk, dv = ops.attention_backward(_rand(1, 2, 70, d, dtype=torch.bfloat16), q, k, v, out, lse, None,
+                                        d ** -0.5, True)
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_SWITCH))

@@ -174,10 +174,13 @@ int sm90_smem_limit_of(const at::Device& device) {
 #endif
 }
 
-// A (B, heads, rows, D) tensor as the kernel reads it, readable through a tensor map: no stride-0
-// (broadcast) dimension longer than 1 (kernel_view has made the other strides multiples of 8).
+// A (B, heads, rows, D) tensor as the kernel reads it, readable through a tensor map: not empty (a
+// tensor map has no zero-length dimension; empty keys take the kernels that loop over no tile) and
+// no stride-0 (broadcast) dimension longer than 1 (kernel_view has made the other strides
+// multiples of 8).
 bool tma_ready(const at::Tensor& t) {
-  return attn::tma_strides_ok(t.stride(0), t.stride(1), t.stride(2), t.size(0), t.size(1), t.size(2));
+  return t.numel() > 0 &&
+         attn::tma_strides_ok(t.stride(0), t.stride(1), t.stride(2), t.size(0), t.size(1), t.size(2));
 }
 
 // The kernel for one launch of the forward (one V slice of `cols` columns).
@@ -200,15 +203,18 @@ Sm90Switches sm90_switches() {
 // is tma_ready. A wgmma kernel where the padded head dims are (64, 64) or (128, 128) and its tiles
 // (with the bias tiles) fit; only d = 128 JVP with both bias and bias_t (257 KB) does not fit
 // sm_90's 227 KB. Of those, the TMA kernel where its tiles fit (at d = 128 only without bias /
-// bias_t), overlapped (its switch) except at d = 128 JVP, whose registers do not allow it, with Q in
-// registers (its switch) at d = 64.
+// bias_t) and every 64-column panel of Q/K and of V holds data (a box wholly outside the tensor,
+// e.g. Q/K's second panel at D_qk ≤ 64 < D_v, is left to the cp.async kernel: what TMA credits
+// the mbarrier for such a box is not documented), overlapped (its switch) except at d = 128 JVP,
+// whose registers do not allow it, with Q in registers (its switch) at d = 64.
 FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, const Sm90Switches& sw, int64_t dqk8, int64_t cols,
                               bool jvp, bool has_bias, bool has_bias_t) {
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
   const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
                     attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
   const int ws_smem = attn::fwd_sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t);   // -1: takes no bias
-  const bool tma = sm90 && tma_ok && ws_smem >= 0 && ws_smem <= sm90_smem_limit;
+  const bool panels_hold_data = dqk8 > kdqk - 64 && cols > kdv - 64;
+  const bool tma = sm90 && tma_ok && panels_hold_data && ws_smem >= 0 && ws_smem <= sm90_smem_limit;
   const attn::Sm90Kernel kernel = !tma ? attn::Sm90Kernel::kCpAsync
                                   : (sw.overlap && !(kdqk == 128 && jvp)) ? attn::Sm90Kernel::kTmaOverlap
                                                                           : attn::Sm90Kernel::kTma;

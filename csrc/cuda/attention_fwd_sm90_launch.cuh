@@ -23,6 +23,14 @@ template <typename T, int kD, bool kJvp, bool kOverlap, bool kQRegs, bool kBias>
 void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdSm90WsTraits<T, kD, kJvp, kOverlap, kQRegs, kBias>;
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  static const int launch_regs = [] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, attention_fwd_sm90_ws_kernel<Tr>));
+    return attr.numRegs;
+  }();
+  TORCH_CHECK(launch_regs >= Tr::kLaunchRegs, "fastcm attention (CUDA): the TMA kernel was compiled with ",
+              launch_regs, " registers per thread, fewer than the ", Tr::kLaunchRegs,
+              " its setmaxnreg split needs (it would hang); FASTCM_ATTN_SM90_TMA=0 selects the cp.async kernel");
   FwdTmaMaps maps{};
   maps.q = tma_map_4d(p.q, bf16, p.B, p.H, p.Nq, p.d_qk, p.q_sb, p.q_sh, p.q_sn, Tr::kBM);
   maps.k = tma_map_4d(p.k, bf16, p.B, p.Hkv, p.Nk, p.d_qk, p.k_sb, p.k_sh, p.k_sn, Tr::kBN);

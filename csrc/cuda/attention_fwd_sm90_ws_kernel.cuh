@@ -64,6 +64,9 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   static constexpr int kSmemBytes = kTileBytes + 8 * kBarriers + 1024;
   // 128·24 + 256·240 = 64512 of the 65536 registers; the launch gives each thread 168.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // setmaxnreg only moves registers within the CTA's launch allocation, so the launch must give
+  // each thread at least this many (else the consumers' .inc waits forever).
+  static constexpr int kLaunchRegs = (128 * kProducerRegs + kConsumerThreads * kConsumerRegs + kThreads - 1) / kThreads;
 };
 
 // The half of a CTA's bias tile one consumer warpgroup stages: its 64 rows over its 128 threads.

@@ -70,7 +70,8 @@ def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jv
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
     sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
     ws_smem = sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t) if sm90 else -1
-    tma = sm90 and tma_ok and 0 <= ws_smem <= sm90_smem_limit
+    panels_hold_data = dqk8 > kdqk - 64 and cols > kdv - 64   # no TMA box wholly outside the tensor
+    tma = sm90 and tma_ok and panels_hold_data and 0 <= ws_smem <= sm90_smem_limit
     if not sm90:
         return "sm_80", kdqk, kdv
     if not tma:
@@ -80,8 +81,9 @@ def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jv
 
 
 def tma_strides_ok(t, sizes):
-    """tma_strides_ok of tma.cuh for the (B, heads, rows) strides of a kernel-ready tensor."""
-    return all(size <= 1 or (0 < stride and stride % 8 == 0 and stride < 2 ** 39) for stride, size in zip(t.st[:3], sizes))
+    """The host's tma_ready: tma_strides_ok of tma.cuh for the (B, heads, rows) strides of a
+    kernel-ready tensor, and no empty dimension."""
+    return min(sizes) > 0 and all(size <= 1 or (0 < stride and stride % 8 == 0 and stride < 2 ** 39) for stride, size in zip(t.st[:3], sizes))
 
 
 def tma_map_4d(t, B, heads, rows, cols, box_rows):
@@ -389,7 +391,9 @@ def test_plan_takes_sm90_only_for_its_head_dims():
                         assert kdqk == kdv and kdqk in (64, 128) and dqk8 <= kdqk and cols <= kdv
                         assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
                     # The TMA kernel: with bias tiles only at d 64 (next to the d 128 ring they do not fit).
-                    tma = kernel != "sm_80" and tma_ok and (kdqk == 64 or not (has_bias or (jvp and has_bias_t)))
+                    # ... and where each 64-column panel of Q/K and of V holds data.
+                    tma = (kernel != "sm_80" and tma_ok and (kdqk == 64 or not (has_bias or (jvp and has_bias_t)))
+                           and min(dqk8, cols) > kdqk - 64)
                     assert kernel.startswith("sm_90a_tma") == tma
                     assert kernel.startswith("sm_90a_tma_overlap") == (tma and overlap and not (kdqk == 128 and jvp))
                     assert kernel.endswith("_qregs") == (tma and q_regs and kdqk == 64)
@@ -403,6 +407,9 @@ def test_plan_takes_sm90_only_for_its_head_dims():
     assert plan(128, 128, False, False, False) == "sm_90a_tma_overlap"
     assert plan(64, 64, True, False, False) == "sm_90a_tma_overlap_qregs"
     assert plan(40, 24, False, False, False) == "sm_90a_tma_overlap_qregs"
+    assert plan(64, 128, False, False, False) == "sm_90a"   # Q/K's second 64-column panel: no data
+    assert plan(128, 64, True, False, False) == "sm_90a"    # V's
+    assert plan(72, 104, True, False, False) == "sm_90a_tma"   # a partial second panel: TMA zero-fills it
 
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
@@ -412,7 +419,8 @@ CASES = [
     (1, 1, 1, 130, 300, 128, 128, False, False, None),  # d 128 primal (BN = 128), key tail 44, query tail 2
     (1, 3, 3, 40, 90, 40, 24, True, False, None),       # D_qk 40, D_v 24 -> padded 64 (zero-filled columns), primal
     (1, 2, 2, 70, 129, 104, 120, False, True, None),    # D_qk 104, D_v 120 -> 128, JVP
-    (1, 1, 1, 33, 65, 64, 200, False, True, None),      # D_v 200: slice 128 on sm_90a, slice 72 on sm_80 (96, 96)
+    (1, 1, 1, 33, 65, 64, 200, False, True, None),      # D_v 200: slice 128 on sm_90a (cp.async: Q/K's second
+                                                        # panel holds no data), slice 72 on sm_80 (96, 96)
     (1, 2, 1, 150, 140, 64, 64, True, True, "broadcast"),  # bias and bias_t tiles, a -inf bias row, +inf bias_t row
     (1, 2, 1, 200, 300, 48, 64, False, False, "head"),     # d 64 primal bias (BN 128), a query tail in WG1's rows
     (1, 2, 2, 70, 200, 128, 128, False, False, "full"),    # d 128 primal with a full bias (225 KB of smem)
@@ -427,10 +435,11 @@ KERNELS = {"tma_overlap": (True, True, True), "tma": (True, False, True), "tma_s
 
 def _expected_kernel(case, kernel, kd):
     """The plan's name for the first launch of `case` (padded head dim kd) under `kernel`'s switches."""
-    jvp, bias_kind = case[8], case[9]
+    Dqk, Dv, jvp, bias_kind = case[5], case[6], case[8], case[9]
     if jvp and kd > 64 and bias_kind is not None:
         return "sm_80"                     # d 128 JVP with bias and bias_t: too big for sm_90a
-    if (bias_kind is not None and kd == 128) or kernel == "cp_async":
+    empty_panel = min(-(-Dqk // 8), -(-min(Dv, 128) // 8)) * 8 <= kd - 64   # a TMA box with no data
+    if (bias_kind is not None and kd == 128) or kernel == "cp_async" or empty_panel:
         return "sm_90a"
     name = "sm_90a_tma_overlap" if kernel != "tma" and not (jvp and kd == 128) else "sm_90a_tma"
     return name + ("_qregs" if kernel != "tma_smem_q" and kd == 64 else "")
