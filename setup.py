@@ -43,8 +43,9 @@ def _extensions():
         arch_list = os.environ.get("FASTCM_CUDA_ARCH_LIST", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         macros = [("FASTCM_WITH_CUDA", "1")]
-        # The wgmma forward kernel exists only in sm_90a code; the host may pick it only then.
-        if "9.0a" in arch_list.replace(" ", ";").split(";"):
+        # The wgmma / TMA kernels exist only in sm_90a code; the host may pick them only then
+        # ("9.0a" or "9.0a+PTX").
+        if any(arch.split("+")[0] == "9.0a" for arch in arch_list.replace(" ", ";").split(";")):
             macros.append(("FASTCM_WITH_SM90A", "1"))
         ext = CUDAExtension(
             "fastcm._C", cpp_sources + cuda_sources,

@@ -43,7 +43,8 @@ def _fake_forward_jvp(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
 
 
 def _fake_backward(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, as the kernels return them (empty_like would copy a transposed input's strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _ops_loaded = False
@@ -269,11 +270,14 @@ def _expanded_shape(t, q, k, name):
 
 
 def _kernel_bias(attn_bias, q, k):
-    """attn_bias as the kernels take it: q's dtype, expanded (a view) to (B, H, Nq, Nk)."""
+    """attn_bias as the kernels take it, expanded (a view) to (B, H, Nq, Nk): in q's dtype, except
+    a float32 bias of CUDA inputs, which the CUDA kernels read unrounded (bf16 would round an
+    ALiBi-sized bias of 300 to steps of 2)."""
     if attn_bias is None:
         return None
-    bias = reference.additive_bias(attn_bias, q.dtype).to(q.dtype)
-    return bias.expand(_expanded_shape(attn_bias, q, k, "attn_bias"))
+    if not (q.is_cuda and attn_bias.dtype == torch.float32):
+        attn_bias = reference.additive_bias(attn_bias, q.dtype).to(q.dtype)
+    return attn_bias.expand(_expanded_shape(attn_bias, q, k, "attn_bias"))
 
 
 def _last_dim_contiguous(t):
@@ -312,7 +316,8 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
         causal: query i sees key j iff j <= i + (Nk − Nq) (bottom-right aligned, as
             flash-attention; equals the usual lower triangle when Nq == Nk).
         attn_bias: additive float bias, or boolean mask (True = attend), broadcastable to
-            (B, H, Nq, Nk). It is cast to q's dtype (cheap: before broadcasting).
+            (B, H, Nq, Nk). It is cast to q's dtype (cheap: before broadcasting), except that
+            the CUDA kernels read a float32 bias as it is.
         return_lse: also return LSE (B, H, Nq) in float32 (float64 for float64 inputs).
     Returns: O (B, H, Nq, Dv) in q's dtype [, LSE]. A fully masked row gives O = 0, LSE = −inf,
     zero tangents and zero gradients.
@@ -375,7 +380,7 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
     bias = _kernel_bias(attn_bias, q, k)
-    kernel_bias_t = None if bias_t is None else bias_t.to(q.dtype).expand(bias.shape)
+    kernel_bias_t = None if bias_t is None else bias_t.to(bias.dtype).expand(bias.shape)
     with torch.no_grad():
         out, out_t, lse, lse_t = _ops().attention_forward_jvp(
             *(_last_dim_contiguous(t) for t in (q, k, v, q_t, k_t, v_t)), bias, kernel_bias_t,

@@ -350,6 +350,29 @@ def test_torch_compile_forward_backward_and_jvp_never_silently_wrong():
         assert_close(out_t, ref_out_t, KERNEL_DTYPE)
 
 
+def test_fake_implementations_match_the_ops():
+    """The fake (meta) kernels torch.compile traces with give the ops' shapes, dtypes and strides,
+    also for (B, N, H, D) storage viewed as (B, H, N, D), whose gradients come back contiguous."""
+    ops = fa._ops()   # loads the extension and registers the fakes
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(DEVICE, KERNEL_DTYPE)
+
+    q, k, v = rand(1, 9, 2, 8).transpose(1, 2), rand(1, 11, 1, 8).transpose(1, 2), rand(1, 11, 1, 8).transpose(1, 2)
+    out, lse = ops.attention_forward(q, k, v, None, 0.3, True)
+    grad_out, grad_lse = rand(*out.shape), torch.randn_like(lse)
+    for op, args in [(ops.attention_forward.default, (q, k, v, None, 0.3, True)),
+                     (ops.attention_forward_jvp.default, (q, k, v, q, k, v, None, None, 0.3, False)),
+                     (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, None)),
+                     (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, grad_lse))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    leaf = q.detach().requires_grad_()
+    torch.compile(lambda q: fa.attention(q, k, v), fullgraph=True)(leaf).sum().backward()
+    ref_leaf = to64(q).requires_grad_()
+    ref.attention(ref_leaf, to64(k), to64(v)).sum().backward()
+    assert_close(leaf.grad, ref_leaf.grad, KERNEL_DTYPE)
+
+
 @pytest.mark.parametrize("shards", [1, 2, 3, 4])
 def test_merge_of_key_shards_reproduces_unsplit(shards):
     q, q_t = (torch.randn(2, 4, 9, 8, dtype=torch.float64, device=DEVICE) for _ in range(2))

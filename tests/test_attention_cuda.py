@@ -689,6 +689,23 @@ def test_public_api_f32_inputs_run_the_reference():
     torch.testing.assert_close(out_t, want_t)
 
 
+def test_public_api_passes_a_f32_bias_unrounded():
+    """fastcm.attention / attention_jvp hand a float32 bias to the kernels as it is: the op's result
+    with that bias, not with the bias rounded to bf16 (ALiBi-sized values 6..300, where bf16's
+    steps of 2 would move P by up to e)."""
+    import fastcm
+    ops = _ops()
+    q, k, v, qt, kt, vt = _inputs(1, 2, 2, 70, 90, 64, 64, torch.bfloat16)
+    bias = (300 - 3.3 * torch.arange(90, device=DEVICE, dtype=torch.float32)).expand(1, 2, 70, 90)
+    out = fastcm.attention(q, k, v, attn_bias=bias)
+    want, _ = ops.attention_forward(q, k, v, bias, 64 ** -0.5, False)
+    rounded, _ = ops.attention_forward(q, k, v, bias.to(torch.bfloat16), 64 ** -0.5, False)
+    assert torch.equal(out, want) and not torch.equal(out, rounded)
+    out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, attn_bias=bias, bias_t=0.1 * bias)
+    want = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, 0.1 * bias, 64 ** -0.5, False)
+    assert torch.equal(out, want[0]) and torch.equal(out_t, want[1])
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 def test_public_api_on_cuda(dtype):
     """fastcm.attention_jvp (part 1) routes CUDA tensors to these kernels; skipped until it exists."""
