@@ -1,15 +1,17 @@
 """The GPU tests' own logic on a machine without a GPU: tests/test_attention_cuda.py on CPU tensors,
-with the C++ CPU kernels standing in for the CUDA ones and the kernel-name ops answered as a
-non-Hopper device would (through the index models' plans). It checks the tests, not the kernels:
-reference and tolerance code, shapes, expected names, before device time is spent on them.
+with the C++ CPU kernels standing in for the CUDA ones and the kernel-name ops answered as an
+sm_80 device (A100: 163 KB of shared memory) or an sm_90 one (H100 / H200: 227 KB, the wgmma and
+TMA kernels) would, through the index models' plans and the FASTCM_ATTN_* switches (read and
+checked per call, as the CUDA ops do). It checks the tests, not the kernels: reference and
+tolerance code, shapes, expected kernel names, before device time is spent on them.
 
-    .venv/bin/python scripts/gpu_tests_dry_run.py [extra pytest args]
+    .venv/bin/python scripts/gpu_tests_dry_run.py [--arch sm_80|sm_90|both] [extra pytest args]
 
 Deselected: what only the CUDA ops accept or read (fp32 and bool bias tensors with bf16/fp16
-inputs, the FASTCM_ATTN_* switches and their errors), and the public API's routing of fp32 CUDA
-inputs to the reference.
+inputs, their error messages), and the public API's routing of fp32 CUDA inputs to the reference.
 """
 
+import argparse
 import pathlib
 import shutil
 import subprocess
@@ -17,14 +19,16 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DESELECT = ("not f32 and not bool_mask and not with_tangent and not kernel_choice and not bad_input"
+DESELECT = ("not f32 and not bool_mask and not with_tangent and not bad_input"
             " and not aten_fallback and not fully_masked and not dqk256_bias")
+SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
-CONFTEST = f'''
+CONFTEST = '''
+import os
 import sys
 import pytest
 import torch
-sys.path.insert(0, {str(ROOT / "tests" / "cuda_index_model")!r})
+sys.path.insert(0, MODELS)
 torch.cuda.synchronize = lambda *a, **k: None
 
 
@@ -33,45 +37,90 @@ def _seed():   # as tests/conftest.py does
     torch.manual_seed(0)
 
 
+def _switch(variable):
+    value = os.environ.get(variable, "1")
+    if value not in ("0", "1"):
+        raise RuntimeError(f"fastcm attention (CUDA): {variable} must be 0 or 1 (or unset), got '{value}'")
+    return value == "1"
+
+
+FORWARD_SWITCHES = ("SM90", "SM90_TMA", "SM90_OVERLAP", "SM90_QREGS")
+BACKWARD_SWITCHES = ("SM90", "SM90_BWD")
+
+
+def _switches(names):
+    return {name: _switch("FASTCM_ATTN_" + name) for name in names}
+
+
+def _tma_ready(t):
+    """The host's tma_ready after kernel_view: not empty, no broadcast (stride 0) dimension."""
+    return t.numel() > 0 and all(size <= 1 or stride != 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
+
+
 def pytest_collection_modifyitems(config, items):
     import test_attention_cuda as m
     from test_attention_bwd_sm90_index_model import plan_backward
     from test_attention_fwd_sm90_index_model import plan_forward_launch
     from fastcm._extension import extension_ops
     real = extension_ops()
+    hopper = ARCH == "sm_90"
+    d8 = lambda d: (d + 7) // 8 * 8
 
     class Ops:
         def __getattr__(self, name):
-            return getattr(real, name)
+            op = getattr(real, name)
+            if not name.startswith("attention_"):
+                return op
+
+            def checked(*args):   # the CUDA ops read (and check) their switches on every call
+                _switches(BACKWARD_SWITCHES if "backward" in name else FORWARD_SWITCHES)
+                return op(*args)
+            return checked
 
         def attention_forward_kernels(self, q, v, jvp, has_bias, has_bias_t):
-            d8 = lambda d: (d + 7) // 8 * 8
+            sw = _switches(FORWARD_SWITCHES)
+            sm90_limit = SMEM_LIMIT if hopper and sw["SM90"] else 0
+            tma_ok = sw["SM90_TMA"] and sm90_limit > 0 and _tma_ready(q) and _tma_ready(v)
             names = []
             for c0 in range(0, d8(v.shape[3]), 128):
-                name, a, b = plan_forward_launch(0, False, True, True, d8(q.shape[3]), min(128, d8(v.shape[3]) - c0),
-                                                 jvp, has_bias, jvp and has_bias_t)
-                names.append(f"{{name}} ({{a}}, {{b}})")
+                name, a, b = plan_forward_launch(sm90_limit, tma_ok, sw["SM90_OVERLAP"], sw["SM90_QREGS"], d8(q.shape[3]),
+                                                 min(128, d8(v.shape[3]) - c0), jvp, has_bias, jvp and has_bias_t)
+                names.append(f"{name} ({a}, {b})")
             return names
 
         def attention_backward_kernels(self, q, v, has_bias):
-            kernel, kd = plan_backward(0, True, q.shape[3], v.shape[3], has_bias, 163 * 1024)
-            return ["aten" if kd == 0 else f"{{kernel}} ({{kd}})"]
+            sw = _switches(BACKWARD_SWITCHES)
+            sm90_limit = SMEM_LIMIT if hopper and sw["SM90"] else 0
+            kernel, kd = plan_backward(sm90_limit, sw["SM90_BWD"], q.shape[3], v.shape[3], has_bias, SMEM_LIMIT)
+            return ["aten" if kd == 0 else f"{kernel} ({kd})"]
 
     ops = Ops()
     m._ops = lambda: ops
-    m._hopper = lambda: False
+    m._hopper = lambda: hopper
     m._poison_allocator = lambda *a, **k: None
 '''
 
 
-def main():
+def run(arch, pytest_args):
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("test_attention_cuda.py", "helpers.py"):
             shutil.copy(ROOT / "tests" / name, tmp)
-        (pathlib.Path(tmp) / "conftest.py").write_text(CONFTEST)
+        header = (f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\nARCH = {arch!r}\n"
+                  f"SMEM_LIMIT = {SMEM_LIMITS[arch]}\n")
+        (pathlib.Path(tmp) / "conftest.py").write_text(header + CONFTEST)
+        print(f"--- the GPU tests as on an {arch} device", flush=True)
         command = [sys.executable, "-m", "pytest", "test_attention_cuda.py", "-q", "-p", "no:cacheprovider",
-                   "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", DESELECT] + sys.argv[1:]
-        sys.exit(subprocess.run(command, cwd=tmp).returncode)
+                   "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", DESELECT] + pytest_args
+        return subprocess.run(command, cwd=tmp).returncode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["sm_80", "sm_90", "both"], default="both")
+    args, pytest_args = parser.parse_known_args()
+    arches = ["sm_80", "sm_90"] if args.arch == "both" else [args.arch]
+    codes = [run(arch, pytest_args) for arch in arches]
+    sys.exit(max(codes))
 
 
 if __name__ == "__main__":
