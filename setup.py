@@ -5,6 +5,7 @@ Environment (see ENVs.md):
   FASTCM_SKIP_CUDA=1        build only the C++ CPU part even where nvcc and a CUDA torch exist
   FASTCM_CUDA_ARCH_LIST     CUDA archs, e.g. "8.0;9.0a" (default); overrides TORCH_CUDA_ARCH_LIST
   MAX_JOBS                  parallel compile jobs (default: from cores and free memory)
+  FASTCM_NVCC_FLAGS         extra nvcc flags, space-separated (e.g. "-Xptxas -v" for the register report)
 """
 
 import glob
@@ -53,7 +54,7 @@ def _extensions():
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
-                         "-lineinfo"],
+                         "-lineinfo"] + os.environ.get("FASTCM_NVCC_FLAGS", "").split(),
             })
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

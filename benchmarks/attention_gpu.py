@@ -239,8 +239,9 @@ def main():
         if r["status"] != "ok":
             print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>23} {r['status'][:40]}")
             continue
+        vs_sdpa = f"{r['vs_sdpa_fwd']:7.2f}" if r["vs_sdpa_fwd"] is not None else f"{'-':>7}"   # SDPA failed
         print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>23} {r['ms']:9.3f} {r['tflops']:8.1f} "
-              f"{r['x_floor']:7.2f} {r['vs_sdpa_fwd']:7.2f} {r['peak_mib']:9.1f}")
+              f"{r['x_floor']:7.2f} {vs_sdpa} {r['peak_mib']:9.1f}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 //
 // Formula contract (DESIGN.md, "attention"), per query row, in base-2 for the exponentials:
 //   s  = (scale·q·kᵀ + bias)·log2e          ṡ = scale·(q̇·kᵀ + q·k̇ᵀ) + bias_t   (natural units)
-//   m' = max(m, max_j s_j); α = 2^(m − m'); p_j = 2^(s_j − m'); h_j = p_j·ṡ_j
+//   m' = max(m, max_j s_j); α = 2^(m − m'); p_j = 2^(s_j − m'); h_j = rnd(p_j·ṡ_j)
 //   ℓ ← αℓ + Σp;  r ← αr + Σh;  A ← αA + p·V;  T ← αT + [p | h]·[V̇ ; V]
+// rnd rounds to the input dtype, as the H·V product reads h: r then sums exactly the h that T
+// accumulates, so T/ℓ − μ·O cancels in the kernel as in the formula (one key: Ȯ = V̇ exactly, as
+// PyTorch's low-precision math gives; a row-constant offset of ṡ leaves no 2⁻⁹·offset·V residue).
 //   end: O = A/ℓ, μ = r/ℓ, Ȯ = T/ℓ − μ·O, LSE = (m + log2 ℓ)·ln2, LSE_t = μ
 // The tangent accumulator T is ONE accumulator fed by both halves of the K = 2·BN product:
 // per 16-key step we issue mma(T, p, V̇) and mma(T, h, V) into the same registers.
@@ -152,6 +155,13 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// x rounded to T (to nearest, as pack2 rounds) and back.
+template <typename T> __device__ __forceinline__ float round_to(float x);
+template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float x) {
+  return __bfloat162float(__float2bfloat16_rn(x));
+}
+template <> __device__ __forceinline__ float round_to<__half>(float x) { return __half2float(__float2half_rn(x)); }
 
 // Two floats -> one 32-bit register of two 16-bit values, x in the low half (lower column).
 template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y);
@@ -343,9 +353,9 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
 }
 
 // Online softmax over one key tile: the running max moves to m', s becomes p = 2^(s − m'), ṡ
-// becomes h = p·ṡ, ℓ and r take the tile's partial sums; alpha = 2^(m − m') rescales the
-// accumulators (rescale_accumulators).
-template <bool kJvp, int kNT, int kNTd>
+// becomes h = p·ṡ, ℓ and r take the tile's partial sums (r of h rounded to T, the value the H·V
+// product reads); alpha = 2^(m − m') rescales the accumulators (rescale_accumulators).
+template <typename T, bool kJvp, int kNT, int kNTd>
 __device__ __forceinline__ void online_softmax(float (&s)[kNT][4], float (&sd)[kNTd][4], float (&row_max)[2],
                                                float (&row_sum)[2], float (&row_r)[2], float (&alpha)[2]) {
 #pragma unroll
@@ -369,7 +379,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kNT][4], float (&sd)[k
         if constexpr (kJvp) {
           const float he = (pe > 0.f) ? pe * sd[nt][e] : 0.f;   // masked: 0 even if ṡ is inf
           sd[nt][e] = he;
-          hs += he;
+          hs += round_to<T>(he);   // what the H·V product reads once pack2 rounds he
         }
       }
     }
@@ -561,7 +571,7 @@ attention_fwd_kernel(const FwdParams p) {
     scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                               off, need_mask, c);
     float alpha[2];
-    online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
+    online_softmax<T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);
     rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
 
     // ---- A += P·V, T += P·V̇ + H·V (the [p | h]·[V̇ ; V] product, k-step by k-step) ----

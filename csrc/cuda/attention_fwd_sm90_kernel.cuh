@@ -179,7 +179,7 @@ __device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[k
   const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
   scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                             off, need_mask, c);
-  online_softmax<kJvp>(s, sd, row_max, row_sum, row_r, alpha);
+  online_softmax<typename Tr::T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);
 }
 
 // P, H (in s, sd after softmax_scores) packed into RS A fragments pa, ha: the accumulator layout
