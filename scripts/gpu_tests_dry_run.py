@@ -1,14 +1,16 @@
 """The GPU tests' own logic on a machine without a GPU: tests/test_attention_cuda.py on CPU tensors,
-with the C++ CPU kernels standing in for the CUDA ones and the kernel-name ops answered as an
-sm_80 device (A100: 163 KB of shared memory) or an sm_90 one (H100 / H200: 227 KB, the wgmma and
-TMA kernels) would, through the index models' plans and the FASTCM_ATTN_* switches (read and
-checked per call, as the CUDA ops do). It checks the tests, not the kernels: reference and
-tolerance code, shapes, expected kernel names, before device time is spent on them.
+the CUDA ops answered by a stand-in and the kernel-name ops as an sm_80 device (A100: 163 KB of
+shared memory) or an sm_90 one (H100 / H200: 227 KB, the wgmma and TMA kernels) would, through
+the index models' plans and the FASTCM_ATTN_* switches (read and checked per call, as the CUDA
+ops do). Stand-ins: "cpu", the C++ CPU kernels (float32 inside: the tests' plumbing), or "model",
+tests/cuda_index_model/rounding_model.py (the CUDA kernels' rounding: the tests' criteria against
+the kernels' numerics). It checks the tests, not the kernels, before device time is spent on them.
 
-    .venv/bin/python scripts/gpu_tests_dry_run.py [--arch sm_80|sm_90|both] [extra pytest args]
+    .venv/bin/python scripts/gpu_tests_dry_run.py [--run sm_80:cpu --run sm_90:model] [extra pytest args]
 
-Deselected: what only the CUDA ops accept or read (fp32 and bool bias tensors with bf16/fp16
-inputs, their error messages), and the public API's routing of fp32 CUDA inputs to the reference.
+Deselected: the CUDA ops' error messages; with the cpu stand-in also what only the CUDA ops accept
+(fp32 and bool bias tensors with bf16/fp16 inputs); with the model the public API tests
+(fastcm.attention runs the C++ CPU kernels on CPU tensors, not the stand-in).
 """
 
 import argparse
@@ -19,9 +21,11 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DESELECT = ("not f32 and not bool_mask and not with_tangent and not bad_input"
-            " and not aten_fallback and not fully_masked and not dqk256_bias")
+DESELECT = {"cpu": ("not f32 and not bool_mask and not with_tangent and not bad_input"
+                     " and not aten_fallback and not fully_masked and not dqk256_bias"),
+            "model": "not bad_input and not public_api"}
 SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+RUNS = ["sm_80:cpu", "sm_90:model"]
 
 CONFTEST = '''
 import os
@@ -57,12 +61,33 @@ def _tma_ready(t):
     return t.numel() > 0 and all(size <= 1 or stride != 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
 
 
+class RoundingModelOps:
+    """The CUDA ops as rounding_model computes them; the other ops of the extension as they are."""
+
+    def __init__(self, ops):
+        import rounding_model
+        self.model, self.ops = rounding_model, ops
+
+    def attention_forward(self, q, k, v, bias, scale, causal):
+        out, _, lse, _ = self.model.forward(q, k, v, bias=bias, scale=scale, causal=causal)
+        return out, lse
+
+    def attention_forward_jvp(self, q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
+        return self.model.forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
+
+    def attention_backward(self, *args):
+        return self.model.backward(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+
 def pytest_collection_modifyitems(config, items):
     import test_attention_cuda as m
     from test_attention_bwd_sm90_index_model import plan_backward
     from test_attention_fwd_sm90_index_model import plan_forward_launch
     from fastcm._extension import extension_ops
-    real = extension_ops()
+    real = extension_ops() if STAND_IN == "cpu" else RoundingModelOps(extension_ops())
     hopper = ARCH == "sm_90"
     d8 = lambda d: (d + 7) // 8 * 8
 
@@ -101,26 +126,25 @@ def pytest_collection_modifyitems(config, items):
 '''
 
 
-def run(arch, pytest_args):
+def run(arch, stand_in, pytest_args):
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("test_attention_cuda.py", "helpers.py"):
             shutil.copy(ROOT / "tests" / name, tmp)
         header = (f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\nARCH = {arch!r}\n"
-                  f"SMEM_LIMIT = {SMEM_LIMITS[arch]}\n")
+                  f"STAND_IN = {stand_in!r}\nSMEM_LIMIT = {SMEM_LIMITS[arch]}\n")
         (pathlib.Path(tmp) / "conftest.py").write_text(header + CONFTEST)
-        print(f"--- the GPU tests as on an {arch} device", flush=True)
+        print(f"--- the GPU tests as on an {arch} device, with the {stand_in} stand-in for its kernels", flush=True)
         command = [sys.executable, "-m", "pytest", "test_attention_cuda.py", "-q", "-p", "no:cacheprovider",
-                   "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", DESELECT] + pytest_args
+                   "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", DESELECT[stand_in]] + pytest_args
         return subprocess.run(command, cwd=tmp).returncode
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["sm_80", "sm_90", "both"], default="both")
+    parser.add_argument("--run", action="append", choices=[f"{a}:{s}" for a in SMEM_LIMITS for s in DESELECT],
+                        help=f"device:stand-in, repeatable (default: {' '.join(RUNS)})")
     args, pytest_args = parser.parse_known_args()
-    arches = ["sm_80", "sm_90"] if args.arch == "both" else [args.arch]
-    codes = [run(arch, pytest_args) for arch in arches]
-    sys.exit(max(codes))
+    sys.exit(max(run(*spec.split(":"), pytest_args) for spec in args.run or RUNS))
 
 
 if __name__ == "__main__":
