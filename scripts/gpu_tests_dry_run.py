@@ -6,7 +6,10 @@ ops do). Stand-ins: "cpu", the C++ CPU kernels (float32 inside: the tests' plumb
 tests/cuda_index_model/rounding_model.py (the CUDA kernels' rounding: the tests' criteria against
 the kernels' numerics). It checks the tests, not the kernels, before device time is spent on them.
 
-    .venv/bin/python scripts/gpu_tests_dry_run.py [--run sm_80:cpu --run sm_90:model] [extra pytest args]
+    .venv/bin/python scripts/gpu_tests_dry_run.py [--run sm_80:cpu --run sm_90:model --run part1] [pytest args]
+
+part1: tests/test_attention.py (the part-1 suite the device also runs on CUDA) with the model for
+its bf16 / fp16 calls and float16 as its KERNEL_DTYPE, as on CUDA.
 
 Deselected: the CUDA ops' error messages; with the cpu stand-in also what only the CUDA ops accept
 (fp32 and bool bias tensors with bf16/fp16 inputs); with the model the public API tests
@@ -14,6 +17,7 @@ Deselected: the CUDA ops' error messages; with the cpu stand-in also what only t
 """
 
 import argparse
+import os
 import pathlib
 import shutil
 import subprocess
@@ -25,7 +29,7 @@ DESELECT = {"cpu": ("not f32 and not bool_mask and not with_tangent and not bad_
                      " and not aten_fallback and not fully_masked and not dqk256_bias"),
             "model": "not bad_input and not public_api"}
 SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-RUNS = ["sm_80:cpu", "sm_90:model"]
+RUNS = ["sm_80:cpu", "sm_90:model", "part1"]
 
 CONFTEST = '''
 import os
@@ -61,33 +65,15 @@ def _tma_ready(t):
     return t.numel() > 0 and all(size <= 1 or stride != 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
 
 
-class RoundingModelOps:
-    """The CUDA ops as rounding_model computes them; the other ops of the extension as they are."""
-
-    def __init__(self, ops):
-        import rounding_model
-        self.model, self.ops = rounding_model, ops
-
-    def attention_forward(self, q, k, v, bias, scale, causal):
-        out, _, lse, _ = self.model.forward(q, k, v, bias=bias, scale=scale, causal=causal)
-        return out, lse
-
-    def attention_forward_jvp(self, q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
-        return self.model.forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
-
-    def attention_backward(self, *args):
-        return self.model.backward(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.ops, name)
-
-
 def pytest_collection_modifyitems(config, items):
     import test_attention_cuda as m
     from test_attention_bwd_sm90_index_model import plan_backward
     from test_attention_fwd_sm90_index_model import plan_forward_launch
     from fastcm._extension import extension_ops
-    real = extension_ops() if STAND_IN == "cpu" else RoundingModelOps(extension_ops())
+    real = extension_ops()
+    if STAND_IN == "model":
+        import rounding_model
+        real = rounding_model.ModelOps(real)
     hopper = ARCH == "sm_90"
     d8 = lambda d: (d + 7) // 8 * 8
 
@@ -125,8 +111,43 @@ def pytest_collection_modifyitems(config, items):
     m._poison_allocator = lambda *a, **k: None
 '''
 
+# The part-1 suite (tests/test_attention.py, with tests/conftest.py) as it runs on CUDA: bf16 / fp16
+# calls on the model, the float64 / float32 ones on the CPU kernels (on CUDA they take the
+# reference), the autograd / forward-AD / compile tests in float16 (their KERNEL_DTYPE on CUDA).
+PART1_PLUGIN = '''
+import importlib
+import sys
+import torch
+sys.path.insert(0, MODELS)
 
-def run(arch, stand_in, pytest_args):
+
+def pytest_collection_modifyitems(config, items):
+    import rounding_model
+    import test_attention
+    fa = importlib.import_module("fastcm.attention")
+    ops = rounding_model.ModelOps(fa._ops(), lowp_only=True)
+    fa._ops = lambda: ops
+    test_attention.KERNEL_DTYPE = torch.float16
+'''
+
+
+def run_part1(pytest_args):
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("test_attention.py", "helpers.py", "conftest.py"):
+            shutil.copy(ROOT / "tests" / name, tmp)
+        (pathlib.Path(tmp) / "stand_in.py").write_text(
+            f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\n" + PART1_PLUGIN)
+        print("--- the part-1 suite with the model standing in for the CUDA kernels", flush=True)
+        # opcheck needs the registered op overloads, which the stand-in does not replace.
+        command = [sys.executable, "-m", "pytest", "test_attention.py", "-q", "-p", "no:cacheprovider", "-p", "stand_in",
+                   "-k", "not fake_implementations"] + pytest_args
+        return subprocess.run(command, cwd=tmp, env={**os.environ, "PYTHONPATH": tmp}).returncode
+
+
+def run(spec, pytest_args):
+    if spec == "part1":
+        return run_part1(pytest_args)
+    arch, stand_in = spec.split(":")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("test_attention_cuda.py", "helpers.py"):
             shutil.copy(ROOT / "tests" / name, tmp)
@@ -141,10 +162,10 @@ def run(arch, stand_in, pytest_args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", choices=[f"{a}:{s}" for a in SMEM_LIMITS for s in DESELECT],
-                        help=f"device:stand-in, repeatable (default: {' '.join(RUNS)})")
+    parser.add_argument("--run", action="append", choices=[f"{a}:{s}" for a in SMEM_LIMITS for s in DESELECT] + ["part1"],
+                        help=f"device:stand-in or part1, repeatable (default: {' '.join(RUNS)})")
     args, pytest_args = parser.parse_known_args()
-    sys.exit(max(run(*spec.split(":"), pytest_args) for spec in args.run or RUNS))
+    sys.exit(max(run(spec, pytest_args) for spec in args.run or RUNS))
 
 
 if __name__ == "__main__":

@@ -105,3 +105,33 @@ def backward(grad_out, q, k, v, out, lse, bias=None, scale=1.0, causal=False, gr
     def per_kv_head(x):
         return x.view(x.shape[0], x.shape[1] // group, group, *x.shape[2:]).sum(2)
     return dq.to(dtype), per_kv_head(dk).to(dtype), per_kv_head(dv).to(dtype)
+
+
+class ModelOps:
+    """torch.ops.fastcm with the three CUDA ops computed by this model (for bf16 / fp16 inputs only
+    with lowp_only: the CUDA path of fastcm.attention; float32 / float64 stay on `ops`)."""
+
+    def __init__(self, ops, lowp_only=False):
+        self.ops, self.lowp_only = ops, lowp_only
+
+    def _model(self, q):
+        return not self.lowp_only or q.dtype in (torch.bfloat16, torch.float16)
+
+    def attention_forward(self, q, k, v, bias, scale, causal):
+        if not self._model(q):
+            return self.ops.attention_forward(q, k, v, bias, scale, causal)
+        out, _, lse, _ = forward(q, k, v, bias=bias, scale=scale, causal=causal)
+        return out, lse
+
+    def attention_forward_jvp(self, q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
+        if not self._model(q):
+            return self.ops.attention_forward_jvp(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
+        return forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
+
+    def attention_backward(self, grad_out, q, *args):
+        if not self._model(q):
+            return self.ops.attention_backward(grad_out, q, *args)
+        return backward(grad_out, q, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
