@@ -5,8 +5,8 @@ point is a token; the points of one set can only agree on a centre and a radius 
 attention, so a per-point network cannot produce circles. The network is a 2-block transformer
 (fastcm.nn.Attention, 2 heads of 32), trained with scm_toy's sCM step: torch.func.jvp through it
 runs fastcm's fused attention JVP (output and tangent from one kernel pass), and the separate
-forward's backward runs fastcm's attention backward (the C++ kernels on CPU, the CUDA ones on a
-GPU). Samples are scored by their radial spread: the std of the points' distances to their
+forward's backward runs fastcm's attention backward (the C++ kernels on CPU in float32, the CUDA
+ones on a GPU in bfloat16, the rest of the network in float32). Samples are scored by their radial spread: the std of the points' distances to their
 centroid over the mean distance, per set (0 on a circle).
 
     python examples/scm_attention_toy.py --plot circles.png    # 3000 steps, ~2.5 minutes on a 2-core CPU
@@ -53,7 +53,7 @@ class Block(torch.nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.attn_norm = torch.nn.LayerNorm(width, elementwise_affine=False)
-        self.attn = fastcm.nn.Attention(width, heads, qk_norm=True)
+        self.attn = fastcm.nn.Attention(width, heads, qk_norm=True, cuda_dtype=torch.bfloat16)
         self.mlp_norm = torch.nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
                                        torch.nn.Linear(4 * width, width))

@@ -494,3 +494,8 @@ def test_nn_attention_module_matches_reference_and_jvp():
     assert_close(out_t, ref_out_t, torch.float64)
     with pytest.raises(ValueError, match="heads=4 and heads by kv_heads=3"):
         fastcm.nn.Attention(32, 4, kv_heads=3)
+    with pytest.raises(ValueError, match="cuda_dtype must be None, torch.bfloat16 or torch.float16"):
+        fastcm.nn.Attention(32, 4, cuda_dtype=torch.float32)
+    # cuda_dtype changes nothing but float32 CUDA inputs.
+    module.cuda_dtype = torch.bfloat16
+    assert torch.equal(module(x), out)

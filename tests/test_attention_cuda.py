@@ -706,6 +706,29 @@ def test_public_api_passes_a_f32_bias_unrounded():
     assert torch.equal(out, want[0]) and torch.equal(out_t, want[1])
 
 
+def test_nn_attention_runs_f32_models_on_the_kernels(monkeypatch):
+    """fastcm.nn.Attention(cuda_dtype=bf16) in a float32 model: the attention takes the bf16 kernels
+    (no reference warning), output and tangent come back in float32, within 2x of the same module
+    with PyTorch's bf16 attention against the float64 one."""
+    import copy
+    import warnings
+    import fastcm.nn
+    torch.manual_seed(0)
+    module = fastcm.nn.Attention(64, 2, qk_norm=True, cuda_dtype=torch.bfloat16).to(DEVICE)
+    x, x_t = (torch.randn(2, 50, 64, device=DEVICE) for _ in range(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, out_t = torch.func.jvp(module, (x,), (x_t,))
+    assert not [w for w in caught if "run the PyTorch reference" in str(w.message)]
+    assert out.dtype == out_t.dtype == torch.float32
+    monkeypatch.setattr(fastcm.nn, "attention", lambda q, k, v, **kw: ref.attention(q, k, v, **kw))
+    t_out, t_out_t = torch.func.jvp(module, (x,), (x_t,))                  # reference attention in bf16
+    module64 = copy.deepcopy(module).double()
+    r_out, r_out_t = torch.func.jvp(module64, (x.double(),), (x_t.double(),))
+    _check_against_torch("out", out, t_out, r_out)
+    _check_against_torch("out_t", out_t, t_out_t, r_out_t)
+
+
 @pytest.mark.parametrize("dtype", LOWP)
 def test_public_api_on_cuda(dtype):
     """fastcm.attention_jvp (part 1) routes CUDA tensors to these kernels; skipped until it exists."""
