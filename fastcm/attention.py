@@ -292,11 +292,12 @@ def _use_extension(device, dtype) -> bool:
         return False
     if device.type != "cuda" or dtype in _CUDA_KERNEL_DTYPES:
         return True
+    kernels = ("the CUDA kernels take bfloat16 or float16 (cast q, k, v; fastcm.nn.Attention does it with "
+               "cuda_dtype=torch.bfloat16)")
     if requested_backend() == "cuda":
-        raise RuntimeError(f"fastcm.{_OP}: FASTCM_BACKEND='cuda' cannot run {dtype} CUDA tensors: the CUDA "
-                           f"kernels take bfloat16 or float16 (cast q, k, v, or run under torch.autocast)")
-    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory); the CUDA "
-                  f"kernels take bfloat16 or float16 (cast q, k, v, or run under torch.autocast)", stacklevel=3)
+        raise RuntimeError(f"fastcm.{_OP}: FASTCM_BACKEND='cuda' cannot run {dtype} CUDA tensors: {kernels}")
+    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory); {kernels}",
+                  stacklevel=3)
     return False
 
 
