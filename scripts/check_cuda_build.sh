@@ -2,8 +2,10 @@
 # Builds fastcm's CUDA extension on a machine without a GPU, against the torch the device machines
 # run (torch 2.11, CUDA 13.0, from PyPI), imports it and checks that every op of the extension has its
 # CUDA kernel registered, then runs the attention tests (CPU) against that build and compares the
-# build's kernel choice (plan_attention_forward / _backward) with the index models'. Compile, link and
-# registration errors show here instead of in the first minutes of a device session.
+# build's kernel choice (plan_attention_forward / _backward) with the index models'; last, it compiles
+# every Triton kernel specialisation the tests launch with that torch's Triton for sm_80 and sm_90
+# (scripts/compile_triton_kernels.py). Compile, link and registration errors show here instead of in
+# the first minutes of a device session.
 #
 #   bash scripts/check_cuda_build.sh
 #
@@ -37,10 +39,12 @@ if [ ! -x "$DIR/venv/bin/python" ] && [ "$free_gb" -lt 8 ]; then
   skip "$free_gb GB free under $DIR, the CUDA torch venv needs about 6"
 fi
 
-if ! "$DIR/venv/bin/python" -c "import torch, ninja, numpy" 2>/dev/null; then
+# numpy < 2.4: triton 3.6's interpreter (the recording run of compile_triton_kernels) fails on 2.4.
+if ! "$DIR/venv/bin/python" -c "import torch, ninja, numpy
+assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null; then
   python3 -m venv "$DIR/venv"
   # setuptools 81: the device machines' version (torch 2.11 asks for < 82).
-  if ! "$DIR/venv/bin/pip" install --quiet "$TORCH_SPEC" "setuptools==81.*" wheel ninja numpy pytest \
+  if ! "$DIR/venv/bin/pip" install --quiet "$TORCH_SPEC" "setuptools==81.*" wheel ninja "numpy<2.4" pytest \
       > "$DIR/venv.log" 2>&1; then
     tail -5 "$DIR/venv.log"; skip "could not install $TORCH_SPEC from the package index"
   fi
@@ -75,4 +79,6 @@ PY
 # The attention tests on CPU against this build, and its kernel choice against the index models.
 FASTCM_NO_JIT=1 "$DIR/venv/bin/python" -m pytest tests/test_attention.py tests/cuda_index_model/test_attention_plans.py \
   -q -x -p no:cacheprovider
+# The Triton kernels through the device's Triton compiler (3.6, with torch 2.11) for sm_80 and sm_90.
+"$DIR/venv/bin/python" scripts/compile_triton_kernels.py
 echo "check_cuda_build: ok"

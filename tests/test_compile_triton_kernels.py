@@ -1,0 +1,84 @@
+"""scripts/compile_triton_kernels.py: its reduction of the recorded launches keeps every
+specialisation Triton's JIT tells apart, and it fails on a kernel the interpreter runs but the
+compiler rejects."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compile_triton_kernels  # noqa: E402
+
+INTEGERS = [0, 1, 2, 7, 15, 16, 17, 48, -1, -16, 2 ** 31 - 1, 2 ** 31, 2 ** 32 + 3, 2 ** 63 - 1, 2 ** 63,
+            2 ** 64 - 16]
+
+
+@pytest.mark.parametrize("value", INTEGERS)
+def test_canonical_int_has_the_jit_specialisation_of_its_value(value):
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from triton.backends.compiler import BaseBackend
+
+    def specialisation(v):
+        return libtriton.native_specialize_impl(BaseBackend, v, False, True, True)
+
+    assert specialisation(compile_triton_kernels._canonical_int(value)) == specialisation(value)
+
+
+KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    acc = {init}
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + cols, mask=cols < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+'''
+
+TEST = '''
+import torch
+from probe_kernels import sum_kernel
+
+
+def test_sum():
+    x = torch.arange(100, dtype=torch.float32)
+    out = torch.empty(1)
+    sum_kernel[(1,)](x, out, x.numel(), BLOCK=32)
+    assert out.item() == x.sum().item()
+'''
+
+
+def _check(tmp_path, init):
+    (tmp_path / "probe_kernels.py").write_text(KERNEL.format(init=init))
+    (tmp_path / "test_probe.py").write_text(TEST)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_triton_kernels.py"), "--arch", "90",
+                           str(tmp_path / "test_probe.py")], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("init, compiles", [("tl.zeros([BLOCK], dtype=tl.float32)", True),
+                                            # The interpreter broadcasts the float; the compiler
+                                            # refuses a loop-carried value that changes type.
+                                            ("0.0", False)])
+def test_script_compiles_what_the_tests_launch(tmp_path, init, compiles):
+    pytest.importorskip("triton.backends.nvidia")
+    result = _check(tmp_path, init)
+    output = result.stdout + result.stderr
+    assert "1 passed" in output, output  # the interpreter ran the kernel and the test passed
+    assert "recorded 1 distinct launches of 1 kernels" in output, output
+    if compiles:
+        assert result.returncode == 0, output
+        assert "sm_90 sum_kernel: 1 specialisations" in output, output
+    else:
+        assert result.returncode == 1, output
+        assert "FAILED sm_90 sum_kernel(x_ptr=*float32, out_ptr=*float32, n=i32, BLOCK=32)" in output, output
+        assert "CompilationError" in output, output
