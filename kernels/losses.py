@@ -1,8 +1,8 @@
 """Triton kernels for the consistency-model losses: pseudo-Huber, sCM and MeanFlow.
 
 Layout: every per-element input is contiguous and viewed as (B, D); per-sample parameters are
-contiguous (B,) tensors in the compute dtype. A forward is one streaming pass: a grid of
-(chunk, sample) programs, each looping over `blocks_per_chunk` blocks of one sample and writing
+contiguous (B,) tensors in the compute dtype. A forward is one streaming pass: a 1-D grid of
+(chunk, sample) programs (_chunk_and_sample), each looping over `blocks_per_chunk` blocks of one sample and writing
 its partial per-sample sums, then a one-program epilogue that adds the partials in a fixed order
 (deterministic, no atomics), evaluates the per-sample loss, saves the few per-sample numbers the
 backward needs and applies the batch reduction.
@@ -60,6 +60,14 @@ def _chunk_columns(block_index, per_sample, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_and_sample(n_chunks):
+    """This program's (chunk, sample) in the 1-D grid of n_chunks·B programs, a sample's chunks
+    adjacent. One axis because CUDA caps grid axes 1 and 2 at 65535, too few for a batch."""
+    program = tl.program_id(0)
+    return program % n_chunks, program // n_chunks
+
+
+@triton.jit
 def _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE: tl.constexpr):
     return tl.load(grad_ptr + sample * grad_stride).to(COMPUTE) * grad_scale
 
@@ -89,10 +97,9 @@ def _sum_partials(partial_ptr, rows, row_mask, n_chunks, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _residual_bwd_kernel(residual_ptr, grad_ptr, grad_stride, grad_scale, coef_ptr, grad_x_ptr, per_sample,
-                         blocks_per_chunk, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                         blocks_per_chunk, n_chunks, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """grad = G_b·grad_scale·coef_b·residual: the backward of a loss whose forward saved its residual."""
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     coef = _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE) * tl.load(coef_ptr + sample)
     for i in range(blocks_per_chunk):
@@ -104,10 +111,9 @@ def _residual_bwd_kernel(residual_ptr, grad_ptr, grad_stride, grad_scale, coef_p
 # ---------------------------------------------------------------- pseudo-Huber
 
 @triton.jit
-def _huber_partial_kernel(x_ptr, y_ptr, partial_ptr, per_sample, blocks_per_chunk,
+def _huber_partial_kernel(x_ptr, y_ptr, partial_ptr, per_sample, blocks_per_chunk, n_chunks,
                           COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
     for i in range(blocks_per_chunk):
@@ -115,7 +121,7 @@ def _huber_partial_kernel(x_ptr, y_ptr, partial_ptr, per_sample, blocks_per_chun
         diff = (tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE)
                 - tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE))
         acc += diff * diff
-    tl.store(partial_ptr + sample * tl.num_programs(0) + chunk, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + sample * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -141,11 +147,10 @@ def _huber_epilogue_kernel(partial_ptr, weight_ptr, distance_ptr, inv_root_ptr, 
 
 @triton.jit
 def _huber_bwd_kernel(x_ptr, y_ptr, grad_ptr, grad_stride, grad_scale, weight_ptr, inv_root_ptr,
-                      grad_x_ptr, grad_y_ptr, per_sample, blocks_per_chunk,
+                      grad_x_ptr, grad_y_ptr, per_sample, blocks_per_chunk, n_chunks,
                       HAS_WEIGHT: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr,
                       COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     coef = _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE) * tl.load(inv_root_ptr + sample)
     if HAS_WEIGHT:
@@ -176,10 +181,9 @@ def _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, offsets, mask, cos_t, s
 
 @triton.jit
 def _scm_partial_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, gg_ptr, dg_ptr, dd_ptr,
-                        per_sample, blocks_per_chunk, sigma_data, HAS_F: tl.constexpr,
+                        per_sample, blocks_per_chunk, n_chunks, sigma_data, HAS_F: tl.constexpr,
                         COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t = tl.load(t_ptr + sample)
     cos_t = tl.cos(t)
@@ -197,7 +201,7 @@ def _scm_partial_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, g
             delta = tl.load(f_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE) - f_minus
             acc_dg += delta * g
             acc_dd += delta * delta
-    slot = sample * tl.num_programs(0) + chunk
+    slot = sample * n_chunks + chunk
     tl.store(gg_ptr + slot, tl.sum(acc_gg, axis=0))
     if HAS_F:
         tl.store(dg_ptr + slot, tl.sum(acc_dg, axis=0))
@@ -281,12 +285,11 @@ def _scm_tangent_epilogue_kernel(gg_ptr, k_ptr, batch, n_chunks, per_sample, tan
 
 @triton.jit
 def _scm_apply_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, stats_ptr, grad_ptr, grad_stride,
-                      grad_scale, out_ptr, batch, per_sample, blocks_per_chunk, sigma_data, IS_GRAD: tl.constexpr,
-                      COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                      grad_scale, out_ptr, batch, per_sample, blocks_per_chunk, n_chunks, sigma_data,
+                      IS_GRAD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """IS_GRAD: out = ∂loss/∂F = G·scale·(2/D)·(F − F⁻ − k·g) (2/D folded into grad_scale);
     otherwise out = ĝ = k·g."""
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t = tl.load(t_ptr + sample)
     cos_t = tl.cos(t)
@@ -320,10 +323,9 @@ def _meanflow_error_block(u_ptr, v_ptr, dudt_ptr, offsets, mask, t_minus_r, COMP
 
 @triton.jit
 def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, residual_ptr, per_sample,
-                             blocks_per_chunk, SAVE_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
+                             blocks_per_chunk, n_chunks, SAVE_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t_minus_r = tl.load(t_ptr + sample) - tl.load(r_ptr + sample)
     acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
@@ -333,7 +335,7 @@ def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, 
         acc += error * error
         if SAVE_RESIDUAL:
             tl.store(residual_ptr + base + cols, error.to(residual_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + sample * tl.num_programs(0) + chunk, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + sample * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -353,9 +355,9 @@ def _meanflow_epilogue_kernel(partial_ptr, inv_weight_ptr, out_ptr, batch, n_chu
 
 @triton.jit
 def _meanflow_bwd_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, inv_weight_ptr, grad_ptr, grad_stride, grad_scale,
-                         grad_u_ptr, per_sample, blocks_per_chunk, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
+                         grad_u_ptr, per_sample, blocks_per_chunk, n_chunks, COMPUTE: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr):
+    chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t_minus_r = tl.load(t_ptr + sample) - tl.load(r_ptr + sample)
     coef = 2.0 * _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE) * tl.load(inv_weight_ptr + sample)
@@ -407,8 +409,8 @@ def pseudo_huber_forward(input: torch.Tensor, target: torch.Tensor, weight: Opti
     partials = torch.empty((batch, n_chunks), dtype=_stats_dtype(input), device=input.device)
     stats = torch.empty((2, batch), dtype=_stats_dtype(input), device=input.device)
     out = _loss_output(input, reduction)
-    _huber_partial_kernel[(n_chunks, batch)](input, target, partials, per_sample, blocks_per_chunk,
-                                             COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+    _huber_partial_kernel[(n_chunks * batch,)](input, target, partials, per_sample, blocks_per_chunk, n_chunks,
+                                               COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
     _huber_epilogue_kernel[(1,)](partials, stats if weight is None else weight, stats[0], stats[1], out, batch,
                                  n_chunks, float(c), HAS_WEIGHT=weight is not None,
                                  REDUCTION=REDUCTION_IDS[reduction], COMPUTE=compute,
@@ -425,9 +427,9 @@ def pseudo_huber_backward(grad_out: torch.Tensor, input: torch.Tensor, target: t
     grad_input = torch.empty_like(input) if need_input else unused
     grad_target = torch.empty_like(target) if need_target else unused
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
-    _huber_bwd_kernel[(n_chunks, batch)](
+    _huber_bwd_kernel[(n_chunks * batch,)](
         input, target, grad_out, grad_stride, grad_scale, stats if weight is None else weight, stats[1],
-        grad_input, grad_target, per_sample, blocks_per_chunk, HAS_WEIGHT=weight is not None,
+        grad_input, grad_target, per_sample, blocks_per_chunk, n_chunks, HAS_WEIGHT=weight is not None,
         NEED_X=need_input, NEED_Y=need_target, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return grad_input, grad_target
 
@@ -438,9 +440,9 @@ def _scm_partials(F: Optional[torch.Tensor], F_minus: torch.Tensor, F_jvp: torch
     sums = torch.empty((3 if F is not None else 1, batch, n_chunks), dtype=_stats_dtype(F_minus),
                        device=F_minus.device)
     gg, dg, dd = (sums[0], sums[1], sums[2]) if F is not None else (sums[0], sums[0], sums[0])
-    _scm_partial_kernel[(n_chunks, batch)](
+    _scm_partial_kernel[(n_chunks * batch,)](
         F_minus if F is None else F, F_minus, F_jvp, x_t, dx_dt, t, r, gg, dg, dd, per_sample, blocks_per_chunk,
-        float(sigma_data), HAS_F=F is not None, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        n_chunks, float(sigma_data), HAS_F=F is not None, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return (gg, dg, dd), n_chunks
 
 
@@ -501,10 +503,10 @@ def scm_backward(grad_out: torch.Tensor, F: torch.Tensor, F_minus: torch.Tensor,
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(F)
     grad_F = torch.empty_like(F)
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
-    _scm_apply_kernel[(n_chunks, batch)](
+    _scm_apply_kernel[(n_chunks * batch,)](
         F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, grad_out, grad_stride, grad_scale * 2.0 / per_sample, grad_F,
-        batch, per_sample, blocks_per_chunk, float(sigma_data), IS_GRAD=True, COMPUTE=compute, BLOCK_SIZE=block,
-        num_warps=NUM_WARPS)
+        batch, per_sample, blocks_per_chunk, n_chunks, float(sigma_data), IS_GRAD=True, COMPUTE=compute,
+        BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return grad_F
 
 
@@ -522,9 +524,9 @@ def scm_tangent(F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor, d
                                            TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm],
                                            **_epilogue_tiles(batch, n_chunks))
     g_hat = torch.empty_like(F_minus)
-    _scm_apply_kernel[(n_chunks, batch)](
+    _scm_apply_kernel[(n_chunks * batch,)](
         F_minus, F_minus, F_jvp, x_t, dx_dt, t, r, k, k, 0, 1.0, g_hat, batch, per_sample, blocks_per_chunk,
-        float(sigma_data), IS_GRAD=False, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        n_chunks, float(sigma_data), IS_GRAD=False, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return g_hat
 
 
@@ -540,9 +542,9 @@ def meanflow_forward(u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor, t: to
     save = meanflow_saves_residual(u, save_residual)
     residual = torch.empty(u.shape, dtype=_stats_dtype(u), device=u.device) if save else u.new_empty(0)
     out = _loss_output(u, reduction)
-    _meanflow_partial_kernel[(n_chunks, batch)](u, v, dudt, t, r, partials, residual if save else partials,
-                                                per_sample, blocks_per_chunk, SAVE_RESIDUAL=save,
-                                                COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+    _meanflow_partial_kernel[(n_chunks * batch,)](u, v, dudt, t, r, partials, residual if save else partials,
+                                                  per_sample, blocks_per_chunk, n_chunks, SAVE_RESIDUAL=save,
+                                                  COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
     _meanflow_epilogue_kernel[(1,)](partials, inv_weight, out, batch, n_chunks, float(eps), float(p),
                                     REDUCTION=REDUCTION_IDS[reduction], COMPUTE=compute,
                                     **_epilogue_tiles(batch, n_chunks))
@@ -555,9 +557,9 @@ def meanflow_backward(grad_out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(u)
     grad_u = torch.empty_like(u)
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
-    _meanflow_bwd_kernel[(n_chunks, batch)](u, v, dudt, t, r, inv_weight, grad_out, grad_stride, grad_scale,
-                                            grad_u, per_sample, blocks_per_chunk, COMPUTE=compute,
-                                            BLOCK_SIZE=block, num_warps=NUM_WARPS)
+    _meanflow_bwd_kernel[(n_chunks * batch,)](u, v, dudt, t, r, inv_weight, grad_out, grad_stride, grad_scale,
+                                              grad_u, per_sample, blocks_per_chunk, n_chunks, COMPUTE=compute,
+                                              BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return grad_u
 
 
@@ -568,7 +570,7 @@ def residual_backward(grad_out: torch.Tensor, residual: torch.Tensor, coef: torc
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(residual)
     grad = torch.empty(residual.shape, dtype=dtype, device=residual.device)
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
-    _residual_bwd_kernel[(n_chunks, batch)](residual, grad_out, grad_stride, grad_scale * coef_scale, coef, grad,
-                                            per_sample, blocks_per_chunk, COMPUTE=compute, BLOCK_SIZE=block,
-                                            num_warps=NUM_WARPS)
+    _residual_bwd_kernel[(n_chunks * batch,)](residual, grad_out, grad_stride, grad_scale * coef_scale, coef, grad,
+                                              per_sample, blocks_per_chunk, n_chunks, COMPUTE=compute,
+                                              BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return grad
