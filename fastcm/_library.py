@@ -6,6 +6,7 @@ storage a kernel could read (the dispatcher unwraps them for a custom op). Plain
 skip the dispatcher, which costs ~10-20 µs of host time per launch.
 """
 
+import functools
 import importlib
 import types
 
@@ -16,10 +17,26 @@ def _inside_functorch_transform() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+def on_tensors_device(launcher):
+    """`launcher` run with the current CUDA device set to that of its first CUDA tensor argument.
+    A Triton launch goes to the current device and its current stream, which need not be the
+    tensors' (a process that moved its model to cuda:1 without torch.cuda.set_device)."""
+    @functools.wraps(launcher)
+    def run(*args):
+        device = next((arg.device for arg in args if isinstance(arg, torch.Tensor) and arg.is_cuda), None)
+        if device is None:
+            return launcher(*args)
+        with torch.cuda.device(device):
+            return launcher(*args)
+    return run
+
+
 def kernel_op(name: str, launcher, fake):
     """Register `launcher` (fully type-annotated) as the custom op fastcm::<name> with the fake
     (meta) implementation `fake`; return a caller that uses the op under torch.compile or a
-    torch.func transform and calls `launcher` directly otherwise."""
+    torch.func transform and calls `launcher` directly otherwise. Both run it on the device of
+    its tensors (on_tensors_device)."""
+    launcher = on_tensors_device(launcher)
     op = torch.library.custom_op(f"fastcm::{name}", mutates_args=())(launcher)
     op.register_fake(fake)
 
