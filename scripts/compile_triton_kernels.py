@@ -176,6 +176,7 @@ def _compile(kernel, entry) -> tuple:
 def compile_all(launches: list, arches: list) -> int:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    import triton
     from triton.runtime.driver import driver
 
     failures = 0
@@ -211,7 +212,7 @@ def compile_all(launches: list, arches: list) -> int:
               f"stack frame ≤ {max(u[2] for u in uses)} B")
     compiled_count = sum(len(uses) for uses in per_kernel.values())
     print(f"compile_triton_kernels: {compiled_count} compiled, {failures} failed "
-          f"(triton {importlib.import_module('triton').__version__}, sm_{', sm_'.join(map(str, arches))})")
+          f"(triton {triton.__version__}, sm_{', sm_'.join(map(str, arches))})")
     return 1 if failures else 0
 
 

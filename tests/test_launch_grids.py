@@ -18,9 +18,9 @@ BATCH = 70_000
 CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 
 
-def _launcher_calls(per_sample: int):
-    """(name, call) for every Triton launcher on a (BATCH, per_sample) float32 batch."""
-    x, y, z, w, u = (torch.randn(BATCH, per_sample) for _ in range(5))
+def _launcher_calls():
+    """(name, call) for every Triton launcher on a (BATCH, 3) float32 batch."""
+    x, y, z, w, u = (torch.randn(BATCH, 3) for _ in range(5))
     sigma, t, r = torch.rand(BATCH) + 0.1, torch.rand(BATCH), torch.rand(BATCH)
     stats2, stats3, coef = torch.rand(2, BATCH), torch.rand(3, BATCH), torch.rand(BATCH)
     grad = torch.tensor(1.0)
@@ -58,7 +58,7 @@ def test_every_launch_grid_fits_cuda_limits_past_65535_samples(monkeypatch):
         grids.append((self.fn.__name__, tuple(grid)))
 
     monkeypatch.setattr(InterpretedFunction, "run", record_grid)
-    for name, call in _launcher_calls(per_sample=3):
+    for name, call in _launcher_calls():
         grids.clear()
         call()
         assert grids, f"{name}: launched no kernel"
