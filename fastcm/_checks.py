@@ -4,7 +4,6 @@ and what is accepted."""
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-KERNEL_DTYPES = FLOAT_DTYPES
 
 
 def _dtype_names(dtypes) -> str:

@@ -146,7 +146,7 @@ def sample_cm(denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None
     """Consistency-model sampling: D = f(x, σ_0), then for each later level σ_i (but the last)
     x = D + √(σ_i² − σmin²)·z (cm_step), D = f(x, σ_i). Returns the last D.
 
-    sigmas = [σmax, σmin] is 1-step sampling; [σmax, σ_1, ..., σmin] multistep (seed 004 §3).
+    sigmas = [σmax, σmin] is 1-step sampling; [σmax, σ_1, ..., σmin] multistep (Consistency Models, Algorithm 1).
     openai/consistency_models' stochastic iterative sampler with indices ts on a 40-level grid is
     sigmas = karras_sigmas(40, append_zero=False)[ts]. x: (B, ...), x = σmax·randn.
     """
@@ -243,7 +243,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, capture=False, progress=False, callb
 
 @torch.no_grad()
 def self_consistency_error(f, x_t_fn, times):
-    """Self-consistency error of a consistency function f (seed 000 §5.2): for each t in `times`,
+    """Self-consistency error of a consistency function f (the consistency property of Consistency Models): for each t in `times`,
     x_t = x_t_fn(t) (points of one trajectory) and prediction f(x_t, t·ones(B)); returns the
     unbiased variance across times of the predictions, averaged over all elements (0-d float tensor).
     0 for an exact consistency function. Streams over times (Welford): memory of two predictions.

@@ -417,7 +417,7 @@ def ddim_step(x, eps, alpha_bar, alpha_bar_next, *, eta=0.0, noise=None, seed=No
 
 
 def cm_step(denoised, sigma_next, *, sigma_min=0.002, noise=None, seed=None, generator=None, offset=0, out=None):
-    """Consistency-model multistep re-noising (seed 004 §3, openai/consistency_models):
+    """Consistency-model multistep re-noising (Consistency Models, Algorithm 1; openai/consistency_models):
     x' = D + √(σ'² − σmin²)·z, z ~ N(0, I).
 
     denoised: (B, ...) float32/bfloat16/float16/float64; sigma_next ≥ sigma_min (float, 0-d, (B,),

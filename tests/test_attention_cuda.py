@@ -4,7 +4,7 @@ Calls torch.ops.fastcm.attention_forward / attention_forward_jvp / attention_bac
 CUDA tensors, so it tests the extension whatever the public API does on top. Every test is marked
 gpu: collected everywhere, run only with FASTCM_TEST_DEVICE=cuda (conftest skips it otherwise).
 
-Accuracy criterion for bf16/fp16 (DESIGN.md): ‖kernel − ref64‖ ≤ 2·‖torch_lowp − ref64‖ per output,
+Accuracy criterion for bf16/fp16 (docs/DESIGN.md): ‖kernel − ref64‖ ≤ 2·‖torch_lowp − ref64‖ per output,
 where ref64 is the reference in float64 on the same rounded inputs and torch_lowp is PyTorch's own
 math attention (the reference evaluated in bf16/fp16 on the GPU, with torch.func.jvp for tangents).
 Norms are Frobenius norms over the finite entries; -inf LSE entries must match exactly.

@@ -1,7 +1,7 @@
 """Reference sampler steps (EDM Euler/Heun, DPM-Solver++(2M), DDIM, CM and TrigFlow re-noising,
 classifier-free guidance): the specification the fused kernels are tested against.
 
-Plain PyTorch, differentiable by autograd and torch.func.jvp, written as DESIGN.md states the
+Plain PyTorch, differentiable by autograd and torch.func.jvp, written as docs/DESIGN.md states the
 formulas. Computes in the dtype of the inputs (call with float64 tensors for the float64
 reference). Per-sample parameters: float, 0-d tensor, (B,) or (B, 1, ..., 1).
 
