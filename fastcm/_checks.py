@@ -1,9 +1,16 @@
 """Argument checks shared by every op. Each error names the argument, what was received
 and what is accepted."""
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes and keeps its statistics in: float64 for float64 x, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _dtype_names(dtypes) -> str:
@@ -40,6 +47,28 @@ def check_same_device(op: str, name: str, value: torch.Tensor, ref_name: str, re
         raise ValueError(
             f"fastcm.{op}: {name} is on {value.device} but {ref_name} is on {ref.device}; "
             f"all tensors must be on one device")
+
+
+def check_like(op: str, name: str, value, ref_name: str, ref: torch.Tensor, *, min_dim: int = 0) -> None:
+    """`value` is a float tensor of ref's shape, dtype and device."""
+    check_tensor(op, name, value, min_dim=min_dim)
+    check_same_shape(op, name, value, ref_name, ref)
+    check_same_dtype(op, name, value, ref_name, ref)
+    check_same_device(op, name, value, ref_name, ref)
+
+
+def check_positive(op: str, name: str, value, *, hint: str = "") -> None:
+    """A positive finite Python number (`hint` names an alternative, e.g. " (or None for ...)")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastcm.{op}: {name} must be a positive float{hint}, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a positive finite float{hint}")
+
+
+def check_finite(op: str, name: str, value) -> None:
+    """A finite Python number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"fastcm.{op}: {name} must be a finite float, got {value!r}")
 
 
 def check_choice(op: str, name: str, value, choices) -> None:

@@ -6,6 +6,8 @@ elements laid out as (B,) or (B, 1, ..., 1); it broadcasts over every non-batch 
 
 import torch
 
+from ._checks import compute_dtype
+
 
 def per_sample(op: str, name: str, value, x: torch.Tensor, *, dtype=None) -> torch.Tensor:
     """Return `value` as a contiguous (B,) tensor on x.device, in `dtype`
@@ -13,7 +15,7 @@ def per_sample(op: str, name: str, value, x: torch.Tensor, *, dtype=None) -> tor
     tensor `value` through the expand/reshape/cast."""
     batch = x.shape[0]
     if dtype is None:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x)
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(
             f"fastcm.{op}: {name} must be a float, a 0-d tensor or a tensor of {batch} per-sample "

@@ -7,12 +7,12 @@ elements) and the MeanFlow forward (float32, float64) also save their per-elemen
 that the backward reads that one tensor instead of all the inputs.
 """
 
-import math
 
 import torch
 
 from . import _checks
 from ._backend import select_backend
+from ._checks import compute_dtype
 from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import losses as reference
@@ -20,8 +20,7 @@ from .reference.losses import REDUCTIONS, TANGENT_NORMS, default_huber_c
 
 
 def _stats_like(x, rows):
-    return torch.empty((rows, x.shape[0]), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                       device=x.device)
+    return torch.empty((rows, x.shape[0]), dtype=compute_dtype(x), device=x.device)
 
 
 def _loss_like(x, reduction):
@@ -110,10 +109,6 @@ def _dot(a, b):
     return (a * b.to(a.dtype)).flatten(1).sum(dim=1)
 
 
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _ones(x):
     return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -122,7 +117,7 @@ def _ones(x):
 
 def _huber_terms(input, target, weight, c):
     """(∂loss_b/∂input per element, distance_b), in differentiable torch ops."""
-    diff = input.to(_compute_dtype(input)) - target.to(_compute_dtype(input))
+    diff = input.to(compute_dtype(input)) - target.to(compute_dtype(input))
     sq_dist = diff.flatten(1).pow(2).sum(dim=1)
     root = torch.sqrt(sq_dist + c * c)
     coef = 1.0 / root if weight is None else weight / root
@@ -307,23 +302,7 @@ def _check_inputs(op, named_tensors):
         raise ValueError(f"fastcm.{op}: {first_name} has shape {tuple(first.shape)}; expected at least one "
                          f"sample with at least one element")
     for name, value in rest:
-        _checks.check_tensor(op, name, value, min_dim=1)
-        _checks.check_same_shape(op, name, value, first_name, first)
-        _checks.check_same_dtype(op, name, value, first_name, first)
-        _checks.check_same_device(op, name, value, first_name, first)
-
-
-def _check_positive(op, name, value, *, allow_none_hint=""):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"fastcm.{op}: {name} must be a positive float{allow_none_hint}, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a positive finite "
-                         f"float{allow_none_hint}")
-
-
-def _check_float(op, name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"fastcm.{op}: {name} must be a finite float, got {value!r}")
+        _checks.check_like(op, name, value, first_name, first, min_dim=1)
 
 
 def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
@@ -346,7 +325,7 @@ def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
     _check_inputs(op, (("input", input), ("target", target)))
     _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
     if c is not None:
-        _check_positive(op, "c", c, allow_none_hint=" (or None for 0.00054·sqrt(D))")
+        _checks.check_positive(op, "c", c, hint=" (or None for 0.00054·sqrt(D))")
     if select_backend(op, input.device) == "reference":
         return reference.pseudo_huber_loss(input, target, c=c, weight=weight, reduction=reduction)
     weight_b = None if weight is None else per_sample(op, "weight", weight, input)
@@ -355,8 +334,8 @@ def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
 
 
 def _scm_parameters(op, F_minus, t, r, sigma_data, tangent_norm_c, tangent_norm):
-    _check_positive(op, "sigma_data", sigma_data)
-    _check_positive(op, "tangent_norm_c", tangent_norm_c)
+    _checks.check_positive(op, "sigma_data", sigma_data)
+    _checks.check_positive(op, "tangent_norm_c", tangent_norm_c)
     _checks.check_choice(op, "tangent_norm", tangent_norm, TANGENT_NORMS)
     return (per_sample(op, "t", t, F_minus).detach(), per_sample(op, "r", r, F_minus).detach())
 
@@ -452,8 +431,8 @@ def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
     op = "meanflow_loss"
     _check_inputs(op, (("u", u), ("v", v), ("dudt", dudt)))
     _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
-    _check_positive(op, "eps", eps)
-    _check_float(op, "p", p)
+    _checks.check_positive(op, "eps", eps)
+    _checks.check_finite(op, "p", p)
     t_b = per_sample(op, "t", t, u).detach()
     r_b = per_sample(op, "r", r, u).detach()
     if select_backend(op, u.device) == "reference":

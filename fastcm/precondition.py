@@ -91,10 +91,7 @@ class _Precondition(torch.autograd.Function):
 
 def _check(x, net_out, param, sigma_data, sigma_min):
     _checks.check_tensor(_OP, "x", x, min_dim=1)
-    _checks.check_tensor(_OP, "net_out", net_out, min_dim=1)
-    _checks.check_same_shape(_OP, "net_out", net_out, "x", x)
-    _checks.check_same_dtype(_OP, "net_out", net_out, "x", x)
-    _checks.check_same_device(_OP, "net_out", net_out, "x", x)
+    _checks.check_like(_OP, "net_out", net_out, "x", x, min_dim=1)
     _checks.check_choice(_OP, "param", param, PARAMS)
     if not sigma_data > 0:
         raise ValueError(f"fastcm.{_OP}: sigma_data must be > 0, got {sigma_data}")

@@ -23,6 +23,7 @@ import sys
 import torch
 
 from . import steps
+from ._checks import compute_dtype
 from .schedules import karras_sigmas
 from .reference.steps import draw_seed
 
@@ -70,7 +71,7 @@ def _schedule(op, name, values):
 
 def _levels(schedule, x):
     """Every schedule entry as a (B,) tensor, made before the loop so no copy happens inside it."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(x)
     return torch.tensor(schedule, dtype=dtype, device=x.device)[:, None].expand(-1, x.shape[0]).contiguous()
 
 
@@ -255,7 +256,7 @@ def self_consistency_error(f, x_t_fn, times):
         x_t = x_t_fn(t)
         if not isinstance(x_t, torch.Tensor) or x_t.dim() < 1:
             raise TypeError(f"fastcm.{op}: x_t_fn({t}) must return a tensor of shape (B, ...)")
-        work = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        work = compute_dtype(x_t)
         prediction = f(x_t, torch.full((x_t.shape[0],), t, dtype=work, device=x_t.device)).to(work)
         if mean is None:
             mean, m2 = prediction.clone(), torch.zeros_like(prediction)

@@ -7,10 +7,7 @@ import math
 
 import torch
 
-
-def _check_positive(op, name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a positive finite number")
+from ._checks import check_positive
 
 
 def karras_sigmas(num, *, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=False, device=None,
@@ -20,7 +17,7 @@ def karras_sigmas(num, *, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"fastcm.karras_sigmas: num={num!r} is not supported; expected an int >= 1")
     for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        _check_positive("karras_sigmas", name, value)
+        check_positive("karras_sigmas", name, value)
     if not sigma_min <= sigma_max:
         raise ValueError(f"fastcm.karras_sigmas: sigma_min={sigma_min} must not exceed sigma_max={sigma_max}")
     ramp = torch.linspace(0.0, 1.0, num, dtype=torch.float64) if num > 1 else torch.zeros(1, dtype=torch.float64)
@@ -49,7 +46,7 @@ def ict_sample_sigmas(batch, num_timesteps, *, p_mean=-1.1, p_std=2.0, sigma_min
     """iCT lognormal σ sampling on the Karras grid σ_1 < … < σ_N (N = num_timesteps): draws
     i ∈ {1 … N−1} with p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std))
     and returns (sigma_lower, sigma_upper) = (σ_i, σ_{i+1}), each of shape (batch,)."""
-    _check_positive("ict_sample_sigmas", "p_std", p_std)
+    check_positive("ict_sample_sigmas", "p_std", p_std)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"fastcm.ict_sample_sigmas: batch={batch!r} is not supported; expected an int >= 1")
     sigmas = karras_sigmas(num_timesteps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).flip(0)
@@ -68,8 +65,8 @@ def ct_loss_weight(sigma_lower, sigma_upper):
 def scm_sample_t(batch, *, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=None, device=None,
                  dtype=torch.float32):
     """sCM training times t = arctan(e^τ/σd), τ ~ N(P_mean, P_std²), shape (batch,), t ∈ (0, π/2)."""
-    _check_positive("scm_sample_t", "sigma_data", sigma_data)
-    _check_positive("scm_sample_t", "p_std", p_std)
+    check_positive("scm_sample_t", "sigma_data", sigma_data)
+    check_positive("scm_sample_t", "p_std", p_std)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"fastcm.scm_sample_t: batch={batch!r} is not supported; expected an int >= 1")
     tau = p_mean + p_std * torch.randn(batch, generator=generator, dtype=torch.float64)
@@ -78,7 +75,7 @@ def scm_sample_t(batch, *, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=Non
 
 def tangent_warmup(step, warmup_steps=10000):
     """sCM tangent warm-up r(step) = min(1, step / warmup_steps), the r of fastcm.scm_loss."""
-    _check_positive("tangent_warmup", "warmup_steps", warmup_steps)
+    check_positive("tangent_warmup", "warmup_steps", warmup_steps)
     if step < 0:
         raise ValueError(f"fastcm.tangent_warmup: step={step!r} is not supported; expected step >= 0")
     return min(1.0, step / warmup_steps)

@@ -27,6 +27,7 @@ import torch
 
 from . import _checks
 from ._backend import select_backend
+from ._checks import compute_dtype
 from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import steps as reference
@@ -38,7 +39,7 @@ def _fake_linear_combination(like, t0, t1, t2, noise, coefs, scalar_coefs, seed,
 
 
 def _fake_guided_moments(eps_cond, eps_uncond, scale, scalar_scale):
-    work = torch.float64 if eps_cond.dtype == torch.float64 else torch.float32
+    work = compute_dtype(eps_cond)
     return eps_cond.new_empty((eps_cond.shape[0], 4), dtype=work)
 
 
@@ -54,10 +55,6 @@ _ops = kernel_ops("steps", {
 })
 
 
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _contiguous(t):
     return None if t is None else t.contiguous()
 
@@ -68,7 +65,7 @@ def _coef_view(coefs, scalar_coefs, k, like):
 
 
 def _per_sample_dot(a, b):
-    work = _compute_dtype(a)
+    work = compute_dtype(a)
     return (a.to(work) * b.to(work)).reshape(a.shape[0], -1).sum(1)
 
 
@@ -131,7 +128,7 @@ class _LinearStep(torch.autograd.Function):
         has_term_tangents = any(t is not None for t in tangents + (noise_t,))
         # With both parts, each is kept in the compute dtype and rounded to the output dtype once.
         both = has_term_tangents and coefs_t is not None
-        part_like = like.new_empty(like.shape, dtype=_compute_dtype(like)) if both else like
+        part_like = like.new_empty(like.shape, dtype=compute_dtype(like)) if both else like
         out_t = None
         if has_term_tangents:
             if differentiable:
@@ -229,7 +226,7 @@ def _pack(coefs, x):
         return None, [float(c) for c in coefs]
     reference_column = next(c for c in coefs if isinstance(c, torch.Tensor))
     columns = [c if isinstance(c, torch.Tensor) else torch.full_like(reference_column, c) for c in coefs]
-    return torch.stack(columns, dim=1).to(_compute_dtype(x)), [0.0] * 4
+    return torch.stack(columns, dim=1).to(compute_dtype(x)), [0.0] * 4
 
 
 def _check_tensors(op, main_name, main, **others):
@@ -237,10 +234,7 @@ def _check_tensors(op, main_name, main, **others):
     for name, value in others.items():
         if value is None:
             continue
-        _checks.check_tensor(op, name, value, min_dim=1)
-        _checks.check_same_shape(op, name, value, main_name, main)
-        _checks.check_same_dtype(op, name, value, main_name, main)
-        _checks.check_same_device(op, name, value, main_name, main)
+        _checks.check_like(op, name, value, main_name, main, min_dim=1)
 
 
 def _check_out(op, out, main_name, main):
@@ -484,7 +478,7 @@ def cfg(eps_cond, eps_uncond, guidance_scale, *, guidance_rescale=0.0, out=None)
     if not rescale:
         return _run(op, eps_cond, (eps_uncond, eps_cond, None), (1 - w, w, 0.0, 0.0), out)
     cond, uncond = eps_cond.contiguous(), eps_uncond.contiguous()
-    work = _compute_dtype(eps_cond)
+    work = compute_dtype(eps_cond)
     scale_tensor = w.to(work) if isinstance(w, torch.Tensor) else None
     std = _GuidedStd.apply(cond, uncond, scale_tensor, 0.0 if scale_tensor is not None else w)
     gain = phi * std[:, 0].to(torch.float64) / std[:, 1].to(torch.float64) + 1 - phi

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_dtype, compute_type, per_sample_blocks
+
 BLOCK = 2048
 NUM_WARPS = 8
 # Enough (chunk, sample) programs to fill a GPU when B is small; B·chunks ≥ TARGET_PROGRAMS
@@ -371,25 +373,17 @@ def _meanflow_bwd_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, inv_weight_ptr, g
 
 def _geometry(x: torch.Tensor):
     """(batch, per_sample, block, blocks_per_chunk, n_chunks, compute dtype)."""
-    batch = x.shape[0]
-    per_sample = x.numel() // batch
-    block = min(BLOCK, max(triton.next_power_of_2(per_sample), 16))
-    n_blocks = triton.cdiv(per_sample, block)
+    batch, per_sample, block, n_blocks = per_sample_blocks(x, BLOCK)
     chunks = min(n_blocks, max(1, triton.cdiv(TARGET_PROGRAMS, batch)))
     blocks_per_chunk = triton.cdiv(n_blocks, chunks)
     n_chunks = triton.cdiv(n_blocks, blocks_per_chunk)
-    compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    return batch, per_sample, block, blocks_per_chunk, n_chunks, compute
+    return batch, per_sample, block, blocks_per_chunk, n_chunks, compute_type(x)
 
 
 def _epilogue_tiles(batch: int, n_chunks: int):
     block_c = triton.next_power_of_2(n_chunks)
     block_b = max(1, min(triton.next_power_of_2(batch), EPILOGUE_TILE // block_c))
     return {"BLOCK_B": block_b, "BLOCK_C": block_c}
-
-
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _loss_output(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -406,8 +400,8 @@ def pseudo_huber_forward(input: torch.Tensor, target: torch.Tensor, weight: Opti
     """input, target: contiguous (B, ...); weight: (B,) or None. Returns (loss, stats) with
     stats = [distance_b; 1/√(s_b + c²)], shape (2, B)."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(input)
-    partials = torch.empty((batch, n_chunks), dtype=_stats_dtype(input), device=input.device)
-    stats = torch.empty((2, batch), dtype=_stats_dtype(input), device=input.device)
+    partials = torch.empty((batch, n_chunks), dtype=compute_dtype(input), device=input.device)
+    stats = torch.empty((2, batch), dtype=compute_dtype(input), device=input.device)
     out = _loss_output(input, reduction)
     _huber_partial_kernel[(n_chunks * batch,)](input, target, partials, per_sample, blocks_per_chunk, n_chunks,
                                                COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
@@ -437,7 +431,7 @@ def pseudo_huber_backward(grad_out: torch.Tensor, input: torch.Tensor, target: t
 def _scm_partials(F: Optional[torch.Tensor], F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor,
                   dx_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor, sigma_data: float):
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(F_minus)
-    sums = torch.empty((3 if F is not None else 1, batch, n_chunks), dtype=_stats_dtype(F_minus),
+    sums = torch.empty((3 if F is not None else 1, batch, n_chunks), dtype=compute_dtype(F_minus),
                        device=F_minus.device)
     gg, dg, dd = (sums[0], sums[1], sums[2]) if F is not None else (sums[0], sums[0], sums[0])
     _scm_partial_kernel[(n_chunks * batch,)](
@@ -449,7 +443,7 @@ def _scm_partials(F: Optional[torch.Tensor], F_minus: torch.Tensor, F_jvp: torch
 def residual_pays(x: torch.Tensor, inputs_reread: int) -> bool:
     """Whether a residual saved in the compute dtype (written once, read once) moves fewer bytes than
     a backward that re-reads `inputs_reread` inputs shaped and typed like x."""
-    return 2 * _stats_dtype(x).itemsize < inputs_reread * x.element_size()
+    return 2 * compute_dtype(x).itemsize < inputs_reread * x.element_size()
 
 
 def scm_saves_residual(x: torch.Tensor, save_residual: bool) -> bool:
@@ -475,9 +469,9 @@ def scm_forward(F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t
     batch, per_sample, _, _, _, compute = _geometry(F)
     on_chip = scm_saves_residual(F, save_residual)
     if on_chip:
-        sums = torch.empty((2, batch, 1), dtype=_stats_dtype(F), device=F.device)
+        sums = torch.empty((2, batch, 1), dtype=compute_dtype(F), device=F.device)
         (gg, dd), dg, n_chunks = sums, sums[1], 1
-        residual = torch.empty(F.shape, dtype=_stats_dtype(F), device=F.device)
+        residual = torch.empty(F.shape, dtype=compute_dtype(F), device=F.device)
         block = max(triton.next_power_of_2(per_sample), 16)
         _scm_on_chip_kernel[(batch,)](
             F, F_minus, F_jvp, x_t, dx_dt, t, r, gg, dd, residual, per_sample, float(sigma_data),
@@ -486,7 +480,7 @@ def scm_forward(F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t
     else:
         (gg, dg, dd), n_chunks = _scm_partials(F, F_minus, F_jvp, x_t, dx_dt, t, r, sigma_data)
         residual = F.new_empty(0)
-    stats = torch.empty((3, batch), dtype=_stats_dtype(F), device=F.device)
+    stats = torch.empty((3, batch), dtype=compute_dtype(F), device=F.device)
     out = _loss_output(F, reduction)
     _scm_epilogue_kernel[(1,)](
         gg, dg, dd, stats if weight is None else weight, stats if logvar is None else logvar, stats, out, batch,
@@ -515,7 +509,7 @@ def scm_tangent(F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor, d
                 tangent_norm: str) -> torch.Tensor:
     """ĝ = g/(‖g‖ + c): one pass for ‖g‖² (skipped for tangent_norm='none'), one pass writing ĝ."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(F_minus)
-    k = torch.empty((batch,), dtype=_stats_dtype(F_minus), device=F_minus.device)
+    k = torch.empty((batch,), dtype=compute_dtype(F_minus), device=F_minus.device)
     if tangent_norm == "none":
         k.fill_(1.0)
     else:
@@ -537,10 +531,10 @@ def meanflow_forward(u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor, t: to
     residual = u − u_tgt in the compute dtype, written by the same pass, where
     meanflow_saves_residual(u, save_residual) (else an empty (0,) tensor)."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(u)
-    partials = torch.empty((batch, n_chunks), dtype=_stats_dtype(u), device=u.device)
-    inv_weight = torch.empty((batch,), dtype=_stats_dtype(u), device=u.device)
+    partials = torch.empty((batch, n_chunks), dtype=compute_dtype(u), device=u.device)
+    inv_weight = torch.empty((batch,), dtype=compute_dtype(u), device=u.device)
     save = meanflow_saves_residual(u, save_residual)
-    residual = torch.empty(u.shape, dtype=_stats_dtype(u), device=u.device) if save else u.new_empty(0)
+    residual = torch.empty(u.shape, dtype=compute_dtype(u), device=u.device) if save else u.new_empty(0)
     out = _loss_output(u, reduction)
     _meanflow_partial_kernel[(n_chunks * batch,)](u, v, dudt, t, r, partials, residual if save else partials,
                                                   per_sample, blocks_per_chunk, n_chunks, SAVE_RESIDUAL=save,

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_type, per_sample_blocks
+
 PARAM_IDS = {"edm": 0, "cm": 1, "trigflow": 2}
 BLOCK = 2048
 NUM_WARPS = 4
@@ -106,12 +108,7 @@ def _precondition_jvp_kernel(x_ptr, f_ptr, x_t_ptr, f_t_ptr, sigma_ptr, sigma_t_
 
 
 def _launch_geometry(x: torch.Tensor):
-    batch = x.shape[0]
-    per_sample = x.numel() // batch if batch else 0
-    block = min(BLOCK, max(triton.next_power_of_2(per_sample), 16))
-    blocks_per_sample = triton.cdiv(per_sample, block)
-    compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    return batch, per_sample, block, blocks_per_sample, compute
+    return (*per_sample_blocks(x, BLOCK), compute_type(x))
 
 
 def precondition_forward(x: torch.Tensor, net_out: torch.Tensor, sigma: torch.Tensor, param: str,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_dtype, compute_type, per_sample_blocks
+
 BLOCK = 2048
 NUM_WARPS = 4
 MOMENTS_BLOCK = 4096
@@ -85,11 +87,7 @@ def _guided_moments_kernel(cond_ptr, uncond_ptr, scale_ptr, scale, partial_ptr, 
 
 
 def _geometry(like: torch.Tensor, block: int):
-    batch = like.shape[0]
-    per_sample = like.numel() // batch if batch else 0
-    block = min(block, max(triton.next_power_of_2(per_sample), 16))
-    compute = tl.float64 if like.dtype == torch.float64 else tl.float32
-    return batch, per_sample, block, triton.cdiv(per_sample, block), compute
+    return (*per_sample_blocks(like, block), compute_type(like))
 
 
 def linear_combination_into(out: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional[torch.Tensor],
@@ -129,7 +127,7 @@ def guided_moments(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: Opti
     """Per-sample (mean ε_c, std ε_c, mean ε̃, std ε̃), ε̃ = ε_u + w·(ε_c − ε_u), std unbiased, as a
     (B, 4) tensor in the compute dtype. w: `scale` (B,) in the compute dtype, or `scalar_scale`."""
     batch, per_sample, block, blocks_per_sample, compute = _geometry(eps_cond, MOMENTS_BLOCK)
-    work = torch.float64 if eps_cond.dtype == torch.float64 else torch.float32
+    work = compute_dtype(eps_cond)
     if eps_cond.dtype == torch.float64 and scale is None:
         scale = torch.full((batch,), scalar_scale, dtype=torch.float64, device=eps_cond.device)
     partial = torch.empty((batch, blocks_per_sample, 4), dtype=work, device=eps_cond.device)

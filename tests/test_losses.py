@@ -271,7 +271,7 @@ def test_scm_saved_residual_and_no_grad_paths_match_reference(dtype, path, monke
                              inputs, ["F", "logvar"], dtype, "mean", _per_sample_numel(shape) / 2)
     with poisoned_empty():
         residual = launchers.scm_forward(*(inputs[k].detach() for k in ("F", "F_minus", "F_jvp", "x_t", "dx_dt")),
-                                         *(v.to(launchers._stats_dtype(inputs["F"])) for v in (inputs["t"],
+                                         *(v.to(launchers.compute_dtype(inputs["F"])) for v in (inputs["t"],
                                                                                              inputs["r"])),
                                          None, None, 0.5, 0.1, "l2", "mean", True)[2]
     if path == "on chip":

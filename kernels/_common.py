@@ -1,0 +1,29 @@
+"""Launch helpers shared by the Triton families: the compute type and the per-sample grid.
+
+Every per-sample family views its (B, ...) tensors as (B, D) and gives each program a block of
+one sample's D elements, so that per-sample scalars are loaded once per program.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import compute_dtype
+
+
+__all__ = ["compute_dtype", "compute_type", "per_sample_blocks"]
+
+
+def compute_type(x: torch.Tensor):
+    """The register type of a kernel over x: float64 for float64 inputs, float32 otherwise."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def per_sample_blocks(x: torch.Tensor, max_block: int):
+    """(batch B, elements per sample D, block, blocks per sample) for a (B, ...) tensor x. The block
+    is the smallest power of two ≥ D (at least 16, Triton's smallest useful vector), capped at
+    max_block."""
+    batch = x.shape[0]
+    per_sample = x.numel() // batch if batch else 0
+    block = min(max_block, max(triton.next_power_of_2(per_sample), 16))
+    return batch, per_sample, block, triton.cdiv(per_sample, block)
