@@ -50,6 +50,15 @@ def kernel_op(name: str, launcher, fake):
     return call
 
 
+def gradients(input_names, **named):
+    """The tuple an autograd.Function's backward returns, one entry per forward input in the order
+    of `input_names`, with the named gradients in place and None elsewhere."""
+    unknown = set(named) - set(input_names)
+    if unknown:
+        raise KeyError(f"gradients for inputs the Function does not take: {sorted(unknown)}")
+    return tuple(named.get(name) for name in input_names)
+
+
 class _Missing:
     def __init__(self, family: str):
         self._family = family

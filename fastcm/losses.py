@@ -13,7 +13,7 @@ import torch
 from . import _checks
 from ._backend import select_backend
 from ._checks import compute_dtype
-from ._library import kernel_ops
+from ._library import gradients, kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import losses as reference
 from .reference.losses import REDUCTIONS, TANGENT_NORMS, default_huber_c
@@ -131,8 +131,7 @@ class _PseudoHuber(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, c, reduction = inputs
-        ctx.options = (c, reduction)
+        input, target, weight, ctx.c, ctx.reduction = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(input, target, weight, output[1])
         ctx.save_for_forward(input, target, weight, output[1])
@@ -140,7 +139,7 @@ class _PseudoHuber(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _):
         input, target, weight, stats = ctx.saved_tensors
-        c, reduction = ctx.options
+        c, reduction = ctx.c, ctx.reduction
         need_input, need_target, need_weight = ctx.needs_input_grad[:3]
         upstream = _per_sample_upstream(grad_out, reduction, input.shape[0], stats.dtype)
         if _differentiable(input, target, weight, grad_out):
@@ -158,7 +157,7 @@ class _PseudoHuber(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, input_t, target_t, weight_t, *_):
         input, target, weight, stats = ctx.saved_tensors
-        c, reduction = ctx.options
+        c, reduction = ctx.c, ctx.reduction
         if _differentiable(input, target, weight, input_t, target_t, weight_t):
             per_element, distance = _huber_terms(input, target, weight, c)
         else:
@@ -190,6 +189,9 @@ def _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, 
 
 
 class _ScmLoss(torch.autograd.Function):
+    INPUTS = ("F", "F_minus", "F_jvp", "x_t", "dx_dt", "t", "r", "weight", "logvar", "sigma_data", "tangent_norm_c",
+              "tangent_norm", "reduction", "save_residual")
+
     @staticmethod
     def forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c, tangent_norm,
                 reduction, save_residual):
@@ -198,20 +200,22 @@ class _ScmLoss(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.options = inputs[9:13]
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(*inputs[:9], output[1], output[2])
-        ctx.save_for_forward(*inputs[:9], output[1])
+        *tensors, ctx.sigma_data, ctx.tangent_norm_c, ctx.tangent_norm, ctx.reduction, _ = inputs
+        _, stats, residual = output
+        ctx.mark_non_differentiable(stats, residual)
+        ctx.save_for_backward(*tensors, stats, residual)
+        ctx.save_for_forward(*tensors, stats)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
         F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, stats, residual = ctx.saved_tensors
-        sigma_data, tangent_norm_c, tangent_norm, reduction = ctx.options
-        need_F, need_logvar = ctx.needs_input_grad[0], ctx.needs_input_grad[8]
+        sigma_data, reduction = ctx.sigma_data, ctx.reduction
+        needs = dict(zip(_ScmLoss.INPUTS, ctx.needs_input_grad))
+        need_F, need_logvar = needs["F"], needs["logvar"]
         upstream = _per_sample_upstream(grad_out, reduction, F.shape[0], stats.dtype)
         if _differentiable(F, logvar, grad_out):
             per_element, logvar_grad = _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data,
-                                                  tangent_norm_c, tangent_norm)
+                                                  ctx.tangent_norm_c, ctx.tangent_norm)
             grad_F = (view_per_sample(upstream, per_element) * per_element).to(F.dtype) if need_F else None
             grad_logvar = upstream * logvar_grad if need_logvar else None
         else:
@@ -223,15 +227,15 @@ class _ScmLoss(torch.autograd.Function):
                 grad_F = _ops.scm_backward(grad_out, F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data,
                                            reduction)
             grad_logvar = upstream * (1.0 - stats[1] * stats[2]) if need_logvar else None
-        return (grad_F, None, None, None, None, None, None, None, grad_logvar, None, None, None, None, None)
+        return gradients(_ScmLoss.INPUTS, F=grad_F, logvar=grad_logvar)
 
     @staticmethod
     def jvp(ctx, F_t, _F_minus_t, _F_jvp_t, _x_t_t, _dx_dt_t, _t_t, _r_t, _weight_t, logvar_t, *_):
         F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, stats = ctx.saved_tensors
-        sigma_data, tangent_norm_c, tangent_norm, reduction = ctx.options
+        sigma_data, reduction = ctx.sigma_data, ctx.reduction
         if _differentiable(F, logvar, F_t, logvar_t):
             per_element, logvar_grad = _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data,
-                                                  tangent_norm_c, tangent_norm)
+                                                  ctx.tangent_norm_c, ctx.tangent_norm)
         else:
             per_element = _ops.scm_backward(_ones(F), F, F_minus, F_jvp, x_t, dx_dt, t, r, stats,
                                             sigma_data, "none").to(stats.dtype) if F_t is not None else None
@@ -254,21 +258,24 @@ def _meanflow_per_element(u, v, dudt, t, r, eps, p):
 
 
 class _MeanFlowLoss(torch.autograd.Function):
+    INPUTS = ("u", "v", "dudt", "t", "r", "eps", "p", "reduction", "save_residual")
+
     @staticmethod
     def forward(u, v, dudt, t, r, eps, p, reduction, save_residual):
         return _ops.meanflow_forward(u, v, dudt, t, r, eps, p, reduction, save_residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.options = inputs[5:8]
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(*inputs[:5], output[1], output[2])
-        ctx.save_for_forward(*inputs[:5], output[1])
+        *tensors, ctx.eps, ctx.p, ctx.reduction, _ = inputs
+        _, inv_weight, residual = output
+        ctx.mark_non_differentiable(inv_weight, residual)
+        ctx.save_for_backward(*tensors, inv_weight, residual)
+        ctx.save_for_forward(*tensors, inv_weight)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
         u, v, dudt, t, r, inv_weight, residual = ctx.saved_tensors
-        eps, p, reduction = ctx.options
+        eps, p, reduction = ctx.eps, ctx.p, ctx.reduction
         if _differentiable(u, grad_out):
             upstream = _per_sample_upstream(grad_out, reduction, u.shape[0], t.dtype)
             per_element = _meanflow_per_element(u, v, dudt, t, r, eps, p)
@@ -277,12 +284,12 @@ class _MeanFlowLoss(torch.autograd.Function):
             grad_u = _ops.residual_backward(grad_out, residual, inv_weight, 2.0, reduction, u.dtype)
         else:
             grad_u = _ops.meanflow_backward(grad_out, u, v, dudt, t, r, inv_weight, reduction)
-        return grad_u, None, None, None, None, None, None, None, None
+        return gradients(_MeanFlowLoss.INPUTS, u=grad_u)
 
     @staticmethod
     def jvp(ctx, u_t, *_):
         u, v, dudt, t, r, inv_weight = ctx.saved_tensors
-        eps, p, reduction = ctx.options
+        eps, p, reduction = ctx.eps, ctx.p, ctx.reduction
         if _differentiable(u, u_t):
             per_element = _meanflow_per_element(u, v, dudt, t, r, eps, p)
         else:

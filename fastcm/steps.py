@@ -78,6 +78,15 @@ def _combine_differentiable(like, terms, noise, coefs, scalar_coefs):
     return out
 
 
+def _philox_noise(like, seed, offset):
+    """The kernel's own noise z for (seed, offset), shaped like `like`: the noise term alone, as the
+    forward drew it (needed by the gradient and tangent of the noise coefficient)."""
+    return _ops.linear_combination(like, None, None, None, None, None, _NOISE_ONLY, seed, offset, True)
+
+
+_NOISE_ONLY = [0.0, 0.0, 0.0, 1.0]  # coefficients of (t0, t1, t2, z)
+
+
 class _LinearStep(torch.autograd.Function):
     """out = c0·t0 + c1·t1 + c2·t2 + c3·z; coefs (B, 4) tensor or None with scalar_coefs."""
 
@@ -110,8 +119,7 @@ class _LinearStep(torch.autograd.Function):
                 grads[k + 1] = _ops.linear_combination(grad_out, *slots, coefs, scalar_coefs, 0, 0, False)
         if needs[0]:
             if philox and noise is None:
-                noise = _ops.linear_combination(grad_out, None, None, None, None, None, [0.0, 0.0, 0.0, 1.0],
-                                                seed, offset, True)
+                noise = _philox_noise(grad_out, seed, offset)
             columns = [torch.zeros(grad_out.shape[0], dtype=coefs.dtype, device=coefs.device) if t is None
                        else _per_sample_dot(grad_out, t).to(coefs.dtype) for t in (t0, t1, t2, noise)]
             grads[0] = torch.stack(columns, dim=1)
@@ -138,8 +146,7 @@ class _LinearStep(torch.autograd.Function):
                                                 scalar_coefs, 0, 0, False)
         if coefs_t is not None:
             if philox and noise is None:
-                noise = _ops.linear_combination(like, None, None, None, None, None, [0.0, 0.0, 0.0, 1.0],
-                                                seed, offset, True)
+                noise = _philox_noise(like, seed, offset)
             if differentiable:
                 from_coefs = _combine_differentiable(like, (t0, t1, t2), noise, coefs_t, None)
             else:
