@@ -142,6 +142,9 @@ def build_log(python: str, keep: Path | None) -> str:
     env["FASTCM_NVCC_FLAGS"] = (env.get("FASTCM_NVCC_FLAGS", "") + " -Xptxas -v").strip()
     env.pop("FASTCM_SKIP_CUDA", None)
     env.pop("FASTCM_SKIP_EXTENSION", None)
+    # The interpreter's venv need not be activated: its bin/ (ninja) goes first on PATH, or torch
+    # falls back to compiling one file at a time.
+    env["PATH"] = str(Path(python).parent) + os.pathsep + env.get("PATH", "")
     if "CUDA_HOME" not in env and Path("/usr/local/cuda/bin/nvcc").exists():
         env["CUDA_HOME"] = "/usr/local/cuda"
     with tempfile.TemporaryDirectory(prefix="fastcm_ptxas_") as tmp:
