@@ -12,15 +12,15 @@ c++filt where it is installed, namespaces and parameter lists dropped), register
 shared memory, spill stores / loads and stack frame in bytes. Dynamic shared memory is set at launch
 and does not appear in ptxas's output.
 
-    python scripts/ptxas_report.py build.log             # a log of a build with FASTCM_NVCC_FLAGS="-Xptxas -v"
+    python scripts/ptxas_report.py build.log [--match RE]   # a log of a build with FASTCM_NVCC_FLAGS="-Xptxas -v"
     python scripts/ptxas_report.py --build [--python P]  # builds a copy of the working tree first
 
 --build copies the working tree (tracked and untracked, not ignored files) to a temporary folder
 and runs `P setup.py build_ext` there with FASTCM_NVCC_FLAGS="-Xptxas -v" (added to the variable's
 value), P defaulting to this interpreter; P must import a CUDA build of torch, and nvcc must be
 found (CUDA_HOME, /usr/local/cuda or PATH), as for any build of the extension. Nothing is installed.
-scripts/check_cuda_build.sh's venv (/tmp/fastcm_cuda_check/venv by default) is such a P on a machine
-without a GPU.
+The venv scripts/check_cuda_build.sh keeps (torch 2.11 + CUDA 13) is such a P on a machine without
+a GPU.
 """
 
 from __future__ import annotations
@@ -113,12 +113,20 @@ def _shorten(name: str) -> str:
     return name
 
 
-def markdown_tables(reports: list[KernelReport]) -> str:
-    """One Markdown table per architecture (sorted by arch, then by kernel name)."""
+def _natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside a name by value (FwdTraits<T, 32, ...> before 128)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def markdown_tables(reports: list[KernelReport], match: str | None = None) -> str:
+    """One Markdown table per architecture (sorted by arch, then by kernel name, numbers by value);
+    `match`: only the kernels whose readable name contains a match of this regular expression."""
     names = demangle(sorted({r.mangled for r in reports}))
+    if match is not None:
+        reports = [r for r in reports if re.search(match, names[r.mangled])]
     lines: list[str] = []
     for arch in sorted({r.arch for r in reports}):
-        rows = sorted((r for r in reports if r.arch == arch), key=lambda r: names[r.mangled])
+        rows = sorted((r for r in reports if r.arch == arch), key=lambda r: _natural_key(names[r.mangled]))
         lines += [f"### {arch}", "",
                   "| kernel | registers | static smem | spill stores | spill loads | stack |",
                   "|---|---|---|---|---|---|"]
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", action="store_true", help="build a copy of the working tree with ptxas -v first")
     parser.add_argument("--python", default=sys.executable, help="interpreter with a CUDA torch for --build")
     parser.add_argument("--save-log", type=Path, help="with --build: also write the build output here")
+    parser.add_argument("--match", help="only kernels whose readable name matches this regular expression")
     parser.add_argument("-o", "--output", type=Path, help="write the tables here instead of stdout")
     args = parser.parse_args(argv)
     if args.build == (args.log is not None):
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = parse_ptxas_log(text)
     if not reports:
         raise SystemExit("ptxas_report: no 'Compiling entry function' lines (was it built with -Xptxas -v?)")
-    tables = markdown_tables(reports)
+    tables = markdown_tables(reports, args.match)
     if args.output:
         args.output.write_text(tables)
     else:
