@@ -12,3 +12,9 @@ if ! .venv/bin/python -c "import fastcm, torch, triton, pytest" 2>/dev/null || [
   .venv/bin/pip install --quiet "${FASTCM_TORCH:-torch==2.13.0}"
   .venv/bin/pip install --quiet --no-build-isolation -e ".[test,plot]"
 fi
+# k-diffusion is the oracle of tests/test_kdiffusion_compat.py. Its declared dependencies (torchvision,
+# scipy, torchsde, kornia, clip, wandb, ...) are gigabytes and its sampling loops need none of them, so it
+# is installed without them; the test loads k_diffusion/sampling.py with stand-ins for those imports.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('k_diffusion') is None)"; then
+  .venv/bin/pip install --quiet --no-deps "k-diffusion==0.1.1.post1"
+fi
