@@ -23,7 +23,11 @@ def ancestral_sigmas(sigma, sigma_next, eta=1.0):
         sigma, sigma_next, eta = (torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) else v
                                   for v in (sigma, sigma_next, eta))
         up = torch.minimum(sigma_next, eta * torch.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-        return torch.sqrt(sigma_next**2 - up**2), up
+        # σ_down = 0 where σ_up = σ' (it stays 0 nearby): the where keeps √'s infinite slope at 0 out of gradients.
+        square = sigma_next**2 - up**2
+        positive = square > 0
+        return torch.where(positive, torch.sqrt(torch.where(positive, square, torch.ones_like(square))),
+                           torch.zeros_like(square)), up
     up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up
 
