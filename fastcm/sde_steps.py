@@ -26,6 +26,7 @@ import torch
 from . import steps as _steps
 from ._library import kernel_ops
 from ._backend import select_backend
+from ._checks import compute_dtype
 from ._params import view_per_sample
 from .reference import sde_steps as reference
 from .reference.steps import draw_seed
@@ -115,7 +116,7 @@ class _Combination(torch.autograd.Function):
         has_term_tangents = any(t is not None for t in term_tangents)
         # With both parts, each is kept in the compute dtype and rounded to the output dtype once.
         both = has_term_tangents and coefs_t is not None
-        part_like = like.new_empty(like.shape, dtype=_steps._compute_dtype(like)) if both else like
+        part_like = like.new_empty(like.shape, dtype=compute_dtype(like)) if both else like
         out_t = None
         if has_term_tangents:
             if differentiable:
@@ -141,7 +142,7 @@ def _pack(coefs, x):
         return None, [float(c) for c in coefs]
     reference_column = next(c for c in coefs if isinstance(c, torch.Tensor))
     columns = [c if isinstance(c, torch.Tensor) else torch.full_like(reference_column, c) for c in coefs]
-    return torch.stack(columns, dim=1).to(_steps._compute_dtype(x)), [0.0] * _NUM_COEFS
+    return torch.stack(columns, dim=1).to(compute_dtype(x)), [0.0] * _NUM_COEFS
 
 
 def _run(op, x, terms, coefs, out, *, noise=None, seed=None, generator=None, offset=0):

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_type, per_sample_blocks
+
 BLOCK = 2048
 NUM_WARPS = 8  # 4 warps spill on sm_90 with four fp16 terms and a noise tensor at BLOCK = 2048
 
@@ -70,11 +72,8 @@ def combination_into(out: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional
     (seed, offset) if `philox`, else absent. Coefficients: `coefs` (B, 5) in the compute dtype, or
     the five Python floats `scalar_coefs` (float64 inputs always pass a tensor, since Triton takes
     Python floats as float32)."""
-    batch = out.shape[0]
-    per_sample = out.numel() // batch if batch else 0
-    block = min(BLOCK, max(triton.next_power_of_2(per_sample), 16))
-    blocks_per_sample = triton.cdiv(per_sample, block)
-    compute = tl.float64 if out.dtype == torch.float64 else tl.float32
+    batch, per_sample, block, blocks_per_sample = per_sample_blocks(out, BLOCK)
+    compute = compute_type(out)
     if out.dtype == torch.float64 and coefs is None:
         coefs = torch.tensor(scalar_coefs, dtype=torch.float64, device=out.device).expand(batch, 5).contiguous()
     if out.numel() == 0:
