@@ -24,9 +24,9 @@ tensors. `out=` writes the result in place (it may be x itself) and is for no-gr
 import torch
 
 from . import steps as _steps
-from ._library import kernel_ops
 from ._backend import select_backend
 from ._checks import compute_dtype
+from ._library import kernel_ops
 from ._params import view_per_sample
 from .reference import sde_steps as reference
 from .reference.steps import draw_seed

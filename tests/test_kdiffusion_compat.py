@@ -23,9 +23,9 @@ import types
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close
 
 from fastcm import sampling
-from helpers import DEVICE, assert_close
 
 MU, S = 0.3, 0.5
 
