@@ -34,7 +34,7 @@ def cases(device: torch.device, small: bool):
     shape = CPU_SHAPE if small else GPU_SHAPE
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        def add(name, tensors, reference_fn, fastcm_fn):
+        def add(name, tensors, reference_fn, fastcm_fn, dtype=dtype):
             out.append(_case(device, shape, dtype, name, tensors, reference_fn, fastcm_fn))
 
         add("churn (noise)", 1, _noisy(lambda x, noise: reference.churn_step(x, SIGMA, 1.3 * SIGMA, noise=noise)),

@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from . import sde_steps, steps
+from . import flow_steps, sde_steps, steps
 from ._checks import compute_dtype
 from .schedules import karras_sigmas
 from .reference.steps import draw_seed
@@ -494,6 +494,52 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
     return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
 
 
+def _flow_loop(op, velocity_model, x, times, extra_args, callback, disable, capture, progress, second_order):
+    schedule, levels, report = _prepare(op, "times", times, x, _show_progress(progress, disable), callback)
+    if any(t > 1 for t in schedule) or any(a <= b for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"fastcm.{op}: times {schedule} must decrease strictly within [0, 1]")
+    entries = _entries(times, schedule)
+    model = _call_model(velocity_model, extra_args)
+
+    def loop(x):
+        for i in range(len(schedule) - 1):
+            t, t_next = schedule[i], schedule[i + 1]
+            velocity = model(x, levels[i])
+            if callback is not None:  # the clean estimate x0 = x − t·v, as the callback's denoised
+                report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=x - t * velocity)
+            else:
+                report(i)
+            if second_order and t_next > 0:
+                x_euler = flow_steps.flow_euler_step(x, velocity, t, t_next)
+                x = flow_steps.flow_heun_step(x, velocity, t, t_next, velocity_next=model(x_euler, levels[i + 1]))
+            else:
+                x = flow_steps.flow_euler_step(x, velocity, t, t_next)
+        return x
+
+    return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
+
+
+@torch.no_grad()
+def sample_flow_euler(velocity_model, x, times, extra_args=None, callback=None, disable=None, *, capture=False,
+                      progress=False):
+    """Euler sampling of a flow-matching model (velocity prediction, x_t = (1 − t)·x0 + t·ε) over `times`
+    from 1 to 0 (fastcm.schedules.flow_times, optionally shifted): per step v = model(x, t, **extra_args),
+    x = flow_euler_step(x, v, t, t'). The callback gets k-diffusion's dict with sigma = t and denoised = x − t·v.
+    diffusers' FlowMatchEulerDiscreteScheduler runs the same update."""
+    return _flow_loop("sample_flow_euler", velocity_model, x, times, extra_args, callback, disable, capture, progress,
+                      second_order=False)
+
+
+@torch.no_grad()
+def sample_flow_heun(velocity_model, x, times, extra_args=None, callback=None, disable=None, *, capture=False,
+                     progress=False):
+    """Heun sampling of a flow-matching model: per step v = model(x, t), x̃ = x + (t' − t)·v, v' = model(x̃, t'),
+    x = flow_heun_step(x, v, t, t', velocity_next=v'); Euler on a last step to t' = 0. As sample_flow_euler
+    otherwise (2 model calls per step)."""
+    return _flow_loop("sample_flow_heun", velocity_model, x, times, extra_args, callback, disable, capture, progress,
+                      second_order=True)
+
+
 @torch.no_grad()
 def self_consistency_error(f, x_t_fn, times):
     """Self-consistency error of a consistency function f (the consistency property of Consistency Models): for each t in `times`,
@@ -521,4 +567,4 @@ def self_consistency_error(f, x_t_fn, times):
 
 __all__ = ["karras_sigmas", "trigflow_times", "sample_cm", "sample_trigflow", "sample_euler", "sample_heun",
            "sample_dpmpp_2m", "self_consistency_error", "sample_euler_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_flow_euler", "sample_flow_heun"]

@@ -81,5 +81,44 @@ def tangent_warmup(step, warmup_steps=10000):
     return min(1.0, step / warmup_steps)
 
 
+
+def exponential_sigmas(num, *, sigma_min, sigma_max, append_zero=True, device=None, dtype=torch.float64):
+    """σ grid uniform in log σ from σmax to σmin, shape (num,) (+ a final 0 with append_zero), as
+    k-diffusion's get_sigmas_exponential."""
+    return polyexponential_sigmas(num, sigma_min=sigma_min, sigma_max=sigma_max, rho=1.0, append_zero=append_zero,
+                                  device=device, dtype=dtype)
+
+
+def polyexponential_sigmas(num, *, sigma_min, sigma_max, rho=1.0, append_zero=True, device=None,
+                           dtype=torch.float64):
+    """σ_i = exp(r_i^ρ·(log σmax − log σmin) + log σmin), r_i = 1 − i/(num − 1): polynomial in log σ (ρ = 1:
+    exponential), as k-diffusion's get_sigmas_polyexponential; (num,) (+ a final 0 with append_zero)."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise ValueError(f"fastcm.polyexponential_sigmas: num={num!r} is not supported; expected an int >= 2")
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        check_positive("polyexponential_sigmas", name, value)
+    ramp = torch.linspace(1.0, 0.0, num, dtype=torch.float64) ** rho
+    sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    if append_zero:
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas.to(device=device, dtype=dtype)
+
+
+def flow_shift(t, shift):
+    """The time shift of SD3-style flow-matching schedules, t ↦ s·t/(1 + (s − 1)·t) (s > 1 spends more steps
+    at high noise); elementwise on floats or tensors."""
+    check_positive("flow_shift", "shift", shift)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_times(num_steps, *, shift=1.0, device=None, dtype=torch.float64):
+    """Flow-matching time grid for fastcm.sampling.sample_flow_euler / sample_flow_heun: t_i = flow_shift(1 − i/n,
+    shift) for i = 0 … n, from 1 (noise) to 0 (data), shape (num_steps + 1,)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"fastcm.flow_times: num_steps={num_steps!r} is not supported; expected an int >= 1")
+    return flow_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).to(device=device,
+                                                                                          dtype=dtype)
+
+
 __all__ = ["karras_sigmas", "ict_num_timesteps", "ict_sample_sigmas", "ct_loss_weight", "scm_sample_t",
-           "tangent_warmup"]
+           "tangent_warmup", "exponential_sigmas", "polyexponential_sigmas", "flow_shift", "flow_times"]

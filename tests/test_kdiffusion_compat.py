@@ -294,6 +294,18 @@ def test_the_swap_is_the_only_change(kd):
         assert_close(got, want, torch.float32, name=name)
 
 
+def test_sigma_grids_match_kdiffusion(kd):
+    from fastcm import schedules
+
+    got = schedules.exponential_sigmas(9, sigma_min=0.03, sigma_max=14.6)
+    want = kd.get_sigmas_exponential(9, 0.03, 14.6)
+    torch.testing.assert_close(got.float(), want, rtol=2e-6, atol=0)
+    got = schedules.polyexponential_sigmas(7, sigma_min=0.1, sigma_max=80.0, rho=2.5)
+    torch.testing.assert_close(got.float(), kd.get_sigmas_polyexponential(7, 0.1, 80.0, rho=2.5), rtol=2e-6, atol=0)
+    got = sampling.karras_sigmas(6, sigma_min=0.1, sigma_max=80.0, append_zero=True)
+    torch.testing.assert_close(got.float(), kd.get_sigmas_karras(6, 0.1, 80.0), rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: sampling.sample_euler(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], extra_args=[1]), TypeError,
      r"extra_args must be a dict of keyword arguments for the model or None, got list"),
