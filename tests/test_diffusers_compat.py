@@ -170,3 +170,22 @@ def test_pipeline_swap_from_config():
     sample = torch.randn(1, 3)
     assert torch.equal(swapped.add_noise(sample, torch.ones_like(sample), torch.tensor([500])),
                        theirs.add_noise(sample, torch.ones_like(sample), torch.tensor([500])))
+
+
+@pytest.mark.parametrize("schedule, theirs", [("linear", "linear"), ("scaled_linear", "scaled_linear"),
+                                              ("cosine", "squaredcos_cap_v2")])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_vp_beta_schedules_match_diffusers(schedule, theirs, zero_snr):
+    from fastcm import schedules
+
+    want = diffusers.DDPMScheduler(beta_schedule=theirs, beta_start=0.0001, beta_end=0.02,
+                                   rescale_betas_zero_snr=zero_snr)
+    got = schedules.vp_betas(1000, schedule=schedule, beta_start=0.0001, beta_end=0.02, zero_terminal_snr=zero_snr)
+    # diffusers rescales in float32 and forms β = 1 − α there: a few float32 ulps of 1, absolute, on every β.
+    atol = 8 * torch.finfo(torch.float32).eps if zero_snr else 1e-7
+    torch.testing.assert_close(got.float(), want.betas, rtol=1e-5, atol=atol)
+    alphas_cumprod = torch.cumprod(1 - got, 0)
+    torch.testing.assert_close(alphas_cumprod.float(), want.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    if zero_snr:
+        assert alphas_cumprod[-1].item() < 1e-20
+        assert schedules.vp_sigmas(alphas_cumprod[-2:]).tolist()[-1] > 1e9  # σ_T: pure noise
