@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from . import flow_steps, sde_steps, steps
+from . import flow_steps, sde_steps, steps, vp_steps
 from ._checks import compute_dtype
 from .schedules import karras_sigmas
 from .reference.steps import draw_seed
@@ -540,6 +540,122 @@ def sample_flow_heun(velocity_model, x, times, extra_args=None, callback=None, d
                       second_order=True)
 
 
+def lcm_boundary_scalings(timestep, *, sigma_data=0.5, timestep_scaling=10.0):
+    """LCM's boundary-condition scalings at a discrete timestep t (diffusers' LCMScheduler):
+    c_skip = σd²/((s·t)² + σd²), c_out = s·t/√((s·t)² + σd²), s = timestep_scaling. Floats."""
+    scaled = float(timestep) * timestep_scaling
+    return sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2), scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+
+
+def _vp_grid(op, alphas_cumprod, timesteps, x):
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1:
+        raise TypeError(f"fastcm.{op}: alphas_cumprod must be a 1-D tensor of cumulative alphas (diffusers' "
+                        "scheduler.alphas_cumprod)")
+    steps_list = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
+    if not steps_list or any(a <= b for a, b in zip(steps_list, steps_list[1:])) or steps_list[-1] < 0 or \
+            steps_list[0] >= alphas_cumprod.numel():
+        raise ValueError(f"fastcm.{op}: timesteps {steps_list} must decrease strictly within "
+                         f"[0, {alphas_cumprod.numel() - 1}]")
+    table = alphas_cumprod.detach().double().cpu()
+    alpha_bars = [float(table[t]) for t in steps_list]
+    return steps_list, alpha_bars, table, _levels([float(t) for t in steps_list], x)
+
+
+def _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture, progress):
+    """The discrete-VP loop shared by LCM, TCD and DDPM: m = model(x, t_i), x = update(i, x, m)."""
+    model = _call_model(model, extra_args)
+
+    def loop(x):
+        for i, t in enumerate(steps_list):
+            output = model(x, levels[i])
+            x_next, denoised = update(i, x, output, want_denoised=callback is not None)
+            report(i, x=x, sigma=t, sigma_hat=t, denoised=denoised)
+            x = x_next
+        return x
+
+    return _run(op, loop, x, capture, progress, callback)
+
+
+@torch.no_grad()
+def sample_lcm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=None, disable=None, *,
+               prediction_type="epsilon", sigma_data=0.5, timestep_scaling=10.0, noise_sampler=None, seed=None,
+               generator=None, capture=False, progress=False):
+    """LCM multistep sampling (diffusers' LCMScheduler loop): per timestep t_i, m = model(x, t_i, **extra_args),
+    x = lcm_step(x, m, ᾱ(t_i), ᾱ(t_{i+1}), c_skip(t_i), c_out(t_i)) with fresh noise, and after the last timestep
+    x = D (no noise). x: the starting noise (x = randn for ᾱ(t_0) ≈ 0). noise_sampler(t, t_next) -> z, when given,
+    supplies each step's noise (e.g. diffusers' randn_tensor from a generator, to reproduce a diffusers run); the
+    callback's denoised (one more fused pass) is D."""
+    op = "sample_lcm"
+    steps_list, alpha_bars, _, levels = _vp_grid(op, alphas_cumprod, timesteps, x)
+    report = _reporter(op, len(steps_list), _show_progress(progress, disable), callback)
+    noise = _Noise(op, noise_sampler, seed, generator)
+
+    def update(i, x, output, want_denoised):
+        c_skip, c_out = lcm_boundary_scalings(steps_list[i], sigma_data=sigma_data, timestep_scaling=timestep_scaling)
+        kwargs = dict(c_skip=c_skip, c_out=c_out, prediction_type=prediction_type)
+        denoised = vp_steps.lcm_step(x, output, alpha_bars[i], 1.0, **kwargs) if want_denoised else None
+        if i == len(steps_list) - 1:
+            return (denoised if denoised is not None else vp_steps.lcm_step(x, output, alpha_bars[i], 1.0,
+                                                                            **kwargs)), denoised
+        drawn = noise(x, steps_list[i], steps_list[i + 1])
+        return vp_steps.lcm_step(x, output, alpha_bars[i], alpha_bars[i + 1], **kwargs, **drawn), denoised
+
+    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture,
+                    _show_progress(progress, disable))
+
+
+@torch.no_grad()
+def sample_tcd(model, x, alphas_cumprod, timesteps, extra_args=None, callback=None, disable=None, *, gamma=0.3,
+               prediction_type="epsilon", noise_sampler=None, seed=None, generator=None, capture=False,
+               progress=False):
+    """TCD sampling (diffusers' TCDScheduler loop, eta = γ): per timestep t_i with next t' (0 after the last),
+    s = ⌊(1 − γ)·t'⌋, x = tcd_step(x, m, ᾱ(t_i), ᾱ(s), ᾱ(t')); the last step has no noise (ᾱ' = ᾱ_s = ᾱ(0)).
+    The callback's denoised is x_s, the prediction at s."""
+    op = "sample_tcd"
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"fastcm.{op}: gamma={gamma!r} is not supported; expected a float in [0, 1]")
+    steps_list, alpha_bars, table, levels = _vp_grid(op, alphas_cumprod, timesteps, x)
+    report = _reporter(op, len(steps_list), _show_progress(progress, disable), callback)
+    noise = _Noise(op, noise_sampler, seed, generator)
+
+    def update(i, x, output, want_denoised):
+        last = i == len(steps_list) - 1
+        t_next = 0 if last else steps_list[i + 1]
+        alpha_bar_s = float(table[math.floor((1 - gamma) * t_next)])
+        alpha_bar_next = alpha_bar_s if last else float(table[t_next])
+        kwargs = dict(prediction_type=prediction_type)
+        denoised = vp_steps.tcd_step(x, output, alpha_bars[i], alpha_bar_s, alpha_bar_s, **kwargs) \
+            if want_denoised else None
+        drawn = noise(x, steps_list[i], t_next) if gamma > 0 and not last else {}
+        return vp_steps.tcd_step(x, output, alpha_bars[i], alpha_bar_s, alpha_bar_next, **kwargs, **drawn), denoised
+
+    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture,
+                    _show_progress(progress, disable))
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=None, disable=None, *,
+                prediction_type="epsilon", noise_sampler=None, seed=None, generator=None, capture=False,
+                progress=False):
+    """Ancestral DDPM sampling with the exact posterior variance (diffusers' DDPMScheduler loop, "fixed_small",
+    no clipping) over `timesteps` (ᾱ' = 1 after the last, where x = x0). The callback's denoised is x0."""
+    op = "sample_ddpm"
+    steps_list, alpha_bars, _, levels = _vp_grid(op, alphas_cumprod, timesteps, x)
+    report = _reporter(op, len(steps_list), _show_progress(progress, disable), callback)
+    noise = _Noise(op, noise_sampler, seed, generator)
+
+    def update(i, x, output, want_denoised):
+        last = i == len(steps_list) - 1
+        alpha_bar_next = 1.0 if last else alpha_bars[i + 1]
+        kwargs = dict(prediction_type=prediction_type)
+        denoised = vp_steps.ddpm_step(x, output, alpha_bars[i], 1.0, **kwargs) if want_denoised else None
+        drawn = {} if last else noise(x, steps_list[i], steps_list[i + 1])
+        return vp_steps.ddpm_step(x, output, alpha_bars[i], alpha_bar_next, **kwargs, **drawn), denoised
+
+    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture,
+                    _show_progress(progress, disable))
+
+
 @torch.no_grad()
 def self_consistency_error(f, x_t_fn, times):
     """Self-consistency error of a consistency function f (the consistency property of Consistency Models): for each t in `times`,
@@ -567,4 +683,5 @@ def self_consistency_error(f, x_t_fn, times):
 
 __all__ = ["karras_sigmas", "trigflow_times", "sample_cm", "sample_trigflow", "sample_euler", "sample_heun",
            "sample_dpmpp_2m", "self_consistency_error", "sample_euler_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_flow_euler", "sample_flow_heun"]
+           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_flow_euler", "sample_flow_heun",
+           "sample_lcm", "sample_tcd", "sample_ddpm", "lcm_boundary_scalings"]

@@ -150,3 +150,41 @@ def test_out_in_place(backend):
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("name, loop, options", [
+    ("LCMScheduler", "sample_lcm", {}), ("LCMScheduler", "sample_lcm", {"prediction_type": "v_prediction"}),
+    ("TCDScheduler", "sample_tcd", {"gamma": 0.3}), ("TCDScheduler", "sample_tcd", {"gamma": 0.0}),
+    ("DDPMScheduler", "sample_ddpm", {"prediction_type": "sample"})])
+@pytest.mark.parametrize("name_backend", ["reference", "triton"])
+def test_loops_match_diffusers_loops(backend, name, loop, options, name_backend):
+    """fastcm's loop and diffusers' scheduler loop on the same model and the same noise (drawn from equal
+    generators with diffusers' randn_tensor, in the order diffusers draws it)."""
+    from fastcm import sampling
+
+    backend(name_backend)
+    prediction_type = options.get("prediction_type", "epsilon")
+    config = dict(SD_CONFIG, prediction_type=prediction_type)
+    if name == "DDPMScheduler":
+        config["clip_sample"] = False
+    scheduler = getattr(diffusers, name)(**config)
+    scheduler.set_timesteps(4 if name != "DDPMScheduler" else 5)
+
+    def model(x, t, shift):
+        return (0.5 * x + shift * torch.cos(t.reshape(-1, 1) / 300)).to(x.dtype)
+
+    x = torch.randn(2, 24, device=DEVICE)
+    generator = torch.Generator().manual_seed(1)
+    want = x.clone()
+    kwargs = {"eta": options["gamma"]} if name == "TCDScheduler" else {}
+    for t in scheduler.timesteps:
+        output = model(want, torch.full((2,), float(t)), 0.1)
+        want = scheduler.step(output, t, want, generator=generator, **kwargs).prev_sample
+    mine = torch.Generator().manual_seed(1)
+    seen = []
+    got = getattr(sampling, loop)(
+        model, x, scheduler.alphas_cumprod, scheduler.timesteps, {"shift": 0.1}, seen.append, **options,
+        noise_sampler=lambda t, t_next: randn_tensor(x.shape, generator=mine, dtype=x.dtype))
+    assert_close(got, want, torch.float32)
+    assert [s["i"] for s in seen] == list(range(len(scheduler.timesteps)))
+    assert torch.equal(seen[0]["x"], x)
