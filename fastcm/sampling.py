@@ -235,6 +235,11 @@ class _Noise:
         self.seed = None if noise_sampler is not None else _resolve_seed(op, seed, generator)
         self.offset = 0
 
+    def restart(self):
+        """Back to the first counters: each run of a loop (capture's warm-up, then the captured run) draws the
+        same noise, so capture=True reproduces capture=False."""
+        self.offset = 0
+
     def __call__(self, x, sigma, sigma_next):
         """Keyword arguments for a step's noise: noise= from the sampler, or seed= and offset=."""
         if self.noise_sampler is not None:
@@ -267,6 +272,8 @@ def sample_euler(denoiser, x, sigmas, extra_args=None, callback=None, disable=No
     noise = _Noise(op, noise_sampler, seed, generator) if any(gammas) else None
 
     def loop(x):
+        if noise is not None:
+            noise.restart()
         for i in range(len(schedule) - 1):
             if gammas[i] > 0:
                 sigma_hat = entries[i] * (gammas[i] + 1)
@@ -298,6 +305,8 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=Non
     noise = _Noise(op, noise_sampler, seed, generator) if any(gammas) else None
 
     def loop(x):
+        if noise is not None:
+            noise.restart()
         for i in range(len(schedule) - 1):
             sigma_hat, sigma_next = hats[i], schedule[i + 1]
             if gammas[i] > 0:
@@ -364,6 +373,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, extra_args=None, callback=None, 
         op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
 
     def loop(x):
+        noise.restart()
         for i in range(len(schedule) - 1):
             denoised = model(x, levels[i])
             report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
@@ -390,6 +400,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, extra_args=None, callback=Non
     mid_levels = _levels(mids, x)
 
     def loop(x):
+        noise.restart()
         for i in range(len(schedule) - 1):
             denoised = model(x, levels[i])
             report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
@@ -420,6 +431,7 @@ def sample_dpmpp_sde(denoiser, x, sigmas, extra_args=None, callback=None, disabl
     mid_levels = _levels(mids, x)
 
     def loop(x):
+        noise.restart()
         for i in range(len(schedule) - 1):
             sigma, sigma_next = schedule[i], schedule[i + 1]
             denoised = model(x, levels[i])
@@ -453,6 +465,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
                          f"{sde_steps.SOLVER_TYPES}")
 
     def loop(x):
+        noise.restart()
         old_denoised = None
         for i in range(len(schedule) - 1):
             denoised = model(x, levels[i])
@@ -479,6 +492,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
         op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
 
     def loop(x):
+        noise.restart()
         denoised_1 = denoised_2 = None
         for i in range(len(schedule) - 1):
             denoised = model(x, levels[i])
@@ -561,11 +575,12 @@ def _vp_grid(op, alphas_cumprod, timesteps, x):
     return steps_list, alpha_bars, table, _levels([float(t) for t in steps_list], x)
 
 
-def _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture, progress):
+def _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture, progress):
     """The discrete-VP loop shared by LCM, TCD and DDPM: m = model(x, t_i), x = update(i, x, m)."""
     model = _call_model(model, extra_args)
 
     def loop(x):
+        noise.restart()
         for i, t in enumerate(steps_list):
             output = model(x, levels[i])
             x_next, denoised = update(i, x, output, want_denoised=callback is not None)
@@ -600,7 +615,7 @@ def sample_lcm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=No
         drawn = noise(x, steps_list[i], steps_list[i + 1])
         return vp_steps.lcm_step(x, output, alpha_bars[i], alpha_bars[i + 1], **kwargs, **drawn), denoised
 
-    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture,
+    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture,
                     _show_progress(progress, disable))
 
 
@@ -629,7 +644,7 @@ def sample_tcd(model, x, alphas_cumprod, timesteps, extra_args=None, callback=No
         drawn = noise(x, steps_list[i], t_next) if gamma > 0 and not last else {}
         return vp_steps.tcd_step(x, output, alpha_bars[i], alpha_bar_s, alpha_bar_next, **kwargs, **drawn), denoised
 
-    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture,
+    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture,
                     _show_progress(progress, disable))
 
 
@@ -652,7 +667,7 @@ def sample_ddpm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=N
         drawn = {} if last else noise(x, steps_list[i], steps_list[i + 1])
         return vp_steps.ddpm_step(x, output, alpha_bars[i], alpha_bar_next, **kwargs, **drawn), denoised
 
-    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, update, capture,
+    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture,
                     _show_progress(progress, disable))
 
 

@@ -323,3 +323,27 @@ def test_sigma_grids_match_kdiffusion(kd):
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, options", STOCHASTIC[::2] + [("sample_euler", {"s_churn": 3.0}),
+                                                           ("sample_heun", {"s_churn": 3.0})], ids=lambda v: str(v))
+def test_capture_matches_uncaptured_loop(name, options):
+    """A captured stochastic loop replays the same in-kernel noise as the uncaptured one (the warm-up run
+    restarts the counters)."""
+    x = _start(torch.float32, batch=8, dims=4096).cuda()
+    sigmas = _grid(6, torch.float32, zero=True).cuda()
+    sampler = getattr(sampling, name)
+    plain = sampler(gaussian_denoiser, x, sigmas, {"mean": MU}, **options, seed=17)
+    captured = sampler(gaussian_denoiser, x, sigmas, {"mean": MU}, **options, seed=17, capture=True)
+    assert torch.equal(plain, captured)
+
+
+def test_loops_restart_their_noise_per_run(monkeypatch):
+    """What capture relies on, checked on the CPU: the loop body run twice draws the same noise twice."""
+    x, sigmas = _start(torch.float64), _grid(6, torch.float64, zero=True)
+    calls = []
+    real = sampling._run
+    monkeypatch.setattr(sampling, "_run", lambda op, loop, x, *rest: calls.append(loop) or real(op, loop, x, *rest))
+    first = sampling.sample_dpmpp_2m_sde(gaussian_denoiser, x, sigmas, {"mean": MU}, seed=3)
+    assert torch.equal(calls[0](x.clone()), first)
