@@ -23,6 +23,8 @@ Computes in float32 (float64 for float64 samples); prev_sample is returned in th
 Needs diffusers (`pip install diffusers`); fastcm itself does not depend on it.
 """
 
+import math
+
 import torch
 
 try:
@@ -31,6 +33,7 @@ try:
 except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError("fastcm.diffusers needs diffusers: pip install diffusers") from error
 
+from . import sde_steps as _sde_steps
 from . import steps as _steps
 from ._backend import select_backend
 from ._checks import compute_dtype
@@ -327,5 +330,99 @@ class DPMSolverMultistepScheduler(_diffusers.DPMSolverMultistepScheduler):
         return self._fused_update(sample, noise, model_output_list[-1], model_output_list[-2])
 
 
+def _combine5(like, terms, coefs):
+    """Σ c_k·t_k over up to five tensors in one pass: fastcm.sde_steps' kernel (four terms and its noise slot,
+    here a given tensor); torch ops on the reference backend."""
+    work = compute_dtype(like)
+    if len(terms) > 5 or len(coefs) != 5:
+        raise ValueError(f"fastcm.diffusers: {len(terms)} terms with {len(coefs)} coefficients; expected at most 5 "
+                         "terms and 5 coefficients")
+    terms = tuple(None if t is None else t.to(work).contiguous() for t in terms) + (None,) * (5 - len(terms))
+    if select_backend(_OP, like.device) == "reference":
+        out = torch.zeros(like.shape, dtype=work, device=like.device)
+        for c, t in zip(coefs, terms):
+            if t is not None and c != 0:
+                out = out + c * t
+        return out
+    noise = terms[4] if coefs[4] != 0 else None
+    return _sde_steps._run(_OP, terms[0], terms[:4], tuple(coefs), None, noise=noise)
+
+
+class UniPCMultistepScheduler(_diffusers.UniPCMultistepScheduler):
+    """diffusers' UniPCMultistepScheduler (Zhao et al. 2023) whose UniP predictor and UniC corrector (bh2, data or
+    noise prediction, order ≤ 3) are one fused pass each over the sample, the model outputs they read
+    and (corrector) the new model output; the coefficients, including the small linear solve for ρ, are computed
+    on the host in float64. bh1, a custom solver_p, order > 3 and the predictor's step to σ = 0 run diffusers' code."""
+
+    def _lambda(self, index):
+        alpha, sigma = (_value(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[index]))
+        return alpha, sigma, math.log(alpha) - math.log(sigma)
+
+    def _uni_coefficients(self, t_index, s0_index, previous, order, corrector):
+        """Coefficients of (x, m0, m_prev…, model_t) for the UniP (corrector=False) or UniC update."""
+        alpha_t, sigma_t, lambda_t = self._lambda(t_index)
+        alpha_s0, sigma_s0, lambda_s0 = self._lambda(s0_index)
+        h = lambda_t - lambda_s0
+        rks = [(self._lambda(index)[2] - lambda_s0) / h for index in previous] + [1.0]
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = math.expm1(hh)
+        h_phi_k, factorial = h_phi_1 / hh - 1, 1
+        b_h = hh if self.config.solver_type == "bh1" else math.expm1(hh)
+        rows, rhs = [], []
+        for i in range(1, order + 1):
+            rows.append([rk ** (i - 1) for rk in rks])
+            rhs.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        if corrector:
+            rhos = [0.5] if order == 1 else torch.linalg.solve(torch.tensor(rows, dtype=torch.float64),
+                                                               torch.tensor(rhs, dtype=torch.float64)).tolist()
+        elif order == 1:
+            rhos = []
+        elif order == 2:
+            rhos = [0.5]
+        else:
+            rhos = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64)[:-1, :-1],
+                                      torch.tensor(rhs[:-1], dtype=torch.float64)).tolist()
+        lead, c_x = (alpha_t, sigma_t / sigma_s0) if self.predict_x0 else (sigma_t, alpha_t / alpha_s0)
+        gain = lead * b_h
+        c_prev = [-gain * rho / rk for rho, rk in zip(rhos, rks[:-1])]
+        c_m0 = -lead * h_phi_1 - sum(c_prev)
+        c_t = 0.0
+        if corrector:
+            c_t = -gain * rhos[-1]
+            c_m0 -= c_t
+        return c_x, c_m0, c_prev, c_t
+
+    def _fusable(self, order, args, kwargs):
+        return self.solver_p is None and not args and not kwargs and order is not None and 1 <= order <= 3 and \
+            self.config.solver_type == "bh2"
+
+    def multistep_uni_p_bh_update(self, model_output, *args, sample=None, order=None, **kwargs):
+        ends_at_zero = _value(self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index + 1])[1]) == 0
+        if sample is None or ends_at_zero or not self._fusable(order, args, kwargs):  # λ' = ∞: diffusers' limit
+            return super().multistep_uni_p_bh_update(model_output, *args, sample=sample, order=order, **kwargs)
+        previous = [self.step_index - i for i in range(1, order)]
+        c_x, c_m0, c_prev, _ = self._uni_coefficients(self.step_index + 1, self.step_index, previous, order, False)
+        outputs = self.model_outputs
+        terms = [sample, outputs[-1]] + [outputs[-(i + 1)] for i in range(1, order)]
+        coefs = [c_x, c_m0] + c_prev + [0.0] * (5 - 2 - len(c_prev))
+        return _combine5(sample, terms, coefs).to(sample.dtype)
+
+    def multistep_uni_c_bh_update(self, this_model_output, *args, last_sample=None, this_sample=None, order=None,
+                                  **kwargs):
+        if last_sample is None or this_sample is None or not self._fusable(order, args, kwargs):
+            return super().multistep_uni_c_bh_update(this_model_output, *args, last_sample=last_sample,
+                                                     this_sample=this_sample, order=order, **kwargs)
+        previous = [self.step_index - (i + 1) for i in range(1, order)]
+        c_x, c_m0, c_prev, c_t = self._uni_coefficients(self.step_index, self.step_index - 1, previous, order, True)
+        outputs = self.model_outputs
+        middle = [outputs[-(i + 1)] for i in range(1, order)]
+        # (x, m0, up to two earlier outputs, model_t): model_t rides in the kernel's fifth (noise) slot
+        terms = [last_sample, outputs[-1]] + middle + [None] * (2 - len(middle)) + [this_model_output]
+        coefs = [c_x, c_m0] + c_prev + [0.0] * (2 - len(c_prev)) + [c_t]
+        return _combine5(last_sample, terms, coefs).to(last_sample.dtype)
+
+
 __all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-           "DDIMScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverMultistepScheduler"]
+           "DDIMScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]

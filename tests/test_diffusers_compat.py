@@ -2,6 +2,7 @@
 side with diffusers' on the same samples and model outputs; every step's outputs agree to float32 rounding (the
 stochastic ones given the same torch.Generator, whose noise both draw with diffusers' randn_tensor)."""
 
+import inspect
 import math
 
 import diffusers
@@ -33,6 +34,10 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_type="heun",
                                          prediction_type="v_prediction"), {}),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), {}),
+    ("UniPCMultistepScheduler", dict(solver_order=2), {}),
+    ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2"), {}),
+    ("UniPCMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True), {}),
+    ("UniPCMultistepScheduler", dict(solver_order=3, predict_x0=False, final_sigmas_type="sigma_min"), {}),
 ]
 FLOW_CONFIG = dict(num_train_timesteps=1000)
 
@@ -79,9 +84,10 @@ def _side_by_side(theirs, ours, step_kwargs, steps=6, seed=3):
         model_input = _scale(theirs, sample, t)
         assert torch.equal(model_input, _scale(ours, sample, t))
         output = _model(model_input, t)
-        want = theirs.step(output, t, sample, generator=generator_theirs, **step_kwargs)
+        stochastic = "generator" in inspect.signature(theirs.step).parameters
+        want = theirs.step(output, t, sample, **step_kwargs, **({"generator": generator_theirs} if stochastic else {}))
         with poisoned_empty():
-            got = ours.step(output, t, sample, generator=generator_ours, **step_kwargs)
+            got = ours.step(output, t, sample, **step_kwargs, **({"generator": generator_ours} if stochastic else {}))
         assert type(got) is type(want)
         for key, w in want.items():
             assert_close(got[key], w, torch.float32, name=f"step {i} {key}")
@@ -99,8 +105,8 @@ def test_steps_match_diffusers(name, options, step_kwargs):
     assert _side_by_side(theirs, ours, step_kwargs) >= 6
 
 
-@pytest.mark.parametrize("name, options, step_kwargs", [CASES[0], CASES[6], CASES[8], CASES[14], CASES[16]],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("name, options, step_kwargs", [CASES[0], CASES[6], CASES[8], CASES[14], CASES[16],
+                                                       CASES[18]], ids=lambda v: str(v))
 def test_steps_match_diffusers_on_the_triton_kernels(backend, name, options, step_kwargs):
     backend("triton")
     theirs, ours = _pair(name, options)
@@ -135,6 +141,18 @@ def test_dpm_solver_updates_are_fused(monkeypatch):
     for t in ours.timesteps:
         sample = ours.step(_model(sample, t), t, sample).prev_sample
     assert len(calls) == 4
+
+
+def test_unipc_predictor_and_corrector_are_fused(monkeypatch):
+    calls = []
+    real = fd._combine5
+    monkeypatch.setattr(fd, "_combine5", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, ours = _pair("UniPCMultistepScheduler", dict(solver_order=3))
+    ours.set_timesteps(5)
+    sample = _start(ours)
+    for t in ours.timesteps:
+        sample = ours.step(_model(sample, t), t, sample).prev_sample
+    assert len(calls) == 4 + 4  # predictors of steps 1-4 (the last, to σ = 0, is diffusers'), correctors of 2-5
 
 
 @pytest.mark.parametrize("name, step_kwargs", [("EulerAncestralDiscreteScheduler", {}), ("LCMScheduler", {}),
