@@ -17,16 +17,17 @@ SCHEDULERS = [  # (name, config, step kwargs, outputs written)
     ("TCDScheduler", {}, {"eta": 0.3}, 2),
     ("DDIMScheduler", {"clip_sample": False}, {"eta": 1.0}, 2),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, 1),
+    ("UniPCMultistepScheduler", {"solver_order": 3}, {}, 1),
 ]
 
 
 def _stepper(library, name, config, step_kwargs):
     scheduler = getattr(library, name)(**SD_CONFIG, **config)
-    scheduler.set_timesteps(4)
-    timestep = scheduler.timesteps[1]
+    scheduler.set_timesteps(8)
+    timestep = scheduler.timesteps[3]  # a history of three steps for the multistep (order 3) solvers
 
     def step(sample, model_output):
-        scheduler._step_index = 1
+        scheduler._step_index = 3
         return scheduler.step(model_output, timestep, sample, **step_kwargs)
 
     return step
