@@ -223,6 +223,21 @@ def test_jvp_matches_reference(backend, step):
     assert_close(out_t, want_t, torch.float32, name="tangent")
 
 
+def test_forward_ad_dual_tensors(backend):
+    backend("triton")
+    import torch.autograd.forward_ad as fwAD
+    t = _tensors("dpmpp_3m_sde_3", (3, 70))
+    p = _params("dpmpp_3m_sde_3", 3, "float")
+    dots = {k: torch.randn_like(v) for k, v in t.items()}
+    names = list(t)
+    fn = lambda mod: lambda *v: _call("dpmpp_3m_sde_3", mod, dict(zip(names, v)), p)  # noqa: E731
+    _, want = torch.func.jvp(fn(ref), tuple(map(to64, t.values())), tuple(map(to64, dots.values())))
+    with fwAD.dual_level(), torch.no_grad():
+        out = fn(fast)(*(fwAD.make_dual(t[k], dots[k]) for k in names))
+        tangent = fwAD.unpack_dual(out).tangent
+    assert_close(tangent, want, torch.float32)
+
+
 def test_gradient_of_in_kernel_noise_scale(backend):
     """d x'/d s_noise without a noise tensor needs the in-kernel noise again: regenerated, not stored."""
     backend("triton")
