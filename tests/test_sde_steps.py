@@ -12,7 +12,8 @@ from fastcm import steps
 from fastcm.reference import sde_steps as ref
 
 STEPS = ["churn", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_euler", "dpmpp_sde",
-         "dpmpp_2m_sde_first", "dpmpp_2m_sde_midpoint", "dpmpp_2m_sde_heun", "dpmpp_3m_sde_1", "dpmpp_3m_sde_2", "dpmpp_3m_sde_3"]
+         "dpmpp_2m_sde_first", "dpmpp_2m_sde_midpoint", "dpmpp_2m_sde_heun", "dpmpp_3m_sde_1", "dpmpp_3m_sde_2",
+         "dpmpp_3m_sde_3"]
 SHAPES = [(1, 5), (3, 4, 7), (2, 2100)]  # 2100 > one 2048-element block
 
 RANGES = {
