@@ -81,5 +81,92 @@ def tangent_warmup(step, warmup_steps=10000):
     return min(1.0, step / warmup_steps)
 
 
+
+def exponential_sigmas(num, *, sigma_min, sigma_max, append_zero=True, device=None, dtype=torch.float64):
+    """σ grid uniform in log σ from σmax to σmin, shape (num,) (+ a final 0 with append_zero), as
+    k-diffusion's get_sigmas_exponential."""
+    return polyexponential_sigmas(num, sigma_min=sigma_min, sigma_max=sigma_max, rho=1.0, append_zero=append_zero,
+                                  device=device, dtype=dtype)
+
+
+def polyexponential_sigmas(num, *, sigma_min, sigma_max, rho=1.0, append_zero=True, device=None,
+                           dtype=torch.float64):
+    """σ_i = exp(r_i^ρ·(log σmax − log σmin) + log σmin), r_i = 1 − i/(num − 1): polynomial in log σ (ρ = 1:
+    exponential), as k-diffusion's get_sigmas_polyexponential; (num,) (+ a final 0 with append_zero)."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise ValueError(f"fastcm.polyexponential_sigmas: num={num!r} is not supported; expected an int >= 2")
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        check_positive("polyexponential_sigmas", name, value)
+    ramp = torch.linspace(1.0, 0.0, num, dtype=torch.float64) ** rho
+    sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    if append_zero:
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas.to(device=device, dtype=dtype)
+
+
+def flow_shift(t, shift):
+    """The time shift of SD3-style flow-matching schedules, t ↦ s·t/(1 + (s − 1)·t) (s > 1 spends more steps
+    at high noise); elementwise on floats or tensors."""
+    check_positive("flow_shift", "shift", shift)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_times(num_steps, *, shift=1.0, device=None, dtype=torch.float64):
+    """Flow-matching time grid for fastcm.sampling.sample_flow_euler / sample_flow_heun: t_i = flow_shift(1 − i/n,
+    shift) for i = 0 … n, from 1 (noise) to 0 (data), shape (num_steps + 1,)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"fastcm.flow_times: num_steps={num_steps!r} is not supported; expected an int >= 1")
+    return flow_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).to(device=device,
+                                                                                          dtype=dtype)
+
+
+
+VP_BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+def vp_betas(num_train_timesteps=1000, *, schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+             max_beta=0.999, zero_terminal_snr=False, dtype=torch.float64):
+    """The β_1 … β_T of a discrete VP (DDPM) process, shape (T,), as diffusers builds them:
+    "linear": linspace(β_start, β_end); "scaled_linear" (Stable Diffusion): linspace(√β_start, √β_end)²;
+    "cosine" (Nichol & Dhariwal 2021, diffusers' squaredcos_cap_v2): β_i = min(1 − ᾱ((i+1)/T)/ᾱ(i/T), max_beta),
+    ᾱ(t) = cos²((t + 0.008)/1.008 · π/2). zero_terminal_snr: rescale_zero_terminal_snr on the result."""
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"fastcm.vp_betas: num_train_timesteps={num_train_timesteps!r} is not supported; expected an "
+                         "int >= 2")
+    if schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    elif schedule == "cosine":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        steps = num_train_timesteps
+        betas = torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta)
+                              for i in range(steps)], dtype=torch.float64)
+    else:
+        raise ValueError(f"fastcm.vp_betas: schedule={schedule!r} is not supported; expected one of "
+                         f"{VP_BETA_SCHEDULES}")
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return betas.to(dtype)
+
+
+def rescale_zero_terminal_snr(betas):
+    """β rescaled so that the last step is pure noise (Lin et al. 2024, Common Diffusion Noise Schedules and Sample
+    Steps are Flawed, Algorithm 1): √ᾱ is shifted so √ᾱ_T = 0 and scaled so √ᾱ_1 is unchanged. (T,) → (T,)."""
+    root = torch.cumprod(1 - betas.to(torch.float64), 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alpha_bar = root ** 2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (1 - alphas).to(betas.dtype)
+
+
+def vp_sigmas(alphas_cumprod):
+    """The EDM noise levels of a VP process, σ = √((1 − ᾱ)/ᾱ), elementwise (k-diffusion / diffusers' Euler
+    schedulers use these for ε-prediction models)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
 __all__ = ["karras_sigmas", "ict_num_timesteps", "ict_sample_sigmas", "ct_loss_weight", "scm_sample_t",
-           "tangent_warmup"]
+           "tangent_warmup", "exponential_sigmas", "polyexponential_sigmas", "flow_shift", "flow_times",
+           "vp_betas", "rescale_zero_terminal_snr", "vp_sigmas", "VP_BETA_SCHEDULES"]

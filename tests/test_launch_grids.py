@@ -9,6 +9,7 @@ import torch
 
 import fastcm.kernels.losses as losses_launchers
 import fastcm.kernels.precondition as precondition_launchers
+import fastcm.kernels.sde_steps as sde_steps_launchers
 import fastcm.kernels.steps as steps_launchers
 from fastcm import losses
 from fastcm.reference import losses as reference
@@ -45,6 +46,8 @@ def _launcher_calls():
         ("linear_combination", lambda: steps_launchers.linear_combination(
             x, x, y, None, None, None, [1.0, 0.5, 0.0, 0.3], 7, 0, True)),
         ("guided_moments", lambda: steps_launchers.guided_moments(x, y, None, 2.0)),
+        ("sde_steps combination", lambda: sde_steps_launchers.combination(
+            x, x, y, z, w, None, None, [1.0, 0.5, 0.2, 0.1, 0.3], 7, 0, True)),
     ]
 
 
