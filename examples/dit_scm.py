@@ -19,7 +19,10 @@ a sample set and of the held-out digits (FID's formula, on this classifier inste
 "confidence" the mean top softmax probability. The real rows (training digits; held-out digits scored
 against themselves would be 0) and Gaussian noise bound the scale.
 
-    python examples/dit_scm.py --out dit_scm_out        # both backends, ~N minutes on a 2-core CPU
+    python examples/dit_scm.py --out dit_scm_out    # both backends: 2 × 800 steps, 872 s on a busy 2-core CPU
+
+With the defaults (seed 0, CPU) FD is 253 (1 step) and 324 (2 steps) for the fastcm backend, 273 and
+357 for the reference, against 12.4 for real training digits and 1234 for noise (README).
 """
 
 import argparse
@@ -315,6 +318,7 @@ def save_loss_curve(curves, path, title):
 # ------------------------------------------------------------------ command line
 
 BACKENDS = {"fastcm": None, "reference": "reference"}
+DEFAULT_LR = {"scm": 3e-4, "ect": 1e-3}
 
 
 def main(argv=None):
@@ -322,7 +326,9 @@ def main(argv=None):
     parser.add_argument("--recipe", choices=LOSSES, default="scm")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate (default: 3e-4 for scm, 1e-3 for ect; sCM at 1e-3 collapsed to the "
+                             "mean image in our 800-step CPU run, FD 1617 against 253 at 3e-4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=500, help="samples per row of the score table")
     parser.add_argument("--backends", default="fastcm,reference",
@@ -337,6 +343,7 @@ def main(argv=None):
                              "shared with other work, where extra threads stall each other (measured 14x slower)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    args.lr = DEFAULT_LR[args.recipe] if args.lr is None else args.lr
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

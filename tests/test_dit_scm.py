@@ -2,6 +2,7 @@
 loss falls, it runs end to end, and its step under DDP (2 processes, gloo) equals the single-process
 step with the same global batch."""
 
+import math
 import os
 import pathlib
 import socket
@@ -65,10 +66,38 @@ def test_finite_difference_tangent_approximates_the_jvp():
     assert (fd - jvp).abs().max() <= 2e-3 * jvp.abs().max()
 
 
+def _denoising_error(recipe, net, x0):
+    """Mean squared error of the consistency function's clean estimate at σ = 0.78 (TrigFlow t = 1)."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        if recipe == "scm":
+            t = torch.ones(len(x0))
+            estimate = dit_scm.trigflow_f(net, torch.cos(t[0]) * x0 + torch.sin(t[0]) * 0.5 * noise, t)
+        else:
+            sigma = torch.full((len(x0),), 0.5 * math.tan(1.0))
+            estimate = dit_scm.cm_f(net, x0 + sigma[0] * noise, sigma)
+    return ((estimate - x0) ** 2).mean().item()
+
+
 @pytest.mark.parametrize("recipe", dit_scm.LOSSES)
-def test_loss_falls(recipe):
-    losses, _ = _steps(recipe, 60, 32, optimizer="adam", lr=1e-3)
-    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+def test_training_improves_the_denoiser(recipe):
+    """The sCM loss of a normalised tangent stays near 1/d by construction, so progress is measured on
+    what both recipes train: the one-call clean estimate of noisy held-out digits. The untrained
+    network (zero output layer) returns the skip term alone."""
+    (images, _), (held_out, _) = dit_scm.load_digits_16()
+    torch.manual_seed(1)
+    net = dit_scm.make_net(recipe)
+    optimizer = torch.optim.Adam(net.parameters(), lr=dit_scm.DEFAULT_LR[recipe])
+    generator = torch.Generator().manual_seed(2)
+    before = _denoising_error(recipe, net, held_out[:64])
+    losses = []
+    for step in range(40):
+        x0 = images[torch.randint(len(images), (16,), generator=generator)]
+        losses.append(dit_scm.train_step(net, optimizer, x0, step, 40, dit_scm.draw_noise(recipe, 16, generator),
+                                         recipe))
+    assert _denoising_error(recipe, net, held_out[:64]) < 0.7 * before
+    if recipe == "ect":
+        assert sum(losses[-10:]) < sum(losses[:10]), losses
 
 
 def test_runs_end_to_end(tmp_path):
