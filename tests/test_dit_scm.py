@@ -101,12 +101,13 @@ def test_training_improves_the_denoiser(recipe):
 
 
 def test_runs_end_to_end(tmp_path):
-    out = dit_scm.main(["--steps", "4", "--batch", "8", "--samples", "64", "--out", str(tmp_path), "--no-progress"])
+    out = dit_scm.main(["--steps", "4", "--batch", "8", "--samples", "200", "--out", str(tmp_path), "--no-progress"])
     assert out["accuracy"] > 0.9  # the feature extractor is a working digit classifier
     results = out["results"]
     assert set(results) == {"real (training digits)", "noise", "fastcm 1-step", "fastcm 2-step",
                             "reference 1-step", "reference 2-step"}
     assert results["real (training digits)"]["FD"] < 0.2 * results["noise"]["FD"]
+    # 200 real digits: every class is expected ~20 times, well above the 5% (10) coverage threshold.
     assert results["real (training digits)"]["coverage"] == 10
     assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
 
