@@ -5,7 +5,7 @@ ops, so set TRITON_INTERPRET=1 before `import fastcm` to run them on CPU tensors
 extension (attention) loads on first use.
 """
 
-from . import flow_steps, sampling, schedules, sde_steps, vp_steps
+from . import ema, flow_steps, sampling, schedules, sde_steps, vp_steps
 from .attention import attention, attention_jvp, merge_attention_partials
 from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent
 from .precondition import precondition, precondition_scalings
@@ -18,7 +18,7 @@ __all__ = [
     "precondition", "precondition_scalings",
     "pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss",
     "euler_step", "heun_step", "dpmpp_2m_step", "ddim_step", "cm_step", "trigflow_step", "cfg",
-    "sampling", "schedules", "self_consistency_error",
+    "sampling", "schedules", "self_consistency_error", "ema",
     "attention", "attention_jvp", "merge_attention_partials",
     "sde_steps", "flow_steps", "vp_steps",
 ]

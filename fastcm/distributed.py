@@ -1,4 +1,5 @@
-"""Context-parallel (ring) attention over a torch.distributed process group.
+"""Context-parallel attention over a torch.distributed process group: ring attention, and all-to-all
+(Ulysses-style) attention.
 
 Rank r holds the r-th contiguous chunk of the sequence: q (B, H, Nq_r, Dqk), k (B, Hkv, Nk_r, Dqk),
 v (B, Hkv, Nk_r, Dv). K/V (and their tangents) travel around the ring; each rank attends its
@@ -10,7 +11,7 @@ LSE = logsumexp_s LSE_s, w_s = exp(LSE_s − LSE), O = Σ w_s O_s, μ = Σ w_s �
 import torch
 import torch.distributed as dist
 
-from .attention import _check, _ops, attention_jvp, merge_attention_partials
+from .attention import _check, _ops, attention, attention_jvp, merge_attention_partials
 
 
 def _ring_setup(group, q, k, causal):
@@ -135,4 +136,84 @@ def ring_attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, grou
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
 
 
-__all__ = ["ring_attention", "ring_attention_jvp"]
+def _all_to_all(x, group, world, heads_to_scatter):
+    """heads_to_scatter: (B, H, N_r, D) -> (B, H/P, N, D), this rank's head group over the whole
+    sequence; else the inverse, (B, H/P, N, D) -> (B, H, N_r, D). all_to_all_single exchanges the
+    leading dimension (gloo has no list all_to_all), so the P blocks are moved to the front first."""
+    batch, heads, length, dim = x.shape
+    if heads_to_scatter:
+        blocks = x.reshape(batch, world, heads // world, length, dim).transpose(0, 1).contiguous()
+    else:
+        blocks = x.reshape(batch, heads, world, length // world, dim).permute(2, 0, 1, 3, 4).contiguous()
+    received = torch.empty_like(blocks)
+    dist.all_to_all_single(received, blocks, group=group)
+    if heads_to_scatter:  # received[p]: the head group of this rank, sequence chunk of rank p
+        return received.permute(1, 2, 0, 3, 4).reshape(batch, heads // world, world * length, dim)
+    return received.transpose(0, 1).reshape(batch, world * heads, length // world, dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """The exchange as a linear map: its gradient is the inverse exchange, its tangent the same exchange."""
+
+    @staticmethod
+    def forward(x, group, world, heads_to_scatter):
+        return _all_to_all(x, group, world, heads_to_scatter)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.group, ctx.world, ctx.heads_to_scatter = inputs
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), ctx.group, ctx.world, not ctx.heads_to_scatter), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        return _all_to_all(x_t.contiguous(), ctx.group, ctx.world, ctx.heads_to_scatter)
+
+
+def _ulysses_setup(q, k, v, group):
+    world = dist.get_world_size(group)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[1] % world:
+            raise ValueError(f"fastcm.ulysses_attention: {name} has {t.shape[1]} heads, which the {world} ranks of "
+                             f"the group cannot share; heads must be a multiple of the world size")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"fastcm.ulysses_attention: self-attention only: q has {q.shape[2]} tokens per rank, "
+                         f"k has {k.shape[2]}")
+    return world
+
+
+def ulysses_attention(q, k, v, *, scale=None, causal=False, group=None):
+    """Context-parallel self-attention by all-to-all (DeepSpeed-Ulysses, Jacobs et al. 2023).
+
+    Rank r holds the r-th contiguous sequence chunk: q (B, H, N_r, Dqk), k (B, Hkv, N_r, Dqk),
+    v (B, Hkv, N_r, Dv), the same N_r on every rank. One all-to-all per tensor scatters the heads
+    and gathers the sequence (each rank gets H/P heads over all N tokens), fastcm.attention runs on
+    that, and one all-to-all sends the output back: O (B, H, N_r, Dv), equal to attention on the
+    gathered sequence. H and Hkv must be multiples of the world size P; causal is the global mask.
+    Gradients flow to q, k, v (the backward exchanges the gradients the inverse way), and
+    torch.func.jvp / forward-AD tangents pass through (the exchanges carry the tangents, the
+    attention's tangent is fastcm's fused kernel). Compared with ring attention: 4 all-to-alls of
+    1/P of each tensor instead of P − 1 hops of K and V, but at most P = H ranks.
+    """
+    _check(q, k, v, None, scale, causal)
+    world = _ulysses_setup(q, k, v, group)
+    q, k, v = (_AllToAll.apply(t.contiguous(), group, world, True) for t in (q, k, v))
+    out = attention(q, k, v, scale=scale, causal=causal)
+    return _AllToAll.apply(out.contiguous(), group, world, False)
+
+
+def ulysses_attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, group=None):
+    """ulysses_attention and its tangent for code that propagates tangents by hand: the tangents take
+    the same exchanges and one fastcm.attention_jvp call gives (O, Ȯ) on the gathered sequence.
+    Returns (O, Ȯ), this rank's chunk of each; no autograd graph."""
+    _check(q, k, v, None, scale, causal)
+    world = _ulysses_setup(q, k, v, group)
+    with torch.no_grad():
+        gathered = [_all_to_all(t.contiguous(), group, world, True) for t in (q, k, v, q_t, k_t, v_t)]
+        out, out_t = attention_jvp(*gathered, scale=scale, causal=causal)
+        return tuple(_all_to_all(t.contiguous(), group, world, False) for t in (out, out_t))
+
+
+__all__ = ["ring_attention", "ring_attention_jvp", "ulysses_attention", "ulysses_attention_jvp"]
