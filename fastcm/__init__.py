@@ -5,7 +5,7 @@ ops, so set TRITON_INTERPRET=1 before `import fastcm` to run them on CPU tensors
 extension (attention) loads on first use.
 """
 
-from . import sampling, schedules
+from . import blocks, embeddings, sampling, schedules, testing, training
 from .attention import attention, attention_jvp, merge_attention_partials
 from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent
 from .precondition import precondition, precondition_scalings
@@ -20,4 +20,5 @@ __all__ = [
     "euler_step", "heun_step", "dpmpp_2m_step", "ddim_step", "cm_step", "trigflow_step", "cfg",
     "sampling", "schedules", "self_consistency_error",
     "attention", "attention_jvp", "merge_attention_partials",
+    "blocks", "embeddings", "testing", "training",
 ]

@@ -32,7 +32,9 @@ def _compute(dtype: torch.dtype):
 def _tile_geometry(x: torch.Tensor):
     batch, tokens, channels = x.shape
     block_c = max(triton.next_power_of_2(channels), 16)
-    block_n = max(1, min(triton.next_power_of_2(max(tokens, 1)), TILE_ELEMENTS // block_c))
+    # float64 tiles take twice the registers: half the elements keep the widest kernel from spilling.
+    elements = TILE_ELEMENTS // 2 if x.dtype == torch.float64 else TILE_ELEMENTS
+    block_n = max(1, min(triton.next_power_of_2(max(tokens, 1)), elements // block_c))
     return batch, tokens, channels, block_n, block_c, triton.cdiv(tokens, block_n)
 
 
