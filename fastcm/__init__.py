@@ -5,7 +5,7 @@ ops, so set TRITON_INTERPRET=1 before `import fastcm` to run them on CPU tensors
 extension (attention) loads on first use.
 """
 
-from . import ema, flow_steps, sampling, schedules, sde_steps, vp_steps
+from . import blocks, ema, embeddings, flow_steps, sampling, schedules, sde_steps, testing, training, vp_steps
 from .attention import attention, attention_jvp, merge_attention_partials
 from .losses import meanflow_loss, pseudo_huber_loss, scm_loss, scm_tangent
 from .precondition import precondition, precondition_scalings
@@ -21,4 +21,5 @@ __all__ = [
     "sampling", "schedules", "self_consistency_error", "ema",
     "attention", "attention_jvp", "merge_attention_partials",
     "sde_steps", "flow_steps", "vp_steps",
+    "blocks", "embeddings", "testing", "training",
 ]

@@ -46,3 +46,8 @@ class Attention(torch.nn.Module):
 
 
 __all__ = ["Attention"]
+
+
+from .nn_dit import DiT, DiTBlock  # noqa: E402  (nn_dit builds on Attention above)
+
+__all__ += ["DiTBlock", "DiT"]

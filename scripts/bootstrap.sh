@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import fastcm, torch, triton, pytest, diffusers" 2>/dev/null || [ "${FASTCM_REINSTALL:-0}" = 1 ]; then
+if ! .venv/bin/python -c "import fastcm, torch, triton, pytest, diffusers, sklearn, tqdm" 2>/dev/null || [ "${FASTCM_REINSTALL:-0}" = 1 ]; then
   .venv/bin/pip install --quiet --upgrade "setuptools>=64" wheel ninja
   # torch==2.13.0 is the CPU wheel on CI's disk; a bare "torch" would pull a multi-GB CUDA build.
   .venv/bin/pip install --quiet "${FASTCM_TORCH:-torch==2.13.0}"

@@ -7,6 +7,8 @@ against the reference."""
 import pytest
 import torch
 
+import fastcm.kernels.blocks as blocks_launchers
+import fastcm.kernels.embeddings as embeddings_launchers
 import fastcm.kernels.losses as losses_launchers
 import fastcm.kernels.precondition as precondition_launchers
 import fastcm.kernels.sde_steps as sde_steps_launchers
@@ -25,6 +27,7 @@ def _launcher_calls():
     sigma, t, r = torch.rand(BATCH) + 0.1, torch.rand(BATCH), torch.rand(BATCH)
     stats2, stats3, coef = torch.rand(2, BATCH), torch.rand(3, BATCH), torch.rand(BATCH)
     grad = torch.tensor(1.0)
+    tokens, heads, table = torch.randn(BATCH, 2, 3), torch.randn(BATCH, 1, 2, 4), torch.rand(2, 2)
     return [
         ("precondition_forward", lambda: precondition_launchers.precondition_forward(x, y, sigma, "edm", 0.5, 0.002)),
         ("precondition_backward", lambda: precondition_launchers.precondition_backward(
@@ -48,6 +51,19 @@ def _launcher_calls():
         ("guided_moments", lambda: steps_launchers.guided_moments(x, y, None, 2.0)),
         ("sde_steps combination", lambda: sde_steps_launchers.combination(
             x, x, y, z, w, None, None, [1.0, 0.5, 0.2, 0.1, 0.3], 7, 0, True)),
+        ("modulated_norm", lambda: blocks_launchers.modulated_norm_launch(
+            tokens, x, y, None, tokens, x, y, None, "layer", 1e-6, True, True)),
+        ("modulated_norm_backward", lambda: blocks_launchers.modulated_norm_backward(
+            tokens, tokens, y, None, "layer", 1e-6, True, True, True, False)),
+        ("gated_residual", lambda: blocks_launchers.gated_residual_launch(
+            tokens, x, tokens, tokens, x, tokens, True, True)),
+        ("gated_residual_backward", lambda: blocks_launchers.gated_residual_backward(tokens, x, tokens, True, True)),
+        ("activation", lambda: blocks_launchers.activation_launch(x, x, "swiglu", True, True)),
+        ("activation_backward", lambda: blocks_launchers.activation_backward(x[:, :1].contiguous(), x[:, :2]
+                                                                             .contiguous(), "swiglu")),
+        ("rope", lambda: embeddings_launchers.rope_launch(heads, heads, table, table, False, True, True)),
+        ("timestep_embedding", lambda: embeddings_launchers.timestep_embedding_launch(t, t, 3, 1e4, True, True)),
+        ("timestep_embedding_backward", lambda: embeddings_launchers.timestep_embedding_backward(x, t, 3, 1e4)),
     ]
 
 
