@@ -219,7 +219,7 @@ def test_convert_time_round_trip(source, target):
 def test_convert_time_tangent_inside_jvp():
     t, dt = torch.tensor([0.2, 0.7], dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64)
     sd = 0.5
-    (u, _), (du, _) = torch.func.jvp(lambda s: fastcm.convert_time(s, source="flow", target="trigflow"), (t,), (dt,))
+    _, (du, _) = torch.func.jvp(lambda s: fastcm.convert_time(s, source="flow", target="trigflow"), (t,), (dt,))
     torch.testing.assert_close(du, dt * sd / (sd**2 * (1 - t) ** 2 + t**2), rtol=1e-13, atol=0)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastcm
-from helpers import DEVICE, assert_close, randn, to64
+from helpers import DEVICE, randn, to64
 
 
 def _linear(weight, bias):

@@ -2,8 +2,6 @@
 fused kernels are tested against. Plain PyTorch, differentiable by autograd; computes in the dtype of
 its inputs (float64 for the reference)."""
 
-import torch
-
 from .._params import per_sample
 from .flow import prediction_coefficients
 

@@ -1,5 +1,6 @@
 """Reference preconditioning (EDM, CM boundary condition, TrigFlow, flow matching, VP with ε-, x0- or
-v-prediction): the specification the fused kernels are tested against. Plain PyTorch, differentiable by autograd and torch.func.jvp."""
+v-prediction): the specification the fused kernels are tested against. Plain PyTorch, differentiable by
+autograd and torch.func.jvp."""
 
 import torch
 
