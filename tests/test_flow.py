@@ -446,3 +446,36 @@ def test_time_samplers_draw_on_the_device():
               schedules.trigflow_sample_t(8, seed=0, device="cuda"), *schedules.meanflow_sample_tr(8, seed=0,
                                                                                                   device="cuda")):
         assert t.device.type == "cuda"
+
+
+# ---- ECT: pseudo-Huber with c = 0 ----------------------------------------------------------------
+
+def test_pseudo_huber_c0_is_the_l2_distance_with_zero_gradient_at_zero():
+    from fastcm.reference.losses import pseudo_huber_loss as ref_huber
+    x, y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, 5, dtype=torch.float64)
+    y = torch.cat([y[:2], x[2:].detach()])  # sample 2: zero distance
+    loss = ref_huber(x, y, c=0.0, reduction="none")
+    torch.testing.assert_close(loss, (x - y).flatten(1).norm(dim=1), rtol=1e-14, atol=0)
+    grad, = torch.autograd.grad(loss.sum(), x)
+    assert torch.isfinite(grad).all() and torch.equal(grad[2], torch.zeros_like(grad[2]))
+    torch.testing.assert_close(grad[:2], ((x - y) / (x - y).flatten(1).norm(dim=1).reshape(-1, 1, 1))[:2].detach(),
+                               rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_pseudo_huber_c0_kernel_matches_reference(backend, dtype):
+    from fastcm.reference.losses import pseudo_huber_loss as ref_huber
+    backend("triton")
+    x, y = randn(3, 37, dtype=dtype), randn(3, 37, dtype=dtype)
+    y[1] = x[1]
+    x.requires_grad_()
+    weight = torch.tensor([0.5, 1.0, 2.0])
+    with poisoned_empty():
+        loss = fastcm.pseudo_huber_loss(x, y, c=0.0, weight=weight, reduction="sum")
+        grad, = torch.autograd.grad(loss, x)
+    x64 = to64(x)
+    want = ref_huber(x64, to64(y), c=0.0, weight=to64(weight), reduction="sum")
+    want_grad, = torch.autograd.grad(want, x64)
+    assert_close(loss, want, dtype)
+    assert_close(grad, want_grad, dtype, name="grad input")
+    assert torch.equal(grad[1].float(), torch.zeros(37))
