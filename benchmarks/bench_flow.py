@@ -7,16 +7,14 @@ output written once; "fastcm traffic" is what the launches move when nothing is 
 | case                      | floor | fastcm traffic                                                 |
 |---------------------------|-------|----------------------------------------------------------------|
 | convert_prediction fwd    | 3N·s  | read x_t, pred; write out (one launch)                         |
-| add_noise (noise given)   | 4N·s  | two launches, each reads x0 and ε and writes one output: 6N·s  |
-| add_noise (Philox)        | 2N·s  | two launches, each reads x0 and writes one output: 4N·s        |
+| add_noise (noise given)   | 4N·s  | read x0, ε; write x_t and the target (one launch)              |
+| add_noise (Philox)        | 3N·s  | read x0; write x_t and the target; ε drawn in registers        |
 | flow_map fwd              | 3N·s  | read x_t, u; write out                                         |
 | flow_map_loss fwd+bwd     | 6N·s  | the sCM loss kernels with v read twice (as x_t and as dx_t/dt) |
 | dmd fwd+bwd               | 6N·s  | fwd reads x, D_real, D_fake; bwd reads D_real, D_fake, writes  |
 | denoising fwd+bwd         | 7N·s  | fwd reads net_out, x0, ε; bwd re-reads the three, writes grad  |
 
-add_noise's two launches are the one place the floor is not the design target (2× / 1.5× of it):
-one fused two-output kernel is future work. Measured GPU figures go to benchmarks/results/; none is
-claimed here.
+Measured GPU figures go to benchmarks/results/; none is claimed here.
 """
 
 import torch

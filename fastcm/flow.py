@@ -1,12 +1,13 @@
 """The flow family: prediction and time conversions between flow-matching, TrigFlow, VP and EDM
-schedules, fused forward noising and the two-time flow map.
+schedules, fused forward noising, the two-time flow map and the flow-map loss.
 
 Each op here is linear in its tensor inputs once a few per-sample coefficients are known (see
 fastcm.reference.flow for the schedules and predictions), so the fused path computes the (B,)
-coefficients with torch ops and launches the per-sample linear-combination kernel of the sampler
-steps (kernels/steps.py): one read of each input and one write, with gradients and tangents of the
-inputs and, through the coefficients, of the times (torch.func.jvp, forward-AD dual tensors,
-autograd, double backward).
+coefficients with torch ops and launches one kernel: the per-sample linear combination of the sampler
+steps (kernels/steps.py) for conversions and flow maps, the two-output noising kernel of kernels/flow.py
+for add_noise. One read of each input and one write of each output, with gradients and tangents of the
+inputs and, through the coefficients, of the times (torch.func.jvp, forward-AD dual tensors, autograd,
+double backward).
 """
 
 from typing import Optional, Tuple
@@ -15,11 +16,118 @@ import torch
 
 from . import _checks
 from ._backend import select_backend
-from ._params import per_sample
+from ._library import kernel_ops
+from ._params import per_sample, view_per_sample
 from .reference import flow as reference
 from .reference.flow import PREDICTIONS, SCHEDULES, prediction_coefficients, schedule_coefficients
 from .reference.steps import draw_seed, standard_noise
 from .steps import _check_noise_args, _check_tensors, _run
+
+
+def _fake_add_noise(x0, noise, coefs, seed, offset):
+    return torch.empty_like(x0), torch.empty_like(x0)
+
+
+_ops = kernel_ops("flow", {"add_noise": ("add_noise", _fake_add_noise)})
+
+
+def _work(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _run_noise(like, seed, offset):
+    """ε of a Philox (seed, offset) call, materialised: the gradients and tangents of the times need it."""
+    from .steps import _ops as step_ops
+
+    return step_ops.linear_combination(like, None, None, None, None, None, [0.0, 0.0, 0.0, 1.0], seed, offset, True)
+
+
+def _pair(op, like, first, second, coefs, column_first, column_second):
+    """coefs[:, column_first]·first + coefs[:, column_second]·second, either term possibly None, one launch."""
+    if first is None:
+        first, second, column_first, column_second = second, None, column_second, column_first
+    if second is None:
+        return _run(op, like, (None, first, None), (0.0, coefs[:, column_first], 0.0, 0.0), None)
+    return _run(op, like, (second, first, None), (coefs[:, column_second], coefs[:, column_first], 0.0, 0.0), None)
+
+
+class _AddNoise(torch.autograd.Function):
+    """(x_t, target) = (α·x0 + s·ε, p·x0 + q·ε); coefs (B, 4) = (α, s, p, q); ε a tensor or Philox."""
+
+    @staticmethod
+    def forward(coefs, x0, noise, seed, offset):
+        return _ops.add_noise(x0, noise, coefs, seed, offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        coefs, x0, noise, seed, offset = inputs
+        ctx.stream = (seed, offset)
+        ctx.save_for_backward(coefs, x0, noise)
+        ctx.save_for_forward(coefs, x0, noise)
+
+    @staticmethod
+    def _noise(ctx, x0, noise):
+        return _run_noise(x0, *ctx.stream) if noise is None else noise
+
+    @staticmethod
+    def backward(ctx, grad_x_t, grad_target):
+        coefs, x0, noise = ctx.saved_tensors
+        need_coefs, need_x0, need_noise = ctx.needs_input_grad[:3]
+        grads = [None] * 5
+        if torch.is_grad_enabled():
+            eps = _AddNoise._noise(ctx, x0, noise)
+            column = [view_per_sample(coefs[:, k], x0).to(x0.dtype) for k in range(4)]
+            zero = torch.zeros_like(x0)
+            g1 = zero if grad_x_t is None else grad_x_t
+            g2 = zero if grad_target is None else grad_target
+            if need_x0:
+                grads[1] = column[0] * g1 + column[2] * g2
+            if need_noise:
+                grads[2] = column[1] * g1 + column[3] * g2
+        else:
+            g1 = None if grad_x_t is None else grad_x_t.contiguous()
+            g2 = None if grad_target is None else grad_target.contiguous()
+            if need_x0:
+                grads[1] = _pair("add_noise", x0, g1, g2, coefs, 0, 2)
+            if need_noise:
+                grads[2] = _pair("add_noise", x0, g1, g2, coefs, 1, 3)
+            eps = _AddNoise._noise(ctx, x0, noise) if need_coefs else None
+        if need_coefs:
+            work = coefs.dtype
+
+            def dot(a, b):
+                return torch.zeros(x0.shape[0], dtype=work, device=x0.device) if a is None else (
+                    (a.to(work) * b.to(work)).reshape(x0.shape[0], -1).sum(1))
+
+            grads[0] = torch.stack([dot(grad_x_t, x0), dot(grad_x_t, eps), dot(grad_target, x0),
+                                    dot(grad_target, eps)], dim=1)
+        return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, coefs_t, x0_t, noise_t, *_):
+        coefs, x0, noise = ctx.saved_tensors
+        seed, offset = ctx.stream
+        outputs = []
+        for value, slope in ((0, 1), (2, 3)):
+            if torch.is_grad_enabled():
+                eps = _AddNoise._noise(ctx, x0, noise)
+                out_t = torch.zeros_like(x0)
+                for tangent, k in ((x0_t, value), (noise_t, slope)):
+                    if tangent is not None:
+                        out_t = out_t + view_per_sample(coefs[:, k], x0).to(x0.dtype) * tangent
+                if coefs_t is not None:
+                    out_t = (out_t + view_per_sample(coefs_t[:, value], x0).to(x0.dtype) * x0
+                             + view_per_sample(coefs_t[:, slope], x0).to(x0.dtype) * eps)
+                outputs.append(out_t)
+                continue
+            zero = torch.zeros_like(coefs[:, 0])
+            rate_value = zero if coefs_t is None else coefs_t[:, value]
+            rate_slope = zero if coefs_t is None else coefs_t[:, slope]
+            # ẋ = c_value·ẋ0 + c_slope·ε̇ + ċ_value·x0 + ċ_slope·ε, one launch (ε redrawn in-kernel if Philox).
+            terms = (None if x0_t is None else x0_t.contiguous(), x0, None if noise_t is None else noise_t.contiguous())
+            outputs.append(_run("add_noise", x0, terms, (coefs[:, value], rate_value, coefs[:, slope], rate_slope),
+                                None, stochastic=True, noise=noise, seed=seed, offset=offset))
+        return tuple(outputs)
 
 
 def _check_options(op, schedule, sigma_data, **predictions):
@@ -96,8 +204,8 @@ def add_noise(x0: torch.Tensor, time, *, schedule: str, target: str, noise: Opti
     schedule="trigflow", target="velocity": x_t = cos t·x0 + sin t·σd·ε and dx_t/dt (sCM);
     target="eps": ε. ε is `noise` (a tensor like x0) or, without it, drawn in the kernel from
     (seed, offset) with Philox (seed drawn from `generator` / torch's global generator if None),
-    never written to memory: both outputs see the same ε. The reference backend draws a
-    different, also deterministic, stream (fastcm.steps explains both).
+    never written to memory: both outputs come from one pass over x0 (and ε). The reference backend
+    draws a different, also deterministic, stream (fastcm.steps explains both).
 
     Args:
         x0: (B, ...) float32, bfloat16, float16 or float64; noise: like x0 or None.
@@ -117,11 +225,9 @@ def add_noise(x0: torch.Tensor, time, *, schedule: str, target: str, noise: Opti
     tau = _per_sample_time(op, "time", time, x0)
     alpha, sigma, _, _ = schedule_coefficients(tau, schedule, sigma_data)
     p, q = prediction_coefficients(tau, schedule, target, sigma_data)
-    # Two launches of the linear-combination kernel that draw the same Philox noise (same seed and
-    # offset): x0 is read twice, ε never materialised.
-    common = dict(stochastic=True, noise=noise, seed=seed, offset=offset)
-    x_t = _run(op, x0, (None, x0, None), (0.0, alpha, 0.0, sigma), None, **common)
-    return x_t, _run(op, x0, (None, x0, None), (0.0, p, 0.0, q), None, **common)
+    coefs = torch.stack([alpha, sigma, p, q], dim=1).to(_work(x0))
+    return _AddNoise.apply(coefs, x0.contiguous(), None if noise is None else noise.contiguous(), int(seed or 0),
+                           int(offset))
 
 
 def flow_map(x_t: torch.Tensor, u: torch.Tensor, t, r) -> torch.Tensor:

@@ -479,3 +479,57 @@ def test_pseudo_huber_c0_kernel_matches_reference(backend, dtype):
     assert_close(loss, want, dtype)
     assert_close(grad, want_grad, dtype, name="grad input")
     assert torch.equal(grad[1].float(), torch.zeros(37))
+
+
+@pytest.mark.parametrize("philox", [False, True])
+def test_add_noise_gradients_and_tangents_of_every_input(backend, philox):
+    """Gradients of x0, ε and the time, and the jvp along all three, against the reference; with Philox,
+    the reference gets the kernel's own ε (recovered from the two outputs of a flow/flow call)."""
+    backend("triton")
+    x0 = randn(3, 2, 17, requires_grad=True)
+    t = _times(3, requires_grad=True)
+    kwargs = dict(schedule="trigflow", target="trigflow")
+    if philox:
+        x_flow, v_flow = fastcm.add_noise(x0.detach(), 0.5, schedule="flow", target="flow", seed=9)
+        noise = x_flow + 0.5 * v_flow  # ε = x_s + (1 − s)·v at s = 0.5
+        x_t, tgt = fastcm.add_noise(x0, t, seed=9, **kwargs)
+    else:
+        noise = randn(3, 2, 17, requires_grad=True)
+        x_t, tgt = fastcm.add_noise(x0, t, noise=noise, **kwargs)
+    g1, g2 = randn(3, 2, 17), randn(3, 2, 17)
+    inputs = (x0, t) if philox else (x0, t, noise)
+    grads = torch.autograd.grad((x_t * g1).sum() + (tgt * g2).sum(), inputs)
+    x064, t64, n64 = to64(x0), to64(t), to64(noise.detach()).requires_grad_(not philox)
+    want_x, want_tgt = ref.add_noise(x064, n64, t64, **kwargs)
+    want_inputs = (x064, t64) if philox else (x064, t64, n64)
+    want = torch.autograd.grad((want_x * to64(g1)).sum() + (want_tgt * to64(g2)).sum(), want_inputs)
+    for got, expected in zip(grads, want):
+        assert_close(got, expected, torch.float32, name="grad")
+    tangents = (randn(3, 2, 17), randn(3), randn(3, 2, 17))
+    with torch.no_grad():
+        if philox:
+            _, got_t = torch.func.jvp(lambda a, s: fastcm.add_noise(a, s, seed=9, **kwargs), (x0.detach(), t.detach()),
+                                      tangents[:2])
+        else:
+            _, got_t = torch.func.jvp(lambda a, s, e: fastcm.add_noise(a, s, noise=e, **kwargs),
+                                      (x0.detach(), t.detach(), noise.detach()), tangents)
+    n_tangent = torch.zeros_like(n64) if philox else to64(tangents[2])
+    _, want_t = torch.func.jvp(lambda a, s, e: ref.add_noise(a, e, s, **kwargs),
+                               (x064.detach(), t64.detach(), n64.detach()), (to64(tangents[0]), to64(tangents[1]),
+                                                                               n_tangent))
+    for got, expected in zip(got_t, want_t):
+        assert_close(got, expected, torch.float32, name="tangent")
+
+
+def test_add_noise_tangent_taken_with_grad_is_differentiable(backend):
+    backend("triton")
+    x0, noise = randn(2, 9, requires_grad=True), randn(2, 9)
+    t, dt = _times(2), randn(2)
+    kwargs = dict(schedule="vp", target="v")
+    _, (x_dot, target_dot) = torch.func.jvp(lambda s: fastcm.add_noise(x0, s, noise=noise, **kwargs), (t,), (dt,))
+    got, = torch.autograd.grad((x_dot.square() + target_dot).sum(), x0)
+    x064 = to64(x0)
+    _, (want_x, want_tgt) = torch.func.jvp(lambda s: ref.add_noise(x064, to64(noise), s, **kwargs), (to64(t),),
+                                           (to64(dt),))
+    want, = torch.autograd.grad((want_x.square() + want_tgt).sum(), x064)
+    assert_close(got, want, torch.float32)
