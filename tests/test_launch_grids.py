@@ -7,6 +7,8 @@ against the reference."""
 import pytest
 import torch
 
+import fastcm.kernels.dmd as dmd_launchers
+import fastcm.kernels.flow as flow_launchers
 import fastcm.kernels.losses as losses_launchers
 import fastcm.kernels.precondition as precondition_launchers
 import fastcm.kernels.steps as steps_launchers
@@ -45,6 +47,9 @@ def _launcher_calls():
         ("linear_combination", lambda: steps_launchers.linear_combination(
             x, x, y, None, None, None, [1.0, 0.5, 0.0, 0.3], 7, 0, True)),
         ("guided_moments", lambda: steps_launchers.guided_moments(x, y, None, 2.0)),
+        ("dmd_sums", lambda: dmd_launchers.dmd_sums(x, y, z)),
+        ("denoising_sums", lambda: dmd_launchers.denoising_sums(x, y, z, torch.rand(BATCH, 2))),
+        ("add_noise", lambda: flow_launchers.add_noise(x, None, torch.rand(BATCH, 4), 7, 0)),
     ]
 
 
