@@ -45,6 +45,10 @@ def fd_tangent(f: Callable, x_t: torch.Tensor, t, dx_dt: torch.Tensor, *, eps: f
     fused pass. For sCM's F_jvp pass the result times cos(t)·sin(t) (fastcm.scm_loss); in float32 pick
     ε ≈ 1e-3 (the truncation and the rounding errors balance near ε = ∛(float32 eps)).
 
+    With scm_loss: F_jvp = cos t·sin t·fd_tangent(lambda x, s: net(x / σd, s), x_t, t, dx_dt, t_min=0,
+    t_max=π/2). With flow_map_loss: u_jvp = (t − r)·fd_tangent(lambda x, s: net(x, s, torch.cat([r, r])),
+    z, t, v, t_min=0, t_max=1) (other per-sample inputs of f are repeated for the 2B batch).
+
     Args:
         f: f(x, t) -> tensor (B, ...), called once with 2B samples; t is passed as a (2B,) tensor.
         x_t, dx_dt: same shape (B, ...) / dtype / device. t: per-sample time (float, 0-d or B values).
