@@ -6,9 +6,10 @@ MeanFlow's (arXiv 2505.13447): (t, r) pairs from fastcm.schedules.meanflow_sampl
 r = t for 75 %), du/dt from torch.func.jvp along (v, 1, 0), and fastcm.meanflow_loss with its adaptive
 weight. Sampling is fastcm.sampling.sample_flow_map over [1, 0] (1 step) and [1, 0.5, 0] (2 steps).
 
-    python examples/meanflow_toy.py --plot samples.png    # 1500 steps
+    python examples/meanflow_toy.py --batch 256 --lr 3e-3 --plot samples.png    # 3000 steps
 
-README.md gives the distances it printed (seed 0, CPU) at the budgets it names.
+With that command (seed 0, CPU) the mean distance of a sample to the nearest mode is 0.192 in 1 step and
+0.107 in 2 steps (data 0.050, noise 0.33): not converged at this budget.
 """
 
 import types
@@ -62,7 +63,7 @@ def main(argv=None):
     def step(net, optimizer, x0, step, total_steps, generator):
         return train_step(net, optimizer, x0, generator)
 
-    return toy.main(argv, __doc__.splitlines()[0], 1500, step, sample, "MeanFlow loss", problem=PROBLEM)
+    return toy.main(argv, __doc__.splitlines()[0], 3000, step, sample, "MeanFlow loss", problem=PROBLEM)
 
 
 if __name__ == "__main__":
