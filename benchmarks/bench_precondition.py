@@ -15,7 +15,9 @@ CPU_SHAPE = (8, 4, 32, 32)
 def _forward_case(device, shape, dtype, param):
     def make_inputs():
         x = torch.randn(shape, device=device, dtype=dtype)
-        return x, torch.randn_like(x), torch.rand(shape[0], device=device) + 0.1
+        # flow t and VP ᾱ must lie in (0, 1)
+        scale = 0.8 if param in ("flow", "vp-eps") else 1.0
+        return x, torch.randn_like(x), torch.rand(shape[0], device=device) * scale + 0.1
 
     numel = torch.Size(shape).numel()
     return Case("precondition", f"{param} fwd", shape, dtype, make_inputs,
@@ -47,7 +49,7 @@ def cases(device: torch.device, small: bool):
     shape = CPU_SHAPE if small else GPU_SHAPE
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        for param in ("edm", "trigflow"):
+        for param in ("edm", "trigflow", "flow", "vp-eps"):
             out.append(_forward_case(device, shape, dtype, param))
         out.append(_backward_case(device, shape, dtype, "edm"))
     return out

@@ -57,12 +57,14 @@ def check_like(op: str, name: str, value, ref_name: str, ref: torch.Tensor, *, m
     check_same_device(op, name, value, ref_name, ref)
 
 
-def check_positive(op: str, name: str, value, *, hint: str = "") -> None:
-    """A positive finite Python number (`hint` names an alternative, e.g. " (or None for ...)")."""
+def check_positive(op: str, name: str, value, *, allow_zero: bool = False, hint: str = "") -> None:
+    """A positive (or, with allow_zero, non-negative) finite Python number; `hint` names an
+    alternative, e.g. " (or None for ...)"."""
+    accepted = "a finite float >= 0" if allow_zero else "a positive finite float"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"fastcm.{op}: {name} must be a positive float{hint}, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a positive finite float{hint}")
+        raise TypeError(f"fastcm.{op}: {name} must be {accepted}{hint}, got {type(value).__name__}")
+    if not ((value >= 0 if allow_zero else value > 0) and math.isfinite(value)):
+        raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected {accepted}{hint}")
 
 
 def check_finite(op: str, name: str, value) -> None:

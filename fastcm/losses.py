@@ -119,9 +119,13 @@ def _huber_terms(input, target, weight, c):
     """(∂loss_b/∂input per element, distance_b), in differentiable torch ops."""
     diff = input.to(compute_dtype(input)) - target.to(compute_dtype(input))
     sq_dist = diff.flatten(1).pow(2).sum(dim=1)
-    root = torch.sqrt(sq_dist + c * c)
-    coef = 1.0 / root if weight is None else weight / root
-    return view_per_sample(coef, diff) * diff, sq_dist / (root + c)
+    # With c = 0 (ECT's √L) a zero distance has no defined gradient: it is taken as 0, so the root is
+    # replaced where it vanishes by 1 (leaving autograd a finite branch to differentiate).
+    positive = sq_dist + c * c > 0
+    root = torch.sqrt(torch.where(positive, sq_dist + c * c, torch.ones_like(sq_dist)))
+    inv_root = torch.where(positive, 1.0 / root, torch.zeros_like(root))
+    coef = inv_root if weight is None else weight * inv_root
+    return view_per_sample(coef, diff) * diff, torch.where(positive, sq_dist / (root + c), torch.zeros_like(root))
 
 
 class _PseudoHuber(torch.autograd.Function):
@@ -321,7 +325,8 @@ def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
     Args:
         input, target: same shape (B, ...), rank ≥ 1, same dtype (float32, bfloat16, float16,
             float64) and device. Non-contiguous inputs are copied to contiguous ones.
-        c: positive float, or None for the default.
+        c: float ≥ 0, or None for the default. c = 0 is ECT's √L, the L2 distance ‖input_b − target_b‖
+            (its gradient at a zero distance is taken as 0); ECT weights it with schedules.ect_weight.
         weight: None, or per-sample weights: a float, 0-d tensor, or B values ((B,) or (B, 1, ..., 1)).
         reduction: "mean" (over the batch), "sum", or "none" (returns the (B,) per-sample losses).
     Returns: the loss in the input dtype, computed in float32 (float64 for float64 inputs).
@@ -332,7 +337,7 @@ def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
     _check_inputs(op, (("input", input), ("target", target)))
     _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
     if c is not None:
-        _checks.check_positive(op, "c", c, hint=" (or None for 0.00054·sqrt(D))")
+        _checks.check_positive(op, "c", c, allow_zero=True, hint=" (or None for 0.00054·sqrt(D))")
     if select_backend(op, input.device) == "reference":
         return reference.pseudo_huber_loss(input, target, c=c, weight=weight, reduction=reduction)
     weight_b = None if weight is None else per_sample(op, "weight", weight, input)

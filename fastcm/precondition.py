@@ -105,6 +105,14 @@ def precondition(x, net_out, sigma, *, param="edm", sigma_data=0.5, sigma_min=0.
     param="edm":      c_skip = σd²/(σ²+σd²),        c_out = σ·σd/√(σ²+σd²)
     param="cm":       c_skip = σd²/((σ−σmin)²+σd²), c_out = (σ−σmin)·σd/√(σ²+σd²)  (out = x at σ = σmin)
     param="trigflow": out = cos(t)·x − sin(t)·σd·net_out, with `sigma` the TrigFlow time t ∈ [0, π/2]
+    param="flow":     out = x − t·net_out: flow matching / rectified flow, x_t = (1−t)·x0 + t·ε, net_out the
+                      velocity v = ε − x0, `sigma` the flow time t ∈ [0, 1]
+    param="vp-eps" | "vp-x0" | "vp-v": VP, x_t = √ᾱ·x0 + √(1−ᾱ)·ε, `sigma` = ᾱ ∈ (0, 1] (diffusers'
+                      alphas_cumprod at the step), net_out predicting ε, x0 or v = √ᾱ·ε − √(1−ᾱ)·x0:
+                      out = (x − √(1−ᾱ)·ε̂)/√ᾱ, out = x̂0, out = √ᾱ·x − √(1−ᾱ)·v̂
+    Every param returns the clean-sample estimate x̂0 (the consistency function for edm / cm / trigflow).
+    sigma_data only enters edm, cm and trigflow. The σ-tangent of the VP forms is d/dᾱ, which is
+    infinite at ᾱ = 1 for vp-eps and vp-v: take tangents at ᾱ < 1.
 
     Args:
         x, net_out: same shape (B, ...), rank ≥ 1, same dtype (float32, bfloat16, float16; float64

@@ -696,7 +696,35 @@ def self_consistency_error(f, x_t_fn, times):
     return (m2 / (len(schedule) - 1)).mean()
 
 
+
+
+@torch.no_grad()
+def sample_flow_map(model, x, times, *, capture=False, progress=False, callback=None):
+    """Flow-map (MeanFlow / Align Your Flow) sampling over a time grid: for each step from t_i to t_{i+1},
+    u = model(x, t, r) with (B,) tensors t = t_i, r = t_{i+1}, and x = x − (t − r)·u (fastcm.flow_map).
+
+    times: decreasing flow times, e.g. [1, 0] (1 step) or [1, 0.5, 0] (2 steps); x = randn at t_0 = 1
+    (flow matching: x_t = (1 − t)·x0 + t·ε). Deterministic: no noise is drawn. Returns x at the last time.
+    capture=True records the whole loop, model included, in one CUDA graph (see the module docstring).
+    """
+    from .flow import flow_map
+
+    op = "sample_flow_map"
+    schedule, levels, report = _prepare(op, "times", times, x, progress, callback)
+    if any(a <= b for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"fastcm.{op}: times {schedule} must decrease strictly")
+
+    def loop(x):
+        for i in range(len(schedule) - 1):
+            u = model(x, levels[i], levels[i + 1])
+            report(i, x=x, t=schedule[i], r=schedule[i + 1], u=u)
+            x = flow_map(x, u, levels[i], levels[i + 1])
+        return x
+
+    return _run(op, loop, x, capture, progress, callback)
+
 __all__ = ["karras_sigmas", "trigflow_times", "sample_cm", "sample_trigflow", "sample_euler", "sample_heun",
            "sample_dpmpp_2m", "self_consistency_error", "sample_euler_ancestral", "sample_dpmpp_2s_ancestral",
            "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_flow_euler", "sample_flow_heun",
-           "sample_lcm", "sample_tcd", "sample_ddpm", "lcm_boundary_scalings"]
+           "sample_lcm", "sample_tcd", "sample_ddpm", "lcm_boundary_scalings",
+           "sample_flow_map"]

@@ -64,7 +64,9 @@ def ct_loss_weight(sigma_lower, sigma_upper):
 
 def scm_sample_t(batch, *, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=None, device=None,
                  dtype=torch.float32):
-    """sCM training times t = arctan(e^τ/σd), τ ~ N(P_mean, P_std²), shape (batch,), t ∈ (0, π/2)."""
+    """sCM training times t = arctan(e^τ/σd), τ ~ N(P_mean, P_std²), shape (batch,), t ∈ (0, π/2).
+    Drawn in float64 from a CPU generator and copied to `device`; trigflow_sample_t draws the same
+    distribution on the device itself."""
     check_positive("scm_sample_t", "sigma_data", sigma_data)
     check_positive("scm_sample_t", "p_std", p_std)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -167,6 +169,111 @@ def vp_sigmas(alphas_cumprod):
     schedulers use these for ε-prediction models)."""
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
+
+# ---- time samplers on the device -----------------------------------------------------------------
+# Each draws B normals (or uniforms) with one torch call on `device` and maps them with a few
+# elementwise torch ops: no kernel is worth its launch for B numbers, and nothing waits on the host.
+# `seed` makes a fresh generator on the device (deterministic); `generator` continues a stream.
+
+
+def _normals(op, batch, generator, seed, device, dtype, count=1):
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"fastcm.{op}: batch={batch!r} is not supported; expected an int >= 1")
+    if seed is not None and generator is not None:
+        raise ValueError(f"fastcm.{op}: pass seed or generator, not both")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"fastcm.{op}: seed={seed!r} is not supported; expected an int >= 0")
+        generator = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.randn((count, batch), generator=generator, device=device, dtype=work)
+
+
+def resolution_shift(num_tokens, *, base_tokens=256, max_tokens=4096, base_shift=0.5, max_shift=1.15):
+    """The resolution-dependent shift of FLUX: e^μ with μ linear in the token count, from base_shift at
+    base_tokens to max_shift at max_tokens (SD3 uses a fixed shift, e.g. 3.0 at 1024²)."""
+    for name, value in (("num_tokens", num_tokens), ("base_tokens", base_tokens), ("max_tokens", max_tokens)):
+        check_positive("resolution_shift", name, value)
+    if not max_tokens > base_tokens:
+        raise ValueError(f"fastcm.resolution_shift: max_tokens={max_tokens} must exceed base_tokens={base_tokens}")
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return math.exp(base_shift + slope * (num_tokens - base_tokens))
+
+
+def logit_normal_t(batch, *, mean=0.0, std=1.0, shift=1.0, generator=None, seed=None, device=None,
+                   dtype=torch.float32):
+    """Flow-matching times t = flow_shift(sigmoid(mean + std·n), shift), n ~ N(0, 1) (SD3's logit-normal;
+    shift = 1 is the plain logit-normal). Shape (batch,), t ∈ (0, 1)."""
+    check_positive("logit_normal_t", "std", std)
+    check_positive("logit_normal_t", "shift", shift)
+    normal = _normals("logit_normal_t", batch, generator, seed, device, dtype)[0]
+    return flow_shift(torch.sigmoid(mean + std * normal), shift).to(dtype)
+
+
+def lognormal_sigma(batch, *, p_mean=-1.2, p_std=1.2, generator=None, seed=None, device=None, dtype=torch.float32):
+    """EDM / ECT noise levels σ = exp(P_mean + P_std·n), n ~ N(0, 1) (EDM: −1.2, 1.2; ECT: −1.1, 2.0)."""
+    check_positive("lognormal_sigma", "p_std", p_std)
+    normal = _normals("lognormal_sigma", batch, generator, seed, device, dtype)[0]
+    return torch.exp(p_mean + p_std * normal).to(dtype)
+
+
+def trigflow_sample_t(batch, *, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=None, seed=None, device=None,
+                      dtype=torch.float32):
+    """sCM's TrigFlow times t = arctan(σ/σd) of lognormal σ (the distribution of scm_sample_t), drawn on
+    `device`. Shape (batch,), t ∈ (0, π/2)."""
+    check_positive("trigflow_sample_t", "sigma_data", sigma_data)
+    check_positive("trigflow_sample_t", "p_std", p_std)
+    normal = _normals("trigflow_sample_t", batch, generator, seed, device, dtype)[0]
+    return torch.atan(torch.exp(p_mean + p_std * normal) / sigma_data).to(dtype)
+
+
+def meanflow_sample_tr(batch, *, distribution="logit_normal", mean=-0.4, std=1.0, equal_fraction=0.75,
+                       generator=None, seed=None, device=None, dtype=torch.float32):
+    """(t, r) pairs with r ≤ t for MeanFlow: two times from `distribution` ("logit_normal" with
+    mean/std, or "uniform" on (0, 1)), t the larger, r the smaller, and r = t for the first
+    ⌊equal_fraction·batch⌋ samples (MeanFlow's default 75 % turns those into flow matching; a fixed
+    count keeps the batch shape static). Returns (t, r), each (batch,)."""
+    if distribution not in ("logit_normal", "uniform"):
+        raise ValueError(f"fastcm.meanflow_sample_tr: distribution={distribution!r} is not supported; expected "
+                         f"one of ('logit_normal', 'uniform')")
+    if isinstance(equal_fraction, bool) or not 0.0 <= equal_fraction <= 1.0:
+        raise ValueError(f"fastcm.meanflow_sample_tr: equal_fraction={equal_fraction!r} is not supported; "
+                         f"expected a number in [0, 1]")
+    check_positive("meanflow_sample_tr", "std", std)
+    normal = _normals("meanflow_sample_tr", batch, generator, seed, device, dtype, count=2)
+    # Uniforms as Φ(n): one draw call serves both distributions and the same seed stream.
+    pair = torch.sigmoid(mean + std * normal) if distribution == "logit_normal" else torch.special.ndtr(normal)
+    t, r = pair.max(dim=0).values, pair.min(dim=0).values
+    equal = torch.arange(batch, device=t.device) < int(equal_fraction * batch)
+    return t.to(dtype), torch.where(equal, t, r).to(dtype)
+
+
+def ect_stage(step, stage_length):
+    """ECT's curriculum stage ⌊step / stage_length⌋ (ECT doubles the resolution of r(t) each stage)."""
+    for name, value in (("step", step), ("stage_length", stage_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "step" else 1):
+            raise ValueError(f"fastcm.ect_stage: {name}={value!r} is not supported; expected an int "
+                             f"{'>= 0' if name == 'step' else '>= 1'}")
+    return step // stage_length
+
+
+def ect_r(t, stage, *, q=2.0, k=8.0, b=1.0):
+    """ECT's mapping from σ = t to the earlier σ = r of stage s: r = max(0, t·(1 − (1 + k·sigmoid(−b·t))/q^{s+1}))
+    (Geng et al., "Consistency Models Made Easy"); r → t as the stages go on. Elementwise on a tensor."""
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
+        raise ValueError(f"fastcm.ect_r: stage={stage!r} is not supported; expected an int >= 0")
+    check_positive("ect_r", "q", q)
+    return torch.clamp(t * (1.0 - (1.0 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)), min=0.0)
+
+
+def ect_weight(t, *, sigma_data=0.5):
+    """ECT's "SNR + k" loss weight SNR(t) + 1/σd² = 1/t² + 1/σd² = (t² + σd²)/(t·σd)², elementwise (σ = t;
+    ct_loss_weight gives the 1/(t − r) weighting instead)."""
+    check_positive("ect_weight", "sigma_data", sigma_data)
+    return 1.0 / t**2 + 1.0 / sigma_data**2
+
+
 __all__ = ["karras_sigmas", "ict_num_timesteps", "ict_sample_sigmas", "ct_loss_weight", "scm_sample_t",
-           "tangent_warmup", "exponential_sigmas", "polyexponential_sigmas", "flow_shift", "flow_times",
-           "vp_betas", "rescale_zero_terminal_snr", "vp_sigmas", "VP_BETA_SCHEDULES"]
+           "tangent_warmup", "exponential_sigmas", "polyexponential_sigmas", "flow_shift", "flow_times", "vp_betas",
+           "rescale_zero_terminal_snr", "vp_sigmas", "VP_BETA_SCHEDULES", "resolution_shift", "logit_normal_t",
+           "lognormal_sigma", "trigflow_sample_t", "meanflow_sample_tr", "ect_stage", "ect_r", "ect_weight"]

@@ -136,10 +136,13 @@ def _huber_epilogue_kernel(partial_ptr, weight_ptr, distance_ptr, inv_root_ptr, 
         row_mask = rows < batch
         sq_dist = _sum_partials(partial_ptr, rows, row_mask, n_chunks, BLOCK_C)
         root = tl.sqrt(sq_dist + c * c)
-        # √(s + c²) − c written as s / (√(s + c²) + c): no cancellation when s ≪ c².
-        distance = sq_dist / (root + c)
+        # √(s + c²) − c written as s / (√(s + c²) + c): no cancellation when s ≪ c². With c = 0 (ECT's √L)
+        # a zero distance gets distance 0 and gradient 0 instead of 0/0.
+        positive = root > 0
+        safe_root = tl.where(positive, root, 1.0)
+        distance = tl.where(positive, sq_dist / (safe_root + c), 0.0)
         tl.store(distance_ptr + rows, distance, mask=row_mask)
-        tl.store(inv_root_ptr + rows, 1.0 / root, mask=row_mask)
+        tl.store(inv_root_ptr + rows, tl.where(positive, 1.0 / safe_root, 0.0), mask=row_mask)
         loss = distance
         if HAS_WEIGHT:
             loss = loss * tl.load(weight_ptr + rows, mask=row_mask, other=0.0)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._common import compute_type, per_sample_blocks
 
-PARAM_IDS = {"edm": 0, "cm": 1, "trigflow": 2}
+PARAM_IDS = {"edm": 0, "cm": 1, "trigflow": 2, "flow": 3, "vp-eps": 4, "vp-x0": 5, "vp-v": 6}
 BLOCK = 2048
 NUM_WARPS = 4
 
@@ -26,6 +26,17 @@ def _scalings(sigma, sigma_data, sigma_min, PARAM: tl.constexpr):
         cos_t = tl.cos(sigma)
         sin_t = tl.sin(sigma)
         return cos_t, -sigma_data * sin_t, -sin_t, -sigma_data * cos_t
+    if PARAM == 3:
+        return 1.0 + 0.0 * sigma, -sigma, 0.0 * sigma, -1.0 + 0.0 * sigma
+    if PARAM == 5:
+        return 0.0 * sigma, 1.0 + 0.0 * sigma, 0.0 * sigma, 0.0 * sigma
+    if PARAM >= 4:
+        # VP: `sigma` is ᾱ; signal = √ᾱ, noise = √(1−ᾱ).
+        signal = tl.sqrt(sigma)
+        noise = tl.sqrt(1.0 - sigma)
+        if PARAM == 4:
+            return 1.0 / signal, -noise / signal, -0.5 / (sigma * signal), 0.5 / (noise * sigma * signal)
+        return signal, -noise, 0.5 / signal, 0.5 / noise
     sd2 = sigma_data * sigma_data
     variance = sigma * sigma + sd2
     rsd = 1.0 / tl.sqrt(variance)

@@ -38,11 +38,24 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_precondition.py", "tests/test_losses.py", "tests/test_steps.py", "tests/test_sampling.py",
-         "tests/test_sde_steps.py", "tests/test_kdiffusion_compat.py", "tests/test_flow_steps.py",
-         "tests/test_diffusers_compat.py", "tests/test_vp_steps.py",
-         "tests/test_ema.py",
-         "tests/test_blocks.py", "tests/test_embeddings.py"]
+# Every test file that launches Triton kernels (one a line, so that families add theirs without conflicts).
+TESTS = [
+    "tests/test_precondition.py",
+    "tests/test_losses.py",
+    "tests/test_steps.py",
+    "tests/test_sampling.py",
+    "tests/test_sde_steps.py",
+    "tests/test_kdiffusion_compat.py",
+    "tests/test_flow_steps.py",
+    "tests/test_diffusers_compat.py",
+    "tests/test_vp_steps.py",
+    "tests/test_ema.py",
+    "tests/test_blocks.py",
+    "tests/test_embeddings.py",
+    "tests/test_flow.py",
+    "tests/test_dmd.py",
+    "tests/test_tangents.py",
+]
 # Per-block opt-in shared memory (bytes): A100 (sm_80) and H100 / H200 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 REGISTER_FILE = 65536

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import flow_distill_toy  # noqa: E402
 import ict_toy  # noqa: E402
+import meanflow_toy  # noqa: E402
 import scm_attention_toy  # noqa: E402
 import scm_toy  # noqa: E402
 import toy  # noqa: E402
@@ -33,11 +35,23 @@ def _scm_attention_step(net, optimizer, x0, generator):
     return _scm_step(net, optimizer, x0, generator, shape=(scm_attention_toy.POINTS, 2))
 
 
+def _meanflow_step(net, optimizer, x0, generator):
+    loss = meanflow_toy.train_step(net, optimizer, x0, generator)
+    return loss, meanflow_toy.sample(net, 16, 2, torch.Generator().manual_seed(3))
+
+
+def _flow_distill_step(net, optimizer, x0, generator):
+    loss = flow_distill_toy.distill_step(net, optimizer, x0, step=5, warmup_steps=10, generator=generator)
+    return loss, scm_toy.sample(net, 16, 2, torch.Generator().manual_seed(3))
+
+
 # name: (example module, its problem (Net, sample_data), one training step + sampling, the fast
 # backend). "auto" on CPU tensors runs attention on the extension's C++ kernels and the other ops
 # on the reference, so that comparison is the attention kernels' alone.
 EXAMPLES = {"scm": (scm_toy, toy, _scm_step, "triton"), "ict": (ict_toy, toy, _ict_step, "triton"),
-            "scm_attention": (scm_attention_toy, scm_attention_toy, _scm_attention_step, "auto")}
+            "scm_attention": (scm_attention_toy, scm_attention_toy, _scm_attention_step, "auto"),
+            "meanflow": (meanflow_toy, meanflow_toy.PROBLEM, _meanflow_step, "triton"),
+            "flow_distill": (flow_distill_toy, toy, _flow_distill_step, "triton")}
 
 
 def _one_step(example, backend_name, backend):

@@ -9,6 +9,8 @@ import torch
 
 import fastcm.kernels.blocks as blocks_launchers
 import fastcm.kernels.embeddings as embeddings_launchers
+import fastcm.kernels.dmd as dmd_launchers
+import fastcm.kernels.flow as flow_launchers
 import fastcm.kernels.losses as losses_launchers
 import fastcm.kernels.precondition as precondition_launchers
 import fastcm.kernels.sde_steps as sde_steps_launchers
@@ -64,6 +66,9 @@ def _launcher_calls():
         ("rope", lambda: embeddings_launchers.rope_launch(heads, heads, table, table, False, True, True)),
         ("timestep_embedding", lambda: embeddings_launchers.timestep_embedding_launch(t, t, 3, 1e4, True, True)),
         ("timestep_embedding_backward", lambda: embeddings_launchers.timestep_embedding_backward(x, t, 3, 1e4)),
+        ("dmd_sums", lambda: dmd_launchers.dmd_sums(x, y, z)),
+        ("denoising_sums", lambda: dmd_launchers.denoising_sums(x, y, z, torch.rand(BATCH, 2))),
+        ("add_noise", lambda: flow_launchers.add_noise(x, None, torch.rand(BATCH, 4), 7, 0)),
     ]
 
 

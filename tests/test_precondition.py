@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import fastcm
-from fastcm.reference.precondition import (PARAMS, precondition as ref_precondition,
-                                           precondition_scaling_derivatives, precondition_scalings)
+from fastcm.reference.precondition import (precondition as ref_precondition, precondition_scaling_derivatives,
+                                           precondition_scalings)
 from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
+# σ-space parameterisations; flow and VP (times in [0, 1]) are tested in tests/test_flow.py.
+PARAMS = ("edm", "cm", "trigflow")
 SHAPES = [(1, 5), (3, 4, 7, 5), (7, 3, 33), (2, 2100)]  # 2100 > one 2048-element block
 
 
@@ -281,7 +283,7 @@ def test_reference_backend_on_cpu_by_default():
     (lambda: (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64), 0.5, {}), TypeError,
      r"x has dtype torch.int64; supported: float32, bfloat16, float16, float64"),
     (lambda: (torch.randn(2, 3), torch.randn(2, 3), 0.5, {"param": "vp"}), ValueError,
-     r"param='vp' is not supported; expected one of \('edm', 'cm', 'trigflow'\)"),
+     r"param='vp' is not supported; expected one of \('edm', 'cm', 'trigflow', 'flow'"),
     (lambda: (torch.randn(2, 3), torch.randn(2, 3).half(), 0.5, {}), TypeError, r"net_out has dtype torch.float16 but x"),
     (lambda: (torch.randn(2, 3), torch.randn(2, 3), "0.5", {}), TypeError, r"sigma must be a float, a 0-d tensor"),
     (lambda: (torch.randn(2, 3), torch.randn(2, 3), 0.5, {"sigma_data": 0.0}), ValueError, r"sigma_data must be > 0"),

@@ -43,7 +43,10 @@ def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
         c = default_huber_c(input[0].numel())
     sq_dist = _per_sample_sum((input.to(compute) - target.to(compute)) ** 2)
     # √(s + c²) − c = s / (√(s + c²) + c): the same value without cancellation for s ≪ c².
-    distance = sq_dist / (torch.sqrt(sq_dist + c * c) + c)
+    # c = 0 (ECT's √L): a zero distance is 0 with gradient 0 (the where keeps autograd off 0/0).
+    positive = sq_dist + c * c > 0
+    safe = torch.where(positive, sq_dist, torch.ones_like(sq_dist))
+    distance = torch.where(positive, safe / (torch.sqrt(safe + c * c) + c), torch.zeros_like(sq_dist))
     if weight is not None:
         distance = per_sample("pseudo_huber_loss", "weight", weight, input, dtype=compute) * distance
     return _reduce(distance, reduction).to(input.dtype)
