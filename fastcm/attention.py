@@ -249,9 +249,10 @@ class _Attention(_AttentionPrimal):
         # fused _AttentionWithTangent could not be used): one more fused pass gives them.
         q, k, v, bias = ctx.saved_tensors
         tangents = (q_t, k_t, v_t, bias_t)
-        out, out_t, lse, lse_t = _ops().attention_forward_jvp(
-            q, k, v, *(None if t is None else t.contiguous() for t in (q_t, k_t, v_t)), bias, bias_t,
-            *ctx.options)
+        with torch.no_grad():  # the graph of the tangents, if any, is _AttentionTangent's
+            out, out_t, lse, lse_t = _ops().attention_forward_jvp(
+                q, k, v, *(None if t is None else t.contiguous() for t in (q_t, k_t, v_t)), bias, bias_t,
+                *ctx.options)
         return _differentiable_tangents(out_t, lse_t, (q, k, v, bias), tangents, out, lse, ctx.options)
 
 

@@ -351,3 +351,22 @@ def test_reference_backward_formulas_match_double_autograd():
         else:  # the reference returns the (B, H, Nq, Nk) bias gradients; the leaf is broadcast over B
             got = got[:6] + tuple(g.sum(0, keepdim=True) for g in got[6:])
         _compare_grads(got, want, [None] * len(want), torch.float64)
+
+
+def test_late_tangent_path_skips_absent_tangents_and_is_differentiable():
+    """_Attention.jvp, the path for tangents attention() could not see up front (it runs one more
+    fused pass): a Q-only tangent and a loss on it, against double autograd of the reference."""
+    case = CASES[1]
+    primals, tangents, bias, _, opts = _inputs(case, torch.float64)
+    leaves = _leaves(primals, _drop(tangents, ABSENT[0]), bias, None)
+    q, k, v, q_t = leaves[:4]
+    scale = q.shape[-1] ** -0.5
+    weights = _loss_weights(q.shape[:3] + v.shape[-1:], torch.float64)
+    with fwAD.dual_level():
+        out, lse = fa._Attention.apply(fwAD.make_dual(q, q_t), k, v, fa._kernel_bias(bias, q, k), scale,
+                                       opts["causal"])
+        out, lse = fwAD.unpack_dual(out), fwAD.unpack_dual(lse)
+        loss = _loss(out.primal, lse.primal, out.tangent, lse.tangent, weights)
+    got = torch.autograd.grad(loss, [q, k, v, q_t])
+    want = _reference_grads([to64(t) for t in leaves], bias, opts, weights)
+    _compare_grads(got, want, [None] * 4, torch.float64, GRAD_NAMES[:4])
