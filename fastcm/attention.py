@@ -26,7 +26,7 @@ _OP = "attention"
 _CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Rows of the (B, H, rows, Nk) probability block recomputed at a time for the bias gradient.
 _SCORE_CHUNK_ELEMENTS = 1 << 24
-# The backward through the tangent holds about six such blocks at a time.
+# The same for the backward through the tangent, which holds about six such blocks at a time.
 _TANGENT_CHUNK_ELEMENTS = 1 << 22
 
 
