@@ -75,8 +75,9 @@ TORCH_LIBRARY(fastcm, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, bool causal)"
       " -> (Tensor out, Tensor lse)");
+  // q_t, k_t, v_t: None is a zero tangent (conditioning tokens that carry none).
   m.def(
-      "attention_forward_jvp(Tensor q, Tensor k, Tensor v, Tensor q_t, Tensor k_t, Tensor v_t,"
+      "attention_forward_jvp(Tensor q, Tensor k, Tensor v, Tensor? q_t, Tensor? k_t, Tensor? v_t,"
       " Tensor? bias, Tensor? bias_t, float scale, bool causal)"
       " -> (Tensor out, Tensor out_t, Tensor lse, Tensor lse_t)");
   m.def(

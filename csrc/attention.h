@@ -27,10 +27,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& bias, double scale, bool causal);
 
+// An absent q_t / k_t / v_t is a zero tangent: the CPU kernel skips its products and reads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_t,
-    const at::Tensor& k_t, const at::Tensor& v_t, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& bias_t, double scale, bool causal);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& q_t,
+    const c10::optional<at::Tensor>& k_t, const c10::optional<at::Tensor>& v_t,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bias_t, double scale,
+    bool causal);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

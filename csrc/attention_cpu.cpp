@@ -7,6 +7,8 @@
 //   l <- alpha*l + sum p,  r <- alpha*r + sum h,  A <- alpha*A + pV,  T <- alpha*T + p Vd + h V;
 // at the end O = A/l, LSE = m + log l, mu = r/l (the LSE tangent), Od = T/l - mu*O.
 // (In the code h = p*(Sd - c) with a per-row constant c, so mu = c + r/l; see tangent_shift.)
+// An absent tangent (Qd, Kd or Vd) is zero: its loads and its half of the packed products are
+// skipped, which is what conditioning tokens without a tangent (cross-attention) save.
 //
 // The tile products run as BLAS GEMMs on tiles copied into acc precision (so bf16/fp16 are
 // converted once per tile); the per-element softmax work runs in contiguous row loops that
@@ -262,6 +264,7 @@ template <typename scalar_t>
 struct ForwardTensors {
   View4<scalar_t> q, k, v, q_t, k_t, v_t, bias, bias_t;
   bool has_bias = false, has_bias_t = false;
+  bool has_q_t = false, has_k_t = false, has_v_t = false;
   scalar_t* out = nullptr;
   scalar_t* out_t = nullptr;
   typename AccType<scalar_t>::type* lse = nullptr;
@@ -280,6 +283,10 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
   // Likewise [p | h] rows against [Vd ; V] give p Vd + h V in one GEMM.
   const int64_t pack = kTangent ? 2 : 1;
   const int64_t ld_qk = pack * Dqk;
+  // Columns [Q | Qd] x [Kd | K] of the score-tangent GEMM: Q Kd^T needs the left halves, Qd K^T
+  // the right ones; with one of Qd, Kd absent only its partner's half is multiplied.
+  const int64_t tangent_col = t.has_k_t ? 0 : Dqk;
+  const int64_t tangent_depth = (int64_t(t.has_q_t) + int64_t(t.has_k_t)) * Dqk;
 
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_blk(kBlockQ * ld_qk), k_blk(kBlockK * ld_qk);
@@ -304,7 +311,7 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
       const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
 
       load_rows(t.q, b, h, i0, nq, Dqk, q_blk.data(), ld_qk);
-      if (kTangent) load_rows(t.q_t, b, h, i0, nq, Dqk, q_blk.data() + Dqk, ld_qk);
+      if (kTangent && t.has_q_t) load_rows(t.q_t, b, h, i0, nq, Dqk, q_blk.data() + Dqk, ld_qk);
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -319,20 +326,20 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
         const int64_t nk = std::min(kBlockK, block_key_end - j0);
         const int64_t ld_w = pack * nk;  // weights rows: [p | h]
         acc_t* v_rows = v_blk.data() + (pack - 1) * nk * Dv;  // V below Vd
-        if (kTangent) {
-          load_rows(t.k_t, b, kvh, j0, nk, Dqk, k_blk.data(), ld_qk);
-          load_rows(t.v_t, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
-        }
+        if (kTangent && t.has_k_t) load_rows(t.k_t, b, kvh, j0, nk, Dqk, k_blk.data(), ld_qk);
+        if (kTangent && t.has_v_t) load_rows(t.v_t, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
         load_rows(t.k, b, kvh, j0, nk, Dqk, k_blk.data() + (pack - 1) * Dqk, ld_qk);
         load_rows(t.v, b, kvh, j0, nk, Dv, v_rows, Dv);
 
         const Mat<acc_t> k_primal{k_blk.data() + (pack - 1) * Dqk, Dqk, nk, ld_qk, true};
         gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, ld_qk}, k_primal, scores.data(), nk, scale,
              acc_t(0));
-        if (kTangent) {
-          gemm(Mat<acc_t>{q_blk.data(), nq, ld_qk, ld_qk},
-               Mat<acc_t>{k_blk.data(), ld_qk, nk, ld_qk, true}, score_t.data(), nk, scale,
-               acc_t(0));
+        if (kTangent && tangent_depth > 0) {
+          gemm(Mat<acc_t>{q_blk.data() + tangent_col, nq, tangent_depth, ld_qk},
+               Mat<acc_t>{k_blk.data() + tangent_col, tangent_depth, nk, ld_qk, true}, score_t.data(),
+               nk, scale, acc_t(0));
+        } else if (kTangent) {
+          std::fill(score_t.begin(), score_t.begin() + nq * nk, acc_t(0));
         }
 
         for (int64_t i = 0; i < nq; ++i) {
@@ -375,8 +382,11 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
         gemm(Mat<acc_t>{weights.data(), nq, nk, ld_w}, Mat<acc_t>{v_rows, nk, Dv, Dv}, acc.data(),
              Dv, acc_t(1), acc_t(1));
         if (kTangent) {
-          gemm(Mat<acc_t>{weights.data(), nq, ld_w, ld_w}, Mat<acc_t>{v_blk.data(), ld_w, Dv, Dv},
-               tangent_acc.data(), Dv, acc_t(1), acc_t(1));
+          // Without Vd only h V remains: the right half of [p | h] against V.
+          const int64_t skip = t.has_v_t ? 0 : nk;
+          gemm(Mat<acc_t>{weights.data() + skip, nq, ld_w - skip, ld_w},
+               Mat<acc_t>{v_blk.data() + skip * Dv, ld_w - skip, Dv, Dv}, tangent_acc.data(), Dv,
+               acc_t(1), acc_t(1));
         }
       }
 
@@ -425,9 +435,12 @@ void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
   t.out = out.data_ptr<scalar_t>();
   t.lse = lse.data_ptr<acc_t>();
   if (kTangent) {
-    t.q_t = View4<scalar_t>(*q_t);
-    t.k_t = View4<scalar_t>(*k_t);
-    t.v_t = View4<scalar_t>(*v_t);
+    t.has_q_t = q_t != nullptr && q_t->defined();
+    t.has_k_t = k_t != nullptr && k_t->defined();
+    t.has_v_t = v_t != nullptr && v_t->defined();
+    if (t.has_q_t) t.q_t = View4<scalar_t>(*q_t);
+    if (t.has_k_t) t.k_t = View4<scalar_t>(*k_t);
+    if (t.has_v_t) t.v_t = View4<scalar_t>(*v_t);
     if (bias_t.has_value()) {
       t.bias_t = View4<scalar_t>(*bias_t);
       t.has_bias_t = true;
@@ -632,16 +645,17 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& v_t_in,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bias_t, double scale,
-    bool causal) {
+    const c10::optional<at::Tensor>& q_t_in, const c10::optional<at::Tensor>& k_t_in,
+    const c10::optional<at::Tensor>& v_t_in, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& bias_t, double scale, bool causal) {
   constexpr const char* op = "fastcm::attention_forward_jvp";
   check_attention_inputs(op, q_in, k_in, v_in, bias);
   check_cpu(op, q_in);
-  const std::pair<const char*, std::pair<const at::Tensor*, const at::Tensor*>> pairs[] = {
+  const std::pair<const char*, std::pair<const c10::optional<at::Tensor>*, const at::Tensor*>> pairs[] = {
       {"q_t", {&q_t_in, &q_in}}, {"k_t", {&k_t_in, &k_in}}, {"v_t", {&v_t_in, &v_in}}};
   for (const auto& entry : pairs) {
-    const at::Tensor& tangent = *entry.second.first;
+    if (!entry.second.first->has_value()) continue;
+    const at::Tensor& tangent = **entry.second.first;
     const at::Tensor& primal = *entry.second.second;
     check_same_as(op, entry.first, tangent, "q", q_in);
     TORCH_CHECK(tangent.sizes() == primal.sizes(), op, ": ", entry.first, " has shape ",
@@ -653,9 +667,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
     TORCH_CHECK(bias_t->sizes() == bias->sizes(), op, ": bias_t has shape ", bias_t->sizes(),
                 " but bias has shape ", bias->sizes(), "; they must match");
   }
+  // An absent tangent stays an undefined tensor (no zeros): run_forward skips it.
+  const auto tangent_or_undefined = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? last_dim_contiguous(*t) : at::Tensor();
+  };
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-                   v = last_dim_contiguous(v_in), q_t = last_dim_contiguous(q_t_in),
-                   k_t = last_dim_contiguous(k_t_in), v_t = last_dim_contiguous(v_t_in);
+                   v = last_dim_contiguous(v_in), q_t = tangent_or_undefined(q_t_in),
+                   k_t = tangent_or_undefined(k_t_in), v_t = tangent_or_undefined(v_t_in);
   const Problem p(q, k, v, scale, causal);
   at::Tensor out = at::empty({p.batch, p.heads, p.num_queries, p.dim_v}, q.options());
   at::Tensor out_t = at::empty_like(out);

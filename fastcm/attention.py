@@ -26,6 +26,8 @@ _OP = "attention"
 _CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Rows of the (B, H, rows, Nk) probability block recomputed at a time for the bias gradient.
 _SCORE_CHUNK_ELEMENTS = 1 << 24
+# The same for the backward through the tangent, which holds about six such blocks at a time.
+_TANGENT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _accumulate_dtype(dtype):
@@ -101,20 +103,118 @@ def _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse):
     return grad_scores
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, out, lse = ctx.saved_tensors
-    scale, causal = ctx.options
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
+def _tangent_backward(grad_out_t, grad_lse_t, saved, scale, causal, needs):
+    """Gradients of a loss on the tangents (Ȯ, μ) w.r.t. (q, k, v, bias, q_t, k_t, v_t, bias_t)
+    (formulas in _AttentionTangent), entries not in `needs` may be None.
+
+    Ȯ and μ are linear in the tangents, so their gradients alone are the attention backward with
+    output gradient gȮ and LSE gradient gμ: the fused kernel. The primals' gradients recompute P
+    and Ṡ from the saved LSE and μ in chunks of query rows (O(N) memory beyond one chunk and a
+    bias gradient), in float32 (float64 for float64), as plain ATen ops on any device."""
+    q, k, v, bias, q_t, k_t, v_t, bias_t, out, lse, out_t, lse_t = saved
+    grad_out_t = torch.zeros_like(out_t) if grad_out_t is None else grad_out_t
+    if not any(needs[:4]):
+        grads = _backward_of(grad_out_t, grad_lse_t, q, k, v, bias, out, lse, scale, causal, needs[4:])
+        return (None,) * 4 + grads
+    acc = _accumulate_dtype(q.dtype)
+    batch, heads, num_queries, _ = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+
+    def grouped(t):
+        """(B, H, ...) as (B, Hkv, G, ...) in acc: query head h reads kv head h // G."""
+        return None if t is None else t.to(acc).unflatten(1, (kv_heads, heads // kv_heads))
+
+    def per_kv_head(t):
+        return None if t is None else t.to(acc).unsqueeze(2)
+
+    k_, v_, k_t_, v_t_ = (per_kv_head(t) for t in (k, v, k_t, v_t))
+    grad_out_t, out = grouped(grad_out_t), grouped(out)
+    delta_t = (grad_out_t * out).sum(-1)
+    if grad_lse_t is not None:
+        delta_t = delta_t - grouped(grad_lse_t)
+    rho = (grad_out_t * grouped(out_t)).sum(-1)
+    mu = grouped(lse_t)
+    # A fully masked row has LSE = -inf and zero probabilities: subtracting +inf gives exp(.) = 0.
+    lse = grouped(torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse))
+    allowed = reference.causal_allowed(num_queries, num_keys, q.device) if causal else None
+    query_grad = grad_out_t.shape[:-1] + q.shape[-1:]
+    dq, dq_t = (torch.empty(query_grad, dtype=acc, device=q.device) if need else None for need in (needs[0], needs[4]))
+    dk, dk_t = (torch.zeros_like(k_.squeeze(2)) if need else None for need in (needs[1], needs[5]))
+    dv, dv_t = (torch.zeros_like(v_.squeeze(2)) if need else None for need in (needs[2], needs[6]))
+    score_shape = q.shape[:3] + (num_keys,)
+    dbias = torch.empty(score_shape, dtype=bias.dtype, device=q.device) if needs[3] else None
+    dbias_t = torch.empty(score_shape, dtype=bias_t.dtype, device=q.device) if needs[7] else None
+    rows = max(1, _TANGENT_CHUNK_ELEMENTS // max(1, batch * heads * num_keys))
+    for start in range(0, num_queries, rows):
+        chunk = slice(start, min(num_queries, start + rows))
+        q_c, grad_c = grouped(q[:, :, chunk]), grad_out_t[..., chunk, :]
+        q_t_c = None if q_t is None else grouped(q_t[:, :, chunk])
+        prob = scale * (q_c @ k_.transpose(-1, -2))
+        if bias is not None:
+            prob += grouped(bias[:, :, chunk])
+        if causal:
+            prob.masked_fill_(~allowed[chunk], -math.inf)
+        prob = prob.sub_(lse[..., chunk, None]).exp_()
+        # Ṡ − μ: masked entries keep a finite value there, and P = 0 zeroes them below.
+        centred_t = -mu[..., chunk, None].expand_as(prob)
+        if q_t is not None:
+            centred_t = centred_t + scale * (q_t_c @ k_.transpose(-1, -2))
+        if k_t is not None:
+            centred_t = centred_t + scale * (q_c @ k_t_.transpose(-1, -2))
+        if bias_t is not None:
+            centred_t = centred_t + grouped(bias_t[:, :, chunk])
+        grad_scores_t = (grad_c @ v_.transpose(-1, -2)).sub_(delta_t[..., chunk, None]).mul_(prob)
+        grad_prob = -rho[..., chunk, None] if v_t is None else \
+            (grad_c @ v_t_.transpose(-1, -2)).sub_(rho[..., chunk, None])
+        grad_scores = (grad_scores_t * centred_t).addcmul_(prob, grad_prob)
+        if dq is not None:
+            dq[..., chunk, :] = grad_scores @ k_ if k_t is None else grad_scores @ k_ + grad_scores_t @ k_t_
+        if dk is not None:
+            dk += (grad_scores.transpose(-1, -2) @ q_c).sum(2)
+            if q_t is not None:
+                dk += (grad_scores_t.transpose(-1, -2) @ q_t_c).sum(2)
+        if dv is not None:
+            dv += ((prob * centred_t).transpose(-1, -2) @ grad_c).sum(2)
+        if dq_t is not None:
+            dq_t[..., chunk, :] = grad_scores_t @ k_
+        if dk_t is not None:
+            dk_t += (grad_scores_t.transpose(-1, -2) @ q_c).sum(2)
+        if dv_t is not None:
+            dv_t += (prob.transpose(-1, -2) @ grad_c).sum(2)
+        if dbias is not None:
+            dbias[:, :, chunk] = grad_scores.flatten(1, 2)
+        if dbias_t is not None:
+            dbias_t[:, :, chunk] = grad_scores_t.flatten(1, 2)
+
+    def cast(grad, like, factor=1.0):
+        """The gradient in like's layout and dtype; factor applies the scale of the Q, K products once."""
+        if grad is None:
+            return None
+        grad = grad.flatten(1, 2) if grad.dim() == 5 else grad
+        return (grad * factor).to(like.dtype)
+
+    return (cast(dq, q, scale), cast(dk, k, scale), cast(dv, v), dbias,
+            cast(dq_t, q, scale), cast(dk_t, k, scale), cast(dv_t, v), dbias_t)
+
+
+def _backward_of(grad_out, grad_lse, q, k, v, bias, out, lse, scale, causal, needs):
+    """(dq, dk, dv, dbias) of the attention backward, those in `needs` (the rest None)."""
     grad_q = grad_k = grad_v = grad_bias = None
-    if any(ctx.needs_input_grad[:3]):
+    if any(needs[:3]):
         # An LSE gradient g enters the kernels' row term: δ = rowsum(dO⊙O) − g.
         grad_q, grad_k, grad_v = _ops().attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal,
             None if grad_lse is None else grad_lse.to(lse.dtype).contiguous())
-    if ctx.needs_input_grad[3]:
+    if needs[3]:
         grad_bias = _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse)
     return grad_q, grad_k, grad_v, grad_bias
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    return _backward_of(grad_out, grad_lse, q, k, v, bias, out, lse, *ctx.options, ctx.needs_input_grad[:4])
 
 
 class _AttentionPrimal(torch.autograd.Function):
@@ -148,11 +248,12 @@ class _Attention(_AttentionPrimal):
         # Reached only when the tangents were not visible to attention() up front (so the
         # fused _AttentionWithTangent could not be used): one more fused pass gives them.
         q, k, v, bias = ctx.saved_tensors
-        q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t.contiguous()
-                         for p, t in ((q, q_t), (k, k_t), (v, v_t)))
-        _, out_t, _, lse_t = _ops().attention_forward_jvp(
-            q, k, v, q_t, k_t, v_t, bias, bias_t, *ctx.options)
-        return out_t, lse_t
+        tangents = (q_t, k_t, v_t, bias_t)
+        with torch.no_grad():  # the graph of the tangents, if any, is _AttentionTangent's
+            out, out_t, lse, lse_t = _ops().attention_forward_jvp(
+                q, k, v, *(None if t is None else t.contiguous() for t in (q_t, k_t, v_t)), bias, bias_t,
+                *ctx.options)
+        return _differentiable_tangents(out_t, lse_t, (q, k, v, bias), tangents, out, lse, ctx.options)
 
 
 class _AttentionWithTangent(torch.autograd.Function):
@@ -174,41 +275,61 @@ class _AttentionWithTangent(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(out_t, lse_t)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.save_for_forward(out_t, lse_t, q, k, v, bias)
+        ctx.save_for_forward(out_t, lse_t, q, k, v, bias, out, lse)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, _grad_out_t, _grad_lse_t):
         return _backward(ctx, grad_out, grad_lse) + (None,) * 6
 
     @staticmethod
-    def jvp(ctx, *_input_tangents):
-        out_t, lse_t, *primals = ctx.saved_tensors
-        # Under torch.func.jvp the primals' requires_grad reads False even when an outer graph
-        # tracks them, so grad mode alone decides.
-        if torch.is_grad_enabled():
-            out_t, lse_t = _TangentWithoutReverseMode.apply(out_t, lse_t, *primals)
+    def jvp(ctx, q_t, k_t, v_t, bias_t, *_tangents_of_tangents):
+        out_t, lse_t, q, k, v, bias, out, lse = ctx.saved_tensors
+        out_t, lse_t = _differentiable_tangents(out_t, lse_t, (q, k, v, bias), (q_t, k_t, v_t, bias_t), out,
+                                                lse, ctx.options)
         return out_t, lse_t, None, None
 
 
-class _TangentWithoutReverseMode(torch.autograd.Function):
-    """Links the fused tangents to the primal inputs so that backpropagating through them
-    raises instead of silently contributing a zero gradient."""
+def _differentiable_tangents(out_t, lse_t, primals, tangents, out, lse, options):
+    """(Ȯ, μ), linked by _AttentionTangent to the primals and tangents whose graph they come
+    from when grad mode is on (backward through the tangent); as they are otherwise."""
+    # Under torch.func.jvp the primals' requires_grad reads False even when an outer graph
+    # (torch.func.grad, torch.autograd.grad) tracks them, so grad mode alone decides.
+    if not torch.is_grad_enabled():
+        return out_t, lse_t
+    return _AttentionTangent.apply(out_t, lse_t, *primals, *tangents, out.detach(), lse.detach(), *options)
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """(out_t, lse_t, q, k, v, bias, q_t, k_t, v_t, bias_t, out, lse, scale, causal) -> views of
+    (out_t, lse_t), the fused tangents Ȯ and μ, whose backward differentiates them w.r.t.
+    q, k, v, bias and the tangents (None tangents are zero).
+
+    With S = scale·QKᵀ + b, P = softmax(S), Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃ, Ṗ = P⊙(Ṡ − μ), and
+    upstream gradients gȮ, gμ:
+        δ̇ = rowsum(gȮ⊙O) − gμ,   gṠ = P⊙(gȮVᵀ − δ̇),   ρ = rowsum(gȮ⊙Ȯ),
+        gS = P⊙(gȮV̇ᵀ − ρ) + gṠ⊙(Ṡ − μ),
+        dQ = scale·(gS·K + gṠ·K̇), dK = scale·(gSᵀ·Q + gṠᵀ·Q̇), dV = Ṗᵀ·gȮ, db = gS,
+        dQ̇ = scale·gṠ·K, dK̇ = scale·gṠᵀ·Q, dV̇ = Pᵀ·gȮ, dḃ = gṠ
+    (fastcm.reference.attention.attention_jvp_backward derives them)."""
 
     @staticmethod
-    def forward(out_t, lse_t, *primals):
+    def forward(out_t, lse_t, q, k, v, bias, q_t, k_t, v_t, bias_t, out, lse, scale, causal):
         return out_t.view_as(out_t), lse_t.view_as(lse_t)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        out_t, lse_t, *tensors, scale, causal = inputs
+        ctx.options = (scale, causal)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors, out_t, lse_t)
 
     @staticmethod
-    def backward(ctx, *_grads):
-        raise NotImplementedError(
-            "fastcm.attention: reverse-mode gradients through the attention tangent "
-            "(second-order derivatives) are not implemented. Compute the jvp under "
-            "torch.no_grad() and differentiate a separate forward pass (the sCM pattern), or "
-            "use fastcm.reference.attention.")
+    def backward(ctx, grad_out_t, grad_lse_t):
+        needs = ctx.needs_input_grad[2:10]
+        if (grad_out_t is None and grad_lse_t is None) or not any(needs):
+            return (None,) * 14
+        grads = _tangent_backward(grad_out_t, grad_lse_t, ctx.saved_tensors, *ctx.options, needs)
+        return (None, None) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 4
 
 
 def _tangent(x):
@@ -327,9 +448,14 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     (B, H, Nq, Nk) score gradient, O(B·H·Nq·Nk) memory, recomputed in row chunks). Forward-mode
     tangents of q, k, v and a float attn_bias (torch.func.jvp, forward_ad dual tensors) are
     computed in the same kernel call as O: Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O, μ = rowsum(P⊙Ṡ) is LSE's
-    tangent. Reverse mode through the tangents (a second-order derivative) is not provided:
-    a backward that would need it raises. Run the jvp under torch.no_grad() and differentiate a
-    separate forward (the sCM pattern), or detach the tangent (MeanFlow's stop-gradient).
+    tangent. An input without a tangent (text K/V of cross-attention, register tokens) costs no
+    zeros: the CPU kernel skips its share (the CUDA kernels read zeros in its place). With grad
+    enabled the tangents are differentiable (second order: losses on the tangent, Hessian-vector
+    products): their gradients w.r.t. q, k, v, the bias and the tangents recompute P and Ṗ from
+    the saved LSE and μ in query-row chunks (formulas in
+    fastcm.reference.attention.attention_jvp_backward; O(N) memory beyond a chunk, except a bias
+    gradient). The sCM pattern (the jvp under torch.no_grad(), a separate differentiated forward)
+    and MeanFlow's stop-gradient of the tangent need none of it.
     torch.compile around torch.func.jvp raises (see fastcm.attention_jvp for compiled code).
     Non-last-dim-contiguous inputs are copied.
     """
@@ -347,8 +473,8 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
         function = _AttentionPrimal if torch.compiler.is_compiling() else _Attention
         out, lse = function.apply(q, k, v, bias, scale, causal)
     else:
-        q_t, k_t, v_t = (torch.zeros_like(p) if t is None else _last_dim_contiguous(t)
-                         for p, t in zip((q, k, v), tangents))
+        # An input without a tangent (conditioning tokens) passes None: the kernel skips it.
+        q_t, k_t, v_t = (None if t is None else _last_dim_contiguous(t) for t in tangents)
         out, lse, _, _ = _AttentionWithTangent.apply(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal)
     return (out, lse) if return_lse else out
 
@@ -358,14 +484,19 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
     """Attention and its tangent in one kernel call, for code that propagates tangents by hand.
 
     Same arguments as fastcm.attention, plus the tangents q_t, k_t, v_t (shapes and dtype of
-    q, k, v) and bias_t (a float tangent of a float attn_bias, broadcastable to (B, H, Nq, Nk);
-    None means zero). Returns (O, Ȯ) or (O, Ȯ, LSE, μ):
-    Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias, μ = rowsum(P⊙Ṡ), Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O. Ȯ in q's dtype,
-    μ like LSE. Outputs carry no autograd graph (the op has no reverse mode); it works under
-    torch.compile (one opaque node).
+    q, k, v; None means zero, e.g. k_t = v_t = None for conditioning tokens in cross-attention:
+    the CPU kernel then skips their products instead of reading zeros) and bias_t (a float
+    tangent of a float attn_bias, broadcastable to (B, H, Nq, Nk); None means zero). Returns
+    (O, Ȯ) or (O, Ȯ, LSE, μ): Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias, μ = rowsum(P⊙Ṡ),
+    Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O. Ȯ in q's dtype, μ like LSE. With grad enabled and an input that
+    requires grad, O and LSE are differentiable as in fastcm.attention and Ȯ, μ w.r.t. the
+    primals and the tangents (fastcm.reference.attention.attention_jvp_backward); otherwise the
+    outputs carry no graph and it works under torch.compile (one opaque node).
     """
     _check(q, k, v, attn_bias, scale, causal)
     for name, t, p in (("q_t", q_t, q), ("k_t", k_t, k), ("v_t", v_t, v)):
+        if t is None:
+            continue
         _checks.check_tensor("attention_jvp", name, t)
         _checks.check_same_shape("attention_jvp", name, t, name[0], p)
         _checks.check_same_dtype("attention_jvp", name, t, "q", q)
@@ -382,10 +513,17 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
                                        attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
     bias = _kernel_bias(attn_bias, q, k)
     kernel_bias_t = None if bias_t is None else bias_t.to(bias.dtype).expand(bias.shape)
-    with torch.no_grad():
-        out, out_t, lse, lse_t = _ops().attention_forward_jvp(
-            *(_last_dim_contiguous(t) for t in (q, k, v, q_t, k_t, v_t)), bias, kernel_bias_t,
-            scale, causal)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    tangents = tuple(None if t is None else _last_dim_contiguous(t) for t in (q_t, k_t, v_t))
+    inputs = (q, k, v, bias) + tangents + (kernel_bias_t,)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        out, lse, out_t, lse_t = _AttentionWithTangent.apply(q, k, v, bias, *tangents, kernel_bias_t, scale, causal)
+        out_t, lse_t = _differentiable_tangents(out_t, lse_t, (q, k, v, bias), tangents + (kernel_bias_t,), out,
+                                                lse, (scale, causal))
+    else:
+        with torch.no_grad():
+            out, out_t, lse, lse_t = _ops().attention_forward_jvp(q, k, v, *tangents, bias, kernel_bias_t,
+                                                                  scale, causal)
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
 
 

@@ -350,10 +350,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_t, const at::Tensor& k_t,
-    const at::Tensor& v_t, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_t,
-    double scale, bool causal) {
-  auto r = forward_impl("fastcm::attention_forward_jvp", q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& q_t,
+    const std::optional<at::Tensor>& k_t, const std::optional<at::Tensor>& v_t, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_t, double scale, bool causal) {
+  // The CUDA kernels read every tangent: an absent one (a zero tangent, which the CPU kernel
+  // skips) is materialised as zeros here, at the cost of its allocation and reads.
+  const auto tangent = [](const std::optional<at::Tensor>& t, const at::Tensor& primal) {
+    return t.has_value() ? *t : at::zeros_like(primal);
+  };
+  auto r = forward_impl("fastcm::attention_forward_jvp", q, k, v, tangent(q_t, q), tangent(k_t, k), tangent(v_t, v),
+                        bias, bias_t, scale, causal);
   return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r));
 }
 

@@ -69,7 +69,9 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
 def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias=None, bias_t=None,
                   return_lse=False):
     """(O, Ȯ) or (O, Ȯ, LSE, μ): attention and its tangent along (q_t, k_t, v_t, bias_t), by
-    torch.func.jvp of `attention`. A boolean attn_bias has no tangent."""
+    torch.func.jvp of `attention`. A tangent given as None is zero; a boolean attn_bias has no
+    tangent."""
+    q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
     float_bias = attn_bias is not None and attn_bias.dtype != torch.bool
     if bias_t is not None and float_bias:
         def fn(q_, k_, v_, b_):
@@ -84,6 +86,64 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
         primals, tangents = (q, k, v), (q_t, k_t, v_t)
     (out, lse), (out_t, lse_t) = torch.func.jvp(fn, primals, tangents)
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
+
+
+def attention_jvp_backward(q, k, v, q_t, k_t, v_t, grad_out_t, grad_lse_t, *, scale=None, causal=False,
+                           attn_bias=None, bias_t=None):
+    """Gradients of a loss L on the tangents (Ȯ, μ) of attention, given gȮ = ∂L/∂Ȯ and
+    gμ = ∂L/∂μ, w.r.t. every input of attention_jvp. With S = scale·QKᵀ + b (masked: -inf),
+    P = softmax(S), O = PV, Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃ, μ = rowsum(P⊙Ṡ), Ṗ = P⊙(Ṡ − μ),
+    Ȯ = ṖV + PV̇ (= (P⊙Ṡ)V + PV̇ − μ⊙O):
+
+        δ̇ = rowsum(gȮ⊙O) − gμ,   gṠ = P⊙(gȮVᵀ − δ̇)              (= ∂L/∂Ṡ)
+        ρ = rowsum(gȮ⊙Ȯ),        gS = P⊙(gȮV̇ᵀ − ρ) + gṠ⊙(Ṡ − μ)   (= ∂L/∂S)
+        dQ = scale·(gS·K + gṠ·K̇),   dK = scale·(gSᵀ·Q + gṠᵀ·Q̇),   dV = Ṗᵀ·gȮ
+        dQ̇ = scale·gṠ·K,            dK̇ = scale·gṠᵀ·Q,             dV̇ = Pᵀ·gȮ
+        db = gS,                    dḃ = gṠ
+
+    (Ȯ and μ are linear in the tangents, so (dQ̇, dK̇, dV̇, dḃ) is the ordinary attention
+    backward with output gradient gȮ and LSE gradient gμ.) Under GQA dK, dV, dK̇, dV̇ sum over
+    the query heads of a group. Masked entries and fully masked rows (P = 0) get zero.
+
+    q_t, k_t, v_t, bias_t: tangents, None meaning zero; grad_out_t (B, H, Nq, Dv) and grad_lse_t
+    (B, H, Nq), None meaning zero. Returns (dq, dk, dv, dq_t, dk_t, dv_t, dbias, dbias_t):
+    dbias, dbias_t of shape (B, H, Nq, Nk), or None without a float attn_bias. Materialises the
+    (B, H, Nq, Nk) matrices; computed in the dtype of the inputs.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
+    out, out_t, lse, lse_t = attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
+                                           attn_bias=attn_bias, bias_t=bias_t, return_lse=True)
+    grad_out_t = torch.zeros_like(out_t) if grad_out_t is None else grad_out_t
+    grad_lse_t = torch.zeros_like(lse_t) if grad_lse_t is None else grad_lse_t
+    k_all, v_all, k_t_all, v_t_all = (t.repeat_interleave(groups, dim=1) for t in (k, v, k_t, v_t))
+    scores = _scores(q, k, scale, causal, attn_bias)
+    # A fully masked row has LSE = -inf: subtracting +inf there gives P = exp(-inf) = 0.
+    prob = torch.exp(scores - torch.where(torch.isinf(lse), math.inf, lse).unsqueeze(-1))
+    scores_t = scale * (q_t @ k_all.transpose(-1, -2) + q @ k_t_all.transpose(-1, -2))
+    float_bias = attn_bias is not None and attn_bias.dtype != torch.bool
+    if float_bias and bias_t is not None:
+        scores_t = scores_t + bias_t
+    centred_t = scores_t - lse_t.unsqueeze(-1)
+    delta_t = (grad_out_t * out).sum(-1) - grad_lse_t
+    rho = (grad_out_t * out_t).sum(-1)
+    grad_scores_t = prob * (grad_out_t @ v_all.transpose(-1, -2) - delta_t.unsqueeze(-1))
+    grad_scores = (prob * (grad_out_t @ v_t_all.transpose(-1, -2) - rho.unsqueeze(-1))
+                   + grad_scores_t * centred_t)
+    prob_t = prob * centred_t
+
+    def per_kv_head(t):
+        return t.unflatten(1, (k.shape[1], groups)).sum(2)
+
+    dq = scale * (grad_scores @ k_all + grad_scores_t @ k_t_all)
+    dk = per_kv_head(scale * (grad_scores.transpose(-1, -2) @ q + grad_scores_t.transpose(-1, -2) @ q_t))
+    dv = per_kv_head(prob_t.transpose(-1, -2) @ grad_out_t)
+    dq_t = scale * (grad_scores_t @ k_all)
+    dk_t = per_kv_head(scale * (grad_scores_t.transpose(-1, -2) @ q))
+    dv_t = per_kv_head(prob.transpose(-1, -2) @ grad_out_t)
+    dbias, dbias_t = (grad_scores, grad_scores_t) if float_bias else (None, None)
+    return dq, dk, dv, dq_t, dk_t, dv_t, dbias, dbias_t
 
 
 def merge_attention_partials(outs, lses, out_tangents=None, lse_tangents=None):
@@ -108,4 +168,5 @@ def merge_attention_partials(outs, lses, out_tangents=None, lse_tangents=None):
     return out, out_t, lse, lse_t
 
 
-__all__ = ["attention", "attention_jvp", "merge_attention_partials", "causal_allowed", "additive_bias"]
+__all__ = ["attention", "attention_jvp", "attention_jvp_backward", "merge_attention_partials", "causal_allowed",
+           "additive_bias"]
