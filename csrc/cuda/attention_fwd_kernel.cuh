@@ -59,6 +59,11 @@ struct FwdParams {
   float scale_log2;         // scale·log2(e)
   int causal;
   int bias_is_f32, bias_t_is_f32;   // else the bias has the element type of q
+  // FASTCM_ATTN_BIAS_STAGE (see stage_fwd_bias): 0 scalar staging, row-major tiles; 1 vector staging,
+  // swizzled tiles. bias_vec_ok, bias_t_vec_ok (vector only): rows contiguous and 4-element chunks
+  // aligned (host-checked), so a chunk is one vector load; else one load per element.
+  int bias_stage;
+  int bias_vec_ok, bias_t_vec_ok;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -242,6 +247,75 @@ __device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t bas
   stage_bias_tile<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, mult, tid);
 }
 
+// ---- The forward's bias staging modes (FASTCM_ATTN_BIAS_STAGE, read per call; FwdParams::bias_stage)
+// scalar (0, default): stage_bias_tile above, one scalar global load per element under unroll 1, the
+// tile row-major [kBM][kBN]. scores_to_log2 reads, per warp and accumulator entry pair, 8 rows × 4
+// even keys: with rows kBN floats apart (a multiple of 32 banks) those 32 lanes share 4 of the 16
+// 8-byte bank pairs of a half-warp's 64-bit access: 4-way conflicts (8-way as 32-bit reads).
+// vector (1): stage_bias_tile_vec, 4 consecutive keys of a row per thread and pass, one vector load
+// where the host found the rows contiguous and aligned (vec_ok), else one load per key (broadcast,
+// strided or misaligned biases, and the Nk tail); row r's columns XOR bias_swizzle(r), which moves
+// 8-key groups only (16-byte chunks stay whole and aligned) and gives the 4 rows of a half-warp's
+// read different bank pairs: conflict-free. Same shared-memory size; tests/cuda_index_model
+// (test_bias_staging.py) checks the staging's coverage, placement, tails and the read banks.
+template <int kBN>
+__device__ __forceinline__ int bias_swizzle(int row) { return (row & 3) * 8 & (kBN - 1); }
+
+// Four consecutive bias elements at element offset `off` (4-element aligned), as floats.
+__device__ __forceinline__ float4 load_bias4(const void* p, int64_t off, int is_f32, bool is_bf16) {
+  if (is_f32) return __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p) + off));
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + off));
+  float2 lo, hi;
+  if (is_bf16) {
+    lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  } else {
+    lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+    hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  }
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// The vector mode's staging of the same tile as stage_bias_tile (times mult, 0 outside (Nq, Nk)), into
+// the swizzled layout: element (r, c) at dst[r·kBN + (c ^ bias_swizzle(r))]. dst 16-byte aligned.
+template <class Tr>
+__device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                                    int m0, int n0, int Nq, int Nk, int is_f32, int vec_ok,
+                                                    float mult, int tid) {
+  constexpr bool kIsBf16 = std::is_same<typename Tr::T, __nv_bfloat16>::value;
+  constexpr int kRowChunks = Tr::kBN / 4;
+  static_assert(Tr::kBN % 16 == 0, "the swizzle moves whole 8-key groups inside a row");
+#pragma unroll 2
+  for (int idx = tid; idx < Tr::kBM * kRowChunks; idx += Tr::kThreads) {
+    const int r = idx / kRowChunks, cc = idx % kRowChunks * 4;
+    const int i = m0 + r, j = n0 + cc;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < Nq) {
+      const int64_t off = base + (int64_t)i * sm + (int64_t)j * sn;
+      if (vec_ok && j + 3 < Nk) {
+        v = load_bias4(src, off, is_f32, kIsBf16);
+      } else {
+        if (j < Nk) v.x = load_scalar(src, off, is_f32, kIsBf16);
+        if (j + 1 < Nk) v.y = load_scalar(src, off + sn, is_f32, kIsBf16);
+        if (j + 2 < Nk) v.z = load_scalar(src, off + 2 * sn, is_f32, kIsBf16);
+        if (j + 3 < Nk) v.w = load_scalar(src, off + 3 * sn, is_f32, kIsBf16);
+      }
+    }
+    v.x *= mult; v.y *= mult; v.z *= mult; v.w *= mult;
+    *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN>(r))) = v;
+  }
+}
+
+// The forward kernels' staging between their tile barriers: the mode's staging behind a call (as
+// stage_bias; the backward keeps stage_bias and the row-major tile).
+template <class Tr>
+__device__ __noinline__ void stage_fwd_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                            int m0, int n0, int Nq, int Nk, int is_f32, int stage, int vec_ok,
+                                            float mult, int tid) {
+  if (stage) stage_bias_tile_vec<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, vec_ok, mult, tid);
+  else stage_bias_tile<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, mult, tid);
+}
+
 // Bytes of dynamic shared memory for the optional bias tiles.
 template <class Tr>
 constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
@@ -330,14 +404,21 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
                                                bool has_bias, const float* sBias, bool has_bias_t,
                                                const float* sBiasT, int row_in_cta, int m0, int n0, int off,
                                                bool need_mask, int c) {
+  // The tiles' column swizzle (vector staging; 0 for scalar): rows ri ≡ row_in_cta (mod 4) share it.
+  // Keys jl, jl + 1 (e even, odd) are one 8-byte read: both entries' loads are the same LDS.64.
+  const int bias_x = p.bias_stage ? bias_swizzle<kBN>(row_in_cta) : 0;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
       const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
+      const int pair = ri * kBN + ((nt * 8 + 2 * c) ^ bias_x);
       float x = s[nt][e] * p.scale_log2;
-      if (has_bias) x += sBias[ri * kBN + jl];            // already in log2 units
+      if (has_bias) {                                     // already in log2 units
+        const float2 b = *reinterpret_cast<const float2*>(sBias + pair);
+        x += (e % 2) ? b.y : b.x;
+      }
       if (need_mask) {
         const int i = m0 + ri, j = n0 + jl;
         if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
@@ -345,7 +426,10 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
       s[nt][e] = x;
       if constexpr (kJvp) {
         float xd = sd[nt][e] * p.scale;
-        if (has_bias_t) xd += sBiasT[ri * kBN + jl];
+        if (has_bias_t) {
+          const float2 b = *reinterpret_cast<const float2*>(sBiasT + pair);
+          xd += (e % 2) ? b.y : b.x;
+        }
         sd[nt][e] = xd;
       }
     }
@@ -502,6 +586,7 @@ attention_fwd_kernel(const FwdParams p) {
 
   const int row_in_cta = 16 * warp + g;       // + 8 for the second row
 
+  static_assert(Tr::kSmemBytes % 16 == 0, "bias tiles 16-byte aligned (the vector staging's stores)");
   const FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem_raw + Tr::kSmemBytes, b, h);
 
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -510,10 +595,10 @@ attention_fwd_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
-    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                      p.bias_is_f32, kLog2e, tid);
-    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
-                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
+    if (bias.has_bias) stage_fwd_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                          p.bias_is_f32, p.bias_stage, p.bias_vec_ok, kLog2e, tid);
+    if (bias.has_bias_t) stage_fwd_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN,
+                                            p.Nq, p.Nk, p.bias_t_is_f32, p.bias_stage, p.bias_t_vec_ok, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     __syncthreads();
 

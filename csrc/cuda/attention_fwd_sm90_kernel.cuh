@@ -274,6 +274,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   const int row_in_cta = 16 * warp + lane / 4;        // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
 
   // Optional fp32 bias tiles after the ring; kBias = false compiles them out.
+  static_assert((Tr::kQTiles * Tr::kQBytes + Tr::kStages * Tr::kStageBytes) % 16 == 0, "bias tiles 16-byte aligned");
   FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, sKV + Tr::kStages * Tr::kStageBytes, b, h);
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
@@ -286,10 +287,10 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
-    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                      p.bias_is_f32, kLog2e, tid);
-    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
-                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
+    if (bias.has_bias) stage_fwd_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                          p.bias_is_f32, p.bias_stage, p.bias_vec_ok, kLog2e, tid);
+    if (bias.has_bias_t) stage_fwd_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN,
+                                            p.Nq, p.Nk, p.bias_t_is_f32, p.bias_stage, p.bias_t_vec_ok, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();
