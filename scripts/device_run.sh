@@ -214,12 +214,13 @@ phase_smoke() {
   for variant in $SMOKE_VARIANTS; do
     local name=${variant%%:*} setting=${variant#*:} limit
     case $name in
-      tma_serial|tma_smem_q) if [ $tma_hung = 1 ]; then echo "$name: not run (a TMA kernel hung)"; failed="$failed $name"; continue; fi;;
+      tma_serial|tma_smem_q)
+        if [ $tma_hung = 1 ]; then echo "$name: not run (a TMA kernel hung)"; failed="$failed $name"; continue; fi;;
     esac
     limit=$(left_in_phase); [ "$limit" -gt "$SMOKE_TIMEOUT" ] && limit=$SMOKE_TIMEOUT
     if [ "$limit" -lt 5 ]; then echo "$name: not run (phase budget spent)"; failed="$failed $name"; continue; fi
-    echo "--- $name ($setting), limit $limit s" >> "$OUT/smoke.log"
     local extra=""; [ "$name" = bwd_sm80 ] && [ $tma_hung = 1 ] && extra="FASTCM_ATTN_SM90_TMA=0"
+    echo "--- $name ($setting${extra:+ $extra}), limit $limit s" >> "$OUT/smoke.log"
     local smoke="python scripts/attention_smoke.py --device $device --bias"
     if [ "$SIMULATE" = 1 ]; then
       # The switches change nothing on the CPU kernels: one real CPU smoke (default), stand-ins for the
@@ -249,7 +250,8 @@ export -f phase_smoke
 phase_tests() {
   local shards=${TEST_SHARDS:-4} i
   mkdir -p "$WORK/tests"
-  local per_test="" ; python -c "import pytest_timeout" 2> /dev/null && per_test="-p timeout --timeout $TEST_TIMEOUT --timeout-method thread"
+  local per_test=""
+  python -c "import pytest_timeout" 2> /dev/null && per_test="-p timeout --timeout $TEST_TIMEOUT --timeout-method thread"
   export DEVICE_RUN_TEST_TIMEOUT=$([ -z "$per_test" ] && echo "$TEST_TIMEOUT" || echo 0)
   export PYTHONPATH=$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}
   if [ "$SIMULATE" = 1 ]; then
@@ -258,14 +260,16 @@ phase_tests() {
     mkdir -p "$WORK/hang"
     printf '%s\n' "import time" "def test_before(): pass" "def test_hangs(): time.sleep(600)" "def test_after(): pass" \
       > "$WORK/hang/test_sim_hang.py"
-    echo "python scripts/gpu_tests_dry_run.py --run sm_90:model -k 'test_forward_kernel_choice or test_empty_keys'" > "$WORK/tests/cmd0"
+    echo "python scripts/gpu_tests_dry_run.py --run sm_90:model -k 'test_forward_kernel_choice or test_empty_keys'" \
+      > "$WORK/tests/cmd0"
     echo "python -m pytest tests/test_schedules.py -k 'not compile'" > "$WORK/tests/cmd1"
     echo "python -m pytest $WORK/hang/test_sim_hang.py" > "$WORK/tests/cmd2"
     shards=3
   else
     # Largest files first onto the least-loaded shard; tests/test_device_run.py is this script's
     # own CPU simulation (not a device test).
-    local files; files=$(find tests -name "test_*.py" ! -name test_device_run.py -printf '%s %p\n' | sort -rn | awk '{print $2}')
+    local files
+    files=$(find tests -name "test_*.py" ! -name test_device_run.py -printf '%s %p\n' | sort -rn | awk '{print $2}')
     declare -a load names
     for ((i = 0; i < shards; i++)); do load[i]=0; names[i]=""; done
     for f in $files; do
@@ -278,7 +282,8 @@ phase_tests() {
   fi
   for ((i = 0; i < shards; i++)); do
     (
-      export DEVICE_RUN_DONE=$WORK/tests/done$i DEVICE_RUN_CURRENT=$WORK/tests/current$i DEVICE_RUN_HUNG=$WORK/tests/hung$i
+      export DEVICE_RUN_DONE=$WORK/tests/done$i DEVICE_RUN_CURRENT=$WORK/tests/current$i \
+        DEVICE_RUN_HUNG=$WORK/tests/hung$i
       : > "$DEVICE_RUN_DONE"; : > "$DEVICE_RUN_HUNG"; : > "$WORK/tests/log$i"
       for attempt in 1 2 3 4; do
         : > "$DEVICE_RUN_CURRENT"
@@ -309,7 +314,8 @@ test_totals() {
   # Sum of pytest's final lines over every shard and attempt ("3 failed, 120 passed, 5 skipped in 30.1s").
   grep -E "^=* ?[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected)(,| in ).*[0-9.]+s" "$OUT/pytest.log" 2> /dev/null |
     grep -oE "[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed)" |
-    awk '{n[$2] += $1} END {s = ""; for (k in n) s = s n[k] " " k ", "; print (s == "" ? "no pytest totals" : substr(s, 1, length(s) - 2))}'
+    awk '{n[$2] += $1} END {s = ""; for (k in n) s = s n[k] " " k ", "
+                            print (s == "" ? "no pytest totals" : substr(s, 1, length(s) - 2))}'
   echo "hung / crashed: $(cat "$WORK"/tests/hung* 2> /dev/null | wc -l)"
 }
 
@@ -325,8 +331,8 @@ phase_bench() {
     limit=$(( triton_end - $(date +%s) )); [ "$limit" -lt 5 ] && { echo "bench $fam: not run (time)"; status=1; continue; }
     if [ "$SIMULATE" = 1 ]; then
       [ "$fam" = precondition ] || continue
-      timeout "$limit" python -m benchmarks --families "$fam" --no-compile --no-plot --filter "${DEVICE_RUN_SIM_FILTER:-edm fwd/8x4x32x32/float32}" \
-        --out "$WORK/results/triton/$fam"
+      timeout "$limit" python -m benchmarks --families "$fam" --no-compile --no-plot \
+        --filter "${DEVICE_RUN_SIM_FILTER:-edm fwd/8x4x32x32/float32}" --out "$WORK/results/triton/$fam"
     else
       timeout "$limit" python -m benchmarks --families "$fam" --compile --no-plot --out "$WORK/results/triton/$fam"
     fi
@@ -336,8 +342,8 @@ phase_bench() {
   limit=$(( $(left_in_phase) - 5 ))
   if [ "$SIMULATE" = 1 ]; then
     # attention_gpu.py needs a GPU: the CPU attention cases stand in for it.
-    timeout "$limit" python -m benchmarks --families attention --no-compile --no-plot --filter "${DEVICE_RUN_SIM_ATTN_FILTER:-primal/1x4x256x64}" \
-      --out "$WORK/results/attention"
+    timeout "$limit" python -m benchmarks --families attention --no-compile --no-plot \
+      --filter "${DEVICE_RUN_SIM_ATTN_FILTER:-primal/1x4x256x64}" --out "$WORK/results/attention"
   else
     timeout "$limit" python -m benchmarks.attention_gpu --out "$WORK/results/attention" --quick \
       --time-budget $(( limit * 3 / 4 )) ${BENCH_SKIP:+--skip "$BENCH_SKIP"}
@@ -410,7 +416,8 @@ fi
 # ---- summary (one screen, also $OUT/summary.txt) ------------------------------------------------
 {
   echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)"
-  echo "commit: $(git rev-parse --short HEAD 2> /dev/null), DEVICE_BUDGET ${DEVICE_BUDGET} s, total $(now) s$([ "$SIMULATE" = 1 ] && echo ", SIMULATED")"
+  echo "commit: $(git rev-parse --short HEAD 2> /dev/null), DEVICE_BUDGET ${DEVICE_BUDGET} s, total $(now) s" \
+       "$([ "$SIMULATE" = 1 ] && echo "(SIMULATED)")"
   printf '%-10s %7s %7s  %s\n' phase budget used status
   for phase in "${PHASES[@]}"; do
     printf '%-10s %7s %7s  %s\n' "$phase" "${BUDGET[$phase]:-0}" "${USED[$phase]:-0}" "${STATUS[$phase]:-not run}"

@@ -97,3 +97,21 @@ def test_simulated_phase_over_budget_is_cut_and_reported(tmp_path):
     assert table["build"][0] == 3 and table["build"][1] <= 10 and table["build"][2].startswith("CUT"), table
     assert all(table[p][2] == "not run: build failed" for p in ["smoke", "tests", "bench", "sanitizer"])
     assert run.returncode != 0
+
+
+@pytest.mark.slow
+def test_simulated_smoke_hang_costs_one_slot(tmp_path):
+    """The default kernel (TMA) hangs after cp_async passed: its slot ends at the smoke limit, the
+    TMA-only choices are not run, bwd_sm80 runs with the TMA kernel off, the later phases run with
+    FASTCM_ATTN_SM90_TMA=0; phases whose budget falls below their minimum are skipped and reported."""
+    run, out = _simulate(tmp_path, DEVICE_RUN_SIM_HANG="default", SMOKE_TIMEOUT="4",
+                         DEVICE_RUN_CAPS="tests=1 bench=1 sanitizer=1")
+    log = run.stdout
+    assert "default: FAILED (exit 124: hung, cut at 4 s)" in log
+    assert "tma_serial: not run (a TMA kernel hung)" in log and "tma_smem_q: not run (a TMA kernel hung)" in log
+    assert "--- bwd_sm80 (FASTCM_ATTN_SM90_BWD=0 FASTCM_ATTN_SM90_TMA=0), limit" in (out / "smoke.log").read_text()
+    assert re.search(r"^bwd_sm80: ok$", log, re.M) and re.search(r"^cp_async: ok$", log, re.M)
+    assert "switched off for the rest: default tma_serial tma_smem_q (FASTCM_ATTN_SM90_TMA=0 )" in log
+    table = _phase_table((out / "summary.txt").read_text())
+    assert table["smoke"][2] == "ok" and table["smoke"][1] < 30
+    assert all(table[p][2] == "skipped: no time left" for p in ["tests", "bench", "sanitizer"]), table

@@ -157,7 +157,7 @@ bool switch_on(const char* variable) {
 
 // FASTCM_ATTN_BIAS_STAGE, read per call: unset or "scalar" stages the forward's bias tiles with one
 // load per element, "vector" with one vector load per 4 keys where the rows allow it (see
-// stage_fwd_bias in attention_fwd_kernel.cuh); anything else is an error.
+// the bias staging modes in attention_fwd_kernel.cuh); anything else is an error.
 bool bias_stage_vector() {
   const char* env = std::getenv("FASTCM_ATTN_BIAS_STAGE");
   TORCH_CHECK(env == nullptr || std::strcmp(env, "scalar") == 0 || std::strcmp(env, "vector") == 0,
@@ -326,8 +326,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   set_bias(p, bias, false);
   set_bias(p, bias_t, true);
   p.bias_stage = bias_stage_vector() ? 1 : 0;
-  p.bias_vec_ok = p.bias_stage && bias.has_value() && bias_rows_vectorisable(*bias);
-  p.bias_t_vec_ok = p.bias_stage && bias_t.has_value() && bias_rows_vectorisable(*bias_t);
+  p.bias_mode = p.bias_is_f32 | p.bias_stage << 1 |
+                (p.bias_stage && bias.has_value() && bias_rows_vectorisable(*bias) ? 4 : 0);
+  p.bias_t_mode = p.bias_t_is_f32 | p.bias_stage << 1 |
+                  (p.bias_stage && bias_t.has_value() && bias_rows_vectorisable(*bias_t) ? 4 : 0);
   p.lse = lse.data_ptr<float>();
   p.lse_t = jvp ? lse_t.data_ptr<float>() : nullptr;
   p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sn = out.stride(2);

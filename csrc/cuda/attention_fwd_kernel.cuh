@@ -59,11 +59,11 @@ struct FwdParams {
   float scale_log2;         // scale·log2(e)
   int causal;
   int bias_is_f32, bias_t_is_f32;   // else the bias has the element type of q
-  // FASTCM_ATTN_BIAS_STAGE (see stage_fwd_bias): 0 scalar staging, row-major tiles; 1 vector staging,
-  // swizzled tiles. bias_vec_ok, bias_t_vec_ok (vector only): rows contiguous and 4-element chunks
-  // aligned (host-checked), so a chunk is one vector load; else one load per element.
+  // FASTCM_ATTN_BIAS_STAGE (see stage_bias_vec): 0 scalar staging, row-major tiles; 1 vector staging.
   int bias_stage;
-  int bias_vec_ok, bias_t_vec_ok;
+  // The staging of bias, bias_t packed as one argument: bit 0 is_f32, bit 1 bias_stage, bit 2 (vector
+  // only) rows contiguous and 4-element chunks aligned (host-checked): a chunk is one vector load.
+  int bias_mode, bias_t_mode;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -254,12 +254,27 @@ __device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t bas
 // 8-byte bank pairs of a half-warp's 64-bit access: 4-way conflicts (8-way as 32-bit reads).
 // vector (1): stage_bias_tile_vec, 4 consecutive keys of a row per thread and pass, one vector load
 // where the host found the rows contiguous and aligned (vec_ok), else one load per key (broadcast,
-// strided or misaligned biases, and the Nk tail); row r's columns XOR bias_swizzle(r), which moves
-// 8-key groups only (16-byte chunks stay whole and aligned) and gives the 4 rows of a half-warp's
-// read different bank pairs: conflict-free. Same shared-memory size; tests/cuda_index_model
-// (test_bias_staging.py) checks the staging's coverage, placement, tails and the read banks.
-template <int kBN>
-__device__ __forceinline__ int bias_swizzle(int row) { return (row & 3) * 8 & (kBN - 1); }
+// strided or misaligned biases, and the Nk tail). In the sm_90a kernels (kSwizzle) row r's columns
+// XOR bias_swizzle(r), which moves 8-key groups only (16-byte chunks stay whole and aligned) and
+// gives the 4 rows of a half-warp's 8-byte read different bank pairs: conflict-free. The sm_80
+// kernel keeps the row-major tile and its reads (with the swizzle's per-tile address math its d 128
+// JVP kernel spilled 20 B). Same shared-memory size either way; tests/cuda_index_model
+// (test_attention_fwd_bias_staging.py) checks the staging's coverage, placement, tails and banks.
+template <int kBN, bool kSwizzle>
+__device__ __forceinline__ int bias_swizzle(int row) { return kSwizzle ? (row & 3) * 8 & (kBN - 1) : 0; }
+
+// The tile entry of row offset `row_base` (ri·kBN), key key_pair + odd (key_pair even), as
+// scores_to_log2 reads it: kSwizzle, one 8-byte read of both keys of the pair (the loads of odd 0
+// and 1 are the same LDS.64) at the swizzled column; else the row-major element.
+template <bool kSwizzle>
+__device__ __forceinline__ float bias_at(const float* tile, int row_base, int key_pair, int odd, int x) {
+  if constexpr (kSwizzle) {
+    const float2 b = *reinterpret_cast<const float2*>(tile + row_base + (key_pair ^ x));
+    return odd ? b.y : b.x;
+  } else {
+    return tile[row_base + key_pair + odd];
+  }
+}
 
 // Four consecutive bias elements at element offset `off` (4-element aligned), as floats.
 __device__ __forceinline__ float4 load_bias4(const void* p, int64_t off, int is_f32, bool is_bf16) {
@@ -276,9 +291,9 @@ __device__ __forceinline__ float4 load_bias4(const void* p, int64_t off, int is_
   return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
-// The vector mode's staging of the same tile as stage_bias_tile (times mult, 0 outside (Nq, Nk)), into
-// the swizzled layout: element (r, c) at dst[r·kBN + (c ^ bias_swizzle(r))]. dst 16-byte aligned.
-template <class Tr>
+// The vector mode's staging of the same tile as stage_bias_tile (times mult, 0 outside (Nq, Nk)):
+// element (r, c) at dst[r·kBN + (c ^ bias_swizzle(r))]. dst 16-byte aligned.
+template <class Tr, bool kSwizzle>
 __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
                                                     int m0, int n0, int Nq, int Nk, int is_f32, int vec_ok,
                                                     float mult, int tid) {
@@ -302,18 +317,18 @@ __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src,
       }
     }
     v.x *= mult; v.y *= mult; v.z *= mult; v.w *= mult;
-    *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN>(r))) = v;
+    *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN, kSwizzle>(r))) = v;
   }
 }
 
-// The forward kernels' staging between their tile barriers: the mode's staging behind a call (as
-// stage_bias; the backward keeps stage_bias and the row-major tile).
-template <class Tr>
-__device__ __noinline__ void stage_fwd_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
-                                            int m0, int n0, int Nq, int Nk, int is_f32, int stage, int vec_ok,
-                                            float mult, int tid) {
-  if (stage) stage_bias_tile_vec<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, vec_ok, mult, tid);
-  else stage_bias_tile<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, mult, tid);
+// stage_bias_tile_vec behind a call, for the kernels that stage between their tile barriers (as
+// stage_bias, which they call for the scalar mode: a call with the scalar staging's own code and
+// arguments kept the sm_80 d 64 kernel at its 128 registers, one callee for both modes spilled 4 B).
+// mode: FwdParams::bias_mode (is_f32 and the vector-load permission packed into one argument).
+template <class Tr, bool kSwizzle>
+__device__ __noinline__ void stage_bias_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                            int m0, int n0, int Nq, int Nk, int mode, float mult, int tid) {
+  stage_bias_tile_vec<Tr, kSwizzle>(dst, src, base, sm, sn, m0, n0, Nq, Nk, mode & 1, mode & 4, mult, tid);
 }
 
 // Bytes of dynamic shared memory for the optional bias tiles.
@@ -399,26 +414,21 @@ __device__ __forceinline__ void zero_accumulators(float (&acc_o)[kNTO][4], float
 
 // s ← s·scale·log2e + bias (fp32 smem tile [BM][kBN], already × log2e), −inf where masked;
 // ṡ ← ṡ·scale + bias_t.
-template <bool kJvp, int kBN, int kNT, int kNTd>
+template <bool kJvp, int kBN, bool kSwizzle, int kNT, int kNTd>
 __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[kNTd][4], const FwdParams p,
                                                bool has_bias, const float* sBias, bool has_bias_t,
                                                const float* sBiasT, int row_in_cta, int m0, int n0, int off,
                                                bool need_mask, int c) {
-  // The tiles' column swizzle (vector staging; 0 for scalar): rows ri ≡ row_in_cta (mod 4) share it.
-  // Keys jl, jl + 1 (e even, odd) are one 8-byte read: both entries' loads are the same LDS.64.
-  const int bias_x = p.bias_stage ? bias_swizzle<kBN>(row_in_cta) : 0;
+  // The tiles' column swizzle (kSwizzle and vector staging, else 0): rows ri ≡ row_in_cta (mod 4) share it.
+  const int bias_x = p.bias_stage ? bias_swizzle<kBN, kSwizzle>(row_in_cta) : 0;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
       const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
-      const int pair = ri * kBN + ((nt * 8 + 2 * c) ^ bias_x);
       float x = s[nt][e] * p.scale_log2;
-      if (has_bias) {                                     // already in log2 units
-        const float2 b = *reinterpret_cast<const float2*>(sBias + pair);
-        x += (e % 2) ? b.y : b.x;
-      }
+      if (has_bias) x += bias_at<kSwizzle>(sBias, ri * kBN, nt * 8 + 2 * c, e % 2, bias_x);   // in log2 units
       if (need_mask) {
         const int i = m0 + ri, j = n0 + jl;
         if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
@@ -426,10 +436,7 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
       s[nt][e] = x;
       if constexpr (kJvp) {
         float xd = sd[nt][e] * p.scale;
-        if (has_bias_t) {
-          const float2 b = *reinterpret_cast<const float2*>(sBiasT + pair);
-          xd += (e % 2) ? b.y : b.x;
-        }
+        if (has_bias_t) xd += bias_at<kSwizzle>(sBiasT, ri * kBN, nt * 8 + 2 * c, e % 2, bias_x);
         sd[nt][e] = xd;
       }
     }
@@ -595,10 +602,19 @@ attention_fwd_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
-    if (bias.has_bias) stage_fwd_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                          p.bias_is_f32, p.bias_stage, p.bias_vec_ok, kLog2e, tid);
-    if (bias.has_bias_t) stage_fwd_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN,
-                                            p.Nq, p.Nk, p.bias_t_is_f32, p.bias_stage, p.bias_t_vec_ok, 1.f, tid);
+    // (FASTCM_ATTN_BIAS_STAGE: p.bias_stage is uniform over the call.)
+    if (bias.has_bias) {
+      if (p.bias_stage) stage_bias_vec<Tr, false>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
+                                                  p.Nk, p.bias_mode, kLog2e, tid);
+      else stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
+                          kLog2e, tid);
+    }
+    if (bias.has_bias_t) {
+      if (p.bias_stage) stage_bias_vec<Tr, false>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
+                                                  tile * kBN, p.Nq, p.Nk, p.bias_t_mode, 1.f, tid);
+      else stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
+                          p.bias_t_is_f32, 1.f, tid);
+    }
     cp_async_wait<1>();        // everything but the group just committed has landed
     __syncthreads();
 
@@ -653,7 +669,7 @@ attention_fwd_kernel(const FwdParams p) {
     // they stay written out: behind a helper ptxas spills 44 B in the sm_90a build of the d = 128
     // JVP kernel.)
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+    scores_to_log2<kJvp, kBN, false>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                               off, need_mask, c);
     float alpha[2];
     online_softmax<T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);

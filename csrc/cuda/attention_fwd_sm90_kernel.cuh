@@ -177,7 +177,7 @@ __device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[k
   constexpr int kBN = Tr::kBN;
   constexpr bool kJvp = Tr::kJvp;
   const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-  scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+  scores_to_log2<kJvp, kBN, true>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                             off, need_mask, c);
   online_softmax<typename Tr::T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);
 }
@@ -287,10 +287,19 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
-    if (bias.has_bias) stage_fwd_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                          p.bias_is_f32, p.bias_stage, p.bias_vec_ok, kLog2e, tid);
-    if (bias.has_bias_t) stage_fwd_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN,
-                                            p.Nq, p.Nk, p.bias_t_is_f32, p.bias_stage, p.bias_t_vec_ok, 1.f, tid);
+    // (FASTCM_ATTN_BIAS_STAGE: p.bias_stage is uniform over the call; see stage_bias_vec.)
+    if (bias.has_bias) {
+      if (p.bias_stage) stage_bias_vec<Tr, true>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
+                                                 p.Nk, p.bias_mode, kLog2e, tid);
+      else stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
+                          kLog2e, tid);
+    }
+    if (bias.has_bias_t) {
+      if (p.bias_stage) stage_bias_vec<Tr, true>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
+                                                 tile * kBN, p.Nq, p.Nk, p.bias_t_mode, 1.f, tid);
+      else stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
+                          p.bias_t_is_f32, 1.f, tid);
+    }
     cp_async_wait<1>();        // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();

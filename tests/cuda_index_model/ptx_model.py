@@ -101,9 +101,10 @@ def stage_bias(rows, cols, p, bias, base, m0, n0, mult):
     return out
 
 
-def bias_swizzle(cols, row):
-    """bias_swizzle<kBN>(row): the vector staging's XOR on the columns of tile row `row`."""
-    return (row & 3) * 8 & (cols - 1)
+def bias_swizzle(cols, row, swizzle=True):
+    """bias_swizzle<kBN, kSwizzle>(row): the vector staging's XOR on the columns of tile row `row`
+    (the sm_90a kernels; 0 in the sm_80 one)."""
+    return (row & 3) * 8 & (cols - 1) if swizzle else 0
 
 
 def bias_rows_vectorisable(shape, strides, storage_offset):
@@ -114,8 +115,8 @@ def bias_rows_vectorisable(shape, strides, storage_offset):
     return strides[3] == 1 and aligned and storage_offset % 4 == 0
 
 
-def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
-    """stage_bias_tile_vec, thread by thread: returns the shared tile (rows·cols floats, NaN where
+def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok, swizzle=True):
+    """stage_bias_tile_vec<Tr, swizzle>, thread by thread: returns the shared tile (rows·cols floats, NaN where
     never written), the number of writes per float, and the loads: (kind, element offsets) with kind
     "vec" (one vector load of 4 consecutive elements) or "scalar"."""
     row_chunks = cols // 4
@@ -138,7 +139,7 @@ def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
                         if j + k < p["Nk"]:
                             loads.append(("scalar", np.array([off + k * bias.st[3]])))
                             v[k] = bias.s[off + k * bias.st[3]]
-            dst = r * cols + (cc ^ bias_swizzle(cols, r))
+            dst = r * cols + (cc ^ bias_swizzle(cols, r, swizzle))
             assert dst % 4 == 0 and dst + 4 <= rows * cols, "float4 store outside its row chunk"
             tile[dst:dst + 4] = mult * v
             writes[dst:dst + 4] += 1
@@ -146,7 +147,8 @@ def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
 
 
 def bias_read_pairs(kbn, row_in_cta, nt, c, half, vector):
-    """scores_to_log2's 8-byte read of keys (8nt + 2c, + 1), row row_in_cta + 8·half: its float index."""
+    """scores_to_log2's bias_at<true>: the 8-byte read of keys (8nt + 2c, + 1), row row_in_cta + 8·half,
+    its float index (vector: the bias_stage of FASTCM_ATTN_BIAS_STAGE=vector)."""
     x = bias_swizzle(kbn, row_in_cta) if vector else 0
     return (row_in_cta + 8 * half) * kbn + ((nt * 8 + 2 * c) ^ x)
 
