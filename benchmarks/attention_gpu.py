@@ -154,7 +154,8 @@ def write_results(out, rows, meta):
     short still leaves its measurements)."""
     with open(os.path.join(out, "attention_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    keys = ["block", "B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd", "peak_mib",
+    keys = ["block", "B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd",
+            "peak_mib",
             "status"]
     with open(os.path.join(out, "attention_gpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

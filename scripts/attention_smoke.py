@@ -58,7 +58,8 @@ def main():
             r_out, r_lse = ref.attention(*f64[:3], attn_bias=b64, scale=scale, return_lse=True)
             r_jvp = ref.attention_jvp(*f64, attn_bias=b64, scale=scale, return_lse=True)
             leaves = [t.clone().requires_grad_(True) for t in f64[:3]]
-            r_grads = torch.autograd.grad(ref.attention(*leaves, attn_bias=b64, scale=scale), leaves, grad.double().cpu())
+            r_grads = torch.autograd.grad(ref.attention(*leaves, attn_bias=b64, scale=scale), leaves,
+                                          grad.double().cpu())
             names = (lambda fn, *a: fn(*a)) if cuda else (lambda fn, *a: "C++ CPU kernel")
             for name, got, want, kernel in [
                 ("out", out, r_out, names(ops.attention_forward_kernels, q, v, False, has_bias, False)),

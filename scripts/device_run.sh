@@ -193,6 +193,9 @@ ptxas_report() {
        "$(grep -c -E "[1-9][0-9]* bytes spill (stores|loads)" "$OUT/build.log") reports with spills (build.log)"
   grep -E "C75[0-9][0-9]|[1-9][0-9]* bytes spill (stores|loads)" "$OUT/build.log" | sed 's/^ *//' | sort | uniq -c | head -12
 }
+ptxas_table() {   # the register / spill table per kernel (run.log)
+  [ "$SIMULATE" = 1 ] || [ ! -f "$OUT/build.log" ] || timeout 30 python scripts/ptxas_report.py "$OUT/build.log" || true
+}
 
 # ---- phase 3: a smoke call per kernel choice -------------------------------------------------------
 # Each kernel choice by the switch that forces it, under its own timeout (a hang shows as exit 124).
@@ -380,6 +383,7 @@ if [ "${STATUS[build]}" = ok ] && [ "$SIMULATE" != 1 ]; then
     || STATUS[build]="failed (import)"
 fi
 ptxas_report
+ptxas_table
 if [ "${STATUS[build]}" != ok ]; then
   for phase in smoke tests bench sanitizer; do USED[$phase]=0; BUDGET[$phase]=0; STATUS[$phase]="not run: build failed"; done
 else

@@ -254,18 +254,19 @@ __device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t bas
 // 8-byte bank pairs of a half-warp's 64-bit access: 4-way conflicts (8-way as 32-bit reads).
 // vector (1): stage_bias_tile_vec, 4 consecutive keys of a row per thread and pass, one vector load
 // where the host found the rows contiguous and aligned (vec_ok), else one load per key (broadcast,
-// strided or misaligned biases, and the Nk tail). In the sm_90a kernels (kSwizzle) row r's columns
-// XOR bias_swizzle(r), which moves 8-key groups only (16-byte chunks stay whole and aligned) and
-// gives the 4 rows of a half-warp's 8-byte read different bank pairs: conflict-free. The sm_80
-// kernel keeps the row-major tile and its reads (with the swizzle's per-tile address math its d 128
-// JVP kernel spilled 20 B). Same shared-memory size either way; tests/cuda_index_model
-// (test_attention_fwd_bias_staging.py) checks the staging's coverage, placement, tails and banks.
-template <int kBN, bool kSwizzle>
-__device__ __forceinline__ int bias_swizzle(int row) { return kSwizzle ? (row & 3) * 8 & (kBN - 1) : 0; }
+// strided or misaligned biases, and the Nk tail); row r's columns XOR bias_swizzle(r), which moves
+// 8-key groups only (16-byte chunks stay whole and aligned) and gives the 4 rows of a half-warp's
+// 8-byte read different bank pairs: conflict-free. Same shared-memory size. Only in the sm_90a
+// kernels: the sm_80 one stages scalar in both modes (at its register limit, its d 64 and d 128 JVP
+// instances spilled 4 and 20 B with the vector staging's calls and the swizzled reads).
+// tests/cuda_index_model/test_attention_fwd_bias_staging.py checks the staging's coverage,
+// placement, tails and banks.
+template <int kBN>
+__device__ __forceinline__ int bias_swizzle(int row) { return (row & 3) * 8 & (kBN - 1); }
 
 // The tile entry of row offset `row_base` (ri·kBN), key key_pair + odd (key_pair even), as
-// scores_to_log2 reads it: kSwizzle, one 8-byte read of both keys of the pair (the loads of odd 0
-// and 1 are the same LDS.64) at the swizzled column; else the row-major element.
+// scores_to_log2 reads it: kSwizzle (the sm_90a kernels), one 8-byte read of both keys of the pair
+// (the loads of odd 0 and 1 are the same LDS.64) at column key_pair ^ x; else the row-major element.
 template <bool kSwizzle>
 __device__ __forceinline__ float bias_at(const float* tile, int row_base, int key_pair, int odd, int x) {
   if constexpr (kSwizzle) {
@@ -293,7 +294,7 @@ __device__ __forceinline__ float4 load_bias4(const void* p, int64_t off, int is_
 
 // The vector mode's staging of the same tile as stage_bias_tile (times mult, 0 outside (Nq, Nk)):
 // element (r, c) at dst[r·kBN + (c ^ bias_swizzle(r))]. dst 16-byte aligned.
-template <class Tr, bool kSwizzle>
+template <class Tr>
 __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
                                                     int m0, int n0, int Nq, int Nk, int is_f32, int vec_ok,
                                                     float mult, int tid) {
@@ -317,18 +318,17 @@ __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src,
       }
     }
     v.x *= mult; v.y *= mult; v.z *= mult; v.w *= mult;
-    *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN, kSwizzle>(r))) = v;
+    *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN>(r))) = v;
   }
 }
 
-// stage_bias_tile_vec behind a call, for the kernels that stage between their tile barriers (as
-// stage_bias, which they call for the scalar mode: a call with the scalar staging's own code and
-// arguments kept the sm_80 d 64 kernel at its 128 registers, one callee for both modes spilled 4 B).
-// mode: FwdParams::bias_mode (is_f32 and the vector-load permission packed into one argument).
-template <class Tr, bool kSwizzle>
+// stage_bias_tile_vec behind a call, for the cp.async wgmma kernel, which stages between its tile
+// barriers (as stage_bias, which it calls for the scalar mode). mode: FwdParams::bias_mode (is_f32
+// and the vector-load permission packed into one argument).
+template <class Tr>
 __device__ __noinline__ void stage_bias_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
                                             int m0, int n0, int Nq, int Nk, int mode, float mult, int tid) {
-  stage_bias_tile_vec<Tr, kSwizzle>(dst, src, base, sm, sn, m0, n0, Nq, Nk, mode & 1, mode & 4, mult, tid);
+  stage_bias_tile_vec<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, mode & 1, mode & 4, mult, tid);
 }
 
 // Bytes of dynamic shared memory for the optional bias tiles.
@@ -420,7 +420,7 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
                                                const float* sBiasT, int row_in_cta, int m0, int n0, int off,
                                                bool need_mask, int c) {
   // The tiles' column swizzle (kSwizzle and vector staging, else 0): rows ri ≡ row_in_cta (mod 4) share it.
-  const int bias_x = p.bias_stage ? bias_swizzle<kBN, kSwizzle>(row_in_cta) : 0;
+  const int bias_x = kSwizzle && p.bias_stage ? bias_swizzle<kBN>(row_in_cta) : 0;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -593,7 +593,6 @@ attention_fwd_kernel(const FwdParams p) {
 
   const int row_in_cta = 16 * warp + g;       // + 8 for the second row
 
-  static_assert(Tr::kSmemBytes % 16 == 0, "bias tiles 16-byte aligned (the vector staging's stores)");
   const FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem_raw + Tr::kSmemBytes, b, h);
 
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -602,19 +601,11 @@ attention_fwd_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
-    // (FASTCM_ATTN_BIAS_STAGE: p.bias_stage is uniform over the call.)
-    if (bias.has_bias) {
-      if (p.bias_stage) stage_bias_vec<Tr, false>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
-                                                  p.Nk, p.bias_mode, kLog2e, tid);
-      else stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
-                          kLog2e, tid);
-    }
-    if (bias.has_bias_t) {
-      if (p.bias_stage) stage_bias_vec<Tr, false>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
-                                                  tile * kBN, p.Nq, p.Nk, p.bias_t_mode, 1.f, tid);
-      else stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
-                          p.bias_t_is_f32, 1.f, tid);
-    }
+    // Scalar staging whatever FASTCM_ATTN_BIAS_STAGE says (see the bias staging modes above).
+    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
+                                      p.bias_is_f32, kLog2e, tid);
+    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
+                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
     cp_async_wait<1>();        // everything but the group just committed has landed
     __syncthreads();
 

@@ -289,13 +289,13 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
     // (FASTCM_ATTN_BIAS_STAGE: p.bias_stage is uniform over the call; see stage_bias_vec.)
     if (bias.has_bias) {
-      if (p.bias_stage) stage_bias_vec<Tr, true>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
+      if (p.bias_stage) stage_bias_vec<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
                                                  p.Nk, p.bias_mode, kLog2e, tid);
       else stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
                           kLog2e, tid);
     }
     if (bias.has_bias_t) {
-      if (p.bias_stage) stage_bias_vec<Tr, true>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
+      if (p.bias_stage) stage_bias_vec<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
                                                  tile * kBN, p.Nq, p.Nk, p.bias_t_mode, 1.f, tid);
       else stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
                           p.bias_t_is_f32, 1.f, tid);

@@ -230,10 +230,10 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       // The staging mode is uniform over the call (FASTCM_ATTN_BIAS_STAGE; attention_fwd_kernel.cuh).
       if (p.bias_stage) {
         if (bias.has_bias)
-          stage_bias_tile_vec<Rows, true>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0, p.Nq,
+          stage_bias_tile_vec<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0, p.Nq,
                                           p.Nk, p.bias_is_f32, p.bias_mode & 4, 1.4426950408889634f, t);
         if (bias.has_bias_t)
-          stage_bias_tile_vec<Rows, true>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, n0,
+          stage_bias_tile_vec<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, n0,
                                           p.Nq, p.Nk, p.bias_t_is_f32, p.bias_t_mode & 4, 1.f, t);
       } else {
         if (bias.has_bias) stage_bias_tile<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0,
