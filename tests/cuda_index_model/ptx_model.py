@@ -101,10 +101,9 @@ def stage_bias(rows, cols, p, bias, base, m0, n0, mult):
     return out
 
 
-def bias_swizzle(cols, row, swizzle=True):
-    """bias_swizzle<kBN, kSwizzle>(row): the vector staging's XOR on the columns of tile row `row`
-    (the sm_90a kernels; 0 in the sm_80 one)."""
-    return (row & 3) * 8 & (cols - 1) if swizzle else 0
+def bias_swizzle(cols, row):
+    """bias_swizzle<kBN>(row): the vector staging's XOR on the columns of tile row `row`."""
+    return (row & 3) * 8 & (cols - 1)
 
 
 def bias_rows_vectorisable(shape, strides, storage_offset):
@@ -115,8 +114,8 @@ def bias_rows_vectorisable(shape, strides, storage_offset):
     return strides[3] == 1 and aligned and storage_offset % 4 == 0
 
 
-def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok, swizzle=True):
-    """stage_bias_tile_vec<Tr, swizzle>, thread by thread: returns the shared tile (rows·cols floats, NaN where
+def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
+    """stage_bias_tile_vec (the sm_90a kernels' vector staging), thread by thread: returns the shared tile (rows·cols floats, NaN where
     never written), the number of writes per float, and the loads: (kind, element offsets) with kind
     "vec" (one vector load of 4 consecutive elements) or "scalar"."""
     row_chunks = cols // 4
@@ -139,7 +138,7 @@ def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok, 
                         if j + k < p["Nk"]:
                             loads.append(("scalar", np.array([off + k * bias.st[3]])))
                             v[k] = bias.s[off + k * bias.st[3]]
-            dst = r * cols + (cc ^ bias_swizzle(cols, r, swizzle))
+            dst = r * cols + (cc ^ bias_swizzle(cols, r))
             assert dst % 4 == 0 and dst + 4 <= rows * cols, "float4 store outside its row chunk"
             tile[dst:dst + 4] = mult * v
             writes[dst:dst + 4] += 1
