@@ -227,7 +227,7 @@ phase_smoke() {
         if [ $tma_hung = 1 ]; then echo "$name: not run (a TMA kernel hung)"; failed="$failed $name"; continue; fi;;
     esac
     limit=$(left_in_phase); [ "$limit" -gt "$SMOKE_TIMEOUT" ] && limit=$SMOKE_TIMEOUT
-    if [ "$limit" -lt 5 ]; then echo "$name: not run (phase budget spent)"; failed="$failed $name"; continue; fi
+    if [ "$limit" -lt 3 ]; then echo "$name: not run (phase budget spent)"; failed="$failed $name"; continue; fi
     local extra=""; [ "$name" = bwd_sm80 ] && [ $tma_hung = 1 ] && extra="FASTCM_ATTN_SM90_TMA=0"
     echo "--- $name ($setting${extra:+ $extra}), limit $limit s" >> "$OUT/smoke.log"
     local smoke="python scripts/attention_smoke.py --device $device --bias"
@@ -441,7 +441,7 @@ fi
   grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" 2> /dev/null | sort -u | head -12 | cut -c1-150
   grep -h -E "bias/unbiased" "$OUT/bench.log" 2> /dev/null | head -4
   grep -h -E "^(compute-sanitizer|memcheck)" "$OUT/sanitizer.log" "$OUT/run.log" 2> /dev/null | tail -1
-  echo "files in \$OUT: $(ls "$OUT" | wc -l) (at most 8)"
+  echo "files in \$OUT: $(( $(ls "$OUT" | grep -vcx summary.txt) + 1 )) with this summary (at most 8)"
 } > "$WORK/summary.txt"
 echo; echo "=== summary"; cp "$WORK/summary.txt" "$OUT/summary.txt"; cat "$OUT/summary.txt"
 [ "$SIMULATE" = 1 ] || rm -rf "$WORK"
