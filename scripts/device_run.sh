@@ -329,18 +329,23 @@ test_totals() {
 }
 
 # ---- phase 5: benchmarks ------------------------------------------------------------------------
-# Triton families (--compile) get 40 % of the phase, one process per family (a cut loses one
-# family); the attention table the rest, under its own --time-budget (it writes its JSON after every
+# Triton families (--compile) get 40 % of the phase, one process per family, in name order (a cut
+# loses the families not yet run); the attention table the rest, under its own --time-budget (it writes its JSON after every
 # shape, and its first block is the biased vs unbiased comparison with both bias staging modes).
 phase_bench() {
   exec > >(tee -a "$OUT/bench.log") 2>&1
   mkdir -p "$WORK/results"
   local share=2; [ "$SIMULATE" = 1 ] && share=3   # fifths of the phase for the Triton families
   local triton_end=$(( $(date +%s) + $(left_in_phase) * share / 5 )) fam limit rc status=0
-  for fam in precondition losses steps; do
-    limit=$(( triton_end - $(date +%s) )); [ "$limit" -lt 5 ] && { echo "bench $fam: not run (time)"; status=1; continue; }
+  # Every family with a benchmarks/bench_<family>.py but attention (its table comes next), each an
+  # equal share of what is left of the Triton part (the simulation: one CPU case of one family).
+  local families; families=$(ls benchmarks/bench_*.py | sed 's|.*/bench_||; s|\.py$||' | grep -vx attention)
+  [ "$SIMULATE" = 1 ] && families=precondition
+  local todo; todo=$(echo $families | wc -w)
+  for fam in $families; do
+    limit=$(( (triton_end - $(date +%s)) / todo )); todo=$((todo - 1))
+    [ "$limit" -lt 5 ] && { echo "bench $fam: not run (time)"; status=1; continue; }
     if [ "$SIMULATE" = 1 ]; then
-      [ "$fam" = precondition ] || continue
       timeout "$limit" python -m benchmarks --families "$fam" --no-compile --no-plot \
         --filter "${DEVICE_RUN_SIM_FILTER:-edm fwd/8x4x32x32/float32}" --out "$WORK/results/triton/$fam"
     else
