@@ -16,7 +16,13 @@ unless --causal), times
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
   math jvp        torch.func.jvp of SDPA on the MATH backend (the baseline of the issue)
   compiled jvp    the same under torch.compile, at N = 8192 only (one compile per shape; --no-compile skips it)
-and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), the time over the compute floor
+  peer fwd        the forward of an attention library that imports here (FlashAttention 3's
+                  flash_attn_interface, else flash_attn), where one does
+First of all, at N = 8192 and both head dims, the bias block: fastcm fwd and JVP without a bias,
+with a (1, 1, N, N) fp32 bias under the default (scalar) bias staging, and with
+FASTCM_ATTN_BIAS_STAGE=vector (rows ..._bias_vector; --skip _biasvec drops them); it prints
+"bias/unbiased" ratios.
+The table reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), the time over the compute floor
 (FLOPs over the rate of an 8192³ matmul in the same dtype, measured at the start of the run), time
 relative to the SDPA forward and peak memory above the inputs. Writes attention_gpu.json and
 attention_gpu.csv into --out.
@@ -57,11 +63,11 @@ SM90_VARIANTS = {"_serial": "FASTCM_ATTN_SM90_OVERLAP", "_smemq": "FASTCM_ATTN_S
 D64_ONLY = {"_smemq"}   # at d = 128 Q is read from shared memory anyway: the default kernel
 
 
-def with_switch_off(variable, fn):
-    """fn run with the environment variable `variable` set to 0."""
+def with_env(variable, value, fn):
+    """fn run with the environment variable `variable` set to `value`."""
     def run():
         old = os.environ.get(variable)
-        os.environ[variable] = "0"
+        os.environ[variable] = value
         try:
             return fn()
         finally:
@@ -70,6 +76,64 @@ def with_switch_off(variable, fn):
             else:
                 os.environ[variable] = old
     return run
+
+
+def with_switch_off(variable, fn):
+    """fn run with the environment variable `variable` set to 0."""
+    return with_env(variable, "0", fn)
+
+
+def peer_forward(q, k, v, causal):
+    """(name, fn) of the forward of an attention library that imports here, else None."""
+    for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+        try:
+            lib = __import__(module)
+        except ImportError:
+            continue
+        qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))   # (B, N, H, d)
+        return f"peer_{name}_fwd", lambda: lib.flash_attn_func(qf, kf, vf, causal=causal)
+    return None
+
+
+def bias_block(ops, dtype, causal, rate, skip_vector):
+    """Biased vs unbiased rows at the goal length, both bias staging modes: the first rows measured."""
+    rows = []
+    for B, H, d in CONFIGS:
+        N = COMPILE_LENGTH
+        torch.manual_seed(0)
+        q, k, v, qt, kt, vt = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(6))
+        bias = torch.randn(1, 1, N, N, device="cuda").expand(B, H, N, N)   # contiguous rows: vector loads
+        scale = d ** -0.5
+        factor = 0.5 if causal else 1.0
+        f_fwd, f_jvp = 4 * B * H * N * N * d * factor, 12 * B * H * N * N * d * factor
+        fwd = lambda b: (lambda: ops.attention_forward(q, k, v, b, scale, causal))   # noqa: E731
+        jvp = lambda b: (lambda: ops.attention_forward_jvp(q, k, v, qt, kt, vt, b, None, scale, causal))   # noqa: E731
+        cases = [("fastcm_fwd", fwd(None), f_fwd), ("fastcm_fwd_bias", fwd(bias), f_fwd),
+                 ("fastcm_jvp", jvp(None), f_jvp), ("fastcm_jvp_bias", jvp(bias), f_jvp)]
+        if not skip_vector:
+            cases += [("fastcm_fwd_bias_vector", with_env("FASTCM_ATTN_BIAS_STAGE", "vector", fwd(bias)), f_fwd),
+                      ("fastcm_jvp_bias_vector", with_env("FASTCM_ATTN_BIAS_STAGE", "vector", jvp(bias)), f_jvp)]
+        ms = {}
+        for name, fn, flops in cases:
+            r = measure(name, fn, flops)
+            jvp_call = "jvp" in name
+            r.update({"B": B, "H": H, "N": N, "d": d, "dtype": str(dtype).split(".")[-1], "causal": causal,
+                      "kernel": " + ".join(ops.attention_forward_kernels(q, v, jvp_call, "bias" in name, False)),
+                      "x_floor": r["ms"] / (flops / rate * 1e3) if r["ms"] else None, "vs_sdpa_fwd": None,
+                      "block": "bias"})
+            rows.append(r)
+            ms[name] = r["ms"]
+            print(f"  bias block B={B} H={H} N={N} d={d:3d} {name:23s} "
+                  + (f"{r['ms']:9.3f} ms" if r["status"] == "ok" else r["status"]), flush=True)
+        for kind in ("fwd", "jvp"):
+            plain = ms.get(f"fastcm_{kind}")
+            ratios = [f"{mode} {ms[f'fastcm_{kind}_bias{suffix}'] / plain:.2f}x"
+                      for mode, suffix in (("scalar", ""), ("vector", "_vector"))
+                      if plain and ms.get(f"fastcm_{kind}_bias{suffix}")]
+            print(f"bias/unbiased d={d} {kind} N={N}: {', '.join(ratios) or 'not measured'}", flush=True)
+        del q, k, v, qt, kt, vt, bias
+        torch.cuda.empty_cache()
+    return rows
 
 
 def measure(name, fn, flops):
@@ -90,7 +154,8 @@ def write_results(out, rows, meta):
     short still leaves its measurements)."""
     with open(os.path.join(out, "attention_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd", "peak_mib",
+    keys = ["block", "B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd",
+            "peak_mib",
             "status"]
     with open(os.path.join(out, "attention_gpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -131,6 +196,8 @@ def main():
             "commit": commit, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "matmul_tflops": rate / 1e12,
             "command": " ".join(["python -m benchmarks.attention_gpu"] + sys.argv[1:])}
     rows, started = [], time.monotonic()
+    rows += bias_block(ops, dtype, args.causal, rate, "_biasvec" in args.skip.split(","))
+    write_results(args.out, rows, meta)
     for B, H, d, N in shape_order(lengths):
         if args.time_budget is not None and time.monotonic() - started > args.time_budget:
             print(f"time budget of {args.time_budget:.0f} s spent: B={B} H={H} N={N} d={d} and the shapes after it not run",
@@ -207,6 +274,9 @@ def main():
             sdpa_graph.append(F.scaled_dot_product_attention(*sdpa_graph, is_causal=args.causal))
             cases.append(("sdpa_bwd", lambda: torch.autograd.grad(sdpa_graph[3], sdpa_graph[:3], grad,
                                                                   retain_graph=True), f_bwd))
+        peer = peer_forward(q, k, v, args.causal)
+        if peer is not None:
+            cases.append((*peer, f_fwd))
         if not args.no_math:
             cases.append(("math_jvp", sdpa_math_jvp, f_jvp))
         if not args.no_compile and N == COMPILE_LENGTH:
@@ -231,7 +301,7 @@ def main():
         torch.cuda.empty_cache()
         write_results(args.out, rows, meta)
 
-    rows.sort(key=lambda r: (r["d"], r["N"]))
+    rows.sort(key=lambda r: (r.get("block") != "bias", r["d"], r["N"]))   # the bias block first
     write_results(args.out, rows, meta)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}, {args.dtype} matmul {rate / 1e12:.1f} TFLOP/s")
     print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>23} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9}")

@@ -15,7 +15,7 @@ def plot(run: dict, out: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in run["rows"] if r["status"] == "ok"]
+    rows = [r for r in run["rows"] if r["status"] == "ok" and r.get("block") != "bias"]   # the bias block: in the table
     panels = sorted({(r["H"], r["d"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (heads, d) in zip(axes[0], panels):

@@ -59,11 +59,14 @@ done | xargs -0 cp --parents -t "$DIR/src"
 cd "$DIR/src"
 echo "build (FASTCM_CUDA_ARCH_LIST=${FASTCM_CUDA_ARCH_LIST:-8.0;9.0a}), log: $DIR/build.log"
 start=$(date +%s)
-if ! "$DIR/venv/bin/pip" install --no-build-isolation --no-deps -e . -v > "$DIR/build.log" 2>&1; then
+# CPU seconds too (user + sys of the compilers): on a shared machine the wall time says little.
+TIMER=(); [ -x /usr/bin/time ] && TIMER=(/usr/bin/time -f "%U %S" -o "$DIR/build.cpu")
+if ! "${TIMER[@]}" "$DIR/venv/bin/pip" install --no-build-isolation --no-deps -e . -v > "$DIR/build.log" 2>&1; then
   grep -n -E "error|Error" "$DIR/build.log" | head -40; tail -20 "$DIR/build.log"
   echo "check_cuda_build: BUILD FAILED"; exit 1
 fi
-echo "built in $(( $(date +%s) - start )) s; $(grep -c -E 'warning' "$DIR/build.log" || true) warning lines"
+cpu=$(awk '{printf "%.0f", $1 + $2}' "$DIR/build.cpu" 2> /dev/null)
+echo "built in $(( $(date +%s) - start )) s${cpu:+ ($cpu CPU s)}; $(grep -c -E 'warning' "$DIR/build.log" || true) warning lines"
 
 "$DIR/venv/bin/python" - <<'PY'
 import torch

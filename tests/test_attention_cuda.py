@@ -153,15 +153,19 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
     _check_against_torch("lse (jvp kernel)", lse_j, t_lse, r_lse)
 
 
+@pytest.mark.parametrize("stage", ["scalar", "vector"])
 @pytest.mark.parametrize("kernel", ["default", "tma_serial", "cp_async", "sm_80"])
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("kind", ["f32_full", "f32_broadcast", "lowp_full", "bool_mask", "with_tangent"])
-def test_bias(kind, dtype, kernel, monkeypatch):
+def test_bias(kind, dtype, kernel, stage, monkeypatch):
     """Bias tiles in every forward kernel that takes them (on sm_90 at D = 64: the TMA kernel by
     default and without the overlap, each warpgroup staging its rows; the cp.async wgmma one; the
-    sm_80 one)."""
+    sm_80 one), with both bias staging modes (FASTCM_ATTN_BIAS_STAGE). Nk = 152: rows of a multiple of
+    4 keys, which the vector mode loads 4 keys at a time, the last key tile partly past Nk; Nk = 150
+    (the bool mask's): misaligned rows, which it loads by element."""
     _force_kernel(kernel, monkeypatch)
-    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150, 64
+    monkeypatch.setenv("FASTCM_ATTN_BIAS_STAGE", stage)
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 90, 150 if kind == "bool_mask" else 152, 64
     q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, D, D, dtype)
     bias_t = None
     if kind == "f32_full":

@@ -155,6 +155,26 @@ bool switch_on(const char* variable) {
   return env == nullptr || env[0] == '1';
 }
 
+// FASTCM_ATTN_BIAS_STAGE, read per call: unset or "scalar" stages the forward's bias tiles with one
+// load per element, "vector" with one vector load per 4 keys where the rows allow it (see
+// the bias staging modes in attention_fwd_kernel.cuh); anything else is an error.
+bool bias_stage_vector() {
+  const char* env = std::getenv("FASTCM_ATTN_BIAS_STAGE");
+  TORCH_CHECK(env == nullptr || std::strcmp(env, "scalar") == 0 || std::strcmp(env, "vector") == 0,
+              "fastcm attention (CUDA): FASTCM_ATTN_BIAS_STAGE must be scalar or vector (or unset), got '", env, "'");
+  return env != nullptr && std::strcmp(env, "vector") == 0;
+}
+
+// Whether every 4-key chunk the vector staging loads (keys n0 + 4k of a row, n0 a multiple of 4) is one
+// aligned vector load: contiguous rows, and the chunk's first element 4-element aligned (row, head and
+// batch strides multiples of 4 where the dimension has more than one entry, the data pointer aligned
+// to 4 elements). Broadcast (stride 0) dimensions qualify; a stride-0 key dimension does not.
+bool bias_rows_vectorisable(const at::Tensor& b) {
+  auto aligned = [&](int dim) { return b.size(dim) == 1 || b.stride(dim) % 4 == 0; };
+  return b.stride(3) == 1 && aligned(0) && aligned(1) && aligned(2) &&
+         reinterpret_cast<uintptr_t>(b.data_ptr()) % (4 * b.element_size()) == 0;
+}
+
 // The shared memory per block the sm_90a kernels may use on `device` (its opt-in limit), or
 // 0 where it may not run: the build has no sm_90a code (setup.py defines FASTCM_WITH_SM90A when the
 // arch list names 9.0a), the device is not sm_90, or FASTCM_ATTN_SM90 (read per call) is 0.
@@ -305,6 +325,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   set_bias(p, bias, false);
   set_bias(p, bias_t, true);
+  p.bias_stage = bias_stage_vector() ? 1 : 0;
+  p.bias_mode = p.bias_is_f32 | p.bias_stage << 1 |
+                (p.bias_stage && bias.has_value() && bias_rows_vectorisable(*bias) ? 4 : 0);
+  p.bias_t_mode = p.bias_t_is_f32 | p.bias_stage << 1 |
+                  (p.bias_stage && bias_t.has_value() && bias_rows_vectorisable(*bias_t) ? 4 : 0);
   p.lse = lse.data_ptr<float>();
   p.lse_t = jvp ? lse_t.data_ptr<float>() : nullptr;
   p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sn = out.stride(2);

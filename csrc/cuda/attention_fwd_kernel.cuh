@@ -59,6 +59,11 @@ struct FwdParams {
   float scale_log2;         // scale·log2(e)
   int causal;
   int bias_is_f32, bias_t_is_f32;   // else the bias has the element type of q
+  // FASTCM_ATTN_BIAS_STAGE (see stage_bias_vec): 0 scalar staging, row-major tiles; 1 vector staging.
+  int bias_stage;
+  // The staging of bias, bias_t packed as one argument: bit 0 is_f32, bit 1 bias_stage, bit 2 (vector
+  // only) rows contiguous and 4-element chunks aligned (host-checked): a chunk is one vector load.
+  int bias_mode, bias_t_mode;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -242,6 +247,90 @@ __device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t bas
   stage_bias_tile<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, mult, tid);
 }
 
+// ---- The forward's bias staging modes (FASTCM_ATTN_BIAS_STAGE, read per call; FwdParams::bias_stage)
+// scalar (0, default): stage_bias_tile above, one scalar global load per element under unroll 1, the
+// tile row-major [kBM][kBN]. scores_to_log2 reads, per warp and accumulator entry pair, 8 rows × 4
+// even keys: with rows kBN floats apart (a multiple of 32 banks) those 32 lanes share 4 of the 16
+// 8-byte bank pairs of a half-warp's 64-bit access: 4-way conflicts (8-way as 32-bit reads).
+// vector (1): stage_bias_tile_vec, 4 consecutive keys of a row per thread and pass, one vector load
+// where the host found the rows contiguous and aligned (vec_ok), else one load per key (broadcast,
+// strided or misaligned biases, and the Nk tail); row r's columns XOR bias_swizzle(r), which moves
+// 8-key groups only (16-byte chunks stay whole and aligned) and gives the 4 rows of a half-warp's
+// 8-byte read different bank pairs: conflict-free. Same shared-memory size. Only in the sm_90a
+// kernels: the sm_80 one stages scalar in both modes (at its register limit, its d 64 and d 128 JVP
+// instances spilled 4 and 20 B with the vector staging's calls and the swizzled reads).
+// tests/cuda_index_model/test_attention_fwd_bias_staging.py checks the staging's coverage,
+// placement, tails and banks.
+template <int kBN>
+__device__ __forceinline__ int bias_swizzle(int row) { return (row & 3) * 8 & (kBN - 1); }
+
+// The tile entry of row offset `row_base` (ri·kBN), key key_pair + odd (key_pair even), as
+// scores_to_log2 reads it: kSwizzle (the sm_90a kernels), one 8-byte read of both keys of the pair
+// (the loads of odd 0 and 1 are the same LDS.64) at column key_pair ^ x; else the row-major element.
+template <bool kSwizzle>
+__device__ __forceinline__ float bias_at(const float* tile, int row_base, int key_pair, int odd, int x) {
+  if constexpr (kSwizzle) {
+    const float2 b = *reinterpret_cast<const float2*>(tile + row_base + (key_pair ^ x));
+    return odd ? b.y : b.x;
+  } else {
+    return tile[row_base + key_pair + odd];
+  }
+}
+
+// Four consecutive bias elements at element offset `off` (4-element aligned), as floats.
+__device__ __forceinline__ float4 load_bias4(const void* p, int64_t off, int is_f32, bool is_bf16) {
+  if (is_f32) return __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p) + off));
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + off));
+  float2 lo, hi;
+  if (is_bf16) {
+    lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  } else {
+    lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+    hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  }
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// The vector mode's staging of the same tile as stage_bias_tile (times mult, 0 outside (Nq, Nk)):
+// element (r, c) at dst[r·kBN + (c ^ bias_swizzle(r))]. dst 16-byte aligned.
+template <class Tr>
+__device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                                    int m0, int n0, int Nq, int Nk, int is_f32, int vec_ok,
+                                                    float mult, int tid) {
+  constexpr bool kIsBf16 = std::is_same<typename Tr::T, __nv_bfloat16>::value;
+  constexpr int kRowChunks = Tr::kBN / 4;
+  static_assert(Tr::kBN % 16 == 0, "the swizzle moves whole 8-key groups inside a row");
+#pragma unroll 2
+  for (int idx = tid; idx < Tr::kBM * kRowChunks; idx += Tr::kThreads) {
+    const int r = idx / kRowChunks, cc = idx % kRowChunks * 4;
+    const int i = m0 + r, j = n0 + cc;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < Nq) {
+      const int64_t off = base + (int64_t)i * sm + (int64_t)j * sn;
+      if (vec_ok && j + 3 < Nk) {
+        v = load_bias4(src, off, is_f32, kIsBf16);
+      } else {
+        if (j < Nk) v.x = load_scalar(src, off, is_f32, kIsBf16);
+        if (j + 1 < Nk) v.y = load_scalar(src, off + sn, is_f32, kIsBf16);
+        if (j + 2 < Nk) v.z = load_scalar(src, off + 2 * sn, is_f32, kIsBf16);
+        if (j + 3 < Nk) v.w = load_scalar(src, off + 3 * sn, is_f32, kIsBf16);
+      }
+    }
+    v.x *= mult; v.y *= mult; v.z *= mult; v.w *= mult;
+    *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN>(r))) = v;
+  }
+}
+
+// stage_bias_tile_vec behind a call, for the cp.async wgmma kernel, which stages between its tile
+// barriers (as stage_bias, which it calls for the scalar mode). mode: FwdParams::bias_mode (is_f32
+// and the vector-load permission packed into one argument).
+template <class Tr>
+__device__ __noinline__ void stage_bias_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
+                                            int m0, int n0, int Nq, int Nk, int mode, float mult, int tid) {
+  stage_bias_tile_vec<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, mode & 1, mode & 4, mult, tid);
+}
+
 // Bytes of dynamic shared memory for the optional bias tiles.
 template <class Tr>
 constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
@@ -325,11 +414,13 @@ __device__ __forceinline__ void zero_accumulators(float (&acc_o)[kNTO][4], float
 
 // s ← s·scale·log2e + bias (fp32 smem tile [BM][kBN], already × log2e), −inf where masked;
 // ṡ ← ṡ·scale + bias_t.
-template <bool kJvp, int kBN, int kNT, int kNTd>
+template <bool kJvp, int kBN, bool kSwizzle, int kNT, int kNTd>
 __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[kNTd][4], const FwdParams p,
                                                bool has_bias, const float* sBias, bool has_bias_t,
                                                const float* sBiasT, int row_in_cta, int m0, int n0, int off,
                                                bool need_mask, int c) {
+  // The tiles' column swizzle (kSwizzle and vector staging, else 0): rows ri ≡ row_in_cta (mod 4) share it.
+  const int bias_x = kSwizzle && p.bias_stage ? bias_swizzle<kBN>(row_in_cta) : 0;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -337,7 +428,7 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
       const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
       const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
       float x = s[nt][e] * p.scale_log2;
-      if (has_bias) x += sBias[ri * kBN + jl];            // already in log2 units
+      if (has_bias) x += bias_at<kSwizzle>(sBias, ri * kBN, nt * 8 + 2 * c, e % 2, bias_x);   // in log2 units
       if (need_mask) {
         const int i = m0 + ri, j = n0 + jl;
         if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
@@ -345,7 +436,7 @@ __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[k
       s[nt][e] = x;
       if constexpr (kJvp) {
         float xd = sd[nt][e] * p.scale;
-        if (has_bias_t) xd += sBiasT[ri * kBN + jl];
+        if (has_bias_t) xd += bias_at<kSwizzle>(sBiasT, ri * kBN, nt * 8 + 2 * c, e % 2, bias_x);
         sd[nt][e] = xd;
       }
     }
@@ -510,6 +601,7 @@ attention_fwd_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
+    // Scalar staging whatever FASTCM_ATTN_BIAS_STAGE says (see the bias staging modes above).
     if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
                                       p.bias_is_f32, kLog2e, tid);
     if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
@@ -568,7 +660,7 @@ attention_fwd_kernel(const FwdParams p) {
     // they stay written out: behind a helper ptxas spills 44 B in the sm_90a build of the d = 128
     // JVP kernel.)
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+    scores_to_log2<kJvp, kBN, false>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                               off, need_mask, c);
     float alpha[2];
     online_softmax<T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);

@@ -177,7 +177,7 @@ __device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[k
   constexpr int kBN = Tr::kBN;
   constexpr bool kJvp = Tr::kJvp;
   const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-  scores_to_log2<kJvp, kBN>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
+  scores_to_log2<kJvp, kBN, true>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
                             off, need_mask, c);
   online_softmax<typename Tr::T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);
 }
@@ -274,6 +274,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   const int row_in_cta = 16 * warp + lane / 4;        // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
 
   // Optional fp32 bias tiles after the ring; kBias = false compiles them out.
+  static_assert((Tr::kQTiles * Tr::kQBytes + Tr::kStages * Tr::kStageBytes) % 16 == 0, "bias tiles 16-byte aligned");
   FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, sKV + Tr::kStages * Tr::kStageBytes, b, h);
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
@@ -286,10 +287,19 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
-    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                      p.bias_is_f32, kLog2e, tid);
-    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
-                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
+    // (FASTCM_ATTN_BIAS_STAGE: p.bias_stage is uniform over the call; see stage_bias_vec.)
+    if (bias.has_bias) {
+      if (p.bias_stage) stage_bias_vec<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
+                                                 p.Nk, p.bias_mode, kLog2e, tid);
+      else stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
+                          kLog2e, tid);
+    }
+    if (bias.has_bias_t) {
+      if (p.bias_stage) stage_bias_vec<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
+                                                 tile * kBN, p.Nq, p.Nk, p.bias_t_mode, 1.f, tid);
+      else stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
+                          p.bias_t_is_f32, 1.f, tid);
+    }
     cp_async_wait<1>();        // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();

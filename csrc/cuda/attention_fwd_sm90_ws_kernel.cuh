@@ -177,7 +177,8 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
   float row_r[2] = {0.f, 0.f};
-  // The bias tiles after the mbarriers.
+  // The bias tiles after the mbarriers (16-byte aligned: the vector staging's stores).
+  static_assert(!Tr::kBias || (Tr::kTileBytes + 8 * Tr::kBarriers) % 16 == 0, "bias tiles 16-byte aligned");
   FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem + Tr::kTileBytes + 8 * Tr::kBarriers, blk.b, blk.h);
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
@@ -193,7 +194,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   auto stage_base = [&](int tile) { return sKV + stage_of(tile) * Tr::kStageBytes; };
   // P·V of `tile`: waits for its V (+ V̇), issues the chain (the caller waits on it).
   auto issue_pv = [&](int tile) {
-    mbar_wait(v_full(stage_of(tile)), parity_of(tile));
+    mbar_wait_warp(v_full(stage_of(tile)), parity_of(tile));
     issue_pv_chain<Tr>(acc_o, acc_t, pa, ha, stage_base(tile));
   };
   auto retire_pv = [&](int tile) {
@@ -208,7 +209,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   auto issue_s = [&](int tile, auto& sc, auto& sd) {
     fence_regs(sc);
     if constexpr (kJvp) fence_regs(sd);
-    mbar_wait(k_full(stage_of(tile)), parity_of(tile));
+    mbar_wait_warp(k_full(stage_of(tile)), parity_of(tile));
     named_barrier_sync(kTurnBarrier + wg, Tr::kConsumerThreads);
     if constexpr (Tr::kQRegs) issue_s_chain<Tr>(sc, sd, qa, qta, stage_base(tile));
     else issue_s_chain<Tr>(sc, sd, q_base, qt_base, stage_base(tile));
@@ -226,10 +227,20 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       const int m0 = blk.m0 + 64 * wg, n0 = tile * kBN, t = tid % 128;
       // Inlined: a call here, with this warpgroup's S (and P·V) chain in flight, would put the
       // accumulators' registers at the mercy of the callee's.
-      if (bias.has_bias) stage_bias_tile<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0,
-                                               p.Nq, p.Nk, p.bias_is_f32, 1.4426950408889634f, t);
-      if (bias.has_bias_t) stage_bias_tile<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn,
-                                                 m0, n0, p.Nq, p.Nk, p.bias_t_is_f32, 1.f, t);
+      // The staging mode is uniform over the call (FASTCM_ATTN_BIAS_STAGE; attention_fwd_kernel.cuh).
+      if (p.bias_stage) {
+        if (bias.has_bias)
+          stage_bias_tile_vec<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0, p.Nq,
+                                          p.Nk, p.bias_is_f32, p.bias_mode & 4, 1.4426950408889634f, t);
+        if (bias.has_bias_t)
+          stage_bias_tile_vec<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, n0,
+                                          p.Nq, p.Nk, p.bias_t_is_f32, p.bias_t_mode & 4, 1.f, t);
+      } else {
+        if (bias.has_bias) stage_bias_tile<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0,
+                                                 p.Nq, p.Nk, p.bias_is_f32, 1.4426950408889634f, t);
+        if (bias.has_bias_t) stage_bias_tile<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm,
+                                                   p.bt_sn, m0, n0, p.Nq, p.Nk, p.bias_t_is_f32, 1.f, t);
+      }
       named_barrier_sync(kBiasBarrier + wg, 128);   // published to the warpgroup
     }
   };
@@ -241,7 +252,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
 
   if (n_tiles > 0) {
     if (wg == 1) named_barrier_arrive(kTurnBarrier, Tr::kConsumerThreads);   // WG0 issues first
-    mbar_wait(q_full, 0);
+    mbar_wait_warp(q_full, 0);
     if constexpr (Tr::kQRegs) {
       load_a_fragments<kBM>(qa, q_base, warp % 4, lane);
       if constexpr (kJvp) load_a_fragments<kBM>(qta, qt_base, warp % 4, lane);

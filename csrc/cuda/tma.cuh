@@ -36,12 +36,24 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" :: "r"(bar) : "memory");
 }
 // Blocks until the phase with this parity has completed (acquire: the bytes it counted are visible).
+// The retry loop is inside the asm (a predicate and a branch back to a label local to the braces):
+// as a C++ loop around a single try_wait, the compiler may leave the lanes of a warp that leave the
+// loop in different passes unconverged after it, and what follows in the consumers are `.aligned`
+// instructions (bar.sync, wgmma.fence), which need every lane of the warp to execute them together.
+// Consumer warps also reconverge explicitly after the wait (mbar_wait_warp).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  }
+  asm volatile(
+      "{\n"
+      ".reg .pred ready;\n"
+      "fastcm_mbar_retry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
+      "@!ready bra fastcm_mbar_retry;\n"
+      "}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+// mbar_wait for a whole warp (every lane waits): the warp is converged when it returns.
+__device__ __forceinline__ void mbar_wait_warp(uint32_t bar, uint32_t parity) {
+  mbar_wait(bar, parity);
+  __syncwarp();
 }
 
 // A box of the 4-D tensor map at coordinates (c0 innermost .. c3) into shared memory at `dst`,

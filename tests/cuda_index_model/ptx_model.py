@@ -101,6 +101,57 @@ def stage_bias(rows, cols, p, bias, base, m0, n0, mult):
     return out
 
 
+def bias_swizzle(cols, row):
+    """bias_swizzle<kBN>(row): the vector staging's XOR on the columns of tile row `row`."""
+    return (row & 3) * 8 & (cols - 1)
+
+
+def bias_rows_vectorisable(shape, strides, storage_offset):
+    """The host's bias_rows_vectorisable (attention_cuda.cu) on a (B, H, Nq, Nk) view: contiguous
+    rows, 4-element aligned batch / head / row strides where the dimension has more than one entry,
+    and the data pointer 4-element aligned (the storage itself is: the CUDA allocator's blocks are)."""
+    aligned = all(shape[d] == 1 or strides[d] % 4 == 0 for d in range(3))
+    return strides[3] == 1 and aligned and storage_offset % 4 == 0
+
+
+def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
+    """stage_bias_tile_vec (the sm_90a kernels' vector staging), thread by thread: returns the shared tile (rows·cols floats, NaN where
+    never written), the number of writes per float, and the loads: (kind, element offsets) with kind
+    "vec" (one vector load of 4 consecutive elements) or "scalar"."""
+    row_chunks = cols // 4
+    tile = np.full(rows * cols, np.nan)
+    writes = np.zeros(rows * cols, dtype=int)
+    loads = []
+    for tid in range(threads):
+        for idx in range(tid, rows * row_chunks, threads):
+            r, cc = idx // row_chunks, idx % row_chunks * 4
+            i, j = m0 + r, n0 + cc
+            v = np.zeros(4)
+            if i < p["Nq"]:
+                off = base + i * bias.st[2] + j * bias.st[3]
+                if vec_ok and j + 3 < p["Nk"]:
+                    assert bias.st[3] == 1, "a vector load of a non-contiguous row"
+                    loads.append(("vec", off + np.arange(4)))
+                    v = bias.s[off:off + 4].astype(float)
+                else:
+                    for k in range(4):
+                        if j + k < p["Nk"]:
+                            loads.append(("scalar", np.array([off + k * bias.st[3]])))
+                            v[k] = bias.s[off + k * bias.st[3]]
+            dst = r * cols + (cc ^ bias_swizzle(cols, r))
+            assert dst % 4 == 0 and dst + 4 <= rows * cols, "float4 store outside its row chunk"
+            tile[dst:dst + 4] = mult * v
+            writes[dst:dst + 4] += 1
+    return tile, writes, loads
+
+
+def bias_read_pairs(kbn, row_in_cta, nt, c, half, vector):
+    """scores_to_log2's bias_at<true>: the 8-byte read of keys (8nt + 2c, + 1), row row_in_cta + 8·half,
+    its float index (vector: the bias_stage of FASTCM_ATTN_BIAS_STAGE=vector)."""
+    x = bias_swizzle(kbn, row_in_cta) if vector else 0
+    return (row_in_cta + 8 * half) * kbn + ((nt * 8 + 2 * c) ^ x)
+
+
 # ---- wgmma (sm_90a; csrc/cuda/wgmma.cuh) ------------------------------------------------------
 # Shared memory is modelled with absolute byte addresses: `SharedMemory` maps [base, base + size)
 # onto an array of 16-bit elements. The hardware side (descriptor decoding, the canonical 128-byte
