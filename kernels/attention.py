@@ -95,6 +95,20 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, dtype, UPCAST: tl.constexpr):
+    """x rounded to `dtype`, the dtype of an MMA operand or of a stored output. The interpreter
+    converts float32 to bfloat16 by truncation; with UPCAST the value is rounded to nearest even by
+    hand and kept in float32 (exact there), so the interpreter rounds as the GPU does."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        return x.to(dtype).to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
 def _tile(ptr, rows, row_stride, cols, col_stride, row_ok, col_ok):
     return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -195,12 +209,12 @@ def _attention_fwd_kernel(
             shift = tl.where(l > 0, shift, weighted / tl.where(block_sum > 0, block_sum, 1.0))
             r = r * alpha + weighted - shift * block_sum
             h_t = p * (s_t - shift[:, None])
-            acc_t = _mma(h_t.to(v.dtype), v, acc_t * alpha[:, None], DOT_PRECISION, UPCAST)
+            acc_t = _mma(_rounded(h_t, v.dtype, UPCAST), v, acc_t * alpha[:, None], DOT_PRECISION, UPCAST)
             if HAS_V_T:
                 v_t = _tile(vt_base, cols, vt_sn, d_v, 1, col_ok, dv_ok)
-                acc_t = _mma(p.to(v.dtype), v_t, acc_t, DOT_PRECISION, UPCAST)
+                acc_t = _mma(_rounded(p, v.dtype, UPCAST), v_t, acc_t, DOT_PRECISION, UPCAST)
         l = l * alpha + block_sum
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
+        acc = _mma(_rounded(p, v.dtype, UPCAST), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
         m = m_new
 
     live = l > 0
@@ -209,12 +223,12 @@ def _attention_fwd_kernel(
     out_rows = bh.to(tl.int64) * num_queries + rows
     out_mask = row_ok[:, None] & dv_ok[None, :]
     out_offsets = out_rows[:, None] * dim_v + d_v[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + out_offsets, _rounded(out, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
     tl.store(lse_ptr + out_rows, tl.where(live, m + tl.log(l_safe), float("-inf")), mask=row_ok)
     if JVP:
         shifted_mu = r / l_safe
         out_t = acc_t / l_safe[:, None] - shifted_mu[:, None] * out
-        tl.store(out_t_ptr + out_offsets, out_t.to(out_t_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_t_ptr + out_offsets, _rounded(out_t, out_t_ptr.dtype.element_ty, UPCAST), mask=out_mask)
         tl.store(lse_t_ptr + out_rows, tl.where(live, shift + shifted_mu, 0.0), mask=row_ok)
 
 
@@ -303,15 +317,15 @@ def _attention_bwd_dkdv_kernel(
                 else:
                     s_tr += bias.to(COMPUTE)
             p_tr = tl.where(allowed, tl.exp(s_tr - lse[None, :]), 0.0)
-            dv = _mma(p_tr.to(grad_out.dtype), grad_out, dv, DOT_PRECISION, UPCAST)
+            dv = _mma(_rounded(p_tr, grad_out.dtype, UPCAST), grad_out, dv, DOT_PRECISION, UPCAST)
             dp_tr = _mma(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION, UPCAST)
             ds_tr = p_tr * (dp_tr - delta[None, :])
-            dk = _mma(ds_tr.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
+            dk = _mma(_rounded(ds_tr, q.dtype, UPCAST), q, dk, DOT_PRECISION, UPCAST)
     key_rows = bkv.to(tl.int64) * num_keys + cols
     tl.store(dk_ptr + key_rows[:, None] * dim_qk + d_qk[None, :],
-             _scaled(dk, scale_hi, scale_lo, EXACT_SCALE).to(dk_ptr.dtype.element_ty),
+             _rounded(_scaled(dk, scale_hi, scale_lo, EXACT_SCALE), dk_ptr.dtype.element_ty, UPCAST),
              mask=col_ok[:, None] & dqk_ok[None, :])
-    tl.store(dv_ptr + key_rows[:, None] * dim_v + d_v[None, :], dv.to(dv_ptr.dtype.element_ty),
+    tl.store(dv_ptr + key_rows[:, None] * dim_v + d_v[None, :], _rounded(dv, dv_ptr.dtype.element_ty, UPCAST),
              mask=col_ok[:, None] & dv_ok[None, :])
 
 
@@ -321,7 +335,8 @@ def _attention_bwd_dq_kernel(
         q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, bias_sb, bias_sh, bias_sm, bias_sn,
         go_sb, go_sh, go_sn, heads, groups, num_queries, num_keys, dim_qk, dim_v, n_q_blocks, scale_hi, scale_lo,
         CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr,
-        COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dQ = scale·Σ dS·K for one query block."""
     pid = tl.program_id(0)
@@ -367,9 +382,9 @@ def _attention_bwd_dq_kernel(
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         dp = _mma(grad_out, v_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(k_tr.dtype), tl.trans(k_tr), dq, DOT_PRECISION, UPCAST)
+        dq = _mma(_rounded(ds, k_tr.dtype, UPCAST), tl.trans(k_tr), dq, DOT_PRECISION, UPCAST)
     tl.store(dq_ptr + out_rows[:, None] * dim_qk + d_qk[None, :],
-             _scaled(dq, scale_hi, scale_lo, EXACT_SCALE).to(dq_ptr.dtype.element_ty),
+             _rounded(_scaled(dq, scale_hi, scale_lo, EXACT_SCALE), dq_ptr.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & dqk_ok[None, :])
 
 
@@ -387,6 +402,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _upcast(t: torch.Tensor) -> bool:
+    """CPU tensors run in the interpreter: 16-bit MMA operands there go through float32 (_mma, _rounded)."""
     return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -498,8 +514,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     stats = _stats_dtype(q.dtype)
+    bad_grad_lse = grad_lse is not None and (grad_lse.shape != lse.shape or grad_lse.dtype != stats)
     if grad_out.shape != (B, H, Nq, Dv) or out.shape != grad_out.shape or lse.shape != (B, H, Nq) \
-            or lse.dtype != stats or (grad_lse is not None and (grad_lse.shape != lse.shape or grad_lse.dtype != stats)):
+            or lse.dtype != stats or bad_grad_lse:
         raise ValueError(f"{op}: grad_out and out must be (B, H, Nq, Dv) = {(B, H, Nq, Dv)}, lse and grad_lse "
                          f"(B, H, Nq) in {stats}; got {tuple(grad_out.shape)}, {tuple(out.shape)}, "
                          f"{tuple(lse.shape)} {lse.dtype}")
