@@ -38,7 +38,8 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_precondition.py", "tests/test_losses.py", "tests/test_steps.py", "tests/test_sampling.py"]
+TESTS = ["tests/test_precondition.py", "tests/test_losses.py", "tests/test_steps.py", "tests/test_sampling.py",
+         "tests/test_attention.py"]
 # Per-block opt-in shared memory (bytes): A100 (sm_80) and H100 / H200 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 REGISTER_FILE = 65536
