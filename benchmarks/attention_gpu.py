@@ -22,8 +22,8 @@ unless --causal), times
   compiled jvp    the same under torch.compile, at N = 8192 only (one compile per shape; --no-compile skips it)
 and reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), the time over the compute floor
 (FLOPs over the rate of an 8192³ matmul in the same dtype, measured at the start of the run), time
-relative to the SDPA forward (backward rows also relative to the SDPA backward) and peak memory above the inputs. Writes attention_gpu.json and
-attention_gpu.csv into --out.
+relative to the SDPA forward (backward rows also to the SDPA backward) and peak memory above the inputs.
+Writes attention_gpu.json and attention_gpu.csv into --out.
 
     python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick] [--no-compile] [--time-budget S]
 """

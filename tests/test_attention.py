@@ -406,8 +406,9 @@ def test_fake_implementations_match_the_ops(kernels):
     also for (B, N, H, D) storage viewed as (B, H, N, D), whose gradients come back contiguous."""
     ops = fa._ops()   # loads the extension and registers the fakes
     if kernels == "triton":
+        names = ("attention_forward", "attention_forward_jvp", "attention_backward")
         ops = types.SimpleNamespace(**{name: getattr(torch.ops.fastcm, name.replace("attention_", "attention_triton_"))
-                                       for name in ("attention_forward", "attention_forward_jvp", "attention_backward")})
+                                       for name in names})
 
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(DEVICE, KERNEL_DTYPE)
