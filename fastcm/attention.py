@@ -29,6 +29,7 @@ _CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Where the extension's CUDA kernels were built and tuned (csrc/cuda): sm_80 and sm_90, D_qk <= 256.
 _CUDA_KERNEL_CAPABILITIES = ((8, 0), (9, 0))
 _CUDA_MAX_HEAD_DIM = 256
+_TRITON_MAX_HEAD_DIM = 256  # fastcm.kernels.attention.MAX_HEAD_DIM (not imported: triton may be missing)
 # Rows of the (B, H, rows, Nk) probability block recomputed at a time for the bias gradient.
 _SCORE_CHUNK_ELEMENTS = 1 << 24
 
@@ -93,10 +94,10 @@ class _TritonOps:
 _TRITON_OPS = _TritonOps()
 
 
-def _ops_for(q):
-    """The ops that run a call on q: the Triton kernels where _backend picks them, the extension's
+def _ops_for(q, v):
+    """The ops that run a call on q, v: the Triton kernels where _backend picks them, the extension's
     torch.ops.fastcm otherwise."""
-    if _backend(q.device, q.dtype, q.shape[-1]) == "triton":
+    if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "triton":
         return _TRITON_OPS
     return _ops()
 
@@ -139,7 +140,7 @@ def _backward(ctx, grad_out, grad_lse):
     grad_q = grad_k = grad_v = grad_bias = None
     if any(ctx.needs_input_grad[:3]):
         # An LSE gradient g enters the kernels' row term: δ = rowsum(dO⊙O) − g.
-        grad_q, grad_k, grad_v = _ops_for(q).attention_backward(
+        grad_q, grad_k, grad_v = _ops_for(q, v).attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal,
             None if grad_lse is None else grad_lse.to(lse.dtype).contiguous())
     if ctx.needs_input_grad[3]:
@@ -154,7 +155,7 @@ class _AttentionPrimal(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, bias, scale, causal):
-        return _ops_for(q).attention_forward(q, k, v, bias, scale, causal)
+        return _ops_for(q, v).attention_forward(q, k, v, bias, scale, causal)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -180,7 +181,7 @@ class _Attention(_AttentionPrimal):
         q, k, v, bias = ctx.saved_tensors
         q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t.contiguous()
                          for p, t in ((q, q_t), (k, k_t), (v, v_t)))
-        _, out_t, _, lse_t = _ops_for(q).attention_forward_jvp(
+        _, out_t, _, lse_t = _ops_for(q, v).attention_forward_jvp(
             q, k, v, q_t, k_t, v_t, bias, bias_t, *ctx.options)
         return out_t, lse_t
 
@@ -192,7 +193,7 @@ class _AttentionWithTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal):
-        out, out_t, lse, lse_t = _ops_for(q).attention_forward_jvp(
+        out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
             q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
         return out, lse, out_t, lse_t
 
@@ -327,15 +328,15 @@ def _cuda_capability(device_index) -> tuple:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _backend(device, dtype, head_dim) -> str:
-    """Which kernels run a call on `device` in `dtype` with q/k head dim `head_dim`: "cuda" (the
-    extension: its C++ kernel for CPU tensors, its CUDA kernels), "triton" or "reference".
+def _backend(device, dtype, dim_qk, dim_v) -> str:
+    """Which kernels run a call on `device` in `dtype` with head dims `dim_qk` (q, k) and `dim_v`:
+    "cuda" (the extension: its C++ kernel for CPU tensors, its CUDA kernels), "triton" or "reference".
 
     FASTCM_BACKEND=auto: CPU tensors run the C++ kernel; CUDA tensors run the extension's CUDA kernels
     where they serve the call (built with CUDA, an sm_80 / sm_90 device, bfloat16 / float16,
     D_qk <= 256), the Triton kernels otherwise (another architecture, no CUDA build, float32 /
-    float64, larger head dims), and the O(N²)-memory reference, with a warning, only where triton is
-    missing too. An explicit FASTCM_BACKEND is obeyed or raises (select_backend)."""
+    float64; head dims up to 256), and the O(N²)-memory reference, with a warning, where neither can
+    run. An explicit FASTCM_BACKEND is obeyed or raises (select_backend)."""
     kernels = ("the CUDA kernels take bfloat16 or float16 (cast q, k, v; fastcm.nn.Attention does it with "
                "cuda_dtype=torch.bfloat16)")
     if requested_backend() != "auto" or device.type != "cuda":
@@ -343,16 +344,18 @@ def _backend(device, dtype, head_dim) -> str:
         if choice == "cuda" and device.type == "cuda" and dtype not in _CUDA_KERNEL_DTYPES:
             raise RuntimeError(f"fastcm.{_OP}: FASTCM_BACKEND='cuda' cannot run {dtype} CUDA tensors: {kernels}")
         return choice
-    low_precision = dtype in _CUDA_KERNEL_DTYPES
-    if low_precision and head_dim <= _CUDA_MAX_HEAD_DIM and _extension_has_cuda() \
-            and _cuda_capability(device.index) in _CUDA_KERNEL_CAPABILITIES:
+    extension_serves = dtype in _CUDA_KERNEL_DTYPES and dim_qk <= _CUDA_MAX_HEAD_DIM and _extension_has_cuda()
+    if extension_serves and _cuda_capability(device.index) in _CUDA_KERNEL_CAPABILITIES:
         return "cuda"
-    if triton_runs_on(device):
+    triton_serves = max(dim_qk, dim_v) <= _TRITON_MAX_HEAD_DIM
+    if triton_serves and triton_runs_on(device):
         return "triton"
-    if low_precision and _extension_has_cuda():
+    if extension_serves:
         return "cuda"
-    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory): triton is not "
-                  f"installed and {kernels}", stacklevel=3)
+    triton = ("triton is not installed" if triton_serves else
+              f"the Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, not {dim_qk} and {dim_v}")
+    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory): {triton}, and "
+                  f"{kernels} with D_qk <= {_CUDA_MAX_HEAD_DIM}", stacklevel=3)
     return "reference"
 
 
@@ -390,7 +393,7 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     """
     _check(q, k, v, attn_bias, scale, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _backend(q.device, q.dtype, q.shape[-1]) == "reference":
+    if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "reference":
         return reference.attention(q, k, v, scale=scale, causal=causal, attn_bias=attn_bias,
                                    return_lse=return_lse)
     _compiled_forward_ad_guard()
@@ -432,13 +435,13 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
         _checks.check_same_device("attention_jvp", "bias_t", bias_t, "q", q)
         _expanded_shape(bias_t, q, k, "bias_t")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _backend(q.device, q.dtype, q.shape[-1]) == "reference":
+    if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "reference":
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
     bias = _kernel_bias(attn_bias, q, k)
     kernel_bias_t = None if bias_t is None else bias_t.to(bias.dtype).expand(bias.shape)
     with torch.no_grad():
-        out, out_t, lse, lse_t = _ops_for(q).attention_forward_jvp(
+        out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
             *(_last_dim_contiguous(t) for t in (q, k, v, q_t, k_t, v_t)), bias, kernel_bias_t,
             scale, causal)
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)

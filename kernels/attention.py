@@ -28,6 +28,7 @@ BLOCK_OVERRIDE to shrink the tiles so that small shapes cover several blocks, ta
 skip. The table is the place an autotuner's measured choice goes.
 """
 
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -60,19 +61,26 @@ CONFIGS = {
     ("dq", 128): Config(64, 64, 4, 2),
     ("dq", 256): Config(32, 32, 4, 2),
 }
-# (block_m, block_n) for every kernel when set: tests shrink the tiles with it.
+# float64 (a correctness path: no tensor-core rate to chase) in small tiles, whose float64 accumulators fit
+# the registers of every kernel.
+FLOAT64_CONFIG = Config(32, 32, 4, 1)
+# (block_m, block_n) for every kernel when set: tests shrink the tiles with it (and run them on 4 warps).
 BLOCK_OVERRIDE: Optional[Tuple[int, int]] = None
 # Rows of the δ pass per program.
 DELTA_BLOCK_M = 64
 MAX_HEAD_DIM = 256
+# Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) runs the kernels on CPU tensors; its
+# 16-bit arithmetic differs from the GPU's (_mma, _rounded). A compiled kernel sees False.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def config(kernel: str, head_dim: int) -> Config:
-    """The launch configuration of `kernel` ("forward", "jvp", "dkdv", "dq") for a padded head dim."""
+def config(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
+    """The launch configuration of `kernel` ("forward", "jvp", "dkdv", "dq") for a padded head dim and
+    the inputs' dtype."""
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    chosen = CONFIGS[(kernel, bucket)]
+    chosen = FLOAT64_CONFIG if dtype == torch.float64 else CONFIGS[(kernel, bucket)]
     if BLOCK_OVERRIDE is not None:
-        chosen = chosen._replace(block_m=BLOCK_OVERRIDE[0], block_n=BLOCK_OVERRIDE[1])
+        chosen = Config(BLOCK_OVERRIDE[0], BLOCK_OVERRIDE[1], 4, chosen.num_stages)
     return chosen
 
 
@@ -86,25 +94,30 @@ def _scaled(x, scale_hi, scale_lo, EXACT_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a·b. UPCAST (the interpreter with 16-bit inputs, whose NumPy dot has no bfloat16)
-    multiplies the operands' exact float32 values instead, as the GPU's tensor cores do."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a·b. In the interpreter, whose NumPy dot has no bfloat16, 16-bit operands are multiplied
+    as their exact float32 values, as the GPU's tensor cores do."""
+    if _INTERPRETED:
+        if a.dtype.primitive_bitwidth == 16:
+            a = a.to(tl.float32)
+        if b.dtype.primitive_bitwidth == 16:
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
-def _rounded(x, dtype, UPCAST: tl.constexpr):
-    """x rounded to `dtype`, the dtype of an MMA operand or of a stored output. The interpreter
-    converts float32 to bfloat16 by truncation; with UPCAST the value is rounded to nearest even by
-    hand and kept in float32 (exact there), so the interpreter rounds as the GPU does."""
-    if UPCAST:
+def _rounded(x, dtype):
+    """x rounded to `dtype`, the dtype of an MMA operand or of a stored output. The interpreter converts
+    float32 to bfloat16 by truncation: there the value is rounded to nearest even by hand and kept in
+    float32 (exact there), so the interpreter rounds as the GPU does."""
+    if _INTERPRETED:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
             return bits.to(tl.float32, bitcast=True)
-        return x.to(dtype).to(tl.float32)
+        if dtype == tl.float16:
+            return x.to(dtype).to(tl.float32)
     return x.to(dtype)
 
 
@@ -133,7 +146,7 @@ def _attention_fwd_kernel(
         heads, groups, num_queries, num_keys, dim_qk, dim_v, n_q_blocks, scale_hi, scale_lo,
         CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr, HAS_Q_T: tl.constexpr,
         HAS_K_T: tl.constexpr, HAS_V_T: tl.constexpr, HAS_BIAS_T: tl.constexpr, JVP: tl.constexpr,
-        EXACT_SCALE: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        EXACT_SCALE: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
     # Heaviest causal query blocks first; a (batch, head)'s blocks adjacent (its K, V stay in L2).
@@ -175,7 +188,7 @@ def _attention_fwd_kernel(
         col_ok = cols < num_keys
         k_tr = _tile(k_base, d_qk, 1, cols, k_sn, dqk_ok, col_ok)     # (Dqk, N): Kᵀ
         v = _tile(v_base, cols, v_sn, d_v, 1, col_ok, dv_ok)
-        s = _scaled(_mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION, UPCAST), scale_hi, scale_lo,
+        s = _scaled(_mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION), scale_hi, scale_lo,
                     EXACT_SCALE)
         allowed = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -196,10 +209,10 @@ def _attention_fwd_kernel(
         if JVP:
             s_t = tl.zeros([BLOCK_M, BLOCK_N], COMPUTE)
             if HAS_Q_T:
-                s_t = _mma(q_t, k_tr, s_t, DOT_PRECISION, UPCAST)
+                s_t = _mma(q_t, k_tr, s_t, DOT_PRECISION)
             if HAS_K_T:
                 k_t_tr = _tile(kt_base, d_qk, 1, cols, kt_sn, dqk_ok, col_ok)
-                s_t = _mma(q, k_t_tr, s_t, DOT_PRECISION, UPCAST)
+                s_t = _mma(q, k_t_tr, s_t, DOT_PRECISION)
             s_t = _scaled(s_t, scale_hi, scale_lo, EXACT_SCALE)
             if HAS_BIAS_T:
                 s_t += _tile(biast_base, rows, biast_sm, cols, biast_sn, row_ok, col_ok).to(COMPUTE)
@@ -209,12 +222,12 @@ def _attention_fwd_kernel(
             shift = tl.where(l > 0, shift, weighted / tl.where(block_sum > 0, block_sum, 1.0))
             r = r * alpha + weighted - shift * block_sum
             h_t = p * (s_t - shift[:, None])
-            acc_t = _mma(_rounded(h_t, v.dtype, UPCAST), v, acc_t * alpha[:, None], DOT_PRECISION, UPCAST)
+            acc_t = _mma(_rounded(h_t, v.dtype), v, acc_t * alpha[:, None], DOT_PRECISION)
             if HAS_V_T:
                 v_t = _tile(vt_base, cols, vt_sn, d_v, 1, col_ok, dv_ok)
-                acc_t = _mma(_rounded(p, v.dtype, UPCAST), v_t, acc_t, DOT_PRECISION, UPCAST)
+                acc_t = _mma(_rounded(p, v.dtype), v_t, acc_t, DOT_PRECISION)
         l = l * alpha + block_sum
-        acc = _mma(_rounded(p, v.dtype, UPCAST), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
+        acc = _mma(_rounded(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m = m_new
 
     live = l > 0
@@ -223,12 +236,12 @@ def _attention_fwd_kernel(
     out_rows = bh.to(tl.int64) * num_queries + rows
     out_mask = row_ok[:, None] & dv_ok[None, :]
     out_offsets = out_rows[:, None] * dim_v + d_v[None, :]
-    tl.store(out_ptr + out_offsets, _rounded(out, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+    tl.store(out_ptr + out_offsets, _rounded(out, out_ptr.dtype.element_ty), mask=out_mask)
     tl.store(lse_ptr + out_rows, tl.where(live, m + tl.log(l_safe), float("-inf")), mask=row_ok)
     if JVP:
         shifted_mu = r / l_safe
         out_t = acc_t / l_safe[:, None] - shifted_mu[:, None] * out
-        tl.store(out_t_ptr + out_offsets, _rounded(out_t, out_t_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+        tl.store(out_t_ptr + out_offsets, _rounded(out_t, out_t_ptr.dtype.element_ty), mask=out_mask)
         tl.store(lse_t_ptr + out_rows, tl.where(live, shift + shifted_mu, 0.0), mask=row_ok)
 
 
@@ -269,7 +282,7 @@ def _attention_bwd_dkdv_kernel(
         q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, bias_sb, bias_sh, bias_sm, bias_sn,
         go_sb, go_sh, go_sn, heads, kv_heads, groups, num_queries, num_keys, dim_qk, dim_v, n_k_blocks,
         scale_hi, scale_lo, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr,
-        EXACT_SCALE: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        EXACT_SCALE: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dK = scale·Σ dSᵀQ, dV = Σ PᵀdO for one key block of one kv head, over its query heads."""
     pid = tl.program_id(0)
@@ -305,7 +318,7 @@ def _attention_bwd_dkdv_kernel(
             grad_out = _tile(go_base, rows, go_sn, d_v, 1, row_ok, dv_ok)
             out_rows = (b * heads + h) * num_queries + rows
             lse, delta = _row_stats(lse_ptr, delta_ptr, out_rows, row_ok)
-            s_tr = _scaled(_mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION, UPCAST),
+            s_tr = _scaled(_mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION),
                            scale_hi, scale_lo, EXACT_SCALE)                      # (N, M): Sᵀ
             allowed = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
@@ -317,15 +330,15 @@ def _attention_bwd_dkdv_kernel(
                 else:
                     s_tr += bias.to(COMPUTE)
             p_tr = tl.where(allowed, tl.exp(s_tr - lse[None, :]), 0.0)
-            dv = _mma(_rounded(p_tr, grad_out.dtype, UPCAST), grad_out, dv, DOT_PRECISION, UPCAST)
-            dp_tr = _mma(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION, UPCAST)
+            dv = _mma(_rounded(p_tr, grad_out.dtype), grad_out, dv, DOT_PRECISION)
+            dp_tr = _mma(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION)
             ds_tr = p_tr * (dp_tr - delta[None, :])
-            dk = _mma(_rounded(ds_tr, q.dtype, UPCAST), q, dk, DOT_PRECISION, UPCAST)
+            dk = _mma(_rounded(ds_tr, q.dtype), q, dk, DOT_PRECISION)
     key_rows = bkv.to(tl.int64) * num_keys + cols
     tl.store(dk_ptr + key_rows[:, None] * dim_qk + d_qk[None, :],
-             _rounded(_scaled(dk, scale_hi, scale_lo, EXACT_SCALE), dk_ptr.dtype.element_ty, UPCAST),
+             _rounded(_scaled(dk, scale_hi, scale_lo, EXACT_SCALE), dk_ptr.dtype.element_ty),
              mask=col_ok[:, None] & dqk_ok[None, :])
-    tl.store(dv_ptr + key_rows[:, None] * dim_v + d_v[None, :], _rounded(dv, dv_ptr.dtype.element_ty, UPCAST),
+    tl.store(dv_ptr + key_rows[:, None] * dim_v + d_v[None, :], _rounded(dv, dv_ptr.dtype.element_ty),
              mask=col_ok[:, None] & dv_ok[None, :])
 
 
@@ -335,7 +348,7 @@ def _attention_bwd_dq_kernel(
         q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, bias_sb, bias_sh, bias_sm, bias_sn,
         go_sb, go_sh, go_sn, heads, groups, num_queries, num_keys, dim_qk, dim_v, n_q_blocks, scale_hi, scale_lo,
         CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr,
-        COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dQ = scale·Σ dS·K for one query block."""
@@ -368,7 +381,7 @@ def _attention_bwd_dq_kernel(
         col_ok = cols < num_keys
         k_tr = _tile(k_base, d_qk, 1, cols, k_sn, dqk_ok, col_ok)
         v_tr = _tile(v_base, d_v, 1, cols, v_sn, dv_ok, col_ok)
-        s = _scaled(_mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION, UPCAST), scale_hi, scale_lo,
+        s = _scaled(_mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION), scale_hi, scale_lo,
                     EXACT_SCALE)
         allowed = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -380,11 +393,11 @@ def _attention_bwd_dq_kernel(
             else:
                 s += bias.to(COMPUTE)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        dp = _mma(grad_out, v_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION, UPCAST)
+        dp = _mma(grad_out, v_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _mma(_rounded(ds, k_tr.dtype, UPCAST), tl.trans(k_tr), dq, DOT_PRECISION, UPCAST)
+        dq = _mma(_rounded(ds, k_tr.dtype), tl.trans(k_tr), dq, DOT_PRECISION)
     tl.store(dq_ptr + out_rows[:, None] * dim_qk + d_qk[None, :],
-             _rounded(_scaled(dq, scale_hi, scale_lo, EXACT_SCALE), dq_ptr.dtype.element_ty, UPCAST),
+             _rounded(_scaled(dq, scale_hi, scale_lo, EXACT_SCALE), dq_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dqk_ok[None, :])
 
 
@@ -399,11 +412,6 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get IEEE products (no TF32 rounding); 16-bit inputs multiply exactly anyway.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _upcast(t: torch.Tensor) -> bool:
-    """CPU tensors run in the interpreter: 16-bit MMA operands there go through float32 (_mma, _rounded)."""
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _scale_parts(scale: float) -> Tuple[float, float]:
@@ -467,7 +475,7 @@ def _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp):
     out_t = torch.empty_like(out) if jvp else out
     lse_t = torch.empty_like(lse) if jvp else lse
     block_dqk, block_dv = _head_block(Dqk), _head_block(Dv)
-    cfg = config("jvp" if jvp else "forward", max(block_dqk, block_dv))
+    cfg = config("jvp" if jvp else "forward", max(block_dqk, block_dv), q.dtype)
     n_q_blocks = triton.cdiv(Nq, cfg.block_m)
     scale_hi, scale_lo = _scale_parts(scale)
     if B * H * n_q_blocks == 0:
@@ -480,7 +488,7 @@ def _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp):
         CAUSAL=bool(causal), HAS_BIAS=bias is not None, BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool,
         HAS_Q_T=jvp and q_t is not None, HAS_K_T=jvp and k_t is not None, HAS_V_T=jvp and v_t is not None,
         HAS_BIAS_T=jvp and bias_t is not None, JVP=jvp, EXACT_SCALE=q.dtype == torch.float64,
-        COMPUTE=_compute_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q), BLOCK_M=cfg.block_m,
+        COMPUTE=_compute_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out, out_t, lse, lse_t
@@ -540,17 +548,17 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     scale_hi, scale_lo = _scale_parts(scale)
     common = dict(CAUSAL=bool(causal), HAS_BIAS=bias is not None,
                   BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool, EXACT_SCALE=q.dtype == torch.float64,
-                  COMPUTE=compute, DOT_PRECISION=precision, UPCAST=_upcast(q), BLOCK_DQK=block_dqk, BLOCK_DV=block_dv)
+                  COMPUTE=compute, DOT_PRECISION=precision, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv)
     bias_arg = q if bias is None else bias
     if Nk > 0:
-        cfg = config("dkdv", max(block_dqk, block_dv))
+        cfg = config("dkdv", max(block_dqk, block_dv), q.dtype)
         n_k_blocks = triton.cdiv(Nk, cfg.block_n)
         _attention_bwd_dkdv_kernel[(n_k_blocks * B * Hkv,)](
             q, k, v, bias_arg, grad_out, lse, delta, dk, dv, *_strides3(q), *_strides3(k), *_strides3(v),
             *_strides4(bias), *_strides3(grad_out), H, Hkv, H // Hkv, Nq, Nk, Dqk, Dv, n_k_blocks, scale_hi,
             scale_lo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **common)
-    cfg = config("dq", max(block_dqk, block_dv))
+    cfg = config("dq", max(block_dqk, block_dv), q.dtype)
     n_q_blocks = triton.cdiv(Nq, cfg.block_m)
     _attention_bwd_dq_kernel[(n_q_blocks * B * H,)](
         q, k, v, bias_arg, grad_out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),

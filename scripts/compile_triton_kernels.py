@@ -90,6 +90,8 @@ def record(path: str, pytest_args: list) -> int:
         parameters = inspect.signature(self.fn).parameters
         bound = dict(zip(parameters, args))
         bound.update((name, value) for name, value in kwargs.items() if name in parameters)
+        # In signature order: the compile step passes them positionally, and keywords may come in any order.
+        bound = {name: bound[name] for name in parameters if name in bound}
         entry = {
             "module": self.fn.__module__, "name": self.fn.__name__,
             "args": {name: _describe(value, _is_constexpr(parameters[name].annotation), f"{where}({name})")

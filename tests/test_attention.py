@@ -351,8 +351,8 @@ def test_jvp_uses_one_fused_kernel_call(monkeypatch, kernels):
     ops_for = fa._ops_for
 
     class Counting:
-        def __init__(self, q):
-            self.ops = ops_for(q)
+        def __init__(self, q, v):
+            self.ops = ops_for(q, v)
 
         def __getattr__(self, name):
             op = getattr(self.ops, name)
@@ -523,35 +523,38 @@ def test_backend_choice_per_device_dtype_and_head_dim(backend, monkeypatch):
     monkeypatch.setattr(fa, "_cuda_capability", lambda index: capability[0])
     monkeypatch.setattr(fa, "_extension_has_cuda", lambda: has_cuda[0])
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        assert fa._backend(cpu, dtype, 64) == "cuda"
+        assert fa._backend(cpu, dtype, 64, 64) == "cuda"
     for cap in ((8, 0), (9, 0)):
         capability[0] = cap
-        assert fa._backend(cuda, torch.bfloat16, 128) == fa._backend(cuda, torch.float16, 256) == "cuda"
-        assert fa._backend(cuda, torch.bfloat16, 264) == "triton"
+        assert fa._backend(cuda, torch.bfloat16, 128, 128) == fa._backend(cuda, torch.float16, 256, 512) == "cuda"
+        assert fa._backend(cuda, torch.bfloat16, 64, 256) == "cuda"
         for dtype in (torch.float32, torch.float64):
-            assert fa._backend(cuda, dtype, 64) == "triton"
+            assert fa._backend(cuda, dtype, 64, 32) == "triton"
+        with pytest.warns(UserWarning, match="the Triton kernels take head dims up to 256, not 264 and 64"):
+            assert fa._backend(cuda, torch.bfloat16, 264, 64) == "reference"
     capability[0] = (8, 6)
-    assert fa._backend(cuda, torch.bfloat16, 64) == "triton"
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
+    assert fa._backend(cuda, torch.bfloat16, 64, 512) == "cuda"   # beyond Triton's head dims: the extension
     capability[0], has_cuda[0] = (9, 0), False
-    assert fa._backend(cuda, torch.bfloat16, 64) == "triton"
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
 
     monkeypatch.setattr(fa, "triton_runs_on", lambda device: False)
     with pytest.warns(UserWarning, match="torch.bfloat16 CUDA inputs run the PyTorch reference"):
-        assert fa._backend(cuda, torch.bfloat16, 64) == "reference"
+        assert fa._backend(cuda, torch.bfloat16, 64, 64) == "reference"
     has_cuda[0], capability[0] = True, (8, 6)
-    assert fa._backend(cuda, torch.bfloat16, 64) == "cuda"
-    with pytest.warns(UserWarning, match="torch.float32 CUDA inputs run the PyTorch reference"):
-        assert fa._backend(cuda, torch.float32, 64) == "reference"
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "cuda"
+    with pytest.warns(UserWarning, match="torch.float32 CUDA inputs run the PyTorch reference.*triton is not inst"):
+        assert fa._backend(cuda, torch.float32, 64, 64) == "reference"
 
     backend("cuda")
     with pytest.raises(RuntimeError, match="FASTCM_BACKEND='cuda' cannot run torch.float32 CUDA tensors"):
-        fa._backend(cuda, torch.float32, 64)
-    assert fa._backend(cuda, torch.bfloat16, 64) == fa._backend(cpu, torch.float32, 64) == "cuda"
+        fa._backend(cuda, torch.float32, 64, 64)
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == fa._backend(cpu, torch.float32, 64, 64) == "cuda"
     backend("reference")
-    assert fa._backend(cuda, torch.bfloat16, 64) == "reference"
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "reference"
     monkeypatch.undo()
     backend("triton")
-    assert fa._backend(cuda, torch.bfloat16, 64) == "triton"
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
 
 
 def _spy_forward_kernel(monkeypatch):
