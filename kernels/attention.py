@@ -44,22 +44,22 @@ class Config(NamedTuple):
 
 
 # (kernel, padded head dim bucket) -> launch configuration on a GPU. Chosen for sm_80 / sm_90 without
-# a measurement (none has been made): 128-row query tiles where the accumulators fit the registers
-# without spilling (scripts/compile_triton_kernels.py checks every one), 64 rows where the JVP's
-# four accumulators at d 128 / 256 would not.
+# a timing (none has been made), held to no spill by scripts/compile_triton_kernels.py on both: 128-row
+# query tiles where the accumulators fit the registers, smaller tiles and 8 warps where the JVP's
+# two (BLOCK_M, D) accumulators and Q, Q̇ tiles, or the backward's dK, dV, at d 128 / 256 would not.
 CONFIGS = {
     ("forward", 64): Config(128, 64, 4, 3),
     ("forward", 128): Config(128, 64, 8, 3),
     ("forward", 256): Config(64, 32, 8, 2),
     ("jvp", 64): Config(128, 64, 8, 2),
-    ("jvp", 128): Config(64, 64, 4, 2),
-    ("jvp", 256): Config(64, 32, 8, 2),
+    ("jvp", 128): Config(32, 32, 4, 1),
+    ("jvp", 256): Config(16, 16, 4, 2),
     ("dkdv", 64): Config(32, 128, 8, 2),
-    ("dkdv", 128): Config(64, 64, 8, 2),
-    ("dkdv", 256): Config(32, 32, 4, 2),
+    ("dkdv", 128): Config(32, 64, 8, 2),
+    ("dkdv", 256): Config(32, 32, 8, 2),
     ("dq", 64): Config(128, 32, 8, 2),
     ("dq", 128): Config(64, 64, 4, 2),
-    ("dq", 256): Config(32, 32, 4, 2),
+    ("dq", 256): Config(32, 16, 4, 2),
 }
 # float64 (a correctness path: no tensor-core rate to chase) in small tiles, whose float64 accumulators fit
 # the registers of every kernel.
