@@ -44,9 +44,10 @@ class Config(NamedTuple):
 
 
 # (kernel, padded head dim bucket) -> launch configuration on a GPU. Chosen for sm_80 / sm_90 without
-# a timing (none has been made), held to no spill by scripts/compile_triton_kernels.py on both: 128-row
-# query tiles where the accumulators fit the registers, smaller tiles and 8 warps where the JVP's
-# two (BLOCK_M, D) accumulators and Q, Q̇ tiles, or the backward's dK, dV, at d 128 / 256 would not.
+# a timing (none has been made), held to no spill by ptxas on both (scripts/compile_triton_kernels.py):
+# 128-row query tiles where the accumulators fit the registers; where the JVP's two (BLOCK_M, D)
+# accumulators with the Q, Q̇ tiles (d 128 / 256), or the backward's dK, dV, spilled in larger tiles,
+# the largest tried that did not.
 CONFIGS = {
     ("forward", 64): Config(128, 64, 4, 3),
     ("forward", 128): Config(128, 64, 8, 3),
