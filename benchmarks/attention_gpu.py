@@ -12,6 +12,10 @@ unless --causal), times
                   with its _cpasync row (bias tiles in the TMA kernel against the cp.async one's)
   fastcm bwd      torch.ops.fastcm.attention_backward (fused kernels, wgmma on sm_90; TFLOP/s on 10·N²·d per head)
   fastcm bwd_sm80 the same with FASTCM_ATTN_SM90_BWD=0 (the mma.sync kernels), on sm_90 only (--skip _bwdsm80)
+  triton fwd, triton jvp, triton bwd
+                  the Triton kernels (fastcm.kernels.attention) on the same calls; triton jvp_q the JVP with
+                  a tangent on Q only (K̇ = V̇ = None: conditioning tokens), whose skipped work is the saving
+  jvp-flash-attn  torch.func.jvp of jvp_flash_attention's Triton attention (the PyPI package, if importable)
   sdpa fwd        F.scaled_dot_product_attention (PyTorch's default backend choice, flash on H100)
   sdpa bwd        the backward of that SDPA call alone (torch.autograd.grad on a kept graph)
   math jvp        torch.func.jvp of SDPA on the MATH backend (the baseline of the issue)
@@ -24,8 +28,8 @@ FASTCM_ATTN_BIAS_STAGE=vector (rows ..._bias_vector; --skip _biasvec drops them)
 "bias/unbiased" ratios.
 The table reports TFLOP/s (JVP: 12·N²·d per head, forward: 4·N²·d), the time over the compute floor
 (FLOPs over the rate of an 8192³ matmul in the same dtype, measured at the start of the run), time
-relative to the SDPA forward and peak memory above the inputs. Writes attention_gpu.json and
-attention_gpu.csv into --out.
+relative to the SDPA forward (backward rows also to the SDPA backward) and peak memory above the inputs.
+Writes attention_gpu.json and attention_gpu.csv into --out.
 
     python -m benchmarks.attention_gpu --out results_dir [--causal] [--quick] [--no-compile] [--time-budget S]
 """
@@ -136,6 +140,38 @@ def bias_block(ops, dtype, causal, rate, skip_vector):
     return rows
 
 
+def triton_cases(q, k, v, qt, kt, vt, grad, out, lse, scale, causal, f_fwd, f_jvp, f_bwd, backward=True):
+    """(name, fn, flops) of the Triton kernels on one shape: forward, forward + JVP, the JVP with a tangent on
+    Q only, and the backward (from the given out, LSE)."""
+    from fastcm.kernels import attention as triton_attention
+
+    cases = [
+        ("triton_fwd", lambda: triton_attention.attention_forward(q, k, v, None, scale, causal), f_fwd),
+        ("triton_jvp", lambda: triton_attention.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, causal),
+         f_jvp),
+        ("triton_jvp_q", lambda: triton_attention.attention_forward_jvp(q, k, v, qt, None, None, None, None, scale,
+                                                                        causal), f_jvp),
+    ]
+    if backward:
+        cases.append(("triton_bwd", lambda: triton_attention.attention_backward(grad, q, k, v, out, lse, None, scale,
+                                                                                causal), f_bwd))
+    return cases
+
+
+def jvp_flash_attention_case(q, k, v, qt, kt, vt, causal, f_jvp):
+    """(name, fn, flops) of torch.func.jvp through the jvp_flash_attention package's attention (non-causal: its
+    causal convention is not checked here), or None where the package is not importable (a peer to compare
+    with, not a dependency) or causal is asked for."""
+    if causal:
+        return None
+    try:
+        from jvp_flash_attention.jvp_attention import attention as peer_attention
+    except ImportError:
+        return None
+    return ("jvp_flash_attn", lambda: torch.func.jvp(lambda a, b, c: peer_attention(a, b, c),
+                                                     (q, k, v), (qt, kt, vt)), f_jvp)
+
+
 def measure(name, fn, flops):
     try:
         ms = time_ms(fn, DEVICE)
@@ -157,6 +193,10 @@ def write_results(out, rows, meta):
     keys = ["block", "B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd",
             "peak_mib",
             "status"]
+
+
+    keys = ["B", "H", "N", "d", "dtype", "causal", "impl", "kernel", "ms", "tflops", "x_floor", "vs_sdpa_fwd",
+            "vs_sdpa_bwd", "peak_mib", "status"]
     with open(os.path.join(out, "attention_gpu.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -258,6 +298,11 @@ def main():
                 for name, jvp in (("fastcm_fwd", False), ("fastcm_jvp", True)):
                     kernels[name + suffix] = with_switch_off(
                         variable, lambda jvp=jvp: ops.attention_forward_kernels(q, v, jvp, False, False))()
+        cases += triton_cases(q, k, v, qt, kt, vt, grad, out, lse, scale, args.causal, f_fwd, f_jvp, f_bwd,
+                              backward=not args.no_backward)
+        peer = jvp_flash_attention_case(q, k, v, qt, kt, vt, args.causal, f_jvp)
+        if peer is not None:
+            cases.append(peer)
         sdpa_graph = None
         if not args.no_backward:
             def fastcm_bwd():
@@ -295,8 +340,10 @@ def main():
                      if r["status"] == "ok" else r["status"]) + (f"  [{r['kernel']}]" if r["kernel"] else ""),
                   flush=True)
         ref_ms = results["sdpa_fwd"]["ms"]
-        for r in results.values():
+        ref_bwd_ms = results["sdpa_bwd"]["ms"] if "sdpa_bwd" in results else None
+        for name, r in results.items():
             r["vs_sdpa_fwd"] = (r["ms"] / ref_ms) if (r["ms"] and ref_ms) else None
+            r["vs_sdpa_bwd"] = (r["ms"] / ref_bwd_ms) if (name.endswith("bwd") and r["ms"] and ref_bwd_ms) else None
         del q, k, v, qt, kt, vt, grad, out, lse, sdpa_graph, cases
         torch.cuda.empty_cache()
         write_results(args.out, rows, meta)
@@ -304,14 +351,16 @@ def main():
     rows.sort(key=lambda r: (r.get("block") != "bias", r["d"], r["N"]))   # the bias block first
     write_results(args.out, rows, meta)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, commit {commit[:10]}, {args.dtype} matmul {rate / 1e12:.1f} TFLOP/s")
-    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>23} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9}")
+    print(f"{'H':>3} {'N':>6} {'d':>4} {'impl':>23} {'ms':>9} {'TFLOP/s':>8} {'x floor':>7} {'x sdpa':>7} {'MiB':>9} "
+          f"{'x sdpa bwd':>10}")
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>23} {r['status'][:40]}")
             continue
         vs_sdpa = f"{r['vs_sdpa_fwd']:7.2f}" if r["vs_sdpa_fwd"] is not None else f"{'-':>7}"   # SDPA failed
         print(f"{r['H']:>3} {r['N']:>6} {r['d']:>4} {r['impl']:>23} {r['ms']:9.3f} {r['tflops']:8.1f} "
-              f"{r['x_floor']:7.2f} {vs_sdpa} {r['peak_mib']:9.1f}")
+              f"{r['x_floor']:7.2f} {vs_sdpa} {r['peak_mib']:9.1f}"
+              + (f" {r['vs_sdpa_bwd']:10.2f}" if r.get("vs_sdpa_bwd") is not None else ""))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 PyTorch's flash / memory-efficient / cuDNN SDPA backends have no forward-mode derivative, so
 torch.func.jvp through a network falls back to the O(N²)-memory MATH backend. fastcm.attention
-is a torch.autograd.Function whose jvp runs the fused C++/CUDA kernel (csrc/): when the inputs
-carry forward-mode tangents (torch.func.jvp, forward_ad dual tensors) the primal and the tangent
-come out of the same kernel call.
+is a torch.autograd.Function whose jvp runs a fused kernel (the C++/CUDA extension in csrc/ or the
+Triton kernels in kernels/attention.py, see _backend): when the inputs carry forward-mode tangents
+(torch.func.jvp, forward_ad dual tensors) the primal and the tangent come out of the same kernel call.
 
 Formulas (DESIGN.md): S = scale·QKᵀ + bias (causal and boolean masks enter as −inf),
 P = softmax(S), O = PV, LSE = logsumexp(S); Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias,
 μ = rowsum(P⊙Ṡ) (the LSE tangent), Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O.
 """
 
+import functools
 import math
 import warnings
 
@@ -18,12 +19,17 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _checks
-from ._backend import requested_backend, select_backend
-from ._extension import extension_ops
+from ._backend import requested_backend, select_backend, triton_runs_on
+from ._extension import ExtensionUnavailable, extension_ops
+from ._library import kernel_ops
 from .reference import attention as reference
 
 _OP = "attention"
 _CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# Where the extension's CUDA kernels were built and tuned (csrc/cuda): sm_80 and sm_90, D_qk <= 256.
+_CUDA_KERNEL_CAPABILITIES = ((8, 0), (9, 0))
+_CUDA_MAX_HEAD_DIM = 256
+_TRITON_MAX_HEAD_DIM = 256  # fastcm.kernels.attention.MAX_HEAD_DIM (not imported: triton may be missing)
 # Rows of the (B, H, rows, Nk) probability block recomputed at a time for the bias gradient.
 _SCORE_CHUNK_ELEMENTS = 1 << 24
 # The same for the backward through the tangent, which holds about six such blocks at a time.
@@ -71,6 +77,31 @@ def _ops():
     if not _ops_loaded:
         _load_ops()
     return torch.ops.fastcm
+
+
+_triton = kernel_ops("attention", {
+    "triton_forward": ("attention_forward", _fake_forward),
+    "triton_forward_jvp": ("attention_forward_jvp", _fake_forward_jvp),
+    "triton_backward": ("attention_backward", _fake_backward),
+})
+
+
+class _TritonOps:
+    """The Triton kernels (custom ops fastcm::attention_triton_*) under the extension's op names."""
+
+    def __getattr__(self, name):
+        return getattr(_triton, name.replace("attention_", "triton_", 1))
+
+
+_TRITON_OPS = _TritonOps()
+
+
+def _ops_for(q, v):
+    """The ops that run a call on q, v: the Triton kernels where _backend picks them, the extension's
+    torch.ops.fastcm otherwise."""
+    if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "triton":
+        return _TRITON_OPS
+    return _ops()
 
 
 def _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse):
@@ -202,7 +233,7 @@ def _backward_of(grad_out, grad_lse, q, k, v, bias, out, lse, scale, causal, nee
     grad_q = grad_k = grad_v = grad_bias = None
     if any(needs[:3]):
         # An LSE gradient g enters the kernels' row term: δ = rowsum(dO⊙O) − g.
-        grad_q, grad_k, grad_v = _ops().attention_backward(
+        grad_q, grad_k, grad_v = _ops_for(q, v).attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal,
             None if grad_lse is None else grad_lse.to(lse.dtype).contiguous())
     if needs[3]:
@@ -224,7 +255,7 @@ class _AttentionPrimal(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, bias, scale, causal):
-        return _ops().attention_forward(q, k, v, bias, scale, causal)
+        return _ops_for(q, v).attention_forward(q, k, v, bias, scale, causal)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -250,7 +281,7 @@ class _Attention(_AttentionPrimal):
         q, k, v, bias = ctx.saved_tensors
         tangents = (q_t, k_t, v_t, bias_t)
         with torch.no_grad():  # the graph of the tangents, if any, is _AttentionTangent's
-            out, out_t, lse, lse_t = _ops().attention_forward_jvp(
+            out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
                 q, k, v, *(None if t is None else t.contiguous() for t in (q_t, k_t, v_t)), bias, bias_t,
                 *ctx.options)
         return _differentiable_tangents(out_t, lse_t, (q, k, v, bias), tangents, out, lse, ctx.options)
@@ -263,7 +294,7 @@ class _AttentionWithTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal):
-        out, out_t, lse, lse_t = _ops().attention_forward_jvp(
+        out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
             q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
         return out, lse, out_t, lse_t
 
@@ -405,21 +436,48 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _use_extension(device, dtype) -> bool:
-    """Whether a call on `device` in `dtype` runs the extension's kernels. The C++ CPU kernels take
-    every float dtype, the CUDA kernels bfloat16 and float16: float32 / float64 CUDA inputs run
-    the reference (O(N²) memory, with a warning) under FASTCM_BACKEND=auto and raise under =cuda."""
-    if select_backend(_OP, device, implemented=("cuda",)) != "cuda":
+@functools.lru_cache(maxsize=None)
+def _extension_has_cuda() -> bool:
+    try:
+        return bool(extension_ops().has_cuda())
+    except ExtensionUnavailable:
         return False
-    if device.type != "cuda" or dtype in _CUDA_KERNEL_DTYPES:
-        return True
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(device_index) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _backend(device, dtype, dim_qk, dim_v) -> str:
+    """Which kernels run a call on `device` in `dtype` with head dims `dim_qk` (q, k) and `dim_v`:
+    "cuda" (the extension: its C++ kernel for CPU tensors, its CUDA kernels), "triton" or "reference".
+
+    FASTCM_BACKEND=auto: CPU tensors run the C++ kernel; CUDA tensors run the extension's CUDA kernels
+    where they serve the call (built with CUDA, an sm_80 / sm_90 device, bfloat16 / float16,
+    D_qk <= 256), the Triton kernels otherwise (another architecture, no CUDA build, float32 /
+    float64; head dims up to 256), and the O(N²)-memory reference, with a warning, where neither can
+    run. An explicit FASTCM_BACKEND is obeyed or raises (select_backend)."""
     kernels = ("the CUDA kernels take bfloat16 or float16 (cast q, k, v; fastcm.nn.Attention does it with "
                "cuda_dtype=torch.bfloat16)")
-    if requested_backend() == "cuda":
-        raise RuntimeError(f"fastcm.{_OP}: FASTCM_BACKEND='cuda' cannot run {dtype} CUDA tensors: {kernels}")
-    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory); {kernels}",
-                  stacklevel=3)
-    return False
+    if requested_backend() != "auto" or device.type != "cuda":
+        choice = select_backend(_OP, device, implemented=("triton", "cuda"))
+        if choice == "cuda" and device.type == "cuda" and dtype not in _CUDA_KERNEL_DTYPES:
+            raise RuntimeError(f"fastcm.{_OP}: FASTCM_BACKEND='cuda' cannot run {dtype} CUDA tensors: {kernels}")
+        return choice
+    extension_serves = dtype in _CUDA_KERNEL_DTYPES and dim_qk <= _CUDA_MAX_HEAD_DIM and _extension_has_cuda()
+    if extension_serves and _cuda_capability(device.index) in _CUDA_KERNEL_CAPABILITIES:
+        return "cuda"
+    triton_serves = max(dim_qk, dim_v) <= _TRITON_MAX_HEAD_DIM
+    if triton_serves and triton_runs_on(device):
+        return "triton"
+    if extension_serves:
+        return "cuda"
+    triton = ("triton is not installed" if triton_serves else
+              f"the Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, not {dim_qk} and {dim_v}")
+    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory): {triton}, and "
+                  f"{kernels} with D_qk <= {_CUDA_MAX_HEAD_DIM}", stacklevel=3)
+    return "reference"
 
 
 def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=False):
@@ -431,9 +489,9 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
         q: (B, H, Nq, Dqk); k: (B, Hkv, Nk, Dqk); v: (B, Hkv, Nk, Dv), the layout of
             F.scaled_dot_product_attention. Nq ≠ Nk (cross-attention) and Dqk ≠ Dv allowed.
             H % Hkv == 0 (GQA/MQA): query head h uses kv head h // (H // Hkv).
-            One dtype for all: float32, float64, bfloat16, float16; one device. The CUDA kernels
-            take bfloat16 and float16: float32 / float64 CUDA inputs run the O(N²)-memory
-            reference, with a warning.
+            One dtype for all: float32, float64, bfloat16, float16; one device. The extension's
+            CUDA kernels take bfloat16 and float16; float32 / float64 CUDA inputs run the Triton
+            kernels (without triton: the O(N²)-memory reference, with a warning).
         scale: defaults to Dqk ** -0.5.
         causal: query i sees key j iff j <= i + (Nk − Nq) (bottom-right aligned, as
             flash-attention; equals the usual lower triangle when Nq == Nk).
@@ -461,7 +519,7 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     """
     _check(q, k, v, attn_bias, scale, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not _use_extension(q.device, q.dtype):
+    if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "reference":
         return reference.attention(q, k, v, scale=scale, causal=causal, attn_bias=attn_bias,
                                    return_lse=return_lse)
     _compiled_forward_ad_guard()
@@ -508,7 +566,7 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
         _checks.check_same_device("attention_jvp", "bias_t", bias_t, "q", q)
         _expanded_shape(bias_t, q, k, "bias_t")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not _use_extension(q.device, q.dtype):
+    if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "reference":
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
     bias = _kernel_bias(attn_bias, q, k)
@@ -522,7 +580,7 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
                                                 lse, (scale, causal))
     else:
         with torch.no_grad():
-            out, out_t, lse, lse_t = _ops().attention_forward_jvp(q, k, v, *tangents, bias, kernel_bias_t,
+            out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(q, k, v, *tangents, bias, kernel_bias_t,
                                                                   scale, causal)
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
 

@@ -11,7 +11,7 @@ LSE = logsumexp_s LSE_s, w_s = exp(LSE_s − LSE), O = Σ w_s O_s, μ = Σ w_s �
 import torch
 import torch.distributed as dist
 
-from .attention import _check, _ops, attention, attention_jvp, merge_attention_partials
+from .attention import _check, _ops_for, attention, attention_jvp, merge_attention_partials
 
 
 def _ring_setup(group, q, k, causal):
@@ -58,8 +58,8 @@ def _ring_forward(q, k, v, tangents, scale, causal, group):
                 out_ts.append(o_t)
                 lse_ts.append(lse_t)
             else:
-                o, lse = _ops().attention_forward(q, blocks[0], blocks[1], None, scale,
-                                                             mode == "causal")
+                o, lse = _ops_for(q, v).attention_forward(q, blocks[0], blocks[1], None, scale,
+                                                          mode == "causal")
             outs.append(o)
             lses.append(lse)
         if step < world - 1:
@@ -96,7 +96,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             mode = _chunk_mode((rank - step) % world, rank, causal)
             if mode is not None:
-                dq, dk, dv = _ops().attention_backward(
+                dq, dk, dv = _ops_for(q, v).attention_backward(
                     grad_out, q, blocks[0], blocks[1], out, lse, None, scale, mode == "causal")
                 grad_q += dq
                 blocks[2] += dk

@@ -1,7 +1,10 @@
-"""fastcm.attention (C++ extension) vs the float64 reference: forward, LSE, tangents, gradients,
-masks, GQA, forward-mode AD entry points, torch.compile, merging, bad input."""
+"""fastcm.attention vs the float64 reference: forward, LSE, tangents, gradients, masks, GQA,
+forward-mode AD entry points, torch.compile, merging, bad input; on the C++ extension (the default
+choice) and on the Triton kernels (on CPU in Triton's interpreter, with tiles shrunk to 16 x 16 so
+that the small shapes here span several query and key blocks, tails and the causal skip)."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import importlib
 
 # The module, not the function of the same name that the package exports.
 fa = importlib.import_module("fastcm.attention")
+import fastcm.kernels.attention as triton_launchers
 from fastcm.reference import attention as ref
 from helpers import DEVICE, assert_close, poisoned_empty, to64, tolerance
 
@@ -25,6 +29,16 @@ CASES = [
     (1, 3, 3, 300, 7, 5, 9, False, "bool_dead_rows", None),
     (2, 4, 4, 64, 64, 32, 32, True, None, 0.5),
 ]
+# The same features at sizes the Triton interpreter runs in seconds (N <= 40, D <= 32): several 16 x 16
+# tiles with tails in both directions, causal with Nq <, > Nk (fully masked rows), GQA / MQA.
+TRITON_CASES = [
+    (1, 2, 2, 1, 1, 8, 8, False, None, None),
+    (2, 4, 2, 7, 37, 16, 8, True, "float", None),
+    (1, 4, 1, 20, 40, 8, 12, False, "bool", 0.3),
+    (2, 2, 1, 37, 20, 12, 4, True, "float", None),
+    (1, 3, 3, 40, 7, 5, 9, False, "bool_dead_rows", None),
+    (1, 4, 4, 33, 33, 32, 32, True, None, 0.5),
+]
 # (Larger scales make the float32 tangent ill-conditioned: at scale 1.7, D = 32 PyTorch's own
 # float32 math is 3.5e-5 off in Ȯ, beyond the float32 tolerance for any implementation.)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -32,6 +46,30 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # float64 on CPU (the C++ kernels take every dtype: exact comparisons); on CUDA float16, the finer
 # of the two dtypes the CUDA kernels take (float32 / float64 CUDA inputs run the reference).
 KERNEL_DTYPE = torch.float64 if DEVICE == "cpu" else torch.float16
+
+
+def _case_id(case):
+    return "x".join(map(str, case[:7])) + f"-{case[7]}-{case[8]}"
+
+
+def _use_triton(monkeypatch):
+    monkeypatch.setenv("FASTCM_BACKEND", "triton")
+    if DEVICE == "cpu":
+        monkeypatch.setattr(triton_launchers, "BLOCK_OVERRIDE", (16, 16))
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """The test runs on the Triton kernels (FASTCM_BACKEND=triton; 16 x 16 tiles in the interpreter)."""
+    _use_triton(monkeypatch)
+
+
+@pytest.fixture(params=["auto", "triton"])
+def kernels(request, monkeypatch):
+    """The test runs twice: on the default choice (auto: the extension) and on the Triton kernels."""
+    if request.param == "triton":
+        _use_triton(monkeypatch)
+    return request.param
 
 
 def _bias(kind, B, H, Nq, Nk, dtype):
@@ -89,8 +127,18 @@ def _reference_jvp(primals, tangents, bias, bias_t, opts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-{c[7]}-{c[8]}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_forward_tangent_and_gradients_match_reference(case, dtype):
+    _check_forward_tangent_and_gradients(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
+def test_triton_forward_tangent_and_gradients_match_reference(case, dtype, triton_kernels):
+    _check_forward_tangent_and_gradients(case, dtype)
+
+
+def _check_forward_tangent_and_gradients(case, dtype):
     primals, tangents, bias, bias_t, opts = _inputs(case, dtype)
     with poisoned_empty():
         out, out_t, lse, lse_t = fa.attention_jvp(*primals, *tangents, attn_bias=bias, bias_t=bias_t,
@@ -155,7 +203,7 @@ def test_cpu_backward_schedules_match_reference(threads):
         assert_close(a, e, torch.float64, name=name + " with an LSE gradient")
 
 
-def test_fully_masked_rows_give_zeros_and_minus_inf():
+def test_fully_masked_rows_give_zeros_and_minus_inf(kernels):
     q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64).to(DEVICE, KERNEL_DTYPE) for _ in range(3))
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE)
     mask[..., 2, :] = False
@@ -247,7 +295,7 @@ def _param_grads(module):
     return [(name, p.grad) for name, p in module.named_parameters()]
 
 
-def test_func_jvp_of_block_then_backward_scm_pattern():
+def test_func_jvp_of_block_then_backward_scm_pattern(kernels):
     blocks = _blocks()
     x = torch.randn(2, 19, 32, dtype=torch.float64, device=DEVICE)
     t = torch.rand(2, dtype=torch.float64, device=DEVICE)
@@ -264,7 +312,7 @@ def test_func_jvp_of_block_then_backward_scm_pattern():
         _assert_close_as_torch(got, want, low, name)
 
 
-def test_forward_ad_dual_tensors_and_backward_through_the_tangent():
+def test_forward_ad_dual_tensors_and_backward_through_the_tangent(kernels):
     blocks = _blocks()
     x = torch.randn(1, 7, 32, dtype=torch.float64, device=DEVICE)
     t = torch.rand(1, dtype=torch.float64, device=DEVICE)
@@ -285,7 +333,7 @@ def test_forward_ad_dual_tensors_and_backward_through_the_tangent():
 
 
 @pytest.mark.parametrize("tangent_loss", ["detached", "differentiated"])
-def test_func_jvp_with_grad_enabled_never_drops_the_tangent_gradient(tangent_loss):
+def test_func_jvp_with_grad_enabled_never_drops_the_tangent_gradient(tangent_loss, kernels):
     """MeanFlow takes the jvp with grad enabled and backpropagates through the primal with the
     tangent detached; a loss on the tangent itself (TVM-style, flow-map losses) backpropagates
     through it: both give the reference's parameter gradients."""
@@ -301,15 +349,19 @@ def test_func_jvp_with_grad_enabled_never_drops_the_tangent_gradient(tangent_los
         _assert_close_as_torch(got, want, low, name)
 
 
-def test_jvp_uses_one_fused_kernel_call(monkeypatch):
+def test_jvp_uses_one_fused_kernel_call(monkeypatch, kernels):
     calls = []
+    ops_for = fa._ops_for
 
     class Counting:
+        def __init__(self, q, v):
+            self.ops = ops_for(q, v)
+
         def __getattr__(self, name):
-            op = getattr(torch.ops.fastcm, name)
+            op = getattr(self.ops, name)
             return lambda *args: calls.append(name) or op(*args)
 
-    monkeypatch.setattr(fa, "_ops", lambda: Counting())
+    monkeypatch.setattr(fa, "_ops_for", Counting)
     q, k, v = (torch.randn(1, 2, 9, 8, device=DEVICE, dtype=KERNEL_DTYPE) for _ in range(3))
     torch.func.jvp(lambda q, k, v: fa.attention(q, k, v), (q, k, v), (q, k, v))
     assert calls == ["attention_forward_jvp"]
@@ -322,11 +374,10 @@ def test_noncontiguous_inputs_and_reference_backend(backend):
     backend("reference")
     assert_close(fa.attention(q, k, v, causal=True), expected, torch.float64)
     backend("triton")
-    with pytest.raises(RuntimeError, match="FASTCM_BACKEND='triton' is not implemented"):
-        fa.attention(q, k, v)
+    assert_close(fa.attention(q, k, v, causal=True), expected, torch.float64)
 
 
-def test_torch_compile_forward_backward_and_jvp_never_silently_wrong():
+def test_torch_compile_forward_backward_and_jvp_never_silently_wrong(kernels):
     q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64).to(DEVICE, KERNEL_DTYPE) for _ in range(3))
     q_t = torch.randn_like(q)
     fa.attention(q, k, v)  # loads the extension eagerly, so the compiled graph has no break
@@ -353,10 +404,14 @@ def test_torch_compile_forward_backward_and_jvp_never_silently_wrong():
         assert_close(out_t, ref_out_t, KERNEL_DTYPE)
 
 
-def test_fake_implementations_match_the_ops():
+def test_fake_implementations_match_the_ops(kernels):
     """The fake (meta) kernels torch.compile traces with give the ops' shapes, dtypes and strides,
     also for (B, N, H, D) storage viewed as (B, H, N, D), whose gradients come back contiguous."""
     ops = fa._ops()   # loads the extension and registers the fakes
+    if kernels == "triton":
+        names = ("attention_forward", "attention_forward_jvp", "attention_backward")
+        ops = types.SimpleNamespace(**{name: getattr(torch.ops.fastcm, name.replace("attention_", "attention_triton_"))
+                                       for name in names})
 
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(DEVICE, KERNEL_DTYPE)
@@ -366,6 +421,8 @@ def test_fake_implementations_match_the_ops():
     grad_out, grad_lse = rand(*out.shape), torch.randn_like(lse)
     for op, args in [(ops.attention_forward.default, (q, k, v, None, 0.3, True)),
                      (ops.attention_forward_jvp.default, (q, k, v, q, k, v, None, None, 0.3, False)),
+                     *([(ops.attention_forward_jvp.default, (q, k, v, None, k, None, None, None, 0.3, True))]
+                       if kernels == "triton" else []),
                      (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, None)),
                      (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, grad_lse))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -377,7 +434,7 @@ def test_fake_implementations_match_the_ops():
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 4])
-def test_merge_of_key_shards_reproduces_unsplit(shards):
+def test_merge_of_key_shards_reproduces_unsplit(shards, kernels):
     q, q_t = (torch.randn(2, 4, 9, 8, dtype=torch.float64, device=DEVICE) for _ in range(2))
     k, k_t = (torch.randn(2, 2, 50, 8, dtype=torch.float64, device=DEVICE) for _ in range(2))
     v, v_t = (torch.randn(2, 2, 50, 6, dtype=torch.float64, device=DEVICE) for _ in range(2))
@@ -459,26 +516,138 @@ def test_extension_op_checks_name_argument_and_supported_set():
     assert ops.has_cuda() in (True, False)
 
 
-def test_float32_and_float64_cuda_inputs_take_the_reference(backend):
-    """The CUDA kernels take bfloat16 / float16: other CUDA dtypes run the reference with a
-    warning under FASTCM_BACKEND=auto and raise under =cuda; CPU tensors of every dtype, and
-    low-precision CUDA tensors, run the extension. (Decided from the device, no GPU needed.)"""
+def test_backend_choice_per_device_dtype_and_head_dim(backend, monkeypatch):
+    """auto: CPU tensors run the C++ kernel; CUDA tensors the extension's CUDA kernels where they serve
+    the call (built with CUDA, sm_80 / sm_90, bfloat16 / float16, D_qk <= 256) and the Triton kernels
+    otherwise; without triton, the extension for low precision and the reference (with a warning)
+    for float32 / float64. Explicit backends are obeyed or raise. (Decided from the device: no GPU.)"""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for dtype in (torch.float32, torch.float64):
-        with pytest.warns(UserWarning, match=f"{dtype} CUDA inputs run the PyTorch reference"):
-            assert not fa._use_extension(cuda, dtype)
-        assert fa._use_extension(cpu, dtype)
-    for dtype in (torch.bfloat16, torch.float16):
-        assert fa._use_extension(cuda, dtype)
+    capability, has_cuda = [(8, 0)], [True]
+    monkeypatch.setattr(fa, "_cuda_capability", lambda index: capability[0])
+    monkeypatch.setattr(fa, "_extension_has_cuda", lambda: has_cuda[0])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert fa._backend(cpu, dtype, 64, 64) == "cuda"
+    for cap in ((8, 0), (9, 0)):
+        capability[0] = cap
+        assert fa._backend(cuda, torch.bfloat16, 128, 128) == fa._backend(cuda, torch.float16, 256, 512) == "cuda"
+        assert fa._backend(cuda, torch.bfloat16, 64, 256) == "cuda"
+        for dtype in (torch.float32, torch.float64):
+            assert fa._backend(cuda, dtype, 64, 32) == "triton"
+        with pytest.warns(UserWarning, match="the Triton kernels take head dims up to 256, not 264 and 64"):
+            assert fa._backend(cuda, torch.bfloat16, 264, 64) == "reference"
+    capability[0] = (8, 6)
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
+    assert fa._backend(cuda, torch.bfloat16, 64, 512) == "cuda"   # beyond Triton's head dims: the extension
+    capability[0], has_cuda[0] = (9, 0), False
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
+
+    monkeypatch.setattr(fa, "triton_runs_on", lambda device: False)
+    with pytest.warns(UserWarning, match="torch.bfloat16 CUDA inputs run the PyTorch reference"):
+        assert fa._backend(cuda, torch.bfloat16, 64, 64) == "reference"
+    has_cuda[0], capability[0] = True, (8, 6)
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "cuda"
+    with pytest.warns(UserWarning, match="torch.float32 CUDA inputs run the PyTorch reference.*triton is not inst"):
+        assert fa._backend(cuda, torch.float32, 64, 64) == "reference"
+
     backend("cuda")
     with pytest.raises(RuntimeError, match="FASTCM_BACKEND='cuda' cannot run torch.float32 CUDA tensors"):
-        fa._use_extension(cuda, torch.float32)
-    assert fa._use_extension(cuda, torch.bfloat16)
+        fa._backend(cuda, torch.float32, 64, 64)
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == fa._backend(cpu, torch.float32, 64, 64) == "cuda"
     backend("reference")
-    assert not fa._use_extension(cuda, torch.bfloat16)
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "reference"
+    monkeypatch.undo()
+    backend("triton")
+    assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
 
 
-def test_nn_attention_module_matches_reference_and_jvp():
+def _spy_forward_kernel(monkeypatch):
+    """The constexpr switches of every forward kernel launch."""
+    launches = []
+    kernel = triton_launchers._attention_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append({name: kwargs[name] for name in ("HAS_Q_T", "HAS_K_T", "HAS_V_T", "HAS_BIAS_T", "JVP")})
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_launchers, "_attention_fwd_kernel", Spy())
+    return launches
+
+
+@pytest.mark.parametrize("absent", ["q_t", "k_t", "v_t", "k_t v_t", "q_t k_t v_t"])
+def test_triton_partial_tangents_skip_the_absent_work(absent, triton_kernels, monkeypatch):
+    """A tangent given as None is zero: the kernel is compiled without its loads and products (the
+    constexpr switch is off) and the result equals that with an explicit zero tangent and the
+    float64 reference's."""
+    q, k, v = (torch.randn(2, 4, n, 12, dtype=torch.float64, device=DEVICE) for n in (21, 30, 30))
+    k, v = k[:, :2], v[:, :2, :, :7]
+    bias = torch.randn(1, 4, 21, 30, dtype=torch.float64, device=DEVICE).expand(2, 4, 21, 30)
+    bias_t = torch.randn_like(bias)
+    tangents = {name: torch.randn_like(p) for name, p in (("q_t", q), ("k_t", k), ("v_t", v))}
+    given = {name: None if name in absent.split() else t for name, t in tangents.items()}
+    zeros = {name: torch.zeros_like(t) if given[name] is None else t for name, t in tangents.items()}
+    launches = _spy_forward_kernel(monkeypatch)
+    with poisoned_empty():
+        got = triton_launchers.attention_forward_jvp(q, k, v, *given.values(), bias, None, 0.4, True)
+    assert launches == [{"HAS_Q_T": given["q_t"] is not None, "HAS_K_T": given["k_t"] is not None,
+                         "HAS_V_T": given["v_t"] is not None, "HAS_BIAS_T": False, "JVP": True}]
+    with_zeros = triton_launchers.attention_forward_jvp(q, k, v, *zeros.values(), bias, None, 0.4, True)
+    want = ref.attention_jvp(q, k, v, *zeros.values(), scale=0.4, causal=True, attn_bias=bias, return_lse=True)
+    for name, a, z, w in zip(("out", "out_t", "lse", "lse_t"), got, with_zeros, want):
+        assert_close(a, z, torch.float64, name=name + " vs zero tangent")
+        _compare(a, w, torch.float64, name)
+    # Only the bias tangent: Ṡ = ḃias.
+    got = triton_launchers.attention_forward_jvp(q, k, v, None, None, None, bias, bias_t, 0.4, True)
+    want = ref.attention_jvp(q, k, v, *(torch.zeros_like(t) for t in (q, k, v)), scale=0.4, causal=True,
+                             attn_bias=bias, bias_t=bias_t, return_lse=True)
+    for name, a, w in zip(("out", "out_t", "lse", "lse_t"), got, want):
+        _compare(a, w, torch.float64, name + " (bias tangent only)")
+
+
+def test_triton_boolean_mask_and_float32_bias_in_the_op(triton_kernels):
+    """The Triton op also takes a boolean mask (True = attend) and a bias of another float dtype
+    than q (read as it is), as the extension's CUDA op does."""
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, device=DEVICE).to(torch.float32) for n in (19, 23, 23))
+    mask = torch.rand(1, 1, 19, 23, device=DEVICE) > 0.5
+    mask[..., 4, :] = False
+    mask = mask.expand(1, 2, 19, 23)
+    grad_out = torch.randn(1, 2, 19, 8, device=DEVICE)
+    out, lse = triton_launchers.attention_forward(q, k, v, mask, 0.35, False)
+    want_out, want_lse = ref.attention(to64(q), to64(k), to64(v), scale=0.35, attn_bias=mask.cpu(), return_lse=True)
+    _compare(out, want_out, torch.float32, "out (mask)")
+    _compare(lse, want_lse, torch.float32, "lse (mask)")
+    leaves = [to64(t).requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(ref.attention(*leaves, scale=0.35, attn_bias=mask.cpu()), leaves, to64(grad_out))
+    got = triton_launchers.attention_backward(grad_out, q, k, v, out, lse, mask, 0.35, False)
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        _compare(a, w, torch.float32, name + " (mask)")
+    bias64 = 30 * torch.randn(1, 2, 19, 23, dtype=torch.float64, device=DEVICE)
+    out, _ = triton_launchers.attention_forward(q.double(), k.double(), v.double(), bias64.float(), 0.35, False)
+    want_out = ref.attention(to64(q), to64(k), to64(v), scale=0.35, attn_bias=to64(bias64.float()))
+    _compare(out, want_out, torch.float64, "out (float32 bias, float64 inputs)")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_triton_gpu_tile_configs_at_large_head_dims(head_dim, monkeypatch):
+    """The GPU launch configurations (no shrinking) at head dims 64 / 128 / 256 in bfloat16, on tiny
+    sequences: forward, forward + JVP and backward against the float64 reference (criterion: 2x
+    PyTorch's bf16 error). These launches are also the ones scripts/compile_triton_kernels.py
+    compiles at the goal shapes' tile sizes."""
+    monkeypatch.setenv("FASTCM_BACKEND", "triton")
+    monkeypatch.setattr(triton_launchers, "BLOCK_OVERRIDE", None)
+    case = (1, 2, 1, 9, 70, head_dim, head_dim, True, None, None)
+    _check_forward_tangent_and_gradients(case, torch.bfloat16)
+    q, k, v = (torch.randn(1, 2, 5, head_dim, dtype=torch.float64).to(DEVICE, torch.bfloat16) for _ in range(3))
+    out, lse = fa.attention(q, k, v, return_lse=True)
+    want_out, want_lse = ref.attention(to64(q), to64(k), to64(v), return_lse=True)
+    low_out, low_lse = ref.attention(q, k, v, return_lse=True)
+    _compare(out, want_out, torch.bfloat16, "out", low_out)
+    _compare(lse, want_lse, torch.bfloat16, "lse", low_lse)
+
+
+def test_nn_attention_module_matches_reference_and_jvp(kernels):
     import fastcm.nn
 
     module = fastcm.nn.Attention(32, 4, kv_heads=2, qk_norm=True).to(DEVICE, torch.float64)

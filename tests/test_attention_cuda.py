@@ -682,15 +682,21 @@ def test_bad_input_messages():
         ops.attention_forward_jvp(qb, qb, qb, qb[..., :32], qb, qb, None, None, 0.125, False)
 
 
-def test_public_api_f32_inputs_run_the_reference():
-    """float32 CUDA inputs (no kernel takes them) give the reference's result, with a warning."""
+def test_public_api_f32_inputs_run_the_triton_kernels():
+    """float32 CUDA inputs (the CUDA kernels take none) run the Triton kernels, without the reference's
+    warning, and give the float64 reference's result to float32 accuracy."""
+    import importlib
+    import warnings
     import fastcm
+    from helpers import assert_close
     q, k, v, qt, kt, vt = _inputs(1, 4, 2, 70, 90, 64, 64, torch.float32)
-    with pytest.warns(UserWarning, match="CUDA inputs run the PyTorch reference"):
+    assert importlib.import_module("fastcm.attention")._backend(q.device, q.dtype, 64, 64) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, causal=True)
-    want, want_t = ref.attention_jvp(q, k, v, qt, kt, vt, causal=True)
-    torch.testing.assert_close(out, want)
-    torch.testing.assert_close(out_t, want_t)
+    want, want_t = ref.attention_jvp(*map(to64, (q, k, v, qt, kt, vt)), causal=True)
+    assert_close(out, want, torch.float32, name="out")
+    assert_close(out_t, want_t, torch.float32, name="out_t")
 
 
 def test_public_api_passes_a_f32_bias_unrounded():

@@ -48,10 +48,15 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,causal", [(2, True), (3, False), (3, True)])
-def test_ring_attention_matches_single_process(world, causal):
+@pytest.mark.parametrize("world,causal,kernels", [(2, True, "auto"), (3, False, "auto"), (3, True, "auto"),
+                                                  (2, True, "triton")])
+def test_ring_attention_matches_single_process(world, causal, kernels, monkeypatch):
+    """The ranks run the default kernels, or the Triton ones (the spawned processes inherit
+    FASTCM_BACKEND); the single-process result they are held to is the default one."""
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), causal, results), nprocs=world, join=True)
+    with monkeypatch.context() as env:
+        env.setenv("FASTCM_BACKEND", kernels)
+        mp.spawn(_worker, args=(world, _free_port(), causal, results), nprocs=world, join=True)
     q, k, v, q_t, k_t, v_t, grad_out = _full_inputs(world)
     expected = fa.attention_jvp(q, k, v, q_t, k_t, v_t, causal=causal, return_lse=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
