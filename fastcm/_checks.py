@@ -8,9 +8,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype an op computes and keeps its statistics in: float64 for float64 x, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def compute_dtype(x) -> torch.dtype:
+    """The dtype an op computes and keeps its statistics in: float64 for float64 x (a tensor or a
+    dtype), else float32."""
+    dtype = x.dtype if isinstance(x, torch.Tensor) else x
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dtype_names(dtypes) -> str:

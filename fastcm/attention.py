@@ -6,7 +6,7 @@ is a torch.autograd.Function whose jvp runs a fused kernel (the C++/CUDA extensi
 Triton kernels in kernels/attention.py, see _backend): when the inputs carry forward-mode tangents
 (torch.func.jvp, forward_ad dual tensors) the primal and the tangent come out of the same kernel call.
 
-Formulas (DESIGN.md): S = scale·QKᵀ + bias (causal and boolean masks enter as −inf),
+Formulas (docs/DESIGN.md): S = scale·QKᵀ + bias (causal and boolean masks enter as −inf),
 P = softmax(S), O = PV, LSE = logsumexp(S); Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias,
 μ = rowsum(P⊙Ṡ) (the LSE tangent), Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O.
 """
@@ -36,13 +36,9 @@ _SCORE_CHUNK_ELEMENTS = 1 << 24
 _TANGENT_CHUNK_ELEMENTS = 1 << 22
 
 
-def _accumulate_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(q, k, v, bias, scale, causal):
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-    return out, q.new_empty(q.shape[:-1], dtype=_accumulate_dtype(q.dtype))
+    return out, q.new_empty(q.shape[:-1], dtype=_checks.compute_dtype(q))
 
 
 def _fake_forward_jvp(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
@@ -109,7 +105,7 @@ def _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse):
 
     P is recomputed from the saved LSE in chunks of query rows, so the extra memory beyond the
     (B, H, Nq, Nk) result is one chunk of ~2^24 elements."""
-    acc = _accumulate_dtype(q.dtype)
+    acc = _checks.compute_dtype(q)
     groups = q.shape[1] // k.shape[1]
     k_all = k.to(acc).repeat_interleave(groups, dim=1)
     v_all = v.to(acc).repeat_interleave(groups, dim=1)
@@ -147,7 +143,7 @@ def _tangent_backward(grad_out_t, grad_lse_t, saved, scale, causal, needs):
     if not any(needs[:4]):
         grads = _backward_of(grad_out_t, grad_lse_t, q, k, v, bias, out, lse, scale, causal, needs[4:])
         return (None,) * 4 + grads
-    acc = _accumulate_dtype(q.dtype)
+    acc = _checks.compute_dtype(q)
     batch, heads, num_queries, _ = q.shape
     kv_heads, num_keys = k.shape[1], k.shape[2]
 

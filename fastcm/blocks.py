@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd import forward_ad
 
+from ._checks import compute_dtype
 from . import _checks
 from ._backend import requested_backend, select_backend
 from ._library import kernel_ops
@@ -36,7 +37,7 @@ def _fake_norm(x, shift, scale, weight, x_t, shift_t, scale_t, weight_t, norm, e
 
 
 def _fake_norm_backward(grad, x, scale, weight, norm, eps, need_x, need_shift, need_scale, need_weight):
-    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    accumulate = compute_dtype(x)
     batch, _, channels = x.shape
     return [x.new_empty(x.shape if need_x else (0,)),
             x.new_empty((batch, channels) if need_shift else (0,), dtype=accumulate),
@@ -49,7 +50,7 @@ def _fake_gated(x, gate, y, x_t, gate_t, y_t, want_out, want_out_t):
 
 
 def _fake_gated_backward(grad, gate, y, need_y, need_gate):
-    accumulate = torch.float64 if y.dtype == torch.float64 else torch.float32
+    accumulate = compute_dtype(y)
     return [y.new_empty(y.shape if need_y else (0,)),
             y.new_empty((y.shape[0], y.shape[2]) if need_gate else (0,), dtype=accumulate)]
 

@@ -15,6 +15,7 @@ kernels/steps.py) reading what the gradient needs.
 
 import torch
 
+from ._checks import compute_dtype
 from . import _checks
 from ._backend import select_backend
 from ._library import kernel_ops
@@ -26,7 +27,7 @@ from .steps import _check_tensors, _run
 
 
 def _fake_dmd_sums(x, real_denoised, fake_denoised):
-    return x.new_empty((x.shape[0], 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.new_empty((x.shape[0], 2), dtype=compute_dtype(x))
 
 
 def _fake_denoising_sums(net_out, x0, noise, coefs):
@@ -51,9 +52,6 @@ def _reduce(per_sample_loss, reduction):
         return per_sample_loss
     return per_sample_loss.sum() if reduction == "sum" else per_sample_loss.mean()
 
-
-def _work(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _DMDLoss(torch.autograd.Function):
@@ -128,7 +126,7 @@ class _DenoisingLoss(torch.autograd.Function):
 
 
 def _weight(op, weight, x):
-    return None if weight is None else per_sample(op, "weight", weight, x, dtype=_work(x))
+    return None if weight is None else per_sample(op, "weight", weight, x, dtype=compute_dtype(x))
 
 
 def dmd_loss(x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.Tensor, *, weight=None,
@@ -183,7 +181,7 @@ def denoising_loss(net_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
         return reference.denoising_loss(net_out, x0, noise, time, schedule=schedule, prediction=prediction,
                                         sigma_data=sigma_data, weight=weight, reduction=reduction)
     tau = per_sample(op, "time", time, net_out, dtype=torch.float64).detach()
-    coefs = torch.stack(prediction_coefficients(tau, schedule, prediction, sigma_data), dim=1).to(_work(net_out))
+    coefs = torch.stack(prediction_coefficients(tau, schedule, prediction, sigma_data), dim=1).to(compute_dtype(net_out))
     loss, _ = _DenoisingLoss.apply(net_out.contiguous(), x0.detach().contiguous(), noise.detach().contiguous(),
                                    coefs.contiguous(), _weight(op, weight, net_out), reduction)
     return loss

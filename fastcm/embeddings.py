@@ -6,6 +6,7 @@ from typing import Tuple
 
 import torch
 
+from ._checks import compute_dtype
 from . import _checks
 from ._library import kernel_ops
 from .blocks import _no_grad, differentiable, differentiated, implementation
@@ -20,7 +21,7 @@ def _fake_rope(x, x_t, cos, sin, inverse, want_y, want_y_t):
 
 
 def _fake_timestep(t, t_t, dim, max_period, want_y, want_y_t):
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(t)
     return [t.new_empty((t.shape[0], dim) if want else (0,), dtype=dtype) for want in (want_y, want_y_t)]
 
 
@@ -130,7 +131,7 @@ def _check_rope(op, q, k, cos, sin):
 
 
 def _tables(cos, sin, dtype):
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = compute_dtype(dtype)
     return cos.to(compute).contiguous(), sin.to(compute).contiguous()
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._checks import compute_dtype
 from . import _checks
 from ._backend import select_backend
 from ._library import kernel_ops
@@ -30,9 +31,6 @@ def _fake_add_noise(x0, noise, coefs, seed, offset):
 
 _ops = kernel_ops("flow", {"add_noise": ("add_noise", _fake_add_noise)})
 
-
-def _work(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _run_noise(like, seed, offset):
@@ -225,7 +223,7 @@ def add_noise(x0: torch.Tensor, time, *, schedule: str, target: str, noise: Opti
     tau = _per_sample_time(op, "time", time, x0)
     alpha, sigma, _, _ = schedule_coefficients(tau, schedule, sigma_data)
     p, q = prediction_coefficients(tau, schedule, target, sigma_data)
-    coefs = torch.stack([alpha, sigma, p, q], dim=1).to(_work(x0))
+    coefs = torch.stack([alpha, sigma, p, q], dim=1).to(compute_dtype(x0))
     return _AddNoise.apply(coefs, x0.contiguous(), None if noise is None else noise.contiguous(), int(seed or 0),
                            int(offset))
 

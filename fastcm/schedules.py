@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ._checks import check_positive
+from ._checks import compute_dtype, check_positive
 
 
 def karras_sigmas(num, *, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=False, device=None,
@@ -185,7 +185,7 @@ def _normals(op, batch, generator, seed, device, dtype, count=1):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"fastcm.{op}: seed={seed!r} is not supported; expected an int >= 0")
         generator = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = compute_dtype(dtype)
     return torch.randn((count, batch), generator=generator, device=device, dtype=work)
 
 

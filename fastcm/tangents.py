@@ -12,6 +12,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
+from ._checks import compute_dtype
 from ._backend import select_backend
 from ._params import per_sample, view_per_sample
 from .steps import _check_tensors, _run
@@ -62,7 +63,7 @@ def fd_tangent(f: Callable, x_t: torch.Tensor, t, dx_dt: torch.Tensor, *, eps: f
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"fastcm.{op}: eps={eps!r} is not supported; expected a finite float > 0")
     batch = x_t.shape[0]
-    t_b = per_sample(op, "t", t, x_t, dtype=torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+    t_b = per_sample(op, "t", t, x_t, dtype=compute_dtype(x_t))
     up, down = _offsets(t_b, eps, scheme, t_min, t_max)
     x_both = torch.cat([x_t + view_per_sample(up, x_t).to(x_t.dtype) * dx_dt,
                         x_t + view_per_sample(down, x_t).to(x_t.dtype) * dx_dt])

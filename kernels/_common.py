@@ -14,9 +14,9 @@ from .._checks import compute_dtype
 __all__ = ["compute_dtype", "compute_type", "per_sample_blocks"]
 
 
-def compute_type(x: torch.Tensor):
-    """The register type of a kernel over x: float64 for float64 inputs, float32 otherwise."""
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+def compute_type(x):
+    """The register type of a kernel over x (a tensor or a dtype): float64 for float64, float32 otherwise."""
+    return tl.float64 if compute_dtype(x) == torch.float64 else tl.float32
 
 
 def per_sample_blocks(x: torch.Tensor, max_block: int):

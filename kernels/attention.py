@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_dtype, compute_type
+
 
 class Config(NamedTuple):
     block_m: int     # query rows per tile
@@ -402,14 +404,6 @@ def _attention_bwd_dq_kernel(
              mask=row_ok[:, None] & dqk_ok[None, :])
 
 
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get IEEE products (no TF32 rounding); 16-bit inputs multiply exactly anyway.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -470,7 +464,7 @@ def _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp):
         raise ValueError(f"{op}: bias_t needs a float bias of the same shape (B, H, Nq, Nk)")
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    stats = _stats_dtype(q.dtype)
+    stats = compute_dtype(q.dtype)
     out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=stats, device=q.device)
     out_t = torch.empty_like(out) if jvp else out
@@ -489,7 +483,7 @@ def _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp):
         CAUSAL=bool(causal), HAS_BIAS=bias is not None, BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool,
         HAS_Q_T=jvp and q_t is not None, HAS_K_T=jvp and k_t is not None, HAS_V_T=jvp and v_t is not None,
         HAS_BIAS_T=jvp and bias_t is not None, JVP=jvp, EXACT_SCALE=q.dtype == torch.float64,
-        COMPUTE=_compute_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=cfg.block_m,
+        COMPUTE=compute_type(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out, out_t, lse, lse_t
@@ -522,7 +516,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     grad_out, q, k, v, out = map(_last_dim_contiguous, (grad_out, q, k, v, out))
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    stats = _stats_dtype(q.dtype)
+    stats = compute_dtype(q.dtype)
     bad_grad_lse = grad_lse is not None and (grad_lse.shape != lse.shape or grad_lse.dtype != stats)
     if grad_out.shape != (B, H, Nq, Dv) or out.shape != grad_out.shape or lse.shape != (B, H, Nq) \
             or lse.dtype != stats or bad_grad_lse:
@@ -540,7 +534,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, Nq), dtype=stats, device=q.device)
     block_dqk, block_dv = _head_block(Dqk), _head_block(Dv)
-    compute, precision = _compute_dtype(q.dtype), _dot_precision(q.dtype)
+    compute, precision = compute_type(q.dtype), _dot_precision(q.dtype)
     n_delta_blocks = triton.cdiv(Nq, DELTA_BLOCK_M)
     _attention_bwd_delta_kernel[(n_delta_blocks * B * H,)](
         grad_out, out, delta if grad_lse is None else grad_lse, delta, *_strides3(grad_out), *_strides3(out), H, Nq,

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_dtype, compute_type
+
 TILE_ELEMENTS = 4096  # BLOCK_N · BLOCK_C per program
 ELEMENTWISE_BLOCK = 1024
 NUM_WARPS = 4
@@ -24,9 +26,6 @@ ACTIVATION_IDS = {"gelu_tanh": 0, "silu": 1, "swiglu": 2}
 GELU_K = 0.7978845608028654  # √(2/π)
 GELU_C = 0.044715
 
-
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _tile_geometry(x: torch.Tensor):
@@ -162,7 +161,7 @@ def modulated_norm_launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Ten
             _row_stride(shift_t), _row_stride(scale_t), NORM=NORM_IDS[norm],
             HAS_WEIGHT=weight is not None, HAS_X_T=x_t is not None, HAS_SHIFT_T=shift_t is not None,
             HAS_SCALE_T=scale_t is not None, HAS_WEIGHT_T=weight_t is not None, WRITE_Y=want_y,
-            WRITE_Y_T=want_y_t, COMPUTE=_compute(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+            WRITE_Y_T=want_y_t, COMPUTE=compute_type(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return [y, y_t]
 
 
@@ -172,7 +171,7 @@ def modulated_norm_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
     """[grad_x, grad_shift (B, C), grad_scale (B, C), grad_weight (C,)] in float32 (float64 for
     float64) except grad_x (x's dtype); entries not asked for are empty (0,) tensors."""
     batch, tokens, channels, block_n, block_c, tiles = _tile_geometry(x)
-    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    accumulate = compute_dtype(x)
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     partials = [torch.empty((batch, tiles, channels), dtype=accumulate, device=x.device) if need else None
                 for need in (need_shift, need_scale, need_weight)]
@@ -180,7 +179,7 @@ def modulated_norm_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
         _modulated_norm_bwd_kernel[(batch * tiles,)](
             grad, x, scale, _or(weight, scale), grad_x, *(_or(p, grad_x) for p in partials), tokens, channels,
             tiles, float(eps), scale.stride(0), NORM=NORM_IDS[norm], HAS_WEIGHT=weight is not None, NEED_X=need_x,
-            NEED_SHIFT=need_shift, NEED_SCALE=need_scale, NEED_WEIGHT=need_weight, COMPUTE=_compute(x.dtype),
+            NEED_SHIFT=need_shift, NEED_SCALE=need_scale, NEED_WEIGHT=need_weight, COMPUTE=compute_type(x.dtype),
             BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
     empty = x.new_empty(0, dtype=accumulate)
     shift_partial, scale_partial, weight_partial = partials
@@ -241,7 +240,7 @@ def gated_residual_launch(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, 
             x, gate, y, _or(x_t, x), _or(gate_t, gate), _or(y_t, y), out, out_t, tokens, channels, tiles,
             gate.stride(0), _row_stride(gate_t),
             HAS_X_T=x_t is not None, HAS_GATE_T=gate_t is not None, HAS_Y_T=y_t is not None, WRITE_OUT=want_out,
-            WRITE_OUT_T=want_out_t, COMPUTE=_compute(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
+            WRITE_OUT_T=want_out_t, COMPUTE=compute_type(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
             num_warps=NUM_WARPS)
     return [out, out_t]
 
@@ -251,13 +250,13 @@ def gated_residual_backward(grad: torch.Tensor, gate: torch.Tensor, y: torch.Ten
     """[grad_y = gate·g, grad_gate = Σ_tokens g⊙y (B, C) in float32 / float64]; empty (0,) when not asked for.
     (grad_x is g itself.)"""
     batch, tokens, channels, block_n, block_c, tiles = _tile_geometry(y)
-    accumulate = torch.float64 if y.dtype == torch.float64 else torch.float32
+    accumulate = compute_dtype(y)
     grad_y = torch.empty_like(y) if need_y else y.new_empty(0)
     partial = torch.empty((batch, tiles, channels), dtype=accumulate, device=y.device) if need_gate else None
     if y.numel():
         _gated_residual_bwd_kernel[(batch * tiles,)](
             grad, gate, y, grad_y, _or(partial, grad_y), tokens, channels, tiles, gate.stride(0), NEED_Y=need_y,
-            NEED_GATE=need_gate, COMPUTE=_compute(y.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+            NEED_GATE=need_gate, COMPUTE=compute_type(y.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return [grad_y, y.new_empty(0, dtype=accumulate) if partial is None else partial.sum(1)]
 
 
@@ -340,7 +339,7 @@ def activation_launch(x: torch.Tensor, x_t: Optional[torch.Tensor], kind: str, w
     y_t = x.new_empty(out_shape) if want_y_t else x.new_empty(0)
     if numel:
         _activation_kernel[grid](x, _or(x_t, x), y, y_t, numel, hidden, ACT=ACTIVATION_IDS[kind], WRITE_Y=want_y,
-                                 WRITE_Y_T=want_y_t, COMPUTE=_compute(x.dtype), BLOCK=ELEMENTWISE_BLOCK,
+                                 WRITE_Y_T=want_y_t, COMPUTE=compute_type(x.dtype), BLOCK=ELEMENTWISE_BLOCK,
                                  num_warps=NUM_WARPS)
     return [y, y_t]
 
@@ -351,5 +350,5 @@ def activation_backward(grad: torch.Tensor, x: torch.Tensor, kind: str) -> torch
     grad_x = torch.empty_like(x)
     if numel:
         _activation_bwd_kernel[grid](grad, x, grad_x, numel, hidden, ACT=ACTIVATION_IDS[kind],
-                                     COMPUTE=_compute(x.dtype), BLOCK=ELEMENTWISE_BLOCK, num_warps=NUM_WARPS)
+                                     COMPUTE=compute_type(x.dtype), BLOCK=ELEMENTWISE_BLOCK, num_warps=NUM_WARPS)
     return grad_x

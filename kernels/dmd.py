@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_dtype, compute_type, per_sample_blocks
+
 BLOCK = 2048
 NUM_WARPS = 4
 
@@ -49,12 +51,7 @@ def _denoising_sums_kernel(out_ptr, x0_ptr, noise_ptr, coef_ptr, partial_ptr, pe
 
 
 def _geometry(x: torch.Tensor):
-    batch = x.shape[0]
-    per_sample = x.numel() // batch
-    block = min(BLOCK, max(triton.next_power_of_2(per_sample), 16))
-    blocks_per_sample = triton.cdiv(per_sample, block)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return batch, per_sample, block, blocks_per_sample, work
+    return (*per_sample_blocks(x, BLOCK), compute_dtype(x))
 
 
 def dmd_sums(x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.Tensor) -> torch.Tensor:
@@ -64,7 +61,7 @@ def dmd_sums(x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.
     partials = torch.empty((batch, blocks_per_sample, 2), dtype=work, device=x.device)
     _dmd_sums_kernel[(batch * blocks_per_sample,)](
         x, real_denoised, fake_denoised, partials, per_sample, blocks_per_sample,
-        COMPUTE=tl.float64 if work == torch.float64 else tl.float32, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        COMPUTE=compute_type(work), BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return partials.sum(dim=1)
 
 
@@ -74,5 +71,5 @@ def denoising_sums(net_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
     partials = torch.empty((batch, blocks_per_sample), dtype=work, device=net_out.device)
     _denoising_sums_kernel[(batch * blocks_per_sample,)](
         net_out, x0, noise, coefs, partials, per_sample, blocks_per_sample,
-        COMPUTE=tl.float64 if work == torch.float64 else tl.float32, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        COMPUTE=compute_type(work), BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return partials.sum(dim=1)

@@ -14,12 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_dtype, compute_type
+
 ROWS_PER_PROGRAM = 16
 NUM_WARPS = 4
 
-
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -58,7 +57,7 @@ def rope_launch(x: torch.Tensor, x_t: Optional[torch.Tensor], cos: torch.Tensor,
     if x.numel():
         _rope_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
             x, x if x_t is None else x_t, cos, sin, out, out_t, rows, tokens, half, SIGN=-1.0 if inverse else 1.0,
-            WRITE_Y=want_y, WRITE_Y_T=want_y_t, COMPUTE=_compute(x.dtype), BLOCK_R=ROWS_PER_PROGRAM,
+            WRITE_Y=want_y, WRITE_Y_T=want_y_t, COMPUTE=compute_type(x.dtype), BLOCK_R=ROWS_PER_PROGRAM,
             BLOCK_H=max(triton.next_power_of_2(half), 16), num_warps=NUM_WARPS)
     return [out, out_t]
 
@@ -106,12 +105,12 @@ def timestep_embedding_launch(t: torch.Tensor, t_t: Optional[torch.Tensor], dim:
                               want_y: bool, want_y_t: bool) -> List[torch.Tensor]:
     """t (B,) contiguous, t_t alike (when want_y_t). Returns [embedding, tangent], (B, dim) float32
     (float64 for float64 t); empty (0,) when not asked for."""
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(t)
     y = t.new_empty((t.shape[0], dim), dtype=dtype) if want_y else t.new_empty(0, dtype=dtype)
     y_t = t.new_empty((t.shape[0], dim), dtype=dtype) if want_y_t else t.new_empty(0, dtype=dtype)
     if t.numel() and dim:
         _timestep_kernel[(t.shape[0],)](t, t if t_t is None else t_t, y, y_t, dim, dim // 2, math.log(max_period),
-                                        WRITE_Y=want_y, WRITE_Y_T=want_y_t, COMPUTE=_compute(t.dtype),
+                                        WRITE_Y=want_y, WRITE_Y_T=want_y_t, COMPUTE=compute_type(t.dtype),
                                         BLOCK=max(triton.next_power_of_2(dim), 16), num_warps=NUM_WARPS)
     return [y, y_t]
 
@@ -121,6 +120,6 @@ def timestep_embedding_backward(grad: torch.Tensor, t: torch.Tensor, dim: int, m
     grad_t = torch.empty_like(t)
     if t.numel():
         _timestep_bwd_kernel[(t.shape[0],)](grad, t, grad_t, dim, dim // 2, math.log(max_period),
-                                            COMPUTE=_compute(t.dtype), BLOCK=max(triton.next_power_of_2(dim), 16),
+                                            COMPUTE=compute_type(t.dtype), BLOCK=max(triton.next_power_of_2(dim), 16),
                                             num_warps=NUM_WARPS)
     return grad_t

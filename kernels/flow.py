@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import compute_type, per_sample_blocks
+
 BLOCK = 2048
 NUM_WARPS = 4
 
@@ -42,13 +44,10 @@ def add_noise(x0: torch.Tensor, noise: Optional[torch.Tensor], coefs: torch.Tens
               offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(α·x0 + s·ε, p·x0 + q·ε) with coefs (B, 4) = (α, s, p, q); ε = `noise` or, if None, Philox(seed, offset)."""
     x_t, target = torch.empty_like(x0), torch.empty_like(x0)
-    batch = x0.shape[0]
-    per_sample = x0.numel() // batch if batch else 0
+    batch, per_sample, block, blocks_per_sample = per_sample_blocks(x0, BLOCK)
     if x0.numel():
-        block = min(BLOCK, max(triton.next_power_of_2(per_sample), 16))
-        blocks_per_sample = triton.cdiv(per_sample, block)
         _noising_kernel[(batch * blocks_per_sample,)](
             x0, x0 if noise is None else noise, coefs, x_t, target, int(seed), int(offset), per_sample,
-            blocks_per_sample, PHILOX=noise is None, COMPUTE=tl.float64 if x0.dtype == torch.float64 else tl.float32,
+            blocks_per_sample, PHILOX=noise is None, COMPUTE=compute_type(x0),
             BLOCK_SIZE=block, num_warps=NUM_WARPS)
     return x_t, target

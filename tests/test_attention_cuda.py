@@ -741,10 +741,8 @@ def test_nn_attention_runs_f32_models_on_the_kernels(monkeypatch):
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_public_api_on_cuda(dtype):
-    """fastcm.attention_jvp (part 1) routes CUDA tensors to these kernels; skipped until it exists."""
+    """fastcm.attention_jvp routes CUDA tensors to these kernels."""
     import fastcm
-    if not hasattr(fastcm, "attention_jvp"):
-        pytest.skip("fastcm.attention_jvp (issue 5) is not in this checkout yet")
     q, k, v, qt, kt, vt = _inputs(1, 4, 2, 130, 130, 64, 64, dtype)
     out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, causal=True)
     r_out, r_out_t = ref.attention_jvp(to64(q), to64(k), to64(v), to64(qt), to64(kt), to64(vt), causal=True)

@@ -297,10 +297,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     return std::make_tuple(out, out_t, lse, lse_t);
   };
   if (B * H * Nq == 0) return finish();
-  if (Dv == 0) {
-    // Nothing to write but the statistics; not reachable through check_qkv (Dv > 0).
-    return finish();
-  }
 
   const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
   const at::Tensor qt = jvp ? kernel_view(qt_in) : at::Tensor();

@@ -1,7 +1,7 @@
 // Attention forward (primal, or primal + tangent) for sm_80 and later: FA2-style online softmax,
 // tensor-core mma.sync m16n8k16 (bf16/fp16 operands, fp32 accumulators), cp.async double buffer.
 //
-// Formula contract (DESIGN.md, "attention"), per query row, in base-2 for the exponentials:
+// Formula contract (docs/DESIGN.md, "Attention with JVP"), per query row, in base-2 for the exponentials:
 //   s  = (scale·q·kᵀ + bias)·log2e          ṡ = scale·(q̇·kᵀ + q·k̇ᵀ) + bias_t   (natural units)
 //   m' = max(m, max_j s_j); α = 2^(m − m'); p_j = 2^(s_j − m'); h_j = rnd(p_j·ṡ_j)
 //   ℓ ← αℓ + Σp;  r ← αr + Σh;  A ← αA + p·V;  T ← αT + [p | h]·[V̇ ; V]
