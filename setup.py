@@ -35,8 +35,12 @@ def _extensions():
 
     os.environ.setdefault("MAX_JOBS", str(_default_jobs()))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = (bool(cuda_sources) and CUDA_HOME is not None and torch.version.cuda is not None
-                 and os.environ.get("FASTCM_SKIP_CUDA") != "1")
+    with_cuda = (
+        bool(cuda_sources)
+        and CUDA_HOME is not None
+        and torch.version.cuda is not None
+        and os.environ.get("FASTCM_SKIP_CUDA") != "1"
+    )
     cxx_flags = ["-O3", "-std=c++17"]
     if not with_cuda:
         ext = CppExtension("fastcm._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
@@ -49,13 +53,15 @@ def _extensions():
         if any(arch.split("+")[0] == "9.0a" for arch in arch_list.replace(" ", ";").split(";")):
             macros.append(("FASTCM_WITH_SM90A", "1"))
         ext = CUDAExtension(
-            "fastcm._C", cpp_sources + cuda_sources,
+            "fastcm._C",
+            cpp_sources + cuda_sources,
             define_macros=macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
-                         "-lineinfo"] + os.environ.get("FASTCM_NVCC_FLAGS", "").split(),
-            })
+                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+                + os.environ.get("FASTCM_NVCC_FLAGS", "").split(),
+            },
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -12,10 +12,11 @@ import pathlib
 
 def plot(run: dict, out: pathlib.Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in run["rows"] if r["status"] == "ok" and r.get("block") != "bias"]   # the bias block: in the table
+    rows = [r for r in run["rows"] if r["status"] == "ok" and r.get("block") != "bias"]  # the bias block: in the table
     panels = sorted({(r["H"], r["d"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (heads, d) in zip(axes[0], panels):
@@ -30,9 +31,12 @@ def plot(run: dict, out: pathlib.Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     meta = run["meta"]
-    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, commit {meta['commit'][:10]}, "
-                 f"matmul {meta.get('matmul_tflops', float('nan')):.0f} TFLOP/s; FLOPs per head: JVP 12·N²·d, "
-                 f"forward 4·N²·d, backward 10·N²·d\n{meta['command']}", fontsize=9)
+    fig.suptitle(
+        f"{meta['gpu']}, torch {meta['torch']}, commit {meta['commit'][:10]}, "
+        f"matmul {meta.get('matmul_tflops', float('nan')):.0f} TFLOP/s; FLOPs per head: JVP 12·N²·d, "
+        f"forward 4·N²·d, backward 10·N²·d\n{meta['command']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

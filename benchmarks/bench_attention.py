@@ -3,16 +3,16 @@ zeros) and backward (also through the tangent) of fastcm.attention vs the
 MATH-backend F.scaled_dot_product_attention (the only SDPA backend with a forward-mode
 derivative, O(N²) memory). On CPU this times the C++ kernel; GPU columns need a GPU."""
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import importlib
+from .common import Case, make_pytest_benchmark
 
 # The module, not the function of the same name that the package exports.
 fa = importlib.import_module("fastcm.attention")
-
-from .common import Case, make_pytest_benchmark
 
 GPU_SHAPE = (4, 16, 2048, 64)
 CPU_SHAPES = ((1, 4, 256, 64), (1, 4, 1024, 64))
@@ -36,8 +36,7 @@ def _cases_for(device, shape, dtype):
     qkv_bytes = 3 * B * H * N * D * element
 
     def tensors(count, requires_grad=False):
-        return tuple(torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad)
-                     for _ in range(count))
+        return tuple(torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(count))
 
     def backward_inputs():
         return tensors(3, requires_grad=True) + tensors(1)
@@ -45,21 +44,45 @@ def _cases_for(device, shape, dtype):
     def backward(op):
         def run(q, k, v, grad_out):
             return torch.autograd.grad(op(q, k, v), (q, k, v), grad_out)
+
         return run
 
     per_head = B * H * N * N * D
     return [
-        Case("attention", "primal", shape, dtype, lambda: tensors(3), reference=_math_sdpa,
-             fastcm=lambda q, k, v: fa.attention(q, k, v),
-             min_bytes=qkv_bytes + qkv_bytes // 3, flops=4 * per_head),
-        Case("attention", "primal+tangent", shape, dtype, lambda: tensors(6),
-             reference=_primal_tangent_reference,
-             fastcm=lambda q, k, v, q_t, k_t, v_t: fa.attention_jvp(q, k, v, q_t, k_t, v_t),
-             min_bytes=2 * qkv_bytes + 2 * qkv_bytes // 3, flops=12 * per_head),
+        Case(
+            "attention",
+            "primal",
+            shape,
+            dtype,
+            lambda: tensors(3),
+            reference=_math_sdpa,
+            fastcm=lambda q, k, v: fa.attention(q, k, v),
+            min_bytes=qkv_bytes + qkv_bytes // 3,
+            flops=4 * per_head,
+        ),
+        Case(
+            "attention",
+            "primal+tangent",
+            shape,
+            dtype,
+            lambda: tensors(6),
+            reference=_primal_tangent_reference,
+            fastcm=lambda q, k, v, q_t, k_t, v_t: fa.attention_jvp(q, k, v, q_t, k_t, v_t),
+            min_bytes=2 * qkv_bytes + 2 * qkv_bytes // 3,
+            flops=12 * per_head,
+        ),
         # Backward: forward (4·N²·d) plus dQ, dK, dV (~10·N²·d with the recomputed P).
-        Case("attention", "backward", shape, dtype, backward_inputs, reference=backward(_math_sdpa),
-             fastcm=backward(fa.attention), min_bytes=2 * qkv_bytes + 2 * qkv_bytes // 3,
-             flops=14 * per_head),
+        Case(
+            "attention",
+            "backward",
+            shape,
+            dtype,
+            backward_inputs,
+            reference=backward(_math_sdpa),
+            fastcm=backward(fa.attention),
+            min_bytes=2 * qkv_bytes + 2 * qkv_bytes // 3,
+            flops=14 * per_head,
+        ),
     ]
 
 
@@ -86,9 +109,19 @@ def _cross_attention_cases(device, shape, dtype):
 
     # Reads Q, Q̇, K, V; writes O, Ȯ.
     floor = {"min_bytes": 4 * q_bytes + kv_bytes, "flops": 8 * B * H * Nq * Nk * D}
-    return [Case("attention", f"cross primal+tangent, k_t=v_t={name}", shape, dtype, lambda z=with_zeros: tensors(z),
-                 reference=reference, fastcm=fastcm, **floor)
-            for name, with_zeros in (("None", False), ("zeros", True))]
+    return [
+        Case(
+            "attention",
+            f"cross primal+tangent, k_t=v_t={name}",
+            shape,
+            dtype,
+            lambda z=with_zeros: tensors(z),
+            reference=reference,
+            fastcm=fastcm,
+            **floor,
+        )
+        for name, with_zeros in (("None", False), ("zeros", True))
+    ]
 
 
 def _tangent_backward_case(device, shape, dtype):
@@ -104,21 +137,33 @@ def _tangent_backward_case(device, shape, dtype):
         def run(q, k, v, q_t, k_t, v_t, grad_out_t):
             _, out_t = torch.func.jvp(op, (q, k, v), (q_t, k_t, v_t))
             return torch.autograd.grad(out_t, (q, k, v, q_t, k_t, v_t), grad_out_t)
+
         return run
 
     # Forward+JVP (12·N²·d) and the chunked recomputation: S, Ṡ, gȮVᵀ, gȮV̇ᵀ and the six
     # gradient products (26·N²·d).
-    return Case("attention", "backward through tangent", shape, dtype, inputs,
-                reference=grad_of_tangent(_math_sdpa), fastcm=grad_of_tangent(lambda q, k, v: fa.attention(q, k, v)),
-                min_bytes=5 * qkv_bytes, flops=38 * B * H * N * N * D, compile_reference=False)
+    return Case(
+        "attention",
+        "backward through tangent",
+        shape,
+        dtype,
+        inputs,
+        reference=grad_of_tangent(_math_sdpa),
+        fastcm=grad_of_tangent(lambda q, k, v: fa.attention(q, k, v)),
+        min_bytes=5 * qkv_bytes,
+        flops=38 * B * H * N * N * D,
+        compile_reference=False,
+    )
 
 
 def cases(device: torch.device, small: bool) -> list:
     shapes = CPU_SHAPES if small else (GPU_SHAPE,)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    return ([case for shape in shapes for case in _cases_for(device, shape, dtype)]
-            + _cross_attention_cases(device, CPU_CROSS_SHAPE if small else GPU_CROSS_SHAPE, dtype)
-            + [_tangent_backward_case(device, shapes[0], dtype)])
+    return (
+        [case for shape in shapes for case in _cases_for(device, shape, dtype)]
+        + _cross_attention_cases(device, CPU_CROSS_SHAPE if small else GPU_CROSS_SHAPE, dtype)
+        + [_tangent_backward_case(device, shapes[0], dtype)]
+    )
 
 
 test_attention = make_pytest_benchmark(cases)

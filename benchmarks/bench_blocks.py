@@ -62,8 +62,13 @@ def matching_blocks(dim: int, heads: int, device=None, dtype=torch.float32):
     for p in plain.adaLN_modulation[1].parameters():
         torch.nn.init.normal_(p, std=0.05)
     fused = DiTBlock(dim, heads)
-    pairs = [(fused.attn.qkv, plain.qkv), (fused.attn.proj, plain.proj), (fused.fc1, plain.fc1),
-             (fused.fc2, plain.fc2), (fused.modulation, plain.adaLN_modulation[1])]
+    pairs = [
+        (fused.attn.qkv, plain.qkv),
+        (fused.attn.proj, plain.proj),
+        (fused.fc1, plain.fc1),
+        (fused.fc2, plain.fc2),
+        (fused.modulation, plain.adaLN_modulation[1]),
+    ]
     with torch.no_grad():
         for mine, theirs in pairs:
             mine.weight.copy_(theirs.weight)
@@ -72,8 +77,10 @@ def matching_blocks(dim: int, heads: int, device=None, dtype=torch.float32):
 
 
 def block_inputs(batch, tokens, dim, device=None, dtype=torch.float32):
-    x, c = torch.randn(batch, tokens, dim, device=device, dtype=dtype), torch.randn(batch, dim, device=device,
-                                                                                  dtype=dtype)
+    x, c = (
+        torch.randn(batch, tokens, dim, device=device, dtype=dtype),
+        torch.randn(batch, dim, device=device, dtype=dtype),
+    )
     return x, c, torch.randn_like(x), torch.randn_like(c)
 
 
@@ -88,10 +95,14 @@ def block_calls(plain, fused):
     """name -> (plain-PyTorch call, fastcm call), each taking (x, c, x_t, c_t)."""
     return {
         "forward": (lambda x, c, x_t, c_t: plain(x, c), lambda x, c, x_t, c_t: fused(x, c)),
-        "tangent": (lambda *args: plain_jvp(plain, *args),
-                    lambda x, c, x_t, c_t: fused.forward_with_tangent(x, c, x_t, c_t)),
-        "func.jvp": (lambda *args: plain_jvp(plain, *args),
-                     lambda x, c, x_t, c_t: torch.func.jvp(fused, (x, c), (x_t, c_t))),
+        "tangent": (
+            lambda *args: plain_jvp(plain, *args),
+            lambda x, c, x_t, c_t: fused.forward_with_tangent(x, c, x_t, c_t),
+        ),
+        "func.jvp": (
+            lambda *args: plain_jvp(plain, *args),
+            lambda x, c, x_t, c_t: torch.func.jvp(fused, (x, c), (x_t, c_t)),
+        ),
     }
 
 
@@ -115,16 +126,27 @@ def host_overhead_table(reps: int = 200):
     rows = []
     with torch.no_grad():
         for name, (plain_call, fused_call) in block_calls(plain, fused).items():
-            for label, call in (("plain PyTorch" if name != "tangent" else "plain func.jvp", plain_call),
-                                ("fastcm", fused_call)):
+            for label, call in (
+                ("plain PyTorch" if name != "tangent" else "plain func.jvp", plain_call),
+                ("fastcm", fused_call),
+            ):
                 _, ops = count_aten_ops(call, *args)
                 rows.append((name, label, ops, host_ms(call, args, reps)))
     return rows
 
 
 def _op_case(device, name, shape, dtype, make_inputs, reference, fast, min_bytes, compile_reference=True):
-    return Case("blocks", name, shape, dtype, make_inputs, reference=reference, fastcm=fast, min_bytes=min_bytes,
-                compile_reference=compile_reference)
+    return Case(
+        "blocks",
+        name,
+        shape,
+        dtype,
+        make_inputs,
+        reference=reference,
+        fastcm=fast,
+        min_bytes=min_bytes,
+        compile_reference=compile_reference,
+    )
 
 
 def _norm_cases(device, batch, tokens, dim, dtype):
@@ -136,19 +158,49 @@ def _norm_cases(device, batch, tokens, dim, dtype):
     size = batch * tokens * dim * torch.finfo(dtype).bits // 8
     shape = (batch, tokens, dim)
     return [
-        _op_case(device, "modulated_norm fwd", shape, dtype, make_inputs,
-                 lambda x, s, c, *_: ref_blocks.modulated_norm(x, s, c),
-                 lambda x, s, c, *_: blocks.modulated_norm(x, s, c), 2 * size),
-        _op_case(device, "modulated_norm tangent", shape, dtype, make_inputs,
-                 lambda x, s, c, x_t, s_t, c_t: torch.func.jvp(ref_blocks.modulated_norm, (x, s, c), (x_t, s_t, c_t)),
-                 lambda *args: blocks.modulated_norm_jvp(*args), 4 * size, compile_reference=False),
-        _op_case(device, "gated_residual tangent", shape, dtype, make_inputs,
-                 lambda x, s, c, x_t, s_t, c_t: torch.func.jvp(ref_blocks.gated_residual, (x, s, x_t), (x_t, s_t, x)),
-                 lambda x, s, c, x_t, s_t, c_t: blocks.gated_residual_jvp(x, s, x_t, x_t, s_t, x), 6 * size,
-                 compile_reference=False),
-        _op_case(device, "gelu_tanh tangent", shape, dtype, make_inputs,
-                 lambda x, s, c, x_t, *_: torch.func.jvp(ref_blocks.gelu_tanh, (x,), (x_t,)),
-                 lambda x, s, c, x_t, *_: blocks.gelu_tanh_jvp(x, x_t), 4 * size, compile_reference=False),
+        _op_case(
+            device,
+            "modulated_norm fwd",
+            shape,
+            dtype,
+            make_inputs,
+            lambda x, s, c, *_: ref_blocks.modulated_norm(x, s, c),
+            lambda x, s, c, *_: blocks.modulated_norm(x, s, c),
+            2 * size,
+        ),
+        _op_case(
+            device,
+            "modulated_norm tangent",
+            shape,
+            dtype,
+            make_inputs,
+            lambda x, s, c, x_t, s_t, c_t: torch.func.jvp(ref_blocks.modulated_norm, (x, s, c), (x_t, s_t, c_t)),
+            lambda *args: blocks.modulated_norm_jvp(*args),
+            4 * size,
+            compile_reference=False,
+        ),
+        _op_case(
+            device,
+            "gated_residual tangent",
+            shape,
+            dtype,
+            make_inputs,
+            lambda x, s, c, x_t, s_t, c_t: torch.func.jvp(ref_blocks.gated_residual, (x, s, x_t), (x_t, s_t, x)),
+            lambda x, s, c, x_t, s_t, c_t: blocks.gated_residual_jvp(x, s, x_t, x_t, s_t, x),
+            6 * size,
+            compile_reference=False,
+        ),
+        _op_case(
+            device,
+            "gelu_tanh tangent",
+            shape,
+            dtype,
+            make_inputs,
+            lambda x, s, c, x_t, *_: torch.func.jvp(ref_blocks.gelu_tanh, (x,), (x_t,)),
+            lambda x, s, c, x_t, *_: blocks.gelu_tanh_jvp(x, x_t),
+            4 * size,
+            compile_reference=False,
+        ),
     ]
 
 
@@ -165,14 +217,30 @@ def _embedding_cases(device, batch, tokens, dim, heads, dtype):
 
     size = batch * tokens * dim * torch.finfo(dtype).bits // 8
     return [
-        _op_case(device, "rope tangent", (batch, heads, tokens, head_dim), dtype, make_inputs,
-                 lambda q, k, q_t, k_t, cos, sin: torch.func.jvp(lambda a, b: ref_embeddings.rope(a, b, cos, sin),
-                                                                 (q, k), (q_t, k_t)),
-                 embeddings.rope_jvp, 8 * size, compile_reference=False),
-        _op_case(device, "timestep_embedding tangent", (batch * 64, 256), torch.float32, make_times,
-                 lambda t, t_t: torch.func.jvp(lambda s: ref_embeddings.timestep_embedding(s, 256), (t,), (t_t,)),
-                 lambda t, t_t: embeddings.timestep_embedding_jvp(t, t_t, 256), batch * 64 * 256 * 8,
-                 compile_reference=False),
+        _op_case(
+            device,
+            "rope tangent",
+            (batch, heads, tokens, head_dim),
+            dtype,
+            make_inputs,
+            lambda q, k, q_t, k_t, cos, sin: torch.func.jvp(
+                lambda a, b: ref_embeddings.rope(a, b, cos, sin), (q, k), (q_t, k_t)
+            ),
+            embeddings.rope_jvp,
+            8 * size,
+            compile_reference=False,
+        ),
+        _op_case(
+            device,
+            "timestep_embedding tangent",
+            (batch * 64, 256),
+            torch.float32,
+            make_times,
+            lambda t, t_t: torch.func.jvp(lambda s: ref_embeddings.timestep_embedding(s, 256), (t,), (t_t,)),
+            lambda t, t_t: embeddings.timestep_embedding_jvp(t, t_t, 256),
+            batch * 64 * 256 * 8,
+            compile_reference=False,
+        ),
     ]
 
 
@@ -183,14 +251,25 @@ def _block_cases(device, batch, tokens, dim, heads, dtype):
     flops = 2 * batch * tokens * 12 * dim * dim + 4 * batch * tokens * tokens * dim
     out = []
     for name, (plain_call, fused_call) in block_calls(plain, fused).items():
+
         def make_inputs():
             return block_inputs(batch, tokens, dim, device, dtype)
 
         scale = 1 if name == "forward" else 2
-        out.append(Case("blocks", f"DiTBlock {name}", (batch, tokens, dim), dtype, make_inputs,
-                        reference=torch.no_grad()(plain_call), fastcm=torch.no_grad()(fused_call),
-                        min_bytes=scale * (2 * size + weights), flops=scale * flops,
-                        compile_reference=name == "forward"))
+        out.append(
+            Case(
+                "blocks",
+                f"DiTBlock {name}",
+                (batch, tokens, dim),
+                dtype,
+                make_inputs,
+                reference=torch.no_grad()(plain_call),
+                fastcm=torch.no_grad()(fused_call),
+                min_bytes=scale * (2 * size + weights),
+                flops=scale * flops,
+                compile_reference=name == "forward",
+            )
+        )
     return out
 
 

@@ -43,13 +43,23 @@ def cases(device: torch.device, small: bool):
     out = []
     for shape in shapes:
         for name, config, step_kwargs, outputs in SCHEDULERS:
+
             def make_inputs(shape=shape):
                 return tuple(torch.randn(shape, device=device) for _ in range(2))
 
-            out.append(Case("diffusers", name.replace("Scheduler", ""), shape, torch.float32, make_inputs,
-                            reference=_stepper(diffusers, name, config, step_kwargs),
-                            fastcm=_stepper(fused, name, config, step_kwargs),
-                            min_bytes=(2 + outputs) * math.prod(shape) * 4, compile_reference=False))
+            out.append(
+                Case(
+                    "diffusers",
+                    name.replace("Scheduler", ""),
+                    shape,
+                    torch.float32,
+                    make_inputs,
+                    reference=_stepper(diffusers, name, config, step_kwargs),
+                    fastcm=_stepper(fused, name, config, step_kwargs),
+                    min_bytes=(2 + outputs) * math.prod(shape) * 4,
+                    compile_reference=False,
+                )
+            )
     return out
 
 

@@ -34,11 +34,18 @@ def _case(device, layout, dtype):
     def fused(averages, shadows, params):
         averages.update()
 
-    return Case("ema", f"update K={PROFILES}", (len([1 for _, c in layout for _ in range(c)]), numel), dtype,
-                make_inputs, reference=foreach_lerp, fastcm=fused,
-                min_bytes=numel * (torch.finfo(dtype).bits // 8 + 2 * PROFILES * 4),
-                # The baseline the EMA is judged against is the eager foreach loop itself.
-                compile_reference=False)
+    return Case(
+        "ema",
+        f"update K={PROFILES}",
+        (len([1 for _, c in layout for _ in range(c)]), numel),
+        dtype,
+        make_inputs,
+        reference=foreach_lerp,
+        fastcm=fused,
+        min_bytes=numel * (torch.finfo(dtype).bits // 8 + 2 * PROFILES * 4),
+        # The baseline the EMA is judged against is the eager foreach loop itself.
+        compile_reference=False,
+    )
 
 
 def cases(device: torch.device, small: bool):

@@ -36,6 +36,7 @@ def _bytes(shape, dtype, tensors_moved):
 def _grad_of(loss_fn, n_grad):
     def run(*inputs):
         return torch.autograd.grad(loss_fn(*inputs), inputs[:n_grad])
+
     return run
 
 
@@ -56,17 +57,46 @@ def _elementwise_cases(device, shape, dtype):
     convert = dict(schedule="flow", source="flow", target="trigflow")
     noising = dict(schedule="trigflow", target="velocity")
     return [
-        Case("flow", "convert_prediction fwd", shape, dtype, two_tensors_and_time,
-             lambda x, p, t: reference.convert_prediction(x, p, t, **convert),
-             lambda x, p, t: fastcm.convert_prediction(x, p, t, **convert), min_bytes=_bytes(shape, dtype, 3)),
-        Case("flow", "add_noise noise given", shape, dtype, two_tensors_and_time,
-             lambda x0, e, t: reference.add_noise(x0, e, t, **noising),
-             lambda x0, e, t: fastcm.add_noise(x0, t, noise=e, **noising), min_bytes=_bytes(shape, dtype, 4)),
-        Case("flow", "add_noise philox", shape, dtype, two_tensors_and_time,
-             lambda x0, e, t: reference.add_noise(x0, torch.randn_like(x0), t, **noising),
-             lambda x0, e, t: fastcm.add_noise(x0, t, seed=0, **noising), min_bytes=_bytes(shape, dtype, 3)),
-        Case("flow", "flow_map fwd", shape, dtype, flow_map_inputs, reference.flow_map, fastcm.flow_map,
-             min_bytes=_bytes(shape, dtype, 3)),
+        Case(
+            "flow",
+            "convert_prediction fwd",
+            shape,
+            dtype,
+            two_tensors_and_time,
+            lambda x, p, t: reference.convert_prediction(x, p, t, **convert),
+            lambda x, p, t: fastcm.convert_prediction(x, p, t, **convert),
+            min_bytes=_bytes(shape, dtype, 3),
+        ),
+        Case(
+            "flow",
+            "add_noise noise given",
+            shape,
+            dtype,
+            two_tensors_and_time,
+            lambda x0, e, t: reference.add_noise(x0, e, t, **noising),
+            lambda x0, e, t: fastcm.add_noise(x0, t, noise=e, **noising),
+            min_bytes=_bytes(shape, dtype, 4),
+        ),
+        Case(
+            "flow",
+            "add_noise philox",
+            shape,
+            dtype,
+            two_tensors_and_time,
+            lambda x0, e, t: reference.add_noise(x0, torch.randn_like(x0), t, **noising),
+            lambda x0, e, t: fastcm.add_noise(x0, t, seed=0, **noising),
+            min_bytes=_bytes(shape, dtype, 3),
+        ),
+        Case(
+            "flow",
+            "flow_map fwd",
+            shape,
+            dtype,
+            flow_map_inputs,
+            reference.flow_map,
+            fastcm.flow_map,
+            min_bytes=_bytes(shape, dtype, 3),
+        ),
     ]
 
 
@@ -78,26 +108,54 @@ def _loss_cases(device, shape, dtype):
         return (u, u.detach().clone(), _randn(shape, device, dtype), _randn(shape, device, dtype))
 
     def dmd_inputs():
-        return _randn(shape, device, dtype, requires_grad=True), _randn(shape, device, dtype), _randn(shape, device,
-                                                                                                        dtype)
+        return (
+            _randn(shape, device, dtype, requires_grad=True),
+            _randn(shape, device, dtype),
+            _randn(shape, device, dtype),
+        )
 
     def denoising_inputs():
-        return (_randn(shape, device, dtype, requires_grad=True), _randn(shape, device, dtype),
-                _randn(shape, device, dtype), torch.rand(batch, device=device))
+        return (
+            _randn(shape, device, dtype, requires_grad=True),
+            _randn(shape, device, dtype),
+            _randn(shape, device, dtype),
+            torch.rand(batch, device=device),
+        )
 
     def denoising(impl):
         return lambda out, x0, e, t: impl(out, x0, e, t, schedule="flow", prediction="flow")
 
     return [
-        Case("flow", "flow_map_loss fwd+bwd", shape, dtype, flow_map_loss_inputs,
-             _grad_of(lambda u, um, uj, v: reference.flow_map_loss(u, um, uj, v, r=0.5), 1),
-             _grad_of(lambda u, um, uj, v: fastcm.flow_map_loss(u, um, uj, v, r=0.5), 1),
-             min_bytes=_bytes(shape, dtype, 6)),
-        Case("flow", "dmd fwd+bwd", shape, dtype, dmd_inputs, _grad_of(reference_dmd.dmd_loss, 1),
-             _grad_of(fastcm.dmd_loss, 1), min_bytes=_bytes(shape, dtype, 6)),
-        Case("flow", "denoising fwd+bwd", shape, dtype, denoising_inputs,
-             _grad_of(denoising(reference_dmd.denoising_loss), 1), _grad_of(denoising(fastcm.denoising_loss), 1),
-             min_bytes=_bytes(shape, dtype, 7)),
+        Case(
+            "flow",
+            "flow_map_loss fwd+bwd",
+            shape,
+            dtype,
+            flow_map_loss_inputs,
+            _grad_of(lambda u, um, uj, v: reference.flow_map_loss(u, um, uj, v, r=0.5), 1),
+            _grad_of(lambda u, um, uj, v: fastcm.flow_map_loss(u, um, uj, v, r=0.5), 1),
+            min_bytes=_bytes(shape, dtype, 6),
+        ),
+        Case(
+            "flow",
+            "dmd fwd+bwd",
+            shape,
+            dtype,
+            dmd_inputs,
+            _grad_of(reference_dmd.dmd_loss, 1),
+            _grad_of(fastcm.dmd_loss, 1),
+            min_bytes=_bytes(shape, dtype, 6),
+        ),
+        Case(
+            "flow",
+            "denoising fwd+bwd",
+            shape,
+            dtype,
+            denoising_inputs,
+            _grad_of(denoising(reference_dmd.denoising_loss), 1),
+            _grad_of(denoising(fastcm.denoising_loss), 1),
+            min_bytes=_bytes(shape, dtype, 7),
+        ),
     ]
 
 

@@ -51,8 +51,10 @@ def _bytes(shape, dtype, tensors_moved, per_sample_vectors=0):
 
 def _grad_of(loss_fn, n_grad):
     """Forward + backward of a scalar loss w.r.t. the first n_grad inputs (and logvar for sCM)."""
+
     def run(*inputs):
         return torch.autograd.grad(loss_fn(*inputs), inputs[:n_grad])
+
     return run
 
 
@@ -61,14 +63,30 @@ def _pseudo_huber_cases(device, shape, dtype):
         def make():
             x = torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad)
             return x, torch.randn(shape, device=device, dtype=dtype)
+
         return make
 
     return [
-        Case("losses", "pseudo_huber fwd", shape, dtype, make_inputs(False), reference.pseudo_huber_loss,
-             losses.pseudo_huber_loss, min_bytes=_bytes(shape, dtype, 2)),
-        Case("losses", "pseudo_huber fwd+bwd", shape, dtype, make_inputs(True),
-             _grad_of(reference.pseudo_huber_loss, 1), _grad_of(losses.pseudo_huber_loss, 1),
-             min_bytes=_bytes(shape, dtype, 3)),
+        Case(
+            "losses",
+            "pseudo_huber fwd",
+            shape,
+            dtype,
+            make_inputs(False),
+            reference.pseudo_huber_loss,
+            losses.pseudo_huber_loss,
+            min_bytes=_bytes(shape, dtype, 2),
+        ),
+        Case(
+            "losses",
+            "pseudo_huber fwd+bwd",
+            shape,
+            dtype,
+            make_inputs(True),
+            _grad_of(reference.pseudo_huber_loss, 1),
+            _grad_of(losses.pseudo_huber_loss, 1),
+            min_bytes=_bytes(shape, dtype, 3),
+        ),
     ]
 
 
@@ -82,17 +100,35 @@ def _scm_cases(device, shape, dtype, *, grad_only=False):
             t = torch.rand(batch, device=device) * 1.5 + 0.02
             logvar = torch.zeros(batch, device=device, requires_grad=requires_grad)
             return (F, logvar, *others, t)
+
         return make
 
     def call(impl):
         def run(F, logvar, F_minus, F_jvp, x_t, dx_dt, t):
             return impl(F, F_minus, F_jvp, x_t, dx_dt, t, r=0.5, weight=1.0 / (0.5 * torch.tan(t)), logvar=logvar)
+
         return run
 
-    forward = Case("losses", "scm fwd", shape, dtype, make_inputs(False), call(reference.scm_loss),
-                   call(losses.scm_loss), min_bytes=_bytes(shape, dtype, 5, per_sample_vectors=2))
-    backward = Case("losses", "scm fwd+bwd", shape, dtype, make_inputs(True), _grad_of(call(reference.scm_loss), 2),
-                    _grad_of(call(losses.scm_loss), 2), min_bytes=_bytes(shape, dtype, 6, per_sample_vectors=3))
+    forward = Case(
+        "losses",
+        "scm fwd",
+        shape,
+        dtype,
+        make_inputs(False),
+        call(reference.scm_loss),
+        call(losses.scm_loss),
+        min_bytes=_bytes(shape, dtype, 5, per_sample_vectors=2),
+    )
+    backward = Case(
+        "losses",
+        "scm fwd+bwd",
+        shape,
+        dtype,
+        make_inputs(True),
+        _grad_of(call(reference.scm_loss), 2),
+        _grad_of(call(losses.scm_loss), 2),
+        min_bytes=_bytes(shape, dtype, 6, per_sample_vectors=3),
+    )
     return [backward] if grad_only else [forward, backward]
 
 
@@ -103,15 +139,37 @@ def _meanflow_cases(device, shape, dtype):
         def make():
             u = torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad)
             t = torch.rand(batch, device=device)
-            return (u, torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype),
-                    t, t * torch.rand(batch, device=device))
+            return (
+                u,
+                torch.randn(shape, device=device, dtype=dtype),
+                torch.randn(shape, device=device, dtype=dtype),
+                t,
+                t * torch.rand(batch, device=device),
+            )
+
         return make
 
     return [
-        Case("losses", "meanflow fwd", shape, dtype, make_inputs(False), reference.meanflow_loss,
-             losses.meanflow_loss, min_bytes=_bytes(shape, dtype, 3, per_sample_vectors=2)),
-        Case("losses", "meanflow fwd+bwd", shape, dtype, make_inputs(True), _grad_of(reference.meanflow_loss, 1),
-             _grad_of(losses.meanflow_loss, 1), min_bytes=_bytes(shape, dtype, 4, per_sample_vectors=2)),
+        Case(
+            "losses",
+            "meanflow fwd",
+            shape,
+            dtype,
+            make_inputs(False),
+            reference.meanflow_loss,
+            losses.meanflow_loss,
+            min_bytes=_bytes(shape, dtype, 3, per_sample_vectors=2),
+        ),
+        Case(
+            "losses",
+            "meanflow fwd+bwd",
+            shape,
+            dtype,
+            make_inputs(True),
+            _grad_of(reference.meanflow_loss, 1),
+            _grad_of(losses.meanflow_loss, 1),
+            min_bytes=_bytes(shape, dtype, 4, per_sample_vectors=2),
+        ),
     ]
 
 

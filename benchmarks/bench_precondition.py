@@ -20,10 +20,16 @@ def _forward_case(device, shape, dtype, param):
         return x, torch.randn_like(x), torch.rand(shape[0], device=device) * scale + 0.1
 
     numel = torch.Size(shape).numel()
-    return Case("precondition", f"{param} fwd", shape, dtype, make_inputs,
-                reference=lambda x, f, s: reference(x, f, s, param=param),
-                fastcm=lambda x, f, s: fastcm.precondition(x, f, s, param=param),
-                min_bytes=3 * numel * torch.finfo(dtype).bits // 8)
+    return Case(
+        "precondition",
+        f"{param} fwd",
+        shape,
+        dtype,
+        make_inputs,
+        reference=lambda x, f, s: reference(x, f, s, param=param),
+        fastcm=lambda x, f, s: fastcm.precondition(x, f, s, param=param),
+        min_bytes=3 * numel * torch.finfo(dtype).bits // 8,
+    )
 
 
 def _backward_case(device, shape, dtype, param):
@@ -36,13 +42,21 @@ def _backward_case(device, shape, dtype, param):
     def fwd_bwd(op):
         def run(x, f, s, grad):
             return torch.autograd.grad(op(x, f, s, param=param), (x, f, s), grad)
+
         return run
 
     numel = torch.Size(shape).numel()
     # Forward: read x, F, write out. Backward: read grad, x, F; write grad_x, grad_F.
-    return Case("precondition", f"{param} fwd+bwd", shape, dtype, make_inputs,
-                reference=fwd_bwd(reference), fastcm=fwd_bwd(fastcm.precondition),
-                min_bytes=8 * numel * torch.finfo(dtype).bits // 8)
+    return Case(
+        "precondition",
+        f"{param} fwd+bwd",
+        shape,
+        dtype,
+        make_inputs,
+        reference=fwd_bwd(reference),
+        fastcm=fwd_bwd(fastcm.precondition),
+        min_bytes=8 * numel * torch.finfo(dtype).bits // 8,
+    )
 
 
 def cases(device: torch.device, small: bool):

@@ -21,8 +21,16 @@ def _case(device, shape, dtype, name, tensors, reference_fn, fastcm_fn):
     def make_inputs():
         return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(tensors))
 
-    return Case("sde_steps", name, shape, dtype, make_inputs, reference=reference_fn, fastcm=fastcm_fn,
-                min_bytes=(tensors + 1) * math.prod(shape) * torch.finfo(dtype).bits // 8)
+    return Case(
+        "sde_steps",
+        name,
+        shape,
+        dtype,
+        make_inputs,
+        reference=reference_fn,
+        fastcm=fastcm_fn,
+        min_bytes=(tensors + 1) * math.prod(shape) * torch.finfo(dtype).bits // 8,
+    )
 
 
 def _noisy(fn):
@@ -34,33 +42,80 @@ def cases(device: torch.device, small: bool):
     shape = CPU_SHAPE if small else GPU_SHAPE
     out = []
     for dtype in (torch.float32, torch.bfloat16):
+
         def add(name, tensors, reference_fn, fastcm_fn, dtype=dtype):
             out.append(_case(device, shape, dtype, name, tensors, reference_fn, fastcm_fn))
 
-        add("churn (noise)", 1, _noisy(lambda x, noise: reference.churn_step(x, SIGMA, 1.3 * SIGMA, noise=noise)),
-            lambda x: sde_steps.churn_step(x, SIGMA, 1.3 * SIGMA, seed=1))
-        add("euler ancestral (noise)", 2,
+        add(
+            "churn (noise)",
+            1,
+            _noisy(lambda x, noise: reference.churn_step(x, SIGMA, 1.3 * SIGMA, noise=noise)),
+            lambda x: sde_steps.churn_step(x, SIGMA, 1.3 * SIGMA, seed=1),
+        )
+        add(
+            "euler ancestral (noise)",
+            2,
             _noisy(lambda x, d, noise: reference.euler_ancestral_step(x, d, SIGMA, SIGMA_NEXT, noise=noise)),
-            lambda x, d: sde_steps.euler_ancestral_step(x, d, SIGMA, SIGMA_NEXT, seed=1))
-        add("dpmpp_2s_ancestral (noise)", 3,
-            _noisy(lambda x, d, e, noise: reference.dpmpp_2s_ancestral_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e,
-                                                                            noise=noise)),
-            lambda x, d, e: sde_steps.dpmpp_2s_ancestral_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e, seed=1))
-        add("dpmpp_sde (noise)", 3,
-            _noisy(lambda x, d, e, noise: reference.dpmpp_sde_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e,
-                                                                   noise=noise)),
-            lambda x, d, e: sde_steps.dpmpp_sde_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e, seed=1))
-        add("dpmpp_2m_sde (noise)", 3,
-            _noisy(lambda x, d, e, noise: reference.dpmpp_2m_sde_step(x, d, SIGMA, SIGMA_NEXT, old_denoised=e,
-                                                                      sigma_prev=SIGMA_PREV, noise=noise)),
-            lambda x, d, e: sde_steps.dpmpp_2m_sde_step(x, d, SIGMA, SIGMA_NEXT, old_denoised=e, sigma_prev=SIGMA_PREV,
-                                                        seed=1))
-        add("dpmpp_3m_sde (noise)", 4,
-            _noisy(lambda x, d, e, f, noise: reference.dpmpp_3m_sde_step(
-                x, d, SIGMA, SIGMA_NEXT, denoised_1=e, denoised_2=f, sigma_prev=SIGMA_PREV, sigma_prev2=SIGMA_PREV2,
-                noise=noise)),
-            lambda x, d, e, f: sde_steps.dpmpp_3m_sde_step(x, d, SIGMA, SIGMA_NEXT, denoised_1=e, denoised_2=f,
-                                                           sigma_prev=SIGMA_PREV, sigma_prev2=SIGMA_PREV2, seed=1))
+            lambda x, d: sde_steps.euler_ancestral_step(x, d, SIGMA, SIGMA_NEXT, seed=1),
+        )
+        add(
+            "dpmpp_2s_ancestral (noise)",
+            3,
+            _noisy(
+                lambda x, d, e, noise: reference.dpmpp_2s_ancestral_step(
+                    x, d, SIGMA, SIGMA_NEXT, denoised_mid=e, noise=noise
+                )
+            ),
+            lambda x, d, e: sde_steps.dpmpp_2s_ancestral_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e, seed=1),
+        )
+        add(
+            "dpmpp_sde (noise)",
+            3,
+            _noisy(
+                lambda x, d, e, noise: reference.dpmpp_sde_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e, noise=noise)
+            ),
+            lambda x, d, e: sde_steps.dpmpp_sde_step(x, d, SIGMA, SIGMA_NEXT, denoised_mid=e, seed=1),
+        )
+        add(
+            "dpmpp_2m_sde (noise)",
+            3,
+            _noisy(
+                lambda x, d, e, noise: reference.dpmpp_2m_sde_step(
+                    x, d, SIGMA, SIGMA_NEXT, old_denoised=e, sigma_prev=SIGMA_PREV, noise=noise
+                )
+            ),
+            lambda x, d, e: sde_steps.dpmpp_2m_sde_step(
+                x, d, SIGMA, SIGMA_NEXT, old_denoised=e, sigma_prev=SIGMA_PREV, seed=1
+            ),
+        )
+        add(
+            "dpmpp_3m_sde (noise)",
+            4,
+            _noisy(
+                lambda x, d, e, f, noise: reference.dpmpp_3m_sde_step(
+                    x,
+                    d,
+                    SIGMA,
+                    SIGMA_NEXT,
+                    denoised_1=e,
+                    denoised_2=f,
+                    sigma_prev=SIGMA_PREV,
+                    sigma_prev2=SIGMA_PREV2,
+                    noise=noise,
+                )
+            ),
+            lambda x, d, e, f: sde_steps.dpmpp_3m_sde_step(
+                x,
+                d,
+                SIGMA,
+                SIGMA_NEXT,
+                denoised_1=e,
+                denoised_2=f,
+                sigma_prev=SIGMA_PREV,
+                sigma_prev2=SIGMA_PREV2,
+                seed=1,
+            ),
+        )
     return out
 
 

@@ -75,6 +75,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     clock around each call (after synchronising) on CPU."""
     if device.type == "cuda":
         import triton.testing
+
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     for _ in range(warmup):
         fn()
@@ -96,6 +97,7 @@ def track_host_peak_memory() -> bool:
     global _host_peak_tracking
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
         m_mmap_threshold, m_trim_threshold = -3, -1
         fixed = libc.mallopt(m_mmap_threshold, 64 * 2**10) and libc.mallopt(m_trim_threshold, 64 * 2**10)

@@ -18,25 +18,25 @@ namespace fastcm {
 
 // Argument checks shared by every implementation: ranks, shapes, dtypes, devices. `op` names
 // the calling op in the messages.
-void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const c10::optional<at::Tensor>& bias);
-void check_same_as(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                   const at::Tensor& ref);
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& bias);
+void check_same_as(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref);
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& bias, double scale, bool causal);
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const c10::optional<at::Tensor>& bias, double scale,
+                                                         bool causal);
 
 // An absent q_t / k_t / v_t is a zero tangent: the CPU kernel skips its products and reads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& q_t,
-    const c10::optional<at::Tensor>& k_t, const c10::optional<at::Tensor>& v_t,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bias_t, double scale,
-    bool causal);
+    const c10::optional<at::Tensor>& k_t, const c10::optional<at::Tensor>& v_t, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& bias_t, double scale, bool causal);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& bias,
-    double scale, bool causal, const c10::optional<at::Tensor>& grad_lse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                      const at::Tensor& k, const at::Tensor& v,
+                                                                      const at::Tensor& out, const at::Tensor& lse,
+                                                                      const c10::optional<at::Tensor>& bias,
+                                                                      double scale, bool causal,
+                                                                      const c10::optional<at::Tensor>& grad_lse);
 
 }  // namespace fastcm

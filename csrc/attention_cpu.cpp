@@ -51,22 +51,15 @@ struct View4 {
 
   View4() = default;
   explicit View4(const at::Tensor& t)
-      : data(t.data_ptr<scalar_t>()),
-        s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+      : data(t.data_ptr<scalar_t>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
 
-  const scalar_t* row(int64_t b, int64_t h, int64_t i) const {
-    return data + b * s0 + h * s1 + i * s2;
-  }
+  const scalar_t* row(int64_t b, int64_t h, int64_t i) const { return data + b * s0 + h * s1 + i * s2; }
 };
 
 // The kernels index the last dim of q/k/v/grad_out/out contiguously.
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-at::ScalarType acc_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct Problem {
   int64_t batch, heads, kv_heads, groups, num_queries, num_keys, dim_qk, dim_v;
@@ -74,11 +67,18 @@ struct Problem {
   bool causal;
   double scale;
 
-  Problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_,
-          bool causal_)
-      : batch(q.size(0)), heads(q.size(1)), kv_heads(k.size(1)), groups(q.size(1) / k.size(1)),
-        num_queries(q.size(2)), num_keys(k.size(2)), dim_qk(q.size(3)), dim_v(v.size(3)),
-        causal_offset(k.size(2) - q.size(2)), causal(causal_), scale(scale_) {}
+  Problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_, bool causal_)
+      : batch(q.size(0)),
+        heads(q.size(1)),
+        kv_heads(k.size(1)),
+        groups(q.size(1) / k.size(1)),
+        num_queries(q.size(2)),
+        num_keys(k.size(2)),
+        dim_qk(q.size(3)),
+        dim_v(v.size(3)),
+        causal_offset(k.size(2) - q.size(2)),
+        causal(causal_),
+        scale(scale_) {}
 
   // One past the last key that query row i may see.
   int64_t key_end(int64_t i) const {
@@ -96,8 +96,8 @@ struct Problem {
 // precision. Packing two operands side by side (ld = 2 * dim) lets one GEMM of depth 2*dim do
 // the two products of a tangent.
 template <typename scalar_t, typename acc_t>
-void load_rows(const View4<scalar_t>& src, int64_t b, int64_t h, int64_t i0, int64_t n,
-               int64_t dim, acc_t* dst, int64_t ld) {
+void load_rows(const View4<scalar_t>& src, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t dim, acc_t* dst,
+               int64_t ld) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* row = src.row(b, h, i0 + i);
     acc_t* out = dst + i * ld;
@@ -116,8 +116,7 @@ struct Mat {
 
 template <typename acc_t>
 at::Tensor as_tensor(const Mat<acc_t>& m) {
-  const std::vector<int64_t> strides =
-      m.transposed ? std::vector<int64_t>{1, m.ld} : std::vector<int64_t>{m.ld, 1};
+  const std::vector<int64_t> strides = m.transposed ? std::vector<int64_t>{1, m.ld} : std::vector<int64_t>{m.ld, 1};
   return at::from_blob(const_cast<acc_t*>(m.data), {m.rows, m.cols}, strides,
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
@@ -126,11 +125,10 @@ at::Tensor as_tensor(const Mat<acc_t>& m) {
 // views of the tile buffers reaches torch's BLAS (MKL/OpenBLAS sgemm, dgemm) for about a
 // microsecond of overhead per call; beta = 0 ignores c's old contents, NaN included.
 template <typename acc_t>
-void gemm(const Mat<acc_t>& a, const Mat<acc_t>& b, acc_t* c, int64_t ldc, acc_t alpha,
-          acc_t beta) {
+void gemm(const Mat<acc_t>& a, const Mat<acc_t>& b, acc_t* c, int64_t ldc, acc_t alpha, acc_t beta) {
   if (a.rows == 0 || b.cols == 0) return;
-  at::Tensor out = at::from_blob(c, {a.rows, b.cols}, {ldc, 1},
-                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor out =
+      at::from_blob(c, {a.rows, b.cols}, {ldc, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   out.addmm_(as_tensor(a), as_tensor(b), beta, alpha);
 }
 
@@ -218,8 +216,7 @@ acc_t weighted_sum(const acc_t* w, const acc_t* st, int64_t n) {
   acc_t lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l)
-      lane[l] += w[j + l] == acc_t(0) ? acc_t(0) : w[j + l] * st[j + l];
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += w[j + l] == acc_t(0) ? acc_t(0) : w[j + l] * st[j + l];
   for (; j < n; ++j) lane[0] += w[j] == acc_t(0) ? acc_t(0) : w[j] * st[j];
   acc_t result = 0;
   for (int64_t l = 0; l < kLanes; ++l) result += lane[l];
@@ -245,8 +242,7 @@ void scale_row(acc_t alpha, int64_t n, acc_t* row) {
 
 // s[j] += bias(b, h, qi, j0 + j), j < n: bias may be broadcast (stride 0) or of low precision.
 template <typename scalar_t, typename acc_t>
-void add_bias(const View4<scalar_t>& bias, int64_t b, int64_t h, int64_t qi, int64_t j0,
-              int64_t n, acc_t* s) {
+void add_bias(const View4<scalar_t>& bias, int64_t b, int64_t h, int64_t qi, int64_t j0, int64_t n, acc_t* s) {
   const scalar_t* row = bias.row(b, h, qi) + j0 * bias.s3;
   const int64_t stride = bias.s3;
   if (stride == 1) {
@@ -324,7 +320,7 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
       const int64_t block_key_end = p.key_end(i0 + nq - 1);
       for (int64_t j0 = 0; j0 < block_key_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, block_key_end - j0);
-        const int64_t ld_w = pack * nk;  // weights rows: [p | h]
+        const int64_t ld_w = pack * nk;                       // weights rows: [p | h]
         acc_t* v_rows = v_blk.data() + (pack - 1) * nk * Dv;  // V below Vd
         if (kTangent && t.has_k_t) load_rows(t.k_t, b, kvh, j0, nk, Dqk, k_blk.data(), ld_qk);
         if (kTangent && t.has_v_t) load_rows(t.v_t, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
@@ -332,12 +328,11 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
         load_rows(t.v, b, kvh, j0, nk, Dv, v_rows, Dv);
 
         const Mat<acc_t> k_primal{k_blk.data() + (pack - 1) * Dqk, Dqk, nk, ld_qk, true};
-        gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, ld_qk}, k_primal, scores.data(), nk, scale,
-             acc_t(0));
+        gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, ld_qk}, k_primal, scores.data(), nk, scale, acc_t(0));
         if (kTangent && tangent_depth > 0) {
           gemm(Mat<acc_t>{q_blk.data() + tangent_col, nq, tangent_depth, ld_qk},
-               Mat<acc_t>{k_blk.data() + tangent_col, tangent_depth, nk, ld_qk, true}, score_t.data(),
-               nk, scale, acc_t(0));
+               Mat<acc_t>{k_blk.data() + tangent_col, tangent_depth, nk, ld_qk, true}, score_t.data(), nk, scale,
+               acc_t(0));
         } else if (kTangent) {
           std::fill(score_t.begin(), score_t.begin() + nq * nk, acc_t(0));
         }
@@ -379,14 +374,13 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
           scale_row(alpha, Dv, &tangent_acc[i * Dv]);
         }
 
-        gemm(Mat<acc_t>{weights.data(), nq, nk, ld_w}, Mat<acc_t>{v_rows, nk, Dv, Dv}, acc.data(),
-             Dv, acc_t(1), acc_t(1));
+        gemm(Mat<acc_t>{weights.data(), nq, nk, ld_w}, Mat<acc_t>{v_rows, nk, Dv, Dv}, acc.data(), Dv, acc_t(1),
+             acc_t(1));
         if (kTangent) {
           // Without Vd only h V remains: the right half of [p | h] against V.
           const int64_t skip = t.has_v_t ? 0 : nk;
           gemm(Mat<acc_t>{weights.data() + skip, nq, ld_w - skip, ld_w},
-               Mat<acc_t>{v_blk.data() + skip * Dv, ld_w - skip, Dv, Dv}, tangent_acc.data(), Dv,
-               acc_t(1), acc_t(1));
+               Mat<acc_t>{v_blk.data() + skip * Dv, ld_w - skip, Dv, Dv}, tangent_acc.data(), Dv, acc_t(1), acc_t(1));
         }
       }
 
@@ -417,12 +411,11 @@ void forward_kernel(const Problem& p, const ForwardTensors<scalar_t>& t) {
   });
 }
 
-
 template <typename scalar_t, bool kTangent>
-void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor* q_t, const at::Tensor* k_t, const at::Tensor* v_t,
-                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bias_t,
-                 at::Tensor& out, at::Tensor* out_t, at::Tensor& lse, at::Tensor* lse_t) {
+void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* q_t,
+                 const at::Tensor* k_t, const at::Tensor* v_t, const c10::optional<at::Tensor>& bias,
+                 const c10::optional<at::Tensor>& bias_t, at::Tensor& out, at::Tensor* out_t, at::Tensor& lse,
+                 at::Tensor* lse_t) {
   using acc_t = typename AccType<scalar_t>::type;
   ForwardTensors<scalar_t> t;
   t.q = View4<scalar_t>(q);
@@ -452,8 +445,7 @@ void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
 }
 
 void check_cpu(const char* op, const at::Tensor& q) {
-  TORCH_CHECK(q.device().is_cpu(), op, ": the CPU kernel got q on ", q.device(),
-              "; supported: cpu");
+  TORCH_CHECK(q.device().is_cpu(), op, ": the CPU kernel got q on ", q.device(), "; supported: cpu");
 }
 
 template <typename scalar_t>
@@ -470,16 +462,14 @@ struct BackwardTensors {
 // into the score gradient prob * (dprob - delta). Keys past the causal edge and fully masked
 // rows (lse = -inf) get 0.
 template <typename scalar_t, typename acc_t>
-void probabilities_and_score_grads(const Problem& p, const BackwardTensors<scalar_t>& t,
-                                   int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                                   int64_t nk, acc_t* scores, acc_t* dprob) {
+void probabilities_and_score_grads(const Problem& p, const BackwardTensors<scalar_t>& t, int64_t b, int64_t h,
+                                   int64_t i0, int64_t nq, int64_t j0, int64_t nk, acc_t* scores, acc_t* dprob) {
   const int64_t row0 = (b * p.heads + h) * p.num_queries + i0;
   for (int64_t i = 0; i < nq; ++i) {
     const acc_t lse = t.lse[row0 + i];
     acc_t* s = &scores[i * nk];
     acc_t* ds = &dprob[i * nk];
-    const int64_t visible =
-        std::isinf(lse) ? 0 : std::max<int64_t>(0, std::min(nk, p.key_end(i0 + i) - j0));
+    const int64_t visible = std::isinf(lse) ? 0 : std::max<int64_t>(0, std::min(nk, p.key_end(i0 + i) - j0));
     std::fill(s + visible, s + nk, acc_t(0));
     std::fill(ds + visible, ds + nk, acc_t(0));
     if (visible == 0) continue;
@@ -516,13 +506,13 @@ void backward_dq(const Problem& p, const BackwardTensors<scalar_t>& t) {
         const int64_t nk = std::min(kBlockK, block_key_end - j0);
         load_rows(t.k, b, kvh, j0, nk, Dqk, k_blk.data(), Dqk);
         load_rows(t.v, b, kvh, j0, nk, Dv, v_blk.data(), Dv);
-        gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk}, Mat<acc_t>{k_blk.data(), Dqk, nk, Dqk, true},
-             scores.data(), nk, scale, acc_t(0));
-        gemm(Mat<acc_t>{go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{v_blk.data(), Dv, nk, Dv, true},
-             dprob.data(), nk, acc_t(1), acc_t(0));
+        gemm(Mat<acc_t>{q_blk.data(), nq, Dqk, Dqk}, Mat<acc_t>{k_blk.data(), Dqk, nk, Dqk, true}, scores.data(), nk,
+             scale, acc_t(0));
+        gemm(Mat<acc_t>{go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{v_blk.data(), Dv, nk, Dv, true}, dprob.data(), nk,
+             acc_t(1), acc_t(0));
         probabilities_and_score_grads(p, t, b, h, i0, nq, j0, nk, scores.data(), dprob.data());
-        gemm(Mat<acc_t>{dprob.data(), nq, nk, nk}, Mat<acc_t>{k_blk.data(), nk, Dqk, Dqk},
-             dq_blk.data(), Dqk, scale, acc_t(1));
+        gemm(Mat<acc_t>{dprob.data(), nq, nk, nk}, Mat<acc_t>{k_blk.data(), nk, Dqk, Dqk}, dq_blk.data(), Dqk, scale,
+             acc_t(1));
       }
       for (int64_t i = 0; i < nq; ++i) {
         scalar_t* dst = t.dq + (row0 + i) * Dqk;
@@ -537,16 +527,22 @@ template <typename acc_t>
 struct KeyBlockScratch {
   std::vector<acc_t> k_blk, v_blk, dk_blk, dv_blk, q_blk, go_blk, scores, dprob;
   KeyBlockScratch(int64_t Dqk, int64_t Dv)
-      : k_blk(kBlockK * Dqk), v_blk(kBlockK * Dv), dk_blk(kBlockK * Dqk), dv_blk(kBlockK * Dv),
-        q_blk(kBlockQ * Dqk), go_blk(kBlockQ * Dv), scores(kBlockQ * kBlockK), dprob(kBlockQ * kBlockK) {}
+      : k_blk(kBlockK * Dqk),
+        v_blk(kBlockK * Dv),
+        dk_blk(kBlockK * Dqk),
+        dv_blk(kBlockK * Dv),
+        q_blk(kBlockQ * Dqk),
+        go_blk(kBlockQ * Dv),
+        scores(kBlockQ * kBlockK),
+        dprob(kBlockQ * kBlockK) {}
 };
 
 // One key block: dK, dV summed over the query heads of the group and their query blocks, and,
 // when dq_group is given, scale·dS·K of this key block added into the group's dQ rows
 // (G × Nq × Dqk, acc_t) while S and dS are at hand.
 template <typename scalar_t, typename acc_t>
-void backward_key_block(const Problem& p, const BackwardTensors<scalar_t>& t, int64_t b, int64_t kvh,
-                        int64_t j0, KeyBlockScratch<acc_t>& w, acc_t* dq_group) {
+void backward_key_block(const Problem& p, const BackwardTensors<scalar_t>& t, int64_t b, int64_t kvh, int64_t j0,
+                        KeyBlockScratch<acc_t>& w, acc_t* dq_group) {
   const int64_t Dqk = p.dim_qk, Dv = p.dim_v;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t nk = std::min(kBlockK, p.num_keys - j0);
@@ -559,19 +555,19 @@ void backward_key_block(const Problem& p, const BackwardTensors<scalar_t>& t, in
       const int64_t nq = std::min(kBlockQ, p.num_queries - i0);
       load_rows(t.q, b, h, i0, nq, Dqk, w.q_blk.data(), Dqk);
       load_rows(t.grad_out, b, h, i0, nq, Dv, w.go_blk.data(), Dv);
-      gemm(Mat<acc_t>{w.q_blk.data(), nq, Dqk, Dqk}, Mat<acc_t>{w.k_blk.data(), Dqk, nk, Dqk, true},
-           w.scores.data(), nk, scale, acc_t(0));
-      gemm(Mat<acc_t>{w.go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{w.v_blk.data(), Dv, nk, Dv, true},
-           w.dprob.data(), nk, acc_t(1), acc_t(0));
+      gemm(Mat<acc_t>{w.q_blk.data(), nq, Dqk, Dqk}, Mat<acc_t>{w.k_blk.data(), Dqk, nk, Dqk, true}, w.scores.data(),
+           nk, scale, acc_t(0));
+      gemm(Mat<acc_t>{w.go_blk.data(), nq, Dv, Dv}, Mat<acc_t>{w.v_blk.data(), Dv, nk, Dv, true}, w.dprob.data(), nk,
+           acc_t(1), acc_t(0));
       probabilities_and_score_grads(p, t, b, h, i0, nq, j0, nk, w.scores.data(), w.dprob.data());
-      gemm(Mat<acc_t>{w.scores.data(), nk, nq, nk, true}, Mat<acc_t>{w.go_blk.data(), nq, Dv, Dv},
-           w.dv_blk.data(), Dv, acc_t(1), acc_t(1));
-      gemm(Mat<acc_t>{w.dprob.data(), nk, nq, nk, true}, Mat<acc_t>{w.q_blk.data(), nq, Dqk, Dqk},
-           w.dk_blk.data(), Dqk, scale, acc_t(1));
+      gemm(Mat<acc_t>{w.scores.data(), nk, nq, nk, true}, Mat<acc_t>{w.go_blk.data(), nq, Dv, Dv}, w.dv_blk.data(), Dv,
+           acc_t(1), acc_t(1));
+      gemm(Mat<acc_t>{w.dprob.data(), nk, nq, nk, true}, Mat<acc_t>{w.q_blk.data(), nq, Dqk, Dqk}, w.dk_blk.data(), Dqk,
+           scale, acc_t(1));
       if (dq_group != nullptr) {
         acc_t* dq_rows = dq_group + ((h - kvh * p.groups) * p.num_queries + i0) * Dqk;
-        gemm(Mat<acc_t>{w.dprob.data(), nq, nk, nk}, Mat<acc_t>{w.k_blk.data(), nk, Dqk, Dqk}, dq_rows, Dqk,
-             scale, acc_t(1));
+        gemm(Mat<acc_t>{w.dprob.data(), nq, nk, nk}, Mat<acc_t>{w.k_blk.data(), nk, Dqk, Dqk}, dq_rows, Dqk, scale,
+             acc_t(1));
       }
     }
   }
@@ -625,29 +621,26 @@ void backward_one_sweep(const Problem& p, const BackwardTensors<scalar_t>& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const c10::optional<at::Tensor>& bias, double scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const c10::optional<at::Tensor>& bias,
+                                                         double scale, bool causal) {
   constexpr const char* op = "fastcm::attention_forward";
   check_attention_inputs(op, q_in, k_in, v_in, bias);
   check_cpu(op, q_in);
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-                   v = last_dim_contiguous(v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const Problem p(q, k, v, scale, causal);
   at::Tensor out = at::empty({p.batch, p.heads, p.num_queries, p.dim_v}, q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.num_queries}, q.options().dtype(acc_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), op, [&] {
-    run_forward<scalar_t, false>(p, q, k, v, nullptr, nullptr, nullptr, bias, c10::nullopt, out,
-                                 nullptr, lse, nullptr);
+    run_forward<scalar_t, false>(p, q, k, v, nullptr, nullptr, nullptr, bias, c10::nullopt, out, nullptr, lse, nullptr);
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const c10::optional<at::Tensor>& q_t_in, const c10::optional<at::Tensor>& k_t_in,
-    const c10::optional<at::Tensor>& v_t_in, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& bias_t, double scale, bool causal) {
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& q_t_in,
+    const c10::optional<at::Tensor>& k_t_in, const c10::optional<at::Tensor>& v_t_in,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bias_t, double scale, bool causal) {
   constexpr const char* op = "fastcm::attention_forward_jvp";
   check_attention_inputs(op, q_in, k_in, v_in, bias);
   check_cpu(op, q_in);
@@ -658,63 +651,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
     const at::Tensor& tangent = **entry.second.first;
     const at::Tensor& primal = *entry.second.second;
     check_same_as(op, entry.first, tangent, "q", q_in);
-    TORCH_CHECK(tangent.sizes() == primal.sizes(), op, ": ", entry.first, " has shape ",
-                tangent.sizes(), " but its primal has shape ", primal.sizes(), "; they must match");
+    TORCH_CHECK(tangent.sizes() == primal.sizes(), op, ": ", entry.first, " has shape ", tangent.sizes(),
+                " but its primal has shape ", primal.sizes(), "; they must match");
   }
   if (bias_t.has_value()) {
     TORCH_CHECK(bias.has_value(), op, ": bias_t was given without bias");
     check_same_as(op, "bias_t", *bias_t, "q", q_in);
-    TORCH_CHECK(bias_t->sizes() == bias->sizes(), op, ": bias_t has shape ", bias_t->sizes(),
-                " but bias has shape ", bias->sizes(), "; they must match");
+    TORCH_CHECK(bias_t->sizes() == bias->sizes(), op, ": bias_t has shape ", bias_t->sizes(), " but bias has shape ",
+                bias->sizes(), "; they must match");
   }
   // An absent tangent stays an undefined tensor (no zeros): run_forward skips it.
   const auto tangent_or_undefined = [](const c10::optional<at::Tensor>& t) {
     return t.has_value() ? last_dim_contiguous(*t) : at::Tensor();
   };
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-                   v = last_dim_contiguous(v_in), q_t = tangent_or_undefined(q_t_in),
-                   k_t = tangent_or_undefined(k_t_in), v_t = tangent_or_undefined(v_t_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
+                   q_t = tangent_or_undefined(q_t_in), k_t = tangent_or_undefined(k_t_in),
+                   v_t = tangent_or_undefined(v_t_in);
   const Problem p(q, k, v, scale, causal);
   at::Tensor out = at::empty({p.batch, p.heads, p.num_queries, p.dim_v}, q.options());
   at::Tensor out_t = at::empty_like(out);
   at::Tensor lse = at::empty({p.batch, p.heads, p.num_queries}, q.options().dtype(acc_dtype(q)));
   at::Tensor lse_t = at::empty_like(lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), op, [&] {
-    run_forward<scalar_t, true>(p, q, k, v, &q_t, &k_t, &v_t, bias, bias_t, out, &out_t, lse,
-                                &lse_t);
+    run_forward<scalar_t, true>(p, q, k, v, &q_t, &k_t, &v_t, bias, bias_t, out, &out_t, lse, &lse_t);
   });
   return {out, out_t, lse, lse_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const c10::optional<at::Tensor>& bias, double scale, bool causal,
-    const c10::optional<at::Tensor>& grad_lse) {
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& bias, double scale,
+    bool causal, const c10::optional<at::Tensor>& grad_lse) {
   constexpr const char* op = "fastcm::attention_backward";
   check_attention_inputs(op, q_in, k_in, v_in, bias);
   check_cpu(op, q_in);
   check_same_as(op, "grad_out", grad_out_in, "q", q_in);
   check_same_as(op, "out", out_in, "q", q_in);
   const std::vector<int64_t> out_shape = {q_in.size(0), q_in.size(1), q_in.size(2), v_in.size(3)};
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
-                  out_in.sizes() == at::IntArrayRef(out_shape),
-              op, ": grad_out ", grad_out_in.sizes(), " and out ", out_in.sizes(),
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape) && out_in.sizes() == at::IntArrayRef(out_shape), op,
+              ": grad_out ", grad_out_in.sizes(), " and out ", out_in.sizes(),
               " must have shape (B, H, Nq, Dv) = ", at::IntArrayRef(out_shape));
-  TORCH_CHECK(lse_in.scalar_type() == acc_dtype(q_in), op, ": lse has dtype ",
-              lse_in.scalar_type(), "; expected ", acc_dtype(q_in), " for ", q_in.scalar_type(),
-              " inputs");
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(out_shape).slice(0, 3), op, ": lse has shape ",
-              lse_in.sizes(), "; expected (B, H, Nq) = ", at::IntArrayRef(out_shape).slice(0, 3));
+  TORCH_CHECK(lse_in.scalar_type() == acc_dtype(q_in), op, ": lse has dtype ", lse_in.scalar_type(), "; expected ",
+              acc_dtype(q_in), " for ", q_in.scalar_type(), " inputs");
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(out_shape).slice(0, 3), op, ": lse has shape ", lse_in.sizes(),
+              "; expected (B, H, Nq) = ", at::IntArrayRef(out_shape).slice(0, 3));
   if (grad_lse.has_value()) {
     TORCH_CHECK(grad_lse->sizes() == lse_in.sizes() && grad_lse->scalar_type() == lse_in.scalar_type() &&
                     grad_lse->device() == lse_in.device(),
-                op, ": grad_lse must match lse (shape (B, H, Nq), dtype ", lse_in.scalar_type(),
-                ", device), got ", grad_lse->sizes(), " ", grad_lse->scalar_type(), " on ", grad_lse->device());
+                op, ": grad_lse must match lse (shape (B, H, Nq), dtype ", lse_in.scalar_type(), ", device), got ",
+                grad_lse->sizes(), " ", grad_lse->scalar_type(), " on ", grad_lse->device());
   }
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
-                   v = last_dim_contiguous(v_in), grad_out = last_dim_contiguous(grad_out_in),
-                   out = last_dim_contiguous(out_in), lse = lse_in.contiguous();
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
+                   grad_out = last_dim_contiguous(grad_out_in), out = last_dim_contiguous(out_in),
+                   lse = lse_in.contiguous();
   const Problem p(q, k, v, scale, causal);
   // delta_i = sum_d dO_id * O_id − dLSE_i, the row term of the softmax backward (∂LSE_i/∂s_ij =
   // P_ij, so an LSE gradient enters dS = P ⊙ (dP − delta) through delta alone).

@@ -32,11 +32,11 @@ import pathlib
 import time
 
 import torch
+from dit_small import DiT
 
 import fastcm
 import fastcm.ema
 from fastcm.schedules import ct_loss_weight, scm_sample_t, tangent_warmup
-from dit_small import DiT
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
@@ -48,6 +48,7 @@ SAMPLE_PROFILE = 1
 
 
 # ------------------------------------------------------------------ data
+
 
 def load_digits_16(seed: int = 0):
     """(train, held_out): images (N, 1, 16, 16) in [−1, 1] and labels (N,), split by a seeded permutation."""
@@ -64,6 +65,7 @@ def load_digits_16(seed: int = 0):
 
 # ------------------------------------------------------------------ consistency functions and steps
 
+
 def trigflow_f(net, x_t, t):
     """f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, t)."""
     return fastcm.precondition(x_t, net(x_t / SIGMA_DATA, t), t, param="trigflow", sigma_data=SIGMA_DATA)
@@ -77,8 +79,11 @@ def cm_f(net, x, sigma):
 
 
 def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else \
-        torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if torch.device(device).type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
 
 
 def draw_noise(recipe, batch, generator):
@@ -120,8 +125,13 @@ def scm_loss_of_batch(net, x0, t, z, r, tangent="jvp"):
     x_t = cos_t * x0 + sin_t * z
     dx_dt = cos_t * z - sin_t * x0
     with _autocast(x0.device):
-        F_minus, F_jvp = TANGENTS[tangent](_inner(net) if tangent == "jvp" else net, x_t / SIGMA_DATA, t,
-                                           cos_t * sin_t * dx_dt / SIGMA_DATA, torch.cos(t) * torch.sin(t))
+        F_minus, F_jvp = TANGENTS[tangent](
+            _inner(net) if tangent == "jvp" else net,
+            x_t / SIGMA_DATA,
+            t,
+            cos_t * sin_t * dx_dt / SIGMA_DATA,
+            torch.cos(t) * torch.sin(t),
+        )
         F = net(x_t / SIGMA_DATA, t)
     return fastcm.scm_loss(F.float(), F_minus.float(), F_jvp.float(), x_t, dx_dt, t, sigma_data=SIGMA_DATA, r=r)
 
@@ -139,8 +149,9 @@ def ect_loss_of_batch(net, x0, sigma, z, stage):
         with torch.no_grad():
             target = cm_f(net, x0 + r.reshape(-1, 1, 1, 1) * z, r)
         prediction = cm_f(net, x0 + sigma.reshape(-1, 1, 1, 1) * z, sigma)
-    return fastcm.pseudo_huber_loss(prediction.float(), target.float(), c=0.00054 * math.sqrt(x0[0].numel()),
-                                    weight=ct_loss_weight(r, sigma))
+    return fastcm.pseudo_huber_loss(
+        prediction.float(), target.float(), c=0.00054 * math.sqrt(x0[0].numel()), weight=ct_loss_weight(r, sigma)
+    )
 
 
 ECT_STAGES = 4
@@ -175,8 +186,9 @@ def sample(net, num, steps, seed, device="cpu", recipe="scm"):
         if recipe == "scm":
             x = SIGMA_DATA * torch.randn(num, 1, SIZE, SIZE, generator=generator).to(device)
             times = [math.pi / 2, 1.1, 0.0] if steps == 2 else [math.pi / 2, 0.0]
-            out = fastcm.sampling.sample_trigflow(lambda x, t: trigflow_f(net, x, t), x, times,
-                                                  sigma_data=SIGMA_DATA, seed=seed)
+            out = fastcm.sampling.sample_trigflow(
+                lambda x, t: trigflow_f(net, x, t), x, times, sigma_data=SIGMA_DATA, seed=seed
+            )
         else:
             x = SIGMA_MAX * torch.randn(num, 1, SIZE, SIZE, generator=generator).to(device)
             sigmas = [SIGMA_MAX, SIGMA_MIN] if steps == 1 else [SIGMA_MAX, 0.8, SIGMA_MIN]
@@ -216,15 +228,23 @@ def train(recipe, steps, batch, lr, seed, device, data, progress=True, tangent="
 
 # ------------------------------------------------------------------ score
 
+
 class Classifier(torch.nn.Module):
     """A small CNN on 16×16 digits; `features` is its 64-d penultimate layer."""
 
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(32 * 16, 64), torch.nn.ReLU())
+            torch.nn.Conv2d(1, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32 * 16, 64),
+            torch.nn.ReLU(),
+        )
         self.head = torch.nn.Linear(64, 10)
 
     def features(self, x):
@@ -271,16 +291,20 @@ def score(classifier, images, held_out_features):
     features = classifier.features(images.float().cpu())
     probabilities = classifier.head(features).softmax(dim=1)
     counts = torch.bincount(probabilities.argmax(dim=1), minlength=10)
-    return {"FD": frechet_distance(features, held_out_features),
-            "coverage": int((counts >= 0.05 * len(images)).sum()),
-            "confidence": probabilities.max(dim=1).values.mean().item()}
+    return {
+        "FD": frechet_distance(features, held_out_features),
+        "coverage": int((counts >= 0.05 * len(images)).sum()),
+        "confidence": probabilities.max(dim=1).values.mean().item(),
+    }
 
 
 # ------------------------------------------------------------------ pictures
 
+
 def save_grid(rows, path):
     """rows: {name: images (N, 1, 16, 16)}; one row of images per name."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -299,6 +323,7 @@ def save_grid(rows, path):
 
 def save_loss_curve(curves, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -326,21 +351,36 @@ def main(argv=None):
     parser.add_argument("--recipe", choices=LOSSES, default="scm")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate (default: 3e-4 for scm, 1e-3 for ect; sCM at 1e-3 collapsed to the "
-                             "mean image in our 800-step CPU run, FD 1617 against 253 at 3e-4)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: 3e-4 for scm, 1e-3 for ect; sCM at 1e-3 collapsed to the "
+        "mean image in our 800-step CPU run, FD 1617 against 253 at 3e-4)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=500, help="samples per row of the score table")
-    parser.add_argument("--backends", default="fastcm,reference",
-                        help="comma-separated, trained one after the other from the same seed: fastcm (fastcm's "
-                             "kernels where the device has them) and reference (FASTCM_BACKEND=reference)")
+    parser.add_argument(
+        "--backends",
+        default="fastcm,reference",
+        help="comma-separated, trained one after the other from the same seed: fastcm (fastcm's "
+        "kernels where the device has them) and reference (FASTCM_BACKEND=reference)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="dit_scm_out", help="folder for samples.png and loss.png")
-    parser.add_argument("--tangent", choices=sorted(TANGENTS), default="jvp",
-                        help="sCM tangent: forward-mode AD (jvp) or central finite differences (fd)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; the small DiT's ops gain nothing from more on a 2-core machine "
-                             "shared with other work, where extra threads stall each other (measured 14x slower)")
+    parser.add_argument(
+        "--tangent",
+        choices=sorted(TANGENTS),
+        default="jvp",
+        help="sCM tangent: forward-mode AD (jvp) or central finite differences (fd)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the small DiT's ops gain nothing from more on a 2-core machine "
+        "shared with other work, where extra threads stall each other (measured 14x slower)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.lr = DEFAULT_LR[args.recipe] if args.lr is None else args.lr
@@ -356,9 +396,11 @@ def main(argv=None):
     print(f"classifier accuracy on the {len(held_images)} held-out digits: {accuracy:.3f}")
 
     noise = torch.randn(args.samples, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
-    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(2))[:args.samples]]
-    results = {"real (training digits)": score(classifier, real, held_features),
-               "noise": score(classifier, noise, held_features)}
+    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(2))[: args.samples]]
+    results = {
+        "real (training digits)": score(classifier, real, held_features),
+        "noise": score(classifier, noise, held_features),
+    }
     grid, curves, times = {"real": real[:24]}, {}, {}
     for backend in args.backends.split(","):
         if backend not in BACKENDS:
@@ -368,8 +410,17 @@ def main(argv=None):
             os.environ["FASTCM_BACKEND"] = BACKENDS[backend]
         try:
             start = time.perf_counter()
-            net, curves[backend] = train(args.recipe, args.steps, args.batch, args.lr, args.seed, args.device,
-                                         train_images, progress=not args.no_progress, tangent=args.tangent)
+            net, curves[backend] = train(
+                args.recipe,
+                args.steps,
+                args.batch,
+                args.lr,
+                args.seed,
+                args.device,
+                train_images,
+                progress=not args.no_progress,
+                tangent=args.tangent,
+            )
             times[backend] = time.perf_counter() - start
             for steps in (1, 2):
                 images = sample(net, args.samples, steps, args.seed + 10, args.device, args.recipe)
@@ -379,8 +430,10 @@ def main(argv=None):
             os.environ.pop("FASTCM_BACKEND", None)
             if previous is not None:
                 os.environ["FASTCM_BACKEND"] = previous
-    print(f"recipe {args.recipe}, {args.steps} steps of batch {args.batch}: "
-          + ", ".join(f"{k} trained in {v:.0f} s" for k, v in times.items()))
+    print(
+        f"recipe {args.recipe}, {args.steps} steps of batch {args.batch}: "
+        + ", ".join(f"{k} trained in {v:.0f} s" for k, v in times.items())
+    )
     print(f"{'':28s} {'FD':>8s} {'coverage':>9s} {'confidence':>11s}   (vs {len(held_images)} held-out digits)")
     for name, row in results.items():
         print(f"{name:28s} {row['FD']:8.2f} {row['coverage']:6d}/10 {row['confidence']:11.3f}")

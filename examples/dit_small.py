@@ -29,8 +29,11 @@ class DiTBlock(torch.nn.Module):
         self.norm1 = torch.nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = fastcm.nn.Attention(width, heads, qk_norm=True, cuda_dtype=torch.bfloat16)
         self.norm2 = torch.nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, mlp_ratio * width), torch.nn.GELU(approximate="tanh"),
-                                       torch.nn.Linear(mlp_ratio * width, width))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, mlp_ratio * width),
+            torch.nn.GELU(approximate="tanh"),
+            torch.nn.Linear(mlp_ratio * width, width),
+        )
         self.modulation = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(width, 6 * width))
         torch.nn.init.zeros_(self.modulation[1].weight)
         torch.nn.init.zeros_(self.modulation[1].bias)
@@ -44,8 +47,17 @@ class DiTBlock(torch.nn.Module):
 class DiT(torch.nn.Module):
     """F(x, c): x (B, channels, size, size), c (B,) the noise label -> (B, channels, size, size)."""
 
-    def __init__(self, size: int = 16, channels: int = 1, patch: int = 2, width: int = 64, depth: int = 4,
-                 heads: int = 4, frequencies: int = 32, label_scale: float = 1.0):
+    def __init__(
+        self,
+        size: int = 16,
+        channels: int = 1,
+        patch: int = 2,
+        width: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        frequencies: int = 32,
+        label_scale: float = 1.0,
+    ):
         super().__init__()
         if size % patch:
             raise ValueError(f"DiT: size={size} must be a multiple of patch={patch}")
@@ -53,10 +65,12 @@ class DiT(torch.nn.Module):
         self.embed = torch.nn.Conv2d(channels, width, patch, stride=patch)
         self.position = torch.nn.Parameter(0.02 * torch.randn(1, (size // patch) ** 2, width))
         # Fixed log-spaced frequencies (as in DiT's timestep embedding), times label_scale.
-        self.register_buffer("freqs", label_scale * torch.exp(-math.log(1000.0) * torch.arange(frequencies)
-                                                              / frequencies))
-        self.time = torch.nn.Sequential(torch.nn.Linear(2 * frequencies, width), torch.nn.SiLU(),
-                                        torch.nn.Linear(width, width))
+        self.register_buffer(
+            "freqs", label_scale * torch.exp(-math.log(1000.0) * torch.arange(frequencies) / frequencies)
+        )
+        self.time = torch.nn.Sequential(
+            torch.nn.Linear(2 * frequencies, width), torch.nn.SiLU(), torch.nn.Linear(width, width)
+        )
         self.blocks = torch.nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
         self.final_norm = torch.nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_modulation = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(width, 2 * width))

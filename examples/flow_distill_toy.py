@@ -17,13 +17,13 @@ With the defaults (seed 0, CPU) the mean distance of a sample to the nearest mod
 
 import math
 
+import scm_toy
 import torch
+import toy
+from toy import SIGMA_DATA
 
 import fastcm
 from fastcm.schedules import tangent_warmup, trigflow_sample_t
-import scm_toy
-import toy
-from toy import SIGMA_DATA
 
 
 def teacher(x_s, s):
@@ -58,14 +58,17 @@ def distill_step(net, optimizer, x0, step, warmup_steps, generator):
     with torch.no_grad():
         s, scale = fastcm.convert_time(t, source="trigflow", target="flow", sigma_data=SIGMA_DATA)
         velocity = teacher(scale.reshape(-1, 1) * x_t, s)
-        dx_dt = fastcm.convert_prediction(x_t, velocity, t, schedule="trigflow", source="flow", target="velocity",
-                                          sigma_data=SIGMA_DATA)
+        dx_dt = fastcm.convert_prediction(
+            x_t, velocity, t, schedule="trigflow", source="flow", target="velocity", sigma_data=SIGMA_DATA
+        )
         cos_sin = torch.cos(t) * torch.sin(t)
-        F_minus, F_jvp = torch.func.jvp(net, (x_t / SIGMA_DATA, t), (cos_sin.reshape(-1, 1) * dx_dt / SIGMA_DATA,
-                                                                     cos_sin))
+        F_minus, F_jvp = torch.func.jvp(
+            net, (x_t / SIGMA_DATA, t), (cos_sin.reshape(-1, 1) * dx_dt / SIGMA_DATA, cos_sin)
+        )
     F = net(x_t / SIGMA_DATA, t)
-    loss = fastcm.scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, sigma_data=SIGMA_DATA,
-                           r=tangent_warmup(step, warmup_steps))
+    loss = fastcm.scm_loss(
+        F, F_minus, F_jvp, x_t, dx_dt, t, sigma_data=SIGMA_DATA, r=tangent_warmup(step, warmup_steps)
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -73,8 +76,10 @@ def distill_step(net, optimizer, x0, step, warmup_steps, generator):
 
 
 def main(argv=None):
-    toy.evaluate({"teacher 32-step Euler": teacher_euler_samples(4096, 32, torch.Generator().manual_seed(0))},
-                 torch.Generator().manual_seed(0))
+    toy.evaluate(
+        {"teacher 32-step Euler": teacher_euler_samples(4096, 32, torch.Generator().manual_seed(0))},
+        torch.Generator().manual_seed(0),
+    )
 
     def step(net, optimizer, x0, step, total_steps, generator):
         return distill_step(net, optimizer, x0, step, max(1, total_steps // 5), generator)

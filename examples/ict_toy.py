@@ -14,11 +14,11 @@ With the defaults (seed 0, CPU) the mean distance of a sample to the nearest mod
 """
 
 import torch
+import toy
+from toy import SIGMA_DATA
 
 import fastcm
 from fastcm.schedules import ct_loss_weight, ict_num_timesteps, ict_sample_sigmas
-import toy
-from toy import SIGMA_DATA
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -34,8 +34,9 @@ def consistency_function(net, x, sigma):
 
 def train_step(net, optimizer, x0, step, total_steps, generator):
     num_timesteps = ict_num_timesteps(step, total_steps)
-    sigma, sigma_next = ict_sample_sigmas(x0.shape[0], num_timesteps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                                          generator=generator, device=x0.device)
+    sigma, sigma_next = ict_sample_sigmas(
+        x0.shape[0], num_timesteps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, generator=generator, device=x0.device
+    )
     z = torch.randn(x0.shape, generator=generator).to(x0.device)
     with torch.no_grad():
         target = consistency_function(net, x0 + sigma.reshape(-1, 1) * z, sigma)
@@ -51,8 +52,9 @@ def sample(net, num, steps, seed, device="cpu"):
     """1 step: f(σmax·z, σmax). 2 steps: re-noise to σ = 0.8 (fastcm.cm_step) and denoise again."""
     sigmas = (SIGMA_MAX, SIGMA_MIN) if steps == 1 else TWO_STEP_SIGMAS
     x = SIGMA_MAX * torch.randn(num, 2, generator=torch.Generator().manual_seed(seed)).to(device)
-    return fastcm.sampling.sample_cm(lambda x, sigma: consistency_function(net, x, sigma), x, list(sigmas),
-                                     sigma_min=SIGMA_MIN, seed=seed)
+    return fastcm.sampling.sample_cm(
+        lambda x, sigma: consistency_function(net, x, sigma), x, list(sigmas), sigma_min=SIGMA_MIN, seed=seed
+    )
 
 
 def main(argv=None):
@@ -60,6 +62,7 @@ def main(argv=None):
         return sample(net, num, steps, int(torch.randint(2**31, (1,), generator=generator)), device)
 
     return toy.main(argv, __doc__.splitlines()[0], 10000, train_step, sample_seeded, "iCT loss")
+
 
 if __name__ == "__main__":
     main()

@@ -15,10 +15,10 @@ With that command (seed 0, CPU) the mean distance of a sample to the nearest mod
 import types
 
 import torch
+import toy
 
 import fastcm
 from fastcm.schedules import meanflow_sample_tr
-import toy
 
 
 class TwoTimeNet(toy.Net):
@@ -33,8 +33,9 @@ class TwoTimeNet(toy.Net):
         return self.mlp(torch.cat([z] + [f(p) for p in phases for f in (torch.sin, torch.cos)], dim=1))
 
 
-PROBLEM = types.SimpleNamespace(Net=TwoTimeNet, sample_data=toy.sample_data, evaluate=toy.evaluate, plot=toy.plot,
-                                BATCH=toy.BATCH)
+PROBLEM = types.SimpleNamespace(
+    Net=TwoTimeNet, sample_data=toy.sample_data, evaluate=toy.evaluate, plot=toy.plot, BATCH=toy.BATCH
+)
 
 
 def train_step(net, optimizer, x0, generator):

@@ -6,8 +6,9 @@ attention, so a per-point network cannot produce circles. The network is a 2-blo
 (fastcm.nn.Attention, 2 heads of 32), trained with scm_toy's sCM step: torch.func.jvp through it
 runs fastcm's fused attention JVP (output and tangent from one kernel pass), and the separate
 forward's backward runs fastcm's attention backward (the C++ kernels on CPU in float32, the CUDA
-ones on a GPU in bfloat16, the rest of the network in float32). Samples are scored by their radial spread: the std of the points' distances to their
-centroid over the mean distance, per set (0 on a circle).
+ones on a GPU in bfloat16, the rest of the network in float32). Samples are scored by their radial
+spread: the std of the points' distances to their centroid over the mean distance, per set (0 on a
+circle).
 
     python examples/scm_attention_toy.py --plot circles.png    # 3000 steps, ~2.5 minutes on a 2-core CPU
 
@@ -18,12 +19,12 @@ in 2 steps, against 0.017 for the data itself and 0.52 for Gaussian noise.
 import math
 import sys
 
-import torch
-
-import fastcm.nn
 import scm_toy
+import torch
 import toy
 from toy import SIGMA_DATA
+
+import fastcm.nn
 
 POINTS = 16
 CENTRE_STD = 0.3
@@ -55,8 +56,9 @@ class Block(torch.nn.Module):
         self.attn_norm = torch.nn.LayerNorm(width, elementwise_affine=False)
         self.attn = fastcm.nn.Attention(width, heads, qk_norm=True, cuda_dtype=torch.bfloat16)
         self.mlp_norm = torch.nn.LayerNorm(width, elementwise_affine=False)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
-                                       torch.nn.Linear(4 * width, width))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+        )
         self.modulation = torch.nn.Linear(width, 4 * width)
 
     def forward(self, h, time):
@@ -74,8 +76,9 @@ class Net(torch.nn.Module):
         self.register_buffer("freqs", torch.randn(frequencies) * 4.0)
         self.embed = torch.nn.Linear(2, width)
         self.position = torch.nn.Parameter(0.1 * torch.randn(POINTS, width))
-        self.time = torch.nn.Sequential(torch.nn.Linear(2 * frequencies, width), torch.nn.SiLU(),
-                                        torch.nn.Linear(width, width), torch.nn.SiLU())
+        self.time = torch.nn.Sequential(
+            torch.nn.Linear(2 * frequencies, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU()
+        )
         self.blocks = torch.nn.ModuleList(Block(width, heads) for _ in range(blocks))
         self.out = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 2))
 
@@ -91,8 +94,10 @@ class Net(torch.nn.Module):
 def evaluate(sample_sets, generator):
     """Mean radial spread of each sample set, with Gaussian noise of the data's scale (σd·z) and
     the data itself as the two ends of the scale."""
-    results = {"noise": radial_spread(SIGMA_DATA * torch.randn(4096, POINTS, 2, generator=generator)).mean().item(),
-               "data": radial_spread(sample_data(4096, generator)).mean().item()}
+    results = {
+        "noise": radial_spread(SIGMA_DATA * torch.randn(4096, POINTS, 2, generator=generator)).mean().item(),
+        "data": radial_spread(sample_data(4096, generator)).mean().item(),
+    }
     for name, point_sets in sample_sets.items():
         results[name] = radial_spread(point_sets.float().cpu()).mean().item()
     print("mean radial spread: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -102,10 +107,18 @@ def evaluate(sample_sets, generator):
 def plot(sample_sets, results, path, sets_per_row=4):
     """One row per sample kind, one panel per point set; each set's points joined in index order."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(sample_sets), sets_per_row, figsize=(2.2 * sets_per_row, 2.2 * len(sample_sets)),
-                             sharex=True, sharey=True, squeeze=False)
+
+    fig, axes = plt.subplots(
+        len(sample_sets),
+        sets_per_row,
+        figsize=(2.2 * sets_per_row, 2.2 * len(sample_sets)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     for row, (name, point_sets) in zip(axes, sample_sets.items()):
         for ax, points in zip(row, point_sets[:sets_per_row].float().cpu()):
             closed = torch.cat([points, points[:1]])
@@ -125,8 +138,9 @@ def main(argv=None):
     def step_with_warmup(net, optimizer, x0, step, total_steps, generator):
         return scm_toy.train_step(net, optimizer, x0, step, max(1, total_steps // 5), generator)
 
-    return toy.main(argv, __doc__.splitlines()[0], 3000, step_with_warmup, sample, "sCM loss",
-                    problem=sys.modules[__name__])
+    return toy.main(
+        argv, __doc__.splitlines()[0], 3000, step_with_warmup, sample, "sCM loss", problem=sys.modules[__name__]
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ With the defaults (seed 0, CPU) the mean distance of a sample to the nearest mod
 import math
 
 import torch
+import toy
+from toy import SIGMA_DATA
 
 import fastcm
 from fastcm.schedules import scm_sample_t, tangent_warmup
-import toy
-from toy import SIGMA_DATA
 
 
 def consistency_function(net, x_t, t):
@@ -37,10 +37,12 @@ def train_step(net, optimizer, x0, step, warmup_steps, generator):
     dx_dt = cos_t * z - sin_t * x0
     with torch.no_grad():  # the sCM pattern: tangent without a graph, then a separate forward
         F_minus, F_jvp = torch.func.jvp(
-            net, (x_t / SIGMA_DATA, t), (cos_t * sin_t * dx_dt / SIGMA_DATA, torch.cos(t) * torch.sin(t)))
+            net, (x_t / SIGMA_DATA, t), (cos_t * sin_t * dx_dt / SIGMA_DATA, torch.cos(t) * torch.sin(t))
+        )
     F = net(x_t / SIGMA_DATA, t)
-    loss = fastcm.scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, sigma_data=SIGMA_DATA,
-                           r=tangent_warmup(step, warmup_steps))
+    loss = fastcm.scm_loss(
+        F, F_minus, F_jvp, x_t, dx_dt, t, sigma_data=SIGMA_DATA, r=tangent_warmup(step, warmup_steps)
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -67,6 +69,7 @@ def main(argv=None):
         return train_step(net, optimizer, x0, step, max(1, total_steps // 5), generator)
 
     return toy.main(argv, __doc__.splitlines()[0], 4000, step_with_warmup, sample, "sCM loss")
+
 
 if __name__ == "__main__":
     main()

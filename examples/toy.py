@@ -34,10 +34,14 @@ class Net(torch.nn.Module):
         super().__init__()
         self.register_buffer("freqs", torch.randn(frequencies) * 4.0)
         self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(2 + 2 * frequencies, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, 2))
+            torch.nn.Linear(2 + 2 * frequencies, width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(width, 2),
+        )
 
     def forward(self, x_in, t):
         phase = t.reshape(-1, 1) * self.freqs
@@ -47,8 +51,10 @@ class Net(torch.nn.Module):
 def evaluate(sample_sets, generator):
     """Mean distance to the nearest mode of each sample set, with Gaussian noise of the data's
     scale (σd·z) and the data itself as the two ends of the scale."""
-    results = {"noise": distance_to_nearest_mode(SIGMA_DATA * torch.randn(4096, 2, generator=generator)).mean().item(),
-               "data": distance_to_nearest_mode(sample_data(4096, generator)).mean().item()}
+    results = {
+        "noise": distance_to_nearest_mode(SIGMA_DATA * torch.randn(4096, 2, generator=generator)).mean().item(),
+        "data": distance_to_nearest_mode(sample_data(4096, generator)).mean().item(),
+    }
     for name, points in sample_sets.items():
         results[name] = distance_to_nearest_mode(points.float().cpu()).mean().item()
     print("mean distance to the nearest mode: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -77,8 +83,9 @@ def main(argv, description, default_steps, train_step, sample, loss_name, proble
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     for step in range(args.steps):
-        loss = train_step(net, optimizer, problem.sample_data(args.batch, generator, args.device), step, args.steps,
-                          generator)
+        loss = train_step(
+            net, optimizer, problem.sample_data(args.batch, generator, args.device), step, args.steps, generator
+        )
         scheduler.step()
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(f"step {step:6d}  {loss_name} {loss:.4f}")
@@ -94,8 +101,10 @@ def main(argv, description, default_steps, train_step, sample, loss_name, proble
 
 def plot(sample_sets, results, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(sample_sets), figsize=(4 * len(sample_sets), 4), sharex=True, sharey=True)
     for ax, (name, points) in zip(axes, sample_sets.items()):
         points = points.float().cpu()

@@ -64,10 +64,14 @@ def select_backend(op: str, device: torch.device, implemented=("triton", "refere
     if requested not in implemented:
         raise RuntimeError(
             f"fastcm.{op}: FASTCM_BACKEND={requested!r} is not implemented for this op; "
-            f"it supports {tuple(implemented) + ('reference',)}")
+            f"it supports {tuple(implemented) + ('reference',)}"
+        )
     if requested == "triton" and not triton_runs_on(device):
-        reason = ("triton is not installed" if not triton_installed() else
-                  "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before import "
-                  "to run them on CPU tensors in the interpreter")
+        reason = (
+            "triton is not installed"
+            if not triton_installed()
+            else "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before import "
+            "to run them on CPU tensors in the interpreter"
+        )
         raise RuntimeError(f"fastcm.{op}: FASTCM_BACKEND='triton' cannot run on {device}: {reason}")
     return requested

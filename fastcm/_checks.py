@@ -23,32 +23,34 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, min_dim: int
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"fastcm.{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
-        raise TypeError(
-            f"fastcm.{op}: {name} has dtype {value.dtype}; supported: {_dtype_names(dtypes)}")
+        raise TypeError(f"fastcm.{op}: {name} has dtype {value.dtype}; supported: {_dtype_names(dtypes)}")
     if value.dim() < min_dim:
         raise ValueError(
-            f"fastcm.{op}: {name} must have at least {min_dim} dimension(s), got shape {tuple(value.shape)}")
+            f"fastcm.{op}: {name} must have at least {min_dim} dimension(s), got shape {tuple(value.shape)}"
+        )
 
 
 def check_same_shape(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if value.shape != ref.shape:
         raise ValueError(
             f"fastcm.{op}: {name} has shape {tuple(value.shape)} but {ref_name} has shape "
-            f"{tuple(ref.shape)}; they must match")
+            f"{tuple(ref.shape)}; they must match"
+        )
 
 
 def check_same_dtype(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if value.dtype != ref.dtype:
         raise TypeError(
-            f"fastcm.{op}: {name} has dtype {value.dtype} but {ref_name} has dtype {ref.dtype}; "
-            f"they must match")
+            f"fastcm.{op}: {name} has dtype {value.dtype} but {ref_name} has dtype {ref.dtype}; they must match"
+        )
 
 
 def check_same_device(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if value.device != ref.device:
         raise ValueError(
             f"fastcm.{op}: {name} is on {value.device} but {ref_name} is on {ref.device}; "
-            f"all tensors must be on one device")
+            f"all tensors must be on one device"
+        )
 
 
 def check_like(op: str, name: str, value, ref_name: str, ref: torch.Tensor, *, min_dim: int = 0) -> None:

@@ -26,8 +26,13 @@ def _jit_build():
     sources = sorted(glob.glob(str(_CSRC / "*.cpp")))
     if not sources:
         raise ExtensionUnavailable(f"no C++ sources under {_CSRC}")
-    load(name="fastcm_C_jit", sources=sources, extra_cflags=["-O3", "-std=c++17"],
-         is_python_module=False, verbose=os.environ.get("FASTCM_VERBOSE_BUILD") == "1")
+    load(
+        name="fastcm_C_jit",
+        sources=sources,
+        extra_cflags=["-O3", "-std=c++17"],
+        is_python_module=False,
+        verbose=os.environ.get("FASTCM_VERBOSE_BUILD") == "1",
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,13 +40,15 @@ def load_extension() -> str:
     """Load the extension once; return how it was obtained ("prebuilt" or "jit")."""
     try:
         import fastcm._C  # noqa: F401  (registers torch.ops.fastcm.*)
+
         return "prebuilt"
     except ImportError as prebuilt_error:
         if os.environ.get("FASTCM_NO_JIT") == "1":
             raise ExtensionUnavailable(
                 f"fastcm's compiled extension fastcm._C is not importable ({prebuilt_error}) and "
                 "FASTCM_NO_JIT=1 forbids a JIT build. Reinstall with `pip install --no-build-isolation "
-                "-e .` against the torch you run, or set FASTCM_BACKEND=reference.") from prebuilt_error
+                "-e .` against the torch you run, or set FASTCM_BACKEND=reference."
+            ) from prebuilt_error
         try:
             _jit_build()
         except Exception as jit_error:

@@ -21,6 +21,7 @@ def on_tensors_device(launcher):
     """`launcher` run with the current CUDA device set to that of its first CUDA tensor argument.
     A Triton launch goes to the current device and its current stream, which need not be the
     tensors' (a process that moved its model to cuda:1 without torch.cuda.set_device)."""
+
     @functools.wraps(launcher)
     def run(*args):
         device = next((arg.device for arg in args if isinstance(arg, torch.Tensor) and arg.is_cuda), None)
@@ -28,6 +29,7 @@ def on_tensors_device(launcher):
             return launcher(*args)
         with torch.cuda.device(device):
             return launcher(*args)
+
     return run
 
 
@@ -80,6 +82,9 @@ def kernel_ops(family: str, specs: dict):
     if not triton_installed():
         return _Missing(family)
     launchers = importlib.import_module(f"fastcm.kernels.{family}")
-    return types.SimpleNamespace(**{
-        attribute: kernel_op(f"{family}_{attribute}", getattr(launchers, launcher_name), fake)
-        for attribute, (launcher_name, fake) in specs.items()})
+    return types.SimpleNamespace(
+        **{
+            attribute: kernel_op(f"{family}_{attribute}", getattr(launchers, launcher_name), fake)
+            for attribute, (launcher_name, fake) in specs.items()
+        }
+    )

@@ -19,7 +19,8 @@ def per_sample(op: str, name: str, value, x: torch.Tensor, *, dtype=None) -> tor
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(
             f"fastcm.{op}: {name} must be a float, a 0-d tensor or a tensor of {batch} per-sample "
-            f"values, got {type(value).__name__}")
+            f"values, got {type(value).__name__}"
+        )
     if not isinstance(value, torch.Tensor):
         return torch.full((batch,), float(value), dtype=dtype, device=x.device)
     if not value.is_floating_point():
@@ -31,7 +32,8 @@ def per_sample(op: str, name: str, value, x: torch.Tensor, *, dtype=None) -> tor
     if value.shape[0] != batch or value.numel() != batch:
         raise ValueError(
             f"fastcm.{op}: {name} has shape {tuple(value.shape)}; expected a scalar or {batch} "
-            f"per-sample values shaped ({batch},) or ({batch}, 1, ..., 1)")
+            f"per-sample values shaped ({batch},) or ({batch}, 1, ..., 1)"
+        )
     return value.reshape(batch).to(dtype).contiguous()
 
 

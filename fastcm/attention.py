@@ -75,11 +75,14 @@ def _ops():
     return torch.ops.fastcm
 
 
-_triton = kernel_ops("attention", {
-    "triton_forward": ("attention_forward", _fake_forward),
-    "triton_forward_jvp": ("attention_forward_jvp", _fake_forward_jvp),
-    "triton_backward": ("attention_backward", _fake_backward),
-})
+_triton = kernel_ops(
+    "attention",
+    {
+        "triton_forward": ("attention_forward", _fake_forward),
+        "triton_forward_jvp": ("attention_forward_jvp", _fake_forward_jvp),
+        "triton_backward": ("attention_backward", _fake_backward),
+    },
+)
 
 
 class _TritonOps:
@@ -191,8 +194,9 @@ def _tangent_backward(grad_out_t, grad_lse_t, saved, scale, causal, needs):
         if bias_t is not None:
             centred_t = centred_t + grouped(bias_t[:, :, chunk])
         grad_scores_t = (grad_c @ v_.transpose(-1, -2)).sub_(delta_t[..., chunk, None]).mul_(prob)
-        grad_prob = -rho[..., chunk, None] if v_t is None else \
-            (grad_c @ v_t_.transpose(-1, -2)).sub_(rho[..., chunk, None])
+        grad_prob = (
+            -rho[..., chunk, None] if v_t is None else (grad_c @ v_t_.transpose(-1, -2)).sub_(rho[..., chunk, None])
+        )
         grad_scores = (grad_scores_t * centred_t).addcmul_(prob, grad_prob)
         if dq is not None:
             dq[..., chunk, :] = grad_scores @ k_ if k_t is None else grad_scores @ k_ + grad_scores_t @ k_t_
@@ -220,8 +224,16 @@ def _tangent_backward(grad_out_t, grad_lse_t, saved, scale, causal, needs):
         grad = grad.flatten(1, 2) if grad.dim() == 5 else grad
         return (grad * factor).to(like.dtype)
 
-    return (cast(dq, q, scale), cast(dk, k, scale), cast(dv, v), dbias,
-            cast(dq_t, q, scale), cast(dk_t, k, scale), cast(dv_t, v), dbias_t)
+    return (
+        cast(dq, q, scale),
+        cast(dk, k, scale),
+        cast(dv, v),
+        dbias,
+        cast(dq_t, q, scale),
+        cast(dk_t, k, scale),
+        cast(dv_t, v),
+        dbias_t,
+    )
 
 
 def _backward_of(grad_out, grad_lse, q, k, v, bias, out, lse, scale, causal, needs):
@@ -230,8 +242,17 @@ def _backward_of(grad_out, grad_lse, q, k, v, bias, out, lse, scale, causal, nee
     if any(needs[:3]):
         # An LSE gradient g enters the kernels' row term: δ = rowsum(dO⊙O) − g.
         grad_q, grad_k, grad_v = _ops_for(q, v).attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, bias, scale, causal,
-            None if grad_lse is None else grad_lse.to(lse.dtype).contiguous())
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            bias,
+            scale,
+            causal,
+            None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
+        )
     if needs[3]:
         grad_bias = _score_gradient(grad_out, q, k, v, out, lse, bias, scale, causal, grad_lse)
     return grad_q, grad_k, grad_v, grad_bias
@@ -278,8 +299,8 @@ class _Attention(_AttentionPrimal):
         tangents = (q_t, k_t, v_t, bias_t)
         with torch.no_grad():  # the graph of the tangents, if any, is _AttentionTangent's
             out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
-                q, k, v, *(None if t is None else t.contiguous() for t in (q_t, k_t, v_t)), bias, bias_t,
-                *ctx.options)
+                q, k, v, *(None if t is None else t.contiguous() for t in (q_t, k_t, v_t)), bias, bias_t, *ctx.options
+            )
         return _differentiable_tangents(out_t, lse_t, (q, k, v, bias), tangents, out, lse, ctx.options)
 
 
@@ -291,7 +312,8 @@ class _AttentionWithTangent(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, bias, q_t, k_t, v_t, bias_t, scale, causal):
         out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
-            q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
+            q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal
+        )
         return out, lse, out_t, lse_t
 
     @staticmethod
@@ -311,8 +333,9 @@ class _AttentionWithTangent(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, q_t, k_t, v_t, bias_t, *_tangents_of_tangents):
         out_t, lse_t, q, k, v, bias, out, lse = ctx.saved_tensors
-        out_t, lse_t = _differentiable_tangents(out_t, lse_t, (q, k, v, bias), (q_t, k_t, v_t, bias_t), out,
-                                                lse, ctx.options)
+        out_t, lse_t = _differentiable_tangents(
+            out_t, lse_t, (q, k, v, bias), (q_t, k_t, v_t, bias_t), out, lse, ctx.options
+        )
         return out_t, lse_t, None, None
 
 
@@ -373,12 +396,12 @@ def _compiled_forward_ad_guard():
             "fastcm.attention: torch.func transforms inside torch.compile are not supported "
             "(a compiled graph can drop the custom jvp and return a wrong tangent, pytorch "
             "issue 192985). Compile the model without the jvp, wrap the jvp call in "
-            "torch.compiler.disable, or use fastcm.attention_jvp.")
+            "torch.compiler.disable, or use fastcm.attention_jvp."
+        )
 
 
 def _check(q, k, v, attn_bias, scale, causal):
-    for name, t, layout in (("q", q, "(B, H, Nq, Dqk)"), ("k", k, "(B, Hkv, Nk, Dqk)"),
-                            ("v", v, "(B, Hkv, Nk, Dv)")):
+    for name, t, layout in (("q", q, "(B, H, Nq, Dqk)"), ("k", k, "(B, Hkv, Nk, Dqk)"), ("v", v, "(B, Hkv, Nk, Dv)")):
         _checks.check_tensor(_OP, name, t)
         if t.dim() != 4:
             raise ValueError(f"fastcm.{_OP}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
@@ -386,14 +409,18 @@ def _check(q, k, v, attn_bias, scale, causal):
         _checks.check_same_dtype(_OP, name, t, "q", q)
         _checks.check_same_device(_OP, name, t, "q", q)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"fastcm.{_OP}: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+        raise ValueError(
+            f"fastcm.{_OP}: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"fastcm.{_OP}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same "
-                         f"heads and keys (B, Hkv, Nk, .)")
+        raise ValueError(
+            f"fastcm.{_OP}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same heads and keys (B, Hkv, Nk, .)"
+        )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"fastcm.{_OP}: q has {q.shape[1]} heads, not a multiple of the {k.shape[1]} "
-                         f"heads of k and v (grouped-query attention needs H % Hkv == 0)")
+        raise ValueError(
+            f"fastcm.{_OP}: q has {q.shape[1]} heads, not a multiple of the {k.shape[1]} "
+            f"heads of k and v (grouped-query attention needs H % Hkv == 0)"
+        )
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"fastcm.{_OP}: k has head dim {k.shape[3]} but q has {q.shape[3]}; they must match")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -413,8 +440,7 @@ def _expanded_shape(t, q, k, name):
             return target
     except RuntimeError:
         pass
-    raise ValueError(f"fastcm.{_OP}: {name} has shape {tuple(t.shape)}, not broadcastable to "
-                     f"(B, H, Nq, Nk) = {target}")
+    raise ValueError(f"fastcm.{_OP}: {name} has shape {tuple(t.shape)}, not broadcastable to (B, H, Nq, Nk) = {target}")
 
 
 def _kernel_bias(attn_bias, q, k):
@@ -454,8 +480,10 @@ def _backend(device, dtype, dim_qk, dim_v) -> str:
     D_qk <= 256), the Triton kernels otherwise (another architecture, no CUDA build, float32 /
     float64; head dims up to 256), and the O(N²)-memory reference, with a warning, where neither can
     run. An explicit FASTCM_BACKEND is obeyed or raises (select_backend)."""
-    kernels = ("the CUDA kernels take bfloat16 or float16 (cast q, k, v; fastcm.nn.Attention does it with "
-               "cuda_dtype=torch.bfloat16)")
+    kernels = (
+        "the CUDA kernels take bfloat16 or float16 (cast q, k, v; fastcm.nn.Attention does it with "
+        "cuda_dtype=torch.bfloat16)"
+    )
     if requested_backend() != "auto" or device.type != "cuda":
         choice = select_backend(_OP, device, implemented=("triton", "cuda"))
         if choice == "cuda" and device.type == "cuda" and dtype not in _CUDA_KERNEL_DTYPES:
@@ -469,10 +497,16 @@ def _backend(device, dtype, dim_qk, dim_v) -> str:
         return "triton"
     if extension_serves:
         return "cuda"
-    triton = ("triton is not installed" if triton_serves else
-              f"the Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, not {dim_qk} and {dim_v}")
-    warnings.warn(f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory): {triton}, and "
-                  f"{kernels} with D_qk <= {_CUDA_MAX_HEAD_DIM}", stacklevel=3)
+    triton = (
+        "triton is not installed"
+        if triton_serves
+        else f"the Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, not {dim_qk} and {dim_v}"
+    )
+    warnings.warn(
+        f"fastcm.{_OP}: {dtype} CUDA inputs run the PyTorch reference (O(N²) memory): {triton}, and "
+        f"{kernels} with D_qk <= {_CUDA_MAX_HEAD_DIM}",
+        stacklevel=3,
+    )
     return "reference"
 
 
@@ -516,8 +550,7 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     _check(q, k, v, attn_bias, scale, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "reference":
-        return reference.attention(q, k, v, scale=scale, causal=causal, attn_bias=attn_bias,
-                                   return_lse=return_lse)
+        return reference.attention(q, k, v, scale=scale, causal=causal, attn_bias=attn_bias, return_lse=return_lse)
     _compiled_forward_ad_guard()
     bias = _kernel_bias(attn_bias, q, k)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -533,8 +566,7 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     return (out, lse) if return_lse else out
 
 
-def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias=None, bias_t=None,
-                  return_lse=False):
+def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias=None, bias_t=None, return_lse=False):
     """Attention and its tangent in one kernel call, for code that propagates tangents by hand.
 
     Same arguments as fastcm.attention, plus the tangents q_t, k_t, v_t (shapes and dtype of
@@ -563,8 +595,19 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
         _expanded_shape(bias_t, q, k, "bias_t")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if _backend(q.device, q.dtype, q.shape[-1], v.shape[-1]) == "reference":
-        return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
-                                       attn_bias=attn_bias, bias_t=bias_t, return_lse=return_lse)
+        return reference.attention_jvp(
+            q,
+            k,
+            v,
+            q_t,
+            k_t,
+            v_t,
+            scale=scale,
+            causal=causal,
+            attn_bias=attn_bias,
+            bias_t=bias_t,
+            return_lse=return_lse,
+        )
     bias = _kernel_bias(attn_bias, q, k)
     kernel_bias_t = None if bias_t is None else bias_t.to(bias.dtype).expand(bias.shape)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -572,12 +615,14 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias
     inputs = (q, k, v, bias) + tangents + (kernel_bias_t,)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         out, lse, out_t, lse_t = _AttentionWithTangent.apply(q, k, v, bias, *tangents, kernel_bias_t, scale, causal)
-        out_t, lse_t = _differentiable_tangents(out_t, lse_t, (q, k, v, bias), tangents + (kernel_bias_t,), out,
-                                                lse, (scale, causal))
+        out_t, lse_t = _differentiable_tangents(
+            out_t, lse_t, (q, k, v, bias), tangents + (kernel_bias_t,), out, lse, (scale, causal)
+        )
     else:
         with torch.no_grad():
-            out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(q, k, v, *tangents, bias, kernel_bias_t,
-                                                                  scale, causal)
+            out, out_t, lse, lse_t = _ops_for(q, v).attention_forward_jvp(
+                q, k, v, *tangents, bias, kernel_bias_t, scale, causal
+            )
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
 
 
@@ -593,17 +638,23 @@ def merge_attention_partials(outs, lses, out_tangents=None, lse_tangents=None):
     Ȯ in the dtype of outs[0], computed in the dtype of the LSEs. Differentiable by autograd.
     """
     if len(outs) == 0 or len(outs) != len(lses):
-        raise ValueError(f"fastcm.merge_attention_partials: need one LSE per output and at least one "
-                         f"shard, got {len(outs)} outputs and {len(lses)} LSEs")
+        raise ValueError(
+            f"fastcm.merge_attention_partials: need one LSE per output and at least one "
+            f"shard, got {len(outs)} outputs and {len(lses)} LSEs"
+        )
     if (out_tangents is None) != (lse_tangents is None):
         raise ValueError("fastcm.merge_attention_partials: give both out_tangents and lse_tangents, or neither")
     if out_tangents is not None and not (len(out_tangents) == len(lse_tangents) == len(outs)):
-        raise ValueError(f"fastcm.merge_attention_partials: {len(outs)} shards but {len(out_tangents)} "
-                         f"out_tangents and {len(lse_tangents)} lse_tangents")
+        raise ValueError(
+            f"fastcm.merge_attention_partials: {len(outs)} shards but {len(out_tangents)} "
+            f"out_tangents and {len(lse_tangents)} lse_tangents"
+        )
     for i, (o, lse) in enumerate(zip(outs, lses)):
         if o.shape[:-1] != lse.shape:
-            raise ValueError(f"fastcm.merge_attention_partials: outs[{i}] has shape {tuple(o.shape)} but "
-                             f"lses[{i}] has shape {tuple(lse.shape)}; expected (..., Nq, Dv) and (..., Nq)")
+            raise ValueError(
+                f"fastcm.merge_attention_partials: outs[{i}] has shape {tuple(o.shape)} but "
+                f"lses[{i}] has shape {tuple(lse.shape)}; expected (..., Nq, Dv) and (..., Nq)"
+            )
     acc = lses[0].dtype
     lse_stack = torch.stack(list(lses))
     lse = torch.logsumexp(lse_stack, dim=0)

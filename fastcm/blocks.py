@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd import forward_ad
 
-from ._checks import compute_dtype
 from . import _checks
 from ._backend import requested_backend, select_backend
+from ._checks import compute_dtype
 from ._library import kernel_ops
 from .reference import blocks as reference
 from .reference.blocks import ACTIVATIONS, NORMS
@@ -39,10 +39,12 @@ def _fake_norm(x, shift, scale, weight, x_t, shift_t, scale_t, weight_t, norm, e
 def _fake_norm_backward(grad, x, scale, weight, norm, eps, need_x, need_shift, need_scale, need_weight):
     accumulate = compute_dtype(x)
     batch, _, channels = x.shape
-    return [x.new_empty(x.shape if need_x else (0,)),
-            x.new_empty((batch, channels) if need_shift else (0,), dtype=accumulate),
-            x.new_empty((batch, channels) if need_scale else (0,), dtype=accumulate),
-            x.new_empty((channels,) if need_weight else (0,), dtype=accumulate)]
+    return [
+        x.new_empty(x.shape if need_x else (0,)),
+        x.new_empty((batch, channels) if need_shift else (0,), dtype=accumulate),
+        x.new_empty((batch, channels) if need_scale else (0,), dtype=accumulate),
+        x.new_empty((channels,) if need_weight else (0,), dtype=accumulate),
+    ]
 
 
 def _fake_gated(x, gate, y, x_t, gate_t, y_t, want_out, want_out_t):
@@ -51,8 +53,10 @@ def _fake_gated(x, gate, y, x_t, gate_t, y_t, want_out, want_out_t):
 
 def _fake_gated_backward(grad, gate, y, need_y, need_gate):
     accumulate = compute_dtype(y)
-    return [y.new_empty(y.shape if need_y else (0,)),
-            y.new_empty((y.shape[0], y.shape[2]) if need_gate else (0,), dtype=accumulate)]
+    return [
+        y.new_empty(y.shape if need_y else (0,)),
+        y.new_empty((y.shape[0], y.shape[2]) if need_gate else (0,), dtype=accumulate),
+    ]
 
 
 def _fake_activation(x, x_t, kind, want_y, want_y_t):
@@ -64,14 +68,17 @@ def _fake_activation_backward(grad, x, kind):
     return torch.empty_like(x)
 
 
-_ops = kernel_ops("blocks", {
-    "norm": ("modulated_norm_launch", _fake_norm),
-    "norm_backward": ("modulated_norm_backward", _fake_norm_backward),
-    "gated": ("gated_residual_launch", _fake_gated),
-    "gated_backward": ("gated_residual_backward", _fake_gated_backward),
-    "activation": ("activation_launch", _fake_activation),
-    "activation_backward": ("activation_backward", _fake_activation_backward),
-})
+_ops = kernel_ops(
+    "blocks",
+    {
+        "norm": ("modulated_norm_launch", _fake_norm),
+        "norm_backward": ("modulated_norm_backward", _fake_norm_backward),
+        "gated": ("gated_residual_launch", _fake_gated),
+        "gated_backward": ("gated_residual_backward", _fake_gated_backward),
+        "activation": ("activation_launch", _fake_activation),
+        "activation_backward": ("activation_backward", _fake_activation_backward),
+    },
+)
 
 
 _NO_OP = contextlib.nullcontext()
@@ -97,27 +104,44 @@ class _Triton:
 
     @staticmethod
     def norm(x, shift, scale, weight, x_t, shift_t, scale_t, weight_t, norm, eps, want_y, want_y_t):
-        y, y_t = _ops.norm(x, _rows(shift), _rows(scale), weight, _contiguous(x_t), _rows(shift_t), _rows(scale_t),
-                           _contiguous(weight_t), norm, eps, want_y, want_y_t)
+        y, y_t = _ops.norm(
+            x,
+            _rows(shift),
+            _rows(scale),
+            weight,
+            _contiguous(x_t),
+            _rows(shift_t),
+            _rows(scale_t),
+            _contiguous(weight_t),
+            norm,
+            eps,
+            want_y,
+            want_y_t,
+        )
         return (y if want_y else None), (y_t if want_y_t else None)
 
     @staticmethod
     def norm_backward(grad, x, shift, scale, weight, norm, eps, needs):
         grads = _ops.norm_backward(grad.contiguous(), x, _rows(scale), weight, norm, eps, *needs)
-        return tuple(g.view(p.shape).to(p.dtype) if need else None
-                     for g, p, need in zip(grads, (x, shift, scale, weight), needs))
+        return tuple(
+            g.view(p.shape).to(p.dtype) if need else None for g, p, need in zip(grads, (x, shift, scale, weight), needs)
+        )
 
     @staticmethod
     def gated(x, gate, y, x_t, gate_t, y_t, want_out, want_out_t):
-        out, out_t = _ops.gated(x, _rows(gate), y, _contiguous(x_t), _rows(gate_t), _contiguous(y_t), want_out,
-                                want_out_t)
+        out, out_t = _ops.gated(
+            x, _rows(gate), y, _contiguous(x_t), _rows(gate_t), _contiguous(y_t), want_out, want_out_t
+        )
         return (out if want_out else None), (out_t if want_out_t else None)
 
     @staticmethod
     def gated_backward(grad, gate, y, needs):
         grad_y, grad_gate = _ops.gated_backward(grad.contiguous(), _rows(gate), y, needs[2], needs[1])
-        return (grad if needs[0] else None, grad_gate.view(gate.shape).to(gate.dtype) if needs[1] else None,
-                grad_y if needs[2] else None)
+        return (
+            grad if needs[0] else None,
+            grad_gate.view(gate.shape).to(gate.dtype) if needs[1] else None,
+            grad_y if needs[2] else None,
+        )
 
     @staticmethod
     def activation(kind, x, x_t, want_y, want_y_t):
@@ -162,8 +186,11 @@ def differentiated() -> bool:
     """Whether a call may be differentiated: grad mode on, a forward-AD level open (dual tensors,
     torch.func.jvp) or any functorch transform. When none is, the ops call their implementation
     directly: an autograd.Function costs ~10-20 µs of host time per call even under no_grad."""
-    return (torch.is_grad_enabled() or forward_ad._current_level >= 0
-            or torch._C._functorch.maybe_current_level() is not None)
+    return (
+        torch.is_grad_enabled()
+        or forward_ad._current_level >= 0
+        or torch._C._functorch.maybe_current_level() is not None
+    )
 
 
 def differentiable(impl):
@@ -196,8 +223,9 @@ class _ModulatedNorm(torch.autograd.Function):
     def jvp(ctx, x_t, shift_t, scale_t, weight_t, *_):
         x, shift, scale, weight = ctx.saved_tensors
         norm, eps, impl = ctx.options
-        return differentiable(impl).norm(x, shift, scale, weight, x_t, shift_t, scale_t, weight_t, norm, eps,
-                                          False, True)[1]
+        return differentiable(impl).norm(
+            x, shift, scale, weight, x_t, shift_t, scale_t, weight_t, norm, eps, False, True
+        )[1]
 
 
 class _GatedResidual(torch.autograd.Function):
@@ -237,18 +265,19 @@ class _Activation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         kind, impl = ctx.options
         return differentiable(impl).activation_backward(kind, grad, x), None, None
 
     @staticmethod
     def jvp(ctx, x_t, *_):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         kind, impl = ctx.options
         return differentiable(impl).activation(kind, x, x_t, False, True)[1]
 
 
 # ---- checks --------------------------------------------------------------------------------
+
 
 def _check_like(op, name, value, ref_name, ref):
     _checks.check_tensor(op, name, value)
@@ -265,8 +294,10 @@ def _check_tokens(op, name, x):
 def _check_per_sample(op, name, value, x):
     _checks.check_tensor(op, name, value)
     if value.shape != (x.shape[0], x.shape[2]) and value.shape != (x.shape[0], 1, x.shape[2]):
-        raise ValueError(f"fastcm.{op}: {name} must have shape (B, C) = {(x.shape[0], x.shape[2])} or (B, 1, C) to "
-                         f"broadcast over the tokens of x {tuple(x.shape)}, got {tuple(value.shape)}")
+        raise ValueError(
+            f"fastcm.{op}: {name} must have shape (B, C) = {(x.shape[0], x.shape[2])} or (B, 1, C) to "
+            f"broadcast over the tokens of x {tuple(x.shape)}, got {tuple(value.shape)}"
+        )
     _checks.check_same_device(op, name, value, "x", x)
 
 
@@ -294,8 +325,10 @@ def _check_tangents(op, pairs):
 
 # ---- public ops ----------------------------------------------------------------------------
 
-def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "layer", weight: Optional[Tensor] = None,
-                   eps: float = 1e-6) -> Tensor:
+
+def modulated_norm(
+    x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "layer", weight: Optional[Tensor] = None, eps: float = 1e-6
+) -> Tensor:
     """adaLN modulation of a normalised token tensor in one pass: y = norm(x)·w·(1 + scale) + shift.
 
     norm="layer": norm(x) = (x − mean)/√(var + eps); norm="rms": x/√(mean(x²) + eps), over C.
@@ -314,31 +347,63 @@ def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "laye
     if impl is None:
         return reference.modulated_norm(x, shift, scale, norm=norm, weight=weight, eps=eps)
     if not differentiated():
-        return impl.norm(x.contiguous(), shift, scale, _contiguous(weight), None, None, None, None, norm, float(eps),
-                         True, False)[0]
-    return _ModulatedNorm.apply(x.contiguous(), shift, scale, _contiguous(weight), norm,
-                                float(eps), impl)
+        return impl.norm(
+            x.contiguous(), shift, scale, _contiguous(weight), None, None, None, None, norm, float(eps), True, False
+        )[0]
+    return _ModulatedNorm.apply(x.contiguous(), shift, scale, _contiguous(weight), norm, float(eps), impl)
 
 
-def modulated_norm_jvp(x: Tensor, shift: Tensor, scale: Tensor, x_t: Optional[Tensor] = None,
-                       shift_t: Optional[Tensor] = None, scale_t: Optional[Tensor] = None, *, norm: str = "layer",
-                       weight: Optional[Tensor] = None, weight_t: Optional[Tensor] = None,
-                       eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+def modulated_norm_jvp(
+    x: Tensor,
+    shift: Tensor,
+    scale: Tensor,
+    x_t: Optional[Tensor] = None,
+    shift_t: Optional[Tensor] = None,
+    scale_t: Optional[Tensor] = None,
+    *,
+    norm: str = "layer",
+    weight: Optional[Tensor] = None,
+    weight_t: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, Tensor]:
     """modulated_norm and its tangent from one pass: returns (y, ẏ). Tangents shaped like their
     primals; None means zero. Outputs carry no autograd graph."""
     op = "modulated_norm_jvp"
     _check_norm(op, x, shift, scale, weight, norm, eps)
-    _check_tangents(op, (("x_t", x_t, "x", x), ("shift_t", shift_t, "shift", shift),
-                         ("scale_t", scale_t, "scale", scale), ("weight_t", weight_t, "weight", weight)))
+    _check_tangents(
+        op,
+        (
+            ("x_t", x_t, "x", x),
+            ("shift_t", shift_t, "shift", shift),
+            ("scale_t", scale_t, "scale", scale),
+            ("weight_t", weight_t, "weight", weight),
+        ),
+    )
     impl = _implementation(op, x.device)
     with _no_grad():
         if impl is None:
-            tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, x_t), (shift, shift_t),
-                                                                             (scale, scale_t))]
-            return torch.func.jvp(lambda a, b, c: reference.modulated_norm(a, b, c, norm=norm, weight=weight,
-                                                                           eps=eps), (x, shift, scale), tuple(tangents))
-        return impl.norm(x.contiguous(), shift, scale, _contiguous(weight), x_t, shift_t,
-                         scale_t, weight_t, norm, float(eps), True, True)
+            tangents = [
+                torch.zeros_like(p) if t is None else t for p, t in ((x, x_t), (shift, shift_t), (scale, scale_t))
+            ]
+            return torch.func.jvp(
+                lambda a, b, c: reference.modulated_norm(a, b, c, norm=norm, weight=weight, eps=eps),
+                (x, shift, scale),
+                tuple(tangents),
+            )
+        return impl.norm(
+            x.contiguous(),
+            shift,
+            scale,
+            _contiguous(weight),
+            x_t,
+            shift_t,
+            scale_t,
+            weight_t,
+            norm,
+            float(eps),
+            True,
+            True,
+        )
 
 
 def _check_gated(op, x, gate, y):
@@ -366,8 +431,14 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return _GatedResidual.apply(x.contiguous(), gate, y.contiguous(), impl)
 
 
-def gated_residual_jvp(x: Tensor, gate: Tensor, y: Tensor, x_t: Optional[Tensor] = None,
-                       gate_t: Optional[Tensor] = None, y_t: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def gated_residual_jvp(
+    x: Tensor,
+    gate: Tensor,
+    y: Tensor,
+    x_t: Optional[Tensor] = None,
+    gate_t: Optional[Tensor] = None,
+    y_t: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """gated_residual and its tangent from one pass: (out, ȯut); None tangents are zero. No autograd graph."""
     op = "gated_residual_jvp"
     _check_gated(op, x, gate, y)
@@ -440,5 +511,17 @@ def swiglu_jvp(x: Tensor, x_t: Tensor) -> Tuple[Tensor, Tensor]:
     return _activation_jvp("swiglu", x, x_t)
 
 
-__all__ = ["modulated_norm", "modulated_norm_jvp", "gated_residual", "gated_residual_jvp", "gelu_tanh",
-           "gelu_tanh_jvp", "silu", "silu_jvp", "swiglu", "swiglu_jvp", "ACTIVATIONS", "NORMS"]
+__all__ = [
+    "modulated_norm",
+    "modulated_norm_jvp",
+    "gated_residual",
+    "gated_residual_jvp",
+    "gelu_tanh",
+    "gelu_tanh_jvp",
+    "silu",
+    "silu_jvp",
+    "swiglu",
+    "swiglu_jvp",
+    "ACTIVATIONS",
+    "NORMS",
+]

@@ -54,15 +54,27 @@ def _combine(like, terms, coefs, noise_args=None):
     stochastic = coefs[3] != 0
     if select_backend(_OP, like.device) == "reference":
         out = torch.zeros(like.shape, dtype=work, device=like.device)
-        z = standard_noise(out, noise=noise_args.get("noise"), seed=noise_args.get("seed"), offset=0) \
-            if stochastic else None
+        z = (
+            standard_noise(out, noise=noise_args.get("noise"), seed=noise_args.get("seed"), offset=0)
+            if stochastic
+            else None
+        )
         for c, t in zip(coefs, terms + (z,)):
             if t is not None and c != 0:
                 out = out + c * t
         return out
     x = next(t for t in terms if t is not None)
-    return _steps._run(_OP, x, terms, list(coefs), None, stochastic=stochastic, noise=noise_args.get("noise"),
-                       seed=noise_args.get("seed"), offset=0)
+    return _steps._run(
+        _OP,
+        x,
+        terms,
+        list(coefs),
+        None,
+        stochastic=stochastic,
+        noise=noise_args.get("noise"),
+        seed=noise_args.get("seed"),
+        offset=0,
+    )
 
 
 def _noise_args(like, generator, explicit=None):
@@ -81,15 +93,17 @@ def _value(t) -> float:
 
 def _x0_eps(prediction_type, alpha_bar):
     """(x0, ε) as (coefficient of sample, coefficient of model output) pairs in ᾱ space."""
-    a, b = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+    a, b = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     if prediction_type == "epsilon":
         return (1 / a, -b / a), (0.0, 1.0)
     if prediction_type == "sample":
         return (0.0, 1.0), (1 / b, -a / b)
     if prediction_type == "v_prediction":
         return (a, -b), (b, a)
-    raise ValueError(f"fastcm.diffusers: prediction_type={prediction_type!r} is not supported; expected one of "
-                     "('epsilon', 'sample', 'v_prediction')")
+    raise ValueError(
+        f"fastcm.diffusers: prediction_type={prediction_type!r} is not supported; expected one of "
+        "('epsilon', 'sample', 'v_prediction')"
+    )
 
 
 def _mix(*pairs):
@@ -104,24 +118,39 @@ def _nonlinear(config) -> bool:
 class EulerDiscreteScheduler(_diffusers.EulerDiscreteScheduler):
     """diffusers' EulerDiscreteScheduler with a fused step (churn included)."""
 
-    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-             generator=None, return_dict=True):
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        generator=None,
+        return_dict=True,
+    ):
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or self.config.prediction_type not in (
-                "epsilon", "v_prediction", "sample", "original_sample"):
-            return super().step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
-                                return_dict)
+            "epsilon",
+            "v_prediction",
+            "sample",
+            "original_sample",
+        ):
+            return super().step(
+                model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator, return_dict
+            )
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma, sigma_next = _value(self.sigmas[self.step_index]), _value(self.sigmas[self.step_index + 1])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
-        churn = s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5 if gamma > 0 else 0.0
+        churn = s_noise * (sigma_hat**2 - sigma**2) ** 0.5 if gamma > 0 else 0.0
         noise = _noise_args(model_output, generator) if gamma > 0 else None
         # D = α·x̂ + β·m with x̂ = x + churn·z; prev = x̂ + (σ' − σ̂)·(x̂ − D)/σ̂.
         if self.config.prediction_type == "epsilon":
             alpha, beta = 1.0, -sigma_hat
         elif self.config.prediction_type == "v_prediction":
-            alpha, beta = 1 / (sigma ** 2 + 1), -sigma / (sigma ** 2 + 1) ** 0.5
+            alpha, beta = 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
         else:
             alpha, beta = 0.0, 1.0
         ratio = (sigma_next - sigma_hat) / sigma_hat
@@ -134,7 +163,8 @@ class EulerDiscreteScheduler(_diffusers.EulerDiscreteScheduler):
         if not return_dict:
             return prev, pred
         return _diffusers.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(
-            prev_sample=prev, pred_original_sample=pred)
+            prev_sample=prev, pred_original_sample=pred
+        )
 
 
 class EulerAncestralDiscreteScheduler(_diffusers.EulerAncestralDiscreteScheduler):
@@ -142,39 +172,70 @@ class EulerAncestralDiscreteScheduler(_diffusers.EulerAncestralDiscreteScheduler
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or self.config.prediction_type not in (
-                "epsilon", "v_prediction"):
+            "epsilon",
+            "v_prediction",
+        ):
             return super().step(model_output, timestep, sample, generator, return_dict)
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma, sigma_next = _value(self.sigmas[self.step_index]), _value(self.sigmas[self.step_index + 1])
-        up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
-        down = (sigma_next ** 2 - up ** 2) ** 0.5
+        up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        down = (sigma_next**2 - up**2) ** 0.5
         if self.config.prediction_type == "epsilon":
             alpha, beta = 1.0, -sigma
         else:
-            alpha, beta = 1 / (sigma ** 2 + 1), -sigma / (sigma ** 2 + 1) ** 0.5
+            alpha, beta = 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
         ratio = (down - sigma) / sigma
         sample32 = sample.to(torch.float32) if sample.dtype != torch.float64 else sample
         pred = _combine(sample32, (sample32, model_output), (alpha, beta, 0.0, 0.0))
-        prev = _combine(sample32, (sample32, model_output), (1 + ratio * (1 - alpha), -ratio * beta, 0.0, up),
-                        _noise_args(model_output, generator))
+        prev = _combine(
+            sample32,
+            (sample32, model_output),
+            (1 + ratio * (1 - alpha), -ratio * beta, 0.0, up),
+            _noise_args(model_output, generator),
+        )
         self._step_index += 1
         prev = prev.to(model_output.dtype)
         if not return_dict:
             return prev, pred
         return _diffusers.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
-            prev_sample=prev, pred_original_sample=pred)
+            prev_sample=prev, pred_original_sample=pred
+        )
 
 
 class FlowMatchEulerDiscreteScheduler(_diffusers.FlowMatchEulerDiscreteScheduler):
     """diffusers' FlowMatchEulerDiscreteScheduler with the fused flow_euler_step update."""
 
-    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-             generator=None, per_token_timesteps=None, return_dict=True):
-        if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or per_token_timesteps is not None
-                or self.config.stochastic_sampling):
-            return super().step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
-                                per_token_timesteps, return_dict)
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        s_churn=0.0,
+        s_tmin=0.0,
+        s_tmax=float("inf"),
+        s_noise=1.0,
+        generator=None,
+        per_token_timesteps=None,
+        return_dict=True,
+    ):
+        if (
+            isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
+            or per_token_timesteps is not None
+            or self.config.stochastic_sampling
+        ):
+            return super().step(
+                model_output,
+                timestep,
+                sample,
+                s_churn,
+                s_tmin,
+                s_tmax,
+                s_noise,
+                generator,
+                per_token_timesteps,
+                return_dict,
+            )
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma, sigma_next = _value(self.sigmas[self.step_index]), _value(self.sigmas[self.step_index + 1])
@@ -185,25 +246,38 @@ class FlowMatchEulerDiscreteScheduler(_diffusers.FlowMatchEulerDiscreteScheduler
         if not return_dict:
             return (prev,)
         return _diffusers.schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput(
-            prev_sample=prev)
+            prev_sample=prev
+        )
 
 
 class DDIMScheduler(_diffusers.DDIMScheduler):
     """diffusers' DDIMScheduler with a fused step (η > 0 included)."""
 
-    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
-             variance_noise=None, return_dict=True):
-        if self.num_inference_steps is None or _nonlinear(self.config) or (
-                variance_noise is not None and generator is not None):
-            return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
-                                variance_noise, return_dict)
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        eta=0.0,
+        use_clipped_model_output=False,
+        generator=None,
+        variance_noise=None,
+        return_dict=True,
+    ):
+        if (
+            self.num_inference_steps is None
+            or _nonlinear(self.config)
+            or (variance_noise is not None and generator is not None)
+        ):
+            return super().step(
+                model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict
+            )
         prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
         alpha_bar = _value(self.alphas_cumprod[timestep])
-        alpha_bar_prev = _value(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0
-                                else self.final_alpha_cumprod)
+        alpha_bar_prev = _value(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod)
         x0, eps = _x0_eps(self.config.prediction_type, alpha_bar)
         std = eta * _value(self._get_variance(timestep, prev_timestep)) ** 0.5
-        prev_pair = _mix((alpha_bar_prev ** 0.5, x0), ((1 - alpha_bar_prev - std ** 2) ** 0.5, eps))
+        prev_pair = _mix((alpha_bar_prev**0.5, x0), ((1 - alpha_bar_prev - std**2) ** 0.5, eps))
         noise = _noise_args(model_output, generator, variance_noise) if eta > 0 else None
         pred = _combine(sample, (sample, model_output), (*x0, 0.0, 0.0)).to(sample.dtype)
         prev = _combine(sample, (sample, model_output), (*prev_pair, 0.0, std if eta > 0 else 0.0), noise)
@@ -224,16 +298,19 @@ class LCMScheduler(_diffusers.LCMScheduler):
         prev_index = self.step_index + 1
         prev_timestep = self.timesteps[prev_index] if prev_index < len(self.timesteps) else timestep
         alpha_bar = _value(self.alphas_cumprod[timestep])
-        alpha_bar_prev = _value(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0
-                                else self.final_alpha_cumprod)
+        alpha_bar_prev = _value(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod)
         c_skip, c_out = (_value(c) for c in self.get_scalings_for_boundary_condition_discrete(timestep))
         x0, _ = _x0_eps(self.config.prediction_type, alpha_bar)
         denoised_pair = _mix((c_out, x0), (c_skip, (1.0, 0.0)))
         denoised = _combine(sample, (sample, model_output), (*denoised_pair, 0.0, 0.0)).to(sample.dtype)
         if self.step_index != self.num_inference_steps - 1:
-            prev_pair = _mix((alpha_bar_prev ** 0.5, denoised_pair))
-            prev = _combine(sample, (sample, model_output), (*prev_pair, 0.0, (1 - alpha_bar_prev) ** 0.5),
-                            _noise_args(model_output, generator)).to(sample.dtype)
+            prev_pair = _mix((alpha_bar_prev**0.5, denoised_pair))
+            prev = _combine(
+                sample,
+                (sample, model_output),
+                (*prev_pair, 0.0, (1 - alpha_bar_prev) ** 0.5),
+                _noise_args(model_output, generator),
+            ).to(sample.dtype)
         else:
             prev = denoised
         self._step_index += 1
@@ -255,17 +332,19 @@ class TCDScheduler(_diffusers.TCDScheduler):
         prev_timestep = self.timesteps[prev_index] if prev_index < len(self.timesteps) else torch.tensor(0)
         timestep_s = torch.floor((1 - eta) * prev_timestep).to(dtype=torch.long)
         alpha_bar = _value(self.alphas_cumprod[timestep])
-        alpha_bar_prev = _value(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0
-                                else self.final_alpha_cumprod)
+        alpha_bar_prev = _value(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod)
         alpha_bar_s = _value(self.alphas_cumprod[timestep_s])
         x0, eps = _x0_eps(self.config.prediction_type, alpha_bar)
-        noised_pair = _mix((alpha_bar_s ** 0.5, x0), ((1 - alpha_bar_s) ** 0.5, eps))
+        noised_pair = _mix((alpha_bar_s**0.5, x0), ((1 - alpha_bar_s) ** 0.5, eps))
         noised = _combine(sample, (sample, model_output), (*noised_pair, 0.0, 0.0)).to(sample.dtype)
         if eta > 0 and self.step_index != self.num_inference_steps - 1:
             ratio = alpha_bar_prev / alpha_bar_s
-            prev = _combine(sample, (sample, model_output), (*_mix((ratio ** 0.5, noised_pair)), 0.0,
-                                                            (1 - ratio) ** 0.5),
-                            _noise_args(model_output, generator)).to(sample.dtype)
+            prev = _combine(
+                sample,
+                (sample, model_output),
+                (*_mix((ratio**0.5, noised_pair)), 0.0, (1 - ratio) ** 0.5),
+                _noise_args(model_output, generator),
+            ).to(sample.dtype)
         else:
             prev = noised
         self._step_index += 1
@@ -325,8 +404,9 @@ class DPMSolverMultistepScheduler(_diffusers.DPMSolverMultistepScheduler):
 
     def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
         if self.config.algorithm_type not in self._FUSED or args or kwargs or sample is None or self._ends_at_zero():
-            return super().multistep_dpm_solver_second_order_update(model_output_list, *args, sample=sample,
-                                                                    noise=noise, **kwargs)
+            return super().multistep_dpm_solver_second_order_update(
+                model_output_list, *args, sample=sample, noise=noise, **kwargs
+            )
         return self._fused_update(sample, noise, model_output_list[-1], model_output_list[-2])
 
 
@@ -335,8 +415,10 @@ def _combine5(like, terms, coefs):
     here a given tensor); torch ops on the reference backend."""
     work = compute_dtype(like)
     if len(terms) > 5 or len(coefs) != 5:
-        raise ValueError(f"fastcm.diffusers: {len(terms)} terms with {len(coefs)} coefficients; expected at most 5 "
-                         "terms and 5 coefficients")
+        raise ValueError(
+            f"fastcm.diffusers: {len(terms)} terms with {len(coefs)} coefficients; expected at most 5 "
+            "terms and 5 coefficients"
+        )
     terms = tuple(None if t is None else t.to(work).contiguous() for t in terms) + (None,) * (5 - len(terms))
     if select_backend(_OP, like.device) == "reference":
         out = torch.zeros(like.shape, dtype=work, device=like.device)
@@ -375,15 +457,21 @@ class UniPCMultistepScheduler(_diffusers.UniPCMultistepScheduler):
             factorial *= i + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
         if corrector:
-            rhos = [0.5] if order == 1 else torch.linalg.solve(torch.tensor(rows, dtype=torch.float64),
-                                                               torch.tensor(rhs, dtype=torch.float64)).tolist()
+            rhos = (
+                [0.5]
+                if order == 1
+                else torch.linalg.solve(
+                    torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
+                ).tolist()
+            )
         elif order == 1:
             rhos = []
         elif order == 2:
             rhos = [0.5]
         else:
-            rhos = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64)[:-1, :-1],
-                                      torch.tensor(rhs[:-1], dtype=torch.float64)).tolist()
+            rhos = torch.linalg.solve(
+                torch.tensor(rows, dtype=torch.float64)[:-1, :-1], torch.tensor(rhs[:-1], dtype=torch.float64)
+            ).tolist()
         lead, c_x = (alpha_t, sigma_t / sigma_s0) if self.predict_x0 else (sigma_t, alpha_t / alpha_s0)
         gain = lead * b_h
         c_prev = [-gain * rho / rk for rho, rk in zip(rhos, rks[:-1])]
@@ -395,8 +483,14 @@ class UniPCMultistepScheduler(_diffusers.UniPCMultistepScheduler):
         return c_x, c_m0, c_prev, c_t
 
     def _fusable(self, order, args, kwargs):
-        return self.solver_p is None and not args and not kwargs and order is not None and 1 <= order <= 3 and \
-            self.config.solver_type == "bh2"
+        return (
+            self.solver_p is None
+            and not args
+            and not kwargs
+            and order is not None
+            and 1 <= order <= 3
+            and self.config.solver_type == "bh2"
+        )
 
     def multistep_uni_p_bh_update(self, model_output, *args, sample=None, order=None, **kwargs):
         ends_at_zero = _value(self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index + 1])[1]) == 0
@@ -409,11 +503,13 @@ class UniPCMultistepScheduler(_diffusers.UniPCMultistepScheduler):
         coefs = [c_x, c_m0] + c_prev + [0.0] * (5 - 2 - len(c_prev))
         return _combine5(sample, terms, coefs).to(sample.dtype)
 
-    def multistep_uni_c_bh_update(self, this_model_output, *args, last_sample=None, this_sample=None, order=None,
-                                  **kwargs):
+    def multistep_uni_c_bh_update(
+        self, this_model_output, *args, last_sample=None, this_sample=None, order=None, **kwargs
+    ):
         if last_sample is None or this_sample is None or not self._fusable(order, args, kwargs):
-            return super().multistep_uni_c_bh_update(this_model_output, *args, last_sample=last_sample,
-                                                     this_sample=this_sample, order=order, **kwargs)
+            return super().multistep_uni_c_bh_update(
+                this_model_output, *args, last_sample=last_sample, this_sample=this_sample, order=order, **kwargs
+            )
         previous = [self.step_index - (i + 1) for i in range(1, order)]
         c_x, c_m0, c_prev, c_t = self._uni_coefficients(self.step_index, self.step_index - 1, previous, order, True)
         outputs = self.model_outputs
@@ -424,5 +520,13 @@ class UniPCMultistepScheduler(_diffusers.UniPCMultistepScheduler):
         return _combine5(last_sample, terms, coefs).to(last_sample.dtype)
 
 
-__all__ = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-           "DDIMScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+__all__ = [
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "DDIMScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+]

@@ -17,14 +17,17 @@ from .attention import _check, _ops_for, attention, attention_jvp, merge_attenti
 def _ring_setup(group, q, k, causal):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"fastcm.ring_attention: causal needs equal query and key chunks per rank, got "
-                         f"Nq = {q.shape[2]} and Nk = {k.shape[2]}")
+        raise ValueError(
+            f"fastcm.ring_attention: causal needs equal query and key chunks per rank, got "
+            f"Nq = {q.shape[2]} and Nk = {k.shape[2]}"
+        )
     return world, rank
 
 
 def _rotate(tensors, group, world, rank):
     """Send `tensors` to rank + 1 and receive the same shapes from rank − 1."""
     received = [torch.empty_like(t) for t in tensors]
+
     def global_rank(group_rank):
         return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
@@ -53,13 +56,20 @@ def _ring_forward(q, k, v, tangents, scale, causal, group):
         if mode is not None:
             if tangents:
                 o, o_t, lse, lse_t = attention_jvp(
-                    q, blocks[0], blocks[1], tangents[0], blocks[2], blocks[3], scale=scale,
-                    causal=mode == "causal", return_lse=True)
+                    q,
+                    blocks[0],
+                    blocks[1],
+                    tangents[0],
+                    blocks[2],
+                    blocks[3],
+                    scale=scale,
+                    causal=mode == "causal",
+                    return_lse=True,
+                )
                 out_ts.append(o_t)
                 lse_ts.append(lse_t)
             else:
-                o, lse = _ops_for(q, v).attention_forward(q, blocks[0], blocks[1], None, scale,
-                                                          mode == "causal")
+                o, lse = _ops_for(q, v).attention_forward(q, blocks[0], blocks[1], None, scale, mode == "causal")
             outs.append(o)
             lses.append(lse)
         if step < world - 1:
@@ -97,7 +107,8 @@ class _RingAttention(torch.autograd.Function):
             mode = _chunk_mode((rank - step) % world, rank, causal)
             if mode is not None:
                 dq, dk, dv = _ops_for(q, v).attention_backward(
-                    grad_out, q, blocks[0], blocks[1], out, lse, None, scale, mode == "causal")
+                    grad_out, q, blocks[0], blocks[1], out, lse, None, scale, mode == "causal"
+                )
                 grad_q += dq
                 blocks[2] += dk
                 blocks[3] += dv
@@ -176,11 +187,14 @@ def _ulysses_setup(q, k, v, group):
     world = dist.get_world_size(group)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[1] % world:
-            raise ValueError(f"fastcm.ulysses_attention: {name} has {t.shape[1]} heads, which the {world} ranks of "
-                             f"the group cannot share; heads must be a multiple of the world size")
+            raise ValueError(
+                f"fastcm.ulysses_attention: {name} has {t.shape[1]} heads, which the {world} ranks of "
+                f"the group cannot share; heads must be a multiple of the world size"
+            )
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"fastcm.ulysses_attention: self-attention only: q has {q.shape[2]} tokens per rank, "
-                         f"k has {k.shape[2]}")
+        raise ValueError(
+            f"fastcm.ulysses_attention: self-attention only: q has {q.shape[2]} tokens per rank, k has {k.shape[2]}"
+        )
     return world
 
 

@@ -15,9 +15,9 @@ kernels/steps.py) reading what the gradient needs.
 
 import torch
 
-from ._checks import compute_dtype
 from . import _checks
 from ._backend import select_backend
+from ._checks import compute_dtype
 from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import dmd as reference
@@ -34,10 +34,13 @@ def _fake_denoising_sums(net_out, x0, noise, coefs):
     return net_out.new_empty((net_out.shape[0],), dtype=coefs.dtype)
 
 
-_ops = kernel_ops("dmd", {
-    "dmd_sums": ("dmd_sums", _fake_dmd_sums),
-    "denoising_sums": ("denoising_sums", _fake_denoising_sums),
-})
+_ops = kernel_ops(
+    "dmd",
+    {
+        "dmd_sums": ("dmd_sums", _fake_dmd_sums),
+        "denoising_sums": ("denoising_sums", _fake_denoising_sums),
+    },
+)
 
 
 def _upstream(grad_out, reduction, batch):
@@ -51,7 +54,6 @@ def _reduce(per_sample_loss, reduction):
     if reduction == "none":
         return per_sample_loss
     return per_sample_loss.sum() if reduction == "sum" else per_sample_loss.mean()
-
 
 
 class _DMDLoss(torch.autograd.Function):
@@ -118,8 +120,9 @@ class _DenoisingLoss(torch.autograd.Function):
                 residual = net_out.to(scale.dtype) - view_per_sample(p, x0) * x0 - view_per_sample(q, x0) * noise
                 grad_net_out = (view_per_sample(scale, residual) * residual).to(net_out.dtype)
             else:
-                grad_net_out = _run("denoising_loss", net_out, (x0, net_out, noise),
-                                    (-scale * p, scale, -scale * q, 0.0), None)
+                grad_net_out = _run(
+                    "denoising_loss", net_out, (x0, net_out, noise), (-scale * p, scale, -scale * q, 0.0), None
+                )
         if weight is not None and ctx.needs_input_grad[4]:
             grad_weight = upstream * unweighted
         return grad_net_out, None, None, None, grad_weight, None
@@ -129,8 +132,9 @@ def _weight(op, weight, x):
     return None if weight is None else per_sample(op, "weight", weight, x, dtype=compute_dtype(x))
 
 
-def dmd_loss(x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.Tensor, *, weight=None,
-             reduction: str = "mean") -> torch.Tensor:
+def dmd_loss(
+    x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.Tensor, *, weight=None, reduction: str = "mean"
+) -> torch.Tensor:
     """DMD2's distribution-matching loss on generator samples x, fused.
 
     Per sample b with D elements: g_b = (D_fake − D_real)/mean|x_b − D_real| (DMD2's normalisation of
@@ -153,13 +157,28 @@ def dmd_loss(x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.
         raise ValueError(f"fastcm.{op}: x has shape {tuple(x.shape)}; expected at least one element per sample")
     if select_backend(op, x.device) == "reference":
         return reference.dmd_loss(x, real_denoised, fake_denoised, weight=weight, reduction=reduction)
-    loss, _, _ = _DMDLoss.apply(x.contiguous(), real_denoised.detach().contiguous(),
-                                fake_denoised.detach().contiguous(), _weight(op, weight, x), reduction)
+    loss, _, _ = _DMDLoss.apply(
+        x.contiguous(),
+        real_denoised.detach().contiguous(),
+        fake_denoised.detach().contiguous(),
+        _weight(op, weight, x),
+        reduction,
+    )
     return loss
 
 
-def denoising_loss(net_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, time, *, schedule: str,
-                   prediction: str, sigma_data: float = 0.5, weight=None, reduction: str = "mean") -> torch.Tensor:
+def denoising_loss(
+    net_out: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    time,
+    *,
+    schedule: str,
+    prediction: str,
+    sigma_data: float = 0.5,
+    weight=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """The denoising loss of a network predicting `prediction` in `schedule` (DMD's fake-score loss, or a
     flow-matching teacher's), fused: loss_b = w_b·‖net_out_b − (p·x0_b + q·ε_b)‖²/D with the target's
     (p, q) at time τ (fastcm.reference.flow lists them; e.g. schedule="flow", prediction="flow":
@@ -178,12 +197,29 @@ def denoising_loss(net_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
     _checks.check_choice(op, "prediction", prediction, PREDICTIONS)
     _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
     if select_backend(op, net_out.device) == "reference":
-        return reference.denoising_loss(net_out, x0, noise, time, schedule=schedule, prediction=prediction,
-                                        sigma_data=sigma_data, weight=weight, reduction=reduction)
+        return reference.denoising_loss(
+            net_out,
+            x0,
+            noise,
+            time,
+            schedule=schedule,
+            prediction=prediction,
+            sigma_data=sigma_data,
+            weight=weight,
+            reduction=reduction,
+        )
     tau = per_sample(op, "time", time, net_out, dtype=torch.float64).detach()
-    coefs = torch.stack(prediction_coefficients(tau, schedule, prediction, sigma_data), dim=1).to(compute_dtype(net_out))
-    loss, _ = _DenoisingLoss.apply(net_out.contiguous(), x0.detach().contiguous(), noise.detach().contiguous(),
-                                   coefs.contiguous(), _weight(op, weight, net_out), reduction)
+    coefs = torch.stack(prediction_coefficients(tau, schedule, prediction, sigma_data), dim=1).to(
+        compute_dtype(net_out)
+    )
+    loss, _ = _DenoisingLoss.apply(
+        net_out.contiguous(),
+        x0.detach().contiguous(),
+        noise.detach().contiguous(),
+        coefs.contiguous(),
+        _weight(op, weight, net_out),
+        reduction,
+    )
     return loss
 
 

@@ -37,6 +37,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """One EMA profile: `kind` and its arguments; beta(t) is its decay at update t ≥ 1."""
+
     kind: str
     args: tuple
 
@@ -49,8 +50,12 @@ class Profile:
         return self.args[0] if self.kind == "power" else None
 
 
-_BETAS = {"power": reference.power_beta, "constant": reference.constant_beta,
-          "halflife": reference.halflife_beta, "ct_target": reference.ct_target_beta}
+_BETAS = {
+    "power": reference.power_beta,
+    "constant": reference.constant_beta,
+    "halflife": reference.halflife_beta,
+    "ct_target": reference.ct_target_beta,
+}
 
 
 def _error(message: str) -> ValueError:
@@ -60,8 +65,10 @@ def _error(message: str) -> ValueError:
 def power(sigma_rel: float) -> Profile:
     """EDM2's power-function EMA of relative width σ_rel ∈ (0, 0.3003]: β(t) = (1 − 1/t)^(γ+1)."""
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel <= MAX_SIGMA_REL:
-        raise _error(f"power: sigma_rel={sigma_rel!r} is not supported; expected a number in "
-                     f"(0, {MAX_SIGMA_REL:.4f}] (the widest power profile)")
+        raise _error(
+            f"power: sigma_rel={sigma_rel!r} is not supported; expected a number in "
+            f"(0, {MAX_SIGMA_REL:.4f}] (the widest power profile)"
+        )
     return Profile("power", (sigma_rel_to_gamma(float(sigma_rel)),))
 
 
@@ -112,9 +119,16 @@ class _DtypeGroup:
         self.addresses = [params[j].data_ptr() for j in indices]
         self.dtype = params[indices[0]].dtype
         chunk_params, chunk_starts = chunk_table(numels, block)
-        self.tables = [t.to(device) for t in (torch.tensor(self.addresses, dtype=torch.int64), numels,
-                                               torch.tensor([offsets[j] for j in indices], dtype=torch.int64),
-                                               chunk_params, chunk_starts)]
+        self.tables = [
+            t.to(device)
+            for t in (
+                torch.tensor(self.addresses, dtype=torch.int64),
+                numels,
+                torch.tensor([offsets[j] for j in indices], dtype=torch.int64),
+                chunk_params,
+                chunk_starts,
+            )
+        ]
 
 
 class EMA:
@@ -136,19 +150,26 @@ class EMA:
         if not self.params:
             raise _error("parameters is empty; expected at least one tensor")
         if not self.profiles or not all(isinstance(p, Profile) for p in self.profiles):
-            raise _error(f"profiles={profiles!r} is not supported; expected a non-empty sequence of "
-                         f"fastcm.ema profiles (power, constant, halflife, ct_target)")
+            raise _error(
+                f"profiles={profiles!r} is not supported; expected a non-empty sequence of "
+                f"fastcm.ema profiles (power, constant, halflife, ct_target)"
+            )
         device = self.params[0].device
         for j, p in enumerate(self.params):
             if not isinstance(p, torch.Tensor) or p.dtype not in PARAM_DTYPES:
-                raise TypeError(f"fastcm.{_OP}: parameters[{j}] must be a float32, bfloat16 or float16 tensor, got "
-                                f"{getattr(p, 'dtype', type(p).__name__)}")
+                raise TypeError(
+                    f"fastcm.{_OP}: parameters[{j}] must be a float32, bfloat16 or float16 tensor, got "
+                    f"{getattr(p, 'dtype', type(p).__name__)}"
+                )
             if p.device != device:
-                raise _error(f"parameters[{j}] is on {p.device} but parameters[0] is on {device}; "
-                             f"all must be on one device")
+                raise _error(
+                    f"parameters[{j}] is on {p.device} but parameters[0] is on {device}; all must be on one device"
+                )
             if not p.is_contiguous():
-                raise _error(f"parameters[{j}] (shape {tuple(p.shape)}) is not contiguous; the EMA reads "
-                             f"parameters in place, so they must be contiguous")
+                raise _error(
+                    f"parameters[{j}] (shape {tuple(p.shape)}) is not contiguous; the EMA reads "
+                    f"parameters in place, so they must be contiguous"
+                )
         numels = [p.numel() for p in self.params]
         self.offsets = [sum(numels[:j]) for j in range(len(numels))]
         total = sum(numels)
@@ -162,7 +183,7 @@ class EMA:
     def shadows(self, profile: int) -> List[torch.Tensor]:
         """Profile `profile`'s averages: float32 views into the shadow buffer, shaped like the parameters."""
         row = self.shadow[profile]
-        return [row[o:o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
+        return [row[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
 
     def betas(self, step: int) -> List[float]:
         return [profile.beta(step) for profile in self.profiles]
@@ -170,8 +191,11 @@ class EMA:
     def _group(self, dtype: torch.dtype, block: int) -> _DtypeGroup:
         group = self._groups.get(dtype)
         # A parameter whose storage was replaced (p.data = …) moved: rebuild the address table.
-        if (group is None or group.block != block
-                or any(self.params[j].data_ptr() != a for j, a in zip(group.indices, group.addresses))):
+        if (
+            group is None
+            or group.block != block
+            or any(self.params[j].data_ptr() != a for j, a in zip(group.indices, group.addresses))
+        ):
             indices = [j for j, p in enumerate(self.params) if p.dtype == dtype]
             group = self._groups[dtype] = _DtypeGroup(indices, self.params, self.offsets, block)
         return group
@@ -206,21 +230,34 @@ class EMA:
     def snapshot(self) -> List[dict]:
         """Copies of the power profiles' averages now, for posthoc_reconstruct: one dict per power
         profile, {"step": t, "gamma": γ, "sigma_rel": σ_rel, "params": [float32 tensors]} (on the CPU)."""
-        return [{"step": self.step, "gamma": profile.gamma, "sigma_rel": gamma_to_sigma_rel(profile.gamma),
-                 "params": [view.detach().cpu().clone() for view in self.shadows(k)]}
-                for k, profile in enumerate(self.profiles) if profile.kind == "power"]
+        return [
+            {
+                "step": self.step,
+                "gamma": profile.gamma,
+                "sigma_rel": gamma_to_sigma_rel(profile.gamma),
+                "params": [view.detach().cpu().clone() for view in self.shadows(k)],
+            }
+            for k, profile in enumerate(self.profiles)
+            if profile.kind == "power"
+        ]
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "profiles": [(p.kind, p.args) for p in self.profiles],
-                "numels": [p.numel() for p in self.params], "shadow": self.shadow}
+        return {
+            "step": self.step,
+            "profiles": [(p.kind, p.args) for p in self.profiles],
+            "numels": [p.numel() for p in self.params],
+            "shadow": self.shadow,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         profiles = [Profile(kind, tuple(args)) for kind, args in state["profiles"]]
         if profiles != self.profiles:
             raise _error(f"load_state_dict: the saved profiles {profiles} differ from this EMA's {self.profiles}")
         if list(state["numels"]) != [p.numel() for p in self.params]:
-            raise _error(f"load_state_dict: the saved parameter sizes {list(state['numels'])} differ from this "
-                         f"EMA's {[p.numel() for p in self.params]}")
+            raise _error(
+                f"load_state_dict: the saved parameter sizes {list(state['numels'])} differ from this "
+                f"EMA's {[p.numel() for p in self.params]}"
+            )
         self.shadow.copy_(state["shadow"])
         self.step = int(state["step"])
 
@@ -237,10 +274,12 @@ def posthoc_reconstruct(snapshots: Sequence[dict], sigma_rel: float, step: Optio
     target = power(sigma_rel)
     step = max(s["step"] for s in snapshots) if step is None else step
     if any(s["step"] < 1 for s in snapshots) or step < 1:
-        raise _error(f"posthoc_reconstruct: snapshot steps {[s['step'] for s in snapshots]} and step={step} must "
-                     f"be >= 1")
-    coefficients = reference.posthoc_coefficients([s["step"] for s in snapshots], [s["gamma"] for s in snapshots],
-                                                  step, target.gamma).tolist()
+        raise _error(
+            f"posthoc_reconstruct: snapshot steps {[s['step'] for s in snapshots]} and step={step} must be >= 1"
+        )
+    coefficients = reference.posthoc_coefficients(
+        [s["step"] for s in snapshots], [s["gamma"] for s in snapshots], step, target.gamma
+    ).tolist()
     out = []
     for j in range(len(snapshots[0]["params"])):
         total = torch.zeros(snapshots[0]["params"][j].shape, dtype=torch.float64)
@@ -250,5 +289,15 @@ def posthoc_reconstruct(snapshots: Sequence[dict], sigma_rel: float, step: Optio
     return out
 
 
-__all__ = ["EMA", "Profile", "power", "power_from_gamma", "constant", "halflife", "ct_target",
-           "posthoc_reconstruct", "sigma_rel_to_gamma", "gamma_to_sigma_rel"]
+__all__ = [
+    "EMA",
+    "Profile",
+    "power",
+    "power_from_gamma",
+    "constant",
+    "halflife",
+    "ct_target",
+    "posthoc_reconstruct",
+    "sigma_rel_to_gamma",
+    "gamma_to_sigma_rel",
+]

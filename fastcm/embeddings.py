@@ -6,8 +6,8 @@ from typing import Tuple
 
 import torch
 
-from ._checks import compute_dtype
 from . import _checks
+from ._checks import compute_dtype
 from ._library import kernel_ops
 from .blocks import _no_grad, differentiable, differentiated, implementation
 from .reference import embeddings as reference
@@ -29,11 +29,14 @@ def _fake_timestep_backward(grad, t, dim, max_period):
     return torch.empty_like(t)
 
 
-_ops = kernel_ops("embeddings", {
-    "rope": ("rope_launch", _fake_rope),
-    "timestep": ("timestep_embedding_launch", _fake_timestep),
-    "timestep_backward": ("timestep_embedding_backward", _fake_timestep_backward),
-})
+_ops = kernel_ops(
+    "embeddings",
+    {
+        "rope": ("rope_launch", _fake_rope),
+        "timestep": ("timestep_embedding_launch", _fake_timestep),
+        "timestep_backward": ("timestep_embedding_backward", _fake_timestep_backward),
+    },
+)
 
 
 def _none_if_unwanted(pair, wants):
@@ -43,13 +46,17 @@ def _none_if_unwanted(pair, wants):
 class _Triton:
     @staticmethod
     def rope(x, x_t, cos, sin, inverse, want_y, want_y_t):
-        return _none_if_unwanted(_ops.rope(x, None if x_t is None else x_t.contiguous(), cos, sin, inverse, want_y,
-                                           want_y_t), (want_y, want_y_t))
+        return _none_if_unwanted(
+            _ops.rope(x, None if x_t is None else x_t.contiguous(), cos, sin, inverse, want_y, want_y_t),
+            (want_y, want_y_t),
+        )
 
     @staticmethod
     def timestep(t, t_t, dim, max_period, want_y, want_y_t):
-        return _none_if_unwanted(_ops.timestep(t, None if t_t is None else t_t.contiguous(), dim, max_period, want_y,
-                                               want_y_t), (want_y, want_y_t))
+        return _none_if_unwanted(
+            _ops.timestep(t, None if t_t is None else t_t.contiguous(), dim, max_period, want_y, want_y_t),
+            (want_y, want_y_t),
+        )
 
     @staticmethod
     def timestep_backward(grad, t, dim, max_period):
@@ -103,13 +110,13 @@ class _TimestepEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        t, = ctx.saved_tensors
+        (t,) = ctx.saved_tensors
         dim, max_period, impl = ctx.options
         return differentiable(impl).timestep_backward(grad, t, dim, max_period), None, None, None
 
     @staticmethod
     def jvp(ctx, t_t, *_):
-        t, = ctx.saved_tensors
+        (t,) = ctx.saved_tensors
         dim, max_period, impl = ctx.options
         return differentiable(impl).timestep(t, t_t, dim, max_period, False, True)[1]
 
@@ -153,13 +160,16 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor
         return reference.rope(q, k, cos, sin)
     cos, sin = _tables(cos, sin, q.dtype)
     if not differentiated():
-        return (impl.rope(q.contiguous(), None, cos, sin, False, True, False)[0],
-                impl.rope(k.contiguous(), None, cos, sin, False, True, False)[0])
+        return (
+            impl.rope(q.contiguous(), None, cos, sin, False, True, False)[0],
+            impl.rope(k.contiguous(), None, cos, sin, False, True, False)[0],
+        )
     return _Rope.apply(q.contiguous(), cos, sin, impl), _Rope.apply(k.contiguous(), cos, sin, impl)
 
 
-def rope_jvp(q: Tensor, k: Tensor, q_t: Tensor, k_t: Tensor, cos: Tensor,
-             sin: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def rope_jvp(
+    q: Tensor, k: Tensor, q_t: Tensor, k_t: Tensor, cos: Tensor, sin: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """rope and its tangent: (q', k', q̇', k̇'), each tensor and its tangent rotated in one pass.
     No autograd graph."""
     op = "rope_jvp"
@@ -170,8 +180,9 @@ def rope_jvp(q: Tensor, k: Tensor, q_t: Tensor, k_t: Tensor, cos: Tensor,
     impl = implementation(op, q.device, _Triton, _Closed)
     with _no_grad():
         if impl is None:
-            (q_out, k_out), (q_out_t, k_out_t) = torch.func.jvp(lambda a, b: reference.rope(a, b, cos, sin), (q, k),
-                                                                (q_t, k_t))
+            (q_out, k_out), (q_out_t, k_out_t) = torch.func.jvp(
+                lambda a, b: reference.rope(a, b, cos, sin), (q, k), (q_t, k_t)
+            )
             return q_out, k_out, q_out_t, k_out_t
         cos, sin = _tables(cos, sin, q.dtype)
         q_out, q_out_t = impl.rope(q.contiguous(), q_t, cos, sin, False, True, True)
@@ -207,8 +218,7 @@ def timestep_embedding(t: Tensor, dim: int, *, max_period: float = 10000.0) -> T
     return _TimestepEmbedding.apply(t.contiguous(), dim, float(max_period), impl)
 
 
-def timestep_embedding_jvp(t: Tensor, t_t: Tensor, dim: int, *,
-                           max_period: float = 10000.0) -> Tuple[Tensor, Tensor]:
+def timestep_embedding_jvp(t: Tensor, t_t: Tensor, dim: int, *, max_period: float = 10000.0) -> Tuple[Tensor, Tensor]:
     """(timestep_embedding(t), its tangent for ṫ = t_t) from one pass; no autograd graph."""
     op = "timestep_embedding_jvp"
     _check_timestep(op, t, dim, max_period)
@@ -218,8 +228,9 @@ def timestep_embedding_jvp(t: Tensor, t_t: Tensor, dim: int, *,
     with _no_grad():
         if impl is None:
             dtype = reference.compute_dtype(t.dtype)
-            return torch.func.jvp(lambda s: reference.timestep_embedding(s, dim, max_period=max_period),
-                                  (t.to(dtype),), (t_t.to(dtype),))
+            return torch.func.jvp(
+                lambda s: reference.timestep_embedding(s, dim, max_period=max_period), (t.to(dtype),), (t_t.to(dtype),)
+            )
         return impl.timestep(t.contiguous(), t_t, dim, float(max_period), True, True)
 
 

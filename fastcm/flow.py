@@ -14,9 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import compute_dtype
 from . import _checks
 from ._backend import select_backend
+from ._checks import compute_dtype
 from ._library import kernel_ops
 from ._params import per_sample, view_per_sample
 from .reference import flow as reference
@@ -30,7 +30,6 @@ def _fake_add_noise(x0, noise, coefs, seed, offset):
 
 
 _ops = kernel_ops("flow", {"add_noise": ("add_noise", _fake_add_noise)})
-
 
 
 def _run_noise(like, seed, offset):
@@ -94,11 +93,15 @@ class _AddNoise(torch.autograd.Function):
             work = coefs.dtype
 
             def dot(a, b):
-                return torch.zeros(x0.shape[0], dtype=work, device=x0.device) if a is None else (
-                    (a.to(work) * b.to(work)).reshape(x0.shape[0], -1).sum(1))
+                return (
+                    torch.zeros(x0.shape[0], dtype=work, device=x0.device)
+                    if a is None
+                    else ((a.to(work) * b.to(work)).reshape(x0.shape[0], -1).sum(1))
+                )
 
-            grads[0] = torch.stack([dot(grad_x_t, x0), dot(grad_x_t, eps), dot(grad_target, x0),
-                                    dot(grad_target, eps)], dim=1)
+            grads[0] = torch.stack(
+                [dot(grad_x_t, x0), dot(grad_x_t, eps), dot(grad_target, x0), dot(grad_target, eps)], dim=1
+            )
         return tuple(grads)
 
     @staticmethod
@@ -114,8 +117,11 @@ class _AddNoise(torch.autograd.Function):
                     if tangent is not None:
                         out_t = out_t + view_per_sample(coefs[:, k], x0).to(x0.dtype) * tangent
                 if coefs_t is not None:
-                    out_t = (out_t + view_per_sample(coefs_t[:, value], x0).to(x0.dtype) * x0
-                             + view_per_sample(coefs_t[:, slope], x0).to(x0.dtype) * eps)
+                    out_t = (
+                        out_t
+                        + view_per_sample(coefs_t[:, value], x0).to(x0.dtype) * x0
+                        + view_per_sample(coefs_t[:, slope], x0).to(x0.dtype) * eps
+                    )
                 outputs.append(out_t)
                 continue
             zero = torch.zeros_like(coefs[:, 0])
@@ -123,8 +129,19 @@ class _AddNoise(torch.autograd.Function):
             rate_slope = zero if coefs_t is None else coefs_t[:, slope]
             # ẋ = c_value·ẋ0 + c_slope·ε̇ + ċ_value·x0 + ċ_slope·ε, one launch (ε redrawn in-kernel if Philox).
             terms = (None if x0_t is None else x0_t.contiguous(), x0, None if noise_t is None else noise_t.contiguous())
-            outputs.append(_run("add_noise", x0, terms, (coefs[:, value], rate_value, coefs[:, slope], rate_slope),
-                                None, stochastic=True, noise=noise, seed=seed, offset=offset))
+            outputs.append(
+                _run(
+                    "add_noise",
+                    x0,
+                    terms,
+                    (coefs[:, value], rate_value, coefs[:, slope], rate_slope),
+                    None,
+                    stochastic=True,
+                    noise=noise,
+                    seed=seed,
+                    offset=offset,
+                )
+            )
         return tuple(outputs)
 
 
@@ -141,8 +158,9 @@ def _per_sample_time(op, name, value, x):
     return per_sample(op, name, value, x, dtype=torch.float64)
 
 
-def convert_prediction(x_t: torch.Tensor, pred: torch.Tensor, time, *, schedule: str, source: str, target: str,
-                       sigma_data: float = 0.5) -> torch.Tensor:
+def convert_prediction(
+    x_t: torch.Tensor, pred: torch.Tensor, time, *, schedule: str, source: str, target: str, sigma_data: float = 0.5
+) -> torch.Tensor:
     """Re-express a network prediction at (x_t, τ) as another kind of prediction, in one fused pass.
 
     With x_t = α(τ)·x0 + s(τ)·ε and pred = p·x0 + q·ε (fastcm.reference.flow lists α, s, p, q per
@@ -162,8 +180,9 @@ def convert_prediction(x_t: torch.Tensor, pred: torch.Tensor, time, *, schedule:
     _check_tensors(op, "x_t", x_t, pred=pred)
     _check_options(op, schedule, sigma_data, source=source, target=target)
     if select_backend(op, x_t.device) == "reference":
-        return reference.convert_prediction(x_t, pred, time, schedule=schedule, source=source, target=target,
-                                             sigma_data=sigma_data)
+        return reference.convert_prediction(
+            x_t, pred, time, schedule=schedule, source=source, target=target, sigma_data=sigma_data
+        )
     tau = _per_sample_time(op, "time", time, x_t)
     alpha, noise, _, _ = schedule_coefficients(tau, schedule, sigma_data)
     p, q = prediction_coefficients(tau, schedule, source, sigma_data)
@@ -193,9 +212,18 @@ def convert_time(time, *, source: str, target: str, sigma_data: float = 0.5) -> 
     return reference.convert_time(time, source=source, target=target, sigma_data=sigma_data)
 
 
-def add_noise(x0: torch.Tensor, time, *, schedule: str, target: str, noise: Optional[torch.Tensor] = None,
-              sigma_data: float = 0.5, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-              offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def add_noise(
+    x0: torch.Tensor,
+    time,
+    *,
+    schedule: str,
+    target: str,
+    noise: Optional[torch.Tensor] = None,
+    sigma_data: float = 0.5,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward noising with the training target: (x_t, target) = (α·x0 + s·ε, p·x0 + q·ε).
 
     E.g. schedule="flow", target="flow": x_t = (1 − t)·x0 + t·ε and v = ε − x0 (flow matching);
@@ -224,8 +252,9 @@ def add_noise(x0: torch.Tensor, time, *, schedule: str, target: str, noise: Opti
     alpha, sigma, _, _ = schedule_coefficients(tau, schedule, sigma_data)
     p, q = prediction_coefficients(tau, schedule, target, sigma_data)
     coefs = torch.stack([alpha, sigma, p, q], dim=1).to(compute_dtype(x0))
-    return _AddNoise.apply(coefs, x0.contiguous(), None if noise is None else noise.contiguous(), int(seed or 0),
-                           int(offset))
+    return _AddNoise.apply(
+        coefs, x0.contiguous(), None if noise is None else noise.contiguous(), int(seed or 0), int(offset)
+    )
 
 
 def flow_map(x_t: torch.Tensor, u: torch.Tensor, t, r) -> torch.Tensor:
@@ -244,11 +273,19 @@ def flow_map(x_t: torch.Tensor, u: torch.Tensor, t, r) -> torch.Tensor:
     return _run(op, x_t, (x_t, u, None), (1.0, r_b - t_b, 0.0, 0.0), None)
 
 
-
-
-def flow_map_loss(u: torch.Tensor, u_minus: torch.Tensor, u_jvp: torch.Tensor, v: torch.Tensor, *, r=1.0,
-                  tangent_norm_c: float = 0.1, tangent_norm: str = "l2", weight=None, logvar=None,
-                  reduction: str = "mean") -> torch.Tensor:
+def flow_map_loss(
+    u: torch.Tensor,
+    u_minus: torch.Tensor,
+    u_jvp: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    r=1.0,
+    tangent_norm_c: float = 0.1,
+    tangent_norm: str = "l2",
+    weight=None,
+    logvar=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Align Your Flow's flow-map (Eulerian map distillation) loss in sCM's tangent-normalised, adaptively
     weighted form, on the fused sCM loss kernels.
 
@@ -269,8 +306,21 @@ def flow_map_loss(u: torch.Tensor, u_minus: torch.Tensor, u_jvp: torch.Tensor, v
     """
     from .losses import scm_loss
 
-    return scm_loss(u, u_minus, u_jvp, v, v, 0.0, sigma_data=1.0, r=r, tangent_norm_c=tangent_norm_c,
-                    tangent_norm=tangent_norm, weight=weight, logvar=logvar, reduction=reduction)
+    return scm_loss(
+        u,
+        u_minus,
+        u_jvp,
+        v,
+        v,
+        0.0,
+        sigma_data=1.0,
+        r=r,
+        tangent_norm_c=tangent_norm_c,
+        tangent_norm=tangent_norm,
+        weight=weight,
+        logvar=logvar,
+        reduction=reduction,
+    )
 
 
 __all__ = ["convert_prediction", "convert_time", "add_noise", "flow_map", "flow_map_loss", "SCHEDULES", "PREDICTIONS"]

@@ -34,8 +34,7 @@ def flow_euler_step(x: torch.Tensor, velocity: torch.Tensor, t, t_next, *, out=N
     return _steps._run(op, x, (x, velocity, None), (1.0, t_next_b - t_b, 0.0, 0.0), out)
 
 
-def flow_heun_step(x: torch.Tensor, velocity: torch.Tensor, t, t_next, *, velocity_next=None,
-                   out=None) -> torch.Tensor:
+def flow_heun_step(x: torch.Tensor, velocity: torch.Tensor, t, t_next, *, velocity_next=None, out=None) -> torch.Tensor:
     """Heun step of the flow-matching ODE: with x̃ = flow_euler_step(x, v, t, t') and v' = v(x̃; t'),
     x' = x + (t' − t)·(v + v')/2, fused over x, v, v'. velocity_next=None gives the Euler step (for the last
     step to t' = 0, where a Heun loop does not evaluate the model again). Shapes/dtypes as flow_euler_step.
@@ -45,8 +44,9 @@ def flow_heun_step(x: torch.Tensor, velocity: torch.Tensor, t, t_next, *, veloci
     if velocity_next is None:
         return flow_euler_step(x, velocity, t, t_next, out=out)
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.flow_heun_step(x, velocity, t, t_next, velocity_next=velocity_next),
-                                        out)
+        return _steps._finish_reference(
+            reference.flow_heun_step(x, velocity, t, t_next, velocity_next=velocity_next), out
+        )
     t_b, t_next_b = _steps._params(op, x, t=t, t_next=t_next)
     half = (t_next_b - t_b) / 2
     return _steps._run(op, x, (x, velocity, velocity_next), (1.0, half, half, 0.0), out)

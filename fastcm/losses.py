@@ -7,7 +7,6 @@ elements) and the MeanFlow forward (float32, float64) also save their per-elemen
 that the backward reads that one tensor instead of all the inputs.
 """
 
-
 import torch
 
 from . import _checks
@@ -32,12 +31,28 @@ def _fake_huber_forward(input, target, weight, c, reduction):
 
 
 def _fake_huber_backward(grad_out, input, target, weight, stats, reduction, need_input, need_target):
-    return (torch.empty_like(input) if need_input else input.new_empty(0),
-            torch.empty_like(target) if need_target else target.new_empty(0))
+    return (
+        torch.empty_like(input) if need_input else input.new_empty(0),
+        torch.empty_like(target) if need_target else target.new_empty(0),
+    )
 
 
-def _fake_scm_forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c,
-                      tangent_norm, reduction, save_residual):
+def _fake_scm_forward(
+    F,
+    F_minus,
+    F_jvp,
+    x_t,
+    dx_dt,
+    t,
+    r,
+    weight,
+    logvar,
+    sigma_data,
+    tangent_norm_c,
+    tangent_norm,
+    reduction,
+    save_residual,
+):
     from .kernels.losses import scm_saves_residual
 
     residual = _stats_like(F, 1).new_empty(F.shape) if scm_saves_residual(F, save_residual) else F.new_empty(0)
@@ -67,13 +82,22 @@ def _fake_residual_backward(grad_out, residual, coef, coef_scale, reduction, dty
     return residual.new_empty(residual.shape, dtype=dtype)
 
 
-_ops = kernel_ops("losses", {
-    name: (name, fake) for name, fake in (
-        ("pseudo_huber_forward", _fake_huber_forward), ("pseudo_huber_backward", _fake_huber_backward),
-        ("scm_forward", _fake_scm_forward), ("scm_backward", _fake_scm_backward),
-        ("scm_tangent", _fake_scm_tangent), ("meanflow_forward", _fake_meanflow_forward),
-        ("meanflow_backward", _fake_meanflow_backward), ("residual_backward", _fake_residual_backward))
-})
+_ops = kernel_ops(
+    "losses",
+    {
+        name: (name, fake)
+        for name, fake in (
+            ("pseudo_huber_forward", _fake_huber_forward),
+            ("pseudo_huber_backward", _fake_huber_backward),
+            ("scm_forward", _fake_scm_forward),
+            ("scm_backward", _fake_scm_backward),
+            ("scm_tangent", _fake_scm_tangent),
+            ("meanflow_forward", _fake_meanflow_forward),
+            ("meanflow_backward", _fake_meanflow_backward),
+            ("residual_backward", _fake_residual_backward),
+        )
+    },
+)
 
 
 def _wants_residual(x) -> bool:
@@ -115,6 +139,7 @@ def _ones(x):
 
 # ---------------------------------------------------------------- pseudo-Huber
 
+
 def _huber_terms(input, target, weight, c):
     """(∂loss_b/∂input per element, distance_b), in differentiable torch ops."""
     diff = input.to(compute_dtype(input)) - target.to(compute_dtype(input))
@@ -149,14 +174,25 @@ class _PseudoHuber(torch.autograd.Function):
         if _differentiable(input, target, weight, grad_out):
             per_element, distance = _huber_terms(input, target, weight, c)
             grad_input = (view_per_sample(upstream, per_element) * per_element).to(input.dtype)
-            return (grad_input if need_input else None, -grad_input if need_target else None,
-                    upstream * distance if need_weight else None, None, None)
+            return (
+                grad_input if need_input else None,
+                -grad_input if need_target else None,
+                upstream * distance if need_weight else None,
+                None,
+                None,
+            )
         grad_input, grad_target = None, None
         if need_input or need_target:
-            grad_input, grad_target = _ops.pseudo_huber_backward(grad_out, input, target, weight, stats, reduction,
-                                                                 need_input, need_target)
-        return (grad_input if need_input else None, grad_target if need_target else None,
-                upstream * stats[0] if need_weight else None, None, None)
+            grad_input, grad_target = _ops.pseudo_huber_backward(
+                grad_out, input, target, weight, stats, reduction, need_input, need_target
+            )
+        return (
+            grad_input if need_input else None,
+            grad_target if need_target else None,
+            upstream * stats[0] if need_weight else None,
+            None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, input_t, target_t, weight_t, *_):
@@ -165,8 +201,9 @@ class _PseudoHuber(torch.autograd.Function):
         if _differentiable(input, target, weight, input_t, target_t, weight_t):
             per_element, distance = _huber_terms(input, target, weight, c)
         else:
-            per_element = _ops.pseudo_huber_backward(_ones(input), input, target, weight, stats, "none",
-                                                     True, False)[0].to(stats.dtype)
+            per_element = _ops.pseudo_huber_backward(_ones(input), input, target, weight, stats, "none", True, False)[
+                0
+            ].to(stats.dtype)
             distance = stats[0]
         loss_t = torch.zeros_like(distance)
         if input_t is not None:
@@ -179,6 +216,7 @@ class _PseudoHuber(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- sCM
+
 
 def _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c, tangent_norm):
     """(∂loss_b/∂F per element, ∂loss_b/∂logvar_b), in differentiable torch ops."""
@@ -193,14 +231,56 @@ def _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, 
 
 
 class _ScmLoss(torch.autograd.Function):
-    INPUTS = ("F", "F_minus", "F_jvp", "x_t", "dx_dt", "t", "r", "weight", "logvar", "sigma_data", "tangent_norm_c",
-              "tangent_norm", "reduction", "save_residual")
+    INPUTS = (
+        "F",
+        "F_minus",
+        "F_jvp",
+        "x_t",
+        "dx_dt",
+        "t",
+        "r",
+        "weight",
+        "logvar",
+        "sigma_data",
+        "tangent_norm_c",
+        "tangent_norm",
+        "reduction",
+        "save_residual",
+    )
 
     @staticmethod
-    def forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c, tangent_norm,
-                reduction, save_residual):
-        return _ops.scm_forward(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, tangent_norm_c,
-                                tangent_norm, reduction, save_residual)
+    def forward(
+        F,
+        F_minus,
+        F_jvp,
+        x_t,
+        dx_dt,
+        t,
+        r,
+        weight,
+        logvar,
+        sigma_data,
+        tangent_norm_c,
+        tangent_norm,
+        reduction,
+        save_residual,
+    ):
+        return _ops.scm_forward(
+            F,
+            F_minus,
+            F_jvp,
+            x_t,
+            dx_dt,
+            t,
+            r,
+            weight,
+            logvar,
+            sigma_data,
+            tangent_norm_c,
+            tangent_norm,
+            reduction,
+            save_residual,
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -218,18 +298,17 @@ class _ScmLoss(torch.autograd.Function):
         need_F, need_logvar = needs["F"], needs["logvar"]
         upstream = _per_sample_upstream(grad_out, reduction, F.shape[0], stats.dtype)
         if _differentiable(F, logvar, grad_out):
-            per_element, logvar_grad = _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data,
-                                                  ctx.tangent_norm_c, ctx.tangent_norm)
+            per_element, logvar_grad = _scm_terms(
+                F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, ctx.tangent_norm_c, ctx.tangent_norm
+            )
             grad_F = (view_per_sample(upstream, per_element) * per_element).to(F.dtype) if need_F else None
             grad_logvar = upstream * logvar_grad if need_logvar else None
         else:
             grad_F = None
             if need_F and residual.numel():
-                grad_F = _ops.residual_backward(grad_out, residual, stats[1], 2.0 / F[0].numel(), reduction,
-                                               F.dtype)
+                grad_F = _ops.residual_backward(grad_out, residual, stats[1], 2.0 / F[0].numel(), reduction, F.dtype)
             elif need_F:
-                grad_F = _ops.scm_backward(grad_out, F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data,
-                                           reduction)
+                grad_F = _ops.scm_backward(grad_out, F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data, reduction)
             grad_logvar = upstream * (1.0 - stats[1] * stats[2]) if need_logvar else None
         return gradients(_ScmLoss.INPUTS, F=grad_F, logvar=grad_logvar)
 
@@ -238,11 +317,17 @@ class _ScmLoss(torch.autograd.Function):
         F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, stats = ctx.saved_tensors
         sigma_data, reduction = ctx.sigma_data, ctx.reduction
         if _differentiable(F, logvar, F_t, logvar_t):
-            per_element, logvar_grad = _scm_terms(F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data,
-                                                  ctx.tangent_norm_c, ctx.tangent_norm)
+            per_element, logvar_grad = _scm_terms(
+                F, F_minus, F_jvp, x_t, dx_dt, t, r, weight, logvar, sigma_data, ctx.tangent_norm_c, ctx.tangent_norm
+            )
         else:
-            per_element = _ops.scm_backward(_ones(F), F, F_minus, F_jvp, x_t, dx_dt, t, r, stats,
-                                            sigma_data, "none").to(stats.dtype) if F_t is not None else None
+            per_element = (
+                _ops.scm_backward(_ones(F), F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, sigma_data, "none").to(
+                    stats.dtype
+                )
+                if F_t is not None
+                else None
+            )
             logvar_grad = 1.0 - stats[1] * stats[2]
         loss_t = torch.zeros_like(logvar_grad)
         if F_t is not None:
@@ -253,6 +338,7 @@ class _ScmLoss(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- MeanFlow
+
 
 def _meanflow_per_element(u, v, dudt, t, r, eps, p):
     """∂loss_b/∂u = 2·(u − u_tgt)/(L_b + ε)^p, in differentiable torch ops."""
@@ -304,14 +390,17 @@ class _MeanFlowLoss(torch.autograd.Function):
 
 # ---------------------------------------------------------------- checks and public functions
 
+
 def _check_inputs(op, named_tensors):
     """Every per-element input: a floating tensor of rank ≥ 1 with at least one element, all of one
     shape, dtype and device (the first is the reference)."""
     (first_name, first), *rest = named_tensors
     _checks.check_tensor(op, first_name, first, min_dim=1)
     if first.numel() == 0:
-        raise ValueError(f"fastcm.{op}: {first_name} has shape {tuple(first.shape)}; expected at least one "
-                         f"sample with at least one element")
+        raise ValueError(
+            f"fastcm.{op}: {first_name} has shape {tuple(first.shape)}; expected at least one "
+            f"sample with at least one element"
+        )
     for name, value in rest:
         _checks.check_like(op, name, value, first_name, first, min_dim=1)
 
@@ -369,15 +458,44 @@ def scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent
     _check_inputs(op, (("F_minus", F_minus), ("F_jvp", F_jvp), ("x_t", x_t), ("dx_dt", dx_dt)))
     t_b, r_b = _scm_parameters(op, F_minus, t, r, sigma_data, tangent_norm_c, tangent_norm)
     if select_backend(op, F_minus.device) == "reference":
-        return reference.scm_tangent(F_minus, F_jvp, x_t, dx_dt, t_b, sigma_data=sigma_data, r=r_b,
-                                     tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm)
+        return reference.scm_tangent(
+            F_minus,
+            F_jvp,
+            x_t,
+            dx_dt,
+            t_b,
+            sigma_data=sigma_data,
+            r=r_b,
+            tangent_norm_c=tangent_norm_c,
+            tangent_norm=tangent_norm,
+        )
     with torch.no_grad():
-        return _ops.scm_tangent(*(v.detach().contiguous() for v in (F_minus, F_jvp, x_t, dx_dt)), t_b, r_b,
-                                float(sigma_data), float(tangent_norm_c), tangent_norm)
+        return _ops.scm_tangent(
+            *(v.detach().contiguous() for v in (F_minus, F_jvp, x_t, dx_dt)),
+            t_b,
+            r_b,
+            float(sigma_data),
+            float(tangent_norm_c),
+            tangent_norm,
+        )
 
 
-def scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent_norm_c=0.1, tangent_norm="l2",
-             weight=None, logvar=None, reduction="mean"):
+def scm_loss(
+    F,
+    F_minus,
+    F_jvp,
+    x_t,
+    dx_dt,
+    t,
+    *,
+    sigma_data=0.5,
+    r=1.0,
+    tangent_norm_c=0.1,
+    tangent_norm="l2",
+    weight=None,
+    logvar=None,
+    reduction="mean",
+):
     """The sCM objective (arXiv 2410.11081, Alg. 1) in the order of the public sCM/rCM code.
 
     g = −cos²t·(σd·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + σd·F_jvp),  ĝ = g/(‖g‖ + c),
@@ -411,12 +529,35 @@ def scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent
     weight_b = None if weight is None else per_sample(op, "weight", weight, F).detach()
     logvar_b = None if logvar is None else per_sample(op, "logvar", logvar, F)
     if select_backend(op, F.device) == "reference":
-        return reference.scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t_b, sigma_data=sigma_data, r=r_b,
-                                  tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm, weight=weight_b,
-                                  logvar=logvar_b, reduction=reduction)
+        return reference.scm_loss(
+            F,
+            F_minus,
+            F_jvp,
+            x_t,
+            dx_dt,
+            t_b,
+            sigma_data=sigma_data,
+            r=r_b,
+            tangent_norm_c=tangent_norm_c,
+            tangent_norm=tangent_norm,
+            weight=weight_b,
+            logvar=logvar_b,
+            reduction=reduction,
+        )
     stop_gradient = (v.detach().contiguous() for v in (F_minus, F_jvp, x_t, dx_dt))
-    return _ScmLoss.apply(F.contiguous(), *stop_gradient, t_b, r_b, weight_b, logvar_b, float(sigma_data),
-                          float(tangent_norm_c), tangent_norm, reduction, _wants_residual(F))[0]
+    return _ScmLoss.apply(
+        F.contiguous(),
+        *stop_gradient,
+        t_b,
+        r_b,
+        weight_b,
+        logvar_b,
+        float(sigma_data),
+        float(tangent_norm_c),
+        tangent_norm,
+        reduction,
+        _wants_residual(F),
+    )[0]
 
 
 def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
@@ -449,8 +590,17 @@ def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
     r_b = per_sample(op, "r", r, u).detach()
     if select_backend(op, u.device) == "reference":
         return reference.meanflow_loss(u, v, dudt, t_b, r_b, eps=eps, p=p, reduction=reduction)
-    return _MeanFlowLoss.apply(u.contiguous(), v.detach().contiguous(), dudt.detach().contiguous(), t_b, r_b,
-                               float(eps), float(p), reduction, _wants_residual(u))[0]
+    return _MeanFlowLoss.apply(
+        u.contiguous(),
+        v.detach().contiguous(),
+        dudt.detach().contiguous(),
+        t_b,
+        r_b,
+        float(eps),
+        float(p),
+        reduction,
+        _wants_residual(u),
+    )[0]
 
 
 __all__ = ["pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss"]

@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from .attention import attention, attention_jvp
-from .blocks import gated_residual, gated_residual_jvp, gelu_tanh, gelu_tanh_jvp, modulated_norm, \
-    modulated_norm_jvp, silu, silu_jvp
+from .blocks import (
+    gated_residual,
+    gated_residual_jvp,
+    gelu_tanh,
+    gelu_tanh_jvp,
+    modulated_norm,
+    modulated_norm_jvp,
+    silu,
+    silu_jvp,
+)
 from .embeddings import grid_positions, timestep_embedding, timestep_embedding_jvp
 
 Tensor = torch.Tensor
@@ -59,8 +67,16 @@ class DiTBlock(torch.nn.Module):
     fastcm.attention over `heads` heads (a fastcm.nn.Attention module, qkv/proj layout).
     """
 
-    def __init__(self, dim: int, heads: int, *, mlp_ratio: float = 4.0, norm: str = "layer", eps: float = 1e-6,
-                 qkv_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        norm: str = "layer",
+        eps: float = 1e-6,
+        qkv_bias: bool = True,
+    ):
         super().__init__()
         from .nn import Attention  # fastcm.nn re-exports this module
 
@@ -99,8 +115,9 @@ class DiTBlock(torch.nn.Module):
         out = _linear_tangent(self.attn.proj, out) if tangent else _linear(self.attn.proj, out)
         return out.reshape(batch, length, -1)
 
-    def forward_with_tangent(self, x: Tensor, c: Tensor, x_t: Tensor,
-                             c_t: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward_with_tangent(
+        self, x: Tensor, c: Tensor, x_t: Tensor, c_t: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         """(forward(x, c), its directional derivative along (x_t, c_t)) from the explicit-tangent ops
         and fastcm.attention_jvp; c_t None means a constant conditioning. Runs under torch.no_grad:
         no autograd graph."""
@@ -119,13 +136,25 @@ class DiTBlock(torch.nn.Module):
             h, h_t = h.reshape(-1, dim), h_t.reshape(-1, dim)
             qkv, qkv_t = _linear(self.attn.qkv, h), _linear_tangent(self.attn.qkv, h_t)
             out, out_t = attention_jvp(*self._heads(qkv, batch, length), *self._heads(qkv_t, batch, length))
-            x, x_t = gated_residual_jvp(x, gate1, self._project(out, batch, length), x_t, gate1_t,
-                                        self._project(out_t, batch, length, tangent=True))
+            x, x_t = gated_residual_jvp(
+                x,
+                gate1,
+                self._project(out, batch, length),
+                x_t,
+                gate1_t,
+                self._project(out_t, batch, length, tangent=True),
+            )
             h, h_t = modulated_norm_jvp(x, shift2, scale2, x_t, shift2_t, scale2_t, norm=self.norm, eps=self.eps)
             h, h_t = h.reshape(-1, dim), h_t.reshape(-1, dim)
             m, m_t = gelu_tanh_jvp(_linear(self.fc1, h), _linear_tangent(self.fc1, h_t))
-            return gated_residual_jvp(x, gate2, _linear(self.fc2, m).reshape(batch, length, dim), x_t, gate2_t,
-                                      _linear_tangent(self.fc2, m_t).reshape(batch, length, dim))
+            return gated_residual_jvp(
+                x,
+                gate2,
+                _linear(self.fc2, m).reshape(batch, length, dim),
+                x_t,
+                gate2_t,
+                _linear_tangent(self.fc2, m_t).reshape(batch, length, dim),
+            )
 
 
 def sincos_position_embedding(height: int, width: int, dim: int) -> Tensor:
@@ -152,9 +181,20 @@ class DiT(torch.nn.Module):
     Returns (B, out_channels, H, W), out_channels = in_channels (2·in_channels with learn_sigma).
     """
 
-    def __init__(self, *, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, dim: int = 384,
-                 depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 learn_sigma: bool = False, frequency_dim: int = 256):
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        dim: int = 384,
+        depth: int = 12,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        learn_sigma: bool = False,
+        frequency_dim: int = 256,
+    ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"fastcm.nn.DiT: input_size={input_size} must be divisible by patch_size={patch_size}")
@@ -162,8 +202,7 @@ class DiT(torch.nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.frequency_dim = frequency_dim
         self.patchify = torch.nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_position_embedding(self.grid, self.grid, dim)[None],
-                             persistent=False)
+        self.register_buffer("pos_embed", sincos_position_embedding(self.grid, self.grid, dim)[None], persistent=False)
         self.time_fc1 = torch.nn.Linear(frequency_dim, dim)
         self.time_fc2 = torch.nn.Linear(dim, dim)
         self.label_embedding = torch.nn.Embedding(num_classes + 1, dim) if num_classes else None
@@ -195,8 +234,9 @@ class DiT(torch.nn.Module):
         shift, scale = _chunks(self.final_modulation(silu(c)), 2)
         return self._unpatchify(self.final_linear(modulated_norm(tokens, shift, scale)))
 
-    def forward_with_tangent(self, x: Tensor, t: Tensor, x_t: Tensor, t_t: Tensor,
-                             y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward_with_tangent(
+        self, x: Tensor, t: Tensor, x_t: Tensor, t_t: Tensor, y: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         """(forward(x, t, y), its directional derivative along (x_t, t_t)) from the explicit-tangent
         ops (the labels y are constants). Runs under torch.no_grad: no autograd graph."""
         with torch.no_grad():
@@ -214,8 +254,10 @@ class DiT(torch.nn.Module):
             shift, scale = _chunks(self.final_modulation(activated), 2)
             shift_t, scale_t = _chunks(_linear_tangent(self.final_modulation, activated_t), 2)
             out, out_t = modulated_norm_jvp(tokens, shift, scale, tokens_t, shift_t, scale_t)
-            return (self._unpatchify(self.final_linear(out)),
-                    self._unpatchify(_linear_tangent(self.final_linear, out_t)))
+            return (
+                self._unpatchify(self.final_linear(out)),
+                self._unpatchify(_linear_tangent(self.final_linear, out_t)),
+            )
 
 
 __all__ = ["DiTBlock", "DiT", "sincos_position_embedding"]

@@ -17,27 +17,31 @@ def _fake_forward(x, net_out, sigma, param, sigma_data, sigma_min):
 
 
 def _fake_backward(grad_out, x, net_out, sigma, param, sigma_data, sigma_min, need_x, need_net_out, need_sigma):
-    return (torch.empty_like(x) if need_x else x.new_empty(0),
-            torch.empty_like(net_out) if need_net_out else net_out.new_empty(0),
-            sigma.new_empty(sigma.shape if need_sigma else (0,)))
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        torch.empty_like(net_out) if need_net_out else net_out.new_empty(0),
+        sigma.new_empty(sigma.shape if need_sigma else (0,)),
+    )
 
 
 def _fake_jvp(x, net_out, sigma, x_t, net_out_t, sigma_t, param, sigma_data, sigma_min):
     return torch.empty_like(x)
 
 
-_ops = kernel_ops("precondition", {
-    "forward": ("precondition_forward", _fake_forward),
-    "backward": ("precondition_backward", _fake_backward),
-    "jvp": ("precondition_jvp", _fake_jvp),
-})
+_ops = kernel_ops(
+    "precondition",
+    {
+        "forward": ("precondition_forward", _fake_forward),
+        "backward": ("precondition_backward", _fake_backward),
+        "jvp": ("precondition_jvp", _fake_jvp),
+    },
+)
 
 
 def _coefficients(x, sigma, param, sigma_data, sigma_min):
     """(c_skip, c_out, dc_skip, dc_out), each shaped (B, 1, ..., 1), as differentiable torch ops."""
     c_skip, c_out, _ = precondition_scalings(sigma, param=param, sigma_data=sigma_data, sigma_min=sigma_min)
-    d_c_skip, d_c_out = precondition_scaling_derivatives(sigma, param=param, sigma_data=sigma_data,
-                                                         sigma_min=sigma_min)
+    d_c_skip, d_c_out = precondition_scaling_derivatives(sigma, param=param, sigma_data=sigma_data, sigma_min=sigma_min)
     return tuple(view_per_sample(c, x).to(x.dtype) for c in (c_skip, c_out, d_c_skip, d_c_out))
 
 
@@ -62,12 +66,25 @@ class _Precondition(torch.autograd.Function):
         if torch.is_grad_enabled():
             c_skip, c_out, d_c_skip, d_c_out = _coefficients(x, sigma, *ctx.options)
             grad_sigma = (grad_out * (d_c_skip * x + d_c_out * net_out)).flatten(1).sum(1) if need_sigma else None
-            return (grad_out * c_skip if need_x else None, grad_out * c_out if need_net_out else None,
-                    grad_sigma.to(sigma.dtype) if need_sigma else None, None, None, None)
+            return (
+                grad_out * c_skip if need_x else None,
+                grad_out * c_out if need_net_out else None,
+                grad_sigma.to(sigma.dtype) if need_sigma else None,
+                None,
+                None,
+                None,
+            )
         grad_x, grad_net_out, grad_sigma = _ops.backward(
-            grad_out.contiguous(), x, net_out, sigma, *ctx.options, need_x, need_net_out, need_sigma)
-        return (grad_x if need_x else None, grad_net_out if need_net_out else None,
-                grad_sigma if need_sigma else None, None, None, None)
+            grad_out.contiguous(), x, net_out, sigma, *ctx.options, need_x, need_net_out, need_sigma
+        )
+        return (
+            grad_x if need_x else None,
+            grad_net_out if need_net_out else None,
+            grad_sigma if need_sigma else None,
+            None,
+            None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, x_t, net_out_t, sigma_t, *_):
@@ -134,8 +151,9 @@ def precondition(x, net_out, sigma, *, param="edm", sigma_data=0.5, sigma_min=0.
     if backend == "reference":
         return reference.precondition(x, net_out, sigma, param=param, sigma_data=sigma_data, sigma_min=sigma_min)
     sigma_b = per_sample(_OP, "sigma", sigma, x)
-    return _Precondition.apply(x.contiguous(), net_out.contiguous(), sigma_b, param,
-                               float(sigma_data), float(sigma_min))
+    return _Precondition.apply(
+        x.contiguous(), net_out.contiguous(), sigma_b, param, float(sigma_data), float(sigma_min)
+    )
 
 
 __all__ = ["precondition", "precondition_scalings"]

@@ -39,13 +39,17 @@ import torch
 
 from . import flow_steps, sde_steps, steps, vp_steps
 from ._checks import compute_dtype
-from .schedules import karras_sigmas
 from .reference.steps import draw_seed
+from .schedules import karras_sigmas
 
 TRIGFLOW_MID_T = 1.1  # sCM's 2-step intermediate time
 
 
-def trigflow_times(num_steps, *, t_max=math.atan(80.0 / 0.5), intermediate=None, device=None):
+# arctan(σmax/σd) for EDM's σmax = 80 and σd = 0.5: the TrigFlow time of pure noise.
+_TRIGFLOW_T_MAX = math.atan(80.0 / 0.5)
+
+
+def trigflow_times(num_steps, *, t_max=_TRIGFLOW_T_MAX, intermediate=None, device=None):
     """TrigFlow time grid [t_max, t_1, ..., t_{n−1}, 0] for sample_trigflow.
 
     1 step: [t_max, 0]; 2 steps: [t_max, 1.1, 0] (sCM); `intermediate` (num_steps − 1 decreasing
@@ -59,8 +63,9 @@ def trigflow_times(num_steps, *, t_max=math.atan(80.0 / 0.5), intermediate=None,
     if intermediate is not None:
         inner = [float(t) for t in intermediate]
         if len(inner) != num_steps - 1:
-            raise ValueError(f"fastcm.trigflow_times: intermediate has {len(inner)} times; expected "
-                             f"num_steps - 1 = {num_steps - 1}")
+            raise ValueError(
+                f"fastcm.trigflow_times: intermediate has {len(inner)} times; expected num_steps - 1 = {num_steps - 1}"
+            )
     elif num_steps == 2:
         inner = [TRIGFLOW_MID_T]
     else:
@@ -92,6 +97,7 @@ def _levels(schedule, x):
 
 def _reporter(op, total, progress, callback):
     """A per-step hook: a one-line stderr progress bar and/or the user's callback(info dict)."""
+
     def report(i, **info):
         if progress:
             filled = (i + 1) * 20 // total
@@ -100,6 +106,7 @@ def _reporter(op, total, progress, callback):
                 sys.stderr.write("\n")
         if callback is not None:
             callback(dict(i=i, **info))
+
     return report
 
 
@@ -108,8 +115,10 @@ def _prepare(op, name, values, x, progress, callback):
     the per-step reporter."""
     schedule = _schedule(op, name, values)
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"fastcm.{op}: x must be a tensor of shape (B, ...), got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+        raise TypeError(
+            f"fastcm.{op}: x must be a tensor of shape (B, ...), got "
+            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}"
+        )
     return schedule, _levels(schedule, x), _reporter(op, len(schedule) - 1, progress, callback)
 
 
@@ -128,8 +137,10 @@ def _show_progress(progress, disable):
 def _call_model(denoiser, extra_args):
     extra_args = {} if extra_args is None else extra_args
     if not isinstance(extra_args, dict):
-        raise TypeError(f"fastcm.sampling: extra_args must be a dict of keyword arguments for the model or None, "
-                        f"got {type(extra_args).__name__}")
+        raise TypeError(
+            f"fastcm.sampling: extra_args must be a dict of keyword arguments for the model or None, "
+            f"got {type(extra_args).__name__}"
+        )
     return lambda x, sigma: denoiser(x, sigma, **extra_args)
 
 
@@ -137,11 +148,15 @@ def _run(op, loop, x, capture, progress, callback):
     if not capture:
         return loop(x)
     if x.device.type != "cuda":
-        raise ValueError(f"fastcm.{op}: capture=True records a CUDA graph and needs CUDA tensors; x is on "
-                         f"{x.device}. Use capture=False on this device")
+        raise ValueError(
+            f"fastcm.{op}: capture=True records a CUDA graph and needs CUDA tensors; x is on "
+            f"{x.device}. Use capture=False on this device"
+        )
     if progress or callback is not None:
-        raise ValueError(f"fastcm.{op}: progress and callback run on the host between steps and cannot be part of "
-                         "a CUDA graph; use them with capture=False")
+        raise ValueError(
+            f"fastcm.{op}: progress and callback run on the host between steps and cannot be part of "
+            "a CUDA graph; use them with capture=False"
+        )
     static_x = x.clone()
     side = torch.cuda.Stream(device=x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
@@ -164,6 +179,7 @@ def _resolve_seed(op, seed, generator):
 def _denoise_renoise_loop(denoiser, schedule, levels, report, renoise):
     """The few-step CM loop: denoise at each level, re-noise to the next (but after the last);
     each re-noise draws fresh Philox counters (offset advances by the elements drawn)."""
+
     def loop(x):
         offset = 0
         for i in range(len(schedule) - 1):
@@ -173,12 +189,14 @@ def _denoise_renoise_loop(denoiser, schedule, levels, report, renoise):
                 return denoised
             x = renoise(denoised, schedule[i + 1], offset)
             offset += x.numel()
+
     return loop
 
 
 @torch.no_grad()
-def sample_cm(denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None, capture=False, progress=False,
-              callback=None):
+def sample_cm(
+    denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None, capture=False, progress=False, callback=None
+):
     """Consistency-model sampling: D = f(x, σ_0), then for each later level σ_i (but the last)
     x = D + √(σ_i² − σmin²)·z (cm_step), D = f(x, σ_i). Returns the last D.
 
@@ -193,14 +211,15 @@ def sample_cm(denoiser, x, sigmas, *, sigma_min=0.002, seed=None, generator=None
     seed = _resolve_seed(op, seed, generator)
 
     renoise = lambda denoised, sigma_next, offset: steps.cm_step(  # noqa: E731
-        denoised, sigma_next, sigma_min=sigma_min, seed=seed, offset=offset)
-    return _run(op, _denoise_renoise_loop(denoiser, schedule, levels, report, renoise), x, capture, progress,
-                callback)
+        denoised, sigma_next, sigma_min=sigma_min, seed=seed, offset=offset
+    )
+    return _run(op, _denoise_renoise_loop(denoiser, schedule, levels, report, renoise), x, capture, progress, callback)
 
 
 @torch.no_grad()
-def sample_trigflow(denoiser, x, times, *, sigma_data=0.5, seed=None, generator=None, capture=False, progress=False,
-                    callback=None):
+def sample_trigflow(
+    denoiser, x, times, *, sigma_data=0.5, seed=None, generator=None, capture=False, progress=False, callback=None
+):
     """sCM (TrigFlow) sampling: D = f(x, t_0), then for each later time t_i (but the last)
     x = cos(t_i)·D + sin(t_i)·σd·z (trigflow_step), D = f(x, t_i). Returns the last D.
 
@@ -212,17 +231,16 @@ def sample_trigflow(denoiser, x, times, *, sigma_data=0.5, seed=None, generator=
     seed = _resolve_seed(op, seed, generator)
 
     renoise = lambda denoised, t_next, offset: steps.trigflow_step(  # noqa: E731
-        denoised, t_next, sigma_data=sigma_data, seed=seed, offset=offset)
-    return _run(op, _denoise_renoise_loop(denoiser, schedule, levels, report, renoise), x, capture, progress,
-                callback)
+        denoised, t_next, sigma_data=sigma_data, seed=seed, offset=offset
+    )
+    return _run(op, _denoise_renoise_loop(denoiser, schedule, levels, report, renoise), x, capture, progress, callback)
 
 
 def _churn_levels(schedule, s_churn, s_tmin, s_tmax):
     """σ̂_i = σ_i·(1 + γ_i), γ_i = min(s_churn/N, √2 − 1) for σ_i in [s_tmin, s_tmax], else 0 (Karras et al.
     2022, Algorithm 2; N = len(sigmas) − 1 as k-diffusion counts it)."""
     steps_count = len(schedule) - 1
-    gammas = [min(s_churn / steps_count, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-              for sigma in schedule[:-1]]
+    gammas = [min(s_churn / steps_count, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0 for sigma in schedule[:-1]]
     return gammas, [sigma * (gamma + 1) for sigma, gamma in zip(schedule, gammas)]
 
 
@@ -255,9 +273,24 @@ def _check_churn(op, s_churn, s_noise):
 
 
 @torch.no_grad()
-def sample_euler(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                 s_tmax=float("inf"), s_noise=1.0, *, noise_sampler=None, seed=None, generator=None, capture=False,
-                 progress=False):
+def sample_euler(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    *,
+    noise_sampler=None,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """EDM Euler sampling of the probability-flow ODE over sigmas (e.g. karras_sigmas(n, append_zero=True));
     returns x at the last level (x = D at σ = 0). k-diffusion's sample_euler, arguments and callback
     included (module docstring). s_churn > 0: EDM stochastic churn before each step whose σ is in
@@ -289,9 +322,24 @@ def sample_euler(denoiser, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 @torch.no_grad()
-def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                s_tmax=float("inf"), s_noise=1.0, *, noise_sampler=None, seed=None, generator=None, capture=False,
-                progress=False):
+def sample_heun(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    *,
+    noise_sampler=None,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """EDM Heun sampling (2nd order; Euler on the step to σ = 0): per step D = f(x, σ̂),
     x̃ = euler_step(x, D, σ̂, σ'), D̃ = f(x̃, σ'), x = heun_step(x, D, σ̂, σ', denoised_next=D̃); σ̂ = σ unless
     s_churn > 0 (churn as in sample_euler). k-diffusion's sample_heun, arguments and callback included."""
@@ -311,8 +359,9 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=Non
             sigma_hat, sigma_next = hats[i], schedule[i + 1]
             if gammas[i] > 0:
                 reported_hat = entries[i] * (gammas[i] + 1)
-                x = sde_steps.churn_step(x, schedule[i], sigma_hat, s_noise=s_noise,
-                                         **noise(x, entries[i], reported_hat))
+                x = sde_steps.churn_step(
+                    x, schedule[i], sigma_hat, s_noise=s_noise, **noise(x, entries[i], reported_hat)
+                )
             else:
                 reported_hat = entries[i]
             denoised = model(x, hat_levels[i])
@@ -328,8 +377,9 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=Non
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, *, capture=False,
-                    progress=False):
+def sample_dpmpp_2m(
+    denoiser, x, sigmas, extra_args=None, callback=None, disable=None, *, capture=False, progress=False
+):
     """DPM-Solver++(2M) sampling (k-diffusion sample_dpmpp_2m, arguments and callback included):
     first-order first step, then multistep with the previous D; returns x at the last level."""
     op = "sample_dpmpp_2m"
@@ -343,34 +393,57 @@ def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback=None, disable
             denoised = model(x, levels[i])
             report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
             previous = None if old_denoised is None else schedule[i - 1]
-            x = steps.dpmpp_2m_step(x, denoised, schedule[i], schedule[i + 1], old_denoised=old_denoised,
-                                    sigma_prev=previous)
+            x = steps.dpmpp_2m_step(
+                x, denoised, schedule[i], schedule[i + 1], old_denoised=old_denoised, sigma_prev=previous
+            )
             old_denoised = denoised
         return x
 
     return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
 
 
-def _prepare_stochastic(op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback,
-                        noise_sampler, seed, generator):
+def _prepare_stochastic(
+    op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator
+):
     schedule, levels, report = _prepare(op, "sigmas", sigmas, x, _show_progress(progress, disable), callback)
     for name, value in (("eta", eta), ("s_noise", s_noise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected a float >= 0")
     if any(a < b for a, b in zip(schedule, schedule[1:])):
         raise ValueError(f"fastcm.{op}: sigmas {schedule} must not increase")
-    return (schedule, levels, report, _entries(sigmas, schedule), _call_model(denoiser, extra_args),
-            _Noise(op, noise_sampler, seed, generator))
+    return (
+        schedule,
+        levels,
+        report,
+        _entries(sigmas, schedule),
+        _call_model(denoiser, extra_args),
+        _Noise(op, noise_sampler, seed, generator),
+    )
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                           noise_sampler=None, *, seed=None, generator=None, capture=False, progress=False):
+def sample_euler_ancestral(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    *,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """Ancestral sampling with Euler steps (k-diffusion sample_euler_ancestral): per step
     D = model(x, σ), x = euler_ancestral_step(x, D, σ, σ', eta, s_noise) (noise where σ' > 0)."""
     op = "sample_euler_ancestral"
     schedule, levels, report, entries, model, noise = _prepare_stochastic(
-        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
+        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator
+    )
 
     def loop(x):
         noise.restart()
@@ -378,24 +451,39 @@ def sample_euler_ancestral(denoiser, x, sigmas, extra_args=None, callback=None, 
             denoised = model(x, levels[i])
             report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
             drawn = noise(x, entries[i], entries[i + 1]) if schedule[i + 1] > 0 else {}
-            x = sde_steps.euler_ancestral_step(x, denoised, schedule[i], schedule[i + 1], eta=eta, s_noise=s_noise,
-                                               **drawn)
+            x = sde_steps.euler_ancestral_step(
+                x, denoised, schedule[i], schedule[i + 1], eta=eta, s_noise=s_noise, **drawn
+            )
         return x
 
     return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                              s_noise=1.0, noise_sampler=None, *, seed=None, generator=None, capture=False,
-                              progress=False):
+def sample_dpmpp_2s_ancestral(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    *,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """Ancestral sampling with DPM-Solver++(2S) steps (k-diffusion sample_dpmpp_2s_ancestral): per step
     D = model(x, σ); unless σ_down = 0, x_mid = dpmpp_2m_step(x, D, σ, σ_mid) and D_mid = model(x_mid, σ_mid)
     (σ_mid = √(σ·σ_down)); x = dpmpp_2s_ancestral_step(...) with the noise where σ' > 0. Up to 2 model calls
     per step."""
     op = "sample_dpmpp_2s_ancestral"
     schedule, levels, report, entries, model, noise = _prepare_stochastic(
-        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
+        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator
+    )
     mids = [sde_steps.dpmpp_2s_ancestral_sigma_mid(a, b, eta) for a, b in zip(schedule, schedule[1:])]
     mid_levels = _levels(mids, x)
 
@@ -409,22 +497,39 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, extra_args=None, callback=Non
                 x_mid = steps.dpmpp_2m_step(x, denoised, schedule[i], mids[i])
                 denoised_mid = model(x_mid, mid_levels[i])
             drawn = noise(x, entries[i], entries[i + 1]) if schedule[i + 1] > 0 else {}
-            x = sde_steps.dpmpp_2s_ancestral_step(x, denoised, schedule[i], schedule[i + 1], denoised_mid=denoised_mid,
-                                                  eta=eta, s_noise=s_noise, **drawn)
+            x = sde_steps.dpmpp_2s_ancestral_step(
+                x, denoised, schedule[i], schedule[i + 1], denoised_mid=denoised_mid, eta=eta, s_noise=s_noise, **drawn
+            )
         return x
 
     return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                     noise_sampler=None, r=1 / 2, *, seed=None, generator=None, capture=False, progress=False):
+def sample_dpmpp_sde(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    r=1 / 2,
+    *,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """DPM-Solver++ SDE sampling (k-diffusion sample_dpmpp_sde): per step D = model(x, σ); unless σ' = 0
     (then x = D), x_mid = euler_ancestral_step(x, D, σ, σ_s) with σ_s = σ^(1−r)·σ'^r, D_mid = model(x_mid, σ_s),
     x = dpmpp_sde_step(x, D, σ, σ', denoised_mid=D_mid, r). Two noise draws and two model calls per step."""
     op = "sample_dpmpp_sde"
     schedule, levels, report, entries, model, noise = _prepare_stochastic(
-        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
+        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator
+    )
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"fastcm.{op}: r={r!r} is not supported; expected a float in (0, 1]")
     mids = [sde_steps.dpmpp_sde_sigma_mid(a, b, r) for a, b in zip(schedule, schedule[1:])]
@@ -440,29 +545,55 @@ def sample_dpmpp_sde(denoiser, x, sigmas, extra_args=None, callback=None, disabl
                 x = steps.euler_step(x, denoised, sigma, 0.0)
                 continue
             mid_entry = entries[i].new_tensor(mids[i]) if isinstance(entries[i], torch.Tensor) else mids[i]
-            x_mid = sde_steps.euler_ancestral_step(x, denoised, sigma, mids[i], eta=eta, s_noise=s_noise,
-                                                   **noise(x, entries[i], mid_entry))
+            x_mid = sde_steps.euler_ancestral_step(
+                x, denoised, sigma, mids[i], eta=eta, s_noise=s_noise, **noise(x, entries[i], mid_entry)
+            )
             denoised_mid = model(x_mid, mid_levels[i])
-            x = sde_steps.dpmpp_sde_step(x, denoised, sigma, sigma_next, denoised_mid=denoised_mid, r=r, eta=eta,
-                                         s_noise=s_noise, **noise(x, entries[i], entries[i + 1]))
+            x = sde_steps.dpmpp_sde_step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                denoised_mid=denoised_mid,
+                r=r,
+                eta=eta,
+                s_noise=s_noise,
+                **noise(x, entries[i], entries[i + 1]),
+            )
         return x
 
     return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                        noise_sampler=None, solver_type="midpoint", *, seed=None, generator=None, capture=False,
-                        progress=False):
+def sample_dpmpp_2m_sde(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    solver_type="midpoint",
+    *,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """DPM-Solver++(2M) SDE sampling (k-diffusion sample_dpmpp_2m_sde): per step D = model(x, σ),
     x = dpmpp_2m_sde_step(x, D, σ, σ', old_denoised, σ_prev, eta, s_noise, solver_type); noise drawn where
     eta > 0 and σ' > 0; eta = 0 is deterministic."""
     op = "sample_dpmpp_2m_sde"
     schedule, levels, report, entries, model, noise = _prepare_stochastic(
-        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
+        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator
+    )
     if solver_type not in sde_steps.SOLVER_TYPES:
-        raise ValueError(f"fastcm.{op}: solver_type={solver_type!r} is not supported; expected one of "
-                         f"{sde_steps.SOLVER_TYPES}")
+        raise ValueError(
+            f"fastcm.{op}: solver_type={solver_type!r} is not supported; expected one of {sde_steps.SOLVER_TYPES}"
+        )
 
     def loop(x):
         noise.restart()
@@ -472,9 +603,18 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
             report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
             drawn = noise(x, entries[i], entries[i + 1]) if eta and schedule[i + 1] > 0 else {}
             previous = None if old_denoised is None else schedule[i - 1]
-            x = sde_steps.dpmpp_2m_sde_step(x, denoised, schedule[i], schedule[i + 1], old_denoised=old_denoised,
-                                            sigma_prev=previous, eta=eta, s_noise=s_noise, solver_type=solver_type,
-                                            **drawn)
+            x = sde_steps.dpmpp_2m_sde_step(
+                x,
+                denoised,
+                schedule[i],
+                schedule[i + 1],
+                old_denoised=old_denoised,
+                sigma_prev=previous,
+                eta=eta,
+                s_noise=s_noise,
+                solver_type=solver_type,
+                **drawn,
+            )
             old_denoised = denoised
         return x
 
@@ -482,14 +622,29 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(denoiser, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                        noise_sampler=None, *, seed=None, generator=None, capture=False, progress=False):
+def sample_dpmpp_3m_sde(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    *,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """DPM-Solver++(3M) SDE sampling (k-diffusion sample_dpmpp_3m_sde): per step D = model(x, σ),
     x = dpmpp_3m_sde_step(x, D, σ, σ', D_1, D_2, σ_prev, σ_prev2, eta, s_noise) (first, second, then third
     order as the history fills); noise drawn where eta > 0 and σ' > 0."""
     op = "sample_dpmpp_3m_sde"
     schedule, levels, report, entries, model, noise = _prepare_stochastic(
-        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator)
+        op, sigmas, x, denoiser, extra_args, eta, s_noise, progress, disable, callback, noise_sampler, seed, generator
+    )
 
     def loop(x):
         noise.restart()
@@ -499,9 +654,18 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
             report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
             drawn = noise(x, entries[i], entries[i + 1]) if eta and schedule[i + 1] > 0 else {}
             x = sde_steps.dpmpp_3m_sde_step(
-                x, denoised, schedule[i], schedule[i + 1], denoised_1=denoised_1, denoised_2=denoised_2,
+                x,
+                denoised,
+                schedule[i],
+                schedule[i + 1],
+                denoised_1=denoised_1,
+                denoised_2=denoised_2,
                 sigma_prev=None if denoised_1 is None else schedule[i - 1],
-                sigma_prev2=None if denoised_2 is None else schedule[i - 2], eta=eta, s_noise=s_noise, **drawn)
+                sigma_prev2=None if denoised_2 is None else schedule[i - 2],
+                eta=eta,
+                s_noise=s_noise,
+                **drawn,
+            )
             denoised_1, denoised_2 = denoised, denoised_1
         return x
 
@@ -534,42 +698,71 @@ def _flow_loop(op, velocity_model, x, times, extra_args, callback, disable, capt
 
 
 @torch.no_grad()
-def sample_flow_euler(velocity_model, x, times, extra_args=None, callback=None, disable=None, *, capture=False,
-                      progress=False):
+def sample_flow_euler(
+    velocity_model, x, times, extra_args=None, callback=None, disable=None, *, capture=False, progress=False
+):
     """Euler sampling of a flow-matching model (velocity prediction, x_t = (1 − t)·x0 + t·ε) over `times`
     from 1 to 0 (fastcm.schedules.flow_times, optionally shifted): per step v = model(x, t, **extra_args),
     x = flow_euler_step(x, v, t, t'). The callback gets k-diffusion's dict with sigma = t and denoised = x − t·v.
     diffusers' FlowMatchEulerDiscreteScheduler runs the same update."""
-    return _flow_loop("sample_flow_euler", velocity_model, x, times, extra_args, callback, disable, capture, progress,
-                      second_order=False)
+    return _flow_loop(
+        "sample_flow_euler",
+        velocity_model,
+        x,
+        times,
+        extra_args,
+        callback,
+        disable,
+        capture,
+        progress,
+        second_order=False,
+    )
 
 
 @torch.no_grad()
-def sample_flow_heun(velocity_model, x, times, extra_args=None, callback=None, disable=None, *, capture=False,
-                     progress=False):
+def sample_flow_heun(
+    velocity_model, x, times, extra_args=None, callback=None, disable=None, *, capture=False, progress=False
+):
     """Heun sampling of a flow-matching model: per step v = model(x, t), x̃ = x + (t' − t)·v, v' = model(x̃, t'),
     x = flow_heun_step(x, v, t, t', velocity_next=v'); Euler on a last step to t' = 0. As sample_flow_euler
     otherwise (2 model calls per step)."""
-    return _flow_loop("sample_flow_heun", velocity_model, x, times, extra_args, callback, disable, capture, progress,
-                      second_order=True)
+    return _flow_loop(
+        "sample_flow_heun",
+        velocity_model,
+        x,
+        times,
+        extra_args,
+        callback,
+        disable,
+        capture,
+        progress,
+        second_order=True,
+    )
 
 
 def lcm_boundary_scalings(timestep, *, sigma_data=0.5, timestep_scaling=10.0):
     """LCM's boundary-condition scalings at a discrete timestep t (diffusers' LCMScheduler):
     c_skip = σd²/((s·t)² + σd²), c_out = s·t/√((s·t)² + σd²), s = timestep_scaling. Floats."""
     scaled = float(timestep) * timestep_scaling
-    return sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2), scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
 
 
 def _vp_grid(op, alphas_cumprod, timesteps, x):
     if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1:
-        raise TypeError(f"fastcm.{op}: alphas_cumprod must be a 1-D tensor of cumulative alphas (diffusers' "
-                        "scheduler.alphas_cumprod)")
+        raise TypeError(
+            f"fastcm.{op}: alphas_cumprod must be a 1-D tensor of cumulative alphas (diffusers' "
+            "scheduler.alphas_cumprod)"
+        )
     steps_list = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
-    if not steps_list or any(a <= b for a, b in zip(steps_list, steps_list[1:])) or steps_list[-1] < 0 or \
-            steps_list[0] >= alphas_cumprod.numel():
-        raise ValueError(f"fastcm.{op}: timesteps {steps_list} must decrease strictly within "
-                         f"[0, {alphas_cumprod.numel() - 1}]")
+    if (
+        not steps_list
+        or any(a <= b for a, b in zip(steps_list, steps_list[1:]))
+        or steps_list[-1] < 0
+        or steps_list[0] >= alphas_cumprod.numel()
+    ):
+        raise ValueError(
+            f"fastcm.{op}: timesteps {steps_list} must decrease strictly within [0, {alphas_cumprod.numel() - 1}]"
+        )
     table = alphas_cumprod.detach().double().cpu()
     alpha_bars = [float(table[t]) for t in steps_list]
     return steps_list, alpha_bars, table, _levels([float(t) for t in steps_list], x)
@@ -592,9 +785,24 @@ def _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noi
 
 
 @torch.no_grad()
-def sample_lcm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=None, disable=None, *,
-               prediction_type="epsilon", sigma_data=0.5, timestep_scaling=10.0, noise_sampler=None, seed=None,
-               generator=None, capture=False, progress=False):
+def sample_lcm(
+    model,
+    x,
+    alphas_cumprod,
+    timesteps,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    prediction_type="epsilon",
+    sigma_data=0.5,
+    timestep_scaling=10.0,
+    noise_sampler=None,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """LCM multistep sampling (diffusers' LCMScheduler loop): per timestep t_i, m = model(x, t_i, **extra_args),
     x = lcm_step(x, m, ᾱ(t_i), ᾱ(t_{i+1}), c_skip(t_i), c_out(t_i)) with fresh noise, and after the last timestep
     x = D (no noise). x: the starting noise (x = randn for ᾱ(t_0) ≈ 0). noise_sampler(t, t_next) -> z, when given,
@@ -610,19 +818,46 @@ def sample_lcm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=No
         kwargs = dict(c_skip=c_skip, c_out=c_out, prediction_type=prediction_type)
         denoised = vp_steps.lcm_step(x, output, alpha_bars[i], 1.0, **kwargs) if want_denoised else None
         if i == len(steps_list) - 1:
-            return (denoised if denoised is not None else vp_steps.lcm_step(x, output, alpha_bars[i], 1.0,
-                                                                            **kwargs)), denoised
+            return (
+                denoised if denoised is not None else vp_steps.lcm_step(x, output, alpha_bars[i], 1.0, **kwargs)
+            ), denoised
         drawn = noise(x, steps_list[i], steps_list[i + 1])
         return vp_steps.lcm_step(x, output, alpha_bars[i], alpha_bars[i + 1], **kwargs, **drawn), denoised
 
-    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture,
-                    _show_progress(progress, disable))
+    return _vp_loop(
+        op,
+        model,
+        x,
+        steps_list,
+        levels,
+        extra_args,
+        callback,
+        report,
+        noise,
+        update,
+        capture,
+        _show_progress(progress, disable),
+    )
 
 
 @torch.no_grad()
-def sample_tcd(model, x, alphas_cumprod, timesteps, extra_args=None, callback=None, disable=None, *, gamma=0.3,
-               prediction_type="epsilon", noise_sampler=None, seed=None, generator=None, capture=False,
-               progress=False):
+def sample_tcd(
+    model,
+    x,
+    alphas_cumprod,
+    timesteps,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    gamma=0.3,
+    prediction_type="epsilon",
+    noise_sampler=None,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """TCD sampling (diffusers' TCDScheduler loop, eta = γ): per timestep t_i with next t' (0 after the last),
     s = ⌊(1 − γ)·t'⌋, x = tcd_step(x, m, ᾱ(t_i), ᾱ(s), ᾱ(t')); the last step has no noise (ᾱ' = ᾱ_s = ᾱ(0)).
     The callback's denoised is x_s, the prediction at s."""
@@ -639,19 +874,45 @@ def sample_tcd(model, x, alphas_cumprod, timesteps, extra_args=None, callback=No
         alpha_bar_s = float(table[math.floor((1 - gamma) * t_next)])
         alpha_bar_next = alpha_bar_s if last else float(table[t_next])
         kwargs = dict(prediction_type=prediction_type)
-        denoised = vp_steps.tcd_step(x, output, alpha_bars[i], alpha_bar_s, alpha_bar_s, **kwargs) \
-            if want_denoised else None
+        denoised = (
+            vp_steps.tcd_step(x, output, alpha_bars[i], alpha_bar_s, alpha_bar_s, **kwargs) if want_denoised else None
+        )
         drawn = noise(x, steps_list[i], t_next) if gamma > 0 and not last else {}
         return vp_steps.tcd_step(x, output, alpha_bars[i], alpha_bar_s, alpha_bar_next, **kwargs, **drawn), denoised
 
-    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture,
-                    _show_progress(progress, disable))
+    return _vp_loop(
+        op,
+        model,
+        x,
+        steps_list,
+        levels,
+        extra_args,
+        callback,
+        report,
+        noise,
+        update,
+        capture,
+        _show_progress(progress, disable),
+    )
 
 
 @torch.no_grad()
-def sample_ddpm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=None, disable=None, *,
-                prediction_type="epsilon", noise_sampler=None, seed=None, generator=None, capture=False,
-                progress=False):
+def sample_ddpm(
+    model,
+    x,
+    alphas_cumprod,
+    timesteps,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    prediction_type="epsilon",
+    noise_sampler=None,
+    seed=None,
+    generator=None,
+    capture=False,
+    progress=False,
+):
     """Ancestral DDPM sampling with the exact posterior variance (diffusers' DDPMScheduler loop, "fixed_small",
     no clipping) over `timesteps` (ᾱ' = 1 after the last, where x = x0). The callback's denoised is x0."""
     op = "sample_ddpm"
@@ -667,14 +928,27 @@ def sample_ddpm(model, x, alphas_cumprod, timesteps, extra_args=None, callback=N
         drawn = {} if last else noise(x, steps_list[i], steps_list[i + 1])
         return vp_steps.ddpm_step(x, output, alpha_bars[i], alpha_bar_next, **kwargs, **drawn), denoised
 
-    return _vp_loop(op, model, x, steps_list, levels, extra_args, callback, report, noise, update, capture,
-                    _show_progress(progress, disable))
+    return _vp_loop(
+        op,
+        model,
+        x,
+        steps_list,
+        levels,
+        extra_args,
+        callback,
+        report,
+        noise,
+        update,
+        capture,
+        _show_progress(progress, disable),
+    )
 
 
 @torch.no_grad()
 def self_consistency_error(f, x_t_fn, times):
-    """Self-consistency error of a consistency function f (the consistency property of Consistency Models): for each t in `times`,
-    x_t = x_t_fn(t) (points of one trajectory) and prediction f(x_t, t·ones(B)); returns the
+    """Self-consistency error of a consistency function f (the consistency property of Consistency
+    Models): for each t in `times`, x_t = x_t_fn(t) (points of one trajectory) and prediction
+    f(x_t, t·ones(B)); returns the
     unbiased variance across times of the predictions, averaged over all elements (0-d float tensor).
     0 for an exact consistency function. Streams over times (Welford): memory of two predictions.
     """
@@ -694,8 +968,6 @@ def self_consistency_error(f, x_t_fn, times):
         mean += delta / count
         m2 += delta * (prediction - mean)
     return (m2 / (len(schedule) - 1)).mean()
-
-
 
 
 @torch.no_grad()
@@ -723,8 +995,26 @@ def sample_flow_map(model, x, times, *, capture=False, progress=False, callback=
 
     return _run(op, loop, x, capture, progress, callback)
 
-__all__ = ["karras_sigmas", "trigflow_times", "sample_cm", "sample_trigflow", "sample_euler", "sample_heun",
-           "sample_dpmpp_2m", "self_consistency_error", "sample_euler_ancestral", "sample_dpmpp_2s_ancestral",
-           "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_flow_euler", "sample_flow_heun",
-           "sample_lcm", "sample_tcd", "sample_ddpm", "lcm_boundary_scalings",
-           "sample_flow_map"]
+
+__all__ = [
+    "karras_sigmas",
+    "trigflow_times",
+    "sample_cm",
+    "sample_trigflow",
+    "sample_euler",
+    "sample_heun",
+    "sample_dpmpp_2m",
+    "self_consistency_error",
+    "sample_euler_ancestral",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_sde",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde",
+    "sample_flow_euler",
+    "sample_flow_heun",
+    "sample_lcm",
+    "sample_tcd",
+    "sample_ddpm",
+    "lcm_boundary_scalings",
+    "sample_flow_map",
+]

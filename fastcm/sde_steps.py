@@ -46,6 +46,7 @@ _NUM_COEFS = 5
 def _launchers():
     """The launchers themselves: out= writes in place, which the (non-mutating) custom op cannot."""
     from .kernels import sde_steps as launchers
+
     return launchers
 
 
@@ -100,8 +101,12 @@ class _Combination(torch.autograd.Function):
         if needs[0]:
             if philox and terms[4] is None:
                 terms[4] = _philox_noise(grad_out, seed, offset)
-            columns = [torch.zeros(grad_out.shape[0], dtype=coefs.dtype, device=coefs.device) if t is None
-                       else _steps._per_sample_dot(grad_out, t).to(coefs.dtype) for t in terms]
+            columns = [
+                torch.zeros(grad_out.shape[0], dtype=coefs.dtype, device=coefs.device)
+                if t is None
+                else _steps._per_sample_dot(grad_out, t).to(coefs.dtype)
+                for t in terms
+            ]
             grads[0] = torch.stack(columns, dim=1)
         return tuple(grads)
 
@@ -112,7 +117,8 @@ class _Combination(torch.autograd.Function):
         like = next(t for t in terms if t is not None)
         term_tangents = (t0_t, t1_t, t2_t, t3_t, noise_t)
         differentiable = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (coefs, coefs_t, *terms, *term_tangents))
+            t is not None and t.requires_grad for t in (coefs, coefs_t, *terms, *term_tangents)
+        )
         has_term_tangents = any(t is not None for t in term_tangents)
         # With both parts, each is kept in the compute dtype and rounded to the output dtype once.
         both = has_term_tangents and coefs_t is not None
@@ -122,16 +128,16 @@ class _Combination(torch.autograd.Function):
             if differentiable:
                 out_t = _combine_differentiable(like, term_tangents, coefs, scalar_coefs)
             else:
-                out_t = _ops.combination(part_like, *map(_steps._contiguous, term_tangents), coefs, scalar_coefs,
-                                         0, 0, False)
+                out_t = _ops.combination(
+                    part_like, *map(_steps._contiguous, term_tangents), coefs, scalar_coefs, 0, 0, False
+                )
         if coefs_t is not None:
             if philox and terms[4] is None:
                 terms[4] = _philox_noise(like, seed, offset)
             if differentiable:
                 from_coefs = _combine_differentiable(like, terms, coefs_t, None)
             else:
-                from_coefs = _ops.combination(part_like, *terms, coefs_t.contiguous(), [0.0] * _NUM_COEFS, 0, 0,
-                                              False)
+                from_coefs = _ops.combination(part_like, *terms, coefs_t.contiguous(), [0.0] * _NUM_COEFS, 0, 0, False)
             out_t = from_coefs if out_t is None else (out_t + from_coefs).to(like.dtype)
         return torch.zeros_like(like) if out_t is None else out_t
 
@@ -159,8 +165,10 @@ def _run(op, x, terms, coefs, out, *, noise=None, seed=None, generator=None, off
     if out is not None:
         tracked = [t for t in terms + (noise, coef_tensor) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            raise RuntimeError(f"fastcm.{op}: out= does not support autograd (an input requires grad); "
-                               "call it under torch.no_grad() or drop out=")
+            raise RuntimeError(
+                f"fastcm.{op}: out= does not support autograd (an input requires grad); "
+                "call it under torch.no_grad() or drop out="
+            )
         if torch.compiler.is_compiling() or not out.is_contiguous():
             out.copy_(_ops.combination(x, *terms, noise, coef_tensor, scalar_coefs, seed, offset, philox))
         else:
@@ -182,8 +190,10 @@ def _check(op, x, tensors, seed, generator, offset, out, sigma=None, sigma_next=
     if s_noise is not None:
         _steps._require_positive(op, "s_noise", s_noise, allow_zero=True)
     if isinstance(sigma, (int, float)) and isinstance(sigma_next, (int, float)) and not sigma_next <= sigma:
-        raise ValueError(f"fastcm.{op}: sigma_next={sigma_next!r} is not supported; expected <= sigma={sigma!r} "
-                         "(these steps go down in noise)")
+        raise ValueError(
+            f"fastcm.{op}: sigma_next={sigma_next!r} is not supported; expected <= sigma={sigma!r} "
+            "(these steps go down in noise)"
+        )
 
 
 def _all_zero(value) -> bool:
@@ -206,12 +216,25 @@ def churn_step(x, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, gener
     if not _steps._is_tensor(sigma, sigma_hat) and not sigma_hat >= sigma:
         raise ValueError(f"fastcm.{op}: sigma_hat={sigma_hat!r} is not supported; expected >= sigma={sigma!r}")
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.churn_step(x, sigma, sigma_hat, s_noise=s_noise, noise=noise,
-                                                             seed=seed, generator=generator, offset=offset), out)
+        return _steps._finish_reference(
+            reference.churn_step(
+                x, sigma, sigma_hat, s_noise=s_noise, noise=noise, seed=seed, generator=generator, offset=offset
+            ),
+            out,
+        )
     s, s_hat, gain = _steps._params(op, x, sigma=sigma, sigma_hat=sigma_hat, s_noise=s_noise)
     noise_scale = gain * _steps._lib(s, s_hat, gain).sqrt(s_hat * s_hat - s * s)
-    return _run(op, x, (x, None, None, None), (1.0, 0.0, 0.0, 0.0, noise_scale), out, noise=noise, seed=seed,
-                generator=generator, offset=offset)
+    return _run(
+        op,
+        x,
+        (x, None, None, None),
+        (1.0, 0.0, 0.0, 0.0, noise_scale),
+        out,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+        offset=offset,
+    )
 
 
 def _ancestral_coefs(op, x, sigma, sigma_next, eta, s_noise):
@@ -221,8 +244,9 @@ def _ancestral_coefs(op, x, sigma, sigma_next, eta, s_noise):
     return s, s_next, down, gain * up * (s_next > 0)
 
 
-def euler_ancestral_step(x, denoised, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None,
-                         generator=None, offset=0, out=None):
+def euler_ancestral_step(
+    x, denoised, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None, generator=None, offset=0, out=None
+):
     """Euler ancestral step (k-diffusion sample_euler_ancestral) from σ to σ'.
 
     (σ_down, σ_up) = (√(σ'² − σ_up²), min(σ', η·√(σ'²·(σ² − σ'²)/σ²))),
@@ -232,16 +256,48 @@ def euler_ancestral_step(x, denoised, sigma, sigma_next, *, eta=1.0, s_noise=1.0
     Gradients/tangents: x, denoised, noise, tensor parameters.
     """
     op = "euler_ancestral_step"
-    _check(op, x, {"denoised": denoised, "noise": noise}, seed, generator, offset, out, sigma=sigma,
-           sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    _check(
+        op,
+        x,
+        {"denoised": denoised, "noise": noise},
+        seed,
+        generator,
+        offset,
+        out,
+        sigma=sigma,
+        sigma_next=sigma_next,
+        eta=eta,
+        s_noise=s_noise,
+    )
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.euler_ancestral_step(
-            x, denoised, sigma, sigma_next, eta=eta, s_noise=s_noise, noise=noise, seed=seed, generator=generator,
-            offset=offset), out)
+        return _steps._finish_reference(
+            reference.euler_ancestral_step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                eta=eta,
+                s_noise=s_noise,
+                noise=noise,
+                seed=seed,
+                generator=generator,
+                offset=offset,
+            ),
+            out,
+        )
     s, _, down, noise_scale = _ancestral_coefs(op, x, sigma, sigma_next, eta, s_noise)
     ratio = down / s
-    return _run(op, x, (x, denoised, None, None), (ratio, 1 - ratio, 0.0, 0.0, noise_scale), out, noise=noise,
-                seed=seed, generator=generator, offset=offset)
+    return _run(
+        op,
+        x,
+        (x, denoised, None, None),
+        (ratio, 1 - ratio, 0.0, 0.0, noise_scale),
+        out,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+        offset=offset,
+    )
 
 
 def dpmpp_2s_ancestral_sigma_mid(sigma, sigma_next, eta=1.0):
@@ -251,8 +307,21 @@ def dpmpp_2s_ancestral_sigma_mid(sigma, sigma_next, eta=1.0):
     return (sigma * down) ** 0.5
 
 
-def dpmpp_2s_ancestral_step(x, denoised, sigma, sigma_next, *, denoised_mid=None, eta=1.0, s_noise=1.0, noise=None,
-                            seed=None, generator=None, offset=0, out=None):
+def dpmpp_2s_ancestral_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_mid=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+    out=None,
+):
     """DPM-Solver++(2S) ancestral step (k-diffusion sample_dpmpp_2s_ancestral), its second stage.
 
     The first stage is x_mid = dpmpp_2m_step(x, D, σ, σ_mid) with σ_mid = dpmpp_2s_ancestral_sigma_mid(σ, σ', η),
@@ -263,30 +332,71 @@ def dpmpp_2s_ancestral_step(x, denoised, sigma, sigma_next, *, denoised_mid=None
     euler_ancestral_step (plus denoised_mid).
     """
     op = "dpmpp_2s_ancestral_step"
-    _check(op, x, {"denoised": denoised, "denoised_mid": denoised_mid, "noise": noise}, seed, generator, offset,
-           out, sigma=sigma, sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    _check(
+        op,
+        x,
+        {"denoised": denoised, "denoised_mid": denoised_mid, "noise": noise},
+        seed,
+        generator,
+        offset,
+        out,
+        sigma=sigma,
+        sigma_next=sigma_next,
+        eta=eta,
+        s_noise=s_noise,
+    )
     if denoised_mid is None and not _all_zero(reference.ancestral_sigmas(sigma, sigma_next, eta)[0]):
-        raise ValueError(f"fastcm.{op}: denoised_mid is None but sigma_down is not 0 (sigma={sigma!r}, "
-                         f"sigma_next={sigma_next!r}, eta={eta!r}); denoised_mid = D(x_mid; sigma_mid) is required")
+        raise ValueError(
+            f"fastcm.{op}: denoised_mid is None but sigma_down is not 0 (sigma={sigma!r}, "
+            f"sigma_next={sigma_next!r}, eta={eta!r}); denoised_mid = D(x_mid; sigma_mid) is required"
+        )
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.dpmpp_2s_ancestral_step(
-            x, denoised, sigma, sigma_next, denoised_mid=denoised_mid, eta=eta, s_noise=s_noise, noise=noise,
-            seed=seed, generator=generator, offset=offset), out)
+        return _steps._finish_reference(
+            reference.dpmpp_2s_ancestral_step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                denoised_mid=denoised_mid,
+                eta=eta,
+                s_noise=s_noise,
+                noise=noise,
+                seed=seed,
+                generator=generator,
+                offset=offset,
+            ),
+            out,
+        )
     s, _, down, noise_scale = _ancestral_coefs(op, x, sigma, sigma_next, eta, s_noise)
     euler = (down == 0) * 1.0
     ratio = down / s
     coefs = (ratio, euler, (1 - ratio) * (1 - euler), 0.0, noise_scale)
-    return _run(op, x, (x, denoised, denoised_mid, None), coefs, out, noise=noise, seed=seed, generator=generator,
-                offset=offset)
+    return _run(
+        op, x, (x, denoised, denoised_mid, None), coefs, out, noise=noise, seed=seed, generator=generator, offset=offset
+    )
 
 
 def dpmpp_sde_sigma_mid(sigma, sigma_next, r=0.5):
     """The intermediate level of a DPM-Solver++ SDE step, σ^(1−r)·σ'^r (λ a fraction r of the way)."""
-    return sigma ** (1 - r) * sigma_next ** r
+    return sigma ** (1 - r) * sigma_next**r
 
 
-def dpmpp_sde_step(x, denoised, sigma, sigma_next, *, denoised_mid=None, r=0.5, eta=1.0, s_noise=1.0, noise=None,
-                   seed=None, generator=None, offset=0, out=None):
+def dpmpp_sde_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_mid=None,
+    r=0.5,
+    eta=1.0,
+    s_noise=1.0,
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+    out=None,
+):
     """DPM-Solver++ SDE step (k-diffusion sample_dpmpp_sde), its second stage.
 
     The first stage is x_mid = euler_ancestral_step(x, D, σ, σ_s, eta=η, s_noise=s_noise) with
@@ -296,25 +406,52 @@ def dpmpp_sde_step(x, denoised, sigma, sigma_next, *, denoised_mid=None, r=0.5, 
     None is accepted only if every σ' is 0). r in (0, 1]. Shapes, dtypes, gradients as euler_ancestral_step.
     """
     op = "dpmpp_sde_step"
-    _check(op, x, {"denoised": denoised, "denoised_mid": denoised_mid, "noise": noise}, seed, generator, offset,
-           out, sigma=sigma, sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    _check(
+        op,
+        x,
+        {"denoised": denoised, "denoised_mid": denoised_mid, "noise": noise},
+        seed,
+        generator,
+        offset,
+        out,
+        sigma=sigma,
+        sigma_next=sigma_next,
+        eta=eta,
+        s_noise=s_noise,
+    )
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"fastcm.{op}: r={r!r} is not supported; expected a float in (0, 1]")
     if denoised_mid is None and not _all_zero(sigma_next):
-        raise ValueError(f"fastcm.{op}: denoised_mid is None but sigma_next={sigma_next!r} is not 0; "
-                         "denoised_mid = D(x_mid; sigma_mid) is required unless every sigma_next is 0")
+        raise ValueError(
+            f"fastcm.{op}: denoised_mid is None but sigma_next={sigma_next!r} is not 0; "
+            "denoised_mid = D(x_mid; sigma_mid) is required unless every sigma_next is 0"
+        )
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.dpmpp_sde_step(
-            x, denoised, sigma, sigma_next, denoised_mid=denoised_mid, r=r, eta=eta, s_noise=s_noise, noise=noise,
-            seed=seed, generator=generator, offset=offset), out)
+        return _steps._finish_reference(
+            reference.dpmpp_sde_step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                denoised_mid=denoised_mid,
+                r=r,
+                eta=eta,
+                s_noise=s_noise,
+                noise=noise,
+                seed=seed,
+                generator=generator,
+                offset=offset,
+            ),
+            out,
+        )
     s, s_next, down, noise_scale = _ancestral_coefs(op, x, sigma, sigma_next, eta, s_noise)
     final = (s_next == 0) * 1.0
     ratio = down / s
     fac = 1 / (2 * r)
-    coefs = (ratio, (1 - ratio) * (1 - fac) * (1 - final) + final, (1 - ratio) * fac * (1 - final), 0.0,
-             noise_scale)
-    return _run(op, x, (x, denoised, denoised_mid, None), coefs, out, noise=noise, seed=seed, generator=generator,
-                offset=offset)
+    coefs = (ratio, (1 - ratio) * (1 - fac) * (1 - final) + final, (1 - ratio) * fac * (1 - final), 0.0, noise_scale)
+    return _run(
+        op, x, (x, denoised, denoised_mid, None), coefs, out, noise=noise, seed=seed, generator=generator, offset=offset
+    )
 
 
 def _log_steps(op, x, sigma, sigma_next, eta, s_noise, **previous):
@@ -334,8 +471,23 @@ def _noise_amplitude(m, s_next, eta_h, s_noise):
     return s_noise * s_next * m.sqrt(-m.expm1(-2 * eta_h))
 
 
-def dpmpp_2m_sde_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigma_prev=None, eta=1.0, s_noise=1.0,
-                      solver_type="midpoint", noise=None, seed=None, generator=None, offset=0, out=None):
+def dpmpp_2m_sde_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    old_denoised=None,
+    sigma_prev=None,
+    eta=1.0,
+    s_noise=1.0,
+    solver_type="midpoint",
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+    out=None,
+):
     """DPM-Solver++(2M) SDE step (k-diffusion sample_dpmpp_2m_sde) from σ to σ'.
 
     h = log(σ/σ'), ηh = η·h, g = −expm1(−h − ηh):
@@ -345,19 +497,47 @@ def dpmpp_2m_sde_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigm
     sigma, sigma_prev > 0, 0 ≤ sigma_next ≤ sigma. Shapes, dtypes, gradients as euler_ancestral_step.
     """
     op = "dpmpp_2m_sde_step"
-    _check(op, x, {"denoised": denoised, "old_denoised": old_denoised, "noise": noise}, seed, generator, offset, out,
-           sigma=sigma, sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    _check(
+        op,
+        x,
+        {"denoised": denoised, "old_denoised": old_denoised, "noise": noise},
+        seed,
+        generator,
+        offset,
+        out,
+        sigma=sigma,
+        sigma_next=sigma_next,
+        eta=eta,
+        s_noise=s_noise,
+    )
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"fastcm.{op}: solver_type={solver_type!r} is not supported; expected one of {SOLVER_TYPES}")
     if (old_denoised is None) != (sigma_prev is None):
-        raise ValueError(f"fastcm.{op}: old_denoised and sigma_prev go together (the multistep branch) or are both "
-                         f"None (first step); got sigma_prev={sigma_prev!r}")
+        raise ValueError(
+            f"fastcm.{op}: old_denoised and sigma_prev go together (the multistep branch) or are both "
+            f"None (first step); got sigma_prev={sigma_prev!r}"
+        )
     if sigma_prev is not None:
         _steps._require_positive(op, "sigma_prev", sigma_prev)
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.dpmpp_2m_sde_step(
-            x, denoised, sigma, sigma_next, old_denoised=old_denoised, sigma_prev=sigma_prev, eta=eta, s_noise=s_noise,
-            solver_type=solver_type, noise=noise, seed=seed, generator=generator, offset=offset), out)
+        return _steps._finish_reference(
+            reference.dpmpp_2m_sde_step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                old_denoised=old_denoised,
+                sigma_prev=sigma_prev,
+                eta=eta,
+                s_noise=s_noise,
+                solver_type=solver_type,
+                noise=noise,
+                seed=seed,
+                generator=generator,
+                offset=offset,
+            ),
+            out,
+        )
     previous = {} if sigma_prev is None else {"sigma_prev": sigma_prev}
     v, final, h, m = _log_steps(op, x, sigma, sigma_next, eta, s_noise, **previous)
     eta_h = v["eta"] * h
@@ -367,15 +547,36 @@ def dpmpp_2m_sde_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigm
         inv_r = h / m.log(v["sigma_prev"] / v["sigma"])
         k = (gain / 2 if solver_type == "midpoint" else gain / (-h - eta_h) + 1) * inv_r
     keep = 1 - final
-    coefs = (v["sigma_next"] / v["sigma"] * m.exp(-eta_h) * keep, (gain + k) * keep + final, -k * keep, 0.0,
-             _noise_amplitude(m, v["sigma_next"], eta_h, v["s_noise"]) * keep)
-    return _run(op, x, (x, denoised, old_denoised, None), coefs, out, noise=noise, seed=seed, generator=generator,
-                offset=offset)
+    coefs = (
+        v["sigma_next"] / v["sigma"] * m.exp(-eta_h) * keep,
+        (gain + k) * keep + final,
+        -k * keep,
+        0.0,
+        _noise_amplitude(m, v["sigma_next"], eta_h, v["s_noise"]) * keep,
+    )
+    return _run(
+        op, x, (x, denoised, old_denoised, None), coefs, out, noise=noise, seed=seed, generator=generator, offset=offset
+    )
 
 
-def dpmpp_3m_sde_step(x, denoised, sigma, sigma_next, *, denoised_1=None, denoised_2=None, sigma_prev=None,
-                      sigma_prev2=None, eta=1.0, s_noise=1.0, noise=None, seed=None, generator=None, offset=0,
-                      out=None):
+def dpmpp_3m_sde_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_1=None,
+    denoised_2=None,
+    sigma_prev=None,
+    sigma_prev2=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+    out=None,
+):
     """DPM-Solver++(3M) SDE step (k-diffusion sample_dpmpp_3m_sde) from σ to σ'.
 
     h = log(σ/σ'), h_η = (η + 1)·h, φ2 = expm1(−h_η)/h_η + 1, φ3 = φ2/h_η − ½;
@@ -388,23 +589,52 @@ def dpmpp_3m_sde_step(x, denoised, sigma, sigma_next, *, denoised_1=None, denois
     euler_ancestral_step (plus denoised_1, denoised_2).
     """
     op = "dpmpp_3m_sde_step"
-    _check(op, x, {"denoised": denoised, "denoised_1": denoised_1, "denoised_2": denoised_2, "noise": noise}, seed,
-           generator, offset, out, sigma=sigma, sigma_next=sigma_next, eta=eta, s_noise=s_noise)
+    _check(
+        op,
+        x,
+        {"denoised": denoised, "denoised_1": denoised_1, "denoised_2": denoised_2, "noise": noise},
+        seed,
+        generator,
+        offset,
+        out,
+        sigma=sigma,
+        sigma_next=sigma_next,
+        eta=eta,
+        s_noise=s_noise,
+    )
     if (denoised_1 is None) != (sigma_prev is None) or (denoised_2 is None) != (sigma_prev2 is None):
-        raise ValueError(f"fastcm.{op}: denoised_1 goes with sigma_prev and denoised_2 with sigma_prev2; got "
-                         f"sigma_prev={sigma_prev!r}, sigma_prev2={sigma_prev2!r}")
+        raise ValueError(
+            f"fastcm.{op}: denoised_1 goes with sigma_prev and denoised_2 with sigma_prev2; got "
+            f"sigma_prev={sigma_prev!r}, sigma_prev2={sigma_prev2!r}"
+        )
     if denoised_2 is not None and denoised_1 is None:
         raise ValueError(f"fastcm.{op}: denoised_2 needs denoised_1 (the third-order branch uses both)")
     for name, value in (("sigma_prev", sigma_prev), ("sigma_prev2", sigma_prev2)):
         if value is not None:
             _steps._require_positive(op, name, value)
     if select_backend(op, x.device) == "reference":
-        return _steps._finish_reference(reference.dpmpp_3m_sde_step(
-            x, denoised, sigma, sigma_next, denoised_1=denoised_1, denoised_2=denoised_2, sigma_prev=sigma_prev,
-            sigma_prev2=sigma_prev2, eta=eta, s_noise=s_noise, noise=noise, seed=seed, generator=generator,
-            offset=offset), out)
-    previous = {name: value for name, value in (("sigma_prev", sigma_prev), ("sigma_prev2", sigma_prev2))
-                if value is not None}
+        return _steps._finish_reference(
+            reference.dpmpp_3m_sde_step(
+                x,
+                denoised,
+                sigma,
+                sigma_next,
+                denoised_1=denoised_1,
+                denoised_2=denoised_2,
+                sigma_prev=sigma_prev,
+                sigma_prev2=sigma_prev2,
+                eta=eta,
+                s_noise=s_noise,
+                noise=noise,
+                seed=seed,
+                generator=generator,
+                offset=offset,
+            ),
+            out,
+        )
+    previous = {
+        name: value for name, value in (("sigma_prev", sigma_prev), ("sigma_prev2", sigma_prev2)) if value is not None
+    }
     v, final, h, m = _log_steps(op, x, sigma, sigma_next, eta, s_noise, **previous)
     h_eta = h * (v["eta"] + 1)
     c_d, c_1, c_2 = -m.expm1(-h_eta), 0.0, 0.0
@@ -421,11 +651,34 @@ def dpmpp_3m_sde_step(x, denoised, sigma, sigma_next, *, denoised_1=None, denois
             beta = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)
             c_d, c_1, c_2 = c_d + alpha / r0, -alpha / r0 + beta / r1, -beta / r1
     keep = 1 - final
-    coefs = (m.exp(-h_eta) * keep, c_d * keep + final, c_1 * keep, c_2 * keep,
-             _noise_amplitude(m, v["sigma_next"], v["eta"] * h, v["s_noise"]) * keep)
-    return _run(op, x, (x, denoised, denoised_1, denoised_2), coefs, out, noise=noise, seed=seed,
-                generator=generator, offset=offset)
+    coefs = (
+        m.exp(-h_eta) * keep,
+        c_d * keep + final,
+        c_1 * keep,
+        c_2 * keep,
+        _noise_amplitude(m, v["sigma_next"], v["eta"] * h, v["s_noise"]) * keep,
+    )
+    return _run(
+        op,
+        x,
+        (x, denoised, denoised_1, denoised_2),
+        coefs,
+        out,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+        offset=offset,
+    )
 
 
-__all__ = ["churn_step", "euler_ancestral_step", "dpmpp_2s_ancestral_step", "dpmpp_2s_ancestral_sigma_mid",
-           "dpmpp_sde_step", "dpmpp_sde_sigma_mid", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "SOLVER_TYPES"]
+__all__ = [
+    "churn_step",
+    "euler_ancestral_step",
+    "dpmpp_2s_ancestral_step",
+    "dpmpp_2s_ancestral_sigma_mid",
+    "dpmpp_sde_step",
+    "dpmpp_sde_sigma_mid",
+    "dpmpp_2m_sde_step",
+    "dpmpp_3m_sde_step",
+    "SOLVER_TYPES",
+]

@@ -46,13 +46,17 @@ def _fake_guided_moments(eps_cond, eps_uncond, scale, scalar_scale):
 def _launchers():
     """The launchers themselves: out= writes in place, which the (non-mutating) custom op cannot."""
     from .kernels import steps as launchers
+
     return launchers
 
 
-_ops = kernel_ops("steps", {
-    "linear_combination": ("linear_combination", _fake_linear_combination),
-    "guided_moments": ("guided_moments", _fake_guided_moments),
-})
+_ops = kernel_ops(
+    "steps",
+    {
+        "linear_combination": ("linear_combination", _fake_linear_combination),
+        "guided_moments": ("guided_moments", _fake_guided_moments),
+    },
+)
 
 
 def _contiguous(t):
@@ -120,8 +124,12 @@ class _LinearStep(torch.autograd.Function):
         if needs[0]:
             if philox and noise is None:
                 noise = _philox_noise(grad_out, seed, offset)
-            columns = [torch.zeros(grad_out.shape[0], dtype=coefs.dtype, device=coefs.device) if t is None
-                       else _per_sample_dot(grad_out, t).to(coefs.dtype) for t in (t0, t1, t2, noise)]
+            columns = [
+                torch.zeros(grad_out.shape[0], dtype=coefs.dtype, device=coefs.device)
+                if t is None
+                else _per_sample_dot(grad_out, t).to(coefs.dtype)
+                for t in (t0, t1, t2, noise)
+            ]
             grads[0] = torch.stack(columns, dim=1)
         return tuple(grads)
 
@@ -131,7 +139,8 @@ class _LinearStep(torch.autograd.Function):
         scalar_coefs, seed, offset, philox = ctx.options
         like = t1
         differentiable = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (coefs, t0, t1, t2, noise, coefs_t, t0_t, t1_t, t2_t, noise_t))
+            t is not None and t.requires_grad for t in (coefs, t0, t1, t2, noise, coefs_t, t0_t, t1_t, t2_t, noise_t)
+        )
         tangents = (t0_t, t1_t, t2_t)
         has_term_tangents = any(t is not None for t in tangents + (noise_t,))
         # With both parts, each is kept in the compute dtype and rounded to the output dtype once.
@@ -142,16 +151,18 @@ class _LinearStep(torch.autograd.Function):
             if differentiable:
                 out_t = _combine_differentiable(like, tangents, noise_t, coefs, scalar_coefs)
             else:
-                out_t = _ops.linear_combination(part_like, *map(_contiguous, tangents), _contiguous(noise_t), coefs,
-                                                scalar_coefs, 0, 0, False)
+                out_t = _ops.linear_combination(
+                    part_like, *map(_contiguous, tangents), _contiguous(noise_t), coefs, scalar_coefs, 0, 0, False
+                )
         if coefs_t is not None:
             if philox and noise is None:
                 noise = _philox_noise(like, seed, offset)
             if differentiable:
                 from_coefs = _combine_differentiable(like, (t0, t1, t2), noise, coefs_t, None)
             else:
-                from_coefs = _ops.linear_combination(part_like, t0, t1, t2, noise, coefs_t.contiguous(),
-                                                     [0.0] * 4, 0, 0, False)
+                from_coefs = _ops.linear_combination(
+                    part_like, t0, t1, t2, noise, coefs_t.contiguous(), [0.0] * 4, 0, 0, False
+                )
             out_t = from_coefs if out_t is None else (out_t + from_coefs).to(like.dtype)
         return torch.zeros_like(like) if out_t is None else out_t
 
@@ -179,8 +190,14 @@ class _GuidedStd(torch.autograd.Function):
         guided = uncond + w * (cond - uncond)
         dims = tuple(range(1, cond.dim()))
         denominator = (cond[0].numel() - 1) * std
-        return (cond - cond.mean(dims, keepdim=True), guided - guided.mean(dims, keepdim=True), cond - uncond,
-                w, denominator, work)
+        return (
+            cond - cond.mean(dims, keepdim=True),
+            guided - guided.mean(dims, keepdim=True),
+            cond - uncond,
+            w,
+            denominator,
+            work,
+        )
 
     @staticmethod
     def backward(ctx, grad_std):
@@ -281,8 +298,10 @@ def _run(op, x, terms, coefs, out, *, stochastic=False, noise=None, seed=None, g
     if out is not None:
         tracked = [t for t in terms + (noise, coef_tensor) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            raise RuntimeError(f"fastcm.{op}: out= does not support autograd (an input requires grad); "
-                               "call it under torch.no_grad() or drop out=")
+            raise RuntimeError(
+                f"fastcm.{op}: out= does not support autograd (an input requires grad); "
+                "call it under torch.no_grad() or drop out="
+            )
         if torch.compiler.is_compiling() or not out.is_contiguous():
             out.copy_(_ops.linear_combination(terms[1], *terms, noise, coef_tensor, scalar_coefs, seed, offset, philox))
         else:
@@ -334,8 +353,10 @@ def heun_step(x, denoised, sigma, sigma_next, *, denoised_next=None, out=None):
     if denoised_next is None:
         final = bool((sigma_next == 0).all()) if isinstance(sigma_next, torch.Tensor) else sigma_next == 0
         if not final:
-            raise ValueError(f"fastcm.{op}: denoised_next is None but sigma_next={sigma_next!r} is not 0; "
-                             "denoised_next=D(x̃; sigma_next) is required unless every sigma_next is 0")
+            raise ValueError(
+                f"fastcm.{op}: denoised_next is None but sigma_next={sigma_next!r} is not 0; "
+                "denoised_next=D(x̃; sigma_next) is required unless every sigma_next is 0"
+            )
         return euler_step(x, denoised, sigma, sigma_next, out=out)
     if select_backend(op, x.device) == "reference":
         return _finish_reference(reference.heun_step(x, denoised, sigma, sigma_next, denoised_next=denoised_next), out)
@@ -359,19 +380,25 @@ def dpmpp_2m_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigma_pr
     _check_tensors(op, "x", x, denoised=denoised, old_denoised=old_denoised)
     _check_out(op, out, "x", x)
     if (old_denoised is None) != (sigma_prev is None):
-        raise ValueError(f"fastcm.{op}: old_denoised and sigma_prev go together (the multistep branch) or are "
-                         f"both None (first step); got old_denoised={'None' if old_denoised is None else 'a tensor'}"
-                         f" and sigma_prev={sigma_prev!r}")
+        raise ValueError(
+            f"fastcm.{op}: old_denoised and sigma_prev go together (the multistep branch) or are "
+            f"both None (first step); got old_denoised={'None' if old_denoised is None else 'a tensor'}"
+            f" and sigma_prev={sigma_prev!r}"
+        )
     _require_positive(op, "sigma", sigma)
     _require_positive(op, "sigma_next", sigma_next, allow_zero=True)
     if sigma_prev is not None:
         _require_positive(op, "sigma_prev", sigma_prev)
         if not _is_tensor(sigma, sigma_prev) and sigma_prev == sigma:
-            raise ValueError(f"fastcm.{op}: sigma_prev={sigma_prev!r} equals sigma; the previous step must have "
-                             "moved (h_prev = log(sigma_prev/sigma) is the divisor of 1/(2r))")
+            raise ValueError(
+                f"fastcm.{op}: sigma_prev={sigma_prev!r} equals sigma; the previous step must have "
+                "moved (h_prev = log(sigma_prev/sigma) is the divisor of 1/(2r))"
+            )
     if select_backend(op, x.device) == "reference":
-        return _finish_reference(reference.dpmpp_2m_step(x, denoised, sigma, sigma_next, old_denoised=old_denoised,
-                                                         sigma_prev=sigma_prev), out)
+        return _finish_reference(
+            reference.dpmpp_2m_step(x, denoised, sigma, sigma_next, old_denoised=old_denoised, sigma_prev=sigma_prev),
+            out,
+        )
     if old_denoised is None:
         s, s_next = _params(op, x, sigma=sigma, sigma_next=sigma_next)
         ratio = s_next / s
@@ -386,8 +413,7 @@ def dpmpp_2m_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigma_pr
     return _run(op, x, (x, denoised, old_denoised), (ratio, -em * (1 + half_inv_r), em * half_inv_r, 0.0), out)
 
 
-def ddim_step(x, eps, alpha_bar, alpha_bar_next, *, eta=0.0, noise=None, seed=None, generator=None, offset=0,
-              out=None):
+def ddim_step(x, eps, alpha_bar, alpha_bar_next, *, eta=0.0, noise=None, seed=None, generator=None, offset=0, out=None):
     """DDIM step for an ε-prediction model, from ᾱ to ᾱ' (cumulative alphas, ᾱ < ᾱ' ≤ 1).
 
     x0 = (x − √(1−ᾱ)·ε)/√ᾱ, x' = √ᾱ'·x0 + √(1−ᾱ'−s²)·ε + s·z, s = η·√((1−ᾱ')/(1−ᾱ))·√(1−ᾱ/ᾱ').
@@ -406,15 +432,29 @@ def ddim_step(x, eps, alpha_bar, alpha_bar_next, *, eta=0.0, noise=None, seed=No
                 raise ValueError(f"fastcm.{op}: {name}={value!r} is not supported; expected > 0 and {upper}")
     _require_positive(op, "eta", eta, allow_zero=True)
     if select_backend(op, x.device) == "reference":
-        return _finish_reference(reference.ddim_step(x, eps, alpha_bar, alpha_bar_next, eta=eta, noise=noise,
-                                                     seed=seed, generator=generator, offset=offset), out)
+        return _finish_reference(
+            reference.ddim_step(
+                x, eps, alpha_bar, alpha_bar_next, eta=eta, noise=noise, seed=seed, generator=generator, offset=offset
+            ),
+            out,
+        )
     ab, ab_next, eta_b = _params(op, x, alpha_bar=alpha_bar, alpha_bar_next=alpha_bar_next, eta=eta)
     m = _lib(ab, ab_next, eta_b)
     s = eta_b * m.sqrt((1 - ab_next) / (1 - ab)) * m.sqrt(1 - ab / ab_next)
     c_x = m.sqrt(ab_next) / m.sqrt(ab)
     c_eps = m.sqrt(1 - ab_next - s * s) - c_x * m.sqrt(1 - ab)
-    return _run(op, x, (x, eps, None), (c_x, c_eps, 0.0, s), out, stochastic=_is_tensor(eta) or eta != 0,
-                noise=noise, seed=seed, generator=generator, offset=offset)
+    return _run(
+        op,
+        x,
+        (x, eps, None),
+        (c_x, c_eps, 0.0, s),
+        out,
+        stochastic=_is_tensor(eta) or eta != 0,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+        offset=offset,
+    )
 
 
 def cm_step(denoised, sigma_next, *, sigma_min=0.002, noise=None, seed=None, generator=None, offset=0, out=None):
@@ -434,13 +474,27 @@ def cm_step(denoised, sigma_next, *, sigma_min=0.002, noise=None, seed=None, gen
     if isinstance(sigma_next, (int, float)) and not isinstance(sigma_next, bool) and not sigma_next >= sigma_min:
         raise ValueError(f"fastcm.{op}: sigma_next={sigma_next!r} is not supported; expected >= sigma_min={sigma_min}")
     if select_backend(op, denoised.device) == "reference":
-        return _finish_reference(reference.cm_step(denoised, sigma_next, sigma_min=sigma_min, noise=noise, seed=seed,
-                                                   generator=generator, offset=offset), out)
+        return _finish_reference(
+            reference.cm_step(
+                denoised, sigma_next, sigma_min=sigma_min, noise=noise, seed=seed, generator=generator, offset=offset
+            ),
+            out,
+        )
     (s_next,) = _params(op, denoised, sigma_next=sigma_next)
     noise_scale = _lib(s_next).sqrt(s_next * s_next - sigma_min * sigma_min)
     stochastic = _is_tensor(sigma_next) or sigma_next != sigma_min
-    return _run(op, denoised, (None, denoised, None), (0.0, 1.0, 0.0, noise_scale), out, stochastic=stochastic,
-                noise=noise, seed=seed, generator=generator, offset=offset)
+    return _run(
+        op,
+        denoised,
+        (None, denoised, None),
+        (0.0, 1.0, 0.0, noise_scale),
+        out,
+        stochastic=stochastic,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+        offset=offset,
+    )
 
 
 def trigflow_step(denoised, t_next, *, sigma_data=0.5, noise=None, seed=None, generator=None, offset=0, out=None):
@@ -456,13 +510,26 @@ def trigflow_step(denoised, t_next, *, sigma_data=0.5, noise=None, seed=None, ge
     _check_out(op, out, "denoised", denoised)
     _require_positive(op, "sigma_data", sigma_data)
     if select_backend(op, denoised.device) == "reference":
-        return _finish_reference(reference.trigflow_step(denoised, t_next, sigma_data=sigma_data, noise=noise,
-                                                         seed=seed, generator=generator, offset=offset), out)
+        return _finish_reference(
+            reference.trigflow_step(
+                denoised, t_next, sigma_data=sigma_data, noise=noise, seed=seed, generator=generator, offset=offset
+            ),
+            out,
+        )
     (t,) = _params(op, denoised, t_next=t_next)
     m = _lib(t)
-    return _run(op, denoised, (None, denoised, None), (0.0, m.cos(t), 0.0, m.sin(t) * sigma_data), out,
-                stochastic=_is_tensor(t_next) or t_next != 0, noise=noise, seed=seed, generator=generator,
-                offset=offset)
+    return _run(
+        op,
+        denoised,
+        (None, denoised, None),
+        (0.0, m.cos(t), 0.0, m.sin(t) * sigma_data),
+        out,
+        stochastic=_is_tensor(t_next) or t_next != 0,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+        offset=offset,
+    )
 
 
 def cfg(eps_cond, eps_uncond, guidance_scale, *, guidance_rescale=0.0, out=None):
@@ -478,8 +545,9 @@ def cfg(eps_cond, eps_uncond, guidance_scale, *, guidance_rescale=0.0, out=None)
     _check_out(op, out, "eps_cond", eps_cond)
     _require_positive(op, "guidance_rescale", guidance_rescale, allow_zero=True)
     if select_backend(op, eps_cond.device) == "reference":
-        return _finish_reference(reference.cfg(eps_cond, eps_uncond, guidance_scale,
-                                               guidance_rescale=guidance_rescale), out)
+        return _finish_reference(
+            reference.cfg(eps_cond, eps_uncond, guidance_scale, guidance_rescale=guidance_rescale), out
+        )
     rescale = _is_tensor(guidance_rescale) or guidance_rescale != 0
     w, phi = _params(op, eps_cond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     if not rescale:

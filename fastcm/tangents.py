@@ -12,8 +12,8 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from ._checks import compute_dtype
 from ._backend import select_backend
+from ._checks import compute_dtype
 from ._params import per_sample, view_per_sample
 from .steps import _check_tensors, _run
 
@@ -34,8 +34,17 @@ def _offsets(t, eps, scheme, t_min, t_max):
     return up, down
 
 
-def fd_tangent(f: Callable, x_t: torch.Tensor, t, dx_dt: torch.Tensor, *, eps: float = 1e-3,
-               scheme: str = "central", t_min=None, t_max=None) -> torch.Tensor:
+def fd_tangent(
+    f: Callable,
+    x_t: torch.Tensor,
+    t,
+    dx_dt: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    scheme: str = "central",
+    t_min=None,
+    t_max=None,
+) -> torch.Tensor:
     """Finite-difference estimate of dF/dt = ∂F/∂x·dx_t/dt + ∂F/∂t for F = f(x_t, t), without a jvp.
 
     central:  (F(x_t + ε·ẋ, t + ε) − F(x_t − ε·ẋ, t − ε))/(2ε)    (error O(ε²))
@@ -65,12 +74,15 @@ def fd_tangent(f: Callable, x_t: torch.Tensor, t, dx_dt: torch.Tensor, *, eps: f
     batch = x_t.shape[0]
     t_b = per_sample(op, "t", t, x_t, dtype=compute_dtype(x_t))
     up, down = _offsets(t_b, eps, scheme, t_min, t_max)
-    x_both = torch.cat([x_t + view_per_sample(up, x_t).to(x_t.dtype) * dx_dt,
-                        x_t + view_per_sample(down, x_t).to(x_t.dtype) * dx_dt])
+    x_both = torch.cat(
+        [x_t + view_per_sample(up, x_t).to(x_t.dtype) * dx_dt, x_t + view_per_sample(down, x_t).to(x_t.dtype) * dx_dt]
+    )
     out = f(x_both, torch.cat([t_b + up, t_b + down]))
     if not isinstance(out, torch.Tensor) or out.shape[0] != 2 * batch:
-        raise ValueError(f"fastcm.{op}: f must return a tensor with 2B = {2 * batch} samples for 2B inputs, got "
-                         f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}")
+        raise ValueError(
+            f"fastcm.{op}: f must return a tensor with 2B = {2 * batch} samples for 2B inputs, got "
+            f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}"
+        )
     high, low = out[:batch], out[batch:]
     inverse_step = 1.0 / (up - down)
     if select_backend(op, out.device) == "reference" or torch.is_grad_enabled():
@@ -78,8 +90,9 @@ def fd_tangent(f: Callable, x_t: torch.Tensor, t, dx_dt: torch.Tensor, *, eps: f
     return _run(op, high, (low, high, None), (-inverse_step, inverse_step, 0.0, 0.0), None)
 
 
-def check_jvp(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], *,
-              eps: float = 1e-3) -> List[float]:
+def check_jvp(
+    f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], *, eps: float = 1e-3
+) -> List[float]:
     """Relative error of torch.func.jvp(f, primals, tangents) against the central finite difference
     (f(p + ε·ṗ) − f(p − ε·ṗ))/(2ε), per output of f: ‖jvp − fd‖/max(‖fd‖, tiny).
 

@@ -38,11 +38,21 @@ class SCMStep:
     Calling the step with x0 (B, ...) and labels y (or None) returns the loss, detached.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sigma_data: float = 0.5,
-                 p_mean: float = -1.0, p_std: float = 1.4, warmup_steps: int = 10000, tangent_norm_c: float = 0.1,
-                 tangent_norm: str = "l2", logvar: Optional[Callable] = None,
-                 ema_update: Optional[Callable[[torch.nn.Module], None]] = None,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        sigma_data: float = 0.5,
+        p_mean: float = -1.0,
+        p_std: float = 1.4,
+        warmup_steps: int = 10000,
+        tangent_norm_c: float = 0.1,
+        tangent_norm: str = "l2",
+        logvar: Optional[Callable] = None,
+        ema_update: Optional[Callable[[torch.nn.Module], None]] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
         if not sigma_data > 0:
             raise ValueError(f"fastcm.training.SCMStep: sigma_data must be > 0, got {sigma_data}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -65,8 +75,9 @@ class SCMStep:
 
     def __call__(self, x0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, sd = x0.shape[0], self.sigma_data
-        t = scm_sample_t(batch, sigma_data=sd, p_mean=self.p_mean, p_std=self.p_std, generator=self.generator,
-                         device=x0.device)
+        t = scm_sample_t(
+            batch, sigma_data=sd, p_mean=self.p_mean, p_std=self.p_std, generator=self.generator, device=x0.device
+        )
         z = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype) * sd
         view = t.to(x0.dtype).reshape((batch,) + (1,) * (x0.dim() - 1))
         cos, sin = torch.cos(view), torch.sin(view)
@@ -75,9 +86,19 @@ class SCMStep:
         speed = torch.cos(t) * torch.sin(t)
         F_minus, F_jvp = self.tangent(x_t / sd, t, (cos * sin) * dx_dt / sd, speed, y)
         F = self.model(x_t / sd, t, y)
-        loss = scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, sigma_data=sd, r=self.warmup(),
-                        tangent_norm_c=self.tangent_norm_c, tangent_norm=self.tangent_norm,
-                        logvar=None if self.logvar is None else self.logvar(t))
+        loss = scm_loss(
+            F,
+            F_minus,
+            F_jvp,
+            x_t,
+            dx_dt,
+            t,
+            sigma_data=sd,
+            r=self.warmup(),
+            tangent_norm_c=self.tangent_norm_c,
+            tangent_norm=self.tangent_norm,
+            logvar=None if self.logvar is None else self.logvar(t),
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

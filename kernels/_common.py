@@ -10,7 +10,6 @@ import triton.language as tl
 
 from .._checks import compute_dtype
 
-
 __all__ = ["compute_dtype", "compute_type", "per_sample_blocks"]
 
 

@@ -39,8 +39,8 @@ from ._common import compute_dtype, compute_type
 
 
 class Config(NamedTuple):
-    block_m: int     # query rows per tile
-    block_n: int     # keys per tile
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
     num_warps: int
     num_stages: int
 
@@ -126,8 +126,9 @@ def _rounded(x, dtype):
 
 @triton.jit
 def _tile(ptr, rows, row_stride, cols, col_stride, row_ok, col_ok):
-    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
-                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return tl.load(
+        ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    )
 
 
 @triton.jit
@@ -141,16 +142,69 @@ def _visible_key_end(block_start, num_queries, num_keys, BLOCK_M: tl.constexpr, 
 
 @triton.jit
 def _attention_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, q_t_ptr, k_t_ptr, v_t_ptr, bias_ptr, bias_t_ptr,
-        out_ptr, out_t_ptr, lse_ptr, lse_t_ptr,
-        q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
-        qt_sb, qt_sh, qt_sn, kt_sb, kt_sh, kt_sn, vt_sb, vt_sh, vt_sn,
-        bias_sb, bias_sh, bias_sm, bias_sn, biast_sb, biast_sh, biast_sm, biast_sn,
-        heads, groups, num_queries, num_keys, dim_qk, dim_v, n_q_blocks, scale_hi, scale_lo,
-        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr, HAS_Q_T: tl.constexpr,
-        HAS_K_T: tl.constexpr, HAS_V_T: tl.constexpr, HAS_BIAS_T: tl.constexpr, JVP: tl.constexpr,
-        EXACT_SCALE: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_t_ptr,
+    k_t_ptr,
+    v_t_ptr,
+    bias_ptr,
+    bias_t_ptr,
+    out_ptr,
+    out_t_ptr,
+    lse_ptr,
+    lse_t_ptr,
+    q_sb,
+    q_sh,
+    q_sn,
+    k_sb,
+    k_sh,
+    k_sn,
+    v_sb,
+    v_sh,
+    v_sn,
+    qt_sb,
+    qt_sh,
+    qt_sn,
+    kt_sb,
+    kt_sh,
+    kt_sn,
+    vt_sb,
+    vt_sh,
+    vt_sn,
+    bias_sb,
+    bias_sh,
+    bias_sm,
+    bias_sn,
+    biast_sb,
+    biast_sh,
+    biast_sm,
+    biast_sn,
+    heads,
+    groups,
+    num_queries,
+    num_keys,
+    dim_qk,
+    dim_v,
+    n_q_blocks,
+    scale_hi,
+    scale_lo,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_IS_MASK: tl.constexpr,
+    HAS_Q_T: tl.constexpr,
+    HAS_K_T: tl.constexpr,
+    HAS_V_T: tl.constexpr,
+    HAS_BIAS_T: tl.constexpr,
+    JVP: tl.constexpr,
+    EXACT_SCALE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     pid = tl.program_id(0)
     # Heaviest causal query blocks first; a (batch, head)'s blocks adjacent (its K, V stay in L2).
     q_block = n_q_blocks - 1 - pid % n_q_blocks
@@ -189,10 +243,11 @@ def _attention_fwd_kernel(
     for start in range(0, key_end, BLOCK_N):
         cols = start + cols0
         col_ok = cols < num_keys
-        k_tr = _tile(k_base, d_qk, 1, cols, k_sn, dqk_ok, col_ok)     # (Dqk, N): Kᵀ
+        k_tr = _tile(k_base, d_qk, 1, cols, k_sn, dqk_ok, col_ok)  # (Dqk, N): Kᵀ
         v = _tile(v_base, cols, v_sn, d_v, 1, col_ok, dv_ok)
-        s = _scaled(_mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION), scale_hi, scale_lo,
-                    EXACT_SCALE)
+        s = _scaled(
+            _mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION), scale_hi, scale_lo, EXACT_SCALE
+        )
         allowed = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= rows[:, None] + (num_keys - num_queries))
@@ -249,10 +304,26 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(grad_out_ptr, out_ptr, grad_lse_ptr, delta_ptr, go_sb, go_sh, go_sn,
-                                o_sb, o_sh, o_sn, heads, num_queries, dim_v, n_q_blocks,
-                                HAS_GRAD_LSE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_DV: tl.constexpr):
+def _attention_bwd_delta_kernel(
+    grad_out_ptr,
+    out_ptr,
+    grad_lse_ptr,
+    delta_ptr,
+    go_sb,
+    go_sh,
+    go_sn,
+    o_sb,
+    o_sh,
+    o_sn,
+    heads,
+    num_queries,
+    dim_v,
+    n_q_blocks,
+    HAS_GRAD_LSE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """δ = rowsum(dO⊙O) − dLSE: the row term of the softmax backward."""
     pid = tl.program_id(0)
     bh = pid // n_q_blocks
@@ -281,12 +352,52 @@ def _row_stats(lse_ptr, delta_ptr, out_rows, row_ok):
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-        q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, bias_sb, bias_sh, bias_sm, bias_sn,
-        go_sb, go_sh, go_sn, heads, kv_heads, groups, num_queries, num_keys, dim_qk, dim_v, n_k_blocks,
-        scale_hi, scale_lo, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr,
-        EXACT_SCALE: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    q_sb,
+    q_sh,
+    q_sn,
+    k_sb,
+    k_sh,
+    k_sn,
+    v_sb,
+    v_sh,
+    v_sn,
+    bias_sb,
+    bias_sh,
+    bias_sm,
+    bias_sn,
+    go_sb,
+    go_sh,
+    go_sn,
+    heads,
+    kv_heads,
+    groups,
+    num_queries,
+    num_keys,
+    dim_qk,
+    dim_v,
+    n_k_blocks,
+    scale_hi,
+    scale_lo,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_IS_MASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """dK = scale·Σ dSᵀQ, dV = Σ PᵀdO for one key block of one kv head, over its query heads."""
     pid = tl.program_id(0)
     k_block = pid % n_k_blocks
@@ -321,8 +432,12 @@ def _attention_bwd_dkdv_kernel(
             grad_out = _tile(go_base, rows, go_sn, d_v, 1, row_ok, dv_ok)
             out_rows = (b * heads + h) * num_queries + rows
             lse, delta = _row_stats(lse_ptr, delta_ptr, out_rows, row_ok)
-            s_tr = _scaled(_mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION),
-                           scale_hi, scale_lo, EXACT_SCALE)                      # (N, M): Sᵀ
+            s_tr = _scaled(
+                _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], COMPUTE), DOT_PRECISION),
+                scale_hi,
+                scale_lo,
+                EXACT_SCALE,
+            )  # (N, M): Sᵀ
             allowed = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 allowed = allowed & (cols[:, None] <= rows[None, :] + offset)
@@ -338,22 +453,64 @@ def _attention_bwd_dkdv_kernel(
             ds_tr = p_tr * (dp_tr - delta[None, :])
             dk = _mma(_rounded(ds_tr, q.dtype), q, dk, DOT_PRECISION)
     key_rows = bkv.to(tl.int64) * num_keys + cols
-    tl.store(dk_ptr + key_rows[:, None] * dim_qk + d_qk[None, :],
-             _rounded(_scaled(dk, scale_hi, scale_lo, EXACT_SCALE), dk_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & dqk_ok[None, :])
-    tl.store(dv_ptr + key_rows[:, None] * dim_v + d_v[None, :], _rounded(dv, dv_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & dv_ok[None, :])
+    tl.store(
+        dk_ptr + key_rows[:, None] * dim_qk + d_qk[None, :],
+        _rounded(_scaled(dk, scale_hi, scale_lo, EXACT_SCALE), dk_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & dqk_ok[None, :],
+    )
+    tl.store(
+        dv_ptr + key_rows[:, None] * dim_v + d_v[None, :],
+        _rounded(dv, dv_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & dv_ok[None, :],
+    )
 
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr,
-        q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, bias_sb, bias_sh, bias_sm, bias_sn,
-        go_sb, go_sh, go_sn, heads, groups, num_queries, num_keys, dim_qk, dim_v, n_q_blocks, scale_hi, scale_lo,
-        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_MASK: tl.constexpr, EXACT_SCALE: tl.constexpr,
-        COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    q_sb,
+    q_sh,
+    q_sn,
+    k_sb,
+    k_sh,
+    k_sn,
+    v_sb,
+    v_sh,
+    v_sn,
+    bias_sb,
+    bias_sh,
+    bias_sm,
+    bias_sn,
+    go_sb,
+    go_sh,
+    go_sn,
+    heads,
+    groups,
+    num_queries,
+    num_keys,
+    dim_qk,
+    dim_v,
+    n_q_blocks,
+    scale_hi,
+    scale_lo,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_IS_MASK: tl.constexpr,
+    EXACT_SCALE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """dQ = scale·Σ dS·K for one query block."""
     pid = tl.program_id(0)
     q_block = n_q_blocks - 1 - pid % n_q_blocks
@@ -384,8 +541,9 @@ def _attention_bwd_dq_kernel(
         col_ok = cols < num_keys
         k_tr = _tile(k_base, d_qk, 1, cols, k_sn, dqk_ok, col_ok)
         v_tr = _tile(v_base, d_v, 1, cols, v_sn, dv_ok, col_ok)
-        s = _scaled(_mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION), scale_hi, scale_lo,
-                    EXACT_SCALE)
+        s = _scaled(
+            _mma(q, k_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION), scale_hi, scale_lo, EXACT_SCALE
+        )
         allowed = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= rows[:, None] + (num_keys - num_queries))
@@ -399,9 +557,11 @@ def _attention_bwd_dq_kernel(
         dp = _mma(grad_out, v_tr, tl.zeros([BLOCK_M, BLOCK_N], COMPUTE), DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _mma(_rounded(ds, k_tr.dtype), tl.trans(k_tr), dq, DOT_PRECISION)
-    tl.store(dq_ptr + out_rows[:, None] * dim_qk + d_qk[None, :],
-             _rounded(_scaled(dq, scale_hi, scale_lo, EXACT_SCALE), dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dqk_ok[None, :])
+    tl.store(
+        dq_ptr + out_rows[:, None] * dim_qk + d_qk[None, :],
+        _rounded(_scaled(dq, scale_hi, scale_lo, EXACT_SCALE), dq_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dqk_ok[None, :],
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -420,24 +580,35 @@ def _head_block(dim: int) -> int:
 
 def _check_call(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{op}: q, k, v must be 4-D (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"{op}: q, k, v must be 4-D (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise TypeError(f"{op}: q has dtype {q.dtype}; supported: float32, float64, bfloat16, float16")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{op}: k, v have dtypes {k.dtype}, {v.dtype} but q has {q.dtype}; they must match")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] \
-            or k.shape[3] != q.shape[3]:
-        raise ValueError(f"{op}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
-                         f"(B, H, Nq, Dqk), (B, Hkv, Nk, Dqk), (B, Hkv, Nk, Dv) with H % Hkv == 0")
+    if (
+        k.shape[1] == 0
+        or q.shape[1] % k.shape[1]
+        or k.shape[:3] != v.shape[:3]
+        or k.shape[0] != q.shape[0]
+        or k.shape[3] != q.shape[3]
+    ):
+        raise ValueError(
+            f"{op}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
+            f"(B, H, Nq, Dqk), (B, Hkv, Nk, Dqk), (B, Hkv, Nk, Dv) with H % Hkv == 0"
+        )
     if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
-        raise ValueError(f"{op}: head dims {q.shape[3]} (q, k) and {v.shape[3]} (v); the Triton kernels take "
-                         f"up to {MAX_HEAD_DIM}")
+        raise ValueError(
+            f"{op}: head dims {q.shape[3]} (q, k) and {v.shape[3]} (v); the Triton kernels take up to {MAX_HEAD_DIM}"
+        )
     if bias is not None:
         expected = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         if tuple(bias.shape) != expected:
-            raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected (B, H, Nq, Nk) = {expected} "
-                             "(broadcast views are accepted)")
+            raise ValueError(
+                f"{op}: bias has shape {tuple(bias.shape)}; expected (B, H, Nq, Nk) = {expected} "
+                "(broadcast views are accepted)"
+            )
 
 
 def _last_dim_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -458,8 +629,10 @@ def _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp):
     q, k, v, q_t, k_t, v_t = map(_last_dim_contiguous, (q, k, v, q_t, k_t, v_t))
     for name, t, primal in (("q_t", q_t, q), ("k_t", k_t, k), ("v_t", v_t, v)):
         if t is not None and (t.shape != primal.shape or t.dtype != primal.dtype or t.device != primal.device):
-            raise ValueError(f"{op}: {name} ({tuple(t.shape)}, {t.dtype}, {t.device}) must match its primal "
-                             f"({tuple(primal.shape)}, {primal.dtype}, {primal.device})")
+            raise ValueError(
+                f"{op}: {name} ({tuple(t.shape)}, {t.dtype}, {t.device}) must match its primal "
+                f"({tuple(primal.shape)}, {primal.dtype}, {primal.device})"
+            )
     if bias_t is not None and (bias is None or bias.dtype == torch.bool or bias_t.shape != bias.shape):
         raise ValueError(f"{op}: bias_t needs a float bias of the same shape (B, H, Nq, Nk)")
     B, H, Nq, Dqk = q.shape
@@ -476,39 +649,94 @@ def _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp):
     if B * H * n_q_blocks == 0:
         return out, out_t, lse, lse_t
     _attention_fwd_kernel[(n_q_blocks * B * H,)](
-        q, k, v, q if q_t is None else q_t, k if k_t is None else k_t, v if v_t is None else v_t,
-        q if bias is None else bias, q if bias_t is None else bias_t, out, out_t, lse, lse_t,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(q_t), *_strides3(k_t), *_strides3(v_t),
-        *_strides4(bias), *_strides4(bias_t), H, H // Hkv, Nq, Nk, Dqk, Dv, n_q_blocks, scale_hi, scale_lo,
-        CAUSAL=bool(causal), HAS_BIAS=bias is not None, BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool,
-        HAS_Q_T=jvp and q_t is not None, HAS_K_T=jvp and k_t is not None, HAS_V_T=jvp and v_t is not None,
-        HAS_BIAS_T=jvp and bias_t is not None, JVP=jvp, EXACT_SCALE=q.dtype == torch.float64,
-        COMPUTE=compute_type(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        q,
+        k,
+        v,
+        q if q_t is None else q_t,
+        k if k_t is None else k_t,
+        v if v_t is None else v_t,
+        q if bias is None else bias,
+        q if bias_t is None else bias_t,
+        out,
+        out_t,
+        lse,
+        lse_t,
+        *_strides3(q),
+        *_strides3(k),
+        *_strides3(v),
+        *_strides3(q_t),
+        *_strides3(k_t),
+        *_strides3(v_t),
+        *_strides4(bias),
+        *_strides4(bias_t),
+        H,
+        H // Hkv,
+        Nq,
+        Nk,
+        Dqk,
+        Dv,
+        n_q_blocks,
+        scale_hi,
+        scale_lo,
+        CAUSAL=bool(causal),
+        HAS_BIAS=bias is not None,
+        BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool,
+        HAS_Q_T=jvp and q_t is not None,
+        HAS_K_T=jvp and k_t is not None,
+        HAS_V_T=jvp and v_t is not None,
+        HAS_BIAS_T=jvp and bias_t is not None,
+        JVP=jvp,
+        EXACT_SCALE=q.dtype == torch.float64,
+        COMPUTE=compute_type(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_DQK=block_dqk,
+        BLOCK_DV=block_dv,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out, out_t, lse, lse_t
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                      causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE): O = softmax(scale·QKᵀ + bias)·V (B, H, Nq, Dv) in q's dtype, LSE (B, H, Nq) in
     float32 (float64 for float64); a fully masked row gives O = 0, LSE = −inf."""
     out, _, lse, _ = _forward(q, k, v, None, None, None, bias, None, scale, causal, jvp=False)
     return out, lse
 
 
-def attention_forward_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: Optional[torch.Tensor],
-                          k_t: Optional[torch.Tensor], v_t: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                          bias_t: Optional[torch.Tensor], scale: float,
-                          causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_forward_jvp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_t: Optional[torch.Tensor],
+    k_t: Optional[torch.Tensor],
+    v_t: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bias_t: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O, Ȯ, LSE, μ) in one pass: Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃias, μ = rowsum(P⊙Ṡ),
     Ȯ = (P⊙Ṡ)V + PV̇ − μ⊙O. A tangent given as None is zero, and its work is skipped."""
     return _forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal, jvp=True)
 
 
-def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool,
-                       grad_lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+    grad_lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV), contiguous, for the loss gradients grad_out (of O) and grad_lse (of LSE, None = 0):
     δ = rowsum(dO⊙O) − dLSE, dS = P⊙(dO·Vᵀ − δ), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO."""
     op = "fastcm.kernels.attention.attention_backward"
@@ -518,11 +746,18 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     stats = compute_dtype(q.dtype)
     bad_grad_lse = grad_lse is not None and (grad_lse.shape != lse.shape or grad_lse.dtype != stats)
-    if grad_out.shape != (B, H, Nq, Dv) or out.shape != grad_out.shape or lse.shape != (B, H, Nq) \
-            or lse.dtype != stats or bad_grad_lse:
-        raise ValueError(f"{op}: grad_out and out must be (B, H, Nq, Dv) = {(B, H, Nq, Dv)}, lse and grad_lse "
-                         f"(B, H, Nq) in {stats}; got {tuple(grad_out.shape)}, {tuple(out.shape)}, "
-                         f"{tuple(lse.shape)} {lse.dtype}")
+    if (
+        grad_out.shape != (B, H, Nq, Dv)
+        or out.shape != grad_out.shape
+        or lse.shape != (B, H, Nq)
+        or lse.dtype != stats
+        or bad_grad_lse
+    ):
+        raise ValueError(
+            f"{op}: grad_out and out must be (B, H, Nq, Dv) = {(B, H, Nq, Dv)}, lse and grad_lse "
+            f"(B, H, Nq) in {stats}; got {tuple(grad_out.shape)}, {tuple(out.shape)}, "
+            f"{tuple(lse.shape)} {lse.dtype}"
+        )
     lse = lse.contiguous()
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     dq = torch.empty((B, H, Nq, Dqk), dtype=q.dtype, device=q.device)
@@ -537,28 +772,99 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     compute, precision = compute_type(q.dtype), _dot_precision(q.dtype)
     n_delta_blocks = triton.cdiv(Nq, DELTA_BLOCK_M)
     _attention_bwd_delta_kernel[(n_delta_blocks * B * H,)](
-        grad_out, out, delta if grad_lse is None else grad_lse, delta, *_strides3(grad_out), *_strides3(out), H, Nq,
-        Dv, n_delta_blocks, HAS_GRAD_LSE=grad_lse is not None, COMPUTE=compute, BLOCK_M=DELTA_BLOCK_M,
-        BLOCK_DV=block_dv, num_warps=4)
+        grad_out,
+        out,
+        delta if grad_lse is None else grad_lse,
+        delta,
+        *_strides3(grad_out),
+        *_strides3(out),
+        H,
+        Nq,
+        Dv,
+        n_delta_blocks,
+        HAS_GRAD_LSE=grad_lse is not None,
+        COMPUTE=compute,
+        BLOCK_M=DELTA_BLOCK_M,
+        BLOCK_DV=block_dv,
+        num_warps=4,
+    )
     scale_hi, scale_lo = _scale_parts(scale)
-    common = dict(CAUSAL=bool(causal), HAS_BIAS=bias is not None,
-                  BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool, EXACT_SCALE=q.dtype == torch.float64,
-                  COMPUTE=compute, DOT_PRECISION=precision, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv)
+    common = dict(
+        CAUSAL=bool(causal),
+        HAS_BIAS=bias is not None,
+        BIAS_IS_MASK=bias is not None and bias.dtype == torch.bool,
+        EXACT_SCALE=q.dtype == torch.float64,
+        COMPUTE=compute,
+        DOT_PRECISION=precision,
+        BLOCK_DQK=block_dqk,
+        BLOCK_DV=block_dv,
+    )
     bias_arg = q if bias is None else bias
     if Nk > 0:
         cfg = config("dkdv", max(block_dqk, block_dv), q.dtype)
         n_k_blocks = triton.cdiv(Nk, cfg.block_n)
         _attention_bwd_dkdv_kernel[(n_k_blocks * B * Hkv,)](
-            q, k, v, bias_arg, grad_out, lse, delta, dk, dv, *_strides3(q), *_strides3(k), *_strides3(v),
-            *_strides4(bias), *_strides3(grad_out), H, Hkv, H // Hkv, Nq, Nk, Dqk, Dv, n_k_blocks, scale_hi,
-            scale_lo, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **common)
+            q,
+            k,
+            v,
+            bias_arg,
+            grad_out,
+            lse,
+            delta,
+            dk,
+            dv,
+            *_strides3(q),
+            *_strides3(k),
+            *_strides3(v),
+            *_strides4(bias),
+            *_strides3(grad_out),
+            H,
+            Hkv,
+            H // Hkv,
+            Nq,
+            Nk,
+            Dqk,
+            Dv,
+            n_k_blocks,
+            scale_hi,
+            scale_lo,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **common,
+        )
     cfg = config("dq", max(block_dqk, block_dv), q.dtype)
     n_q_blocks = triton.cdiv(Nq, cfg.block_m)
     _attention_bwd_dq_kernel[(n_q_blocks * B * H,)](
-        q, k, v, bias_arg, grad_out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
-        *_strides4(bias), *_strides3(grad_out), H, H // Hkv, Nq, Nk, Dqk, Dv, n_q_blocks, scale_hi, scale_lo,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        q,
+        k,
+        v,
+        bias_arg,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        *_strides3(q),
+        *_strides3(k),
+        *_strides3(v),
+        *_strides4(bias),
+        *_strides3(grad_out),
+        H,
+        H // Hkv,
+        Nq,
+        Nk,
+        Dqk,
+        Dv,
+        n_q_blocks,
+        scale_hi,
+        scale_lo,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **common,
+    )
     return dq, dk, dv
 
 

@@ -27,7 +27,6 @@ GELU_K = 0.7978845608028654  # √(2/π)
 GELU_C = 0.044715
 
 
-
 def _tile_geometry(x: torch.Tensor):
     batch, tokens, channels = x.shape
     block_c = max(triton.next_power_of_2(channels), 16)
@@ -63,13 +62,37 @@ def _normalized(x, mask, channels, eps, NORM: tl.constexpr):
 
 
 @triton.jit
-def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, x_t_ptr, shift_t_ptr, scale_t_ptr, weight_t_ptr,
-                           y_ptr, y_t_ptr, tokens, channels, tiles_per_sample, eps, shift_stride, scale_stride,
-                           shift_t_stride, scale_t_stride, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                           HAS_X_T: tl.constexpr,
-                           HAS_SHIFT_T: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_WEIGHT_T: tl.constexpr,
-                           WRITE_Y: tl.constexpr, WRITE_Y_T: tl.constexpr, COMPUTE: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulated_norm_kernel(
+    x_ptr,
+    shift_ptr,
+    scale_ptr,
+    weight_ptr,
+    x_t_ptr,
+    shift_t_ptr,
+    scale_t_ptr,
+    weight_t_ptr,
+    y_ptr,
+    y_t_ptr,
+    tokens,
+    channels,
+    tiles_per_sample,
+    eps,
+    shift_stride,
+    scale_stride,
+    shift_t_stride,
+    scale_t_stride,
+    NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_X_T: tl.constexpr,
+    HAS_SHIFT_T: tl.constexpr,
+    HAS_SCALE_T: tl.constexpr,
+    HAS_WEIGHT_T: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    WRITE_Y_T: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     _, sample, offsets, mask, cols, col_mask = _tile(tokens, channels, tiles_per_sample, BLOCK_N, BLOCK_C)
     sample = sample.to(tl.int64)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
@@ -105,19 +128,38 @@ def _modulated_norm_kernel(x_ptr, shift_ptr, scale_ptr, weight_ptr, x_t_ptr, shi
 
 
 @triton.jit
-def _modulated_norm_bwd_kernel(grad_ptr, x_ptr, scale_ptr, weight_ptr, grad_x_ptr, shift_partial_ptr,
-                               scale_partial_ptr, weight_partial_ptr, tokens, channels, tiles_per_sample, eps,
-                               scale_stride,
-                               NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_X: tl.constexpr,
-                               NEED_SHIFT: tl.constexpr, NEED_SCALE: tl.constexpr, NEED_WEIGHT: tl.constexpr,
-                               COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulated_norm_bwd_kernel(
+    grad_ptr,
+    x_ptr,
+    scale_ptr,
+    weight_ptr,
+    grad_x_ptr,
+    shift_partial_ptr,
+    scale_partial_ptr,
+    weight_partial_ptr,
+    tokens,
+    channels,
+    tiles_per_sample,
+    eps,
+    scale_stride,
+    NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_SHIFT: tl.constexpr,
+    NEED_SCALE: tl.constexpr,
+    NEED_WEIGHT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid, sample, offsets, mask, cols, col_mask = _tile(tokens, channels, tiles_per_sample, BLOCK_N, BLOCK_C)
     partial = pid.to(tl.int64) * channels + cols
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
     normed, rstd = _normalized(x, mask, channels, eps, NORM)
-    one_plus_scale = 1.0 + tl.load(scale_ptr + sample.to(tl.int64) * scale_stride + cols, mask=col_mask,
-                                   other=0.0).to(COMPUTE)
+    one_plus_scale = 1.0 + tl.load(scale_ptr + sample.to(tl.int64) * scale_stride + cols, mask=col_mask, other=0.0).to(
+        COMPUTE
+    )
     weight = tl.full([BLOCK_C], 1.0, COMPUTE)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
@@ -144,10 +186,20 @@ def _row_stride(vector: Optional[torch.Tensor]) -> int:
     return 0 if vector is None else vector.stride(0)
 
 
-def modulated_norm_launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: Optional[torch.Tensor],
-                          x_t: Optional[torch.Tensor], shift_t: Optional[torch.Tensor],
-                          scale_t: Optional[torch.Tensor], weight_t: Optional[torch.Tensor], norm: str, eps: float,
-                          want_y: bool, want_y_t: bool) -> List[torch.Tensor]:
+def modulated_norm_launch(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    x_t: Optional[torch.Tensor],
+    shift_t: Optional[torch.Tensor],
+    scale_t: Optional[torch.Tensor],
+    weight_t: Optional[torch.Tensor],
+    norm: str,
+    eps: float,
+    want_y: bool,
+    want_y_t: bool,
+) -> List[torch.Tensor]:
     """x (B, N, C) and x_t contiguous; shift/scale and their tangents (B, C) with unit channel stride
     (rows may be strided: the chunks of one adaLN linear); weight and its tangent (C,) contiguous;
     absent tangents are None. Returns [y, ẏ], each an empty (0,) tensor when not asked for."""
@@ -156,44 +208,119 @@ def modulated_norm_launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Ten
     batch, tokens, channels, block_n, block_c, tiles = _tile_geometry(x)
     if x.numel():
         _modulated_norm_kernel[(batch * tiles,)](
-            x, shift, scale, _or(weight, scale), _or(x_t, x), _or(shift_t, shift), _or(scale_t, scale),
-            _or(weight_t, scale), y, y_t, tokens, channels, tiles, float(eps), shift.stride(0), scale.stride(0),
-            _row_stride(shift_t), _row_stride(scale_t), NORM=NORM_IDS[norm],
-            HAS_WEIGHT=weight is not None, HAS_X_T=x_t is not None, HAS_SHIFT_T=shift_t is not None,
-            HAS_SCALE_T=scale_t is not None, HAS_WEIGHT_T=weight_t is not None, WRITE_Y=want_y,
-            WRITE_Y_T=want_y_t, COMPUTE=compute_type(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+            x,
+            shift,
+            scale,
+            _or(weight, scale),
+            _or(x_t, x),
+            _or(shift_t, shift),
+            _or(scale_t, scale),
+            _or(weight_t, scale),
+            y,
+            y_t,
+            tokens,
+            channels,
+            tiles,
+            float(eps),
+            shift.stride(0),
+            scale.stride(0),
+            _row_stride(shift_t),
+            _row_stride(scale_t),
+            NORM=NORM_IDS[norm],
+            HAS_WEIGHT=weight is not None,
+            HAS_X_T=x_t is not None,
+            HAS_SHIFT_T=shift_t is not None,
+            HAS_SCALE_T=scale_t is not None,
+            HAS_WEIGHT_T=weight_t is not None,
+            WRITE_Y=want_y,
+            WRITE_Y_T=want_y_t,
+            COMPUTE=compute_type(x.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
+        )
     return [y, y_t]
 
 
-def modulated_norm_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, weight: Optional[torch.Tensor],
-                            norm: str, eps: float, need_x: bool, need_shift: bool, need_scale: bool,
-                            need_weight: bool) -> List[torch.Tensor]:
+def modulated_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    norm: str,
+    eps: float,
+    need_x: bool,
+    need_shift: bool,
+    need_scale: bool,
+    need_weight: bool,
+) -> List[torch.Tensor]:
     """[grad_x, grad_shift (B, C), grad_scale (B, C), grad_weight (C,)] in float32 (float64 for
     float64) except grad_x (x's dtype); entries not asked for are empty (0,) tensors."""
     batch, tokens, channels, block_n, block_c, tiles = _tile_geometry(x)
     accumulate = compute_dtype(x)
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
-    partials = [torch.empty((batch, tiles, channels), dtype=accumulate, device=x.device) if need else None
-                for need in (need_shift, need_scale, need_weight)]
+    partials = [
+        torch.empty((batch, tiles, channels), dtype=accumulate, device=x.device) if need else None
+        for need in (need_shift, need_scale, need_weight)
+    ]
     if x.numel():
         _modulated_norm_bwd_kernel[(batch * tiles,)](
-            grad, x, scale, _or(weight, scale), grad_x, *(_or(p, grad_x) for p in partials), tokens, channels,
-            tiles, float(eps), scale.stride(0), NORM=NORM_IDS[norm], HAS_WEIGHT=weight is not None, NEED_X=need_x,
-            NEED_SHIFT=need_shift, NEED_SCALE=need_scale, NEED_WEIGHT=need_weight, COMPUTE=compute_type(x.dtype),
-            BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+            grad,
+            x,
+            scale,
+            _or(weight, scale),
+            grad_x,
+            *(_or(p, grad_x) for p in partials),
+            tokens,
+            channels,
+            tiles,
+            float(eps),
+            scale.stride(0),
+            NORM=NORM_IDS[norm],
+            HAS_WEIGHT=weight is not None,
+            NEED_X=need_x,
+            NEED_SHIFT=need_shift,
+            NEED_SCALE=need_scale,
+            NEED_WEIGHT=need_weight,
+            COMPUTE=compute_type(x.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
+        )
     empty = x.new_empty(0, dtype=accumulate)
     shift_partial, scale_partial, weight_partial = partials
-    return [grad_x, empty if shift_partial is None else shift_partial.sum(1),
-            empty if scale_partial is None else scale_partial.sum(1),
-            empty if weight_partial is None else weight_partial.sum((0, 1))]
+    return [
+        grad_x,
+        empty if shift_partial is None else shift_partial.sum(1),
+        empty if scale_partial is None else scale_partial.sum(1),
+        empty if weight_partial is None else weight_partial.sum((0, 1)),
+    ]
 
 
 @triton.jit
-def _gated_residual_kernel(x_ptr, gate_ptr, y_ptr, x_t_ptr, gate_t_ptr, y_t_ptr, out_ptr, out_t_ptr,
-                           tokens, channels, tiles_per_sample, gate_stride, gate_t_stride, HAS_X_T: tl.constexpr,
-                           HAS_GATE_T: tl.constexpr,
-                           HAS_Y_T: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_OUT_T: tl.constexpr,
-                           COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_kernel(
+    x_ptr,
+    gate_ptr,
+    y_ptr,
+    x_t_ptr,
+    gate_t_ptr,
+    y_t_ptr,
+    out_ptr,
+    out_t_ptr,
+    tokens,
+    channels,
+    tiles_per_sample,
+    gate_stride,
+    gate_t_stride,
+    HAS_X_T: tl.constexpr,
+    HAS_GATE_T: tl.constexpr,
+    HAS_Y_T: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    WRITE_OUT_T: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     _, sample, offsets, mask, cols, col_mask = _tile(tokens, channels, tiles_per_sample, BLOCK_N, BLOCK_C)
     sample = sample.to(tl.int64)
     gate = tl.load(gate_ptr + sample * gate_stride + cols, mask=col_mask, other=0.0).to(COMPUTE)[None, :]
@@ -214,9 +341,22 @@ def _gated_residual_kernel(x_ptr, gate_ptr, y_ptr, x_t_ptr, gate_t_ptr, y_t_ptr,
 
 
 @triton.jit
-def _gated_residual_bwd_kernel(grad_ptr, gate_ptr, y_ptr, grad_y_ptr, gate_partial_ptr, tokens, channels,
-                               tiles_per_sample, gate_stride, NEED_Y: tl.constexpr, NEED_GATE: tl.constexpr,
-                               COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_bwd_kernel(
+    grad_ptr,
+    gate_ptr,
+    y_ptr,
+    grad_y_ptr,
+    gate_partial_ptr,
+    tokens,
+    channels,
+    tiles_per_sample,
+    gate_stride,
+    NEED_Y: tl.constexpr,
+    NEED_GATE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid, sample, offsets, mask, cols, col_mask = _tile(tokens, channels, tiles_per_sample, BLOCK_N, BLOCK_C)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
     if NEED_Y:
@@ -227,9 +367,16 @@ def _gated_residual_bwd_kernel(grad_ptr, gate_ptr, y_ptr, grad_y_ptr, gate_parti
         tl.store(gate_partial_ptr + pid.to(tl.int64) * channels + cols, tl.sum(grad * y, axis=0), mask=col_mask)
 
 
-def gated_residual_launch(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, x_t: Optional[torch.Tensor],
-                          gate_t: Optional[torch.Tensor], y_t: Optional[torch.Tensor], want_out: bool,
-                          want_out_t: bool) -> List[torch.Tensor]:
+def gated_residual_launch(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    x_t: Optional[torch.Tensor],
+    gate_t: Optional[torch.Tensor],
+    y_t: Optional[torch.Tensor],
+    want_out: bool,
+    want_out_t: bool,
+) -> List[torch.Tensor]:
     """x, y (B, N, C) contiguous, gate (B, C) with unit channel stride, tangents alike or None. Returns [out, ȯut]
     (empty (0,) when not asked for)."""
     out = torch.empty_like(x) if want_out else x.new_empty(0)
@@ -237,16 +384,35 @@ def gated_residual_launch(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, 
     batch, tokens, channels, block_n, block_c, tiles = _tile_geometry(x)
     if x.numel():
         _gated_residual_kernel[(batch * tiles,)](
-            x, gate, y, _or(x_t, x), _or(gate_t, gate), _or(y_t, y), out, out_t, tokens, channels, tiles,
-            gate.stride(0), _row_stride(gate_t),
-            HAS_X_T=x_t is not None, HAS_GATE_T=gate_t is not None, HAS_Y_T=y_t is not None, WRITE_OUT=want_out,
-            WRITE_OUT_T=want_out_t, COMPUTE=compute_type(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c,
-            num_warps=NUM_WARPS)
+            x,
+            gate,
+            y,
+            _or(x_t, x),
+            _or(gate_t, gate),
+            _or(y_t, y),
+            out,
+            out_t,
+            tokens,
+            channels,
+            tiles,
+            gate.stride(0),
+            _row_stride(gate_t),
+            HAS_X_T=x_t is not None,
+            HAS_GATE_T=gate_t is not None,
+            HAS_Y_T=y_t is not None,
+            WRITE_OUT=want_out,
+            WRITE_OUT_T=want_out_t,
+            COMPUTE=compute_type(x.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
+        )
     return [out, out_t]
 
 
-def gated_residual_backward(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, need_y: bool,
-                            need_gate: bool) -> List[torch.Tensor]:
+def gated_residual_backward(
+    grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, need_y: bool, need_gate: bool
+) -> List[torch.Tensor]:
     """[grad_y = gate·g, grad_gate = Σ_tokens g⊙y (B, C) in float32 / float64]; empty (0,) when not asked for.
     (grad_x is g itself.)"""
     batch, tokens, channels, block_n, block_c, tiles = _tile_geometry(y)
@@ -255,8 +421,22 @@ def gated_residual_backward(grad: torch.Tensor, gate: torch.Tensor, y: torch.Ten
     partial = torch.empty((batch, tiles, channels), dtype=accumulate, device=y.device) if need_gate else None
     if y.numel():
         _gated_residual_bwd_kernel[(batch * tiles,)](
-            grad, gate, y, grad_y, _or(partial, grad_y), tokens, channels, tiles, gate.stride(0), NEED_Y=need_y,
-            NEED_GATE=need_gate, COMPUTE=compute_type(y.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=NUM_WARPS)
+            grad,
+            gate,
+            y,
+            grad_y,
+            _or(partial, grad_y),
+            tokens,
+            channels,
+            tiles,
+            gate.stride(0),
+            NEED_Y=need_y,
+            NEED_GATE=need_gate,
+            COMPUTE=compute_type(y.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
+        )
     return [grad_y, y.new_empty(0, dtype=accumulate) if partial is None else partial.sum(1)]
 
 
@@ -288,8 +468,19 @@ def _elementwise_offsets(numel, hidden, ACT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _activation_kernel(x_ptr, x_t_ptr, y_ptr, y_t_ptr, numel, hidden, ACT: tl.constexpr, WRITE_Y: tl.constexpr,
-                       WRITE_Y_T: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _activation_kernel(
+    x_ptr,
+    x_t_ptr,
+    y_ptr,
+    y_t_ptr,
+    numel,
+    hidden,
+    ACT: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    WRITE_Y_T: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offsets, mask, a_offsets, b_offsets = _elementwise_offsets(numel, hidden, ACT, BLOCK)
     a = tl.load(x_ptr + a_offsets, mask=mask, other=0.0).to(COMPUTE)
     value, slope = _activation(a, ACT)
@@ -311,8 +502,9 @@ def _activation_kernel(x_ptr, x_t_ptr, y_ptr, y_t_ptr, numel, hidden, ACT: tl.co
 
 
 @triton.jit
-def _activation_bwd_kernel(grad_ptr, x_ptr, grad_x_ptr, numel, hidden, ACT: tl.constexpr, COMPUTE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+def _activation_bwd_kernel(
+    grad_ptr, x_ptr, grad_x_ptr, numel, hidden, ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr
+):
     offsets, mask, a_offsets, b_offsets = _elementwise_offsets(numel, hidden, ACT, BLOCK)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
     value, slope = _activation(tl.load(x_ptr + a_offsets, mask=mask, other=0.0).to(COMPUTE), ACT)
@@ -331,16 +523,28 @@ def _activation_geometry(kind: str, x: torch.Tensor):
     return out_shape, numel, hidden, (triton.cdiv(numel, ELEMENTWISE_BLOCK),)
 
 
-def activation_launch(x: torch.Tensor, x_t: Optional[torch.Tensor], kind: str, want_y: bool,
-                      want_y_t: bool) -> List[torch.Tensor]:
+def activation_launch(
+    x: torch.Tensor, x_t: Optional[torch.Tensor], kind: str, want_y: bool, want_y_t: bool
+) -> List[torch.Tensor]:
     """x contiguous (SwiGLU: last dim 2H), x_t alike (needed when want_y_t). Returns [y, ẏ]."""
     out_shape, numel, hidden, grid = _activation_geometry(kind, x)
     y = x.new_empty(out_shape) if want_y else x.new_empty(0)
     y_t = x.new_empty(out_shape) if want_y_t else x.new_empty(0)
     if numel:
-        _activation_kernel[grid](x, _or(x_t, x), y, y_t, numel, hidden, ACT=ACTIVATION_IDS[kind], WRITE_Y=want_y,
-                                 WRITE_Y_T=want_y_t, COMPUTE=compute_type(x.dtype), BLOCK=ELEMENTWISE_BLOCK,
-                                 num_warps=NUM_WARPS)
+        _activation_kernel[grid](
+            x,
+            _or(x_t, x),
+            y,
+            y_t,
+            numel,
+            hidden,
+            ACT=ACTIVATION_IDS[kind],
+            WRITE_Y=want_y,
+            WRITE_Y_T=want_y_t,
+            COMPUTE=compute_type(x.dtype),
+            BLOCK=ELEMENTWISE_BLOCK,
+            num_warps=NUM_WARPS,
+        )
     return [y, y_t]
 
 
@@ -349,6 +553,15 @@ def activation_backward(grad: torch.Tensor, x: torch.Tensor, kind: str) -> torch
     _, numel, hidden, grid = _activation_geometry(kind, x)
     grad_x = torch.empty_like(x)
     if numel:
-        _activation_bwd_kernel[grid](grad, x, grad_x, numel, hidden, ACT=ACTIVATION_IDS[kind],
-                                     COMPUTE=compute_type(x.dtype), BLOCK=ELEMENTWISE_BLOCK, num_warps=NUM_WARPS)
+        _activation_bwd_kernel[grid](
+            grad,
+            x,
+            grad_x,
+            numel,
+            hidden,
+            ACT=ACTIVATION_IDS[kind],
+            COMPUTE=compute_type(x.dtype),
+            BLOCK=ELEMENTWISE_BLOCK,
+            num_warps=NUM_WARPS,
+        )
     return grad_x

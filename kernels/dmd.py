@@ -18,8 +18,16 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _dmd_sums_kernel(x_ptr, real_ptr, fake_ptr, partial_ptr, per_sample, blocks_per_sample,
-                     COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _dmd_sums_kernel(
+    x_ptr,
+    real_ptr,
+    fake_ptr,
+    partial_ptr,
+    per_sample,
+    blocks_per_sample,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     sample = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -34,8 +42,17 @@ def _dmd_sums_kernel(x_ptr, real_ptr, fake_ptr, partial_ptr, per_sample, blocks_
 
 
 @triton.jit
-def _denoising_sums_kernel(out_ptr, x0_ptr, noise_ptr, coef_ptr, partial_ptr, per_sample, blocks_per_sample,
-                           COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _denoising_sums_kernel(
+    out_ptr,
+    x0_ptr,
+    noise_ptr,
+    coef_ptr,
+    partial_ptr,
+    per_sample,
+    blocks_per_sample,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     sample = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -60,8 +77,16 @@ def dmd_sums(x: torch.Tensor, real_denoised: torch.Tensor, fake_denoised: torch.
     batch, per_sample, block, blocks_per_sample, work = _geometry(x)
     partials = torch.empty((batch, blocks_per_sample, 2), dtype=work, device=x.device)
     _dmd_sums_kernel[(batch * blocks_per_sample,)](
-        x, real_denoised, fake_denoised, partials, per_sample, blocks_per_sample,
-        COMPUTE=compute_type(work), BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        x,
+        real_denoised,
+        fake_denoised,
+        partials,
+        per_sample,
+        blocks_per_sample,
+        COMPUTE=compute_type(work),
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return partials.sum(dim=1)
 
 
@@ -70,6 +95,15 @@ def denoising_sums(net_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
     batch, per_sample, block, blocks_per_sample, work = _geometry(net_out)
     partials = torch.empty((batch, blocks_per_sample), dtype=work, device=net_out.device)
     _denoising_sums_kernel[(batch * blocks_per_sample,)](
-        net_out, x0, noise, coefs, partials, per_sample, blocks_per_sample,
-        COMPUTE=compute_type(work), BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        net_out,
+        x0,
+        noise,
+        coefs,
+        partials,
+        per_sample,
+        blocks_per_sample,
+        COMPUTE=compute_type(work),
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return partials.sum(dim=1)

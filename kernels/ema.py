@@ -20,9 +20,19 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _ema_update_kernel(param_addresses_ptr, param_numels_ptr, shadow_offsets_ptr, chunk_params_ptr,
-                       chunk_starts_ptr, shadow_ptr, weights_ptr, shadow_row_stride, num_profiles,
-                       PARAM_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _ema_update_kernel(
+    param_addresses_ptr,
+    param_numels_ptr,
+    shadow_offsets_ptr,
+    chunk_params_ptr,
+    chunk_starts_ptr,
+    shadow_ptr,
+    weights_ptr,
+    shadow_row_stride,
+    num_profiles,
+    PARAM_DTYPE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     chunk = tl.program_id(0)
     param = tl.load(chunk_params_ptr + chunk)
     start = tl.load(chunk_starts_ptr + chunk)
@@ -53,9 +63,17 @@ def chunk_table(numels: torch.Tensor, block: int):
     return chunk_params, chunk_starts
 
 
-def ema_update_(param_addresses: torch.Tensor, param_numels: torch.Tensor, shadow_offsets: torch.Tensor,
-                chunk_params: torch.Tensor, chunk_starts: torch.Tensor, shadow: torch.Tensor, weights: torch.Tensor,
-                param_dtype: torch.dtype, block: int) -> None:
+def ema_update_(
+    param_addresses: torch.Tensor,
+    param_numels: torch.Tensor,
+    shadow_offsets: torch.Tensor,
+    chunk_params: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    shadow: torch.Tensor,
+    weights: torch.Tensor,
+    param_dtype: torch.dtype,
+    block: int,
+) -> None:
     """In place: shadow[k, offset_j + i] += weights[k]·(θ_j[i] − shadow[k, offset_j + i]) for every
     parameter j in the table (all of dtype `param_dtype`, contiguous, at the int64 addresses
     `param_addresses`) and profile k. shadow: float32 (K, total) with unit column stride; weights:
@@ -63,6 +81,16 @@ def ema_update_(param_addresses: torch.Tensor, param_numels: torch.Tensor, shado
     if chunk_params.numel() == 0:
         return
     _ema_update_kernel[(chunk_params.numel(),)](
-        param_addresses, param_numels, shadow_offsets, chunk_params, chunk_starts, shadow, weights,
-        shadow.stride(0), shadow.shape[0], PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK_SIZE=block,
-        num_warps=NUM_WARPS)
+        param_addresses,
+        param_numels,
+        shadow_offsets,
+        chunk_params,
+        chunk_starts,
+        shadow,
+        weights,
+        shadow.stride(0),
+        shadow.shape[0],
+        PARAM_DTYPE=_TL_DTYPES[param_dtype],
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )

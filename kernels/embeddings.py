@@ -20,7 +20,6 @@ ROWS_PER_PROGRAM = 16
 NUM_WARPS = 4
 
 
-
 @triton.jit
 def _rotate(ptr, out_ptr, first, second, mask, cos, sin, COMPUTE: tl.constexpr):
     x1 = tl.load(ptr + first, mask=mask, other=0.0).to(COMPUTE)
@@ -30,9 +29,23 @@ def _rotate(ptr, out_ptr, first, second, mask, cos, sin, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, x_t_ptr, cos_ptr, sin_ptr, out_ptr, out_t_ptr, rows, tokens, half, SIGN: tl.constexpr,
-                 WRITE_Y: tl.constexpr, WRITE_Y_T: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
+def _rope_kernel(
+    x_ptr,
+    x_t_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    out_t_ptr,
+    rows,
+    tokens,
+    half,
+    SIGN: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    WRITE_Y_T: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_H)
     mask = (row < rows)[:, None] & (cols < half)[None, :]
@@ -46,8 +59,15 @@ def _rope_kernel(x_ptr, x_t_ptr, cos_ptr, sin_ptr, out_ptr, out_t_ptr, rows, tok
         _rotate(x_t_ptr, out_t_ptr, first, first + half, mask, cos, sin, COMPUTE)
 
 
-def rope_launch(x: torch.Tensor, x_t: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
-                want_y: bool, want_y_t: bool) -> List[torch.Tensor]:
+def rope_launch(
+    x: torch.Tensor,
+    x_t: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool,
+    want_y: bool,
+    want_y_t: bool,
+) -> List[torch.Tensor]:
     """x (B, H, N, d) contiguous, x_t alike (when want_y_t); cos/sin (N, d/2) contiguous.
     Returns [rotated x, rotated x_t] (empty (0,) when not asked for)."""
     out = torch.empty_like(x) if want_y else x.new_empty(0)
@@ -56,9 +76,23 @@ def rope_launch(x: torch.Tensor, x_t: Optional[torch.Tensor], cos: torch.Tensor,
     rows = x.numel() // max(2 * half, 1)
     if x.numel():
         _rope_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
-            x, x if x_t is None else x_t, cos, sin, out, out_t, rows, tokens, half, SIGN=-1.0 if inverse else 1.0,
-            WRITE_Y=want_y, WRITE_Y_T=want_y_t, COMPUTE=compute_type(x.dtype), BLOCK_R=ROWS_PER_PROGRAM,
-            BLOCK_H=max(triton.next_power_of_2(half), 16), num_warps=NUM_WARPS)
+            x,
+            x if x_t is None else x_t,
+            cos,
+            sin,
+            out,
+            out_t,
+            rows,
+            tokens,
+            half,
+            SIGN=-1.0 if inverse else 1.0,
+            WRITE_Y=want_y,
+            WRITE_Y_T=want_y_t,
+            COMPUTE=compute_type(x.dtype),
+            BLOCK_R=ROWS_PER_PROGRAM,
+            BLOCK_H=max(triton.next_power_of_2(half), 16),
+            num_warps=NUM_WARPS,
+        )
     return [out, out_t]
 
 
@@ -78,8 +112,19 @@ def _timestep_terms(t_ptr, sample, cols, half, log_period, COMPUTE: tl.constexpr
 
 
 @triton.jit
-def _timestep_kernel(t_ptr, t_t_ptr, y_ptr, y_t_ptr, dim, half, log_period, WRITE_Y: tl.constexpr,
-                     WRITE_Y_T: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _timestep_kernel(
+    t_ptr,
+    t_t_ptr,
+    y_ptr,
+    y_t_ptr,
+    dim,
+    half,
+    log_period,
+    WRITE_Y: tl.constexpr,
+    WRITE_Y_T: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     sample = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     value, slope = _timestep_terms(t_ptr, sample, cols, half, log_period, COMPUTE)
@@ -92,8 +137,9 @@ def _timestep_kernel(t_ptr, t_t_ptr, y_ptr, y_t_ptr, dim, half, log_period, WRIT
 
 
 @triton.jit
-def _timestep_bwd_kernel(grad_ptr, t_ptr, grad_t_ptr, dim, half, log_period, COMPUTE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _timestep_bwd_kernel(
+    grad_ptr, t_ptr, grad_t_ptr, dim, half, log_period, COMPUTE: tl.constexpr, BLOCK: tl.constexpr
+):
     sample = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     _, slope = _timestep_terms(t_ptr, sample, cols, half, log_period, COMPUTE)
@@ -101,17 +147,29 @@ def _timestep_bwd_kernel(grad_ptr, t_ptr, grad_t_ptr, dim, half, log_period, COM
     tl.store(grad_t_ptr + sample, tl.sum(grad * slope, axis=0).to(grad_t_ptr.dtype.element_ty))
 
 
-def timestep_embedding_launch(t: torch.Tensor, t_t: Optional[torch.Tensor], dim: int, max_period: float,
-                              want_y: bool, want_y_t: bool) -> List[torch.Tensor]:
+def timestep_embedding_launch(
+    t: torch.Tensor, t_t: Optional[torch.Tensor], dim: int, max_period: float, want_y: bool, want_y_t: bool
+) -> List[torch.Tensor]:
     """t (B,) contiguous, t_t alike (when want_y_t). Returns [embedding, tangent], (B, dim) float32
     (float64 for float64 t); empty (0,) when not asked for."""
     dtype = compute_dtype(t)
     y = t.new_empty((t.shape[0], dim), dtype=dtype) if want_y else t.new_empty(0, dtype=dtype)
     y_t = t.new_empty((t.shape[0], dim), dtype=dtype) if want_y_t else t.new_empty(0, dtype=dtype)
     if t.numel() and dim:
-        _timestep_kernel[(t.shape[0],)](t, t if t_t is None else t_t, y, y_t, dim, dim // 2, math.log(max_period),
-                                        WRITE_Y=want_y, WRITE_Y_T=want_y_t, COMPUTE=compute_type(t.dtype),
-                                        BLOCK=max(triton.next_power_of_2(dim), 16), num_warps=NUM_WARPS)
+        _timestep_kernel[(t.shape[0],)](
+            t,
+            t if t_t is None else t_t,
+            y,
+            y_t,
+            dim,
+            dim // 2,
+            math.log(max_period),
+            WRITE_Y=want_y,
+            WRITE_Y_T=want_y_t,
+            COMPUTE=compute_type(t.dtype),
+            BLOCK=max(triton.next_power_of_2(dim), 16),
+            num_warps=NUM_WARPS,
+        )
     return [y, y_t]
 
 
@@ -119,7 +177,15 @@ def timestep_embedding_backward(grad: torch.Tensor, t: torch.Tensor, dim: int, m
     """grad (B, dim) contiguous -> grad_t (B,) in t's dtype."""
     grad_t = torch.empty_like(t)
     if t.numel():
-        _timestep_bwd_kernel[(t.shape[0],)](grad, t, grad_t, dim, dim // 2, math.log(max_period),
-                                            COMPUTE=compute_type(t.dtype), BLOCK=max(triton.next_power_of_2(dim), 16),
-                                            num_warps=NUM_WARPS)
+        _timestep_bwd_kernel[(t.shape[0],)](
+            grad,
+            t,
+            grad_t,
+            dim,
+            dim // 2,
+            math.log(max_period),
+            COMPUTE=compute_type(t.dtype),
+            BLOCK=max(triton.next_power_of_2(dim), 16),
+            num_warps=NUM_WARPS,
+        )
     return grad_t

@@ -20,8 +20,20 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _noising_kernel(x0_ptr, noise_ptr, coef_ptr, x_t_ptr, target_ptr, seed, offset, per_sample, blocks_per_sample,
-                    PHILOX: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _noising_kernel(
+    x0_ptr,
+    noise_ptr,
+    coef_ptr,
+    x_t_ptr,
+    target_ptr,
+    seed,
+    offset,
+    per_sample,
+    blocks_per_sample,
+    PHILOX: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     sample = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -40,14 +52,26 @@ def _noising_kernel(x0_ptr, noise_ptr, coef_ptr, x_t_ptr, target_ptr, seed, offs
     tl.store(target_ptr + index, (p * x0 + q * noise).to(target_ptr.dtype.element_ty), mask=mask)
 
 
-def add_noise(x0: torch.Tensor, noise: Optional[torch.Tensor], coefs: torch.Tensor, seed: int,
-              offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def add_noise(
+    x0: torch.Tensor, noise: Optional[torch.Tensor], coefs: torch.Tensor, seed: int, offset: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(α·x0 + s·ε, p·x0 + q·ε) with coefs (B, 4) = (α, s, p, q); ε = `noise` or, if None, Philox(seed, offset)."""
     x_t, target = torch.empty_like(x0), torch.empty_like(x0)
     batch, per_sample, block, blocks_per_sample = per_sample_blocks(x0, BLOCK)
     if x0.numel():
         _noising_kernel[(batch * blocks_per_sample,)](
-            x0, x0 if noise is None else noise, coefs, x_t, target, int(seed), int(offset), per_sample,
-            blocks_per_sample, PHILOX=noise is None, COMPUTE=compute_type(x0),
-            BLOCK_SIZE=block, num_warps=NUM_WARPS)
+            x0,
+            x0 if noise is None else noise,
+            coefs,
+            x_t,
+            target,
+            int(seed),
+            int(offset),
+            per_sample,
+            blocks_per_sample,
+            PHILOX=noise is None,
+            COMPUTE=compute_type(x0),
+            BLOCK_SIZE=block,
+            num_warps=NUM_WARPS,
+        )
     return x_t, target

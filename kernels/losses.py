@@ -98,8 +98,19 @@ def _sum_partials(partial_ptr, rows, row_mask, n_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _residual_bwd_kernel(residual_ptr, grad_ptr, grad_stride, grad_scale, coef_ptr, grad_x_ptr, per_sample,
-                         blocks_per_chunk, n_chunks, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _residual_bwd_kernel(
+    residual_ptr,
+    grad_ptr,
+    grad_stride,
+    grad_scale,
+    coef_ptr,
+    grad_x_ptr,
+    per_sample,
+    blocks_per_chunk,
+    n_chunks,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     """grad = G_b·grad_scale·coef_b·residual: the backward of a loss whose forward saved its residual."""
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
@@ -112,24 +123,39 @@ def _residual_bwd_kernel(residual_ptr, grad_ptr, grad_stride, grad_scale, coef_p
 
 # ---------------------------------------------------------------- pseudo-Huber
 
+
 @triton.jit
-def _huber_partial_kernel(x_ptr, y_ptr, partial_ptr, per_sample, blocks_per_chunk, n_chunks,
-                          COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _huber_partial_kernel(
+    x_ptr, y_ptr, partial_ptr, per_sample, blocks_per_chunk, n_chunks, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr
+):
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
     for i in range(blocks_per_chunk):
         cols, mask = _chunk_columns(chunk * blocks_per_chunk + i, per_sample, BLOCK_SIZE)
-        diff = (tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE)
-                - tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE))
+        diff = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE) - tl.load(
+            y_ptr + base + cols, mask=mask, other=0.0
+        ).to(COMPUTE)
         acc += diff * diff
     tl.store(partial_ptr + sample * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _huber_epilogue_kernel(partial_ptr, weight_ptr, distance_ptr, inv_root_ptr, out_ptr, batch, n_chunks, c,
-                           HAS_WEIGHT: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _huber_epilogue_kernel(
+    partial_ptr,
+    weight_ptr,
+    distance_ptr,
+    inv_root_ptr,
+    out_ptr,
+    batch,
+    n_chunks,
+    c,
+    HAS_WEIGHT: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
@@ -151,10 +177,25 @@ def _huber_epilogue_kernel(partial_ptr, weight_ptr, distance_ptr, inv_root_ptr, 
 
 
 @triton.jit
-def _huber_bwd_kernel(x_ptr, y_ptr, grad_ptr, grad_stride, grad_scale, weight_ptr, inv_root_ptr,
-                      grad_x_ptr, grad_y_ptr, per_sample, blocks_per_chunk, n_chunks,
-                      HAS_WEIGHT: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr,
-                      COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _huber_bwd_kernel(
+    x_ptr,
+    y_ptr,
+    grad_ptr,
+    grad_stride,
+    grad_scale,
+    weight_ptr,
+    inv_root_ptr,
+    grad_x_ptr,
+    grad_y_ptr,
+    per_sample,
+    blocks_per_chunk,
+    n_chunks,
+    HAS_WEIGHT: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_Y: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     coef = _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE) * tl.load(inv_root_ptr + sample)
@@ -162,8 +203,9 @@ def _huber_bwd_kernel(x_ptr, y_ptr, grad_ptr, grad_stride, grad_scale, weight_pt
         coef = coef * tl.load(weight_ptr + sample)
     for i in range(blocks_per_chunk):
         cols, mask = _chunk_columns(chunk * blocks_per_chunk + i, per_sample, BLOCK_SIZE)
-        grad = coef * (tl.load(x_ptr + base + cols, mask=mask).to(COMPUTE)
-                       - tl.load(y_ptr + base + cols, mask=mask).to(COMPUTE))
+        grad = coef * (
+            tl.load(x_ptr + base + cols, mask=mask).to(COMPUTE) - tl.load(y_ptr + base + cols, mask=mask).to(COMPUTE)
+        )
         if NEED_X:
             tl.store(grad_x_ptr + base + cols, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if NEED_Y:
@@ -172,9 +214,11 @@ def _huber_bwd_kernel(x_ptr, y_ptr, grad_ptr, grad_stride, grad_scale, weight_pt
 
 # ---------------------------------------------------------------- sCM
 
+
 @triton.jit
-def _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, offsets, mask, cos_t, sin_t, r, sigma_data,
-                       COMPUTE: tl.constexpr):
+def _scm_tangent_block(
+    fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, offsets, mask, cos_t, sin_t, r, sigma_data, COMPUTE: tl.constexpr
+):
     """g = −cos²t·(σd·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + σd·F_jvp), zero where masked."""
     f_minus = tl.load(fm_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
     f_jvp = tl.load(fj_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
@@ -185,9 +229,25 @@ def _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, offsets, mask, cos_t, s
 
 
 @triton.jit
-def _scm_partial_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, gg_ptr, dg_ptr, dd_ptr,
-                        per_sample, blocks_per_chunk, n_chunks, sigma_data, HAS_F: tl.constexpr,
-                        COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _scm_partial_kernel(
+    f_ptr,
+    fm_ptr,
+    fj_ptr,
+    xt_ptr,
+    dxdt_ptr,
+    t_ptr,
+    r_ptr,
+    gg_ptr,
+    dg_ptr,
+    dd_ptr,
+    per_sample,
+    blocks_per_chunk,
+    n_chunks,
+    sigma_data,
+    HAS_F: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t = tl.load(t_ptr + sample)
@@ -199,8 +259,9 @@ def _scm_partial_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, g
     acc_dd = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
     for i in range(blocks_per_chunk):
         cols, mask = _chunk_columns(chunk * blocks_per_chunk + i, per_sample, BLOCK_SIZE)
-        g, f_minus = _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, base + cols, mask, cos_t, sin_t, r,
-                                        sigma_data, COMPUTE)
+        g, f_minus = _scm_tangent_block(
+            fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, base + cols, mask, cos_t, sin_t, r, sigma_data, COMPUTE
+        )
         acc_gg += g * g
         if HAS_F:
             delta = tl.load(f_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE) - f_minus
@@ -214,17 +275,43 @@ def _scm_partial_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, g
 
 
 @triton.jit
-def _scm_on_chip_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, gg_ptr, rr_ptr, residual_ptr,
-                        per_sample, sigma_data, tangent_norm_c, TANGENT_NORM: tl.constexpr, COMPUTE: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr):
+def _scm_on_chip_kernel(
+    f_ptr,
+    fm_ptr,
+    fj_ptr,
+    xt_ptr,
+    dxdt_ptr,
+    t_ptr,
+    r_ptr,
+    gg_ptr,
+    rr_ptr,
+    residual_ptr,
+    per_sample,
+    sigma_data,
+    tangent_norm_c,
+    TANGENT_NORM: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     """One program per sample, the whole sample in registers: writes ‖g‖², ‖F − F⁻ − ĝ‖² and the
     residual F − F⁻ − ĝ itself, which needs ‖g‖ first and so cannot be streamed out."""
     sample = tl.program_id(0)
     base = sample.to(tl.int64) * per_sample
     t = tl.load(t_ptr + sample)
     cols, mask = _chunk_columns(0, per_sample, BLOCK_SIZE)
-    g, f_minus = _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, base + cols, mask, tl.cos(t), tl.sin(t),
-                                    tl.load(r_ptr + sample), sigma_data, COMPUTE)
+    g, f_minus = _scm_tangent_block(
+        fm_ptr,
+        fj_ptr,
+        xt_ptr,
+        dxdt_ptr,
+        base + cols,
+        mask,
+        tl.cos(t),
+        tl.sin(t),
+        tl.load(r_ptr + sample),
+        sigma_data,
+        COMPUTE,
+    )
     delta = tl.load(f_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE) - f_minus
     gg = tl.sum(g * g, axis=0)
     residual = delta - _scm_norm_scale(gg, per_sample, tangent_norm_c, TANGENT_NORM) * g
@@ -244,10 +331,27 @@ def _scm_norm_scale(gg, per_sample, tangent_norm_c, TANGENT_NORM: tl.constexpr):
 
 
 @triton.jit
-def _scm_epilogue_kernel(gg_ptr, dg_ptr, dd_ptr, weight_ptr, logvar_ptr, stats_ptr, out_ptr, batch, n_chunks,
-                         per_sample, tangent_norm_c, HAS_WEIGHT: tl.constexpr, HAS_LOGVAR: tl.constexpr,
-                         RESIDUAL_SUM: tl.constexpr, TANGENT_NORM: tl.constexpr, REDUCTION: tl.constexpr,
-                         COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scm_epilogue_kernel(
+    gg_ptr,
+    dg_ptr,
+    dd_ptr,
+    weight_ptr,
+    logvar_ptr,
+    stats_ptr,
+    out_ptr,
+    batch,
+    n_chunks,
+    per_sample,
+    tangent_norm_c,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_LOGVAR: tl.constexpr,
+    RESIDUAL_SUM: tl.constexpr,
+    TANGENT_NORM: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """stats rows: 0 k (ĝ = k·g), 1 scale = w·e^{−logvar}, 2 mse = ‖Δ − ĝ‖²/D.
     RESIDUAL_SUM: dd already holds ‖Δ − ĝ‖² (the on-chip pass); dg is not read."""
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
@@ -279,8 +383,17 @@ def _scm_epilogue_kernel(gg_ptr, dg_ptr, dd_ptr, weight_ptr, logvar_ptr, stats_p
 
 
 @triton.jit
-def _scm_tangent_epilogue_kernel(gg_ptr, k_ptr, batch, n_chunks, per_sample, tangent_norm_c,
-                                 TANGENT_NORM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scm_tangent_epilogue_kernel(
+    gg_ptr,
+    k_ptr,
+    batch,
+    n_chunks,
+    per_sample,
+    tangent_norm_c,
+    TANGENT_NORM: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         row_mask = rows < batch
@@ -289,9 +402,28 @@ def _scm_tangent_epilogue_kernel(gg_ptr, k_ptr, batch, n_chunks, per_sample, tan
 
 
 @triton.jit
-def _scm_apply_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, stats_ptr, grad_ptr, grad_stride,
-                      grad_scale, out_ptr, batch, per_sample, blocks_per_chunk, n_chunks, sigma_data,
-                      IS_GRAD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _scm_apply_kernel(
+    f_ptr,
+    fm_ptr,
+    fj_ptr,
+    xt_ptr,
+    dxdt_ptr,
+    t_ptr,
+    r_ptr,
+    stats_ptr,
+    grad_ptr,
+    grad_stride,
+    grad_scale,
+    out_ptr,
+    batch,
+    per_sample,
+    blocks_per_chunk,
+    n_chunks,
+    sigma_data,
+    IS_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     """IS_GRAD: out = ∂loss/∂F = G·scale·(2/D)·(F − F⁻ − k·g) (2/D folded into grad_scale);
     otherwise out = ĝ = k·g."""
     chunk, sample = _chunk_and_sample(n_chunks)
@@ -306,8 +438,9 @@ def _scm_apply_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, sta
         coef = _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE) * tl.load(stats_ptr + batch + sample)
     for i in range(blocks_per_chunk):
         cols, mask = _chunk_columns(chunk * blocks_per_chunk + i, per_sample, BLOCK_SIZE)
-        g, f_minus = _scm_tangent_block(fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, base + cols, mask, cos_t, sin_t, r,
-                                        sigma_data, COMPUTE)
+        g, f_minus = _scm_tangent_block(
+            fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, base + cols, mask, cos_t, sin_t, r, sigma_data, COMPUTE
+        )
         if IS_GRAD:
             value = coef * (tl.load(f_ptr + base + cols, mask=mask).to(COMPUTE) - f_minus - k * g)
         else:
@@ -316,6 +449,7 @@ def _scm_apply_kernel(f_ptr, fm_ptr, fj_ptr, xt_ptr, dxdt_ptr, t_ptr, r_ptr, sta
 
 
 # ---------------------------------------------------------------- MeanFlow
+
 
 @triton.jit
 def _meanflow_error_block(u_ptr, v_ptr, dudt_ptr, offsets, mask, t_minus_r, COMPUTE: tl.constexpr):
@@ -327,9 +461,21 @@ def _meanflow_error_block(u_ptr, v_ptr, dudt_ptr, offsets, mask, t_minus_r, COMP
 
 
 @triton.jit
-def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, residual_ptr, per_sample,
-                             blocks_per_chunk, n_chunks, SAVE_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr):
+def _meanflow_partial_kernel(
+    u_ptr,
+    v_ptr,
+    dudt_ptr,
+    t_ptr,
+    r_ptr,
+    partial_ptr,
+    residual_ptr,
+    per_sample,
+    blocks_per_chunk,
+    n_chunks,
+    SAVE_RESIDUAL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t_minus_r = tl.load(t_ptr + sample) - tl.load(r_ptr + sample)
@@ -344,9 +490,19 @@ def _meanflow_partial_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, partial_ptr, 
 
 
 @triton.jit
-def _meanflow_epilogue_kernel(partial_ptr, inv_weight_ptr, out_ptr, batch, n_chunks, eps, p,
-                              REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _meanflow_epilogue_kernel(
+    partial_ptr,
+    inv_weight_ptr,
+    out_ptr,
+    batch,
+    n_chunks,
+    eps,
+    p,
+    REDUCTION: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
@@ -359,9 +515,23 @@ def _meanflow_epilogue_kernel(partial_ptr, inv_weight_ptr, out_ptr, batch, n_chu
 
 
 @triton.jit
-def _meanflow_bwd_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, inv_weight_ptr, grad_ptr, grad_stride, grad_scale,
-                         grad_u_ptr, per_sample, blocks_per_chunk, n_chunks, COMPUTE: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr):
+def _meanflow_bwd_kernel(
+    u_ptr,
+    v_ptr,
+    dudt_ptr,
+    t_ptr,
+    r_ptr,
+    inv_weight_ptr,
+    grad_ptr,
+    grad_stride,
+    grad_scale,
+    grad_u_ptr,
+    per_sample,
+    blocks_per_chunk,
+    n_chunks,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
     t_minus_r = tl.load(t_ptr + sample) - tl.load(r_ptr + sample)
@@ -373,6 +543,7 @@ def _meanflow_bwd_kernel(u_ptr, v_ptr, dudt_ptr, t_ptr, r_ptr, inv_weight_ptr, g
 
 
 # ---------------------------------------------------------------- launchers
+
 
 def _geometry(x: torch.Tensor):
     """(batch, per_sample, block, blocks_per_chunk, n_chunks, compute dtype)."""
@@ -398,26 +569,53 @@ def _grad_layout(grad_out: torch.Tensor, reduction: str, batch: int):
     return stride, (1.0 / batch if reduction == "mean" else 1.0)
 
 
-def pseudo_huber_forward(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], c: float,
-                         reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def pseudo_huber_forward(
+    input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], c: float, reduction: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """input, target: contiguous (B, ...); weight: (B,) or None. Returns (loss, stats) with
     stats = [distance_b; 1/√(s_b + c²)], shape (2, B)."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(input)
     partials = torch.empty((batch, n_chunks), dtype=compute_dtype(input), device=input.device)
     stats = torch.empty((2, batch), dtype=compute_dtype(input), device=input.device)
     out = _loss_output(input, reduction)
-    _huber_partial_kernel[(n_chunks * batch,)](input, target, partials, per_sample, blocks_per_chunk, n_chunks,
-                                               COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
-    _huber_epilogue_kernel[(1,)](partials, stats if weight is None else weight, stats[0], stats[1], out, batch,
-                                 n_chunks, float(c), HAS_WEIGHT=weight is not None,
-                                 REDUCTION=REDUCTION_IDS[reduction], COMPUTE=compute,
-                                 **_epilogue_tiles(batch, n_chunks))
+    _huber_partial_kernel[(n_chunks * batch,)](
+        input,
+        target,
+        partials,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
+    _huber_epilogue_kernel[(1,)](
+        partials,
+        stats if weight is None else weight,
+        stats[0],
+        stats[1],
+        out,
+        batch,
+        n_chunks,
+        float(c),
+        HAS_WEIGHT=weight is not None,
+        REDUCTION=REDUCTION_IDS[reduction],
+        COMPUTE=compute,
+        **_epilogue_tiles(batch, n_chunks),
+    )
     return out, stats
 
 
-def pseudo_huber_backward(grad_out: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
-                          weight: Optional[torch.Tensor], stats: torch.Tensor, reduction: str, need_input: bool,
-                          need_target: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def pseudo_huber_backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    reduction: str,
+    need_input: bool,
+    need_target: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_input, grad_target); one not asked for is an empty (0,) tensor."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(input)
     unused = input.new_empty(0)
@@ -425,21 +623,63 @@ def pseudo_huber_backward(grad_out: torch.Tensor, input: torch.Tensor, target: t
     grad_target = torch.empty_like(target) if need_target else unused
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
     _huber_bwd_kernel[(n_chunks * batch,)](
-        input, target, grad_out, grad_stride, grad_scale, stats if weight is None else weight, stats[1],
-        grad_input, grad_target, per_sample, blocks_per_chunk, n_chunks, HAS_WEIGHT=weight is not None,
-        NEED_X=need_input, NEED_Y=need_target, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        input,
+        target,
+        grad_out,
+        grad_stride,
+        grad_scale,
+        stats if weight is None else weight,
+        stats[1],
+        grad_input,
+        grad_target,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        HAS_WEIGHT=weight is not None,
+        NEED_X=need_input,
+        NEED_Y=need_target,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return grad_input, grad_target
 
 
-def _scm_partials(F: Optional[torch.Tensor], F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor,
-                  dx_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor, sigma_data: float):
+def _scm_partials(
+    F: Optional[torch.Tensor],
+    F_minus: torch.Tensor,
+    F_jvp: torch.Tensor,
+    x_t: torch.Tensor,
+    dx_dt: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    sigma_data: float,
+):
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(F_minus)
-    sums = torch.empty((3 if F is not None else 1, batch, n_chunks), dtype=compute_dtype(F_minus),
-                       device=F_minus.device)
+    sums = torch.empty(
+        (3 if F is not None else 1, batch, n_chunks), dtype=compute_dtype(F_minus), device=F_minus.device
+    )
     gg, dg, dd = (sums[0], sums[1], sums[2]) if F is not None else (sums[0], sums[0], sums[0])
     _scm_partial_kernel[(n_chunks * batch,)](
-        F_minus if F is None else F, F_minus, F_jvp, x_t, dx_dt, t, r, gg, dg, dd, per_sample, blocks_per_chunk,
-        n_chunks, float(sigma_data), HAS_F=F is not None, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        F_minus if F is None else F,
+        F_minus,
+        F_jvp,
+        x_t,
+        dx_dt,
+        t,
+        r,
+        gg,
+        dg,
+        dd,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        float(sigma_data),
+        HAS_F=F is not None,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return (gg, dg, dd), n_chunks
 
 
@@ -461,10 +701,22 @@ def meanflow_saves_residual(x: torch.Tensor, save_residual: bool) -> bool:
     return save_residual and residual_pays(x, 3)
 
 
-def scm_forward(F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor,
-                dx_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor, weight: Optional[torch.Tensor],
-                logvar: Optional[torch.Tensor], sigma_data: float, tangent_norm_c: float, tangent_norm: str,
-                reduction: str, save_residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scm_forward(
+    F: torch.Tensor,
+    F_minus: torch.Tensor,
+    F_jvp: torch.Tensor,
+    x_t: torch.Tensor,
+    dx_dt: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    logvar: Optional[torch.Tensor],
+    sigma_data: float,
+    tangent_norm_c: float,
+    tangent_norm: str,
+    reduction: str,
+    save_residual: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All per-element inputs contiguous (B, ...); t, r (and weight, logvar): (B,). Returns
     (loss, stats, residual) with stats = [k; w·e^{−logvar}; ‖F − F⁻ − k·g‖²/D], shape (3, B), and
     residual = F − F⁻ − ĝ in the compute dtype where scm_saves_residual(F, save_residual), otherwise an
@@ -477,39 +729,106 @@ def scm_forward(F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t
         residual = torch.empty(F.shape, dtype=compute_dtype(F), device=F.device)
         block = max(triton.next_power_of_2(per_sample), 16)
         _scm_on_chip_kernel[(batch,)](
-            F, F_minus, F_jvp, x_t, dx_dt, t, r, gg, dd, residual, per_sample, float(sigma_data),
-            float(tangent_norm_c), TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm], COMPUTE=compute, BLOCK_SIZE=block,
-            num_warps=max(1, min(ON_CHIP_NUM_WARPS, block // 512)))
+            F,
+            F_minus,
+            F_jvp,
+            x_t,
+            dx_dt,
+            t,
+            r,
+            gg,
+            dd,
+            residual,
+            per_sample,
+            float(sigma_data),
+            float(tangent_norm_c),
+            TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm],
+            COMPUTE=compute,
+            BLOCK_SIZE=block,
+            num_warps=max(1, min(ON_CHIP_NUM_WARPS, block // 512)),
+        )
     else:
         (gg, dg, dd), n_chunks = _scm_partials(F, F_minus, F_jvp, x_t, dx_dt, t, r, sigma_data)
         residual = F.new_empty(0)
     stats = torch.empty((3, batch), dtype=compute_dtype(F), device=F.device)
     out = _loss_output(F, reduction)
     _scm_epilogue_kernel[(1,)](
-        gg, dg, dd, stats if weight is None else weight, stats if logvar is None else logvar, stats, out, batch,
-        n_chunks, per_sample, float(tangent_norm_c), HAS_WEIGHT=weight is not None, HAS_LOGVAR=logvar is not None,
-        RESIDUAL_SUM=on_chip, TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm], REDUCTION=REDUCTION_IDS[reduction],
-        COMPUTE=compute, **_epilogue_tiles(batch, n_chunks))
+        gg,
+        dg,
+        dd,
+        stats if weight is None else weight,
+        stats if logvar is None else logvar,
+        stats,
+        out,
+        batch,
+        n_chunks,
+        per_sample,
+        float(tangent_norm_c),
+        HAS_WEIGHT=weight is not None,
+        HAS_LOGVAR=logvar is not None,
+        RESIDUAL_SUM=on_chip,
+        TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm],
+        REDUCTION=REDUCTION_IDS[reduction],
+        COMPUTE=compute,
+        **_epilogue_tiles(batch, n_chunks),
+    )
     return out, stats, residual
 
 
-def scm_backward(grad_out: torch.Tensor, F: torch.Tensor, F_minus: torch.Tensor, F_jvp: torch.Tensor,
-                 x_t: torch.Tensor, dx_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor, stats: torch.Tensor,
-                 sigma_data: float, reduction: str) -> torch.Tensor:
+def scm_backward(
+    grad_out: torch.Tensor,
+    F: torch.Tensor,
+    F_minus: torch.Tensor,
+    F_jvp: torch.Tensor,
+    x_t: torch.Tensor,
+    dx_dt: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    stats: torch.Tensor,
+    sigma_data: float,
+    reduction: str,
+) -> torch.Tensor:
     """∂loss/∂F = G_b·w_b·e^{−logvar_b}·2·(F − F⁻ − ĝ)/D in one pass."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(F)
     grad_F = torch.empty_like(F)
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
     _scm_apply_kernel[(n_chunks * batch,)](
-        F, F_minus, F_jvp, x_t, dx_dt, t, r, stats, grad_out, grad_stride, grad_scale * 2.0 / per_sample, grad_F,
-        batch, per_sample, blocks_per_chunk, n_chunks, float(sigma_data), IS_GRAD=True, COMPUTE=compute,
-        BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        F,
+        F_minus,
+        F_jvp,
+        x_t,
+        dx_dt,
+        t,
+        r,
+        stats,
+        grad_out,
+        grad_stride,
+        grad_scale * 2.0 / per_sample,
+        grad_F,
+        batch,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        float(sigma_data),
+        IS_GRAD=True,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return grad_F
 
 
-def scm_tangent(F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor, dx_dt: torch.Tensor,
-                t: torch.Tensor, r: torch.Tensor, sigma_data: float, tangent_norm_c: float,
-                tangent_norm: str) -> torch.Tensor:
+def scm_tangent(
+    F_minus: torch.Tensor,
+    F_jvp: torch.Tensor,
+    x_t: torch.Tensor,
+    dx_dt: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    sigma_data: float,
+    tangent_norm_c: float,
+    tangent_norm: str,
+) -> torch.Tensor:
     """ĝ = g/(‖g‖ + c): one pass for ‖g‖² (skipped for tangent_norm='none'), one pass writing ĝ."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(F_minus)
     k = torch.empty((batch,), dtype=compute_dtype(F_minus), device=F_minus.device)
@@ -517,19 +836,54 @@ def scm_tangent(F_minus: torch.Tensor, F_jvp: torch.Tensor, x_t: torch.Tensor, d
         k.fill_(1.0)
     else:
         (gg, _, _), n_chunks = _scm_partials(None, F_minus, F_jvp, x_t, dx_dt, t, r, sigma_data)
-        _scm_tangent_epilogue_kernel[(1,)](gg, k, batch, n_chunks, per_sample, float(tangent_norm_c),
-                                           TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm],
-                                           **_epilogue_tiles(batch, n_chunks))
+        _scm_tangent_epilogue_kernel[(1,)](
+            gg,
+            k,
+            batch,
+            n_chunks,
+            per_sample,
+            float(tangent_norm_c),
+            TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm],
+            **_epilogue_tiles(batch, n_chunks),
+        )
     g_hat = torch.empty_like(F_minus)
     _scm_apply_kernel[(n_chunks * batch,)](
-        F_minus, F_minus, F_jvp, x_t, dx_dt, t, r, k, k, 0, 1.0, g_hat, batch, per_sample, blocks_per_chunk,
-        n_chunks, float(sigma_data), IS_GRAD=False, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        F_minus,
+        F_minus,
+        F_jvp,
+        x_t,
+        dx_dt,
+        t,
+        r,
+        k,
+        k,
+        0,
+        1.0,
+        g_hat,
+        batch,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        float(sigma_data),
+        IS_GRAD=False,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return g_hat
 
 
-def meanflow_forward(u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-                     eps: float, p: float, reduction: str,
-                     save_residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def meanflow_forward(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    dudt: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    eps: float,
+    p: float,
+    reduction: str,
+    save_residual: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, inv_weight, residual) with inv_weight_b = (L_b + ε)^{−p}, shape (B,), and
     residual = u − u_tgt in the compute dtype, written by the same pass, where
     meanflow_saves_residual(u, save_residual) (else an empty (0,) tensor)."""
@@ -539,35 +893,97 @@ def meanflow_forward(u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor, t: to
     save = meanflow_saves_residual(u, save_residual)
     residual = torch.empty(u.shape, dtype=compute_dtype(u), device=u.device) if save else u.new_empty(0)
     out = _loss_output(u, reduction)
-    _meanflow_partial_kernel[(n_chunks * batch,)](u, v, dudt, t, r, partials, residual if save else partials,
-                                                  per_sample, blocks_per_chunk, n_chunks, SAVE_RESIDUAL=save,
-                                                  COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
-    _meanflow_epilogue_kernel[(1,)](partials, inv_weight, out, batch, n_chunks, float(eps), float(p),
-                                    REDUCTION=REDUCTION_IDS[reduction], COMPUTE=compute,
-                                    **_epilogue_tiles(batch, n_chunks))
+    _meanflow_partial_kernel[(n_chunks * batch,)](
+        u,
+        v,
+        dudt,
+        t,
+        r,
+        partials,
+        residual if save else partials,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        SAVE_RESIDUAL=save,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
+    _meanflow_epilogue_kernel[(1,)](
+        partials,
+        inv_weight,
+        out,
+        batch,
+        n_chunks,
+        float(eps),
+        float(p),
+        REDUCTION=REDUCTION_IDS[reduction],
+        COMPUTE=compute,
+        **_epilogue_tiles(batch, n_chunks),
+    )
     return out, inv_weight, residual
 
 
-def meanflow_backward(grad_out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dudt: torch.Tensor,
-                      t: torch.Tensor, r: torch.Tensor, inv_weight: torch.Tensor, reduction: str) -> torch.Tensor:
+def meanflow_backward(
+    grad_out: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    dudt: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    inv_weight: torch.Tensor,
+    reduction: str,
+) -> torch.Tensor:
     """∂loss/∂u = G_b·2·(u − u_tgt)/(L_b + ε)^p in one pass."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(u)
     grad_u = torch.empty_like(u)
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
-    _meanflow_bwd_kernel[(n_chunks * batch,)](u, v, dudt, t, r, inv_weight, grad_out, grad_stride, grad_scale,
-                                              grad_u, per_sample, blocks_per_chunk, n_chunks, COMPUTE=compute,
-                                              BLOCK_SIZE=block, num_warps=NUM_WARPS)
+    _meanflow_bwd_kernel[(n_chunks * batch,)](
+        u,
+        v,
+        dudt,
+        t,
+        r,
+        inv_weight,
+        grad_out,
+        grad_stride,
+        grad_scale,
+        grad_u,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return grad_u
 
 
-def residual_backward(grad_out: torch.Tensor, residual: torch.Tensor, coef: torch.Tensor, coef_scale: float,
-                      reduction: str, dtype: torch.dtype) -> torch.Tensor:
+def residual_backward(
+    grad_out: torch.Tensor,
+    residual: torch.Tensor,
+    coef: torch.Tensor,
+    coef_scale: float,
+    reduction: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """grad = G_b·coef_scale·coef_b·residual from a residual saved by the forward (coef: (B,)), one
     read and one write; returned in `dtype` (the loss input's)."""
     batch, per_sample, block, blocks_per_chunk, n_chunks, compute = _geometry(residual)
     grad = torch.empty(residual.shape, dtype=dtype, device=residual.device)
     grad_stride, grad_scale = _grad_layout(grad_out, reduction, batch)
-    _residual_bwd_kernel[(n_chunks * batch,)](residual, grad_out, grad_stride, grad_scale * coef_scale, coef, grad,
-                                              per_sample, blocks_per_chunk, n_chunks, COMPUTE=compute,
-                                              BLOCK_SIZE=block, num_warps=NUM_WARPS)
+    _residual_bwd_kernel[(n_chunks * batch,)](
+        residual,
+        grad_out,
+        grad_stride,
+        grad_scale * coef_scale,
+        coef,
+        grad,
+        per_sample,
+        blocks_per_chunk,
+        n_chunks,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return grad

@@ -66,9 +66,19 @@ def _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _precondition_fwd_kernel(x_ptr, f_ptr, sigma_ptr, out_ptr, per_sample, blocks_per_sample,
-                             sigma_data, sigma_min, PARAM: tl.constexpr, COMPUTE: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr):
+def _precondition_fwd_kernel(
+    x_ptr,
+    f_ptr,
+    sigma_ptr,
+    out_ptr,
+    per_sample,
+    blocks_per_sample,
+    sigma_data,
+    sigma_min,
+    PARAM: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     sample, _, offsets, mask = _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE)
     sigma = tl.load(sigma_ptr + sample).to(COMPUTE)
     c_skip, c_out, _, _ = _scalings(sigma, sigma_data, sigma_min, PARAM)
@@ -78,10 +88,25 @@ def _precondition_fwd_kernel(x_ptr, f_ptr, sigma_ptr, out_ptr, per_sample, block
 
 
 @triton.jit
-def _precondition_bwd_kernel(grad_ptr, x_ptr, f_ptr, sigma_ptr, grad_x_ptr, grad_f_ptr, grad_sigma_partial_ptr,
-                             per_sample, blocks_per_sample, sigma_data, sigma_min,
-                             NEED_X: tl.constexpr, NEED_F: tl.constexpr, NEED_SIGMA: tl.constexpr,
-                             PARAM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _precondition_bwd_kernel(
+    grad_ptr,
+    x_ptr,
+    f_ptr,
+    sigma_ptr,
+    grad_x_ptr,
+    grad_f_ptr,
+    grad_sigma_partial_ptr,
+    per_sample,
+    blocks_per_sample,
+    sigma_data,
+    sigma_min,
+    NEED_X: tl.constexpr,
+    NEED_F: tl.constexpr,
+    NEED_SIGMA: tl.constexpr,
+    PARAM: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     sample, pid, offsets, mask = _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE)
     sigma = tl.load(sigma_ptr + sample).to(COMPUTE)
     c_skip, c_out, d_c_skip, d_c_out = _scalings(sigma, sigma_data, sigma_min, PARAM)
@@ -98,10 +123,25 @@ def _precondition_bwd_kernel(grad_ptr, x_ptr, f_ptr, sigma_ptr, grad_x_ptr, grad
 
 
 @triton.jit
-def _precondition_jvp_kernel(x_ptr, f_ptr, x_t_ptr, f_t_ptr, sigma_ptr, sigma_t_ptr, out_t_ptr,
-                             per_sample, blocks_per_sample, sigma_data, sigma_min,
-                             HAS_X_T: tl.constexpr, HAS_F_T: tl.constexpr, HAS_SIGMA_T: tl.constexpr,
-                             PARAM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _precondition_jvp_kernel(
+    x_ptr,
+    f_ptr,
+    x_t_ptr,
+    f_t_ptr,
+    sigma_ptr,
+    sigma_t_ptr,
+    out_t_ptr,
+    per_sample,
+    blocks_per_sample,
+    sigma_data,
+    sigma_min,
+    HAS_X_T: tl.constexpr,
+    HAS_F_T: tl.constexpr,
+    HAS_SIGMA_T: tl.constexpr,
+    PARAM: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     sample, _, offsets, mask = _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE)
     sigma = tl.load(sigma_ptr + sample).to(COMPUTE)
     c_skip, c_out, d_c_skip, d_c_out = _scalings(sigma, sigma_data, sigma_min, PARAM)
@@ -122,21 +162,42 @@ def _launch_geometry(x: torch.Tensor):
     return (*per_sample_blocks(x, BLOCK), compute_type(x))
 
 
-def precondition_forward(x: torch.Tensor, net_out: torch.Tensor, sigma: torch.Tensor, param: str,
-                         sigma_data: float, sigma_min: float) -> torch.Tensor:
+def precondition_forward(
+    x: torch.Tensor, net_out: torch.Tensor, sigma: torch.Tensor, param: str, sigma_data: float, sigma_min: float
+) -> torch.Tensor:
     """x, net_out: contiguous, same shape/dtype; sigma: (B,) contiguous. Returns c_skip·x + c_out·net_out."""
     out = torch.empty_like(x)
     batch, per_sample, block, blocks_per_sample, compute = _launch_geometry(x)
     if out.numel():
         _precondition_fwd_kernel[(batch * blocks_per_sample,)](
-            x, net_out, sigma, out, per_sample, blocks_per_sample, float(sigma_data), float(sigma_min),
-            PARAM=PARAM_IDS[param], COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+            x,
+            net_out,
+            sigma,
+            out,
+            per_sample,
+            blocks_per_sample,
+            float(sigma_data),
+            float(sigma_min),
+            PARAM=PARAM_IDS[param],
+            COMPUTE=compute,
+            BLOCK_SIZE=block,
+            num_warps=NUM_WARPS,
+        )
     return out
 
 
-def precondition_backward(grad_out: torch.Tensor, x: torch.Tensor, net_out: torch.Tensor, sigma: torch.Tensor,
-                          param: str, sigma_data: float, sigma_min: float, need_x: bool, need_net_out: bool,
-                          need_sigma: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def precondition_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    net_out: torch.Tensor,
+    sigma: torch.Tensor,
+    param: str,
+    sigma_data: float,
+    sigma_min: float,
+    need_x: bool,
+    need_net_out: bool,
+    need_sigma: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_net_out, grad_sigma (B,)); entries not asked for are empty (0,) tensors
     (a custom op cannot return None)."""
     batch, per_sample, block, blocks_per_sample, compute = _launch_geometry(x)
@@ -145,26 +206,63 @@ def precondition_backward(grad_out: torch.Tensor, x: torch.Tensor, net_out: torc
     partials = torch.empty((batch, blocks_per_sample), dtype=sigma.dtype, device=x.device) if need_sigma else None
     if x.numel() and (need_x or need_net_out or need_sigma):
         _precondition_bwd_kernel[(batch * blocks_per_sample,)](
-            grad_out, x, net_out, sigma, grad_x, grad_f,
-            partials if need_sigma else sigma, per_sample, blocks_per_sample, float(sigma_data), float(sigma_min),
-            NEED_X=need_x, NEED_F=need_net_out, NEED_SIGMA=need_sigma, PARAM=PARAM_IDS[param],
-            COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+            grad_out,
+            x,
+            net_out,
+            sigma,
+            grad_x,
+            grad_f,
+            partials if need_sigma else sigma,
+            per_sample,
+            blocks_per_sample,
+            float(sigma_data),
+            float(sigma_min),
+            NEED_X=need_x,
+            NEED_F=need_net_out,
+            NEED_SIGMA=need_sigma,
+            PARAM=PARAM_IDS[param],
+            COMPUTE=compute,
+            BLOCK_SIZE=block,
+            num_warps=NUM_WARPS,
+        )
     # Per-(sample, block) partials summed here, not with atomics, so the result is deterministic.
     grad_sigma = partials.sum(dim=1) if need_sigma else sigma.new_zeros(0)
     return grad_x, grad_f, grad_sigma
 
 
-def precondition_jvp(x: torch.Tensor, net_out: torch.Tensor, sigma: torch.Tensor, x_t: Optional[torch.Tensor],
-                     net_out_t: Optional[torch.Tensor], sigma_t: Optional[torch.Tensor], param: str,
-                     sigma_data: float, sigma_min: float) -> torch.Tensor:
+def precondition_jvp(
+    x: torch.Tensor,
+    net_out: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: Optional[torch.Tensor],
+    net_out_t: Optional[torch.Tensor],
+    sigma_t: Optional[torch.Tensor],
+    param: str,
+    sigma_data: float,
+    sigma_min: float,
+) -> torch.Tensor:
     """Output tangent c_skip·ẋ + c_out·Ḟ + σ̇·(c_skip'·x + c_out'·F); absent tangents are None."""
     out_t = torch.empty_like(x)
     batch, per_sample, block, blocks_per_sample, compute = _launch_geometry(x)
     if out_t.numel():
         _precondition_jvp_kernel[(batch * blocks_per_sample,)](
-            x, net_out, x if x_t is None else x_t, x if net_out_t is None else net_out_t, sigma,
-            sigma if sigma_t is None else sigma_t, out_t, per_sample, blocks_per_sample,
-            float(sigma_data), float(sigma_min), HAS_X_T=x_t is not None, HAS_F_T=net_out_t is not None,
-            HAS_SIGMA_T=sigma_t is not None, PARAM=PARAM_IDS[param], COMPUTE=compute,
-            BLOCK_SIZE=block, num_warps=NUM_WARPS)
+            x,
+            net_out,
+            x if x_t is None else x_t,
+            x if net_out_t is None else net_out_t,
+            sigma,
+            sigma if sigma_t is None else sigma_t,
+            out_t,
+            per_sample,
+            blocks_per_sample,
+            float(sigma_data),
+            float(sigma_min),
+            HAS_X_T=x_t is not None,
+            HAS_F_T=net_out_t is not None,
+            HAS_SIGMA_T=sigma_t is not None,
+            PARAM=PARAM_IDS[param],
+            COMPUTE=compute,
+            BLOCK_SIZE=block,
+            num_warps=NUM_WARPS,
+        )
     return out_t

@@ -30,11 +30,32 @@ NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
 @triton.jit
-def _combination_kernel(out_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, noise_ptr, coef_ptr,
-                        c0, c1, c2, c3, c4, seed, offset, per_sample, blocks_per_sample,
-                        HAS_T0: tl.constexpr, HAS_T1: tl.constexpr, HAS_T2: tl.constexpr, HAS_T3: tl.constexpr,
-                        NOISE: tl.constexpr, PER_SAMPLE_COEFS: tl.constexpr,
-                        COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _combination_kernel(
+    out_ptr,
+    t0_ptr,
+    t1_ptr,
+    t2_ptr,
+    t3_ptr,
+    noise_ptr,
+    coef_ptr,
+    c0,
+    c1,
+    c2,
+    c3,
+    c4,
+    seed,
+    offset,
+    per_sample,
+    blocks_per_sample,
+    HAS_T0: tl.constexpr,
+    HAS_T1: tl.constexpr,
+    HAS_T2: tl.constexpr,
+    HAS_T3: tl.constexpr,
+    NOISE: tl.constexpr,
+    PER_SAMPLE_COEFS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     sample = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -62,10 +83,19 @@ def _combination_kernel(out_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, noise_ptr, coef
     tl.store(out_ptr + index, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def combination_into(out: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional[torch.Tensor],
-                     t2: Optional[torch.Tensor], t3: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                     coefs: Optional[torch.Tensor], scalar_coefs: List[float], seed: int, offset: int,
-                     philox: bool) -> torch.Tensor:
+def combination_into(
+    out: torch.Tensor,
+    t0: Optional[torch.Tensor],
+    t1: Optional[torch.Tensor],
+    t2: Optional[torch.Tensor],
+    t3: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    coefs: Optional[torch.Tensor],
+    scalar_coefs: List[float],
+    seed: int,
+    offset: int,
+    philox: bool,
+) -> torch.Tensor:
     """out = c0·t0 + c1·t1 + c2·t2 + c3·t3 + c4·z, written into `out` (contiguous; may alias an input).
 
     Terms that are None are left out; z is `noise` if given, Philox N(0, 1) noise from
@@ -80,22 +110,58 @@ def combination_into(out: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional
         return out
     noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if philox else NOISE_NONE
     _combination_kernel[(batch * blocks_per_sample,)](
-        out, out if t0 is None else t0, out if t1 is None else t1, out if t2 is None else t2,
-        out if t3 is None else t3, out if noise is None else noise, out if coefs is None else coefs,
-        *[float(c) for c in scalar_coefs], int(seed), int(offset), per_sample, blocks_per_sample,
-        HAS_T0=t0 is not None, HAS_T1=t1 is not None, HAS_T2=t2 is not None, HAS_T3=t3 is not None,
-        NOISE=noise_mode, PER_SAMPLE_COEFS=coefs is not None, COMPUTE=compute, BLOCK_SIZE=block,
-        num_warps=NUM_WARPS)
+        out,
+        out if t0 is None else t0,
+        out if t1 is None else t1,
+        out if t2 is None else t2,
+        out if t3 is None else t3,
+        out if noise is None else noise,
+        out if coefs is None else coefs,
+        *[float(c) for c in scalar_coefs],
+        int(seed),
+        int(offset),
+        per_sample,
+        blocks_per_sample,
+        HAS_T0=t0 is not None,
+        HAS_T1=t1 is not None,
+        HAS_T2=t2 is not None,
+        HAS_T3=t3 is not None,
+        NOISE=noise_mode,
+        PER_SAMPLE_COEFS=coefs is not None,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return out
 
 
-def combination(like: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional[torch.Tensor],
-                t2: Optional[torch.Tensor], t3: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                coefs: Optional[torch.Tensor], scalar_coefs: List[float], seed: int, offset: int,
-                philox: bool) -> torch.Tensor:
+def combination(
+    like: torch.Tensor,
+    t0: Optional[torch.Tensor],
+    t1: Optional[torch.Tensor],
+    t2: Optional[torch.Tensor],
+    t3: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    coefs: Optional[torch.Tensor],
+    scalar_coefs: List[float],
+    seed: int,
+    offset: int,
+    philox: bool,
+) -> torch.Tensor:
     """combination_into a new tensor shaped and typed like `like`."""
-    return combination_into(torch.empty_like(like, memory_format=torch.contiguous_format),
-                            t0, t1, t2, t3, noise, coefs, scalar_coefs, seed, offset, philox)
+    return combination_into(
+        torch.empty_like(like, memory_format=torch.contiguous_format),
+        t0,
+        t1,
+        t2,
+        t3,
+        noise,
+        coefs,
+        scalar_coefs,
+        seed,
+        offset,
+        philox,
+    )
 
 
 __all__ = ["combination", "combination_into"]

@@ -31,11 +31,29 @@ NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
 
 @triton.jit
-def _linear_combination_kernel(out_ptr, t0_ptr, t1_ptr, t2_ptr, noise_ptr, coef_ptr,
-                               c0, c1, c2, c3, seed, offset, per_sample, blocks_per_sample,
-                               HAS_T0: tl.constexpr, HAS_T1: tl.constexpr, HAS_T2: tl.constexpr,
-                               NOISE: tl.constexpr, PER_SAMPLE_COEFS: tl.constexpr,
-                               COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _linear_combination_kernel(
+    out_ptr,
+    t0_ptr,
+    t1_ptr,
+    t2_ptr,
+    noise_ptr,
+    coef_ptr,
+    c0,
+    c1,
+    c2,
+    c3,
+    seed,
+    offset,
+    per_sample,
+    blocks_per_sample,
+    HAS_T0: tl.constexpr,
+    HAS_T1: tl.constexpr,
+    HAS_T2: tl.constexpr,
+    NOISE: tl.constexpr,
+    PER_SAMPLE_COEFS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     sample = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -61,8 +79,18 @@ def _linear_combination_kernel(out_ptr, t0_ptr, t1_ptr, t2_ptr, noise_ptr, coef_
 
 
 @triton.jit
-def _guided_moments_kernel(cond_ptr, uncond_ptr, scale_ptr, scale, partial_ptr, per_sample, blocks_per_sample,
-                           PER_SAMPLE_SCALE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _guided_moments_kernel(
+    cond_ptr,
+    uncond_ptr,
+    scale_ptr,
+    scale,
+    partial_ptr,
+    per_sample,
+    blocks_per_sample,
+    PER_SAMPLE_SCALE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     sample = pid // blocks_per_sample
     cols = (pid % blocks_per_sample) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -90,9 +118,18 @@ def _geometry(like: torch.Tensor, block: int):
     return (*per_sample_blocks(like, block), compute_type(like))
 
 
-def linear_combination_into(out: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional[torch.Tensor],
-                            t2: Optional[torch.Tensor], noise: Optional[torch.Tensor], coefs: Optional[torch.Tensor],
-                            scalar_coefs: List[float], seed: int, offset: int, philox: bool) -> torch.Tensor:
+def linear_combination_into(
+    out: torch.Tensor,
+    t0: Optional[torch.Tensor],
+    t1: Optional[torch.Tensor],
+    t2: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    coefs: Optional[torch.Tensor],
+    scalar_coefs: List[float],
+    seed: int,
+    offset: int,
+    philox: bool,
+) -> torch.Tensor:
     """out = c0·t0 + c1·t1 + c2·t2 + c3·z, written into `out` (contiguous; may alias an input).
 
     Terms that are None are left out; z is `noise` if given, Philox N(0, 1) noise from
@@ -106,24 +143,59 @@ def linear_combination_into(out: torch.Tensor, t0: Optional[torch.Tensor], t1: O
         return out
     noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if philox else NOISE_NONE
     _linear_combination_kernel[(batch * blocks_per_sample,)](
-        out, out if t0 is None else t0, out if t1 is None else t1, out if t2 is None else t2,
-        out if noise is None else noise, out if coefs is None else coefs, *[float(c) for c in scalar_coefs],
-        int(seed), int(offset), per_sample, blocks_per_sample,
-        HAS_T0=t0 is not None, HAS_T1=t1 is not None, HAS_T2=t2 is not None, NOISE=noise_mode,
-        PER_SAMPLE_COEFS=coefs is not None, COMPUTE=compute, BLOCK_SIZE=block, num_warps=NUM_WARPS)
+        out,
+        out if t0 is None else t0,
+        out if t1 is None else t1,
+        out if t2 is None else t2,
+        out if noise is None else noise,
+        out if coefs is None else coefs,
+        *[float(c) for c in scalar_coefs],
+        int(seed),
+        int(offset),
+        per_sample,
+        blocks_per_sample,
+        HAS_T0=t0 is not None,
+        HAS_T1=t1 is not None,
+        HAS_T2=t2 is not None,
+        NOISE=noise_mode,
+        PER_SAMPLE_COEFS=coefs is not None,
+        COMPUTE=compute,
+        BLOCK_SIZE=block,
+        num_warps=NUM_WARPS,
+    )
     return out
 
 
-def linear_combination(like: torch.Tensor, t0: Optional[torch.Tensor], t1: Optional[torch.Tensor],
-                       t2: Optional[torch.Tensor], noise: Optional[torch.Tensor], coefs: Optional[torch.Tensor],
-                       scalar_coefs: List[float], seed: int, offset: int, philox: bool) -> torch.Tensor:
+def linear_combination(
+    like: torch.Tensor,
+    t0: Optional[torch.Tensor],
+    t1: Optional[torch.Tensor],
+    t2: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    coefs: Optional[torch.Tensor],
+    scalar_coefs: List[float],
+    seed: int,
+    offset: int,
+    philox: bool,
+) -> torch.Tensor:
     """linear_combination_into a new tensor shaped and typed like `like`."""
-    return linear_combination_into(torch.empty_like(like, memory_format=torch.contiguous_format),
-                                   t0, t1, t2, noise, coefs, scalar_coefs, seed, offset, philox)
+    return linear_combination_into(
+        torch.empty_like(like, memory_format=torch.contiguous_format),
+        t0,
+        t1,
+        t2,
+        noise,
+        coefs,
+        scalar_coefs,
+        seed,
+        offset,
+        philox,
+    )
 
 
-def guided_moments(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: Optional[torch.Tensor],
-                   scalar_scale: float) -> torch.Tensor:
+def guided_moments(
+    eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: Optional[torch.Tensor], scalar_scale: float
+) -> torch.Tensor:
     """Per-sample (mean ε_c, std ε_c, mean ε̃, std ε̃), ε̃ = ε_u + w·(ε_c − ε_u), std unbiased, as a
     (B, 4) tensor in the compute dtype. w: `scale` (B,) in the compute dtype, or `scalar_scale`."""
     batch, per_sample, block, blocks_per_sample, compute = _geometry(eps_cond, MOMENTS_BLOCK)
@@ -133,14 +205,25 @@ def guided_moments(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: Opti
     partial = torch.empty((batch, blocks_per_sample, 4), dtype=work, device=eps_cond.device)
     if eps_cond.numel():
         _guided_moments_kernel[(batch * blocks_per_sample,)](
-            eps_cond, eps_uncond, eps_cond if scale is None else scale, float(scalar_scale), partial,
-            per_sample, blocks_per_sample, PER_SAMPLE_SCALE=scale is not None, COMPUTE=compute,
-            BLOCK_SIZE=block, num_warps=NUM_WARPS)
+            eps_cond,
+            eps_uncond,
+            eps_cond if scale is None else scale,
+            float(scalar_scale),
+            partial,
+            per_sample,
+            blocks_per_sample,
+            PER_SAMPLE_SCALE=scale is not None,
+            COMPUTE=compute,
+            BLOCK_SIZE=block,
+            num_warps=NUM_WARPS,
+        )
     counts = torch.full((blocks_per_sample,), float(block), dtype=torch.float64, device=eps_cond.device)
     counts[-1] = per_sample - block * (blocks_per_sample - 1)
     partial = partial.to(torch.float64)
     means = (partial[:, :, 0::2] * counts[None, :, None]).sum(1) / per_sample
-    spread = partial[:, :, 1::2].sum(1) + (counts[None, :, None] * (partial[:, :, 0::2] - means[:, None, :])**2).sum(1)
+    spread = partial[:, :, 1::2].sum(1) + (counts[None, :, None] * (partial[:, :, 0::2] - means[:, None, :]) ** 2).sum(
+        1
+    )
     std = torch.sqrt(spread / (per_sample - 1))
     return torch.stack([means[:, 0], std[:, 0], means[:, 1], std[:, 1]], dim=1).to(work)
 

@@ -39,9 +39,16 @@ def main():
     ok = True
     for d in (64, 128):
         B, H, Hkv, Nq, Nk = (1, 2, 1, 70, 45) if args.small else (1, 2, 1, 300, 700)
-        r = lambda *s: torch.randn(*s, device=args.device, dtype=torch.bfloat16)   # noqa: E731
-        q, k, v, qt, kt, vt = r(B, H, Nq, d), r(B, Hkv, Nk, d), r(B, Hkv, Nk, d), r(B, H, Nq, d), r(B, Hkv, Nk, d), r(B, Hkv, Nk, d)
-        scale = d ** -0.5
+        r = lambda *s: torch.randn(*s, device=args.device, dtype=torch.bfloat16)  # noqa: E731
+        q, k, v, qt, kt, vt = (
+            r(B, H, Nq, d),
+            r(B, Hkv, Nk, d),
+            r(B, Hkv, Nk, d),
+            r(B, H, Nq, d),
+            r(B, Hkv, Nk, d),
+            r(B, Hkv, Nk, d),
+        )
+        scale = d**-0.5
         f64 = [t.double().cpu() for t in (q, k, v, qt, kt, vt)]
         grad = r(B, H, Nq, d)
         bias64 = torch.randn(1, 1, Nq, Nk, dtype=torch.float64)
@@ -58,8 +65,9 @@ def main():
             r_out, r_lse = ref.attention(*f64[:3], attn_bias=b64, scale=scale, return_lse=True)
             r_jvp = ref.attention_jvp(*f64, attn_bias=b64, scale=scale, return_lse=True)
             leaves = [t.clone().requires_grad_(True) for t in f64[:3]]
-            r_grads = torch.autograd.grad(ref.attention(*leaves, attn_bias=b64, scale=scale), leaves,
-                                          grad.double().cpu())
+            r_grads = torch.autograd.grad(
+                ref.attention(*leaves, attn_bias=b64, scale=scale), leaves, grad.double().cpu()
+            )
             names = (lambda fn, *a: fn(*a)) if cuda else (lambda fn, *a: "C++ CPU kernel")
             for name, got, want, kernel in [
                 ("out", out, r_out, names(ops.attention_forward_kernels, q, v, False, has_bias, False)),
@@ -75,8 +83,10 @@ def main():
                 err = rel_err(got, want)
                 good = bool(torch.isfinite(got).all()) and err < 2e-2
                 ok &= good
-                print(f"d={d:3d} {'bias ' if has_bias else ''}{name:10s} rel err {err:.2e} {'ok' if good else 'FAIL'}"
-                      + (f"  {kernel}" if kernel else ""))
+                print(
+                    f"d={d:3d} {'bias ' if has_bias else ''}{name:10s} rel err {err:.2e} {'ok' if good else 'FAIL'}"
+                    + (f"  {kernel}" if kernel else "")
+                )
     sys.exit(0 if ok else 1)
 
 

@@ -70,7 +70,7 @@ def _canonical_int(value: int) -> int:
     """The representative of `value`'s JIT specialisation: 1, a multiple of 16, or neither; i32, i64 or u64."""
     if value == 1:
         return 1
-    base = 0 if -2 ** 31 <= value < 2 ** 31 else 2 ** 32 if value < 2 ** 63 else 2 ** 63
+    base = 0 if -(2**31) <= value < 2**31 else 2**32 if value < 2**63 else 2**63
     return base + (16 if value % 16 == 0 else 7)
 
 
@@ -110,9 +110,12 @@ def record(path: str, pytest_args: list) -> int:
         # In signature order: the compile step passes them positionally, and keywords may come in any order.
         bound = {name: bound[name] for name in parameters if name in bound}
         entry = {
-            "module": self.fn.__module__, "name": self.fn.__name__,
-            "args": {name: _describe(value, _is_constexpr(parameters[name].annotation), f"{where}({name})")
-                     for name, value in bound.items()},
+            "module": self.fn.__module__,
+            "name": self.fn.__name__,
+            "args": {
+                name: _describe(value, _is_constexpr(parameters[name].annotation), f"{where}({name})")
+                for name, value in bound.items()
+            },
             "options": {name: value for name, value in kwargs.items() if name not in parameters},
         }
         launches[json.dumps(entry, sort_keys=True)] = entry
@@ -121,8 +124,10 @@ def record(path: str, pytest_args: list) -> int:
     InterpretedFunction.run = recording_run
     status = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:warnings", *pytest_args])
     pathlib.Path(path).write_text(json.dumps(list(launches.values()), indent=1))
-    print(f"recorded {len(launches)} distinct launches of "
-          f"{len({(e['module'], e['name']) for e in launches.values()})} kernels")
+    print(
+        f"recorded {len(launches)} distinct launches of "
+        f"{len({(e['module'], e['name']) for e in launches.values()})} kernels"
+    )
     return int(status)
 
 
@@ -161,23 +166,29 @@ def _argument(desc):
 
 def _signature(args: dict) -> str:
     """The launch as the JIT sees it: pointer dtypes, integer classes, constexpr values."""
+
     def show(desc):
         if "tensor" in desc:
             return f"*{desc['tensor']}" + ("" if desc["aligned"] else " (unaligned)")
         if "int" in desc:
             value = desc["int"]
-            width = "i32" if value < 2 ** 31 else "i64" if value < 2 ** 63 else "u64"
+            width = "i32" if value < 2**31 else "i64" if value < 2**63 else "u64"
             return "1" if value == 1 else width + (" (multiple of 16)" if value % 16 == 0 else "")
         if "float" in desc:
             return "fp32"
         return str(desc.get("tl_dtype", desc.get("value")))
+
     return ", ".join(f"{name}={show(desc)}" for name, desc in args.items())
 
 
 def _ptxas_report(log: str) -> dict:
     """Registers, spill bytes and stack frame from ptxas -v output."""
-    numbers = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-               "spill_loads": r"(\d+) bytes spill loads", "stack": r"(\d+) bytes stack frame"}
+    numbers = {
+        "registers": r"Used (\d+) registers",
+        "spill_stores": r"(\d+) bytes spill stores",
+        "spill_loads": r"(\d+) bytes spill loads",
+        "stack": r"(\d+) bytes stack frame",
+    }
     found = {key: re.search(pattern, log) for key, pattern in numbers.items()}
     if found["registers"] is None:
         raise RuntimeError(f"no register count in the ptxas log:\n{log}")
@@ -216,30 +227,48 @@ def compile_all(launches: list, arches: list) -> int:
                 continue
             threads = 32 * compiled.metadata.num_warps
             shared = compiled.metadata.shared
-            problems = [f"{report['registers']} registers × {threads} threads exceed the register file"
-                        ] if report["registers"] * threads > REGISTER_FILE else []
-            problems += [f"{shared} B shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
-                         ] if shared > SHARED_LIMIT[arch] else []
-            problems += [f"spills ({report['spill_stores']} B stored, {report['spill_loads']} B loaded)"
-                         ] if report["spill_stores"] or report["spill_loads"] else []
+            problems = (
+                [f"{report['registers']} registers × {threads} threads exceed the register file"]
+                if report["registers"] * threads > REGISTER_FILE
+                else []
+            )
+            problems += (
+                [f"{shared} B shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"]
+                if shared > SHARED_LIMIT[arch]
+                else []
+            )
+            problems += (
+                [f"spills ({report['spill_stores']} B stored, {report['spill_loads']} B loaded)"]
+                if report["spill_stores"] or report["spill_loads"]
+                else []
+            )
             if problems:
                 print(f"FAILED {label}: {'; '.join(problems)}")
                 failures += 1
             per_kernel[(arch, entry["name"])].append((report["registers"], shared, report["stack"]))
     for (arch, name), uses in sorted(per_kernel.items()):
-        print(f"sm_{arch} {name}: {len(uses)} specialisations, registers {min(u[0] for u in uses)}–"
-              f"{max(u[0] for u in uses)}, shared ≤ {max(u[1] for u in uses)} B, "
-              f"stack frame ≤ {max(u[2] for u in uses)} B")
+        print(
+            f"sm_{arch} {name}: {len(uses)} specialisations, registers {min(u[0] for u in uses)}–"
+            f"{max(u[0] for u in uses)}, shared ≤ {max(u[1] for u in uses)} B, "
+            f"stack frame ≤ {max(u[2] for u in uses)} B"
+        )
     compiled_count = sum(len(uses) for uses in per_kernel.values())
-    print(f"compile_triton_kernels: {compiled_count} compiled, {failures} failed "
-          f"(triton {triton.__version__}, sm_{', sm_'.join(map(str, arches))})")
+    print(
+        f"compile_triton_kernels: {compiled_count} compiled, {failures} failed "
+        f"(triton {triton.__version__}, sm_{', sm_'.join(map(str, arches))})"
+    )
     return 1 if failures else 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
-                        help="compute capability to compile for (repeatable; default 80 and 90)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        action="append",
+        choices=sorted(SHARED_LIMIT),
+        help="compute capability to compile for (repeatable; default 80 and 90)",
+    )
     parser.add_argument("--keep", help="also write the recorded launches to this JSON file")
     parser.add_argument("--record-only", metavar="JSON", help=argparse.SUPPRESS)
     args, pytest_args = parser.parse_known_args()
@@ -250,8 +279,9 @@ def main() -> int:
         launches_path = args.keep or os.path.join(scratch, "launches.json")
         # The interpreter is chosen when triton is imported, so the tests run in their own process.
         env = dict(os.environ, FASTCM_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
-        status = subprocess.run([sys.executable, __file__, "--record-only", launches_path, *pytest_args],
-                                cwd=ROOT, env=env).returncode
+        status = subprocess.run(
+            [sys.executable, __file__, "--record-only", launches_path, *pytest_args], cwd=ROOT, env=env
+        ).returncode
         if status:
             print(f"compile_triton_kernels: the recording test run failed (exit {status})")
             return 1

@@ -25,9 +25,13 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DESELECT = {"cpu": ("not f32 and not bool_mask and not with_tangent and not bad_input"
-                     " and not aten_fallback and not fully_masked and not dqk256_bias"),
-            "model": "not bad_input and not public_api"}
+DESELECT = {
+    "cpu": (
+        "not f32 and not bool_mask and not with_tangent and not bad_input"
+        " and not aten_fallback and not fully_masked and not dqk256_bias"
+    ),
+    "model": "not bad_input and not public_api",
+}
 SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 RUNS = ["sm_80:cpu", "sm_90:model", "part1"]
 
@@ -94,8 +98,9 @@ def pytest_collection_modifyitems(config, items):
             tma_ok = sw["SM90_TMA"] and sm90_limit > 0 and _tma_ready(q) and _tma_ready(v)
             names = []
             for c0 in range(0, d8(v.shape[3]), 128):
-                name, a, b = plan_forward_launch(sm90_limit, tma_ok, sw["SM90_OVERLAP"], sw["SM90_QREGS"], d8(q.shape[3]),
-                                                 min(128, d8(v.shape[3]) - c0), jvp, has_bias, jvp and has_bias_t)
+                name, a, b = plan_forward_launch(
+                    sm90_limit, tma_ok, sw["SM90_OVERLAP"], sw["SM90_QREGS"], d8(q.shape[3]),
+                    min(128, d8(v.shape[3]) - c0), jvp, has_bias, jvp and has_bias_t)
                 names.append(f"{name} ({a}, {b})")
             return names
 
@@ -136,12 +141,24 @@ def run_part1(pytest_args):
         for name in ("test_attention.py", "helpers.py", "conftest.py"):
             shutil.copy(ROOT / "tests" / name, tmp)
         (pathlib.Path(tmp) / "stand_in.py").write_text(
-            f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\n" + PART1_PLUGIN)
+            f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\n" + PART1_PLUGIN
+        )
         print("--- the part-1 suite with the model standing in for the CUDA kernels", flush=True)
         # opcheck needs the registered op overloads, which the stand-in does not replace; the Triton
         # kernels' tests model no CUDA kernel (they run in the interpreter in the suite itself).
-        command = [sys.executable, "-m", "pytest", "test_attention.py", "-q", "-p", "no:cacheprovider", "-p", "stand_in",
-                   "-k", "not fake_implementations and not triton"] + pytest_args
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_attention.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "stand_in",
+            "-k",
+            "not fake_implementations and not triton",
+        ] + pytest_args
         return subprocess.run(command, cwd=tmp, env={**os.environ, "PYTHONPATH": tmp}).returncode
 
 
@@ -152,19 +169,36 @@ def run(spec, pytest_args):
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("test_attention_cuda.py", "helpers.py"):
             shutil.copy(ROOT / "tests" / name, tmp)
-        header = (f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\nARCH = {arch!r}\n"
-                  f"STAND_IN = {stand_in!r}\nSMEM_LIMIT = {SMEM_LIMITS[arch]}\n")
+        header = (
+            f"MODELS = {str(ROOT / 'tests' / 'cuda_index_model')!r}\nARCH = {arch!r}\n"
+            f"STAND_IN = {stand_in!r}\nSMEM_LIMIT = {SMEM_LIMITS[arch]}\n"
+        )
         (pathlib.Path(tmp) / "conftest.py").write_text(header + CONFTEST)
         print(f"--- the GPU tests as on an {arch} device, with the {stand_in} stand-in for its kernels", flush=True)
-        command = [sys.executable, "-m", "pytest", "test_attention_cuda.py", "-q", "-p", "no:cacheprovider",
-                   "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", DESELECT[stand_in]] + pytest_args
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_attention_cuda.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore::pytest.PytestUnknownMarkWarning",
+            "-k",
+            DESELECT[stand_in],
+        ] + pytest_args
         return subprocess.run(command, cwd=tmp).returncode
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", choices=[f"{a}:{s}" for a in SMEM_LIMITS for s in DESELECT] + ["part1"],
-                        help=f"device:stand-in or part1, repeatable (default: {' '.join(RUNS)})")
+    parser.add_argument(
+        "--run",
+        action="append",
+        choices=[f"{a}:{s}" for a in SMEM_LIMITS for s in DESELECT] + ["part1"],
+        help=f"device:stand-in or part1, repeatable (default: {' '.join(RUNS)})",
+    )
     args, pytest_args = parser.parse_known_args()
     sys.exit(max(run(spec, pytest_args) for spec in args.run or RUNS))
 

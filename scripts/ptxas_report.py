@@ -101,7 +101,7 @@ def _shorten(name: str) -> str:
     name = name.removeprefix("void ")
     for namespace in ("fastcm::attn::sm90::", "fastcm::attn::", "fastcm::"):
         name = name.replace(namespace, "")
-    if name.endswith(")"):   # drop the parameter list: the outermost (...) at the end
+    if name.endswith(")"):  # drop the parameter list: the outermost (...) at the end
         depth = 0
         for i in range(len(name) - 1, -1, -1):
             depth += {")": 1, "(": -1}.get(name[i], 0)
@@ -127,9 +127,12 @@ def markdown_tables(reports: list[KernelReport], match: str | None = None) -> st
     lines: list[str] = []
     for arch in sorted({r.arch for r in reports}):
         rows = sorted((r for r in reports if r.arch == arch), key=lambda r: _natural_key(names[r.mangled]))
-        lines += [f"### {arch}", "",
-                  "| kernel | registers | static smem | spill stores | spill loads | stack |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {arch}",
+            "",
+            "| kernel | registers | static smem | spill stores | spill loads | stack |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rows:
             regs = "?" if r.registers is None else str(r.registers)
             cells = [f"`{names[r.mangled]}`", regs, r.smem, r.spill_stores, r.spill_loads, r.stack]
@@ -139,8 +142,12 @@ def markdown_tables(reports: list[KernelReport], match: str | None = None) -> st
 
 
 def _working_tree_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
 
 
@@ -162,8 +169,9 @@ def build_log(python: str, keep: Path | None) -> str:
             shutil.copy2(ROOT / f, src / f)
         build = Path(tmp) / "build"
         cmd = [python, "setup.py", "build_ext", "--build-temp", str(build / "temp"), "--build-lib", str(build / "lib")]
-        proc = subprocess.run(cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              check=False)
+        proc = subprocess.run(
+            cmd, cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+        )
         if keep is not None:
             keep.write_text(proc.stdout)
         if proc.returncode != 0:

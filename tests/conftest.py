@@ -26,8 +26,10 @@ def _seed_and_backend(monkeypatch):
 @pytest.fixture
 def backend(monkeypatch):
     """Call `backend("triton")` inside a test to route fastcm calls to that backend."""
+
     def use(name: str):
         monkeypatch.setenv("FASTCM_BACKEND", name)
+
     return use
 
 

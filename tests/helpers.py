@@ -34,10 +34,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual64.shape == expected64.shape, f"{name}: shape {tuple(actual64.shape)} != {tuple(expected64.shape)}"
     assert not torch.isnan(actual64).any(), f"{name}: NaN in result (an unwritten or invalid element)"
     scale = expected64.abs().clamp_min(1.0)
-    err = ((actual64 - expected64).abs() / scale)
+    err = (actual64 - expected64).abs() / scale
     worst = err.max().item() if err.numel() else 0.0
-    assert worst <= tol, (f"{name}: max scaled error {worst:.3e} > tol {tol:.1e} for {dtype} "
-                          f"(at index {tuple(int(i) for i in torch.nonzero(err == err.max())[0])})")
+    assert worst <= tol, (
+        f"{name}: max scaled error {worst:.3e} > tol {tol:.1e} for {dtype} "
+        f"(at index {tuple(int(i) for i in torch.nonzero(err == err.max())[0])})"
+    )
 
 
 def to64(t):

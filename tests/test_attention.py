@@ -3,6 +3,7 @@ forward-mode AD entry points, torch.compile, merging, bad input; on the C++ exte
 choice) and on the Triton kernels (on CPU in Triton's interpreter, with tiles shrunk to 16 x 16 so
 that the small shapes here span several query and key blocks, tails and the causal skip)."""
 
+import importlib
 import math
 import types
 
@@ -10,13 +11,12 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-import importlib
-
-# The module, not the function of the same name that the package exports.
-fa = importlib.import_module("fastcm.attention")
 import fastcm.kernels.attention as triton_launchers
 from fastcm.reference import attention as ref
 from helpers import DEVICE, assert_close, poisoned_empty, to64, tolerance
+
+# The module, not the function of the same name that the package exports.
+fa = importlib.import_module("fastcm.attention")
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, bias kind, scale): together they cover B in {1, 2},
 # GQA/MQA, Nq and Nk in {1, 7, 64, 129, 300}, Dqk != Dv, causal with Nq <, =, > Nk, float bias,
@@ -93,8 +93,11 @@ def _inputs(case, dtype):
     v = torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64).to(DEVICE, dtype)
     tangents = [torch.randn(t.shape, dtype=torch.float64).to(DEVICE, dtype) for t in (q, k, v)]
     bias = _bias(kind, B, H, Nq, Nk, dtype)
-    bias_t = (torch.randn(bias.shape, dtype=torch.float64).to(DEVICE, dtype)
-              if bias is not None and bias.is_floating_point() else None)
+    bias_t = (
+        torch.randn(bias.shape, dtype=torch.float64).to(DEVICE, dtype)
+        if bias is not None and bias.is_floating_point()
+        else None
+    )
     return (q, k, v), tangents, bias, bias_t, dict(scale=scale, causal=causal)
 
 
@@ -141,10 +144,10 @@ def test_triton_forward_tangent_and_gradients_match_reference(case, dtype, trito
 def _check_forward_tangent_and_gradients(case, dtype):
     primals, tangents, bias, bias_t, opts = _inputs(case, dtype)
     with poisoned_empty():
-        out, out_t, lse, lse_t = fa.attention_jvp(*primals, *tangents, attn_bias=bias, bias_t=bias_t,
-                                                  return_lse=True, **opts)
-    expected = _reference_jvp([to64(t) for t in primals], [to64(t) for t in tangents], _to64(bias),
-                              to64(bias_t), opts)
+        out, out_t, lse, lse_t = fa.attention_jvp(
+            *primals, *tangents, attn_bias=bias, bias_t=bias_t, return_lse=True, **opts
+        )
+    expected = _reference_jvp([to64(t) for t in primals], [to64(t) for t in tangents], _to64(bias), to64(bias_t), opts)
     low = _reference_jvp(primals, tangents, bias, bias_t, opts) if dtype == torch.bfloat16 else [None] * 4
     for name, a, e, lo in zip(("out", "out_t", "lse", "lse_t"), (out, out_t, lse, lse_t), expected, low):
         _compare(a, e, dtype, name, lo)
@@ -167,8 +170,11 @@ def _check_forward_tangent_and_gradients(case, dtype):
     with poisoned_empty():
         got = grads(fa.attention, leaves, bias_leaf, lambda t: t)
     want = grads(ref.attention, [to64(t) for t in leaves], _to64(bias_leaf), to64)
-    low = (grads(ref.attention, [t.detach().requires_grad_() for t in primals], bias_leaf, lambda t: t)
-           if dtype == torch.bfloat16 else [None] * len(want))
+    low = (
+        grads(ref.attention, [t.detach().requires_grad_() for t in primals], bias_leaf, lambda t: t)
+        if dtype == torch.bfloat16
+        else [None] * len(want)
+    )
     for name, a, e, lo in zip(("dq", "dk", "dv", "dbias"), got, want, low):
         _compare(a, e, dtype, name, lo)
 
@@ -180,6 +186,7 @@ def test_cpu_backward_schedules_match_reference(threads):
     threads, and splits into a dQ pass and a dK/dV pass otherwise: both against autograd of the
     float64 reference, on several key and query blocks, GQA, causal Nq < Nk and a float bias."""
     from fastcm._extension import extension_ops
+
     B, H, Hkv, Nq, Nk, D = 1, 4, 2, 200, 300, 16
     q, k, v = (torch.randn(B, h, n, D, dtype=torch.float64) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
     bias = torch.randn(1, H, Nq, Nk, dtype=torch.float64)
@@ -192,7 +199,7 @@ def test_cpu_backward_schedules_match_reference(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        args = (grad_out, q, k, v, out.detach(), lse.detach(), bias, D ** -0.5, True)
+        args = (grad_out, q, k, v, out.detach(), lse.detach(), bias, D**-0.5, True)
         got = extension_ops().attention_backward(*args)
         got_with_lse = extension_ops().attention_backward(*args, grad_lse)
     finally:
@@ -281,14 +288,17 @@ def _assert_close_as_torch(actual, expected, torch_lowp, name):
     most twice that of `torch_lowp`, the same computation with PyTorch's attention in KERNEL_DTYPE
     (parameter gradients sum many low-precision products, beyond a per-element tolerance for any
     implementation). On CPU KERNEL_DTYPE is float64 and this is assert_close."""
+
     def error(value):
         a, e = value.detach().double().cpu(), expected.detach().double().cpu()
         return ((a - e).abs() / e.abs().clamp_min(1.0)).max().item()
+
     assert not torch.isnan(actual).any(), f"{name}: NaN"
     own, torch_error = error(actual), error(torch_lowp)
     assert own <= max(2 * torch_error, tolerance(KERNEL_DTYPE)), (
         f"{name}: scaled error {own:.3e} > 2x PyTorch's {KERNEL_DTYPE} error {torch_error:.3e} and > "
-        f"tolerance {tolerance(KERNEL_DTYPE):.0e}")
+        f"tolerance {tolerance(KERNEL_DTYPE):.0e}"
+    )
 
 
 def _param_grads(module):
@@ -302,7 +312,8 @@ def test_func_jvp_of_block_then_backward_scm_pattern(kernels):
     x_t, t_t = torch.randn_like(x), torch.ones_like(t)
     with torch.no_grad():
         (out, out_t), (ref_out, ref_out_t), (low_out, low_out_t) = (
-            torch.func.jvp(block, (x, t), (x_t, t_t)) for block in blocks)
+            torch.func.jvp(block, (x, t), (x_t, t_t)) for block in blocks
+        )
     _assert_close_as_torch(out, ref_out, low_out, "out")
     _assert_close_as_torch(out_t, ref_out_t, low_out_t, "out_t")
     # The sCM step: a separate forward with grad, loss built from the detached tangent.
@@ -391,8 +402,7 @@ def test_torch_compile_forward_backward_and_jvp_never_silently_wrong(kernels):
     assert_close(leaf.grad, ref_leaf.grad, KERNEL_DTYPE)
 
     _, ref_out_t = torch.func.jvp(lambda q: ref.attention(q, to64(k), to64(v)), (to64(q),), (to64(q_t),))
-    _, out_t = torch.compile(fa.attention_jvp, fullgraph=True)(
-        q, k, v, q_t, torch.zeros_like(k), torch.zeros_like(v))
+    _, out_t = torch.compile(fa.attention_jvp, fullgraph=True)(q, k, v, q_t, torch.zeros_like(k), torch.zeros_like(v))
     assert_close(out_t, ref_out_t, KERNEL_DTYPE)
     # torch.compile around torch.func.jvp (pytorch issue 192985): graph-breaks to eager (correct)
     # or raises; it must never return a wrong tangent.
@@ -407,11 +417,12 @@ def test_torch_compile_forward_backward_and_jvp_never_silently_wrong(kernels):
 def test_fake_implementations_match_the_ops(kernels):
     """The fake (meta) kernels torch.compile traces with give the ops' shapes, dtypes and strides,
     also for (B, N, H, D) storage viewed as (B, H, N, D), whose gradients come back contiguous."""
-    ops = fa._ops()   # loads the extension and registers the fakes
+    ops = fa._ops()  # loads the extension and registers the fakes
     if kernels == "triton":
         names = ("attention_forward", "attention_forward_jvp", "attention_backward")
-        ops = types.SimpleNamespace(**{name: getattr(torch.ops.fastcm, name.replace("attention_", "attention_triton_"))
-                                       for name in names})
+        ops = types.SimpleNamespace(
+            **{name: getattr(torch.ops.fastcm, name.replace("attention_", "attention_triton_")) for name in names}
+        )
 
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(DEVICE, KERNEL_DTYPE)
@@ -419,12 +430,17 @@ def test_fake_implementations_match_the_ops(kernels):
     q, k, v = rand(1, 9, 2, 8).transpose(1, 2), rand(1, 11, 1, 8).transpose(1, 2), rand(1, 11, 1, 8).transpose(1, 2)
     out, lse = ops.attention_forward(q, k, v, None, 0.3, True)
     grad_out, grad_lse = rand(*out.shape), torch.randn_like(lse)
-    for op, args in [(ops.attention_forward.default, (q, k, v, None, 0.3, True)),
-                     (ops.attention_forward_jvp.default, (q, k, v, q, k, v, None, None, 0.3, False)),
-                     *([(ops.attention_forward_jvp.default, (q, k, v, None, k, None, None, None, 0.3, True))]
-                       if kernels == "triton" else []),
-                     (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, None)),
-                     (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, grad_lse))]:
+    for op, args in [
+        (ops.attention_forward.default, (q, k, v, None, 0.3, True)),
+        (ops.attention_forward_jvp.default, (q, k, v, q, k, v, None, None, 0.3, False)),
+        *(
+            [(ops.attention_forward_jvp.default, (q, k, v, None, k, None, None, None, 0.3, True))]
+            if kernels == "triton"
+            else []
+        ),
+        (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, None)),
+        (ops.attention_backward.default, (grad_out, q, k, v, out, lse, None, 0.3, True, grad_lse)),
+    ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     leaf = q.detach().requires_grad_()
     torch.compile(lambda q: fa.attention(q, k, v), fullgraph=True)(leaf).sum().backward()
@@ -443,8 +459,19 @@ def test_merge_of_key_shards_reproduces_unsplit(shards, kernels):
     mask[:, :, 5, :25] = False  # a row masked in the first shards only
     expected = ref.attention_jvp(q, k, v, q_t, k_t, v_t, attn_bias=mask, return_lse=True)
     bounds = torch.linspace(0, 50, shards + 1).long().tolist()
-    parts = [fa.attention_jvp(q, k[:, :, a:b], v[:, :, a:b], q_t, k_t[:, :, a:b], v_t[:, :, a:b],
-                              attn_bias=mask[..., a:b], return_lse=True) for a, b in zip(bounds, bounds[1:])]
+    parts = [
+        fa.attention_jvp(
+            q,
+            k[:, :, a:b],
+            v[:, :, a:b],
+            q_t,
+            k_t[:, :, a:b],
+            v_t[:, :, a:b],
+            attn_bias=mask[..., a:b],
+            return_lse=True,
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
     outs, out_ts, lses, lse_ts = (list(x) for x in zip(*parts))
     with poisoned_empty():
         merged = fa.merge_attention_partials(outs, lses, out_ts, lse_ts)
@@ -508,11 +535,30 @@ def test_extension_op_checks_name_argument_and_supported_set():
     with pytest.raises(RuntimeError, match="q has dtype Int; supported: float32, float64, bfloat16"):
         ops.attention_forward(q.int(), k.int(), v.int(), None, 1.0, False)
     with pytest.raises(RuntimeError, match="lse has dtype Double; expected Float"):
-        ops.attention_backward(torch.zeros(1, 2, 5, 3), q, k, v, torch.zeros(1, 2, 5, 3),
-                               torch.zeros(1, 2, 5, dtype=torch.float64), None, 1.0, False)
+        ops.attention_backward(
+            torch.zeros(1, 2, 5, 3),
+            q,
+            k,
+            v,
+            torch.zeros(1, 2, 5, 3),
+            torch.zeros(1, 2, 5, dtype=torch.float64),
+            None,
+            1.0,
+            False,
+        )
     with pytest.raises(RuntimeError, match="grad_lse must match lse"):
-        ops.attention_backward(torch.zeros(1, 2, 5, 3), q, k, v, torch.zeros(1, 2, 5, 3), torch.zeros(1, 2, 5),
-                               None, 1.0, False, torch.zeros(1, 2, 5, dtype=torch.float64))
+        ops.attention_backward(
+            torch.zeros(1, 2, 5, 3),
+            q,
+            k,
+            v,
+            torch.zeros(1, 2, 5, 3),
+            torch.zeros(1, 2, 5),
+            None,
+            1.0,
+            False,
+            torch.zeros(1, 2, 5, dtype=torch.float64),
+        )
     assert ops.has_cuda() in (True, False)
 
 
@@ -537,7 +583,7 @@ def test_backend_choice_per_device_dtype_and_head_dim(backend, monkeypatch):
             assert fa._backend(cuda, torch.bfloat16, 264, 64) == "reference"
     capability[0] = (8, 6)
     assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
-    assert fa._backend(cuda, torch.bfloat16, 64, 512) == "cuda"   # beyond Triton's head dims: the extension
+    assert fa._backend(cuda, torch.bfloat16, 64, 512) == "cuda"  # beyond Triton's head dims: the extension
     capability[0], has_cuda[0] = (9, 0), False
     assert fa._backend(cuda, torch.bfloat16, 64, 64) == "triton"
 
@@ -570,6 +616,7 @@ def _spy_forward_kernel(monkeypatch):
             def launch(*args, **kwargs):
                 launches.append({name: kwargs[name] for name in ("HAS_Q_T", "HAS_K_T", "HAS_V_T", "HAS_BIAS_T", "JVP")})
                 return kernel[grid](*args, **kwargs)
+
             return launch
 
     monkeypatch.setattr(triton_launchers, "_attention_fwd_kernel", Spy())
@@ -591,8 +638,15 @@ def test_triton_partial_tangents_skip_the_absent_work(absent, triton_kernels, mo
     launches = _spy_forward_kernel(monkeypatch)
     with poisoned_empty():
         got = triton_launchers.attention_forward_jvp(q, k, v, *given.values(), bias, None, 0.4, True)
-    assert launches == [{"HAS_Q_T": given["q_t"] is not None, "HAS_K_T": given["k_t"] is not None,
-                         "HAS_V_T": given["v_t"] is not None, "HAS_BIAS_T": False, "JVP": True}]
+    assert launches == [
+        {
+            "HAS_Q_T": given["q_t"] is not None,
+            "HAS_K_T": given["k_t"] is not None,
+            "HAS_V_T": given["v_t"] is not None,
+            "HAS_BIAS_T": False,
+            "JVP": True,
+        }
+    ]
     with_zeros = triton_launchers.attention_forward_jvp(q, k, v, *zeros.values(), bias, None, 0.4, True)
     want = ref.attention_jvp(q, k, v, *zeros.values(), scale=0.4, causal=True, attn_bias=bias, return_lse=True)
     for name, a, z, w in zip(("out", "out_t", "lse", "lse_t"), got, with_zeros, want):
@@ -600,8 +654,17 @@ def test_triton_partial_tangents_skip_the_absent_work(absent, triton_kernels, mo
         _compare(a, w, torch.float64, name)
     # Only the bias tangent: Ṡ = ḃias.
     got = triton_launchers.attention_forward_jvp(q, k, v, None, None, None, bias, bias_t, 0.4, True)
-    want = ref.attention_jvp(q, k, v, *(torch.zeros_like(t) for t in (q, k, v)), scale=0.4, causal=True,
-                             attn_bias=bias, bias_t=bias_t, return_lse=True)
+    want = ref.attention_jvp(
+        q,
+        k,
+        v,
+        *(torch.zeros_like(t) for t in (q, k, v)),
+        scale=0.4,
+        causal=True,
+        attn_bias=bias,
+        bias_t=bias_t,
+        return_lse=True,
+    )
     for name, a, w in zip(("out", "out_t", "lse", "lse_t"), got, want):
         _compare(a, w, torch.float64, name + " (bias tangent only)")
 

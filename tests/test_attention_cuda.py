@@ -16,8 +16,8 @@ import random
 import pytest
 import torch
 
-from helpers import DEVICE, to64
 from fastcm.reference import attention as ref
+from helpers import DEVICE, to64
 
 pytestmark = pytest.mark.gpu
 
@@ -40,6 +40,7 @@ SHAPES = [
 
 def _ops():
     from fastcm._extension import extension_ops
+
     ops = extension_ops()
     if not ops.has_cuda():
         pytest.fail("fastcm._C was built without CUDA kernels (has_cuda() is False) on a GPU machine")
@@ -86,7 +87,11 @@ def _check_against_torch(name, kernel, torch_lowp, ref64):
 
 def _inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, dtype):
     q, k, v = _rand(B, H, Nq, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dv, dtype=dtype)
-    qt, kt, vt = _rand(B, H, Nq, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dv, dtype=dtype)
+    qt, kt, vt = (
+        _rand(B, H, Nq, Dqk, dtype=dtype),
+        _rand(B, Hkv, Nk, Dqk, dtype=dtype),
+        _rand(B, Hkv, Nk, Dv, dtype=dtype),
+    )
     return q, k, v, qt, kt, vt
 
 
@@ -101,17 +106,40 @@ def _run_jvp_and_check(q, k, v, qt, kt, vt, *, causal, scale, bias=None, bias_t=
     assert lse.dtype == torch.float32 and lse_t.dtype == torch.float32
     bias64 = to64(bias) if bias is None or bias.dtype != torch.bool else bias.cpu()
     r_out, r_out_t, r_lse, r_lse_t = ref.attention_jvp(
-        to64(q), to64(k), to64(v), to64(qt), to64(kt), to64(vt), scale=scale, causal=causal,
-        attn_bias=bias64, bias_t=to64(bias_t), return_lse=True)
+        to64(q),
+        to64(k),
+        to64(v),
+        to64(qt),
+        to64(kt),
+        to64(vt),
+        scale=scale,
+        causal=causal,
+        attn_bias=bias64,
+        bias_t=to64(bias_t),
+        return_lse=True,
+    )
     if check_torch:
         t_out, t_out_t, t_lse, t_lse_t = ref.attention_jvp(
-            q, k, v, qt, kt, vt, scale=scale, causal=causal,
+            q,
+            k,
+            v,
+            qt,
+            kt,
+            vt,
+            scale=scale,
+            causal=causal,
             attn_bias=bias if bias is None or bias.dtype == torch.bool else bias.to(q.dtype),
-            bias_t=None if bias_t is None else bias_t.to(q.dtype), return_lse=True)
+            bias_t=None if bias_t is None else bias_t.to(q.dtype),
+            return_lse=True,
+        )
     else:
         t_out = t_out_t = t_lse = t_lse_t = None
-    for name, a, t, r in (("out", out, t_out, r_out), ("out_t", out_t, t_out_t, r_out_t),
-                          ("lse", lse, t_lse, r_lse), ("lse_t", lse_t, t_lse_t, r_lse_t)):
+    for name, a, t, r in (
+        ("out", out, t_out, r_out),
+        ("out_t", out_t, t_out_t, r_out_t),
+        ("lse", lse, t_lse, r_lse),
+        ("lse_t", lse_t, t_lse_t, r_lse_t),
+    ):
         _check_against_torch(name, a, t, r)
     return out, out_t, lse, lse_t
 
@@ -136,7 +164,7 @@ def _run_forward_and_check(q, k, v, *, causal, scale):
 def test_forward_jvp_matches_reference(shape, causal, dtype):
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=Dqk ** -0.5)
+    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=Dqk**-0.5)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -146,7 +174,7 @@ def test_forward_matches_reference_and_jvp_primal(shape, causal, dtype):
     ops = _ops()
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    scale = 0.7 * Dqk ** -0.5
+    scale = 0.7 * Dqk**-0.5
     t_out, t_lse, r_out, r_lse = _run_forward_and_check(q, k, v, causal=causal, scale=scale)
     out_j, _, lse_j, _ = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, causal)
     _check_against_torch("out (jvp kernel)", out_j, t_out, r_out)
@@ -171,7 +199,7 @@ def test_bias(kind, dtype, kernel, stage, monkeypatch):
     if kind == "f32_full":
         bias = _rand(B, H, Nq, Nk, dtype=torch.float32)
     elif kind == "f32_broadcast":
-        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)   # stride-0 view
+        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)  # stride-0 view
     elif kind == "lowp_full":
         bias = _rand(B, H, Nq, Nk, dtype=dtype)
     elif kind == "bool_mask":
@@ -180,7 +208,7 @@ def test_bias(kind, dtype, kernel, stage, monkeypatch):
         bias = _rand(B, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
         bias_t = _rand(B, H, Nq, Nk, dtype=torch.float32)
     for causal in (False, True):
-        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5, bias=bias, bias_t=bias_t)
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D**-0.5, bias=bias, bias_t=bias_t)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -189,11 +217,11 @@ def test_fully_masked_rows(dtype):
     B, H, Nq, Nk, D = 1, 2, 96, 70, 64
     q, k, v, qt, kt, vt = _inputs(B, H, H, Nq, Nk, D, D, dtype)
     bias = torch.zeros(B, H, Nq, Nk, device=DEVICE)
-    bias[:, :, 5] = -math.inf            # one row masked by the bias
-    bias[:, 1, 60:80] = -math.inf        # a block of rows in one head
+    bias[:, :, 5] = -math.inf  # one row masked by the bias
+    bias[:, 1, 60:80] = -math.inf  # a block of rows in one head
     # Causal with Nq > Nk: rows i < Nq - Nk see no key at all.
     for causal in (False, True):
-        out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, None, D ** -0.5, causal)
+        out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, None, D**-0.5, causal)
         dead = torch.isneginf(bias).all(-1)
         if causal:
             dead = dead | (torch.arange(Nq, device=DEVICE) < Nq - Nk).view(1, 1, Nq)
@@ -203,9 +231,9 @@ def test_fully_masked_rows(dtype):
         assert torch.isneginf(lse[dead]).all()
         assert torch.equal(lse_t[dead], torch.zeros_like(lse_t[dead]))
         assert torch.isfinite(lse[~dead]).all() and not torch.isnan(out).any() and not torch.isnan(out_t).any()
-        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5, bias=bias)
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D**-0.5, bias=bias)
         grad = _rand(B, H, Nq, D, dtype=dtype)
-        dq, dk, dv = _run_backward_and_check(q, k, v, grad, causal=causal, scale=D ** -0.5, bias=bias)
+        dq, dk, dv = _run_backward_and_check(q, k, v, grad, causal=causal, scale=D**-0.5, bias=bias)
         assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
 
 
@@ -218,13 +246,13 @@ def test_noncontiguous_and_strided_inputs(dtype):
     v = _rand(B, Nk, Hkv, D, dtype=dtype).transpose(1, 2)
     qt = _rand(B, Nq, H, D, dtype=dtype).transpose(1, 2)
     kt = _rand(B, Hkv, Nk, D, dtype=dtype)
-    vt = _rand(B, Hkv, Nk, 2 * D, dtype=dtype)[..., :D]           # row stride 2D
+    vt = _rand(B, Hkv, Nk, 2 * D, dtype=dtype)[..., :D]  # row stride 2D
     # Last dim not contiguous: the op must copy it.
     v_bad = _rand(B, Hkv, D, Nk, dtype=dtype).transpose(-1, -2)
     assert not q.is_contiguous() and not vt.is_contiguous() and v_bad.stride(-1) != 1
     for causal in (False, True):
-        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5)
-        _run_jvp_and_check(q, k, v_bad, qt, kt, vt, causal=causal, scale=D ** -0.5)
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D**-0.5)
+        _run_jvp_and_check(q, k, v_bad, qt, kt, vt, causal=causal, scale=D**-0.5)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -261,13 +289,19 @@ def test_deterministic(dtype):
 # the TMA kernel reading Q from shared memory at d 64 (default: Q in registers there),
 # FASTCM_ATTN_SM90_TMA=0 the cp.async kernel for every call, FASTCM_ATTN_SM90=0 the sm_80 kernel.
 
+
 def _hopper():
     return torch.cuda.get_device_capability()[0] == 9
 
 
 # kernel -> the switch that forces it (None: the default choice)
-KERNEL_SWITCH = {"default": None, "tma_serial": "FASTCM_ATTN_SM90_OVERLAP", "tma_smem_q": "FASTCM_ATTN_SM90_QREGS",
-                 "cp_async": "FASTCM_ATTN_SM90_TMA", "sm_80": "FASTCM_ATTN_SM90"}
+KERNEL_SWITCH = {
+    "default": None,
+    "tma_serial": "FASTCM_ATTN_SM90_OVERLAP",
+    "tma_smem_q": "FASTCM_ATTN_SM90_QREGS",
+    "cp_async": "FASTCM_ATTN_SM90_TMA",
+    "sm_80": "FASTCM_ATTN_SM90",
+}
 SWITCHES = ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_TMA", "FASTCM_ATTN_SM90_OVERLAP", "FASTCM_ATTN_SM90_QREGS")
 
 
@@ -292,27 +326,27 @@ def _force_kernel(kernel, monkeypatch):
 def test_forward_kernel_choice(monkeypatch):
     ops = _ops()
     _force_kernel("default", monkeypatch)
-    t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
-    kernels = ops.attention_forward_kernels        # (q, v, jvp, has_bias, has_bias_t)
+    t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)  # noqa: E731
+    kernels = ops.attention_forward_kernels  # (q, v, jvp, has_bias, has_bias_t)
     hopper = _hopper()
     ovl, tma, tiles = ("sm_90a_tma_overlap", "sm_90a_tma", "sm_90a") if hopper else ("sm_80",) * 3
-    qregs = "_qregs" if hopper else ""              # d 64: Q (and Q̇) in registers
+    qregs = "_qregs" if hopper else ""  # d 64: Q (and Q̇) in registers
     assert kernels(t(64), t(64), True, False, False) == [f"{ovl}{qregs} (64, 64)"]
     assert kernels(t(40), t(24), False, False, False) == [f"{ovl}{qregs} (64, 64)"]
-    assert kernels(t(40), t(104), False, False, False) == [f"{tiles} (128, 128)"]   # Q/K's panel 2: no data
+    assert kernels(t(40), t(104), False, False, False) == [f"{tiles} (128, 128)"]  # Q/K's panel 2: no data
     assert kernels(t(72), t(104), False, False, False) == [f"{ovl} (128, 128)"]
-    assert kernels(t(128), t(128), True, False, False) == [f"{tma} (128, 128)"]   # no overlap: registers
+    assert kernels(t(128), t(128), True, False, False) == [f"{tma} (128, 128)"]  # no overlap: registers
     assert kernels(t(64), t(200), True, False, False) == [f"{tiles} (128, 128)", "sm_80 (96, 96)"]
     assert kernels(t(128), t(200), True, False, False) == [f"{tma} (128, 128)"] * 2
-    assert kernels(t(64), t(64), True, True, True) == [f"{ovl}{qregs} (64, 64)"]     # bias tiles per warpgroup
+    assert kernels(t(64), t(64), True, True, True) == [f"{ovl}{qregs} (64, 64)"]  # bias tiles per warpgroup
     assert kernels(t(64), t(64), False, True, False) == [f"{ovl}{qregs} (64, 64)"]
     assert kernels(t(128), t(128), True, True, False) == [f"{tiles} (128, 128)"]
-    assert kernels(t(128), t(128), False, True, True) == [f"{tiles} (128, 128)"]    # no bias_t without jvp
+    assert kernels(t(128), t(128), False, True, True) == [f"{tiles} (128, 128)"]  # no bias_t without jvp
     assert kernels(t(128), t(128), False, False, True) == [f"{ovl} (128, 128)"]
-    assert kernels(t(128), t(128), True, True, True) == ["sm_80 (128, 128)"]       # 257 KB of smem on sm_90a
+    assert kernels(t(128), t(128), True, True, True) == ["sm_80 (128, 128)"]  # 257 KB of smem on sm_90a
     assert kernels(t(32), t(32), False, False, False) == ["sm_80 (32, 32)"]
     assert kernels(t(256), t(128), False, False, False) == ["sm_80 (256, 128)"]
-    broadcast = _rand(1, 1, 16, 64, dtype=torch.bfloat16).expand(3, 2, 16, 64)    # stride 0: no tensor map
+    broadcast = _rand(1, 1, 16, 64, dtype=torch.bfloat16).expand(3, 2, 16, 64)  # stride 0: no tensor map
     assert kernels(broadcast, t(64), True, False, False) == [f"{tiles} (64, 64)"]
     monkeypatch.setenv("FASTCM_ATTN_SM90_OVERLAP", "0")
     assert kernels(t(64), t(64), False, False, False) == [f"{tma}{qregs} (64, 64)"]
@@ -350,9 +384,15 @@ def _padded_head_dim(shape):
 # tma_smem_q differs from the default only at padded d 64.
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape,kernel", [(shape, kernel) for shape in SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8]
-                                          for kernel in KERNEL_SWITCH
-                                          if kernel != "tma_smem_q" or _padded_head_dim(shape) == 64])
+@pytest.mark.parametrize(
+    "shape,kernel",
+    [
+        (shape, kernel)
+        for shape in SHAPES_SM90 + SHAPES[:2] + SHAPES[5:8]
+        for kernel in KERNEL_SWITCH
+        if kernel != "tma_smem_q" or _padded_head_dim(shape) == 64
+    ],
+)
 def test_forward_kernels_on_sm90_head_dims(shape, kernel, causal, dtype, monkeypatch):
     """Primal and JVP ops on shapes whose padded head dim is 64 or 128, with each forward kernel (on
     sm_90: TMA with and without the overlap, with Q in registers or shared memory, cp.async,
@@ -378,13 +418,14 @@ def test_empty_keys(d, kernel, monkeypatch):
     ops = _ops()
     _force_kernel(kernel, monkeypatch)
     q, k, v, qt, kt, vt = _inputs(1, 2, 1, 70, 0, d, d, torch.bfloat16)
-    out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, d ** -0.5, False)
+    out, out_t, lse, lse_t = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, d**-0.5, False)
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(out_t, torch.zeros_like(out_t))
     assert torch.isneginf(lse).all() and torch.equal(lse_t, torch.zeros_like(lse_t))
-    out, lse = ops.attention_forward(q, k, v, None, d ** -0.5, True)
+    out, lse = ops.attention_forward(q, k, v, None, d**-0.5, True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
-    dq, dk, dv = ops.attention_backward(_rand(1, 2, 70, d, dtype=torch.bfloat16), q, k, v, out, lse, None,
-                                        d ** -0.5, True)
+    dq, dk, dv = ops.attention_backward(
+        _rand(1, 2, 70, d, dtype=torch.bfloat16), q, k, v, out, lse, None, d**-0.5, True
+    )
     assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -403,9 +444,9 @@ def test_forward_strided_layouts(dtype, kernel, monkeypatch):
     expected = _sm90_name(kernel, 64, True) if _hopper() else "sm_80"
     assert _ops().attention_forward_kernels(q, v, True, False, False) == [f"{expected} (64, 64)"]
     for causal in (False, True):
-        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D ** -0.5)
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=D**-0.5)
     k1, v1, kt1, vt1 = (_rand(1, Hkv, Nk, D, dtype=dtype).expand(B, Hkv, Nk, D) for _ in range(4))
-    _run_jvp_and_check(q, k1, v1, qt, kt1, vt1, causal=False, scale=D ** -0.5)
+    _run_jvp_and_check(q, k1, v1, qt, kt1, vt1, causal=False, scale=D**-0.5)
 
 
 # ---- D_qk > 128: the decoupled (D_qk, D_v) forward kernels -------------------------------------
@@ -438,7 +479,7 @@ def test_dqk256_forward_matches_reference(shape, causal, dtype):
     ops = _ops()
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, _, _, _ = _inputs(*shape, dtype)
-    scale = 0.7 * Dqk ** -0.5
+    scale = 0.7 * Dqk**-0.5
     _poison_allocator((B, H, Nq, Dv), (B, H, Nq), dtype=dtype)
     out, lse = ops.attention_forward(q, k, v, None, scale, causal)
     torch.cuda.synchronize()
@@ -457,7 +498,7 @@ def test_dqk256_bias_and_masked_rows(kind, dtype):
     q, k, v, qt, kt, vt = _inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, dtype)
     bias_t = None
     if kind == "f32_broadcast":
-        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)   # stride-0 view
+        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)  # stride-0 view
     elif kind == "lowp_full":
         bias = _rand(B, H, Nq, Nk, dtype=dtype)
     else:
@@ -466,7 +507,7 @@ def test_dqk256_bias_and_masked_rows(kind, dtype):
     bias = bias.clone()
     bias[:, :, 5] = -math.inf
     for causal in (False, True):
-        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=Dqk ** -0.5, bias=bias, bias_t=bias_t)
+        _run_jvp_and_check(q, k, v, qt, kt, vt, causal=causal, scale=Dqk**-0.5, bias=bias, bias_t=bias_t)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -480,9 +521,9 @@ def test_dqk256_noncontiguous_and_deterministic(dtype):
     v = _rand(B, Nk, Hkv, Dv, dtype=dtype).transpose(1, 2)
     qt, kt = _rand(B, H, Nq, Dqk, dtype=dtype), _rand(B, Hkv, Nk, Dqk, dtype=dtype)
     vt = _rand(B, Hkv, Nk, Dv, dtype=dtype)
-    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=True, scale=Dqk ** -0.5)
+    _run_jvp_and_check(q, k, v, qt, kt, vt, causal=True, scale=Dqk**-0.5)
     odd = [t[..., :250] for t in (q, k, qt, kt)]
-    _run_jvp_and_check(odd[0], odd[1], v, odd[2], odd[3], vt, causal=False, scale=250 ** -0.5)
+    _run_jvp_and_check(odd[0], odd[1], v, odd[2], odd[3], vt, causal=False, scale=250**-0.5)
     first = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.06, True)
     for _ in range(2):
         again = ops.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, 0.06, True)
@@ -537,30 +578,31 @@ def test_backward_matches_reference(shape, causal, dtype, bias_kind):
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, _, _, _ = _inputs(*shape, dtype)
     if bias_kind == "f32_broadcast":
-        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)   # stride-0 view
+        bias = _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)  # stride-0 view
     elif bias_kind == "lowp_full":
         bias = _rand(B, H, Nq, Nk, dtype=dtype)
     else:
         bias = None
     grad = _rand(B, H, Nq, Dv, dtype=dtype)
-    _run_backward_and_check(q, k, v, grad, causal=causal, scale=Dqk ** -0.5, bias=bias)
+    _run_backward_and_check(q, k, v, grad, causal=causal, scale=Dqk**-0.5, bias=bias)
 
 
 # ---- the sm_90a (wgmma) backward and the choice between the backward kernels -----------------
 # On sm_90 devices a backward with padded head dim 64 or 128 runs the wgmma kernels;
 # FASTCM_ATTN_SM90_BWD=0 (or FASTCM_ATTN_SM90=0) sends it to the mma.sync ones.
 
+
 def test_backward_kernel_choice(monkeypatch):
     ops = _ops()
     for variable in ("FASTCM_ATTN_SM90", "FASTCM_ATTN_SM90_BWD"):
         monkeypatch.delenv(variable, raising=False)
-    t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)   # noqa: E731
-    kernels = ops.attention_backward_kernels       # (q, v, has_bias)
+    t = lambda d: _rand(1, 2, 16, d, dtype=torch.bfloat16)  # noqa: E731
+    kernels = ops.attention_backward_kernels  # (q, v, has_bias)
     wgmma = "sm_90a" if _hopper() else "sm_80"
     assert kernels(t(64), t(64), False) == [f"{wgmma} (64)"]
     assert kernels(t(40), t(24), False) == [f"{wgmma} (64)"]
     assert kernels(t(104), t(128), False) == [f"{wgmma} (128)"]
-    assert kernels(t(64), t(64), True) == [f"{wgmma} (64)"]          # bias tiles staged as in sm_80
+    assert kernels(t(64), t(64), True) == [f"{wgmma} (64)"]  # bias tiles staged as in sm_80
     assert kernels(t(96), t(96), False) == ["sm_80 (96)"]
     assert kernels(t(32), t(16), False) == ["sm_80 (32)"]
     assert kernels(t(64), t(256), False) == ["aten"]
@@ -601,7 +643,7 @@ def test_backward_kernels_on_sm90_head_dims(shape, causal, dtype, bias_kind, bwd
     assert _ops().attention_backward_kernels(q, v, bias_kind is not None) == [f"{expected} ({kd})"]
     bias = None if bias_kind is None else _rand(1, 1, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
     grad = _rand(B, H, Nq, Dv, dtype=dtype)
-    _run_backward_and_check(q, k, v, grad, causal=causal, scale=0.9 * Dqk ** -0.5, bias=bias)
+    _run_backward_and_check(q, k, v, grad, causal=causal, scale=0.9 * Dqk**-0.5, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", LOWP)
@@ -613,13 +655,14 @@ def test_backward_aten_fallback(shape, dtype):
     q, k, v, _, _, _ = _inputs(*shape, dtype)
     grad = _rand(B, H, Nq, Dv, dtype=dtype)
     bias = _rand(1, H, Nq, Nk, dtype=torch.float32).expand(B, H, Nq, Nk)
-    _run_backward_and_check(q, k, v, grad, causal=True, scale=Dqk ** -0.5, bias=bias)
+    _run_backward_and_check(q, k, v, grad, causal=True, scale=Dqk**-0.5, bias=bias)
 
 
 @pytest.mark.parametrize("bwd_kernel", ["default", "bwd_sm80"])
 @pytest.mark.parametrize("dtype", LOWP)
-@pytest.mark.parametrize("shape", [(1, 4, 2, 300, 513, 64, 64), (1, 2, 1, 200, 150, 128, 128),
-                                   (1, 2, 2, 70, 90, 64, 256)])
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 2, 300, 513, 64, 64), (1, 2, 1, 200, 150, 128, 128), (1, 2, 2, 70, 90, 64, 256)]
+)
 def test_backward_lse_gradient(shape, dtype, bwd_kernel, monkeypatch):
     """attention_backward with grad_lse (δ = rowsum(dO⊙O) − dLSE in every backward kernel: wgmma,
     mma.sync, ATen for D_v 256) against autograd of (O·dO).sum() + (LSE·dLSE).sum() through the
@@ -630,7 +673,7 @@ def test_backward_lse_gradient(shape, dtype, bwd_kernel, monkeypatch):
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, _, _, _ = _inputs(*shape, dtype)
     grad, grad_lse = _rand(B, H, Nq, Dv, dtype=dtype), _rand(B, H, Nq, dtype=torch.float32)
-    scale = Dqk ** -0.5
+    scale = Dqk**-0.5
     out, lse = ops.attention_forward(q, k, v, None, scale, True)
     _poison_allocator(q.shape, k.shape, v.shape, dtype=q.dtype)
     got = ops.attention_backward(grad, q, k, v, out, lse, None, scale, True, grad_lse)
@@ -670,8 +713,9 @@ def test_bad_input_messages():
         ops.attention_forward(q, q, q, None, 0.125, False)
     qb = q.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
-        ops.attention_forward(qb, _rand(1, 3, 16, 64, dtype=torch.bfloat16), _rand(1, 3, 16, 64, dtype=torch.bfloat16),
-                              None, 0.125, False)
+        ops.attention_forward(
+            qb, _rand(1, 3, 16, 64, dtype=torch.bfloat16), _rand(1, 3, 16, 64, dtype=torch.bfloat16), None, 0.125, False
+        )
     big = _rand(1, 2, 16, 264, dtype=torch.bfloat16)
     msg = r"q.size\(-1\) \(the q/k head dim D_qk\) is 264; the CUDA kernel supports D_qk up to 256"
     with pytest.raises(RuntimeError, match=msg):
@@ -687,8 +731,10 @@ def test_public_api_f32_inputs_run_the_triton_kernels():
     warning, and give the float64 reference's result to float32 accuracy."""
     import importlib
     import warnings
+
     import fastcm
     from helpers import assert_close
+
     q, k, v, qt, kt, vt = _inputs(1, 4, 2, 70, 90, 64, 64, torch.float32)
     assert importlib.import_module("fastcm.attention")._backend(q.device, q.dtype, 64, 64) == "triton"
     with warnings.catch_warnings():
@@ -704,15 +750,16 @@ def test_public_api_passes_a_f32_bias_unrounded():
     with that bias, not with the bias rounded to bf16 (ALiBi-sized values 6..300, where bf16's
     steps of 2 would move P by up to e)."""
     import fastcm
+
     ops = _ops()
     q, k, v, qt, kt, vt = _inputs(1, 2, 2, 70, 90, 64, 64, torch.bfloat16)
     bias = (300 - 3.3 * torch.arange(90, device=DEVICE, dtype=torch.float32)).expand(1, 2, 70, 90)
     out = fastcm.attention(q, k, v, attn_bias=bias)
-    want, _ = ops.attention_forward(q, k, v, bias, 64 ** -0.5, False)
-    rounded, _ = ops.attention_forward(q, k, v, bias.to(torch.bfloat16), 64 ** -0.5, False)
+    want, _ = ops.attention_forward(q, k, v, bias, 64**-0.5, False)
+    rounded, _ = ops.attention_forward(q, k, v, bias.to(torch.bfloat16), 64**-0.5, False)
     assert torch.equal(out, want) and not torch.equal(out, rounded)
     out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, attn_bias=bias, bias_t=0.1 * bias)
-    want = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, 0.1 * bias, 64 ** -0.5, False)
+    want = ops.attention_forward_jvp(q, k, v, qt, kt, vt, bias, 0.1 * bias, 64**-0.5, False)
     assert torch.equal(out, want[0]) and torch.equal(out_t, want[1])
 
 
@@ -722,7 +769,9 @@ def test_nn_attention_runs_f32_models_on_the_kernels(monkeypatch):
     with PyTorch's bf16 attention against the float64 one."""
     import copy
     import warnings
+
     import fastcm.nn
+
     torch.manual_seed(0)
     module = fastcm.nn.Attention(64, 2, qk_norm=True, cuda_dtype=torch.bfloat16).to(DEVICE)
     x, x_t = (torch.randn(2, 50, 64, device=DEVICE) for _ in range(2))
@@ -732,7 +781,7 @@ def test_nn_attention_runs_f32_models_on_the_kernels(monkeypatch):
     assert not [w for w in caught if "run the PyTorch reference" in str(w.message)]
     assert out.dtype == out_t.dtype == torch.float32
     monkeypatch.setattr(fastcm.nn, "attention", lambda q, k, v, **kw: ref.attention(q, k, v, **kw))
-    t_out, t_out_t = torch.func.jvp(module, (x,), (x_t,))                  # reference attention in bf16
+    t_out, t_out_t = torch.func.jvp(module, (x,), (x_t,))  # reference attention in bf16
     module64 = copy.deepcopy(module).double()
     r_out, r_out_t = torch.func.jvp(module64, (x.double(),), (x_t.double(),))
     _check_against_torch("out", out, t_out, r_out)
@@ -743,6 +792,7 @@ def test_nn_attention_runs_f32_models_on_the_kernels(monkeypatch):
 def test_public_api_on_cuda(dtype):
     """fastcm.attention_jvp routes CUDA tensors to these kernels."""
     import fastcm
+
     q, k, v, qt, kt, vt = _inputs(1, 4, 2, 130, 130, 64, 64, dtype)
     out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, causal=True)
     r_out, r_out_t = ref.attention_jvp(to64(q), to64(k), to64(v), to64(qt), to64(kt), to64(vt), causal=True)

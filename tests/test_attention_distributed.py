@@ -32,7 +32,7 @@ def _worker(rank, world, port, causal, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        q, k, v, q_t, k_t, v_t, grad_out = (t[:, :, rank * CHUNK:(rank + 1) * CHUNK] for t in _full_inputs(world))
+        q, k, v, q_t, k_t, v_t, grad_out = (t[:, :, rank * CHUNK : (rank + 1) * CHUNK] for t in _full_inputs(world))
         out, out_t, lse, lse_t = fd.ring_attention_jvp(q, k, v, q_t, k_t, v_t, causal=causal, return_lse=True)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         (fd.ring_attention(*leaves, causal=causal) * grad_out).sum().backward()
@@ -48,8 +48,9 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,causal,kernels", [(2, True, "auto"), (3, False, "auto"), (3, True, "auto"),
-                                                  (2, True, "triton")])
+@pytest.mark.parametrize(
+    "world,causal,kernels", [(2, True, "auto"), (3, False, "auto"), (3, True, "auto"), (2, True, "triton")]
+)
 def test_ring_attention_matches_single_process(world, causal, kernels, monkeypatch):
     """The ranks run the default kernels, or the Triton ones (the spawned processes inherit
     FASTCM_BACKEND); the single-process result they are held to is the default one."""
@@ -62,6 +63,7 @@ def test_ring_attention_matches_single_process(world, causal, kernels, monkeypat
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     (fa.attention(*leaves, causal=causal) * grad_out).sum().backward()
     gathered = [torch.cat([results[r][i] for r in range(world)], dim=2) for i in range(7)]
-    for name, got, want in zip(("out", "out_t", "lse", "lse_t", "dq", "dk", "dv"), gathered,
-                               list(expected) + [t.grad for t in leaves]):
+    for name, got, want in zip(
+        ("out", "out_t", "lse", "lse_t", "dq", "dk", "dv"), gathered, list(expected) + [t.grad for t in leaves]
+    ):
         assert_close(got, want, torch.float64, name=name)

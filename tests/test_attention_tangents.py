@@ -7,19 +7,18 @@ import importlib
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from helpers import DEVICE, assert_close, poisoned_empty, to64, tolerance
 from test_attention import CASES, _compare, _finite, _inputs, _to64
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastcm.reference import attention as ref
+from helpers import DEVICE, assert_close, poisoned_empty, to64, tolerance
 
 # The module, not the function of the same name that the package exports.
 fa = importlib.import_module("fastcm.attention")
 
 CASE_IDS = ["x".join(map(str, c[:7])) + f"-{c[7]}-{c[8]}" for c in CASES]
 # Which of (q_t, k_t, v_t) are absent: cross-attention conditioning (k, v), one at a time, all.
-ABSENT = [(False, True, True), (True, False, False), (False, True, False), (False, False, True),
-          (True, True, True)]
+ABSENT = [(False, True, True), (True, False, False), (False, True, False), (False, False, True), (True, True, True)]
 ABSENT_IDS = ["absent-" + "".join(n for n, a in zip("qkv", absent) if a) for absent in ABSENT]
 
 
@@ -35,6 +34,7 @@ def _zeros_for(tangents, primals):
 # Partial tangents
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("absent", ABSENT, ids=ABSENT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -44,10 +44,19 @@ def test_absent_tangents_match_zero_tangents(case, dtype, absent):
     with poisoned_empty():
         got = fa.attention_jvp(*primals, *given, attn_bias=bias, bias_t=bias_t, return_lse=True, **opts)
     zero_tangents = _zeros_for(given, primals)
-    expected = ref.attention_jvp(*(to64(t) for t in primals), *(to64(t) for t in zero_tangents),
-                                 attn_bias=_to64(bias), bias_t=to64(bias_t), return_lse=True, **opts)
-    low = (ref.attention_jvp(*primals, *zero_tangents, attn_bias=bias, bias_t=bias_t, return_lse=True, **opts)
-           if dtype == torch.bfloat16 else [None] * 4)
+    expected = ref.attention_jvp(
+        *(to64(t) for t in primals),
+        *(to64(t) for t in zero_tangents),
+        attn_bias=_to64(bias),
+        bias_t=to64(bias_t),
+        return_lse=True,
+        **opts,
+    )
+    low = (
+        ref.attention_jvp(*primals, *zero_tangents, attn_bias=bias, bias_t=bias_t, return_lse=True, **opts)
+        if dtype == torch.bfloat16
+        else [None] * 4
+    )
     for name, a, e, lo in zip(("out", "out_t", "lse", "lse_t"), got, expected, low):
         _compare(a, e, dtype, name, lo)
     # Passing zeros explicitly runs the full tangent kernel: the same values up to the order of sums.
@@ -63,9 +72,11 @@ def test_absent_tangents_through_func_jvp_and_dual_tensors():
     _, (expected_t, expected_lse_t) = torch.func.jvp(
         lambda q, b: ref.attention(q, k, v, attn_bias=b, return_lse=True, **opts),
         (q, bias.expand(q.shape[:3] + k.shape[2:3]).contiguous()),
-        (q_t, bias_t.expand(q.shape[:3] + k.shape[2:3]).contiguous()))
-    _, (out_t, lse_t) = torch.func.jvp(lambda q, b: fa.attention(q, k, v, attn_bias=b, return_lse=True, **opts),
-                                       (q, bias), (q_t, bias_t))
+        (q_t, bias_t.expand(q.shape[:3] + k.shape[2:3]).contiguous()),
+    )
+    _, (out_t, lse_t) = torch.func.jvp(
+        lambda q, b: fa.attention(q, k, v, attn_bias=b, return_lse=True, **opts), (q, bias), (q_t, bias_t)
+    )
     assert_close(out_t, expected_t, torch.float64, name="out_t (func.jvp)")
     assert_close(lse_t, expected_lse_t, torch.float64, name="lse_t (func.jvp)")
     with fwAD.dual_level():
@@ -123,9 +134,11 @@ def test_op_takes_none_tangents_and_fake_matches():
     k, v = (torch.randn(1, 1, 11, 8, dtype=torch.float64).to(DEVICE) for _ in range(2))
     if DEVICE == "cuda":
         q, q_t, k, v = (t.half() for t in (q, q_t, k, v))
-    for args in [(q, k, v, q_t, None, None, None, None, 0.3, True),
-                 (q, k, v, None, None, v, None, None, 0.3, False),
-                 (q, k, v, None, None, None, None, None, 0.3, False)]:
+    for args in [
+        (q, k, v, q_t, None, None, None, None, 0.3, True),
+        (q, k, v, None, None, v, None, None, 0.3, False),
+        (q, k, v, None, None, None, None, None, 0.3, False),
+    ]:
         torch.library.opcheck(ops.attention_forward_jvp.default, args, test_utils=("test_schema", "test_faketensor"))
         got = ops.attention_forward_jvp(*args)
         full = ops.attention_forward_jvp(*args[:3], *_zeros_for(args[3:6], args[:3]), *args[6:])
@@ -139,6 +152,7 @@ def test_op_takes_none_tangents_and_fake_matches():
 # Backward through the tangent
 # ---------------------------------------------------------------------------------------------
 
+
 def _loss_weights(out_shape, dtype):
     """Upstream gradients for O, LSE, Ȯ, μ in float64, rounded to the dtype of those outputs (so
     the float64 reference weighs them exactly as the fast path does)."""
@@ -146,15 +160,24 @@ def _loss_weights(out_shape, dtype):
 
     def rand(shape, dtype):
         return torch.randn(shape, dtype=torch.float64).to(dtype).double()
-    return (rand(out_shape, dtype), rand(out_shape[:-1], lse_dtype), rand(out_shape, dtype),
-            rand(out_shape[:-1], lse_dtype))
+
+    return (
+        rand(out_shape, dtype),
+        rand(out_shape[:-1], lse_dtype),
+        rand(out_shape, dtype),
+        rand(out_shape[:-1], lse_dtype),
+    )
 
 
 def _loss(out, lse, out_t, lse_t, weights):
     g_out, g_lse, g_out_t, g_lse_t = (w.to(out.device) for w in weights)
     live = torch.isfinite(lse)
-    return ((out * g_out.to(out.dtype)).sum() + torch.where(live, lse * g_lse.to(lse.dtype), 0).sum()
-            + (out_t * g_out_t.to(out_t.dtype)).sum() + (lse_t * g_lse_t.to(lse_t.dtype)).sum())
+    return (
+        (out * g_out.to(out.dtype)).sum()
+        + torch.where(live, lse * g_lse.to(lse.dtype), 0).sum()
+        + (out_t * g_out_t.to(out_t.dtype)).sum()
+        + (lse_t * g_lse_t.to(lse_t.dtype)).sum()
+    )
 
 
 def _leaves(primals, tangents, bias, bias_t):
@@ -186,8 +209,7 @@ def _dual_grads(leaves, bias, opts, weights):
         duals = [p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
         if bias_t is not None:
             bias_leaf = fwAD.make_dual(bias_leaf, bias_t)
-        out, lse = (fwAD.unpack_dual(t) for t in fa.attention(*duals, attn_bias=bias_leaf, return_lse=True,
-                                                                 **opts))
+        out, lse = (fwAD.unpack_dual(t) for t in fa.attention(*duals, attn_bias=bias_leaf, return_lse=True, **opts))
         loss = _loss(out.primal, lse.primal, out.tangent, lse.tangent, weights)
     return torch.autograd.grad(loss, [t for t in leaves if t is not None])
 
@@ -212,7 +234,8 @@ def _compare_second_order(actual, expected, torch_lowp, dtype, name):
     own, torch_error = _scaled_error(actual, expected), _scaled_error(torch_lowp, expected)
     assert own <= max(2 * torch_error, tolerance(dtype)), (
         f"{name}: scaled error {own:.3e} > 2x PyTorch's {dtype} error {torch_error:.3e} and > "
-        f"tolerance {tolerance(dtype):.0e}")
+        f"tolerance {tolerance(dtype):.0e}"
+    )
 
 
 def _compare_grads(got, want, low, dtype, names=GRAD_NAMES):
@@ -224,9 +247,11 @@ def _compare_grads(got, want, low, dtype, names=GRAD_NAMES):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Three query rows per recomputed chunk, so the small cases run several chunks and a tail."""
+
     def rows(case):
         B, H, _, _, Nk = case[:5]
         monkeypatch.setattr(fa, "_TANGENT_CHUNK_ELEMENTS", 3 * B * H * Nk)
+
     return rows
 
 
@@ -242,8 +267,11 @@ def test_backward_through_tangent_matches_double_autograd(case, dtype, small_chu
     with poisoned_empty():
         got = _dual_grads(leaves, bias, opts, weights)
     want = _reference_grads([to64(t) for t in leaves], _to64(bias), opts, weights)
-    low = (_reference_grads(_leaves(primals, tangents, bias, bias_t), bias, opts, weights)
-           if dtype != torch.float64 else [None] * len(want))
+    low = (
+        _reference_grads(_leaves(primals, tangents, bias, bias_t), bias, opts, weights)
+        if dtype != torch.float64
+        else [None] * len(want)
+    )
     _compare_grads(got, want, low, dtype)
     assert all(a.dtype == dtype for a in got)
 
@@ -296,9 +324,11 @@ def test_autograd_grad_through_func_jvp_and_func_grad_of_func_jvp(small_chunks):
 
     def tangent_loss(attention):
         def loss(q, k, v, q_t, k_t, v_t):
-            _, out_t = torch.func.jvp(lambda q, k, v: attention(q, k, v, attn_bias=mask, **opts),
-                                      (q, k, v), (q_t, k_t, v_t))
+            _, out_t = torch.func.jvp(
+                lambda q, k, v: attention(q, k, v, attn_bias=mask, **opts), (q, k, v), (q_t, k_t, v_t)
+            )
             return (out_t * g_out_t).sum()
+
         return loss
 
     inputs = (q, k, v, q_t, k_t, v_t)
@@ -314,6 +344,7 @@ def test_autograd_grad_through_func_jvp_and_func_grad_of_func_jvp(small_chunks):
     def hvp(attention):
         def f(q):
             return (attention(q, k, v, attn_bias=mask, **opts) * g_out).sum()
+
         return torch.func.grad(lambda q: torch.func.jvp(f, (q,), (q_t,))[1])(q)
 
     assert_close(hvp(fa.attention), hvp(ref.attention), torch.float64, name="Hessian-vector product")
@@ -339,8 +370,12 @@ def test_reference_backward_formulas_match_double_autograd():
     float64 double autograd of the reference attention_jvp on every case."""
     for case in CASES:
         primals, tangents, bias, bias_t, opts = _inputs(case, torch.float64)
-        primals, tangents, bias, bias_t = ([to64(t) for t in primals], [to64(t) for t in tangents], _to64(bias),
-                                           to64(bias_t))
+        primals, tangents, bias, bias_t = (
+            [to64(t) for t in primals],
+            [to64(t) for t in tangents],
+            _to64(bias),
+            to64(bias_t),
+        )
         weights = _loss_weights(primals[0].shape[:3] + primals[2].shape[-1:], torch.float64)
         zero = [torch.zeros_like(w) for w in weights[:2]]
         want = _reference_grads(_leaves(primals, tangents, bias, bias_t), bias, opts, tuple(zero) + weights[2:])
@@ -363,8 +398,7 @@ def test_late_tangent_path_skips_absent_tangents_and_is_differentiable():
     scale = q.shape[-1] ** -0.5
     weights = _loss_weights(q.shape[:3] + v.shape[-1:], torch.float64)
     with fwAD.dual_level():
-        out, lse = fa._Attention.apply(fwAD.make_dual(q, q_t), k, v, fa._kernel_bias(bias, q, k), scale,
-                                       opts["causal"])
+        out, lse = fa._Attention.apply(fwAD.make_dual(q, q_t), k, v, fa._kernel_bias(bias, q, k), scale, opts["causal"])
         out, lse = fwAD.unpack_dual(out), fwAD.unpack_dual(lse)
         loss = _loss(out.primal, lse.primal, out.tangent, lse.tangent, weights)
     got = torch.autograd.grad(loss, [q, k, v, q_t])

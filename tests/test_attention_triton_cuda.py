@@ -11,11 +11,11 @@ float32 inputs (IEEE products) against float64 SDPA within the float32 tolerance
 import pytest
 import torch
 import torch.nn.functional as F
+from test_attention_cuda import BWD_SHAPES, LOWP, SHAPES, _check_against_torch, _inputs, _poison_allocator
 
 import fastcm.kernels.attention as triton_attention
 from fastcm.reference import attention as ref
 from helpers import DEVICE, assert_close, to64
-from test_attention_cuda import BWD_SHAPES, LOWP, SHAPES, _check_against_torch, _inputs, _poison_allocator
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.gpu
 def test_forward_jvp_and_forward_match_reference(shape, causal, dtype):
     B, H, Hkv, Nq, Nk, Dqk, Dv = shape
     q, k, v, qt, kt, vt = _inputs(*shape, dtype)
-    scale = Dqk ** -0.5
+    scale = Dqk**-0.5
     _poison_allocator((B, H, Nq, Dv), (B, H, Nq), dtype=dtype)
     got = triton_attention.attention_forward_jvp(q, k, v, qt, kt, vt, None, None, scale, causal)
     want = ref.attention_jvp(*map(to64, (q, k, v, qt, kt, vt)), scale=scale, causal=causal, return_lse=True)
@@ -69,16 +69,19 @@ def test_float32_inputs_match_math_sdpa_in_float64(causal):
     PyTorch's MATH SDPA evaluated in float64 (outputs, tangents, gradients)."""
     import warnings
 
-    import fastcm
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import fastcm
 
     q, k, v, qt, kt, vt = _inputs(2, 4, 4, 150, 170, 64, 64, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, out_t = fastcm.attention_jvp(q, k, v, qt, kt, vt, causal=causal)
     with sdpa_kernel(SDPBackend.MATH):
+
         def sdpa(a, b, c):
             return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+
         want, want_t = torch.func.jvp(sdpa, tuple(map(to64, (q, k, v))), tuple(map(to64, (qt, kt, vt))))
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         grad = torch.randn_like(out)
@@ -105,9 +108,11 @@ def test_partial_tangents_and_bias(dtype):
     bias_t = torch.randn(1, 4, 200, 77, device=DEVICE)
     got = triton_attention.attention_forward_jvp(q, k, v, qt, None, None, bias, bias_t, 0.125, False)
     zeros = [torch.zeros_like(t) for t in (k, v)]
-    want = ref.attention_jvp(*map(to64, (q, k, v, qt, *zeros)), scale=0.125, attn_bias=to64(bias),
-                             bias_t=to64(bias_t), return_lse=True)
-    low = ref.attention_jvp(q, k, v, qt, *zeros, scale=0.125, attn_bias=bias.to(dtype), bias_t=bias_t.to(dtype),
-                            return_lse=True)
+    want = ref.attention_jvp(
+        *map(to64, (q, k, v, qt, *zeros)), scale=0.125, attn_bias=to64(bias), bias_t=to64(bias_t), return_lse=True
+    )
+    low = ref.attention_jvp(
+        q, k, v, qt, *zeros, scale=0.125, attn_bias=bias.to(dtype), bias_t=bias_t.to(dtype), return_lse=True
+    )
     for name, a, t, r in zip(("out", "out_t", "lse", "lse_t"), got, low, want):
         _check_against_torch(name, a, t, r)

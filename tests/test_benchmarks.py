@@ -34,8 +34,24 @@ def test_host_peak_memory_sees_a_temporary_and_nothing_else():
 
 def test_cli_writes_times_and_memory(tmp_path):
     out = tmp_path / "bench"
-    subprocess.run([sys.executable, "-m", "benchmarks", "--families", "precondition", "--filter", "edm fwd+bwd",
-                    "--no-plot", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--families",
+            "precondition",
+            "--filter",
+            "edm fwd+bwd",
+            "--no-plot",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows and {row["case"] for row in rows} == {"edm fwd+bwd"}
     for row in rows:
@@ -48,24 +64,41 @@ def test_cli_writes_times_and_memory(tmp_path):
 def test_attention_plot_draws_one_panel_per_config(tmp_path):
     """benchmarks.attention_plot turns an attention_gpu.json into a PNG of one panel per (H, d)."""
     pytest.importorskip("matplotlib")
-    rows = [{"H": h, "d": d, "N": n, "impl": impl, "tflops": t, "status": "ok"}
-            for h, d in ((32, 64), (16, 128)) for n in (1024, 4096)
-            for impl, t in (("fastcm_jvp", 300.0), ("math_jvp", 12.0), ("fastcm_jvp_sm80", 200.0))]
+    rows = [
+        {"H": h, "d": d, "N": n, "impl": impl, "tflops": t, "status": "ok"}
+        for h, d in ((32, 64), (16, 128))
+        for n in (1024, 4096)
+        for impl, t in (("fastcm_jvp", 300.0), ("math_jvp", 12.0), ("fastcm_jvp_sm80", 200.0))
+    ]
     rows.append({"H": 32, "d": 64, "N": 8192, "impl": "math_jvp", "tflops": None, "status": "OOM"})
-    run = {"meta": {"gpu": "test GPU", "torch": "x", "commit": "0123456789abcdef", "matmul_tflops": 800.0,
-                    "command": "python -m benchmarks.attention_gpu --out x"}, "rows": rows}
+    run = {
+        "meta": {
+            "gpu": "test GPU",
+            "torch": "x",
+            "commit": "0123456789abcdef",
+            "matmul_tflops": 800.0,
+            "command": "python -m benchmarks.attention_gpu --out x",
+        },
+        "rows": rows,
+    }
     (tmp_path / "attention_gpu.json").write_text(json.dumps(run))
-    subprocess.run([sys.executable, "-m", "benchmarks.attention_plot", str(tmp_path / "attention_gpu.json")],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.attention_plot", str(tmp_path / "attention_gpu.json")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     png = (tmp_path / "attention_gpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    assert width > 2 * height        # two panels side by side
+    assert width > 2 * height  # two panels side by side
 
 
 def test_attention_gpu_runs_the_goal_shapes_first():
     """Every (config, length) runs once, the issue's goal length (8192) at both head dims first."""
     from benchmarks import attention_gpu
+
     order = attention_gpu.shape_order(attention_gpu.LENGTHS)
     assert sorted(order) == sorted((B, H, d, N) for B, H, d in attention_gpu.CONFIGS for N in attention_gpu.LENGTHS)
     assert [shape[3] for shape in order[:2]] == [attention_gpu.COMPILE_LENGTH] * 2
@@ -87,8 +120,12 @@ def test_attention_gpu_triton_rows_run_and_match_the_reference(monkeypatch):
     q, k, v, qt, kt, vt, grad = (torch.randn(1, 2, 20, 16, dtype=torch.float64) for _ in range(7))
     out, lse = ref.attention(q, k, v, causal=True, return_lse=True)
     cases = attention_gpu.triton_cases(q, k, v, qt, kt, vt, grad, out, lse, 0.25, True, 1.0, 3.0, 2.5)
-    assert [(name, flops) for name, _, flops in cases] == [("triton_fwd", 1.0), ("triton_jvp", 3.0),
-                                                          ("triton_jvp_q", 3.0), ("triton_bwd", 2.5)]
+    assert [(name, flops) for name, _, flops in cases] == [
+        ("triton_fwd", 1.0),
+        ("triton_jvp", 3.0),
+        ("triton_jvp_q", 3.0),
+        ("triton_bwd", 2.5),
+    ]
     results = {name: fn() for name, fn, _ in cases}
     want = ref.attention_jvp(q, k, v, qt, kt, vt, scale=0.25, causal=True, return_lse=True)
     want_q = ref.attention_jvp(q, k, v, qt, 0 * kt, 0 * vt, scale=0.25, causal=True, return_lse=True)

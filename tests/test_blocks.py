@@ -26,7 +26,7 @@ def _norm_inputs(shape, dtype, strided=False, requires_grad=False):
     x = randn(*shape, dtype=dtype, requires_grad=requires_grad)
     if strided:  # shift and scale as chunks of one adaLN output, rows 3·C apart
         mod = randn(batch, 3 * channels, dtype=dtype)
-        shift, scale = mod[:, :channels], mod[:, channels:2 * channels]
+        shift, scale = mod[:, :channels], mod[:, channels : 2 * channels]
         shift, scale = (t.requires_grad_(requires_grad) if requires_grad else t for t in (shift, scale))
     else:
         shift = randn(batch, channels, dtype=dtype, requires_grad=requires_grad)
@@ -36,14 +36,16 @@ def _norm_inputs(shape, dtype, strided=False, requires_grad=False):
 
 # ---- the reference against other libraries and closed forms ----------------------------------
 
+
 @pytest.mark.parametrize("norm", ref.NORMS)
 def test_reference_norm_matches_torch(norm):
     x, w = torch.randn(2, 3, 12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     shift, scale = torch.randn(2, 12, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)
     torch_norm = F.layer_norm(x, (12,), w, None, 1e-6) if norm == "layer" else F.rms_norm(x, (12,), w, 1e-6)
     expected = torch_norm * (1 + scale[:, None]) + shift[:, None]
-    torch.testing.assert_close(ref.modulated_norm(x, shift, scale, norm=norm, weight=w), expected, rtol=1e-12,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        ref.modulated_norm(x, shift, scale, norm=norm, weight=w), expected, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_reference_activations_match_torch():
@@ -60,8 +62,11 @@ def test_closed_forms_match_autodiff_of_reference(norm, weighted):
     w = torch.randn(9, dtype=torch.float64) if weighted else None
     tangents = [torch.randn_like(t) for t in (x, shift, scale)]
     w_t = torch.randn(9, dtype=torch.float64) if weighted else None
-    fn = (lambda a, b, c, d: ref.modulated_norm(a, b, c, norm=norm, weight=d)) if weighted else \
-        (lambda a, b, c: ref.modulated_norm(a, b, c, norm=norm))
+    fn = (
+        (lambda a, b, c, d: ref.modulated_norm(a, b, c, norm=norm, weight=d))
+        if weighted
+        else (lambda a, b, c: ref.modulated_norm(a, b, c, norm=norm))
+    )
     primals = (x, shift, scale, w) if weighted else (x, shift, scale)
     y, y_t = torch.func.jvp(fn, primals, tuple(tangents) + ((w_t,) if weighted else ()))
     closed_y, closed_t = ref.modulated_norm_closed(x, shift, scale, w, *tangents, w_t, norm, 1e-6, True, True)
@@ -85,18 +90,21 @@ def test_activation_closed_forms_match_autodiff(kind):
     torch.testing.assert_close(closed_t, y_t, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(y)
     leaf = x.clone().requires_grad_()
-    torch.testing.assert_close(ref.activation_backward(kind, grad, x), torch.autograd.grad(fn(leaf), leaf, grad)[0],
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ref.activation_backward(kind, grad, x), torch.autograd.grad(fn(leaf), leaf, grad)[0], rtol=1e-12, atol=1e-12
+    )
 
 
 def test_reference_gradcheck():
-    x, shift, scale, y = (torch.randn(*s, dtype=torch.float64, requires_grad=True)
-                          for s in ((2, 3, 5), (2, 5), (2, 5), (2, 3, 5)))
+    x, shift, scale, y = (
+        torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 5), (2, 5), (2, 5), (2, 3, 5))
+    )
     assert torch.autograd.gradcheck(lambda a, b, c: ref.modulated_norm(a, b, c), (x, shift, scale))
     assert torch.autograd.gradcheck(ref.gated_residual, (x, shift, y))
 
 
 # ---- fast paths against the reference ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("norm", ref.NORMS)
@@ -109,13 +117,18 @@ def test_modulated_norm_forward_jvp_backward(backend, tiles, path, norm, shape, 
     tangents = [randn(*t.shape, dtype=dtype) for t in (x, shift, scale)]
     primals64 = [to64(t) for t in (x, shift, scale)]
     w64 = to64(w)
-    expected, expected_t = torch.func.jvp(lambda a, b, c: ref.modulated_norm(a, b, c, norm=norm, weight=w64),
-                                          tuple(p.detach() for p in primals64), tuple(map(to64, tangents)))
+    expected, expected_t = torch.func.jvp(
+        lambda a, b, c: ref.modulated_norm(a, b, c, norm=norm, weight=w64),
+        tuple(p.detach() for p in primals64),
+        tuple(map(to64, tangents)),
+    )
     with poisoned_empty():
         y = blocks.modulated_norm(x, shift, scale, norm=norm, weight=w)
-        y_jvp, y_t = torch.func.jvp(lambda a, b, c: blocks.modulated_norm(a, b, c, norm=norm, weight=w.detach()
-                                                                          if w is not None else None),
-                                    (x.detach(), shift.detach(), scale.detach()), tuple(tangents))
+        y_jvp, y_t = torch.func.jvp(
+            lambda a, b, c: blocks.modulated_norm(a, b, c, norm=norm, weight=w.detach() if w is not None else None),
+            (x.detach(), shift.detach(), scale.detach()),
+            tuple(tangents),
+        )
         explicit, explicit_t = blocks.modulated_norm_jvp(x, shift, scale, *tangents, norm=norm, weight=w)
     assert y.dtype == dtype and y_t.dtype == dtype
     for actual, name in ((y, "y"), (y_jvp, "jvp primal"), (explicit, "explicit y")):
@@ -142,8 +155,9 @@ def test_gated_residual_forward_jvp_backward(backend, tiles, path, shape, dtype)
     y = randn(*shape, dtype=dtype, requires_grad=True)
     tangents = [randn(*t.shape, dtype=dtype) for t in (x, gate, y)]
     p64 = [to64(t) for t in (x, gate, y)]
-    expected, expected_t = torch.func.jvp(ref.gated_residual, tuple(p.detach() for p in p64),
-                                          tuple(map(to64, tangents)))
+    expected, expected_t = torch.func.jvp(
+        ref.gated_residual, tuple(p.detach() for p in p64), tuple(map(to64, tangents))
+    )
     with poisoned_empty():
         out = blocks.gated_residual(x, gate, y)
         _, out_t = torch.func.jvp(blocks.gated_residual, (x.detach(), gate.detach(), y.detach()), tuple(tangents))
@@ -179,7 +193,7 @@ def test_activations_forward_jvp_backward(backend, tiles, path, kind, shape, dty
             dual = fn(torch.autograd.forward_ad.make_dual(x.detach(), x_t))
             dual_t = torch.autograd.forward_ad.unpack_dual(dual).tangent
         grad = randn(*expected.shape, dtype=dtype)
-        grad_x, = torch.autograd.grad(y, x, grad)
+        (grad_x,) = torch.autograd.grad(y, x, grad)
     for actual, name in ((y, "y"), (explicit, "explicit")):
         assert_close(actual, expected, dtype, name=name)
     for actual, name in ((y_t, "jvp"), (explicit_t, "explicit tangent"), (dual_t, "dual tangent")):
@@ -203,8 +217,8 @@ def test_norm_dual_tensors_and_tangent_backpropagation(backend, path):
     scale_leaf, ref_leaf = scale.clone().requires_grad_(), scale.clone().requires_grad_()
     _, fast_t = torch.func.jvp(lambda a: blocks.modulated_norm(a, shift, scale_leaf), (x,), (x_t,))
     _, ref_t = torch.func.jvp(lambda a: ref.modulated_norm(a, shift, ref_leaf), (x,), (x_t,))
-    fast_grad, = torch.autograd.grad(fast_t.pow(2).sum(), scale_leaf)
-    ref_grad, = torch.autograd.grad(ref_t.pow(2).sum(), ref_leaf)
+    (fast_grad,) = torch.autograd.grad(fast_t.pow(2).sum(), scale_leaf)
+    (ref_grad,) = torch.autograd.grad(ref_t.pow(2).sum(), ref_leaf)
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-11, atol=1e-11)
 
 
@@ -228,6 +242,7 @@ def test_reference_backend_runs_the_spec(backend):
 
 
 # ---- bad input ---------------------------------------------------------------------------------
+
 
 def test_errors_name_the_argument():
     x, shift, scale = _norm_inputs((2, 3, 4), torch.float32)

@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -15,8 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import compile_triton_kernels  # noqa: E402
 
-INTEGERS = [0, 1, 2, 7, 15, 16, 17, 48, -1, -16, 2 ** 31 - 1, 2 ** 31, 2 ** 32 + 3, 2 ** 63 - 1, 2 ** 63,
-            2 ** 64 - 16]
+INTEGERS = [0, 1, 2, 7, 15, 16, 17, 48, -1, -16, 2**31 - 1, 2**31, 2**32 + 3, 2**63 - 1, 2**63, 2**64 - 16]
 
 
 @pytest.mark.parametrize("value", INTEGERS)
@@ -61,14 +59,30 @@ def _check(tmp_path, init):
     (tmp_path / "probe_kernels.py").write_text(KERNEL.format(init=init))
     (tmp_path / "test_probe.py").write_text(TEST)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_triton_kernels.py"), "--arch", "90",
-                           str(tmp_path / "test_probe.py")], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "compile_triton_kernels.py"),
+            "--arch",
+            "90",
+            str(tmp_path / "test_probe.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
-@pytest.mark.parametrize("init, compiles", [("tl.zeros([BLOCK], dtype=tl.float32)", True),
-                                            # The interpreter broadcasts the float; the compiler
-                                            # refuses a loop-carried value that changes type.
-                                            ("0.0", False)])
+@pytest.mark.parametrize(
+    "init, compiles",
+    [
+        ("tl.zeros([BLOCK], dtype=tl.float32)", True),
+        # The interpreter broadcasts the float; the compiler
+        # refuses a loop-carried value that changes type.
+        ("0.0", False),
+    ],
+)
 def test_script_compiles_what_the_tests_launch(tmp_path, init, compiles):
     pytest.importorskip("triton.backends.nvidia")
     result = _check(tmp_path, init)

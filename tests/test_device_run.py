@@ -23,8 +23,14 @@ PHASES = ["facts", "build", "smoke", "tests", "bench", "sanitizer"]
 def _simulate(tmp_path, **env):
     out = tmp_path / "out"
     out.mkdir()
-    full_env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "DEVICE_RUN_SIMULATE": "1",
-                "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}", **env}
+    full_env = {
+        **os.environ,
+        "OUT": str(out),
+        "TMPDIR": str(tmp_path),
+        "DEVICE_RUN_SIMULATE": "1",
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+        **env,
+    }
     full_env.pop("FASTCM_TEST_DEVICE", None)
     run = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
     return run, out
@@ -43,18 +49,25 @@ def test_plan_fits_the_device_call_with_the_measured_build_time():
     header = SCRIPT.read_text()
     measured = int(re.search(r"^MEASURED_BUILD_S=(\d+)", header, re.M).group(1))
     device_env = {k: v for k, v in os.environ.items() if k not in ("DEVICE_RUN_SIMULATE", "DEVICE_BUDGET")}
-    plan = subprocess.run(["bash", str(SCRIPT), "--plan"], cwd=ROOT, capture_output=True, text=True, check=True,
-                          env=device_env)
+    plan = subprocess.run(
+        ["bash", str(SCRIPT), "--plan"], cwd=ROOT, capture_output=True, text=True, check=True, env=device_env
+    )
     rows = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in plan.stdout.splitlines()[1:-1]}
     assert list(rows) == PHASES + ["summary"]
-    assert rows["build"][2] == measured                     # the build is planned at its measured time
+    assert rows["build"][2] == measured  # the build is planned at its measured time
     total = sum(planned for _, _, planned in rows.values())
     assert total <= 540, plan.stdout
     assert f"total planned: {total} s" in plan.stdout
-    assert rows["tests"][2] >= 60 and rows["bench"][2] >= 45, plan.stdout   # every phase keeps a useful share
+    assert rows["tests"][2] >= 60 and rows["bench"][2] >= 45, plan.stdout  # every phase keeps a useful share
     # A longer build shrinks the later phases instead of overrunning the call.
-    slow = subprocess.run(["bash", str(SCRIPT), "--plan"], cwd=ROOT, capture_output=True, text=True, check=True,
-                          env={**device_env, "PLAN_BUILD_S": str(measured + 120)})
+    slow = subprocess.run(
+        ["bash", str(SCRIPT), "--plan"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**device_env, "PLAN_BUILD_S": str(measured + 120)},
+    )
     assert int(re.search(r"total planned: (\d+)", slow.stdout).group(1)) <= 540
 
 
@@ -64,9 +77,22 @@ def test_simulated_run_every_phase_and_its_files(tmp_path):
     log = run.stdout
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
-    assert {"run.log", "summary.txt", "build.log", "smoke.log", "pytest.log", "bench.log", "sanitizer.log",
-            "results.tar.gz"} >= set(files) and "summary.txt" in files and "results.tar.gz" in files
-    for phase in PHASES:   # each phase announced with its budget and closed with its time
+    assert (
+        {
+            "run.log",
+            "summary.txt",
+            "build.log",
+            "smoke.log",
+            "pytest.log",
+            "bench.log",
+            "sanitizer.log",
+            "results.tar.gz",
+        }
+        >= set(files)
+        and "summary.txt" in files
+        and "results.tar.gz" in files
+    )
+    for phase in PHASES:  # each phase announced with its budget and closed with its time
         assert re.search(rf"^=== {phase}: budget \d+ s", log, re.M), phase
         assert re.search(rf"^=== {phase}: \d+ s \(budget \d+ s\)", log, re.M), phase
     summary = (out / "summary.txt").read_text()
@@ -79,7 +105,7 @@ def test_simulated_run_every_phase_and_its_files(tmp_path):
     bench_log = (out / "bench.log").read_text()
     assert re.search(r"^bench precondition: exit \d+", bench_log, re.M) and "bench attention: exit" in bench_log
     assert table["bench"][2] == "ok" or re.search(r"exit 124: cut at \d+ s", bench_log), summary
-    budget = int(re.search(r"DEVICE_BUDGET (\d+) s", summary).group(1))   # the simulation's
+    budget = int(re.search(r"DEVICE_BUDGET (\d+) s", summary).group(1))  # the simulation's
     assert sum(used for _, used, _ in table.values()) <= budget
     # The build log check finds the C75xx diagnostic and the spill of the (simulated) ptxas report.
     assert "1 C75xx diagnostics" in summary and "1 reports with spills" in summary
@@ -111,8 +137,9 @@ def test_simulated_smoke_hang_costs_one_slot(tmp_path):
     """The default kernel (TMA) hangs after cp_async passed: its slot ends at the smoke limit, the
     TMA-only choices are not run, bwd_sm80 runs with the TMA kernel off, the later phases run with
     FASTCM_ATTN_SM90_TMA=0; phases whose budget falls below their minimum are skipped and reported."""
-    run, out = _simulate(tmp_path, DEVICE_RUN_SIM_HANG="default", SMOKE_TIMEOUT="4",
-                         DEVICE_RUN_CAPS="tests=1 bench=1 sanitizer=1")
+    run, out = _simulate(
+        tmp_path, DEVICE_RUN_SIM_HANG="default", SMOKE_TIMEOUT="4", DEVICE_RUN_CAPS="tests=1 bench=1 sanitizer=1"
+    )
     log = run.stdout
     assert "default: FAILED (exit 124: hung, cut at 4 s)" in log
     assert "tma_serial: not run (a TMA kernel hung)" in log and "tma_smem_q: not run (a TMA kernel hung)" in log

@@ -8,9 +8,9 @@ import math
 import diffusers
 import pytest
 import torch
-from helpers import DEVICE, assert_close, poisoned_empty
 
 import fastcm.diffusers as fd
+from helpers import DEVICE, assert_close, poisoned_empty
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -28,11 +28,13 @@ CASES = [
     ("TCDScheduler", dict(prediction_type="epsilon"), dict(eta=0.3)),
     ("TCDScheduler", dict(prediction_type="sample"), dict(eta=0.0)),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), {}),
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_type="heun",
-                                         use_karras_sigmas=True), {}),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_type="heun", use_karras_sigmas=True), {}),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_type="midpoint"), {}),
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_type="heun",
-                                         prediction_type="v_prediction"), {}),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="sde-dpmsolver++", solver_type="heun", prediction_type="v_prediction"),
+        {},
+    ),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), {}),
     ("UniPCMultistepScheduler", dict(solver_order=2), {}),
     ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2"), {}),
@@ -105,16 +107,26 @@ def test_steps_match_diffusers(name, options, step_kwargs):
     assert _side_by_side(theirs, ours, step_kwargs) >= 6
 
 
-@pytest.mark.parametrize("name, options, step_kwargs", [CASES[0], CASES[6], CASES[8], CASES[14], CASES[16],
-                                                       CASES[18]], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "name, options, step_kwargs", [CASES[0], CASES[6], CASES[8], CASES[14], CASES[16], CASES[18]], ids=lambda v: str(v)
+)
 def test_steps_match_diffusers_on_the_triton_kernels(backend, name, options, step_kwargs):
     backend("triton")
     theirs, ours = _pair(name, options)
     _side_by_side(theirs, ours, step_kwargs, steps=3)
 
 
-@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
-                                  "LCMScheduler", "TCDScheduler", "FlowMatchEulerDiscreteScheduler"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DDIMScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+    ],
+)
 def test_the_fused_update_replaces_diffusers_step(monkeypatch, name):
     """diffusers' own step is never reached for the configurations fastcm fuses."""
     options = next(o for n, o, _ in CASES if n == name)
@@ -155,8 +167,15 @@ def test_unipc_predictor_and_corrector_are_fused(monkeypatch):
     assert len(calls) == 4 + 4  # predictors of steps 1-4 (the last, to σ = 0, is diffusers'), correctors of 2-5
 
 
-@pytest.mark.parametrize("name, step_kwargs", [("EulerAncestralDiscreteScheduler", {}), ("LCMScheduler", {}),
-                                                ("TCDScheduler", {"eta": 0.5}), ("DDIMScheduler", {"eta": 1.0})])
+@pytest.mark.parametrize(
+    "name, step_kwargs",
+    [
+        ("EulerAncestralDiscreteScheduler", {}),
+        ("LCMScheduler", {}),
+        ("TCDScheduler", {"eta": 0.5}),
+        ("DDIMScheduler", {"eta": 1.0}),
+    ],
+)
 def test_own_noise_is_reproducible_and_has_diffusers_law(name, step_kwargs):
     """Without a generator fastcm draws one seed per step from torch's global RNG (not diffusers' stream): the
     same under torch.manual_seed, different across seeds. On a zero sample and model output prev = c_z·z, so its
@@ -186,18 +205,22 @@ def test_pipeline_swap_from_config():
     swapped = fd.LCMScheduler.from_config(theirs.config)
     assert isinstance(swapped, diffusers.LCMScheduler) and dict(swapped.config) == dict(theirs.config)
     sample = torch.randn(1, 3)
-    assert torch.equal(swapped.add_noise(sample, torch.ones_like(sample), torch.tensor([500])),
-                       theirs.add_noise(sample, torch.ones_like(sample), torch.tensor([500])))
+    assert torch.equal(
+        swapped.add_noise(sample, torch.ones_like(sample), torch.tensor([500])),
+        theirs.add_noise(sample, torch.ones_like(sample), torch.tensor([500])),
+    )
 
 
-@pytest.mark.parametrize("schedule, theirs", [("linear", "linear"), ("scaled_linear", "scaled_linear"),
-                                              ("cosine", "squaredcos_cap_v2")])
+@pytest.mark.parametrize(
+    "schedule, theirs", [("linear", "linear"), ("scaled_linear", "scaled_linear"), ("cosine", "squaredcos_cap_v2")]
+)
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_vp_beta_schedules_match_diffusers(schedule, theirs, zero_snr):
     from fastcm import schedules
 
-    want = diffusers.DDPMScheduler(beta_schedule=theirs, beta_start=0.0001, beta_end=0.02,
-                                   rescale_betas_zero_snr=zero_snr)
+    want = diffusers.DDPMScheduler(
+        beta_schedule=theirs, beta_start=0.0001, beta_end=0.02, rescale_betas_zero_snr=zero_snr
+    )
     got = schedules.vp_betas(1000, schedule=schedule, beta_start=0.0001, beta_end=0.02, zero_terminal_snr=zero_snr)
     # diffusers rescales in float32 and forms β = 1 − α there: a few float32 ulps of 1, absolute, on every β.
     atol = 8 * torch.finfo(torch.float32).eps if zero_snr else 1e-7

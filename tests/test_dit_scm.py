@@ -41,7 +41,7 @@ def _steps(recipe, steps, batch, optimizer="sgd", tangent="jvp", lr=0.05):
 
 @pytest.mark.parametrize("recipe", dit_scm.LOSSES)
 def test_first_steps_match_reference(recipe, backend):
-    """"auto" on CPU tensors runs the attention (forward, fused JVP, backward) on the extension's C++
+    """ "auto" on CPU tensors runs the attention (forward, fused JVP, backward) on the extension's C++
     kernels; the reference runs fastcm/reference everywhere."""
     backend("auto")
     losses, params = _steps(recipe, 2, 8)
@@ -93,8 +93,9 @@ def test_training_improves_the_denoiser(recipe):
     losses = []
     for step in range(40):
         x0 = images[torch.randint(len(images), (16,), generator=generator)]
-        losses.append(dit_scm.train_step(net, optimizer, x0, step, 40, dit_scm.draw_noise(recipe, 16, generator),
-                                         recipe))
+        losses.append(
+            dit_scm.train_step(net, optimizer, x0, step, 40, dit_scm.draw_noise(recipe, 16, generator), recipe)
+        )
     assert _denoising_error(recipe, net, held_out[:64]) < 0.7 * before
     if recipe == "ect":
         assert sum(losses[-10:]) < sum(losses[:10]), losses
@@ -104,8 +105,14 @@ def test_runs_end_to_end(tmp_path):
     out = dit_scm.main(["--steps", "4", "--batch", "8", "--samples", "200", "--out", str(tmp_path), "--no-progress"])
     assert out["accuracy"] > 0.9  # the feature extractor is a working digit classifier
     results = out["results"]
-    assert set(results) == {"real (training digits)", "noise", "fastcm 1-step", "fastcm 2-step",
-                            "reference 1-step", "reference 2-step"}
+    assert set(results) == {
+        "real (training digits)",
+        "noise",
+        "fastcm 1-step",
+        "fastcm 2-step",
+        "reference 1-step",
+        "reference 2-step",
+    }
     assert results["real (training digits)"]["FD"] < 0.2 * results["noise"]["FD"]
     # 200 real digits: every class is expected ~20 times, well above the 5% (10) coverage threshold.
     assert results["real (training digits)"]["coverage"] == 10
@@ -113,6 +120,7 @@ def test_runs_end_to_end(tmp_path):
 
 
 # ------------------------------------------------------------------ DDP
+
 
 def _wrap(net, mode):
     if mode == "ddp":
@@ -137,8 +145,10 @@ def _parallel_worker(rank, world, port, mode, results):
             share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
             losses.append(dit_scm.train_step(net, optimizer, x0[share], step, 10, (t[share], z[share])))
         # FSDP2 parameters are DTensor shards: gathered to the full tensors to compare.
-        results[rank] = (losses, [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                                  for p in net.parameters()])
+        results[rank] = (
+            losses,
+            [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in net.parameters()],
+        )
     finally:
         dist.destroy_process_group()
 
@@ -146,8 +156,13 @@ def _parallel_worker(rank, world, port, mode, results):
 def _global_batches(steps=2):
     generator = torch.Generator().manual_seed(2)
     images = _digits(64)
-    return [(images[torch.randint(64, (GLOBAL_BATCH,), generator=generator)],
-             dit_scm.draw_noise("scm", GLOBAL_BATCH, generator)) for _ in range(steps)]
+    return [
+        (
+            images[torch.randint(64, (GLOBAL_BATCH,), generator=generator)],
+            dit_scm.draw_noise("scm", GLOBAL_BATCH, generator),
+        )
+        for _ in range(steps)
+    ]
 
 
 def _free_port():
@@ -169,8 +184,9 @@ def test_data_parallel_step_matches_single_process(mode):
     torch.manual_seed(1)
     net = dit_scm.make_net("scm")
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    losses = [dit_scm.train_step(net, optimizer, x0, step, 10, noise)
-              for step, (x0, noise) in enumerate(_global_batches())]
+    losses = [
+        dit_scm.train_step(net, optimizer, x0, step, 10, noise) for step, (x0, noise) in enumerate(_global_batches())
+    ]
     rank_mean = [sum(results[r][0][i] for r in range(world)) / world for i in range(len(losses))]
     assert rank_mean == pytest.approx(losses, rel=1e-5)
     for r in range(world):

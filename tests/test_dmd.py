@@ -11,7 +11,7 @@ def test_reference_dmd_gradient_is_the_normalised_score_difference():
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     real, fake = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
     weight = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    grad, = torch.autograd.grad(ref.dmd_loss(x, real, fake, weight=weight), x)
+    (grad,) = torch.autograd.grad(ref.dmd_loss(x, real, fake, weight=weight), x)
     for b in range(3):
         normaliser = (x[b].detach() - real[b]).abs().mean()
         want = weight[b] * (fake[b] - real[b]) / normaliser / 20 / 3
@@ -50,16 +50,17 @@ def test_dmd_double_backward_matches_reference(backend):
     backend("triton")
     x, real, fake = randn(2, 9, requires_grad=True), randn(2, 9), randn(2, 9)
     weight = torch.tensor([0.5, 1.5], requires_grad=True)
-    g, = torch.autograd.grad(dmd_loss(x, real, fake, weight=weight), x, create_graph=True)
-    got, = torch.autograd.grad(g.square().sum(), weight)
+    (g,) = torch.autograd.grad(dmd_loss(x, real, fake, weight=weight), x, create_graph=True)
+    (got,) = torch.autograd.grad(g.square().sum(), weight)
     x64, w64 = to64(x), to64(weight)
-    g64, = torch.autograd.grad(ref.dmd_loss(x64, to64(real), to64(fake), weight=w64), x64, create_graph=True)
-    want, = torch.autograd.grad(g64.square().sum(), w64)
+    (g64,) = torch.autograd.grad(ref.dmd_loss(x64, to64(real), to64(fake), weight=w64), x64, create_graph=True)
+    (want,) = torch.autograd.grad(g64.square().sum(), w64)
     assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("schedule, prediction", [("flow", "flow"), ("trigflow", "trigflow"), ("vp", "eps"),
-                                                  ("edm", "x0")])
+@pytest.mark.parametrize(
+    "schedule, prediction", [("flow", "flow"), ("trigflow", "trigflow"), ("vp", "eps"), ("edm", "x0")]
+)
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 def test_denoising_loss_kernel_matches_reference(backend, schedule, prediction, dtype):
     backend("triton")
@@ -85,14 +86,28 @@ def test_reference_denoising_loss_flow_target_is_velocity():
     torch.testing.assert_close(loss, (net_out - (noise - x0)).square().mean(1), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: dmd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 4)), ValueError,
-     r"fake_denoised has shape \(2, 4\) but x has shape \(2, 3\)"),
-    (lambda: dmd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), reduction="max"), ValueError,
-     r"reduction='max' is not supported"),
-    (lambda: denoising_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), 0.5, schedule="flow",
-                            prediction="score"), ValueError, r"prediction='score' is not supported"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: dmd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 4)),
+            ValueError,
+            r"fake_denoised has shape \(2, 4\) but x has shape \(2, 3\)",
+        ),
+        (
+            lambda: dmd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), reduction="max"),
+            ValueError,
+            r"reduction='max' is not supported",
+        ),
+        (
+            lambda: denoising_loss(
+                torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), 0.5, schedule="flow", prediction="score"
+            ),
+            ValueError,
+            r"prediction='score' is not supported",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

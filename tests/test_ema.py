@@ -27,14 +27,20 @@ def block(request, monkeypatch):
     return request.param
 
 
-def _params(dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float32),
-            shapes=((5, 7), (33,), (3, 2, 11), (1,))):
+def _params(
+    dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float32), shapes=((5, 7), (33,), (3, 2, 11), (1,))
+):
     return [torch.randn(shape, dtype=F64).to(device=DEVICE, dtype=dtype) for shape, dtype in zip(shapes, dtypes)]
 
 
 def _profiles():
-    return [ema.power(0.05), ema.power(0.2), ema.constant(0.9), ema.halflife(40.0, 4, 0.5),
-            ema.ct_target(0.95, 2, 10, 20)]
+    return [
+        ema.power(0.05),
+        ema.power(0.2),
+        ema.constant(0.9),
+        ema.halflife(40.0, 4, 0.5),
+        ema.ct_target(0.95, 2, 10, 20),
+    ]
 
 
 def _reference_run(params_per_step, profiles, initial):
@@ -50,6 +56,7 @@ def _reference_run(params_per_step, profiles, initial):
 
 # ------------------------------------------------------------------ reference and profiles
 
+
 @pytest.mark.parametrize("sigma_rel, gamma", [(0.05, 16.97), (0.10, 6.94)])
 def test_sigma_rel_to_gamma_matches_edm2(sigma_rel, gamma):
     """EDM2 (Karras et al. 2024) quotes γ = 16.97 for σ_rel = 0.05 and γ = 6.94 for σ_rel = 0.10."""
@@ -59,8 +66,8 @@ def test_sigma_rel_to_gamma_matches_edm2(sigma_rel, gamma):
 @pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.13, 0.29, reference.MAX_SIGMA_REL])
 def test_gamma_solves_the_cubic_on_the_falling_branch(sigma_rel):
     gamma = reference.sigma_rel_to_gamma(sigma_rel)
-    cubic = sigma_rel ** 2 * (gamma ** 3 + 7 * gamma ** 2 + 16 * gamma + 12) - gamma - 1
-    assert abs(cubic) < 1e-9 * (gamma ** 3 + 1)
+    cubic = sigma_rel**2 * (gamma**3 + 7 * gamma**2 + 16 * gamma + 12) - gamma - 1
+    assert abs(cubic) < 1e-9 * (gamma**3 + 1)
     assert gamma >= reference.GAMMA_OF_MAX_SIGMA_REL - 1e-9
     assert reference.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-9)
 
@@ -80,15 +87,18 @@ def test_power_ema_weights_are_the_recursion_and_have_width_sigma_rel(gamma):
     mean = (weights * tau).sum()
     assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
     assert math.sqrt((weights * (tau - mean) ** 2).sum().item()) == pytest.approx(
-        reference.gamma_to_sigma_rel(gamma), rel=2e-3)
+        reference.gamma_to_sigma_rel(gamma), rel=2e-3
+    )
 
 
-@pytest.mark.parametrize("a, b", [((100.0, 3.0), (100.0, 3.0)), ((80.0, 16.97), (130.0, 6.94)),
-                                  ((1000.0, 0.2), (400.0, 30.0))])
+@pytest.mark.parametrize(
+    "a, b", [((100.0, 3.0), (100.0, 3.0)), ((80.0, 16.97), (130.0, 6.94)), ((1000.0, 0.2), (400.0, 30.0))]
+)
 def test_power_profile_inner_product_is_the_integral(a, b):
     """The closed form against trapezoid quadrature of ∫ p_a(τ)·p_b(τ) dτ on [0, min(t_a, t_b)]."""
+
     def profile(t, gamma, tau):
-        return (gamma + 1) * tau ** gamma / t ** (gamma + 1)
+        return (gamma + 1) * tau**gamma / t ** (gamma + 1)
 
     tau = torch.linspace(0.0, min(a[0], b[0]), 400001, dtype=F64)
     quadrature = torch.trapezoid(profile(*a, tau) * profile(*b, tau), tau).item()
@@ -110,6 +120,7 @@ def test_profile_betas_closed_forms():
 
 
 # ------------------------------------------------------------------ the fused update
+
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_k_profiles_equal_k_separate_reference_emas(impl, backend, block):
@@ -206,6 +217,7 @@ def test_copy_to(backend):
 
 # ------------------------------------------------------------------ post-hoc EMA
 
+
 def _trajectory(step, size=6):
     """A smooth, non-polynomial parameter path θ(τ) (what post-hoc EMA interpolates between)."""
     tau = torch.tensor(float(step), dtype=F64)
@@ -227,8 +239,9 @@ def _run_with_snapshots(sigma_rels, steps=600, every=100):
 
 def test_posthoc_of_a_stored_sigma_rel_is_that_snapshot():
     averages, snapshots = _run_with_snapshots([0.05, 0.1])
-    coefficients = reference.posthoc_coefficients([s["step"] for s in snapshots], [s["gamma"] for s in snapshots],
-                                                  600, ema.power(0.1).gamma)
+    coefficients = reference.posthoc_coefficients(
+        [s["step"] for s in snapshots], [s["gamma"] for s in snapshots], 600, ema.power(0.1).gamma
+    )
     expected = torch.zeros(len(snapshots), dtype=F64)
     expected[-1] = 1.0  # the last snapshot is the σ_rel = 0.1 profile at step 600
     torch.testing.assert_close(coefficients, expected, rtol=0, atol=1e-6)
@@ -243,12 +256,14 @@ def test_posthoc_reconstruction_beats_the_stored_profiles():
     _, snapshots = _run_with_snapshots([0.05, 0.1])
     rebuilt = ema.posthoc_reconstruct(snapshots, 0.07)
     error = max((a - b).abs().max().item() for a, b in zip(rebuilt, truth.shadows(0)))
-    stored_error = min(max((a - b).abs().max().item() for a, b in zip(s["params"], truth.shadows(0)))
-                       for s in snapshots[-2:])
+    stored_error = min(
+        max((a - b).abs().max().item() for a, b in zip(s["params"], truth.shadows(0))) for s in snapshots[-2:]
+    )
     assert error < 0.1 * stored_error
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_bad_input():
     with pytest.raises(ValueError, match="sigma_rel=0.5"):

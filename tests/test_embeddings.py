@@ -13,6 +13,7 @@ PATHS = ["triton", "auto"] if DEVICE == "cpu" else ["triton"]
 
 # ---- the reference against closed forms -------------------------------------------------------
 
+
 def test_rope_tables_closed_form_2d():
     positions = ref.grid_positions(2, 3)
     assert positions.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
@@ -55,12 +56,16 @@ def test_closed_forms_match_autodiff():
         torch.testing.assert_close(closed_y, y, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(closed_t, y_t, rtol=1e-12, atol=1e-12)
         grad, leaf = torch.randn_like(y), t.clone().requires_grad_()
-        torch.testing.assert_close(ref.timestep_embedding_backward(grad, t, dim, 10000.0),
-                                   torch.autograd.grad(ref.timestep_embedding(leaf, dim), leaf, grad)[0],
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            ref.timestep_embedding_backward(grad, t, dim, 10000.0),
+            torch.autograd.grad(ref.timestep_embedding(leaf, dim), leaf, grad)[0],
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 # ---- fast paths against the reference ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(2, 3, 6, 8), (1, 2, 19, 20)])
@@ -73,22 +78,32 @@ def test_rope_forward_jvp_backward(backend, path, shape, dtype):
     q_t, k_t = randn(*q.shape, dtype=dtype), randn(*k.shape, dtype=dtype)
     cos, sin = ref.rope_tables(ref.grid_positions(tokens).to(DEVICE), head_dim)
     q64, k64 = to64(q), to64(k)
-    (eq, ek), (eq_t, ek_t) = torch.func.jvp(lambda a, b: ref.rope(a, b, cos.double(), sin.double()),
-                                            (q64.detach(), k64.detach()), (to64(q_t), to64(k_t)))
+    (eq, ek), (eq_t, ek_t) = torch.func.jvp(
+        lambda a, b: ref.rope(a, b, cos.double(), sin.double()), (q64.detach(), k64.detach()), (to64(q_t), to64(k_t))
+    )
     with poisoned_empty():
         q_out, k_out = embeddings.rope(q, k, cos, sin)
-        _, (jq_t, jk_t) = torch.func.jvp(lambda a, b: embeddings.rope(a, b, cos, sin), (q.detach(), k.detach()),
-                                         (q_t, k_t))
+        _, (jq_t, jk_t) = torch.func.jvp(
+            lambda a, b: embeddings.rope(a, b, cos, sin), (q.detach(), k.detach()), (q_t, k_t)
+        )
         xq, xk, xq_t, xk_t = embeddings.rope_jvp(q, k, q_t, k_t, cos, sin)
         grad_q, grad_k = randn(*q.shape, dtype=dtype), randn(*k.shape, dtype=dtype)
         grads = torch.autograd.grad((q_out, k_out), (q, k), (grad_q, grad_k))
-    for actual, want, name in ((q_out, eq, "q"), (k_out, ek, "k"), (xq, eq, "explicit q"), (xk, ek, "explicit k"),
-                               (jq_t, eq_t, "q tangent"), (jk_t, ek_t, "k tangent"), (xq_t, eq_t, "explicit q_t"),
-                               (xk_t, ek_t, "explicit k_t")):
+    for actual, want, name in (
+        (q_out, eq, "q"),
+        (k_out, ek, "k"),
+        (xq, eq, "explicit q"),
+        (xk, ek, "explicit k"),
+        (jq_t, eq_t, "q tangent"),
+        (jk_t, ek_t, "k tangent"),
+        (xq_t, eq_t, "explicit q_t"),
+        (xk_t, ek_t, "explicit k_t"),
+    ):
         assert actual.dtype == dtype
         assert_close(actual, want, dtype, name=name)
-    expected_grads = torch.autograd.grad(ref.rope(q64, k64, cos.double(), sin.double()), (q64, k64),
-                                         (to64(grad_q), to64(grad_k)))
+    expected_grads = torch.autograd.grad(
+        ref.rope(q64, k64, cos.double(), sin.double()), (q64, k64), (to64(grad_q), to64(grad_k))
+    )
     for actual, want, name in zip(grads, expected_grads, ("grad q", "grad k")):
         assert_close(actual, want, dtype, name=name)
 
@@ -107,13 +122,17 @@ def test_timestep_embedding_forward_jvp_backward(backend, path, dim, dtype):
         _, jvp_t = torch.func.jvp(lambda s: embeddings.timestep_embedding(s, dim), (t.detach(),), (t_t,))
         explicit, explicit_t = embeddings.timestep_embedding_jvp(t, t_t, dim)
         grad = randn(5, dim, dtype=torch.float32 if dtype != torch.float64 else dtype)
-        grad_t, = torch.autograd.grad(emb, t, grad)
+        (grad_t,) = torch.autograd.grad(emb, t, grad)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     assert emb.dtype == compute and explicit_t.dtype == compute  # float32 whatever t's dtype
-    for actual, want, name in ((emb, expected, "embedding"), (explicit, expected, "explicit"),
-                               (jvp_t, expected_t, "tangent"), (explicit_t, expected_t, "explicit tangent")):
+    for actual, want, name in (
+        (emb, expected, "embedding"),
+        (explicit, expected, "explicit"),
+        (jvp_t, expected_t, "tangent"),
+        (explicit_t, expected_t, "explicit tangent"),
+    ):
         assert_close(actual, want, compute, name=name)
-    want_grad, = torch.autograd.grad(ref.timestep_embedding(t64, dim), t64, to64(grad))
+    (want_grad,) = torch.autograd.grad(ref.timestep_embedding(t64, dim), t64, to64(grad))
     assert grad_t.dtype == dtype
     assert_close(grad_t, want_grad, dtype, name="grad t")
 

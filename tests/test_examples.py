@@ -48,10 +48,13 @@ def _flow_distill_step(net, optimizer, x0, generator):
 # name: (example module, its problem (Net, sample_data), one training step + sampling, the fast
 # backend). "auto" on CPU tensors runs attention on the extension's C++ kernels and the other ops
 # on the reference, so that comparison is the attention kernels' alone.
-EXAMPLES = {"scm": (scm_toy, toy, _scm_step, "triton"), "ict": (ict_toy, toy, _ict_step, "triton"),
-            "scm_attention": (scm_attention_toy, scm_attention_toy, _scm_attention_step, "auto"),
-            "meanflow": (meanflow_toy, meanflow_toy.PROBLEM, _meanflow_step, "triton"),
-            "flow_distill": (flow_distill_toy, toy, _flow_distill_step, "triton")}
+EXAMPLES = {
+    "scm": (scm_toy, toy, _scm_step, "triton"),
+    "ict": (ict_toy, toy, _ict_step, "triton"),
+    "scm_attention": (scm_attention_toy, scm_attention_toy, _scm_attention_step, "auto"),
+    "meanflow": (meanflow_toy, meanflow_toy.PROBLEM, _meanflow_step, "triton"),
+    "flow_distill": (flow_distill_toy, toy, _flow_distill_step, "triton"),
+}
 
 
 def _one_step(example, backend_name, backend):
@@ -91,8 +94,14 @@ def test_attention_example_takes_the_fused_jvp_and_backward(monkeypatch):
     torch.manual_seed(1)
     net = scm_attention_toy.Net(width=32, blocks=3)
     generator = torch.Generator().manual_seed(2)
-    scm_toy.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), scm_attention_toy.sample_data(8, generator),
-                       step=5, warmup_steps=10, generator=generator)
+    scm_toy.train_step(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        scm_attention_toy.sample_data(8, generator),
+        step=5,
+        warmup_steps=10,
+        generator=generator,
+    )
     assert calls == {"attention_forward_jvp": 3, "attention_forward": 3, "attention_backward": 3}
 
 

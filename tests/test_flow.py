@@ -5,8 +5,8 @@ import torch
 
 import fastcm
 from fastcm.reference import flow as ref
-from fastcm.reference.precondition import (precondition as ref_precondition, precondition_scaling_derivatives,
-                                           precondition_scalings)
+from fastcm.reference.precondition import precondition as ref_precondition
+from fastcm.reference.precondition import precondition_scaling_derivatives, precondition_scalings
 from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 FLOW_PARAMS = ("flow", "vp-eps", "vp-x0", "vp-v")
@@ -21,6 +21,7 @@ def _times(batch, dtype=torch.float32, requires_grad=False):
 
 
 # ---- precondition: flow and VP ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("param", FLOW_PARAMS)
 def test_precondition_recovers_x0_from_the_exact_prediction(param):
@@ -92,15 +93,20 @@ def test_precondition_flow_vp_kernel_jvp(backend, param):
     x, f, dx, df = (randn(3, 37) for _ in range(4))
     tau, dtau = _times(3), randn(3)
     with poisoned_empty(), torch.no_grad():
-        out, out_t = torch.func.jvp(lambda a, b, s: fastcm.precondition(a, b, s, param=param),
-                                    (x, f, tau), (dx, df, dtau))
-    want, want_t = torch.func.jvp(lambda a, b, s: ref_precondition(a, b, s, param=param),
-                                  (to64(x), to64(f), to64(tau)), (to64(dx), to64(df), to64(dtau)))
+        out, out_t = torch.func.jvp(
+            lambda a, b, s: fastcm.precondition(a, b, s, param=param), (x, f, tau), (dx, df, dtau)
+        )
+    want, want_t = torch.func.jvp(
+        lambda a, b, s: ref_precondition(a, b, s, param=param),
+        (to64(x), to64(f), to64(tau)),
+        (to64(dx), to64(df), to64(dtau)),
+    )
     assert_close(out, want, torch.float32)
     assert_close(out_t, want_t, torch.float32, name="tangent")
 
 
 # ---- prediction conversion -----------------------------------------------------------------------
+
 
 def _truth(schedule, prediction, x0, eps, tau):
     """A prediction from the known x0 and ε, written out per schedule (independent of the reference)."""
@@ -114,7 +120,10 @@ def _truth(schedule, prediction, x0, eps, tau):
     snr_angle = torch.atan2(noise, alpha * sd)  # the TrigFlow time of the same SNR
     norm = torch.sqrt(alpha**2 + noise**2)
     return {
-        "x0": x0, "eps": eps, "flow": eps - x0, "velocity": d_alpha * x0 + d_noise * eps,
+        "x0": x0,
+        "eps": eps,
+        "flow": eps - x0,
+        "velocity": d_alpha * x0 + d_noise * eps,
         "v": (alpha * eps - noise * x0) / norm,
         "trigflow": torch.cos(snr_angle) * eps - torch.sin(snr_angle) * x0 / sd,
     }[prediction], alpha * x0 + noise * eps
@@ -150,8 +159,14 @@ def test_reference_convert_prediction_gradcheck():
     assert torch.autograd.gradcheck(fn, (x_t, pred, tau))
 
 
-CONVERSIONS = [("flow", "flow", "trigflow"), ("flow", "eps", "x0"), ("trigflow", "trigflow", "flow"),
-               ("vp", "eps", "v"), ("vp", "v", "velocity"), ("edm", "x0", "eps")]
+CONVERSIONS = [
+    ("flow", "flow", "trigflow"),
+    ("flow", "eps", "x0"),
+    ("trigflow", "trigflow", "flow"),
+    ("vp", "eps", "v"),
+    ("vp", "v", "velocity"),
+    ("edm", "x0", "eps"),
+]
 
 
 @pytest.mark.parametrize("schedule, source, target", CONVERSIONS)
@@ -184,15 +199,20 @@ def test_convert_prediction_kernel_jvp_with_time_tangent(backend, schedule, sour
     tau, dtau = _times(3), randn(3)
     kwargs = dict(schedule=schedule, source=source, target=target)
     with torch.no_grad():
-        out, out_t = torch.func.jvp(lambda a, b, s: fastcm.convert_prediction(a, b, s, **kwargs),
-                                    (x_t, pred, tau), (dx, dp, dtau))
-    want, want_t = torch.func.jvp(lambda a, b, s: ref.convert_prediction(a, b, s, **kwargs),
-                                  tuple(map(to64, (x_t, pred, tau))), tuple(map(to64, (dx, dp, dtau))))
+        out, out_t = torch.func.jvp(
+            lambda a, b, s: fastcm.convert_prediction(a, b, s, **kwargs), (x_t, pred, tau), (dx, dp, dtau)
+        )
+    want, want_t = torch.func.jvp(
+        lambda a, b, s: ref.convert_prediction(a, b, s, **kwargs),
+        tuple(map(to64, (x_t, pred, tau))),
+        tuple(map(to64, (dx, dp, dtau))),
+    )
     assert_close(out, want, torch.float32)
     assert_close(out_t, want_t, torch.float32, name="tangent")
 
 
 # ---- time conversion -----------------------------------------------------------------------------
+
 
 def test_convert_time_flow_to_trigflow_closed_form_and_x_scale():
     t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
@@ -225,8 +245,8 @@ def test_convert_time_tangent_inside_jvp():
 
 # ---- forward noising -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("schedule, target", [("flow", "flow"), ("trigflow", "velocity"), ("vp", "eps"),
-                                              ("edm", "x0")])
+
+@pytest.mark.parametrize("schedule, target", [("flow", "flow"), ("trigflow", "velocity"), ("vp", "eps"), ("edm", "x0")])
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 def test_add_noise_kernel_matches_reference(backend, schedule, target, dtype):
     backend("triton")
@@ -234,10 +254,10 @@ def test_add_noise_kernel_matches_reference(backend, schedule, target, dtype):
     tau = _times(3)
     with poisoned_empty():
         x_t, tgt = fastcm.add_noise(x0, tau, schedule=schedule, target=target, noise=noise)
-        grad, = torch.autograd.grad((x_t.float() + 2 * tgt.float()).sum(), x0)
+        (grad,) = torch.autograd.grad((x_t.float() + 2 * tgt.float()).sum(), x0)
     x064 = to64(x0)
     want_x, want_tgt = ref.add_noise(x064, to64(noise), to64(tau), schedule=schedule, target=target)
-    want_grad, = torch.autograd.grad((want_x + 2 * want_tgt).sum(), x064)
+    (want_grad,) = torch.autograd.grad((want_x + 2 * want_tgt).sum(), x064)
     assert_close(x_t, want_x, dtype)
     assert_close(tgt, want_tgt, dtype, name="target")
     assert_close(grad, want_grad, dtype, name="grad x0")
@@ -257,6 +277,7 @@ def test_add_noise_philox_both_outputs_share_the_noise(backend):
 
 
 # ---- flow map ------------------------------------------------------------------------------------
+
 
 def test_flow_map_kernel_forward_backward_jvp(backend):
     backend("triton")
@@ -290,28 +311,60 @@ def test_flow_map_of_the_exact_average_velocity_is_the_flow():
 
 # ---- bad input -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fastcm.convert_prediction(torch.randn(2, 3), torch.randn(2, 3), 0.5, schedule="ve", source="x0",
-                                       target="eps"), ValueError, r"schedule='ve' is not supported; expected one of"),
-    (lambda: fastcm.convert_prediction(torch.randn(2, 3), torch.randn(2, 3), 0.5, schedule="flow", source="score",
-                                       target="eps"), ValueError, r"source='score' is not supported"),
-    (lambda: fastcm.convert_prediction(torch.randn(2, 3), torch.randn(2, 4), 0.5, schedule="flow", source="x0",
-                                       target="eps"), ValueError, r"pred has shape \(2, 4\) but x_t has shape"),
-    (lambda: fastcm.convert_time(0.5, source="flow", target="edm", sigma_data=-1.0), ValueError,
-     r"sigma_data=-1.0 is not supported"),
-    (lambda: fastcm.convert_time("0.5", source="flow", target="edm"), TypeError, r"time must be a float or a tensor"),
-    (lambda: fastcm.add_noise(torch.randn(2, 3), 0.5, schedule="flow", target="flow", seed=-1), ValueError,
-     r"seed=-1 is not supported"),
-    (lambda: fastcm.flow_map(torch.randn(2, 3), torch.randn(2, 3), torch.rand(3), 0.0), ValueError,
-     r"t has shape \(3,\); expected a scalar or 2"),
-])
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fastcm.convert_prediction(
+                torch.randn(2, 3), torch.randn(2, 3), 0.5, schedule="ve", source="x0", target="eps"
+            ),
+            ValueError,
+            r"schedule='ve' is not supported; expected one of",
+        ),
+        (
+            lambda: fastcm.convert_prediction(
+                torch.randn(2, 3), torch.randn(2, 3), 0.5, schedule="flow", source="score", target="eps"
+            ),
+            ValueError,
+            r"source='score' is not supported",
+        ),
+        (
+            lambda: fastcm.convert_prediction(
+                torch.randn(2, 3), torch.randn(2, 4), 0.5, schedule="flow", source="x0", target="eps"
+            ),
+            ValueError,
+            r"pred has shape \(2, 4\) but x_t has shape",
+        ),
+        (
+            lambda: fastcm.convert_time(0.5, source="flow", target="edm", sigma_data=-1.0),
+            ValueError,
+            r"sigma_data=-1.0 is not supported",
+        ),
+        (
+            lambda: fastcm.convert_time("0.5", source="flow", target="edm"),
+            TypeError,
+            r"time must be a float or a tensor",
+        ),
+        (
+            lambda: fastcm.add_noise(torch.randn(2, 3), 0.5, schedule="flow", target="flow", seed=-1),
+            ValueError,
+            r"seed=-1 is not supported",
+        ),
+        (
+            lambda: fastcm.flow_map(torch.randn(2, 3), torch.randn(2, 3), torch.rand(3), 0.0),
+            ValueError,
+            r"t has shape \(3,\); expected a scalar or 2",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
 
 
-
 # ---- flow-map loss and sampler -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tangent_norm", ["l2", "rms", "none"])
 def test_flow_map_loss_matches_reference(backend, tangent_norm):
@@ -325,8 +378,9 @@ def test_flow_map_loss_matches_reference(backend, tangent_norm):
         loss = fastcm.flow_map_loss(u, u_minus, u_jvp, v, **kwargs)
         grads = torch.autograd.grad(loss, (u, logvar))
     u64, lv64 = to64(u), to64(logvar)
-    want = ref.flow_map_loss(u64, to64(u_minus), to64(u_jvp), to64(v), **{**kwargs, "weight": to64(weight),
-                                                                         "logvar": lv64})
+    want = ref.flow_map_loss(
+        u64, to64(u_minus), to64(u_jvp), to64(v), **{**kwargs, "weight": to64(weight), "logvar": lv64}
+    )
     want_grads = torch.autograd.grad(want, (u64, lv64))
     assert_close(loss, want, torch.float32)
     assert_close(grads[0], want_grads[0], torch.float32, name="grad u")
@@ -339,7 +393,7 @@ def test_flow_map_loss_gradient_points_at_the_meanflow_target():
     v, dudt = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
     t, s = torch.tensor([[0.9], [0.6]], dtype=torch.float64), torch.tensor([[0.2], [0.1]], dtype=torch.float64)
     loss = fastcm.flow_map_loss(u, u.detach(), (t - s) * dudt, v, tangent_norm="none", reduction="sum")
-    grad, = torch.autograd.grad(loss, u)
+    (grad,) = torch.autograd.grad(loss, u)
     torch.testing.assert_close(-0.5 * 6 * grad, (v - (t - s) * dudt) - u.detach(), rtol=1e-12, atol=1e-12)
 
 
@@ -385,8 +439,10 @@ def test_sample_flow_map_cuda_graph_matches_eager():
 
 # ---- time samplers -------------------------------------------------------------------------------
 
+
 def test_logit_normal_t_distribution_and_shift():
     from fastcm import schedules
+
     t = schedules.logit_normal_t(200_000, mean=0.3, std=0.8, seed=1, dtype=torch.float64)
     logit = torch.log(t / (1 - t))
     assert abs(logit.mean().item() - 0.3) < 0.01 and abs(logit.std().item() - 0.8) < 0.01
@@ -398,12 +454,14 @@ def test_logit_normal_t_distribution_and_shift():
 
 def test_resolution_shift_endpoints():
     from fastcm import schedules
+
     assert schedules.resolution_shift(256) == pytest.approx(math.exp(0.5), rel=1e-14)
     assert schedules.resolution_shift(4096) == pytest.approx(math.exp(1.15), rel=1e-14)
 
 
 def test_lognormal_sigma_and_trigflow_t():
     from fastcm import schedules
+
     sigma = schedules.lognormal_sigma(200_000, p_mean=-1.1, p_std=2.0, seed=3, dtype=torch.float64)
     assert abs(sigma.log().mean().item() + 1.1) < 0.02 and abs(sigma.log().std().item() - 2.0) < 0.02
     t = schedules.trigflow_sample_t(200_000, sigma_data=0.5, p_mean=-1.0, p_std=1.4, seed=3, dtype=torch.float64)
@@ -418,6 +476,7 @@ def test_lognormal_sigma_and_trigflow_t():
 @pytest.mark.parametrize("distribution", ["logit_normal", "uniform"])
 def test_meanflow_sample_tr(distribution):
     from fastcm import schedules
+
     t, r = schedules.meanflow_sample_tr(1000, distribution=distribution, equal_fraction=0.25, seed=2)
     assert t.shape == r.shape == (1000,)
     assert (r <= t).all() and (t < 1).all() and (r > 0).all()
@@ -429,42 +488,52 @@ def test_meanflow_sample_tr(distribution):
 
 def test_ect_mapping_and_weight():
     from fastcm import schedules
+
     t = torch.tensor([0.01, 0.5, 2.0, 80.0], dtype=torch.float64)
     for stage in (0, 1, 5):
         ratio = 1 - (1 + 8 / (1 + torch.exp(t))) / 2 ** (stage + 1)
         torch.testing.assert_close(schedules.ect_r(t, stage), (t * ratio).clamp_min(0), rtol=1e-14, atol=0)
     assert (schedules.ect_r(t, 6) <= t).all() and (schedules.ect_r(t, 0) == 0).sum() >= 1
     assert schedules.ect_stage(2500, 1000) == 2
-    torch.testing.assert_close(schedules.ect_weight(t, sigma_data=0.5), (t**2 + 0.25) / (t * 0.5) ** 2,
-                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        schedules.ect_weight(t, sigma_data=0.5), (t**2 + 0.25) / (t * 0.5) ** 2, rtol=1e-14, atol=0
+    )
 
 
 @pytest.mark.gpu
 def test_time_samplers_draw_on_the_device():
     from fastcm import schedules
-    for t in (schedules.logit_normal_t(8, seed=0, device="cuda"), schedules.lognormal_sigma(8, seed=0, device="cuda"),
-              schedules.trigflow_sample_t(8, seed=0, device="cuda"), *schedules.meanflow_sample_tr(8, seed=0,
-                                                                                                  device="cuda")):
+
+    for t in (
+        schedules.logit_normal_t(8, seed=0, device="cuda"),
+        schedules.lognormal_sigma(8, seed=0, device="cuda"),
+        schedules.trigflow_sample_t(8, seed=0, device="cuda"),
+        *schedules.meanflow_sample_tr(8, seed=0, device="cuda"),
+    ):
         assert t.device.type == "cuda"
 
 
 # ---- ECT: pseudo-Huber with c = 0 ----------------------------------------------------------------
 
+
 def test_pseudo_huber_c0_is_the_l2_distance_with_zero_gradient_at_zero():
     from fastcm.reference.losses import pseudo_huber_loss as ref_huber
+
     x, y = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, 5, dtype=torch.float64)
     y = torch.cat([y[:2], x[2:].detach()])  # sample 2: zero distance
     loss = ref_huber(x, y, c=0.0, reduction="none")
     torch.testing.assert_close(loss, (x - y).flatten(1).norm(dim=1), rtol=1e-14, atol=0)
-    grad, = torch.autograd.grad(loss.sum(), x)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isfinite(grad).all() and torch.equal(grad[2], torch.zeros_like(grad[2]))
-    torch.testing.assert_close(grad[:2], ((x - y) / (x - y).flatten(1).norm(dim=1).reshape(-1, 1, 1))[:2].detach(),
-                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        grad[:2], ((x - y) / (x - y).flatten(1).norm(dim=1).reshape(-1, 1, 1))[:2].detach(), rtol=1e-13, atol=0
+    )
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 def test_pseudo_huber_c0_kernel_matches_reference(backend, dtype):
     from fastcm.reference.losses import pseudo_huber_loss as ref_huber
+
     backend("triton")
     x, y = randn(3, 37, dtype=dtype), randn(3, 37, dtype=dtype)
     y[1] = x[1]
@@ -472,10 +541,10 @@ def test_pseudo_huber_c0_kernel_matches_reference(backend, dtype):
     weight = torch.tensor([0.5, 1.0, 2.0])
     with poisoned_empty():
         loss = fastcm.pseudo_huber_loss(x, y, c=0.0, weight=weight, reduction="sum")
-        grad, = torch.autograd.grad(loss, x)
+        (grad,) = torch.autograd.grad(loss, x)
     x64 = to64(x)
     want = ref_huber(x64, to64(y), c=0.0, weight=to64(weight), reduction="sum")
-    want_grad, = torch.autograd.grad(want, x64)
+    (want_grad,) = torch.autograd.grad(want, x64)
     assert_close(loss, want, dtype)
     assert_close(grad, want_grad, dtype, name="grad input")
     assert torch.equal(grad[1].float(), torch.zeros(37))
@@ -508,15 +577,21 @@ def test_add_noise_gradients_and_tangents_of_every_input(backend, philox):
     tangents = (randn(3, 2, 17), randn(3), randn(3, 2, 17))
     with torch.no_grad():
         if philox:
-            _, got_t = torch.func.jvp(lambda a, s: fastcm.add_noise(a, s, seed=9, **kwargs), (x0.detach(), t.detach()),
-                                      tangents[:2])
+            _, got_t = torch.func.jvp(
+                lambda a, s: fastcm.add_noise(a, s, seed=9, **kwargs), (x0.detach(), t.detach()), tangents[:2]
+            )
         else:
-            _, got_t = torch.func.jvp(lambda a, s, e: fastcm.add_noise(a, s, noise=e, **kwargs),
-                                      (x0.detach(), t.detach(), noise.detach()), tangents)
+            _, got_t = torch.func.jvp(
+                lambda a, s, e: fastcm.add_noise(a, s, noise=e, **kwargs),
+                (x0.detach(), t.detach(), noise.detach()),
+                tangents,
+            )
     n_tangent = torch.zeros_like(n64) if philox else to64(tangents[2])
-    _, want_t = torch.func.jvp(lambda a, s, e: ref.add_noise(a, e, s, **kwargs),
-                               (x064.detach(), t64.detach(), n64.detach()), (to64(tangents[0]), to64(tangents[1]),
-                                                                               n_tangent))
+    _, want_t = torch.func.jvp(
+        lambda a, s, e: ref.add_noise(a, e, s, **kwargs),
+        (x064.detach(), t64.detach(), n64.detach()),
+        (to64(tangents[0]), to64(tangents[1]), n_tangent),
+    )
     for got, expected in zip(got_t, want_t):
         assert_close(got, expected, torch.float32, name="tangent")
 
@@ -527,9 +602,10 @@ def test_add_noise_tangent_taken_with_grad_is_differentiable(backend):
     t, dt = _times(2), randn(2)
     kwargs = dict(schedule="vp", target="v")
     _, (x_dot, target_dot) = torch.func.jvp(lambda s: fastcm.add_noise(x0, s, noise=noise, **kwargs), (t,), (dt,))
-    got, = torch.autograd.grad((x_dot.square() + target_dot).sum(), x0)
+    (got,) = torch.autograd.grad((x_dot.square() + target_dot).sum(), x0)
     x064 = to64(x0)
-    _, (want_x, want_tgt) = torch.func.jvp(lambda s: ref.add_noise(x064, to64(noise), s, **kwargs), (to64(t),),
-                                           (to64(dt),))
-    want, = torch.autograd.grad((want_x.square() + want_tgt).sum(), x064)
+    _, (want_x, want_tgt) = torch.func.jvp(
+        lambda s: ref.add_noise(x064, to64(noise), s, **kwargs), (to64(t),), (to64(dt),)
+    )
+    (want,) = torch.autograd.grad((want_x.square() + want_tgt).sum(), x064)
     assert_close(got, want, torch.float32)

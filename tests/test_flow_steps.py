@@ -3,11 +3,11 @@ solution of the flow ODE for Gaussian data, and the shifted time grid."""
 
 import pytest
 import torch
-from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 from fastcm import flow_steps as fast
 from fastcm import sampling, schedules
 from fastcm.reference import flow_steps as ref
+from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 MU, S = 0.3, 0.5
 
@@ -38,8 +38,11 @@ def test_reference_matches_hand_computation():
 def test_forward_matches_reference(backend, name, dtype, kind):
     backend("triton")
     x, v, w = (randn(3, 5, 7, dtype=dtype) for _ in range(3))
-    t, t_next = (0.8, 0.3) if kind == "float" else (torch.rand(3, device=DEVICE) * 0.5 + 0.5,
-                                                     torch.rand(3, device=DEVICE) * 0.5)
+    t, t_next = (
+        (0.8, 0.3)
+        if kind == "float"
+        else (torch.rand(3, device=DEVICE) * 0.5 + 0.5, torch.rand(3, device=DEVICE) * 0.5)
+    )
     with poisoned_empty():
         out = _call(name, fast, x, v, w, t, t_next)
     assert out.dtype == dtype
@@ -94,8 +97,9 @@ def test_flow_loops_on_the_kernels_match_the_reference_loops(backend):
     times = schedules.flow_times(4, shift=2.0)
     seen = []
     backend("reference")
-    want = sampling.sample_flow_heun(lambda a, t, scale: scale * exact_velocity(a, t), x, times, {"scale": 1.0},
-                                     lambda info: seen.append(info))
+    want = sampling.sample_flow_heun(
+        lambda a, t, scale: scale * exact_velocity(a, t), x, times, {"scale": 1.0}, lambda info: seen.append(info)
+    )
     backend("triton")
     with poisoned_empty():
         got = sampling.sample_flow_heun(lambda a, t, scale: scale * exact_velocity(a, t), x, times, {"scale": 1.0})
@@ -112,16 +116,30 @@ def test_flow_shift_and_times():
     assert schedules.flow_times(2).tolist() == pytest.approx([1.0, 0.5, 0.0])
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fast.flow_euler_step(torch.randn(2, 3), torch.randn(2, 3), 1.2, 0.5), ValueError,
-     r"flow_euler_step: t=1.2 is not supported; expected a time in \[0, 1\]"),
-    (lambda: fast.flow_heun_step(torch.randn(2, 3), torch.randn(2, 3), 0.5, 0.2, velocity_next=torch.randn(3, 3)),
-     ValueError, r"velocity_next has shape \(3, 3\) but x has shape \(2, 3\)"),
-    (lambda: sampling.sample_flow_euler(exact_velocity, torch.randn(2, 3), [0.5, 0.7]), ValueError,
-     r"sample_flow_euler: times \[0.5, 0.7\] must decrease strictly within \[0, 1\]"),
-    (lambda: schedules.flow_times(0), ValueError, r"flow_times: num_steps=0 is not supported"),
-    (lambda: schedules.flow_shift(0.5, -1.0), ValueError, r"flow_shift: shift=-1.0 is not supported"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fast.flow_euler_step(torch.randn(2, 3), torch.randn(2, 3), 1.2, 0.5),
+            ValueError,
+            r"flow_euler_step: t=1.2 is not supported; expected a time in \[0, 1\]",
+        ),
+        (
+            lambda: fast.flow_heun_step(
+                torch.randn(2, 3), torch.randn(2, 3), 0.5, 0.2, velocity_next=torch.randn(3, 3)
+            ),
+            ValueError,
+            r"velocity_next has shape \(3, 3\) but x has shape \(2, 3\)",
+        ),
+        (
+            lambda: sampling.sample_flow_euler(exact_velocity, torch.randn(2, 3), [0.5, 0.7]),
+            ValueError,
+            r"sample_flow_euler: times \[0.5, 0.7\] must decrease strictly within \[0, 1\]",
+        ),
+        (lambda: schedules.flow_times(0), ValueError, r"flow_times: num_steps=0 is not supported"),
+        (lambda: schedules.flow_shift(0.5, -1.0), ValueError, r"flow_shift: shift=-1.0 is not supported"),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

@@ -23,15 +23,22 @@ import types
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
 
 from fastcm import sampling
+from helpers import DEVICE, assert_close
 
 MU, S = 0.3, 0.5
 
 STAND_INS = {
-    "scipy": ["integrate"], "scipy.integrate": [], "torchdiffeq": ["odeint"], "torchsde": [], "PIL": ["Image"],
-    "PIL.Image": [], "safetensors": [], "torchvision": ["transforms"], "torchvision.transforms": ["functional"],
+    "scipy": ["integrate"],
+    "scipy.integrate": [],
+    "torchdiffeq": ["odeint"],
+    "torchsde": [],
+    "PIL": ["Image"],
+    "PIL.Image": [],
+    "safetensors": [],
+    "torchvision": ["transforms"],
+    "torchvision.transforms": ["functional"],
     "torchvision.transforms.functional": [],
 }
 
@@ -42,13 +49,16 @@ class _StandIn(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):  # the import machinery probes dunders; absent, as on any module
             raise AttributeError(name)
-        raise RuntimeError(f"{self.__name__}.{name} is a test stand-in (k-diffusion installed without its "
-                           "dependencies); this test must not reach it")
+        raise RuntimeError(
+            f"{self.__name__}.{name} is a test stand-in (k-diffusion installed without its "
+            "dependencies); this test must not reach it"
+        )
 
 
 def _unavailable(name):
     def call(*args, **kwargs):
         raise RuntimeError(f"{name} is a test stand-in; this test must not reach it")
+
     return call
 
 
@@ -92,8 +102,10 @@ def kd():
     """k_diffusion.sampling, loaded without running the package's __init__ (see the module docstring)."""
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        raise RuntimeError("k-diffusion is not installed; scripts/bootstrap.sh installs it with "
-                           "`pip install --no-deps k-diffusion==0.1.1.post1`")
+        raise RuntimeError(
+            "k-diffusion is not installed; scripts/bootstrap.sh installs it with "
+            "`pip install --no-deps k-diffusion==0.1.1.post1`"
+        )
     saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "k_diffusion"}
     package = types.ModuleType("k_diffusion")
     package.__path__ = list(spec.submodule_search_locations)
@@ -152,6 +164,7 @@ def _noise_sampler(noises, log):
     def sample(sigma, sigma_next):
         log.extend((float(sigma), float(sigma_next)))
         return next(stream)
+
     return sample
 
 
@@ -178,8 +191,9 @@ def _run_both(kd, name, x, sigmas, options, noises=None):
             kwargs["noise_sampler"] = _noise_sampler(noises, log)
         elif "eta" in options:
             kwargs["noise_sampler"] = _noise_sampler([torch.zeros_like(x)] * 2 * len(sigmas), log)
-        out = getattr(library, name)(gaussian_denoiser, x.clone(), sigmas, extra_args={"mean": MU}, callback=recorder,
-                                     disable=True, **kwargs)
+        out = getattr(library, name)(
+            gaussian_denoiser, x.clone(), sigmas, extra_args={"mean": MU}, callback=recorder, disable=True, **kwargs
+        )
         results.append(out)
         callbacks.append(recorder.calls)
         logs.append(log)
@@ -252,8 +266,9 @@ def test_churn_matches_kdiffusion_on_the_same_noise(kd, monkeypatch, name):
         hats.append(float(sigma_hat) / float(sigma))
         return by_sigma[float(sigma)]
 
-    got = getattr(sampling, name)(gaussian_denoiser, x.clone(), sigmas, {"mean": MU}, got_calls, True,
-                                  noise_sampler=churn_noise, **options)
+    got = getattr(sampling, name)(
+        gaussian_denoiser, x.clone(), sigmas, {"mean": MU}, got_calls, True, noise_sampler=churn_noise, **options
+    )
     stream = iter(noises)
     monkeypatch.setattr(torch, "randn_like", lambda like: next(stream))
     want = getattr(kd, name)(gaussian_denoiser, x.clone(), sigmas, {"mean": MU}, want_calls, True, **options)
@@ -276,13 +291,20 @@ def test_stochastic_samplers_own_noise_is_reproducible_and_has_kdiffusions_law(k
     a = run(seed=5)
     assert torch.equal(a, run(seed=5))
     assert not torch.equal(a, run(seed=6))
-    b = getattr(kd, name)(gaussian_denoiser, x, sigmas, {"mean": MU}, **options,
-                          noise_sampler=lambda sigma, sigma_next: torch.randn_like(x))
+    b = getattr(kd, name)(
+        gaussian_denoiser,
+        x,
+        sigmas,
+        {"mean": MU},
+        **options,
+        noise_sampler=lambda sigma, sigma_next: torch.randn_like(x),
+    )
     n = a.numel()
     spread = math.sqrt(a.var().item() / n + b.var().item() / n)
     assert abs(a.mean().item() - b.mean().item()) < 5 * spread
-    assert abs(a.var().item() - b.var().item()) < 5 * math.sqrt(2 / n) * (a.var().item() + b.var().item()) / 2 * \
-        math.sqrt(2)
+    assert abs(a.var().item() - b.var().item()) < 5 * math.sqrt(2 / n) * (
+        a.var().item() + b.var().item()
+    ) / 2 * math.sqrt(2)
 
 
 def test_the_swap_is_the_only_change(kd):
@@ -306,28 +328,52 @@ def test_sigma_grids_match_kdiffusion(kd):
     torch.testing.assert_close(got.float(), kd.get_sigmas_karras(6, 0.1, 80.0), rtol=2e-6, atol=0)
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: sampling.sample_euler(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], extra_args=[1]), TypeError,
-     r"extra_args must be a dict of keyword arguments for the model or None, got list"),
-    (lambda: sampling.sample_euler(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], s_churn=-1.0), ValueError,
-     r"sample_euler: s_churn=-1.0 is not supported; expected a float >= 0"),
-    (lambda: sampling.sample_euler_ancestral(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], eta=-0.5),
-     ValueError, r"sample_euler_ancestral: eta=-0.5 is not supported"),
-    (lambda: sampling.sample_dpmpp_2m_sde(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], solver_type="rk"),
-     ValueError, r"solver_type='rk' is not supported; expected one of \('midpoint', 'heun'\)"),
-    (lambda: sampling.sample_dpmpp_sde(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], r=0.0), ValueError,
-     r"sample_dpmpp_sde: r=0.0 is not supported; expected a float in \(0, 1\]"),
-    (lambda: sampling.sample_dpmpp_3m_sde(gaussian_denoiser, torch.randn(2, 3), [1.0, 2.0]), ValueError,
-     r"sample_dpmpp_3m_sde: sigmas \[1.0, 2.0\] must not increase"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: sampling.sample_euler(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], extra_args=[1]),
+            TypeError,
+            r"extra_args must be a dict of keyword arguments for the model or None, got list",
+        ),
+        (
+            lambda: sampling.sample_euler(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], s_churn=-1.0),
+            ValueError,
+            r"sample_euler: s_churn=-1.0 is not supported; expected a float >= 0",
+        ),
+        (
+            lambda: sampling.sample_euler_ancestral(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], eta=-0.5),
+            ValueError,
+            r"sample_euler_ancestral: eta=-0.5 is not supported",
+        ),
+        (
+            lambda: sampling.sample_dpmpp_2m_sde(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], solver_type="rk"),
+            ValueError,
+            r"solver_type='rk' is not supported; expected one of \('midpoint', 'heun'\)",
+        ),
+        (
+            lambda: sampling.sample_dpmpp_sde(gaussian_denoiser, torch.randn(2, 3), [1.0, 0.0], r=0.0),
+            ValueError,
+            r"sample_dpmpp_sde: r=0.0 is not supported; expected a float in \(0, 1\]",
+        ),
+        (
+            lambda: sampling.sample_dpmpp_3m_sde(gaussian_denoiser, torch.randn(2, 3), [1.0, 2.0]),
+            ValueError,
+            r"sample_dpmpp_3m_sde: sigmas \[1.0, 2.0\] must not increase",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, options", STOCHASTIC[::2] + [("sample_euler", {"s_churn": 3.0}),
-                                                           ("sample_heun", {"s_churn": 3.0})], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "name, options",
+    STOCHASTIC[::2] + [("sample_euler", {"s_churn": 3.0}), ("sample_heun", {"s_churn": 3.0})],
+    ids=lambda v: str(v),
+)
 def test_capture_matches_uncaptured_loop(name, options):
     """A captured stochastic loop replays the same in-kernel noise as the uncaptured one (the warm-up run
     restarts the counters)."""

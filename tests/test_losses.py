@@ -55,23 +55,27 @@ def _check_against_reference(fast_fn, ref_fn, inputs, grad_names, dtype, reducti
 
 # ------------------------------------------------------------------ references
 
+
 def test_reference_gradcheck_float64():
     x, y = randn(3, 2, 5, dtype=F64, requires_grad=True), randn(3, 2, 5, dtype=F64, requires_grad=True)
     weight = torch.rand(3, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, w: reference.pseudo_huber_loss(a, b, c=0.3, weight=w),
-                                    (x, y, weight), check_forward_ad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, w: reference.pseudo_huber_loss(a, b, c=0.3, weight=w), (x, y, weight), check_forward_ad=True
+    )
     F, others = randn(3, 2, 5, dtype=F64, requires_grad=True), [randn(3, 2, 5, dtype=F64) for _ in range(4)]
     logvar, t = randn(3, dtype=F64, requires_grad=True), torch.rand(3, dtype=F64) * 1.5
     for norm in ("l2", "rms"):
         assert torch.autograd.gradcheck(
             lambda f, lv: reference.scm_loss(f, *others, t, r=0.7, tangent_norm=norm, weight=t + 1, logvar=lv),
-            (F, logvar), check_forward_ad=True)
+            (F, logvar),
+            check_forward_ad=True,
+        )
     u, v, dudt = randn(3, 2, 5, dtype=F64, requires_grad=True), randn(3, 2, 5, dtype=F64), randn(3, 2, 5, dtype=F64)
     # The adaptive weight is stop-gradient, so the gradient is 2·(u − u_tgt)/(L + ε)^p, not d(loss)/du.
     u_target = v - (t - t / 3).view(3, 1, 1) * dudt
     sq_error = ((u - u_target) ** 2).sum(dim=(1, 2))
     expected = 2 * (u - u_target) / (sq_error.detach() + 1e-3).view(3, 1, 1) ** 0.75 / 3
-    grad, = torch.autograd.grad(reference.meanflow_loss(u, v, dudt, t, t / 3), u)
+    (grad,) = torch.autograd.grad(reference.meanflow_loss(u, v, dudt, t, t / 3), u)
     torch.testing.assert_close(grad, expected.detach(), rtol=1e-12, atol=1e-14)
 
 
@@ -132,7 +136,8 @@ def test_scm_tangent_is_cos_t_times_consistency_function_derivative(impl, backen
     def consistency_function(time):
         x_t = trajectory(time)
         return torch.cos(time).unsqueeze(1) * x_t - torch.sin(time).unsqueeze(1) * sigma_data * network(
-            x_t / sigma_data, time)
+            x_t / sigma_data, time
+        )
 
     _, df_dt = torch.func.jvp(consistency_function, (t,), (torch.ones_like(t),))
     x_t, dx_dt = torch.func.jvp(trajectory, (t,), (torch.ones_like(t),))
@@ -144,44 +149,66 @@ def test_scm_tangent_is_cos_t_times_consistency_function_derivative(impl, backen
 
 # ------------------------------------------------------------------ fast path vs reference
 
+
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_pseudo_huber_matches_reference(dtype, shape, reduction, geometry, backend):
     backend("triton")
     batch, per_sample_numel = shape[0], _per_sample_numel(shape)
-    inputs = {"input": randn(*shape, dtype=dtype, requires_grad=True),
-              "target": randn(*shape, dtype=dtype, requires_grad=reduction != "sum"),
-              "weight": torch.rand(batch, dtype=F64, device=DEVICE).add(0.5).requires_grad_() if reduction != "mean"
-              else None}
+    inputs = {
+        "input": randn(*shape, dtype=dtype, requires_grad=True),
+        "target": randn(*shape, dtype=dtype, requires_grad=reduction != "sum"),
+        "weight": torch.rand(batch, dtype=F64, device=DEVICE).add(0.5).requires_grad_()
+        if reduction != "mean"
+        else None,
+    }
     grad_names = ["input"] + (["target"] if reduction != "sum" else []) + (["weight"] if reduction != "mean" else [])
-    _check_against_reference(lambda **kw: losses.pseudo_huber_loss(**kw, reduction=reduction),
-                             lambda **kw: reference.pseudo_huber_loss(**kw, reduction=reduction),
-                             inputs, grad_names, dtype, reduction, math.sqrt(per_sample_numel))
+    _check_against_reference(
+        lambda **kw: losses.pseudo_huber_loss(**kw, reduction=reduction),
+        lambda **kw: reference.pseudo_huber_loss(**kw, reduction=reduction),
+        inputs,
+        grad_names,
+        dtype,
+        reduction,
+        math.sqrt(per_sample_numel),
+    )
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 def test_pseudo_huber_noncontiguous_broadcast_weight_and_c(dtype, backend):
     backend("triton")
-    inputs = {"input": randn(3, 4, 9, dtype=dtype, requires_grad=True, noncontiguous=True),
-              "target": randn(3, 4, 9, dtype=dtype, noncontiguous=True),
-              "weight": torch.rand(3, 1, 1, dtype=torch.float32, device=DEVICE).add(0.5).requires_grad_()}
-    _check_against_reference(lambda **kw: losses.pseudo_huber_loss(**kw, c=0.7, reduction="sum"),
-                             lambda **kw: reference.pseudo_huber_loss(**kw, c=0.7, reduction="sum"),
-                             inputs, ["input", "weight"], dtype, "sum", 6.0)
+    inputs = {
+        "input": randn(3, 4, 9, dtype=dtype, requires_grad=True, noncontiguous=True),
+        "target": randn(3, 4, 9, dtype=dtype, noncontiguous=True),
+        "weight": torch.rand(3, 1, 1, dtype=torch.float32, device=DEVICE).add(0.5).requires_grad_(),
+    }
+    _check_against_reference(
+        lambda **kw: losses.pseudo_huber_loss(**kw, c=0.7, reduction="sum"),
+        lambda **kw: reference.pseudo_huber_loss(**kw, c=0.7, reduction="sum"),
+        inputs,
+        ["input", "weight"],
+        dtype,
+        "sum",
+        6.0,
+    )
 
 
 def _scm_inputs(shape, dtype, *, aliased=False, with_logvar=True, with_weight=True, noncontiguous=False):
     batch = shape[0]
     F = randn(*shape, dtype=dtype, requires_grad=True, noncontiguous=noncontiguous)
     t = torch.rand(batch, dtype=F64, device=DEVICE) * 1.5 + 0.02
-    return {"F": F,
-            "F_minus": F.detach() if aliased else randn(*shape, dtype=dtype, noncontiguous=noncontiguous),
-            "F_jvp": randn(*shape, dtype=dtype, noncontiguous=noncontiguous),
-            "x_t": randn(*shape, dtype=dtype), "dx_dt": randn(*shape, dtype=dtype), "t": t,
-            "r": torch.rand(batch, dtype=F64, device=DEVICE),
-            "weight": 1.0 / (0.5 * torch.tan(t)) if with_weight else None,
-            "logvar": (0.5 * randn(batch, dtype=F64)).requires_grad_() if with_logvar else None}
+    return {
+        "F": F,
+        "F_minus": F.detach() if aliased else randn(*shape, dtype=dtype, noncontiguous=noncontiguous),
+        "F_jvp": randn(*shape, dtype=dtype, noncontiguous=noncontiguous),
+        "x_t": randn(*shape, dtype=dtype),
+        "dx_dt": randn(*shape, dtype=dtype),
+        "t": t,
+        "r": torch.rand(batch, dtype=F64, device=DEVICE),
+        "weight": 1.0 / (0.5 * torch.tan(t)) if with_weight else None,
+        "logvar": (0.5 * randn(batch, dtype=F64)).requires_grad_() if with_logvar else None,
+    }
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
@@ -189,14 +216,24 @@ def _scm_inputs(shape, dtype, *, aliased=False, with_logvar=True, with_weight=Tr
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_scm_loss_matches_reference(dtype, shape, reduction, geometry, backend):
     backend("triton")
-    options = {"mean": {"tangent_norm": "l2"}, "sum": {"tangent_norm": "rms", "tangent_norm_c": 0.3},
-               "none": {"tangent_norm": "none"}}[reduction]
-    inputs = _scm_inputs(shape, dtype, aliased=reduction == "mean", with_logvar=reduction != "sum",
-                         with_weight=reduction != "none")
+    options = {
+        "mean": {"tangent_norm": "l2"},
+        "sum": {"tangent_norm": "rms", "tangent_norm_c": 0.3},
+        "none": {"tangent_norm": "none"},
+    }[reduction]
+    inputs = _scm_inputs(
+        shape, dtype, aliased=reduction == "mean", with_logvar=reduction != "sum", with_weight=reduction != "none"
+    )
     grad_names = ["F"] + (["logvar"] if reduction != "sum" else [])
-    _check_against_reference(lambda **kw: losses.scm_loss(**kw, **options, reduction=reduction),
-                             lambda **kw: reference.scm_loss(**kw, **options, reduction=reduction),
-                             inputs, grad_names, dtype, reduction, _per_sample_numel(shape) / 2)
+    _check_against_reference(
+        lambda **kw: losses.scm_loss(**kw, **options, reduction=reduction),
+        lambda **kw: reference.scm_loss(**kw, **options, reduction=reduction),
+        inputs,
+        grad_names,
+        dtype,
+        reduction,
+        _per_sample_numel(shape) / 2,
+    )
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
@@ -204,16 +241,26 @@ def test_scm_loss_noncontiguous_scalar_t(dtype, backend):
     backend("triton")
     inputs = _scm_inputs((3, 5, 8), dtype, noncontiguous=True)
     inputs["t"], inputs["r"] = 0.8, 0.25
-    _check_against_reference(lambda **kw: losses.scm_loss(**kw), lambda **kw: reference.scm_loss(**kw),
-                             inputs, ["F", "logvar"], dtype, "mean", 20.0)
+    _check_against_reference(
+        lambda **kw: losses.scm_loss(**kw),
+        lambda **kw: reference.scm_loss(**kw),
+        inputs,
+        ["F", "logvar"],
+        dtype,
+        "mean",
+        20.0,
+    )
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
 @pytest.mark.parametrize("norm", ["l2", "rms", "none"])
 def test_scm_tangent_matches_reference(dtype, norm, geometry, backend):
     backend("triton")
-    inputs = {k: v for k, v in _scm_inputs((3, 3, 37), dtype, noncontiguous=True).items()
-              if k in ("F_minus", "F_jvp", "x_t", "dx_dt", "t", "r")}
+    inputs = {
+        k: v
+        for k, v in _scm_inputs((3, 3, 37), dtype, noncontiguous=True).items()
+        if k in ("F_minus", "F_jvp", "x_t", "dx_dt", "t", "r")
+    }
     with poisoned_empty():
         got = losses.scm_tangent(**inputs, tangent_norm=norm)
     assert got.dtype == dtype and not got.requires_grad
@@ -227,16 +274,27 @@ def test_meanflow_loss_matches_reference(dtype, shape, reduction, geometry, back
     backend("triton")
     batch = shape[0]
     t = torch.rand(batch, dtype=F64, device=DEVICE)
-    inputs = {"u": randn(*shape, dtype=dtype, requires_grad=True, noncontiguous=reduction == "sum" and batch > 1),
-              "v": randn(*shape, dtype=dtype), "dudt": randn(*shape, dtype=dtype), "t": t,
-              "r": t * torch.rand(batch, dtype=F64, device=DEVICE) if reduction != "mean" else 0.0}
+    inputs = {
+        "u": randn(*shape, dtype=dtype, requires_grad=True, noncontiguous=reduction == "sum" and batch > 1),
+        "v": randn(*shape, dtype=dtype),
+        "dudt": randn(*shape, dtype=dtype),
+        "t": t,
+        "r": t * torch.rand(batch, dtype=F64, device=DEVICE) if reduction != "mean" else 0.0,
+    }
     scale = (3.0 * _per_sample_numel(shape)) ** 0.75 / 2
-    _check_against_reference(lambda **kw: losses.meanflow_loss(**kw, reduction=reduction),
-                             lambda **kw: reference.meanflow_loss(**kw, reduction=reduction),
-                             inputs, ["u"], dtype, reduction, scale)
+    _check_against_reference(
+        lambda **kw: losses.meanflow_loss(**kw, reduction=reduction),
+        lambda **kw: reference.meanflow_loss(**kw, reduction=reduction),
+        inputs,
+        ["u"],
+        dtype,
+        reduction,
+        scale,
+    )
 
 
 # ------------------------------------------------------------------ saved residual
+
 
 def _spy_forward(monkeypatch, name):
     """Record, per call of the forward launcher `name`, (save_residual asked, residual elements saved)."""
@@ -246,6 +304,7 @@ def _spy_forward(monkeypatch, name):
         out = real(*args)
         calls.append((args[-1], out[2].numel()))
         return out
+
     monkeypatch.setattr(losses._ops, name, spy)
     return calls
 
@@ -267,13 +326,27 @@ def test_scm_saved_residual_and_no_grad_paths_match_reference(dtype, path, monke
     calls = _spy_forward(monkeypatch, "scm_forward")
     shape = (3, 3, 37)
     inputs = _scm_inputs(shape, dtype)
-    _check_against_reference(lambda **kw: losses.scm_loss(**kw), lambda **kw: reference.scm_loss(**kw),
-                             inputs, ["F", "logvar"], dtype, "mean", _per_sample_numel(shape) / 2)
+    _check_against_reference(
+        lambda **kw: losses.scm_loss(**kw),
+        lambda **kw: reference.scm_loss(**kw),
+        inputs,
+        ["F", "logvar"],
+        dtype,
+        "mean",
+        _per_sample_numel(shape) / 2,
+    )
     with poisoned_empty():
-        residual = launchers.scm_forward(*(inputs[k].detach() for k in ("F", "F_minus", "F_jvp", "x_t", "dx_dt")),
-                                         *(v.to(launchers.compute_dtype(inputs["F"])) for v in (inputs["t"],
-                                                                                             inputs["r"])),
-                                         None, None, 0.5, 0.1, "l2", "mean", True)[2]
+        residual = launchers.scm_forward(
+            *(inputs[k].detach() for k in ("F", "F_minus", "F_jvp", "x_t", "dx_dt")),
+            *(v.to(launchers.compute_dtype(inputs["F"])) for v in (inputs["t"], inputs["r"])),
+            None,
+            None,
+            0.5,
+            0.1,
+            "l2",
+            "mean",
+            True,
+        )[2]
     if path == "on chip":
         assert residual.dtype == (F64 if dtype == F64 else torch.float32)
         assert_close(residual, _scm_residual64(inputs), dtype, name="residual")
@@ -304,10 +377,22 @@ def test_meanflow_saved_residual_and_no_grad_paths_match_reference(dtype, monkey
     calls = _spy_forward(monkeypatch, "meanflow_forward")
     shape = (3, 3, 37)
     t = torch.rand(3, dtype=F64, device=DEVICE)
-    inputs = {"u": randn(*shape, dtype=dtype, requires_grad=True), "v": randn(*shape, dtype=dtype),
-              "dudt": randn(*shape, dtype=dtype), "t": t, "r": t * torch.rand(3, dtype=F64, device=DEVICE)}
-    _check_against_reference(losses.meanflow_loss, reference.meanflow_loss, inputs, ["u"], dtype, "mean",
-                             (3.0 * _per_sample_numel(shape)) ** 0.75 / 2)
+    inputs = {
+        "u": randn(*shape, dtype=dtype, requires_grad=True),
+        "v": randn(*shape, dtype=dtype),
+        "dudt": randn(*shape, dtype=dtype),
+        "t": t,
+        "r": t * torch.rand(3, dtype=F64, device=DEVICE),
+    }
+    _check_against_reference(
+        losses.meanflow_loss,
+        reference.meanflow_loss,
+        inputs,
+        ["u"],
+        dtype,
+        "mean",
+        (3.0 * _per_sample_numel(shape)) ** 0.75 / 2,
+    )
     with torch.no_grad(), poisoned_empty():
         out = losses.meanflow_loss(**inputs, reduction="none")
     assert_close(out, reference.meanflow_loss(**{k: to64(v) for k, v in inputs.items()}, reduction="none"), dtype)
@@ -317,6 +402,7 @@ def test_meanflow_saved_residual_and_no_grad_paths_match_reference(dtype, monkey
 
 # ------------------------------------------------------------------ jvp and double backward
 
+
 def _jvp_cases(dtype):
     shape = (3, 4, 9)
     x, y, w = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), torch.rand(3, dtype=F64, device=DEVICE) + 0.5
@@ -325,9 +411,21 @@ def _jvp_cases(dtype):
     t = torch.rand(3, dtype=F64, device=DEVICE)
     return {
         "pseudo_huber": ((x, y, w), lambda mod, a, b, c: mod.pseudo_huber_loss(a, b, weight=c, reduction="none")),
-        "scm": ((scm["F"].detach(), scm["logvar"].detach()),
-                lambda mod, f, lv: mod.scm_loss(f, scm["F_minus"], scm["F_jvp"], scm["x_t"], scm["dx_dt"], scm["t"],
-                                                r=scm["r"], weight=scm["weight"], logvar=lv, reduction="none")),
+        "scm": (
+            (scm["F"].detach(), scm["logvar"].detach()),
+            lambda mod, f, lv: mod.scm_loss(
+                f,
+                scm["F_minus"],
+                scm["F_jvp"],
+                scm["x_t"],
+                scm["dx_dt"],
+                scm["t"],
+                r=scm["r"],
+                weight=scm["weight"],
+                logvar=lv,
+                reduction="none",
+            ),
+        ),
         "meanflow": ((u,), lambda mod, a: mod.meanflow_loss(a, v, dudt, t, t / 2, reduction="sum")),
     }
 
@@ -340,8 +438,9 @@ def test_jvp_matches_reference(loss, dtype, backend):
     tangents = tuple(torch.randn_like(p, dtype=F64).to(p.dtype) for p in primals)
     with poisoned_empty():
         out, out_t = torch.func.jvp(lambda *a: fn(losses, *a), primals, tangents)
-    expected, expected_t = torch.func.jvp(lambda *a: fn(reference, *a), tuple(map(to64, primals)),
-                                          tuple(map(to64, tangents)))
+    expected, expected_t = torch.func.jvp(
+        lambda *a: fn(reference, *a), tuple(map(to64, primals)), tuple(map(to64, tangents))
+    )
     assert_close(out, expected, dtype, name="loss")
     assert_close(out_t, expected_t, dtype, name="loss tangent")
 
@@ -372,6 +471,7 @@ def test_auto_backend_on_cpu_is_the_reference(monkeypatch):
 
 # ------------------------------------------------------------------ bad input
 
+
 def _huber(**overrides):
     kwargs = {"input": randn(3, 4), "target": randn(3, 4)}
     kwargs.update(overrides)
@@ -379,28 +479,37 @@ def _huber(**overrides):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-@pytest.mark.parametrize("call, error, words", [
-    (lambda: _huber(target=randn(3, 5)), ValueError, ["target", "(3, 5)", "(3, 4)"]),
-    (lambda: _huber(target=randn(3, 4, dtype=torch.float16)), TypeError, ["target", "float16", "float32"]),
-    (lambda: _huber(target=torch.ones(3, 4, dtype=torch.int64)), TypeError, ["target", "int64", "bfloat16"]),
-    (lambda: _huber(weight=torch.ones(4)), ValueError, ["weight", "(4,)", "3 per-sample"]),
-    (lambda: _huber(c=-0.1), ValueError, ["c=-0.1", ">= 0"]),
-    (lambda: _huber(reduction="avg"), ValueError, ["reduction='avg'", "'none', 'mean', 'sum'"]),
-    (lambda: _huber(input=randn(0, 4), target=randn(0, 4)), ValueError, ["input", "(0, 4)", "at least one"]),
-    (lambda: losses.scm_loss(*[randn(2, 3)] * 4, randn(2, 4), 0.5), ValueError, ["dx_dt", "(2, 4)", "(2, 3)"]),
-    (lambda: losses.scm_loss(*[randn(2, 3)] * 5, torch.ones(3)), ValueError, ["t", "(3,)", "2 per-sample"]),
-    (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, logvar=torch.zeros(5)), ValueError, ["logvar", "(5,)"]),
-    (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, tangent_norm="l1"), ValueError,
-     ["tangent_norm='l1'", "'l2', 'rms', 'none'"]),
-    (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, tangent_norm_c=-1.0), ValueError, ["tangent_norm_c=-1.0"]),
-    (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, reduction="max"), ValueError, ["reduction='max'", "'mean'"]),
-    (lambda: losses.scm_tangent(*[randn(2, 3)] * 4, 0.5, sigma_data=0.0), ValueError, ["sigma_data=0.0"]),
-    (lambda: losses.meanflow_loss(randn(2, 3), randn(2, 3), randn(3, 3), 0.5, 0.1), ValueError, ["dudt", "(3, 3)"]),
-    (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, torch.ones(4)), ValueError, ["r", "(4,)"]),
-    (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, 0.1, eps=0.0), ValueError, ["eps=0.0", "positive"]),
-    (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, 0.1, reduction="mean_sum"), ValueError,
-     ["reduction='mean_sum'"]),
-])
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: _huber(target=randn(3, 5)), ValueError, ["target", "(3, 5)", "(3, 4)"]),
+        (lambda: _huber(target=randn(3, 4, dtype=torch.float16)), TypeError, ["target", "float16", "float32"]),
+        (lambda: _huber(target=torch.ones(3, 4, dtype=torch.int64)), TypeError, ["target", "int64", "bfloat16"]),
+        (lambda: _huber(weight=torch.ones(4)), ValueError, ["weight", "(4,)", "3 per-sample"]),
+        (lambda: _huber(c=-0.1), ValueError, ["c=-0.1", ">= 0"]),
+        (lambda: _huber(reduction="avg"), ValueError, ["reduction='avg'", "'none', 'mean', 'sum'"]),
+        (lambda: _huber(input=randn(0, 4), target=randn(0, 4)), ValueError, ["input", "(0, 4)", "at least one"]),
+        (lambda: losses.scm_loss(*[randn(2, 3)] * 4, randn(2, 4), 0.5), ValueError, ["dx_dt", "(2, 4)", "(2, 3)"]),
+        (lambda: losses.scm_loss(*[randn(2, 3)] * 5, torch.ones(3)), ValueError, ["t", "(3,)", "2 per-sample"]),
+        (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, logvar=torch.zeros(5)), ValueError, ["logvar", "(5,)"]),
+        (
+            lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, tangent_norm="l1"),
+            ValueError,
+            ["tangent_norm='l1'", "'l2', 'rms', 'none'"],
+        ),
+        (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, tangent_norm_c=-1.0), ValueError, ["tangent_norm_c=-1.0"]),
+        (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, reduction="max"), ValueError, ["reduction='max'", "'mean'"]),
+        (lambda: losses.scm_tangent(*[randn(2, 3)] * 4, 0.5, sigma_data=0.0), ValueError, ["sigma_data=0.0"]),
+        (lambda: losses.meanflow_loss(randn(2, 3), randn(2, 3), randn(3, 3), 0.5, 0.1), ValueError, ["dudt", "(3, 3)"]),
+        (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, torch.ones(4)), ValueError, ["r", "(4,)"]),
+        (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, 0.1, eps=0.0), ValueError, ["eps=0.0", "positive"]),
+        (
+            lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, 0.1, reduction="mean_sum"),
+            ValueError,
+            ["reduction='mean_sum'"],
+        ),
+    ],
+)
 def test_bad_input(impl, call, error, words, backend):
     backend(impl)
     with pytest.raises(error) as info:
@@ -417,8 +526,16 @@ def test_large_samples_match_reference_on_gpu(dtype, backend):
     backend("triton")
     shape = (5, 4, 128, 128)
     inputs = {"input": randn(*shape, dtype=dtype, requires_grad=True), "target": randn(*shape, dtype=dtype)}
-    _check_against_reference(losses.pseudo_huber_loss, reference.pseudo_huber_loss, inputs, ["input"], dtype, "mean",
-                             256.0)
+    _check_against_reference(
+        losses.pseudo_huber_loss, reference.pseudo_huber_loss, inputs, ["input"], dtype, "mean", 256.0
+    )
     for scm_shape in (shape, (5, 2, 64, 64)):
-        _check_against_reference(losses.scm_loss, reference.scm_loss, _scm_inputs(scm_shape, dtype), ["F", "logvar"],
-                                 dtype, "mean", _per_sample_numel(scm_shape) / 2)
+        _check_against_reference(
+            losses.scm_loss,
+            reference.scm_loss,
+            _scm_inputs(scm_shape, dtype),
+            ["F", "logvar"],
+            dtype,
+            "mean",
+            _per_sample_numel(scm_shape) / 2,
+        )

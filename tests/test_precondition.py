@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fastcm
-from fastcm.reference.precondition import (precondition as ref_precondition, precondition_scaling_derivatives,
-                                           precondition_scalings)
+from fastcm.reference.precondition import precondition as ref_precondition
+from fastcm.reference.precondition import precondition_scaling_derivatives, precondition_scalings
 from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 # σ-space parameterisations; flow and VP (times in [0, 1]) are tested in tests/test_flow.py.
@@ -26,15 +26,23 @@ def _sigma(kind, batch, dtype=torch.float32, requires_grad=False):
 
 # ---- the reference against closed-form math --------------------------------------------------
 
+
 @pytest.mark.parametrize("param", PARAMS)
 def test_reference_scalings_closed_form(param):
     sigma, sd, smin = 0.8, 0.5, 0.002
-    c_skip, c_out, c_in = (float(c) for c in precondition_scalings(torch.tensor(sigma, dtype=torch.float64),
-                                                                    param=param, sigma_data=sd, sigma_min=smin))
+    c_skip, c_out, c_in = (
+        float(c)
+        for c in precondition_scalings(
+            torch.tensor(sigma, dtype=torch.float64), param=param, sigma_data=sd, sigma_min=smin
+        )
+    )
     expected = {
         "edm": (sd**2 / (sigma**2 + sd**2), sigma * sd / math.sqrt(sigma**2 + sd**2), 1 / math.sqrt(sigma**2 + sd**2)),
-        "cm": (sd**2 / ((sigma - smin)**2 + sd**2), (sigma - smin) * sd / math.sqrt(sigma**2 + sd**2),
-               1 / math.sqrt(sigma**2 + sd**2)),
+        "cm": (
+            sd**2 / ((sigma - smin) ** 2 + sd**2),
+            (sigma - smin) * sd / math.sqrt(sigma**2 + sd**2),
+            1 / math.sqrt(sigma**2 + sd**2),
+        ),
         "trigflow": (math.cos(sigma), -sd * math.sin(sigma), 1 / sd),
     }[param]
     assert (c_skip, c_out, c_in) == pytest.approx(expected, rel=1e-14)
@@ -44,8 +52,8 @@ def test_reference_scalings_closed_form(param):
 def test_reference_scaling_derivatives_match_autograd(param):
     sigma = torch.linspace(0.01, 1.5, 17, dtype=torch.float64, requires_grad=True)
     c_skip, c_out, _ = precondition_scalings(sigma, param=param)
-    auto_skip, = torch.autograd.grad(c_skip.sum(), sigma, retain_graph=True)
-    auto_out, = torch.autograd.grad(c_out.sum(), sigma)
+    (auto_skip,) = torch.autograd.grad(c_skip.sum(), sigma, retain_graph=True)
+    (auto_out,) = torch.autograd.grad(c_out.sum(), sigma)
     d_skip, d_out = precondition_scaling_derivatives(sigma.detach(), param=param)
     torch.testing.assert_close(d_skip, auto_skip, rtol=1e-12, atol=0)
     torch.testing.assert_close(d_out, auto_out, rtol=1e-12, atol=0)
@@ -67,8 +75,9 @@ def test_reference_jvp_matches_finite_differences(param):
     fn = lambda x, f, s: ref_precondition(x, f, s, param=param)  # noqa: E731
     _, tangent = torch.func.jvp(fn, (x, f, sigma), (dx, df, dsigma))
     eps = 1e-6
-    central = (fn(x + eps * dx, f + eps * df, sigma + eps * dsigma)
-               - fn(x - eps * dx, f - eps * df, sigma - eps * dsigma)) / (2 * eps)
+    central = (
+        fn(x + eps * dx, f + eps * df, sigma + eps * dsigma) - fn(x - eps * dx, f - eps * df, sigma - eps * dsigma)
+    ) / (2 * eps)
     torch.testing.assert_close(tangent, central, rtol=1e-7, atol=1e-9)
 
 
@@ -79,6 +88,7 @@ def test_cm_boundary_condition_returns_x_exactly():
 
 
 # ---- the Triton path against the reference ---------------------------------------------------
+
 
 @pytest.mark.parametrize("param", PARAMS)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -141,6 +151,7 @@ def test_backward_matches_reference(backend, param, shape, dtype, sigma_kind):
 
 def _tol(dtype):
     from helpers import tolerance
+
     return tolerance(dtype)
 
 
@@ -154,10 +165,11 @@ def test_backward_only_requested_gradients(backend, needs):
     wanted = [t for t, need in zip((x, f, sigma), needs) if need]
     grad_out = randn(3, 50)
     with poisoned_empty():
-        got, = torch.autograd.grad(out, wanted, grad_out)
+        (got,) = torch.autograd.grad(out, wanted, grad_out)
     inputs64 = [to64(t) for t in (x, f, sigma)]
-    want, = torch.autograd.grad(ref_precondition(*inputs64, param="cm"),
-                                [t for t in inputs64 if t.requires_grad], to64(grad_out))
+    (want,) = torch.autograd.grad(
+        ref_precondition(*inputs64, param="cm"), [t for t in inputs64 if t.requires_grad], to64(grad_out)
+    )
     assert_close(got, want, torch.float32)
 
 
@@ -174,8 +186,9 @@ def test_jvp_matches_reference(backend, param, dtype, tangents):
     elif tangents == "sigma":
         dx, df = torch.zeros_like(dx), torch.zeros_like(df)
     with poisoned_empty(), torch.no_grad():
-        out, out_t = torch.func.jvp(lambda a, b, s: fastcm.precondition(a, b, s, param=param),
-                                    (x, f, sigma), (dx, df, dsigma))
+        out, out_t = torch.func.jvp(
+            lambda a, b, s: fastcm.precondition(a, b, s, param=param), (x, f, sigma), (dx, df, dsigma)
+        )
     ref_fn = lambda a, b, s: ref_precondition(a, b, s, param=param)  # noqa: E731
     want, want_t = torch.func.jvp(ref_fn, (to64(x), to64(f), to64(sigma)), (to64(dx), to64(df), to64(dsigma)))
     assert_close(out, want, dtype)
@@ -185,10 +198,12 @@ def test_jvp_matches_reference(backend, param, dtype, tangents):
 def test_forward_ad_dual_tensors(backend):
     backend("triton")
     import torch.autograd.forward_ad as fwAD
+
     x, f, dx = randn(3, 70), randn(3, 70), randn(3, 70)
     sigma = _sigma("b", 3)
-    _, want_t = torch.func.jvp(lambda a: ref_precondition(a, to64(f), to64(sigma), param="trigflow"),
-                               (to64(x),), (to64(dx),))
+    _, want_t = torch.func.jvp(
+        lambda a: ref_precondition(a, to64(f), to64(sigma), param="trigflow"), (to64(x),), (to64(dx),)
+    )
     with fwAD.dual_level(), torch.no_grad():
         out = fastcm.precondition(fwAD.make_dual(x, dx), f, sigma, param="trigflow")
         tangent = fwAD.unpack_dual(out).tangent
@@ -221,10 +236,10 @@ def test_jvp_with_grad_enabled_is_differentiable(backend):
     f, dx = randn(3, 11), randn(3, 11)
     sigma = _sigma("b", 3)
     _, tangent = torch.func.jvp(lambda a: fastcm.precondition(a, f * a, sigma), (x,), (dx,))
-    got, = torch.autograd.grad(tangent.square().sum(), x)
+    (got,) = torch.autograd.grad(tangent.square().sum(), x)
     x64 = to64(x)
     _, want_t = torch.func.jvp(lambda a: ref_precondition(a, to64(f) * a, to64(sigma)), (x64,), (to64(dx),))
-    want, = torch.autograd.grad(want_t.square().sum(), x64)
+    (want,) = torch.autograd.grad(want_t.square().sum(), x64)
     assert_close(got, want, torch.float32)
 
 
@@ -233,11 +248,11 @@ def test_double_backward_matches_reference(backend):
     x = randn(2, 13, requires_grad=True)
     f = randn(2, 13)
     sigma = _sigma("b", 2, requires_grad=True)
-    g, = torch.autograd.grad(fastcm.precondition(x, f, sigma, param="cm").square().sum(), sigma, create_graph=True)
-    got, = torch.autograd.grad(g.sum(), x)
+    (g,) = torch.autograd.grad(fastcm.precondition(x, f, sigma, param="cm").square().sum(), sigma, create_graph=True)
+    (got,) = torch.autograd.grad(g.sum(), x)
     x64, s64 = to64(x), to64(sigma)
-    g64, = torch.autograd.grad(ref_precondition(x64, to64(f), s64, param="cm").square().sum(), s64, create_graph=True)
-    want, = torch.autograd.grad(g64.sum(), x64)
+    (g64,) = torch.autograd.grad(ref_precondition(x64, to64(f), s64, param="cm").square().sum(), s64, create_graph=True)
+    (want,) = torch.autograd.grad(g64.sum(), x64)
     assert_close(got, want, torch.float32)
 
 
@@ -276,18 +291,48 @@ def test_reference_backend_on_cpu_by_default():
 
 # ---- bad input --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda: (torch.randn(2, 3), torch.randn(2, 4), 0.5, {}), ValueError, r"net_out has shape \(2, 4\).*x has shape \(2, 3\)"),
-    (lambda: (torch.randn(2, 3), torch.randn(2, 3), torch.rand(3), {}), ValueError, r"sigma has shape \(3,\); expected a scalar or 2"),
-    (lambda: (torch.randn(2, 3), torch.randn(2, 3, device="meta"), 0.5, {}), ValueError, r"net_out is on meta but x is on cpu"),
-    (lambda: (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64), 0.5, {}), TypeError,
-     r"x has dtype torch.int64; supported: float32, bfloat16, float16, float64"),
-    (lambda: (torch.randn(2, 3), torch.randn(2, 3), 0.5, {"param": "vp"}), ValueError,
-     r"param='vp' is not supported; expected one of \('edm', 'cm', 'trigflow', 'flow'"),
-    (lambda: (torch.randn(2, 3), torch.randn(2, 3).half(), 0.5, {}), TypeError, r"net_out has dtype torch.float16 but x"),
-    (lambda: (torch.randn(2, 3), torch.randn(2, 3), "0.5", {}), TypeError, r"sigma must be a float, a 0-d tensor"),
-    (lambda: (torch.randn(2, 3), torch.randn(2, 3), 0.5, {"sigma_data": 0.0}), ValueError, r"sigma_data must be > 0"),
-])
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (
+            lambda: (torch.randn(2, 3), torch.randn(2, 4), 0.5, {}),
+            ValueError,
+            r"net_out has shape \(2, 4\).*x has shape \(2, 3\)",
+        ),
+        (
+            lambda: (torch.randn(2, 3), torch.randn(2, 3), torch.rand(3), {}),
+            ValueError,
+            r"sigma has shape \(3,\); expected a scalar or 2",
+        ),
+        (
+            lambda: (torch.randn(2, 3), torch.randn(2, 3, device="meta"), 0.5, {}),
+            ValueError,
+            r"net_out is on meta but x is on cpu",
+        ),
+        (
+            lambda: (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64), 0.5, {}),
+            TypeError,
+            r"x has dtype torch.int64; supported: float32, bfloat16, float16, float64",
+        ),
+        (
+            lambda: (torch.randn(2, 3), torch.randn(2, 3), 0.5, {"param": "vp"}),
+            ValueError,
+            r"param='vp' is not supported; expected one of \('edm', 'cm', 'trigflow', 'flow'",
+        ),
+        (
+            lambda: (torch.randn(2, 3), torch.randn(2, 3).half(), 0.5, {}),
+            TypeError,
+            r"net_out has dtype torch.float16 but x",
+        ),
+        (lambda: (torch.randn(2, 3), torch.randn(2, 3), "0.5", {}), TypeError, r"sigma must be a float, a 0-d tensor"),
+        (
+            lambda: (torch.randn(2, 3), torch.randn(2, 3), 0.5, {"sigma_data": 0.0}),
+            ValueError,
+            r"sigma_data must be > 0",
+        ),
+    ],
+)
 def test_bad_input(make, error, message):
     x, f, sigma, kwargs = make()
     with pytest.raises(error, match=message):

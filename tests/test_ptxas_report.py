@@ -15,8 +15,10 @@ import ptxas_report  # noqa: E402
 
 FWD = "_ZN6fastcm4attn20attention_fwd_kernelINS0_9FwdTraitsI13__nv_bfloat16Li128ELi128ELb1EEEEEvNS0_9FwdParamsE"
 STAGE_BIAS = "_ZN6fastcm4attn10stage_biasINS0_9FwdTraitsI13__nv_bfloat16Li128ELi128ELb1EEEEEvPfPKvllliiiiifi"
-WS = ("_ZN6fastcm4attn28attention_fwd_sm90_ws_kernelINS0_15FwdSm90WsTraitsI6__halfLi64ELb1ELb1ELb1ELb0EEEEEv"
-      "NS0_9FwdParamsENS0_10FwdTmaMapsE")
+WS = (
+    "_ZN6fastcm4attn28attention_fwd_sm90_ws_kernelINS0_15FwdSm90WsTraitsI6__halfLi64ELb1ELb1ELb1ELb0EEEEEv"
+    "NS0_9FwdParamsENS0_10FwdTmaMapsE"
+)
 DELTA = "_ZN6fastcm4attn26attention_bwd_delta_kernelI6__halfEEvNS0_9BwdParamsE"
 FWD32 = "_ZN6fastcm4attn20attention_fwd_kernelINS0_9FwdTraitsI13__nv_bfloat16Li32ELi32ELb0EEEEEvNS0_9FwdParamsE"
 
@@ -80,8 +82,10 @@ def test_parse_assigns_each_figure_to_its_kernel_and_arch():
 
 
 def test_readable_name_drops_namespaces_return_type_and_parameters():
-    full = ("void fastcm::attn::attention_fwd_sm90_ws_kernel<fastcm::attn::FwdSm90WsTraits<__half, 64, true, true, "
-            "true, false> >(fastcm::attn::FwdParams, fastcm::attn::FwdTmaMaps)")
+    full = (
+        "void fastcm::attn::attention_fwd_sm90_ws_kernel<fastcm::attn::FwdSm90WsTraits<__half, 64, true, true, "
+        "true, false> >(fastcm::attn::FwdParams, fastcm::attn::FwdTmaMaps)"
+    )
     expected = "attention_fwd_sm90_ws_kernel<FwdSm90WsTraits<__half, 64, true, true, true, false>>"
     assert ptxas_report._shorten(full) == expected
     assert ptxas_report._shorten("void f<a<b<int> > >(int (*)(int))") == "f<a<b<int>>>"

@@ -10,7 +10,7 @@ import torch
 from fastcm import sampling, steps
 from helpers import DEVICE, assert_close, poisoned_empty
 
-MU, S = 0.3, 0.5          # data mean and std per dimension
+MU, S = 0.3, 0.5  # data mean and std per dimension
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
 
 
@@ -38,13 +38,15 @@ def start_noise(batch, dims=2, sigma=SIGMA_MAX, dtype=torch.float64):
 
 # ---- schedules --------------------------------------------------------------------------------
 
+
 def test_karras_sigmas_match_the_formula():
     got = sampling.karras_sigmas(5, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=True)
     ramp = [i / 4 for i in range(5)]
     want = [(80.0 ** (1 / 7) + r * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7 for r in ramp] + [0.0]
     assert got.tolist() == pytest.approx(want, rel=1e-13)
-    assert sampling.karras_sigmas(3, append_zero=False).tolist() == pytest.approx(want[:1] + [
-        (80.0 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7, 0.002], rel=1e-13)
+    assert sampling.karras_sigmas(3, append_zero=False).tolist() == pytest.approx(
+        want[:1] + [(80.0 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7, 0.002], rel=1e-13
+    )
 
 
 def test_trigflow_times():
@@ -57,6 +59,7 @@ def test_trigflow_times():
 
 # ---- ODE samplers converge to the exact answer -------------------------------------------------
 
+
 def _gain_error(sampler, n):
     x = start_noise(512)
     out = sampler(exact_denoiser, x, sampling.karras_sigmas(n))
@@ -64,8 +67,9 @@ def _gain_error(sampler, n):
     return ((out - exact).norm() / (exact - MU).norm()).item(), out
 
 
-@pytest.mark.parametrize("sampler, order", [(sampling.sample_euler, 1), (sampling.sample_heun, 2),
-                                            (sampling.sample_dpmpp_2m, 2)])
+@pytest.mark.parametrize(
+    "sampler, order", [(sampling.sample_euler, 1), (sampling.sample_heun, 2), (sampling.sample_dpmpp_2m, 2)]
+)
 def test_ode_samplers_converge_with_steps(sampler, order):
     """Error against the exact ODE solution shrinks by ~2^order per doubling of the steps."""
     errors = [_gain_error(sampler, n)[0] for n in (16, 32, 64)]
@@ -86,8 +90,10 @@ def test_ode_samplers_reproduce_data_moments(sampler):
 
 # ---- CM / TrigFlow sampling with the exact consistency function --------------------------------
 
-@pytest.mark.parametrize("sigmas", [[SIGMA_MAX, SIGMA_MIN], [SIGMA_MAX, 1.0, SIGMA_MIN],
-                                    [SIGMA_MAX, 5.0, 0.8, 0.2, SIGMA_MIN]])
+
+@pytest.mark.parametrize(
+    "sigmas", [[SIGMA_MAX, SIGMA_MIN], [SIGMA_MAX, 1.0, SIGMA_MIN], [SIGMA_MAX, 5.0, 0.8, 0.2, SIGMA_MIN]]
+)
 def test_cm_sampling_reproduces_data_moments(sigmas):
     x = start_noise(20000, dims=1)
     out = sampling.sample_cm(exact_consistency, x, sigmas, seed=3)
@@ -101,14 +107,15 @@ def test_trigflow_sampling_reproduces_data_moments():
 
     def consistency(x, t):
         t = t.reshape(-1, 1).to(x.dtype)
-        spread = torch.sqrt(torch.cos(t)**2 * S**2 + torch.sin(t)**2 * sd**2)
+        spread = torch.sqrt(torch.cos(t) ** 2 * S**2 + torch.sin(t) ** 2 * sd**2)
         return MU + S / spread * (x - torch.cos(t) * MU)
 
     for num_steps in (1, 2, 3):
         times = sampling.trigflow_times(num_steps)
         t0 = times[0].item()
-        x = math.cos(t0) * MU + math.sqrt(math.cos(t0)**2 * S**2 + math.sin(t0)**2 * sd**2) * torch.randn(
-            20000, 1, dtype=torch.float64, device=DEVICE)
+        x = math.cos(t0) * MU + math.sqrt(math.cos(t0) ** 2 * S**2 + math.sin(t0) ** 2 * sd**2) * torch.randn(
+            20000, 1, dtype=torch.float64, device=DEVICE
+        )
         out = sampling.sample_trigflow(consistency, x, times, sigma_data=sd, seed=num_steps)
         n = out.numel()
         assert abs(out.mean().item() - MU) < 5 * S / math.sqrt(n)
@@ -139,6 +146,7 @@ def test_stochastic_samplers_are_deterministic_per_seed():
 
 
 # ---- the loops wire the Triton kernels (interpreter on CPU) ----------------------------------
+
 
 def _toy_denoiser(x, sigma):
     return exact_denoiser(x, sigma).to(x.dtype)
@@ -174,18 +182,27 @@ def test_triton_stochastic_loops_use_the_kernel_noise(backend, stochastic):
 
 # ---- progress, callback, capture ---------------------------------------------------------------
 
+
 def test_progress_bar_and_callback(capsys):
     seen = []
-    sampling.sample_euler(exact_denoiser, start_noise(2), sampling.karras_sigmas(5, append_zero=True), progress=True,
-                          callback=lambda info: seen.append((info["i"], info["sigma"])))
+    sampling.sample_euler(
+        exact_denoiser,
+        start_noise(2),
+        sampling.karras_sigmas(5, append_zero=True),
+        progress=True,
+        callback=lambda info: seen.append((info["i"], info["sigma"])),
+    )
     assert [i for i, _ in seen] == list(range(5))
     assert seen[0][1] == pytest.approx(SIGMA_MAX)
     assert "sample_euler [####################] 5/5" in capsys.readouterr().err
 
 
 def test_capture_on_cpu_raises():
-    with pytest.raises(ValueError, match=r"sample_cm: capture=True records a CUDA graph and needs CUDA tensors; "
-                                         r"x is on cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"sample_cm: capture=True records a CUDA graph and needs CUDA tensors; "
+        r"x is on cpu",
+    ):
         sampling.sample_cm(exact_consistency, torch.randn(2, 3, device="cpu"), [80.0, 0.002], capture=True)
 
 
@@ -195,7 +212,8 @@ def test_capture_matches_uncaptured_loop(name):
     x = start_noise(8, dims=4096, dtype=torch.float32).cuda()
     kwargs = {"seed": 17} if name in ("cm", "trigflow") else {}
     schedule = {"cm": [SIGMA_MAX, 2.0, 0.5, SIGMA_MIN], "trigflow": sampling.trigflow_times(3)}.get(
-        name, sampling.karras_sigmas(6, append_zero=True))
+        name, sampling.karras_sigmas(6, append_zero=True)
+    )
     sampler = getattr(sampling, f"sample_{name}")
     plain = sampler(_toy_denoiser, x, schedule, **kwargs)
     captured = sampler(_toy_denoiser, x, schedule, capture=True, **kwargs)
@@ -203,6 +221,7 @@ def test_capture_matches_uncaptured_loop(name):
 
 
 # ---- self-consistency error ---------------------------------------------------------------------
+
 
 def test_self_consistency_error():
     times = [0.1, 0.5, 2.0, 10.0, 80.0]
@@ -220,28 +239,65 @@ def test_self_consistency_error():
 
 # ---- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: sampling.karras_sigmas(0), ValueError, r"karras_sigmas: num=0 is not supported; expected an int >= 1"),
-    (lambda: sampling.karras_sigmas(4, sigma_min=1.0, sigma_max=0.5), ValueError,
-     r"sigma_min=1.0 must not exceed sigma_max=0.5"),
-    (lambda: sampling.trigflow_times(3, intermediate=[1.0]), ValueError,
-     r"intermediate has 1 times; expected num_steps - 1 = 2"),
-    (lambda: sampling.trigflow_times(2, t_max=2.0), ValueError, r"t_max=2.0 is not supported; expected in \(0, pi/2\]"),
-    (lambda: sampling.sample_euler(exact_denoiser, torch.randn(2, 3), [80.0]), ValueError,
-     r"sample_euler: sigmas needs at least 2 entries \(start and end\), got 1"),
-    (lambda: sampling.sample_heun(exact_denoiser, torch.randn(2, 3), torch.ones(2, 2)), ValueError,
-     r"sample_heun: sigmas must be 1-D, got shape \(2, 2\)"),
-    (lambda: sampling.sample_cm(exact_consistency, torch.randn(2, 3), [80.0, 0.001, 0.002]), ValueError,
-     r"intermediate sigmas \[0.001\] must be >= sigma_min=0.002"),
-    (lambda: sampling.sample_cm(exact_consistency, torch.randn(2, 3), [80.0, 0.002], seed=1,
-                                generator=torch.Generator()), ValueError, r"pass seed or generator, not both"),
-    (lambda: sampling.sample_dpmpp_2m(exact_denoiser, [1.0, 2.0], [80.0, 0.0]), TypeError,
-     r"sample_dpmpp_2m: x must be a tensor of shape \(B, ...\), got list"),
-    (lambda: sampling.sample_euler(exact_denoiser, torch.randn(2, 3), [80.0, float("nan")]), ValueError,
-     r"sigmas must be finite and >= 0"),
-    (lambda: sampling.self_consistency_error(exact_consistency, lambda t: torch.randn(2, 3), [1.0]), ValueError,
-     r"self_consistency_error: times needs at least 2 entries"),
-])
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: sampling.karras_sigmas(0), ValueError, r"karras_sigmas: num=0 is not supported; expected an int >= 1"),
+        (
+            lambda: sampling.karras_sigmas(4, sigma_min=1.0, sigma_max=0.5),
+            ValueError,
+            r"sigma_min=1.0 must not exceed sigma_max=0.5",
+        ),
+        (
+            lambda: sampling.trigflow_times(3, intermediate=[1.0]),
+            ValueError,
+            r"intermediate has 1 times; expected num_steps - 1 = 2",
+        ),
+        (
+            lambda: sampling.trigflow_times(2, t_max=2.0),
+            ValueError,
+            r"t_max=2.0 is not supported; expected in \(0, pi/2\]",
+        ),
+        (
+            lambda: sampling.sample_euler(exact_denoiser, torch.randn(2, 3), [80.0]),
+            ValueError,
+            r"sample_euler: sigmas needs at least 2 entries \(start and end\), got 1",
+        ),
+        (
+            lambda: sampling.sample_heun(exact_denoiser, torch.randn(2, 3), torch.ones(2, 2)),
+            ValueError,
+            r"sample_heun: sigmas must be 1-D, got shape \(2, 2\)",
+        ),
+        (
+            lambda: sampling.sample_cm(exact_consistency, torch.randn(2, 3), [80.0, 0.001, 0.002]),
+            ValueError,
+            r"intermediate sigmas \[0.001\] must be >= sigma_min=0.002",
+        ),
+        (
+            lambda: sampling.sample_cm(
+                exact_consistency, torch.randn(2, 3), [80.0, 0.002], seed=1, generator=torch.Generator()
+            ),
+            ValueError,
+            r"pass seed or generator, not both",
+        ),
+        (
+            lambda: sampling.sample_dpmpp_2m(exact_denoiser, [1.0, 2.0], [80.0, 0.0]),
+            TypeError,
+            r"sample_dpmpp_2m: x must be a tensor of shape \(B, ...\), got list",
+        ),
+        (
+            lambda: sampling.sample_euler(exact_denoiser, torch.randn(2, 3), [80.0, float("nan")]),
+            ValueError,
+            r"sigmas must be finite and >= 0",
+        ),
+        (
+            lambda: sampling.self_consistency_error(exact_consistency, lambda t: torch.randn(2, 3), [1.0]),
+            ValueError,
+            r"self_consistency_error: times needs at least 2 entries",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

@@ -5,20 +5,35 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 from fastcm import sde_steps as fast
 from fastcm import steps
 from fastcm.reference import sde_steps as ref
+from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
-STEPS = ["churn", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_euler", "dpmpp_sde",
-         "dpmpp_2m_sde_first", "dpmpp_2m_sde_midpoint", "dpmpp_2m_sde_heun", "dpmpp_3m_sde_1", "dpmpp_3m_sde_2",
-         "dpmpp_3m_sde_3"]
+STEPS = [
+    "churn",
+    "euler_ancestral",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_euler",
+    "dpmpp_sde",
+    "dpmpp_2m_sde_first",
+    "dpmpp_2m_sde_midpoint",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde_1",
+    "dpmpp_3m_sde_2",
+    "dpmpp_3m_sde_3",
+]
 SHAPES = [(1, 5), (3, 4, 7), (2, 2100)]  # 2100 > one 2048-element block
 
 RANGES = {
-    "sigma": (1.0, 2.0), "sigma_next": (0.0, 0.8), "sigma_prev": (2.5, 4.0), "sigma_prev2": (4.5, 6.0),
-    "eta": (0.3, 1.0), "s_noise": (0.9, 1.1), "sigma_hat": (2.1, 3.0),
+    "sigma": (1.0, 2.0),
+    "sigma_next": (0.0, 0.8),
+    "sigma_prev": (2.5, 4.0),
+    "sigma_prev2": (4.5, 6.0),
+    "eta": (0.3, 1.0),
+    "s_noise": (0.9, 1.1),
+    "sigma_hat": (2.1, 3.0),
 }
 PARAMS = {
     "churn": ("sigma", "sigma_hat", "s_noise"),
@@ -33,9 +48,19 @@ PARAMS = {
     "dpmpp_3m_sde_2": ("sigma", "sigma_next", "sigma_prev", "eta", "s_noise"),
     "dpmpp_3m_sde_3": ("sigma", "sigma_next", "sigma_prev", "sigma_prev2", "eta", "s_noise"),
 }
-TENSORS = {"churn": "xz", "euler_ancestral": "xdz", "dpmpp_2s_ancestral": "xdez", "dpmpp_2s_ancestral_euler": "xdz",
-           "dpmpp_sde": "xdez", "dpmpp_2m_sde_first": "xdz", "dpmpp_2m_sde_midpoint": "xdez",
-           "dpmpp_2m_sde_heun": "xdez", "dpmpp_3m_sde_1": "xdz", "dpmpp_3m_sde_2": "xdez", "dpmpp_3m_sde_3": "xdefz"}
+TENSORS = {
+    "churn": "xz",
+    "euler_ancestral": "xdz",
+    "dpmpp_2s_ancestral": "xdez",
+    "dpmpp_2s_ancestral_euler": "xdz",
+    "dpmpp_sde": "xdez",
+    "dpmpp_2m_sde_first": "xdz",
+    "dpmpp_2m_sde_midpoint": "xdez",
+    "dpmpp_2m_sde_heun": "xdez",
+    "dpmpp_3m_sde_1": "xdz",
+    "dpmpp_3m_sde_2": "xdez",
+    "dpmpp_3m_sde_3": "xdefz",
+}
 
 
 def _call(step, mod, t, p, **extra):
@@ -46,18 +71,21 @@ def _call(step, mod, t, p, **extra):
     if step == "euler_ancestral":
         return mod.euler_ancestral_step(x, t["d"], p["sigma"], p["sigma_next"], eta=p["eta"], **common)
     if step == "dpmpp_2s_ancestral":
-        return mod.dpmpp_2s_ancestral_step(x, t["d"], p["sigma"], p["sigma_next"], denoised_mid=t["e"], eta=p["eta"],
-                                           **common)
+        return mod.dpmpp_2s_ancestral_step(
+            x, t["d"], p["sigma"], p["sigma_next"], denoised_mid=t["e"], eta=p["eta"], **common
+        )
     if step == "dpmpp_2s_ancestral_euler":  # η large enough that σ_up = σ', σ_down = 0
         return mod.dpmpp_2s_ancestral_step(x, t["d"], p["sigma"], p["sigma_next"], eta=50.0, **common)
     if step == "dpmpp_sde":
-        return mod.dpmpp_sde_step(x, t["d"], p["sigma"], p["sigma_next"], denoised_mid=t["e"], r=0.4, eta=p["eta"],
-                                  **common)
+        return mod.dpmpp_sde_step(
+            x, t["d"], p["sigma"], p["sigma_next"], denoised_mid=t["e"], r=0.4, eta=p["eta"], **common
+        )
     if step.startswith("dpmpp_2m_sde"):
         history = {} if step.endswith("first") else dict(old_denoised=t["e"], sigma_prev=p["sigma_prev"])
         solver = "heun" if step.endswith("heun") else "midpoint"
-        return mod.dpmpp_2m_sde_step(x, t["d"], p["sigma"], p["sigma_next"], eta=p["eta"], solver_type=solver,
-                                     **history, **common)
+        return mod.dpmpp_2m_sde_step(
+            x, t["d"], p["sigma"], p["sigma_next"], eta=p["eta"], solver_type=solver, **history, **common
+        )
     history = {}
     if step[-1] in "23":
         history.update(denoised_1=t["e"], sigma_prev=p["sigma_prev"])
@@ -67,8 +95,9 @@ def _call(step, mod, t, p, **extra):
 
 
 def _tensors(step, shape, dtype=torch.float32, requires_grad=False, noncontiguous=False):
-    return {c: randn(*shape, dtype=dtype, requires_grad=requires_grad, noncontiguous=noncontiguous)
-            for c in TENSORS[step]}
+    return {
+        c: randn(*shape, dtype=dtype, requires_grad=requires_grad, noncontiguous=noncontiguous) for c in TENSORS[step]
+    }
 
 
 def _params(step, batch, kind, requires_grad=False, dtype=torch.float32, sigma_next_zero=True):
@@ -97,6 +126,7 @@ def _as64(d):
 
 # ---- the reference ---------------------------------------------------------------------------
 
+
 def test_reference_matches_hand_computation():
     x, d, e, z = 1.5, -0.25, 0.75, 0.3
     t = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in zip("xdez", (x, d, e, z))}
@@ -118,10 +148,18 @@ def test_reference_matches_hand_computation():
 def test_reference_deterministic_limits():
     """η = 0: 2M SDE (midpoint) is DPM-Solver++(2M); ancestral Euler is Euler; σ' = 0 steps return D."""
     x, d, e, z = (torch.randn(2, 6, dtype=torch.float64) for _ in range(4))
-    torch.testing.assert_close(ref.dpmpp_2m_sde_step(x, d, 1.3, 0.6, old_denoised=e, sigma_prev=2.0, eta=0.0, noise=z),
-                               steps.dpmpp_2m_step(x, d, 1.3, 0.6, old_denoised=e, sigma_prev=2.0), rtol=1e-14, atol=0)
-    torch.testing.assert_close(ref.euler_ancestral_step(x, d, 1.3, 0.6, eta=0.0, noise=z),
-                               steps.euler_step(x, d, 1.3, 0.6), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        ref.dpmpp_2m_sde_step(x, d, 1.3, 0.6, old_denoised=e, sigma_prev=2.0, eta=0.0, noise=z),
+        steps.dpmpp_2m_step(x, d, 1.3, 0.6, old_denoised=e, sigma_prev=2.0),
+        rtol=1e-14,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        ref.euler_ancestral_step(x, d, 1.3, 0.6, eta=0.0, noise=z),
+        steps.euler_step(x, d, 1.3, 0.6),
+        rtol=1e-14,
+        atol=1e-15,
+    )
     for step in ("dpmpp_sde", "dpmpp_2m_sde_midpoint", "dpmpp_3m_sde_3"):
         t = dict(x=x, d=d, e=e, f=z, z=z)
         p = dict(sigma=1.3, sigma_next=0.0, sigma_prev=2.0, sigma_prev2=3.0, eta=0.7, s_noise=1.0)
@@ -135,12 +173,13 @@ def test_reference_gradcheck_and_forward_ad(step):
     names = list(t) + list(p)
 
     def fn(*values):
-        return _call(step, ref, dict(zip(names, values[:len(t)])), dict(zip(names[len(t):], values[len(t):])))
+        return _call(step, ref, dict(zip(names, values[: len(t)])), dict(zip(names[len(t) :], values[len(t) :])))
 
     assert torch.autograd.gradcheck(fn, tuple(t.values()) + tuple(p.values()), check_forward_ad=True)
 
 
 # ---- the Triton path against the reference ---------------------------------------------------
+
 
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -196,8 +235,9 @@ def test_parameter_gradients_match_reference(backend, step):
     inputs = tuple(t.values()) + tuple(p.values())
     got = torch.autograd.grad(_call(step, fast, t, p), inputs, grad_out, allow_unused=True)
     t64, p64 = ({k: v.detach().clone().requires_grad_() for k, v in d.items()} for d in (t, p))
-    want = torch.autograd.grad(_call(step, ref, t64, p64), tuple(t64.values()) + tuple(p64.values()), grad_out,
-                               allow_unused=True)
+    want = torch.autograd.grad(
+        _call(step, ref, t64, p64), tuple(t64.values()) + tuple(p64.values()), grad_out, allow_unused=True
+    )
     for name, g, w in zip(list(t) + list(p), got, want):
         if w is None:
             assert g is None or not g.any(), name
@@ -213,7 +253,7 @@ def test_jvp_matches_reference(backend, step):
     names = list(t) + list(p)
 
     def make(mod):
-        return lambda *v: _call(step, mod, dict(zip(names, v[:len(t)])), dict(zip(names[len(t):], v[len(t):])))
+        return lambda *v: _call(step, mod, dict(zip(names, v[: len(t)])), dict(zip(names[len(t) :], v[len(t) :])))
 
     primals = tuple(t.values()) + tuple(p.values())
     tangents = tuple(torch.randn_like(v) for v in primals)
@@ -227,6 +267,7 @@ def test_jvp_matches_reference(backend, step):
 def test_forward_ad_dual_tensors(backend):
     backend("triton")
     import torch.autograd.forward_ad as fwAD
+
     t = _tensors("dpmpp_3m_sde_3", (3, 70))
     p = _params("dpmpp_3m_sde_3", 3, "float")
     dots = {k: torch.randn_like(v) for k, v in t.items()}
@@ -245,13 +286,14 @@ def test_gradient_of_in_kernel_noise_scale(backend):
     x, d = randn(2, 300), randn(2, 300)
     s_noise = torch.tensor([0.9, 1.2], dtype=torch.float64, device=DEVICE, requires_grad=True)
     out = fast.euler_ancestral_step(x, d, 1.5, 0.7, s_noise=s_noise, seed=5)
-    got, = torch.autograd.grad(out.sum(), s_noise)
+    (got,) = torch.autograd.grad(out.sum(), s_noise)
     deterministic = fast.euler_ancestral_step(x, d, 1.5, 0.7, s_noise=0.0)
     want = ((out - deterministic).double() / s_noise.detach()[:, None]).sum(1)
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4 * math.sqrt(300))
 
 
 # ---- noise, out=, backends --------------------------------------------------------------------
+
 
 def test_in_kernel_noise_is_the_steps_family_stream(backend):
     """Same (seed, offset) → the same z as fastcm.steps' kernels; deterministic; offset-dependent."""
@@ -311,32 +353,73 @@ def test_torch_compile_matches_eager(backend):
     assert torch.equal(compiled(x, d), fn(x, d))
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fast.churn_step(torch.randn(2, 3), 1.0, 0.5), ValueError,
-     r"churn_step: sigma_hat=0.5 is not supported; expected >= sigma=1.0"),
-    (lambda: fast.euler_ancestral_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 1.5), ValueError,
-     r"euler_ancestral_step: sigma_next=1.5 is not supported; expected <= sigma=1.0"),
-    (lambda: fast.euler_ancestral_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, eta=-1.0), ValueError,
-     r"eta=-1.0 is not supported; expected >= 0"),
-    (lambda: fast.euler_ancestral_step(torch.randn(2, 3), torch.randn(2, 4), 1.0, 0.5), ValueError,
-     r"denoised has shape \(2, 4\) but x has shape \(2, 3\)"),
-    (lambda: fast.dpmpp_2s_ancestral_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5), ValueError,
-     r"denoised_mid is None but sigma_down is not 0"),
-    (lambda: fast.dpmpp_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5), ValueError,
-     r"dpmpp_sde_step: denoised_mid is None but sigma_next=0.5 is not 0"),
-    (lambda: fast.dpmpp_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.0, r=1.5), ValueError,
-     r"r=1.5 is not supported; expected a float in \(0, 1\]"),
-    (lambda: fast.dpmpp_2m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, solver_type="euler"), ValueError,
-     r"solver_type='euler' is not supported; expected one of \('midpoint', 'heun'\)"),
-    (lambda: fast.dpmpp_2m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, sigma_prev=2.0), ValueError,
-     r"old_denoised and sigma_prev go together"),
-    (lambda: fast.dpmpp_3m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, denoised_2=torch.randn(2, 3),
-                                    sigma_prev2=3.0), ValueError, r"denoised_2 needs denoised_1"),
-    (lambda: fast.dpmpp_3m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, seed=-2), ValueError,
-     r"seed=-2 is not supported"),
-    (lambda: fast.churn_step(torch.randn(2, 3), 1.0, 1.5, s_noise=-0.1), ValueError,
-     r"churn_step: s_noise=-0.1 is not supported; expected >= 0"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fast.churn_step(torch.randn(2, 3), 1.0, 0.5),
+            ValueError,
+            r"churn_step: sigma_hat=0.5 is not supported; expected >= sigma=1.0",
+        ),
+        (
+            lambda: fast.euler_ancestral_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 1.5),
+            ValueError,
+            r"euler_ancestral_step: sigma_next=1.5 is not supported; expected <= sigma=1.0",
+        ),
+        (
+            lambda: fast.euler_ancestral_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, eta=-1.0),
+            ValueError,
+            r"eta=-1.0 is not supported; expected >= 0",
+        ),
+        (
+            lambda: fast.euler_ancestral_step(torch.randn(2, 3), torch.randn(2, 4), 1.0, 0.5),
+            ValueError,
+            r"denoised has shape \(2, 4\) but x has shape \(2, 3\)",
+        ),
+        (
+            lambda: fast.dpmpp_2s_ancestral_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5),
+            ValueError,
+            r"denoised_mid is None but sigma_down is not 0",
+        ),
+        (
+            lambda: fast.dpmpp_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5),
+            ValueError,
+            r"dpmpp_sde_step: denoised_mid is None but sigma_next=0.5 is not 0",
+        ),
+        (
+            lambda: fast.dpmpp_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.0, r=1.5),
+            ValueError,
+            r"r=1.5 is not supported; expected a float in \(0, 1\]",
+        ),
+        (
+            lambda: fast.dpmpp_2m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, solver_type="euler"),
+            ValueError,
+            r"solver_type='euler' is not supported; expected one of \('midpoint', 'heun'\)",
+        ),
+        (
+            lambda: fast.dpmpp_2m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, sigma_prev=2.0),
+            ValueError,
+            r"old_denoised and sigma_prev go together",
+        ),
+        (
+            lambda: fast.dpmpp_3m_sde_step(
+                torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, denoised_2=torch.randn(2, 3), sigma_prev2=3.0
+            ),
+            ValueError,
+            r"denoised_2 needs denoised_1",
+        ),
+        (
+            lambda: fast.dpmpp_3m_sde_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, seed=-2),
+            ValueError,
+            r"seed=-2 is not supported",
+        ),
+        (
+            lambda: fast.churn_step(torch.randn(2, 3), 1.0, 1.5, s_noise=-0.1),
+            ValueError,
+            r"churn_step: s_noise=-0.1 is not supported; expected >= 0",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

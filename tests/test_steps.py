@@ -22,8 +22,17 @@ RANGES = {
     "cfg": {"guidance_scale": (1.0, 7.0)},
     "cfg_rescale": {"guidance_scale": (1.0, 7.0), "guidance_rescale": (0.3, 1.0)},
 }
-TENSORS = {"euler": "xd", "heun": "xde", "dpmpp_2m_first": "xd", "dpmpp_2m": "xde", "ddim": "xdz", "cm": "dz",
-           "trigflow": "dz", "cfg": "de", "cfg_rescale": "de"}
+TENSORS = {
+    "euler": "xd",
+    "heun": "xde",
+    "dpmpp_2m_first": "xd",
+    "dpmpp_2m": "xde",
+    "ddim": "xdz",
+    "cm": "dz",
+    "trigflow": "dz",
+    "cfg": "de",
+    "cfg_rescale": "de",
+}
 
 
 def _call(step, mod, t, p, **extra):
@@ -35,8 +44,9 @@ def _call(step, mod, t, p, **extra):
     if step == "dpmpp_2m_first":
         return mod.dpmpp_2m_step(t["x"], t["d"], p["sigma"], p["sigma_next"], **extra)
     if step == "dpmpp_2m":
-        return mod.dpmpp_2m_step(t["x"], t["d"], p["sigma"], p["sigma_next"], old_denoised=t["e"],
-                                 sigma_prev=p["sigma_prev"], **extra)
+        return mod.dpmpp_2m_step(
+            t["x"], t["d"], p["sigma"], p["sigma_next"], old_denoised=t["e"], sigma_prev=p["sigma_prev"], **extra
+        )
     if step == "ddim":
         return mod.ddim_step(t["x"], t["d"], p["alpha_bar"], p["alpha_bar_next"], eta=p["eta"], noise=t["z"], **extra)
     if step == "cm":
@@ -48,8 +58,9 @@ def _call(step, mod, t, p, **extra):
 
 
 def _tensors(step, shape, dtype=torch.float32, requires_grad=False, noncontiguous=False):
-    return {c: randn(*shape, dtype=dtype, requires_grad=requires_grad, noncontiguous=noncontiguous)
-            for c in TENSORS[step]}
+    return {
+        c: randn(*shape, dtype=dtype, requires_grad=requires_grad, noncontiguous=noncontiguous) for c in TENSORS[step]
+    }
 
 
 def _params(step, batch, kind, requires_grad=False, dtype=torch.float32, sigma_next_zero=True):
@@ -78,6 +89,7 @@ def _as64(d):
 
 # ---- the reference against hand computation and finite differences ---------------------------
 
+
 def test_reference_matches_hand_computation():
     x, d, e, z = 1.5, -0.25, 0.75, 0.3
     t = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in zip("xdez", (x, d, e, z))}
@@ -99,8 +111,16 @@ def test_reference_matches_hand_computation():
     hand["cm"] = d + math.sqrt(1.2**2 - 0.002**2) * z
     hand["trigflow"] = math.cos(1.1) * d + math.sin(1.1) * 0.5 * z
     hand["cfg"] = e + 4.0 * (d - e)
-    p = {"sigma": s, "sigma_next": sn, "sigma_prev": sp, "alpha_bar": ab, "alpha_bar_next": abn, "eta": eta,
-         "t_next": 1.1, "guidance_scale": 4.0}
+    p = {
+        "sigma": s,
+        "sigma_next": sn,
+        "sigma_prev": sp,
+        "alpha_bar": ab,
+        "alpha_bar_next": abn,
+        "eta": eta,
+        "t_next": 1.1,
+        "guidance_scale": 4.0,
+    }
     for step, want in hand.items():
         got = _call(step, ref, t, dict(p, sigma_next=1.2) if step == "cm" else p)
         assert got.item() == pytest.approx(want, rel=1e-13, abs=1e-14), step
@@ -114,7 +134,7 @@ def test_reference_cfg_rescale_matches_hand_computation():
 
     def std(v):
         mean = sum(v) / len(v)
-        return math.sqrt(sum((a - mean)**2 for a in v) / (len(v) - 1))
+        return math.sqrt(sum((a - mean) ** 2 for a in v) / (len(v) - 1))
 
     factor = phi * std(cond[0].tolist()) / std(guided) + 1 - phi
     got = ref.cfg(cond, uncond, w, guidance_rescale=phi)
@@ -125,8 +145,9 @@ def test_reference_sigma_next_zero_is_denoised():
     x, d, e = (torch.randn(2, 6, dtype=torch.float64) for _ in range(3))
     torch.testing.assert_close(ref.euler_step(x, d, 1.3, 0.0), d, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(ref.heun_step(x, d, 1.3, 0.0, denoised_next=e), d, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(ref.dpmpp_2m_step(x, d, 1.3, 0.0, old_denoised=e, sigma_prev=2.0), d,
-                               rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(
+        ref.dpmpp_2m_step(x, d, 1.3, 0.0, old_denoised=e, sigma_prev=2.0), d, rtol=1e-15, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -136,12 +157,13 @@ def test_reference_gradcheck_and_forward_ad(step):
     names = list(t) + list(p)
 
     def fn(*values):
-        return _call(step, ref, dict(zip(names, values[:len(t)])), dict(zip(names[len(t):], values[len(t):])))
+        return _call(step, ref, dict(zip(names, values[: len(t)])), dict(zip(names[len(t) :], values[len(t) :])))
 
     assert torch.autograd.gradcheck(fn, tuple(t.values()) + tuple(p.values()), check_forward_ad=True)
 
 
 # ---- the Triton path against the reference ---------------------------------------------------
+
 
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -217,7 +239,7 @@ def test_jvp_matches_reference(backend, step, dtype):
     names = list(t) + list(p)
 
     def make(mod):
-        return lambda *v: _call(step, mod, dict(zip(names, v[:len(t)])), dict(zip(names[len(t):], v[len(t):])))
+        return lambda *v: _call(step, mod, dict(zip(names, v[: len(t)])), dict(zip(names[len(t) :], v[len(t) :])))
 
     primals = tuple(t.values()) + tuple(p.values())
     tangents = tuple(t_dot.values()) + tuple(p_dot.values())
@@ -245,6 +267,7 @@ def test_jvp_of_rescaled_cfg_float64(backend):
 def test_forward_ad_dual_tensors(backend):
     backend("triton")
     import torch.autograd.forward_ad as fwAD
+
     d, z, dd = randn(3, 70), randn(3, 70), randn(3, 70)
     _, want = torch.func.jvp(lambda a: ref.cm_step(a, 0.8, noise=to64(z)), (to64(d),), (to64(dd),))
     with fwAD.dual_level(), torch.no_grad():
@@ -258,11 +281,11 @@ def test_double_backward_through_a_step(backend):
     x = randn(2, 13, requires_grad=True)
     d = randn(2, 13)
     sigma = (torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
-    g, = torch.autograd.grad(fast.euler_step(x, d, sigma, 0.2).square().sum(), sigma, create_graph=True)
-    got, = torch.autograd.grad(g.sum(), x)
+    (g,) = torch.autograd.grad(fast.euler_step(x, d, sigma, 0.2).square().sum(), sigma, create_graph=True)
+    (got,) = torch.autograd.grad(g.sum(), x)
     x64, s64 = to64(x), to64(sigma.detach()).requires_grad_()
-    g64, = torch.autograd.grad(ref.euler_step(x64, to64(d), s64, 0.2).square().sum(), s64, create_graph=True)
-    want, = torch.autograd.grad(g64.sum(), x64)
+    (g64,) = torch.autograd.grad(ref.euler_step(x64, to64(d), s64, 0.2).square().sum(), s64, create_graph=True)
+    (want,) = torch.autograd.grad(g64.sum(), x64)
     assert_close(got, want, torch.float32)
 
 
@@ -272,13 +295,14 @@ def test_gradient_of_in_kernel_noise_scale(backend):
     d = randn(2, 3000)
     sigma_next = torch.tensor([0.7, 1.3], dtype=torch.float64, device=DEVICE, requires_grad=True)
     out = fast.cm_step(d, sigma_next, seed=5)
-    got, = torch.autograd.grad(out.sum(), sigma_next)
-    z = (out - d).double() / torch.sqrt(sigma_next.detach()**2 - 0.002**2)[:, None]
-    want = (z * (sigma_next.detach() / torch.sqrt(sigma_next.detach()**2 - 0.002**2))[:, None]).sum(1)
+    (got,) = torch.autograd.grad(out.sum(), sigma_next)
+    z = (out - d).double() / torch.sqrt(sigma_next.detach() ** 2 - 0.002**2)[:, None]
+    want = (z * (sigma_next.detach() / torch.sqrt(sigma_next.detach() ** 2 - 0.002**2))[:, None]).sum(1)
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4 * math.sqrt(3000))
 
 
 # ---- heun / dpm branches, out=, backends -----------------------------------------------------
+
 
 def test_heun_at_sigma_next_zero_is_euler(backend):
     backend("triton")
@@ -329,6 +353,7 @@ def test_torch_compile_matches_eager(backend):
 
 
 # ---- in-kernel noise -------------------------------------------------------------------------
+
 
 def _noise(shape, **kwargs):
     """z itself: trigflow_step(0, π/2, σd=1) = sin(π/2)·z = z exactly."""
@@ -389,47 +414,110 @@ def test_stochastic_steps_scale_noise(backend):
 
 # ---- bad input --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 4), 1.0, 0.5), ValueError,
-     r"euler_step: denoised has shape \(2, 4\) but x has shape \(2, 3\)"),
-    (lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 3).half(), 1.0, 0.5), TypeError,
-     r"denoised has dtype torch.float16 but x has dtype torch.float32"),
-    (lambda: fast.euler_step(torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), 1.0, 0.5),
-     TypeError, r"x has dtype torch.int32; supported: float32, bfloat16, float16, float64"),
-    (lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 3), 0.0, 0.5), ValueError,
-     r"euler_step: sigma=0.0 is not supported; expected > 0"),
-    (lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 3), torch.ones(3), 0.5), ValueError,
-     r"sigma has shape \(3,\); expected a scalar or 2 per-sample values"),
-    (lambda: fast.heun_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, -0.1), ValueError,
-     r"heun_step: sigma_next=-0.1 is not supported; expected >= 0"),
-    (lambda: fast.dpmpp_2m_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, old_denoised=torch.randn(2, 3)),
-     ValueError, r"old_denoised and sigma_prev go together"),
-    (lambda: fast.dpmpp_2m_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, old_denoised=torch.randn(2, 3),
-                                sigma_prev=1.0), ValueError, r"sigma_prev=1.0 equals sigma"),
-    (lambda: fast.ddim_step(torch.randn(2, 3), torch.randn(2, 3), 0.3, 0.6, eta=-1.0), ValueError,
-     r"ddim_step: eta=-1.0 is not supported; expected >= 0"),
-    (lambda: fast.ddim_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.6), ValueError,
-     r"alpha_bar=1.0 is not supported; expected > 0 and < 1"),
-    (lambda: fast.cm_step(torch.randn(2, 3), 0.001, sigma_min=0.002), ValueError,
-     r"cm_step: sigma_next=0.001 is not supported; expected >= sigma_min=0.002"),
-    (lambda: fast.cm_step(torch.randn(2, 3), 1.0, noise=torch.randn(2, 4)), ValueError,
-     r"noise has shape \(2, 4\) but denoised has shape \(2, 3\)"),
-    (lambda: fast.cm_step(torch.randn(2, 3), 1.0, seed=-1), ValueError,
-     r"seed=-1 is not supported; expected an int in \[0, 2\*\*63\) or None"),
-    (lambda: fast.cm_step(torch.randn(2, 3), 1.0, seed=1, generator=torch.Generator()), ValueError,
-     r"pass seed or generator, not both"),
-    (lambda: fast.trigflow_step(torch.randn(2, 3), 1.0, generator=3), TypeError,
-     r"generator must be a torch.Generator or None, got int"),
-    (lambda: fast.trigflow_step(torch.randn(2, 3), 1.0, offset=-5), ValueError,
-     r"offset=-5 is not supported; expected an int >= 0"),
-    (lambda: fast.trigflow_step(torch.randn(2, 3), "1.0"), TypeError, r"t_next must be a float, a 0-d tensor"),
-    (lambda: fast.cfg(torch.randn(2, 3), torch.randn(2, 3), 3.0, guidance_rescale=-0.5), ValueError,
-     r"cfg: guidance_rescale=-0.5 is not supported; expected >= 0"),
-    (lambda: fast.cfg(torch.randn(2, 3), torch.randn(2, 3), 3.0, out=torch.empty(2, 3, dtype=torch.float64)),
-     TypeError, r"out has dtype torch.float64 but eps_cond has dtype torch.float32"),
-    (lambda: fast.euler_step(torch.randn(()), torch.randn(()), 1.0, 0.5), ValueError,
-     r"x must have at least 1 dimension\(s\), got shape \(\)"),
-])
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 4), 1.0, 0.5),
+            ValueError,
+            r"euler_step: denoised has shape \(2, 4\) but x has shape \(2, 3\)",
+        ),
+        (
+            lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 3).half(), 1.0, 0.5),
+            TypeError,
+            r"denoised has dtype torch.float16 but x has dtype torch.float32",
+        ),
+        (
+            lambda: fast.euler_step(torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), 1.0, 0.5),
+            TypeError,
+            r"x has dtype torch.int32; supported: float32, bfloat16, float16, float64",
+        ),
+        (
+            lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 3), 0.0, 0.5),
+            ValueError,
+            r"euler_step: sigma=0.0 is not supported; expected > 0",
+        ),
+        (
+            lambda: fast.euler_step(torch.randn(2, 3), torch.randn(2, 3), torch.ones(3), 0.5),
+            ValueError,
+            r"sigma has shape \(3,\); expected a scalar or 2 per-sample values",
+        ),
+        (
+            lambda: fast.heun_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, -0.1),
+            ValueError,
+            r"heun_step: sigma_next=-0.1 is not supported; expected >= 0",
+        ),
+        (
+            lambda: fast.dpmpp_2m_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, old_denoised=torch.randn(2, 3)),
+            ValueError,
+            r"old_denoised and sigma_prev go together",
+        ),
+        (
+            lambda: fast.dpmpp_2m_step(
+                torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.5, old_denoised=torch.randn(2, 3), sigma_prev=1.0
+            ),
+            ValueError,
+            r"sigma_prev=1.0 equals sigma",
+        ),
+        (
+            lambda: fast.ddim_step(torch.randn(2, 3), torch.randn(2, 3), 0.3, 0.6, eta=-1.0),
+            ValueError,
+            r"ddim_step: eta=-1.0 is not supported; expected >= 0",
+        ),
+        (
+            lambda: fast.ddim_step(torch.randn(2, 3), torch.randn(2, 3), 1.0, 0.6),
+            ValueError,
+            r"alpha_bar=1.0 is not supported; expected > 0 and < 1",
+        ),
+        (
+            lambda: fast.cm_step(torch.randn(2, 3), 0.001, sigma_min=0.002),
+            ValueError,
+            r"cm_step: sigma_next=0.001 is not supported; expected >= sigma_min=0.002",
+        ),
+        (
+            lambda: fast.cm_step(torch.randn(2, 3), 1.0, noise=torch.randn(2, 4)),
+            ValueError,
+            r"noise has shape \(2, 4\) but denoised has shape \(2, 3\)",
+        ),
+        (
+            lambda: fast.cm_step(torch.randn(2, 3), 1.0, seed=-1),
+            ValueError,
+            r"seed=-1 is not supported; expected an int in \[0, 2\*\*63\) or None",
+        ),
+        (
+            lambda: fast.cm_step(torch.randn(2, 3), 1.0, seed=1, generator=torch.Generator()),
+            ValueError,
+            r"pass seed or generator, not both",
+        ),
+        (
+            lambda: fast.trigflow_step(torch.randn(2, 3), 1.0, generator=3),
+            TypeError,
+            r"generator must be a torch.Generator or None, got int",
+        ),
+        (
+            lambda: fast.trigflow_step(torch.randn(2, 3), 1.0, offset=-5),
+            ValueError,
+            r"offset=-5 is not supported; expected an int >= 0",
+        ),
+        (lambda: fast.trigflow_step(torch.randn(2, 3), "1.0"), TypeError, r"t_next must be a float, a 0-d tensor"),
+        (
+            lambda: fast.cfg(torch.randn(2, 3), torch.randn(2, 3), 3.0, guidance_rescale=-0.5),
+            ValueError,
+            r"cfg: guidance_rescale=-0.5 is not supported; expected >= 0",
+        ),
+        (
+            lambda: fast.cfg(torch.randn(2, 3), torch.randn(2, 3), 3.0, out=torch.empty(2, 3, dtype=torch.float64)),
+            TypeError,
+            r"out has dtype torch.float64 but eps_cond has dtype torch.float32",
+        ),
+        (
+            lambda: fast.euler_step(torch.randn(()), torch.randn(()), 1.0, 0.5),
+            ValueError,
+            r"x must have at least 1 dimension\(s\), got shape \(\)",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

@@ -10,6 +10,7 @@ from helpers import DEVICE, randn, to64
 def _linear(weight, bias):
     def f(x, t):
         return x @ weight + t.reshape(-1, 1) * bias
+
     return f
 
 
@@ -17,8 +18,9 @@ def _linear(weight, bias):
 def test_fd_tangent_of_a_linear_function_is_exact(scheme):
     weight, bias = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     x, dx = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    got = fastcm.fd_tangent(_linear(weight, bias), x, torch.tensor([0.2, 0.7, 1.3], dtype=torch.float64), dx,
-                            eps=0.1, scheme=scheme)
+    got = fastcm.fd_tangent(
+        _linear(weight, bias), x, torch.tensor([0.2, 0.7, 1.3], dtype=torch.float64), dx, eps=0.1, scheme=scheme
+    )
     torch.testing.assert_close(got, dx @ weight + bias, rtol=1e-12, atol=1e-12)
 
 
@@ -47,8 +49,11 @@ def test_fd_tangent_matches_the_jvp_of_a_smooth_network(backend):
     x, dx, t = randn(4, 7), randn(4, 7), torch.rand(4, device=DEVICE) + 0.2
     with torch.no_grad():
         got = fastcm.fd_tangent(f, x, t, dx, eps=1e-3)
-    _, want = torch.func.jvp(lambda a, s: torch.tanh(a @ to64(weight)) * torch.cos(s).reshape(-1, 1),
-                             (to64(x), to64(t)), (to64(dx), torch.ones(4, dtype=torch.float64)))
+    _, want = torch.func.jvp(
+        lambda a, s: torch.tanh(a @ to64(weight)) * torch.cos(s).reshape(-1, 1),
+        (to64(x), to64(t)),
+        (to64(dx), torch.ones(4, dtype=torch.float64)),
+    )
     assert (got.double().cpu() - want).abs().max() < 1e-4
 
 
@@ -64,7 +69,7 @@ def test_check_jvp_accepts_a_correct_rule_and_flags_a_wrong_one():
 
         @staticmethod
         def jvp(ctx, x_t):
-            x, = ctx.saved_tensors
+            (x,) = ctx.saved_tensors
             return x.sin() * x_t  # the rule should use cos
 
     x, dx = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
@@ -78,20 +83,33 @@ def test_check_jvp_on_fastcm_precondition(backend):
     backend("triton")
     x, f, dx, df = (randn(2, 33, dtype=torch.float64) for _ in range(4))
     t, dt = torch.tensor([0.3, 1.1], dtype=torch.float64), torch.tensor([1.0, -0.5], dtype=torch.float64)
-    errors = fastcm.check_jvp(lambda a, b, s: fastcm.precondition(a, b, s, param="trigflow"), (x, f, t),
-                              (dx, df, dt), eps=1e-5)
+    errors = fastcm.check_jvp(
+        lambda a, b, s: fastcm.precondition(a, b, s, param="trigflow"), (x, f, t), (dx, df, dt), eps=1e-5
+    )
     assert errors[0] < 1e-8
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fastcm.fd_tangent(lambda x, t: x, torch.randn(2, 3), 0.5, torch.randn(2, 3), scheme="five"),
-     ValueError, r"scheme='five' is not supported"),
-    (lambda: fastcm.fd_tangent(lambda x, t: x, torch.randn(2, 3), 0.5, torch.randn(2, 3), eps=0.0),
-     ValueError, r"eps=0.0 is not supported"),
-    (lambda: fastcm.fd_tangent(lambda x, t: x[:2], torch.randn(2, 3), 0.5, torch.randn(2, 3)),
-     ValueError, r"f must return a tensor with 2B = 4 samples"),
-    (lambda: fastcm.check_jvp(torch.sin, (torch.randn(2),), ()), ValueError, r"1 primals but 0 tangents"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fastcm.fd_tangent(lambda x, t: x, torch.randn(2, 3), 0.5, torch.randn(2, 3), scheme="five"),
+            ValueError,
+            r"scheme='five' is not supported",
+        ),
+        (
+            lambda: fastcm.fd_tangent(lambda x, t: x, torch.randn(2, 3), 0.5, torch.randn(2, 3), eps=0.0),
+            ValueError,
+            r"eps=0.0 is not supported",
+        ),
+        (
+            lambda: fastcm.fd_tangent(lambda x, t: x[:2], torch.randn(2, 3), 0.5, torch.randn(2, 3)),
+            ValueError,
+            r"f must return a tensor with 2B = 4 samples",
+        ),
+        (lambda: fastcm.check_jvp(torch.sin, (torch.randn(2),), ()), ValueError, r"1 primals but 0 tangents"),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()

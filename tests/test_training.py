@@ -38,8 +38,13 @@ def test_step_matches_the_algorithm_written_out(backend, explicit):
     y = torch.tensor([0, 2, 3], device=DEVICE)
     calls = []
     network = model if explicit else _NoExplicitTangent(model)
-    step = SCMStep(network, torch.optim.SGD(network.parameters(), lr=0.1), warmup_steps=4,
-                   ema_update=calls.append, generator=torch.Generator(DEVICE).manual_seed(7))
+    step = SCMStep(
+        network,
+        torch.optim.SGD(network.parameters(), lr=0.1),
+        warmup_steps=4,
+        ema_update=calls.append,
+        generator=torch.Generator(DEVICE).manual_seed(7),
+    )
     losses = [step(x0, y) for _ in range(2)]
     assert calls == [network, network] and step.step_count == 2
     backend("reference")
@@ -59,9 +64,11 @@ def _reference_step(model, x0, y, generator, r, sigma_data=0.5, lr=0.1):
     x_t = torch.cos(tv) * x0 + torch.sin(tv) * z
     dx_dt = torch.cos(tv) * z - torch.sin(tv) * x0
     with torch.no_grad():
-        F_minus, F_jvp = torch.func.jvp(lambda a, s: model(a, s, y), (x_t / sigma_data, t),
-                                        (torch.cos(tv) * torch.sin(tv) * dx_dt / sigma_data,
-                                         torch.cos(t) * torch.sin(t)))
+        F_minus, F_jvp = torch.func.jvp(
+            lambda a, s: model(a, s, y),
+            (x_t / sigma_data, t),
+            (torch.cos(tv) * torch.sin(tv) * dx_dt / sigma_data, torch.cos(t) * torch.sin(t)),
+        )
     loss = ref_scm_loss(model(x_t / sigma_data, t, y), F_minus, F_jvp, x_t, dx_dt, t, sigma_data=sigma_data, r=r)
     model.zero_grad()
     loss.backward()
@@ -76,8 +83,9 @@ def test_logvar_weight_is_trained():
     model = _dit()
     logvar = torch.nn.Linear(1, 1).to(DEVICE, torch.float64)
     params = list(model.parameters()) + list(logvar.parameters())
-    step = SCMStep(model, torch.optim.SGD(params, lr=0.1), warmup_steps=0,
-                   logvar=lambda t: logvar(t.double()[:, None])[:, 0])
+    step = SCMStep(
+        model, torch.optim.SGD(params, lr=0.1), warmup_steps=0, logvar=lambda t: logvar(t.double()[:, None])[:, 0]
+    )
     before = logvar.weight.detach().clone()
     loss = step(torch.randn(2, 2, 4, 4, dtype=torch.float64, device=DEVICE))
     assert torch.isfinite(loss) and not torch.equal(logvar.weight, before)

@@ -32,10 +32,11 @@ def _worker(rank, world, port, causal, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        q, k, v, q_t, k_t, v_t, grad_out = (t[:, :, rank * CHUNK:(rank + 1) * CHUNK] for t in _full_inputs(world))
+        q, k, v, q_t, k_t, v_t, grad_out = (t[:, :, rank * CHUNK : (rank + 1) * CHUNK] for t in _full_inputs(world))
         out, out_t = fd.ulysses_attention_jvp(q, k, v, q_t, k_t, v_t, causal=causal)
-        _, func_out_t = torch.func.jvp(lambda a, b, c: fd.ulysses_attention(a, b, c, causal=causal),
-                                       (q, k, v), (q_t, k_t, v_t))
+        _, func_out_t = torch.func.jvp(
+            lambda a, b, c: fd.ulysses_attention(a, b, c, causal=causal), (q, k, v), (q_t, k_t, v_t)
+        )
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         (fd.ulysses_attention(*leaves, causal=causal) * grad_out).sum().backward()
         results[rank] = [out, out_t, func_out_t] + [t.grad for t in leaves]
@@ -60,8 +61,11 @@ def test_ulysses_attention_matches_single_process(causal):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     (fa.attention(*leaves, causal=causal) * grad_out).sum().backward()
     gathered = [torch.cat([results[r][i] for r in range(world)], dim=2) for i in range(6)]
-    for name, got, want in zip(("out", "out_t", "torch.func.jvp out_t", "dq", "dk", "dv"), gathered,
-                               [out, out_t, out_t] + [t.grad for t in leaves]):
+    for name, got, want in zip(
+        ("out", "out_t", "torch.func.jvp out_t", "dq", "dk", "dv"),
+        gathered,
+        [out, out_t, out_t] + [t.grad for t in leaves],
+    ):
         assert_close(got, want, torch.float64, name=name)
 
 

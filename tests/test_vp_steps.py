@@ -5,19 +5,26 @@ import diffusers
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 from fastcm import steps
 from fastcm import vp_steps as fast
 from fastcm.reference import vp_steps as ref
+from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 STEPS = ["lcm", "tcd", "ddpm"]
-RANGES = {"alpha_bar": (0.1, 0.3), "alpha_bar_next": (0.4, 0.6), "alpha_bar_s": (0.7, 0.9), "c_skip": (0.0, 0.2),
-          "c_out": (0.8, 1.0)}
-PARAMS = {"lcm": ("alpha_bar", "alpha_bar_next", "c_skip", "c_out"), "tcd": ("alpha_bar", "alpha_bar_s",
-                                                                              "alpha_bar_next"),
-          "ddpm": ("alpha_bar", "alpha_bar_next")}
+RANGES = {
+    "alpha_bar": (0.1, 0.3),
+    "alpha_bar_next": (0.4, 0.6),
+    "alpha_bar_s": (0.7, 0.9),
+    "c_skip": (0.0, 0.2),
+    "c_out": (0.8, 1.0),
+}
+PARAMS = {
+    "lcm": ("alpha_bar", "alpha_bar_next", "c_skip", "c_out"),
+    "tcd": ("alpha_bar", "alpha_bar_s", "alpha_bar_next"),
+    "ddpm": ("alpha_bar", "alpha_bar_next"),
+}
 
 
 def _call(step, mod, x, m, z, p, prediction_type="epsilon", **extra):
@@ -67,8 +74,9 @@ def test_reference_matches_diffusers_step(name, prediction_type):
         ab, ab_next = scheduler.alphas_cumprod[t].item(), scheduler.alphas_cumprod[t_next].item()
         if name == "LCMScheduler":
             c_skip, c_out = (c.item() for c in scheduler.get_scalings_for_boundary_condition_discrete(t))
-            got = ref.lcm_step(sample, output, ab, ab_next, c_skip=c_skip, c_out=c_out,
-                               prediction_type=prediction_type, noise=noise)
+            got = ref.lcm_step(
+                sample, output, ab, ab_next, c_skip=c_skip, c_out=c_out, prediction_type=prediction_type, noise=noise
+            )
         elif name == "TCDScheduler":
             ab_s = scheduler.alphas_cumprod[int((1 - 0.4) * t_next)].item()
             got = ref.tcd_step(sample, output, ab, ab_s, ab_next, prediction_type=prediction_type, noise=noise)
@@ -90,8 +98,9 @@ def test_forward_matches_reference(backend, step, prediction_type, dtype):
     with poisoned_empty():
         out = _call(step, fast, x, m, z, p, prediction_type)
     assert out.dtype == dtype
-    assert_close(out, _call(step, ref, to64(x), to64(m), to64(z), {k: to64(v) for k, v in p.items()},
-                            prediction_type), dtype)
+    assert_close(
+        out, _call(step, ref, to64(x), to64(m), to64(z), {k: to64(v) for k, v in p.items()}, prediction_type), dtype
+    )
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -139,23 +148,41 @@ def test_out_in_place(backend):
     assert torch.equal(target, want)
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fast.lcm_step(torch.randn(2, 3), torch.randn(2, 3), 1.5, 0.5, c_skip=0.0, c_out=1.0), ValueError,
-     r"lcm_step: alpha_bar=1.5 is not supported; expected a cumulative alpha in \(0, 1\]"),
-    (lambda: fast.ddpm_step(torch.randn(2, 3), torch.randn(2, 3), 0.2, 0.5, prediction_type="flow"), ValueError,
-     r"ddpm_step: prediction_type='flow' is not supported"),
-    (lambda: fast.tcd_step(torch.randn(2, 3), torch.randn(2, 4), 0.2, 0.8, 0.5), ValueError,
-     r"model_output has shape \(2, 4\) but x has shape \(2, 3\)"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fast.lcm_step(torch.randn(2, 3), torch.randn(2, 3), 1.5, 0.5, c_skip=0.0, c_out=1.0),
+            ValueError,
+            r"lcm_step: alpha_bar=1.5 is not supported; expected a cumulative alpha in \(0, 1\]",
+        ),
+        (
+            lambda: fast.ddpm_step(torch.randn(2, 3), torch.randn(2, 3), 0.2, 0.5, prediction_type="flow"),
+            ValueError,
+            r"ddpm_step: prediction_type='flow' is not supported",
+        ),
+        (
+            lambda: fast.tcd_step(torch.randn(2, 3), torch.randn(2, 4), 0.2, 0.8, 0.5),
+            ValueError,
+            r"model_output has shape \(2, 4\) but x has shape \(2, 3\)",
+        ),
+    ],
+)
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
 
 
-@pytest.mark.parametrize("name, loop, options", [
-    ("LCMScheduler", "sample_lcm", {}), ("LCMScheduler", "sample_lcm", {"prediction_type": "v_prediction"}),
-    ("TCDScheduler", "sample_tcd", {"gamma": 0.3}), ("TCDScheduler", "sample_tcd", {"gamma": 0.0}),
-    ("DDPMScheduler", "sample_ddpm", {"prediction_type": "sample"})])
+@pytest.mark.parametrize(
+    "name, loop, options",
+    [
+        ("LCMScheduler", "sample_lcm", {}),
+        ("LCMScheduler", "sample_lcm", {"prediction_type": "v_prediction"}),
+        ("TCDScheduler", "sample_tcd", {"gamma": 0.3}),
+        ("TCDScheduler", "sample_tcd", {"gamma": 0.0}),
+        ("DDPMScheduler", "sample_ddpm", {"prediction_type": "sample"}),
+    ],
+)
 @pytest.mark.parametrize("name_backend", ["reference", "triton"])
 def test_loops_match_diffusers_loops(backend, name, loop, options, name_backend):
     """fastcm's loop and diffusers' scheduler loop on the same model and the same noise (drawn from equal
@@ -183,8 +210,15 @@ def test_loops_match_diffusers_loops(backend, name, loop, options, name_backend)
     mine = torch.Generator().manual_seed(1)
     seen = []
     got = getattr(sampling, loop)(
-        model, x, scheduler.alphas_cumprod, scheduler.timesteps, {"shift": 0.1}, seen.append, **options,
-        noise_sampler=lambda t, t_next: randn_tensor(x.shape, generator=mine, dtype=x.dtype))
+        model,
+        x,
+        scheduler.alphas_cumprod,
+        scheduler.timesteps,
+        {"shift": 0.1},
+        seen.append,
+        **options,
+        noise_sampler=lambda t, t_next: randn_tensor(x.shape, generator=mine, dtype=x.dtype),
+    )
     assert_close(got, want, torch.float32)
     assert [s["i"] for s in seen] == list(range(len(scheduler.timesteps)))
     assert torch.equal(seen[0]["x"], x)

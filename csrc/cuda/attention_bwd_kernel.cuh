@@ -29,25 +29,31 @@ namespace attn {
 
 // Strides in elements; the same alignment / multiple-of-8 guarantees as FwdParams.
 struct BwdParams {
-  const void* q; const void* k; const void* v; const void* dout; const void* out;
-  const void* bias;                                       // may be null
-  const float* lse;                                       // (B, H, Nq) contiguous, natural log
-  const float* grad_lse;                                  // (B, H, Nq) contiguous, or null
-  float* delta;                                           // (B, H, Nq) contiguous scratch
-  void* dq; void* dk; void* dv;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;
+  const void* out;
+  const void* bias;       // may be null
+  const float* lse;       // (B, H, Nq) contiguous, natural log
+  const float* grad_lse;  // (B, H, Nq) contiguous, or null
+  float* delta;           // (B, H, Nq) contiguous scratch
+  void* dq;
+  void* dk;
+  void* dv;
 
   int64_t q_sb, q_sh, q_sn;
   int64_t k_sb, k_sh, k_sn;
   int64_t v_sb, v_sh, v_sn;
   int64_t do_sb, do_sh, do_sn;
   int64_t o_sb, o_sh, o_sn;
-  int64_t b_sb, b_sh, b_sm, b_sn;                         // bias strides (0 allowed)
+  int64_t b_sb, b_sh, b_sm, b_sn;  // bias strides (0 allowed)
   int64_t dq_sb, dq_sh, dq_sn;
   int64_t dk_sb, dk_sh, dk_sn;
   int64_t dv_sb, dv_sh, dv_sn;
 
   int B, H, Hkv, Nq, Nk;
-  int d_qk, d_v;            // actual head dims (multiples of 8, ≤ kD; the delta kernel: any multiple of 8)
+  int d_qk, d_v;  // actual head dims (multiples of 8, ≤ kD; the delta kernel: any multiple of 8)
   float scale, scale_log2;
   int causal;
   int bias_is_f32;
@@ -60,12 +66,12 @@ template <typename T_, int kD_, bool kKeyMajor_>
 struct BwdTraits {
   using T = T_;
   static constexpr int kD = kD_;
-  static constexpr bool kKeyMajor = kKeyMajor_;           // true: the dkdv kernel
+  static constexpr bool kKeyMajor = kKeyMajor_;  // true: the dkdv kernel
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBM = (kKeyMajor && kD > 64) ? 32 : 64;
   static constexpr int kBN = 64;
-  static constexpr int kStride = kD + 8;                  // +16 B per row: conflict-free ldmatrix
+  static constexpr int kStride = kD + 8;  // +16 B per row: conflict-free ldmatrix
   // dq: Q, dO once + 2 stages of (K, V). dkdv: K, V once + 2 stages of (Q, dO) + LSE, δ rows.
   static constexpr int kOnceRows = kKeyMajor ? kBN : kBM;
   static constexpr int kStageRows = kKeyMajor ? kBM : kBN;
@@ -76,11 +82,14 @@ struct BwdTraits {
   static_assert(kD % 16 == 0 && kBM % 16 == 0 && kBN % 16 == 0, "mma k-steps are 16 wide");
 };
 
-template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t x);
-template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
   return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
 }
-template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
   return __half22float2(*reinterpret_cast<__half2*>(&x));
 }
 
@@ -219,9 +228,9 @@ __device__ __forceinline__ void dq_scores_to_ds(float (&s)[kNT][4], const float 
 // keys), read only if has_bias.
 template <int kNT>
 __device__ __forceinline__ void dkdv_scores_to_ds(float (&st)[kNT][4], float (&dpt)[kNT][4], const BwdParams& p,
-                                                  bool has_bias, const float* sBias, int bias_cols,
-                                                  const float* sLse, const float* sDelta, int key_in_cta, int m0,
-                                                  int n0, int cta_keys, int c) {
+                                                  bool has_bias, const float* sBias, int bias_cols, const float* sLse,
+                                                  const float* sDelta, int key_in_cta, int m0, int n0, int cta_keys,
+                                                  int c) {
   const int off = p.Nk - p.Nq;
   const bool need_mask = (n0 + cta_keys > p.Nk) || (p.causal && (n0 + cta_keys - 1 > m0 + off));
 #pragma unroll
@@ -298,7 +307,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBM * kS;
-  T* sKV = sdO + kBM * kS;                               // stage s: K at sKV + 2s·kBN·kS, then V
+  T* sKV = sdO + kBM * kS;  // stage s: K at sKV + 2s·kBN·kS, then V
   float* sBias = reinterpret_cast<float*>(smem_raw + Tr::kSmemBytes);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -332,8 +341,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const Bw
     const int stage = tile & 1;
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
-    if (has_bias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                 p.bias_is_f32, kLog2e, tid);
+    if (has_bias)
+      stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32, kLog2e, tid);
     cp_async_wait<1>();
     __syncthreads();
     const T* sK = sKV + stage * 2 * kBN * kS;
@@ -402,7 +411,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * kS;
-  T* sQdO = sV + kBN * kS;                               // stage s: Q at sQdO + 2s·kBM·kS, then dO
+  T* sQdO = sV + kBN * kS;  // stage s: Q at sQdO + 2s·kBM·kS, then dO
   float* sLse = reinterpret_cast<float*>(smem_raw + Tr::kSmemElems * sizeof(T));
   float* sDelta = sLse + kBM;
   float* sBias = reinterpret_cast<float*>(smem_raw + Tr::kSmemBytes);
@@ -447,8 +456,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
       sLse[tid] = i < p.Nq ? lse_log2(p, li) : INFINITY;
       sDelta[tid] = i < p.Nq ? p.delta[li] : 0.f;
     }
-    if (has_bias) stage_bias<Tr>(sBias, p.bias, (int64_t)b * p.b_sb + (int64_t)h * p.b_sh, p.b_sm, p.b_sn,
-                                 m0, n0, p.Nq, p.Nk, p.bias_is_f32, kLog2e, tid);
+    if (has_bias)
+      stage_bias<Tr>(sBias, p.bias, (int64_t)b * p.b_sb + (int64_t)h * p.b_sh, p.b_sm, p.b_sn, m0, n0, p.Nq, p.Nk,
+                     p.bias_is_f32, kLog2e, tid);
     cp_async_wait<1>();
     __syncthreads();
     const T* sQ = sQdO + stage * 2 * kBM * kS;
@@ -516,10 +526,14 @@ inline int bwd_smem_bytes(int kd, bool has_bias) {
                     Dkv::kSmemBytes + (has_bias ? Dkv::kBiasBytes : 0));
   };
   switch (kd) {
-    case 32: return need(BwdTraits<__half, 32, false>{}, BwdTraits<__half, 32, true>{});
-    case 64: return need(BwdTraits<__half, 64, false>{}, BwdTraits<__half, 64, true>{});
-    case 96: return need(BwdTraits<__half, 96, false>{}, BwdTraits<__half, 96, true>{});
-    default: return need(BwdTraits<__half, 128, false>{}, BwdTraits<__half, 128, true>{});
+    case 32:
+      return need(BwdTraits<__half, 32, false>{}, BwdTraits<__half, 32, true>{});
+    case 64:
+      return need(BwdTraits<__half, 64, false>{}, BwdTraits<__half, 64, true>{});
+    case 96:
+      return need(BwdTraits<__half, 96, false>{}, BwdTraits<__half, 96, true>{});
+    default:
+      return need(BwdTraits<__half, 128, false>{}, BwdTraits<__half, 128, true>{});
   }
 }
 

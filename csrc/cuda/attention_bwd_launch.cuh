@@ -43,10 +43,18 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
 template <typename T>
 void launch_bwd_dispatch(const BwdParams& p, int kd, cudaStream_t stream) {
   switch (kd) {
-    case 32: launch_bwd<T, 32>(p, stream); return;
-    case 64: launch_bwd<T, 64>(p, stream); return;
-    case 96: launch_bwd<T, 96>(p, stream); return;
-    case 128: launch_bwd<T, 128>(p, stream); return;
+    case 32:
+      launch_bwd<T, 32>(p, stream);
+      return;
+    case 64:
+      launch_bwd<T, 64>(p, stream);
+      return;
+    case 96:
+      launch_bwd<T, 96>(p, stream);
+      return;
+    case 128:
+      launch_bwd<T, 128>(p, stream);
+      return;
     default:
       TORCH_CHECK(false, "fastcm attention backward (CUDA): padded head dim ", kd, " is not one of 32, 64, 96, 128");
   }

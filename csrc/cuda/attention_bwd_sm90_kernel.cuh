@@ -11,8 +11,8 @@
 //         dV += Pᵀ·dO, dK += dSᵀ·Q  RS (dO, Q read MN-major)
 // Padded head dim kD ∈ {64, 128} (D_qk, D_v both padded to it). kBias: the kernels stage an fp32 bias
 // tile per step as the mma.sync ones do (stage_bias, between the ring's barriers); a separate
-// instantiation, so unbiased calls carry no bias reads. Accumulators per thread at kD = 128: dK, dV 64 + 64 (dQ: 64), Sᵀ,
-// dPᵀ 32 + 32, the packed operands 16 + 16: the register budget of the cp.async forward's d 128 JVP.
+// instantiation, so unbiased calls carry no bias reads. Accumulators per thread at kD = 128: dK, dV 64 + 64 (dQ: 64),
+// Sᵀ, dPᵀ 32 + 32, the packed operands 16 + 16: the register budget of the cp.async forward's d 128 JVP.
 #pragma once
 
 #include "attention_bwd_kernel.cuh"
@@ -37,7 +37,7 @@ struct BwdSm90Traits {
   static constexpr int kBM = kKeyMajor ? kTileRows : kOwnRows, kBN = kKeyMajor ? kOwnRows : kTileRows;
   static constexpr int kBiasBytes = kBias ? kBM * kBN * 4 : 0;
   static constexpr int kStages = 2;
-  static constexpr int kStageBytes = 2 * kTileBytes;   // K, V (dQ) or Q, dO (dK/dV)
+  static constexpr int kStageBytes = 2 * kTileBytes;  // K, V (dQ) or Q, dO (dK/dV)
   // dK/dV: LSE (base 2) and δ of each stage's 64 query rows, after the ring.
   static constexpr int kRowStatBytes = kKeyMajor ? kStages * 2 * kTileRows * 4 : 0;
   // The bias tile after them; + 1024: the dynamic shared-memory base is realigned to the 1024-byte
@@ -49,9 +49,11 @@ struct BwdSm90Traits {
 // Dynamic shared memory of the larger of the two launches at padded head dim kd (64 or 128).
 inline int bwd_sm90_smem_bytes(int kd, bool has_bias) {
   if (kd == 64) {
-    return has_bias ? BwdSm90Traits<__half, 64, true, true>::kSmemBytes : BwdSm90Traits<__half, 64, true, false>::kSmemBytes;
+    return has_bias ? BwdSm90Traits<__half, 64, true, true>::kSmemBytes
+                    : BwdSm90Traits<__half, 64, true, false>::kSmemBytes;
   }
-  return has_bias ? BwdSm90Traits<__half, 128, true, true>::kSmemBytes : BwdSm90Traits<__half, 128, true, false>::kSmemBytes;
+  return has_bias ? BwdSm90Traits<__half, 128, true, true>::kSmemBytes
+                  : BwdSm90Traits<__half, 128, true, false>::kSmemBytes;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -89,11 +91,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   unsigned char* smem = swizzle_aligned(smem_raw);
   unsigned char* sQ = smem;
   unsigned char* sdO = smem + Tr::kOwnBytes;
-  unsigned char* sKV = smem + 2 * Tr::kOwnBytes;       // stage s: K at sKV + s·kStageBytes, then V
-  float* sBias = reinterpret_cast<float*>(sKV + Tr::kStages * Tr::kStageBytes);   // kBias: [kBM][kBN]
+  unsigned char* sKV = smem + 2 * Tr::kOwnBytes;  // stage s: K at sKV + s·kStageBytes, then V
+  float* sBias = reinterpret_cast<float*>(sKV + Tr::kStages * Tr::kStageBytes);  // kBias: [kBM][kBN]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);   // warp-uniform: descriptors in uniform registers
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);  // warp-uniform: descriptors in uniform registers
   const int g = lane / 4, c = lane % 4;
   const BwdDqBlock<T> blk = bwd_dq_block<T, kBM, kBN>(p);
   const int bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0, n_tiles = blk.n_tiles;
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
-  const int row_in_cta = 16 * warp + g;                // = 64·wg + 16·(warp % 4) + g
+  const int row_in_cta = 16 * warp + g;  // = 64·wg + 16·(warp % 4) + g
   float lse2[2], dlt[2];
   dq_row_stats(p, bh, m0, row_in_cta, lse2, dlt);
   float acc[kD / 8][4];
@@ -124,9 +126,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
     if (tile + 1 < n_tiles) load_kv(stage ^ 1, tile + 1);
     cp_async_commit();
     // The barrier below publishes the bias tile; the one ending the previous tile retired its readers.
-    if constexpr (Tr::kBias) stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                            p.bias_is_f32, 1.4426950408889634f, tid);
-    cp_async_wait<1>();        // everything but the group just committed has landed
+    if constexpr (Tr::kBias)
+      stage_bias<Tr>(sBias, p.bias, bias_base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
+                     1.4426950408889634f, tid);
+    cp_async_wait<1>();  // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();
     const uint32_t k_base = smem_addr(sKV + stage * Tr::kStageBytes), v_base = k_base + Tr::kTileBytes;
@@ -153,12 +156,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_sm90_kernel(
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(acc);
-    __syncthreads();           // both warpgroups are done with this stage before it is refilled
+    __syncthreads();  // both warpgroups are done with this stage before it is refilled
   }
-  cp_async_wait<0>();          // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
+  cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
   store_dq<T>(p, acc, b, h, m0, row_in_cta, c);
 #else
-  __trap();   // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
+  __trap();  // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
 #endif
 }
 
@@ -175,9 +178,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
   unsigned char* smem = swizzle_aligned(smem_raw);
   unsigned char* sK = smem;
   unsigned char* sV = smem + Tr::kOwnBytes;
-  unsigned char* sQdO = smem + 2 * Tr::kOwnBytes;      // stage s: Q at sQdO + s·kStageBytes, then dO
-  float* sStat = reinterpret_cast<float*>(sQdO + Tr::kStages * Tr::kStageBytes);   // [stage][LSE | δ][kBM]
-  float* sBias = sStat + Tr::kStages * 2 * kBM;        // kBias: [kBM][kBN]
+  unsigned char* sQdO = smem + 2 * Tr::kOwnBytes;  // stage s: Q at sQdO + s·kStageBytes, then dO
+  float* sStat = reinterpret_cast<float*>(sQdO + Tr::kStages * Tr::kStageBytes);  // [stage][LSE | δ][kBM]
+  float* sBias = sStat + Tr::kStages * 2 * kBM;                                   // kBias: [kBM][kBN]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
@@ -210,7 +213,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_sm90_kerne
 
   float acc_k[kD / 8][4], acc_v[kD / 8][4];
   zero_accumulators<true>(acc_k, acc_v);
-  const int key_in_cta = 16 * warp + g;                // = 64·wg + 16·(warp % 4) + g
+  const int key_in_cta = 16 * warp + g;  // = 64·wg + 16·(warp % 4) + g
   const uint32_t k_base = smem_addr(sK) + wg * 64 * 128, v_base = smem_addr(sV) + wg * 64 * 128;
 
   for (int step = 0; step < steps; ++step) {

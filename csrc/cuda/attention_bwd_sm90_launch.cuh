@@ -20,15 +20,21 @@ void launch_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
 
 template <typename T, int kD>
 void launch_bwd_sm90_bias(const BwdParams& p, cudaStream_t stream) {
-  if (p.bias != nullptr) launch_bwd_sm90<T, kD, true>(p, stream);
-  else launch_bwd_sm90<T, kD, false>(p, stream);
+  if (p.bias != nullptr)
+    launch_bwd_sm90<T, kD, true>(p, stream);
+  else
+    launch_bwd_sm90<T, kD, false>(p, stream);
 }
 
 template <typename T>
 void launch_bwd_sm90_dispatch(const BwdParams& p, int kd, cudaStream_t stream) {
   switch (kd) {
-    case 64: launch_bwd_sm90_bias<T, 64>(p, stream); return;
-    case 128: launch_bwd_sm90_bias<T, 128>(p, stream); return;
+    case 64:
+      launch_bwd_sm90_bias<T, 64>(p, stream);
+      return;
+    case 128:
+      launch_bwd_sm90_bias<T, 128>(p, stream);
+      return;
     default:
       TORCH_CHECK(false, "fastcm attention backward (CUDA): no sm_90a kernel for padded head dim ", kd,
                   "; compiled: 64, 128");

@@ -43,7 +43,7 @@
 namespace fastcm {
 namespace {
 
-constexpr int64_t kMaxHeadDimQK = 256;   // the forward keeps Q, K tiles of up to 256 columns
+constexpr int64_t kMaxHeadDimQK = 256;  // the forward keeps Q, K tiles of up to 256 columns
 constexpr int64_t kMaxHeadDimVChunk = 128;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -70,16 +70,16 @@ at::Tensor kernel_view(const at::Tensor& t) {
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), op, ": q, k, v must be CUDA tensors");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
-              ": q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-              ": q, k, v must be 4-D (B, H, N, D), got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k, v must be on one device, got ",
+              q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, N, D), got q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
               " (CUDA): q must be bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: q ", q.sizes(),
-              ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), op, ": k ", k.sizes(), " and v ", v.sizes(),
               " must agree in heads and length");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": query heads ", q.size(1),
@@ -89,10 +89,9 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes(),
-              op, ": ", name, " must match its primal in shape, dtype and device: got ", t.sizes(), " ",
-              t.scalar_type(), " ", t.device(), ", expected ", like.sizes(), " ", like.scalar_type(), " ",
-              like.device());
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes(), op,
+              ": ", name, " must match its primal in shape, dtype and device: got ", t.sizes(), " ", t.scalar_type(),
+              " ", t.device(), ", expected ", like.sizes(), " ", like.scalar_type(), " ", like.device());
 }
 
 // bias as the kernel reads it: float32 or q's dtype, viewed as (B, H, Nq, Nk).
@@ -109,9 +108,9 @@ std::optional<at::Tensor> prepare_bias(const char* op, const char* name, const s
     b = b.to(at::kFloat);
   }
   const std::vector<int64_t> shape = {q.size(0), q.size(1), q.size(2), Nk};
-  TORCH_CHECK(b.dim() <= 4, op, ": ", name, " must broadcast to (B, H, Nq, Nk) = ", at::IntArrayRef(shape),
-              ", got ", b.sizes());
-  b = b.expand(shape);   // throws if not broadcastable
+  TORCH_CHECK(b.dim() <= 4, op, ": ", name, " must broadcast to (B, H, Nq, Nk) = ", at::IntArrayRef(shape), ", got ",
+              b.sizes());
+  b = b.expand(shape);  // throws if not broadcastable
   return b;
 }
 
@@ -120,13 +119,26 @@ void set_bias(attn::FwdParams& p, const std::optional<at::Tensor>& bias, bool ta
   int64_t sb = 0, sh = 0, sm = 0, sn = 0;
   int is_f32 = 0;
   if (bias.has_value()) {
-    sb = bias->stride(0); sh = bias->stride(1); sm = bias->stride(2); sn = bias->stride(3);
+    sb = bias->stride(0);
+    sh = bias->stride(1);
+    sm = bias->stride(2);
+    sn = bias->stride(3);
     is_f32 = bias->scalar_type() == at::kFloat;
   }
   if (!tangent) {
-    p.bias = ptr; p.b_sb = sb; p.b_sh = sh; p.b_sm = sm; p.b_sn = sn; p.bias_is_f32 = is_f32;
+    p.bias = ptr;
+    p.b_sb = sb;
+    p.b_sh = sh;
+    p.b_sm = sm;
+    p.b_sn = sn;
+    p.bias_is_f32 = is_f32;
   } else {
-    p.bias_t = ptr; p.bt_sb = sb; p.bt_sh = sh; p.bt_sm = sm; p.bt_sn = sn; p.bias_t_is_f32 = is_f32;
+    p.bias_t = ptr;
+    p.bt_sb = sb;
+    p.bt_sh = sh;
+    p.bt_sm = sm;
+    p.bt_sn = sn;
+    p.bias_t_is_f32 = is_f32;
   }
 }
 
@@ -199,16 +211,15 @@ int sm90_smem_limit_of(const at::Device& device) {
 // no stride-0 (broadcast) dimension longer than 1 (kernel_view has made the other strides
 // multiples of 8).
 bool tma_ready(const at::Tensor& t) {
-  return t.numel() > 0 &&
-         attn::tma_strides_ok(t.stride(0), t.stride(1), t.stride(2), t.size(0), t.size(1), t.size(2));
+  return t.numel() > 0 && attn::tma_strides_ok(t.stride(0), t.stride(1), t.stride(2), t.size(0), t.size(1), t.size(2));
 }
 
 // The kernel for one launch of the forward (one V slice of `cols` columns).
 struct FwdLaunch {
-  bool sm90;                 // a wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
-  attn::Sm90Kernel kernel;   // which one, if sm90
-  bool q_regs;               // the TMA kernel with Q, Q̇ in registers
-  int kdqk, kdv;             // padded head dims
+  bool sm90;                // a wgmma kernel (padded head dim kdqk == kdv ∈ {64, 128}), else the sm_80 one
+  attn::Sm90Kernel kernel;  // which one, if sm90
+  bool q_regs;              // the TMA kernel with Q, Q̇ in registers
+  int kdqk, kdv;            // padded head dims
 };
 
 // The switches of the sm_90a kernels, read per call: FASTCM_ATTN_SM90_TMA, _OVERLAP and _QREGS.
@@ -216,7 +227,8 @@ struct Sm90Switches {
   bool tma, overlap, q_regs;
 };
 Sm90Switches sm90_switches() {
-  return {switch_on("FASTCM_ATTN_SM90_TMA"), switch_on("FASTCM_ATTN_SM90_OVERLAP"), switch_on("FASTCM_ATTN_SM90_QREGS")};
+  return {switch_on("FASTCM_ATTN_SM90_TMA"), switch_on("FASTCM_ATTN_SM90_OVERLAP"),
+          switch_on("FASTCM_ATTN_SM90_QREGS")};
 }
 
 // sm90_smem_limit: sm90_smem_limit_of's answer; tma_ok: the TMA switch is on and every input
@@ -232,10 +244,10 @@ FwdLaunch plan_forward_launch(int sm90_smem_limit, bool tma_ok, const Sm90Switch
   const auto [kdqk, kdv] = fwd_padded_head_dims(dqk8, cols);
   const bool sm90 = kdqk == kdv && (kdqk == 64 || kdqk == 128) &&
                     attn::fwd_sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit;
-  const int ws_smem = attn::fwd_sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t);   // -1: takes no bias
+  const int ws_smem = attn::fwd_sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t);  // -1: takes no bias
   const bool panels_hold_data = dqk8 > kdqk - 64 && cols > kdv - 64;
   const bool tma = sm90 && tma_ok && panels_hold_data && ws_smem >= 0 && ws_smem <= sm90_smem_limit;
-  const attn::Sm90Kernel kernel = !tma ? attn::Sm90Kernel::kCpAsync
+  const attn::Sm90Kernel kernel = !tma                                    ? attn::Sm90Kernel::kCpAsync
                                   : (sw.overlap && !(kdqk == 128 && jvp)) ? attn::Sm90Kernel::kTmaOverlap
                                                                           : attn::Sm90Kernel::kTma;
   return {sm90, kernel, tma && sw.q_regs && kdqk == 64, kdqk, kdv};
@@ -245,9 +257,12 @@ std::string kernel_name(const FwdLaunch& l) {
   if (!l.sm90) return "sm_80";
   const char* q = l.q_regs ? "_qregs" : "";
   switch (l.kernel) {
-    case attn::Sm90Kernel::kTma: return std::string("sm_90a_tma") + q;
-    case attn::Sm90Kernel::kTmaOverlap: return std::string("sm_90a_tma_overlap") + q;
-    default: return "sm_90a";
+    case attn::Sm90Kernel::kTma:
+      return std::string("sm_90a_tma") + q;
+    case attn::Sm90Kernel::kTmaOverlap:
+      return std::string("sm_90a_tma_overlap") + q;
+    default:
+      return "sm_90a";
   }
 }
 
@@ -258,10 +273,9 @@ std::string launch_label(const FwdLaunch& l) {
 
 // Shared body of the two forward ops. Tangent tensors are undefined for the primal-only op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
-    const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& qt_in, const at::Tensor& kt_in, const at::Tensor& vt_in,
-    const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& bias_t_in,
-    double scale, bool causal) {
+    const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& qt_in,
+    const at::Tensor& kt_in, const at::Tensor& vt_in, const std::optional<at::Tensor>& bias_in,
+    const std::optional<at::Tensor>& bias_t_in, double scale, bool causal) {
   const bool jvp = qt_in.defined();
   check_qkv(op, q_in, k_in, v_in);
   if (jvp) {
@@ -304,32 +318,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor vt = jvp ? kernel_view(vt_in) : at::Tensor();
 
   attn::FwdParams p{};
-  p.B = (int)B; p.H = (int)H; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.Nk = (int)Nk;
+  p.B = (int)B;
+  p.H = (int)H;
+  p.Hkv = (int)Hkv;
+  p.Nq = (int)Nq;
+  p.Nk = (int)Nk;
   p.d_qk = (int)round_up(Dqk, 8);
   p.scale = (float)scale;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.causal = causal ? 1 : 0;
-  p.q = q.data_ptr(); p.k = k.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sn = v.stride(2);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sh = q.stride(1);
+  p.q_sn = q.stride(2);
+  p.k_sb = k.stride(0);
+  p.k_sh = k.stride(1);
+  p.k_sn = k.stride(2);
+  p.v_sb = v.stride(0);
+  p.v_sh = v.stride(1);
+  p.v_sn = v.stride(2);
   if (jvp) {
-    p.q_t = qt.data_ptr(); p.k_t = kt.data_ptr();
-    p.qt_sb = qt.stride(0); p.qt_sh = qt.stride(1); p.qt_sn = qt.stride(2);
-    p.kt_sb = kt.stride(0); p.kt_sh = kt.stride(1); p.kt_sn = kt.stride(2);
-    p.vt_sb = vt.stride(0); p.vt_sh = vt.stride(1); p.vt_sn = vt.stride(2);
+    p.q_t = qt.data_ptr();
+    p.k_t = kt.data_ptr();
+    p.qt_sb = qt.stride(0);
+    p.qt_sh = qt.stride(1);
+    p.qt_sn = qt.stride(2);
+    p.kt_sb = kt.stride(0);
+    p.kt_sh = kt.stride(1);
+    p.kt_sn = kt.stride(2);
+    p.vt_sb = vt.stride(0);
+    p.vt_sh = vt.stride(1);
+    p.vt_sn = vt.stride(2);
   }
   set_bias(p, bias, false);
   set_bias(p, bias_t, true);
   p.bias_stage = bias_stage_vector() ? 1 : 0;
-  p.bias_mode = p.bias_is_f32 | p.bias_stage << 1 |
-                (p.bias_stage && bias.has_value() && bias_rows_vectorisable(*bias) ? 4 : 0);
+  p.bias_mode =
+      p.bias_is_f32 | p.bias_stage << 1 | (p.bias_stage && bias.has_value() && bias_rows_vectorisable(*bias) ? 4 : 0);
   p.bias_t_mode = p.bias_t_is_f32 | p.bias_stage << 1 |
                   (p.bias_stage && bias_t.has_value() && bias_rows_vectorisable(*bias_t) ? 4 : 0);
   p.lse = lse.data_ptr<float>();
   p.lse_t = jvp ? lse_t.data_ptr<float>() : nullptr;
-  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sn = out.stride(2);
-  if (jvp) { p.ot_sb = out_t.stride(0); p.ot_sh = out_t.stride(1); p.ot_sn = out_t.stride(2); }
+  p.o_sb = out.stride(0);
+  p.o_sh = out.stride(1);
+  p.o_sn = out.stride(2);
+  if (jvp) {
+    p.ot_sb = out_t.stride(0);
+    p.ot_sh = out_t.stride(1);
+    p.ot_sn = out_t.stride(2);
+  }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sm90_smem_limit = sm90_smem_limit_of(q.device());
@@ -338,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
                       (!jvp || (tma_ready(qt) && tma_ready(kt) && tma_ready(vt)));
   // Head dims of V above 128 run as several launches over 128-column slices of V / O (each
   // recomputes S; LSE and μ are rewritten with the same values).
-  const int64_t v_cols = v.size(3);   // Dv8
+  const int64_t v_cols = v.size(3);  // Dv8
   for (int64_t c0 = 0; c0 < v_cols; c0 += kMaxHeadDimVChunk) {
     const int64_t cols = std::min(kMaxHeadDimVChunk, v_cols - c0);
     p.d_v = (int)cols;
@@ -348,23 +386,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.v_t = static_cast<const char*>(vt.data_ptr()) + c0 * vt.element_size();
       p.out_t = static_cast<char*>(out_t.data_ptr()) + c0 * out_t.element_size();
     }
-    const FwdLaunch launch = plan_forward_launch(sm90_smem_limit, tma_ok, sw, p.d_qk, cols, jvp, bias.has_value(),
-                                                 bias_t.has_value());
+    const FwdLaunch launch =
+        plan_forward_launch(sm90_smem_limit, tma_ok, sw, p.d_qk, cols, jvp, bias.has_value(), bias_t.has_value());
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     if (launch.sm90) {
-      if (bf16) attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.kernel, launch.q_regs, stream);
-      else attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.kernel, launch.q_regs, stream);
+      if (bf16)
+        attn::launch_fwd_sm90_dispatch<__nv_bfloat16>(p, launch.kdqk, jvp, launch.kernel, launch.q_regs, stream);
+      else
+        attn::launch_fwd_sm90_dispatch<__half>(p, launch.kdqk, jvp, launch.kernel, launch.q_regs, stream);
     } else {
-      if (bf16) attn::launch_fwd_dispatch<__nv_bfloat16>(p, launch.kdqk, launch.kdv, jvp, stream);
-      else attn::launch_fwd_dispatch<__half>(p, launch.kdqk, launch.kdv, jvp, stream);
+      if (bf16)
+        attn::launch_fwd_dispatch<__nv_bfloat16>(p, launch.kdqk, launch.kdv, jvp, stream);
+      else
+        attn::launch_fwd_dispatch<__half>(p, launch.kdqk, launch.kdv, jvp, stream);
     }
   }
   return finish();
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const std::optional<at::Tensor>& bias,
-                                                          double scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& bias, double scale,
+                                                          bool causal) {
   auto r = forward_impl("fastcm::attention_forward", q, k, v, at::Tensor(), at::Tensor(), at::Tensor(), bias,
                         std::nullopt, scale, causal);
   return std::make_tuple(std::get<0>(r), std::get<2>(r));
@@ -391,7 +433,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_jvp
 // for tests and benchmark labels.
 std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool jvp,
                                                         bool has_bias, bool has_bias_t) {
-  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4,
+              "fastcm::attention_forward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
   const int sm90_smem_limit = sm90_smem_limit_of(q.device());
   const Sm90Switches sw = sm90_switches();
@@ -399,8 +442,8 @@ std::vector<std::string> attention_forward_kernels_cuda(const at::Tensor& q, con
   std::vector<std::string> names;
   const int64_t dqk8 = round_up(q.size(3), 8), dv8 = round_up(v.size(3), 8);
   for (int64_t c0 = 0; c0 < dv8; c0 += kMaxHeadDimVChunk) {
-    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, sw, dqk8,
-                                            std::min(kMaxHeadDimVChunk, dv8 - c0), jvp, has_bias, jvp && has_bias_t);
+    const FwdLaunch l = plan_forward_launch(sm90_smem_limit, tma_ok, sw, dqk8, std::min(kMaxHeadDimVChunk, dv8 - c0),
+                                            jvp, has_bias, jvp && has_bias_t);
     names.push_back(launch_label(l));
   }
   return names;
@@ -421,17 +464,17 @@ void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, con
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3), G = H / Hkv;
   const auto f32 = q.options().dtype(at::kFloat);
-  const int64_t budget = int64_t(512) << 20;   // bytes for the (H, chunk, Nk) float32 temporaries (×3)
+  const int64_t budget = int64_t(512) << 20;  // bytes for the (H, chunk, Nk) float32 temporaries (×3)
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(Nq, budget / (12 * H * std::max<int64_t>(Nk, 1))));
   const at::Tensor row = at::arange(Nq, q.options().dtype(at::kLong));
   const at::Tensor col = at::arange(Nk, q.options().dtype(at::kLong));
 
   for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor qf = q[b].to(at::kFloat);                                     // (H, Nq, Dqk)
-    const at::Tensor kf = k[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dqk)
-    const at::Tensor vf = v[b].to(at::kFloat).repeat_interleave(G, 0);             // (H, Nk, Dv)
-    const at::Tensor dof = grad_out[b].to(at::kFloat);                             // (H, Nq, Dv)
-    at::Tensor delta = (dof * out[b].to(at::kFloat)).sum(-1);                      // (H, Nq)
+    const at::Tensor qf = q[b].to(at::kFloat);                          // (H, Nq, Dqk)
+    const at::Tensor kf = k[b].to(at::kFloat).repeat_interleave(G, 0);  // (H, Nk, Dqk)
+    const at::Tensor vf = v[b].to(at::kFloat).repeat_interleave(G, 0);  // (H, Nk, Dv)
+    const at::Tensor dof = grad_out[b].to(at::kFloat);                  // (H, Nq, Dv)
+    at::Tensor delta = (dof * out[b].to(at::kFloat)).sum(-1);           // (H, Nq)
     if (grad_lse.has_value()) delta = delta - (*grad_lse)[b];
     const at::Tensor lse_b = lse[b];
     at::Tensor dq_b = at::empty({H, Nq, Dqk}, f32);
@@ -440,17 +483,17 @@ void attention_backward_aten(at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, con
     for (int64_t i0 = 0; i0 < Nq; i0 += chunk) {
       const int64_t n = std::min(chunk, Nq - i0);
       const at::Tensor qc = qf.narrow(1, i0, n), doc = dof.narrow(1, i0, n);
-      at::Tensor s = at::bmm(qc, kf.transpose(1, 2)).mul_(scale);                 // (H, n, Nk)
+      at::Tensor s = at::bmm(qc, kf.transpose(1, 2)).mul_(scale);  // (H, n, Nk)
       if (bias.has_value()) s.add_((*bias)[b].narrow(1, i0, n).to(at::kFloat));
       if (causal) {
         const at::Tensor masked = col.view({1, Nk}) > (row.narrow(0, i0, n).view({n, 1}) + (Nk - Nq));
         s.masked_fill_(masked, -INFINITY);
       }
-      const at::Tensor l = lse_b.narrow(1, i0, n).unsqueeze(-1);                   // (H, n, 1)
+      const at::Tensor l = lse_b.narrow(1, i0, n).unsqueeze(-1);  // (H, n, 1)
       at::Tensor pm = at::exp(s.sub_(l));
       pm.masked_fill_(l.isneginf().expand_as(pm), 0.0);
       dv_b.add_(at::bmm(pm.transpose(1, 2), doc));
-      at::Tensor ds = at::bmm(doc, vf.transpose(1, 2));                            // dP
+      at::Tensor ds = at::bmm(doc, vf.transpose(1, 2));  // dP
       ds.sub_(delta.narrow(1, i0, n).unsqueeze(-1)).mul_(pm);
       dq_b.narrow(1, i0, n).copy_(at::bmm(ds, kf).mul_(scale));
       dk_b.add_(at::bmm(ds.transpose(1, 2), qc).mul_(scale));
@@ -499,8 +542,8 @@ std::string launch_label(const BwdPlan& plan) {
 // gradients are allocated at the padded width and narrowed back.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale,
-    bool causal, const std::optional<at::Tensor>& grad_lse, const BwdPlan& plan) {
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& bias, double scale, bool causal,
+    const std::optional<at::Tensor>& grad_lse, const BwdPlan& plan) {
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dqk = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
   const at::Tensor q = kernel_view(q_in), k = kernel_view(k_in), v = kernel_view(v_in);
@@ -513,38 +556,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
   at::Tensor delta = at::empty({B, H, Nq}, opts.dtype(at::kFloat));
 
   attn::BwdParams p{};
-  p.B = (int)B; p.H = (int)H; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.Nk = (int)Nk;
-  p.d_qk = (int)Dqk8; p.d_v = (int)Dv8;
+  p.B = (int)B;
+  p.H = (int)H;
+  p.Hkv = (int)Hkv;
+  p.Nq = (int)Nq;
+  p.Nk = (int)Nk;
+  p.d_qk = (int)Dqk8;
+  p.d_v = (int)Dv8;
   p.scale = (float)scale;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.causal = causal ? 1 : 0;
-  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.dout = dout.data_ptr(); p.out = out.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sn = q.stride(2);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sn = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sn = v.stride(2);
-  p.do_sb = dout.stride(0); p.do_sh = dout.stride(1); p.do_sn = dout.stride(2);
-  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sn = out.stride(2);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.out = out.data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sh = q.stride(1);
+  p.q_sn = q.stride(2);
+  p.k_sb = k.stride(0);
+  p.k_sh = k.stride(1);
+  p.k_sn = k.stride(2);
+  p.v_sb = v.stride(0);
+  p.v_sh = v.stride(1);
+  p.v_sn = v.stride(2);
+  p.do_sb = dout.stride(0);
+  p.do_sh = dout.stride(1);
+  p.do_sn = dout.stride(2);
+  p.o_sb = out.stride(0);
+  p.o_sh = out.stride(1);
+  p.o_sn = out.stride(2);
   if (bias.has_value()) {
     p.bias = bias->data_ptr();
-    p.b_sb = bias->stride(0); p.b_sh = bias->stride(1); p.b_sm = bias->stride(2); p.b_sn = bias->stride(3);
+    p.b_sb = bias->stride(0);
+    p.b_sh = bias->stride(1);
+    p.b_sm = bias->stride(2);
+    p.b_sn = bias->stride(3);
     p.bias_is_f32 = bias->scalar_type() == at::kFloat;
   }
   p.lse = lse.data_ptr<float>();
   p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sn = dq.stride(2);
-  p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sn = dk.stride(2);
-  p.dv_sb = dv.stride(0); p.dv_sh = dv.stride(1); p.dv_sn = dv.stride(2);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_sb = dq.stride(0);
+  p.dq_sh = dq.stride(1);
+  p.dq_sn = dq.stride(2);
+  p.dk_sb = dk.stride(0);
+  p.dk_sh = dk.stride(1);
+  p.dk_sn = dk.stride(2);
+  p.dv_sb = dv.stride(0);
+  p.dv_sh = dv.stride(1);
+  p.dv_sn = dv.stride(2);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   if (std::strcmp(plan.kernel, "sm_90a") == 0) {
-    if (bf16) attn::launch_bwd_sm90_dispatch<__nv_bfloat16>(p, plan.kd, stream);
-    else attn::launch_bwd_sm90_dispatch<__half>(p, plan.kd, stream);
+    if (bf16)
+      attn::launch_bwd_sm90_dispatch<__nv_bfloat16>(p, plan.kd, stream);
+    else
+      attn::launch_bwd_sm90_dispatch<__half>(p, plan.kd, stream);
   } else {
-    if (bf16) attn::launch_bwd_dispatch<__nv_bfloat16>(p, plan.kd, stream);
-    else attn::launch_bwd_dispatch<__half>(p, plan.kd, stream);
+    if (bf16)
+      attn::launch_bwd_dispatch<__nv_bfloat16>(p, plan.kd, stream);
+    else
+      attn::launch_bwd_dispatch<__half>(p, plan.kd, stream);
   }
   if (Dqk8 != Dqk) {
     dq = dq.narrow(-1, 0, Dqk).contiguous();
@@ -556,10 +633,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_fused(
 
 // The kernels plan_backward picks: wgmma (sm_90) or fused mma.sync for head dims ≤ kMaxHeadDimBwd
 // where their shared memory fits the device, the ATen path otherwise (e.g. D = 256).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse_in, const std::optional<at::Tensor>& bias_in, double scale, bool causal,
-    const std::optional<at::Tensor>& grad_lse_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                       const at::Tensor& k, const at::Tensor& v,
+                                                                       const at::Tensor& out, const at::Tensor& lse_in,
+                                                                       const std::optional<at::Tensor>& bias_in,
+                                                                       double scale, bool causal,
+                                                                       const std::optional<at::Tensor>& grad_lse_in) {
   const char* op = "fastcm::attention_backward";
   check_qkv(op, q, k, v);
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dqk = q.size(3);
@@ -576,8 +655,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   if (grad_lse_in.has_value()) {
     TORCH_CHECK(grad_lse_in->sizes() == lse_in.sizes() && grad_lse_in->scalar_type() == at::kFloat &&
                     grad_lse_in->device() == q.device(),
-                op, ": grad_lse must match lse (shape (B, H, Nq), float32, q's device), got ", grad_lse_in->sizes(), " ",
-                grad_lse_in->scalar_type(), " on ", grad_lse_in->device());
+                op, ": grad_lse must match lse (shape (B, H, Nq), float32, q's device), got ", grad_lse_in->sizes(),
+                " ", grad_lse_in->scalar_type(), " on ", grad_lse_in->device());
   }
   TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse_in.device() == q.device(), op,
               ": grad_out, out, lse must be on q's device");
@@ -608,7 +687,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 // q, v (with or without a bias), as "sm_90a (kd)", "sm_80 (kd)" or "aten"; for tests and benchmark
 // labels.
 std::vector<std::string> attention_backward_kernels_cuda(const at::Tensor& q, const at::Tensor& v, bool has_bias) {
-  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4, "fastcm::attention_backward_kernels: q, v must be 4-D CUDA tensors");
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && v.dim() == 4,
+              "fastcm::attention_backward_kernels: q, v must be 4-D CUDA tensors");
   c10::cuda::CUDAGuard guard(q.device());
   return {launch_label(plan_backward(q.device(), q.size(3), v.size(3), has_bias))};
 }
@@ -629,10 +709,14 @@ std::string plan_attention_backward(bool sm90_on, int64_t sm90_smem_limit, int64
 
 // Device-free ops of CUDA builds only (the schemas of the others are in csrc/attention.cpp).
 TORCH_LIBRARY_FRAGMENT(fastcm, m) {
-  m.def("plan_attention_forward(int sm90_smem_limit, bool tma_ok, bool overlap, bool q_regs, int dqk8, int cols,"
-        " bool jvp, bool has_bias, bool has_bias_t) -> str", &plan_attention_forward);
-  m.def("plan_attention_backward(bool sm90_on, int sm90_smem_limit, int smem_limit, int dqk, int dv, bool has_bias)"
-        " -> str", &plan_attention_backward);
+  m.def(
+      "plan_attention_forward(int sm90_smem_limit, bool tma_ok, bool overlap, bool q_regs, int dqk8, int cols,"
+      " bool jvp, bool has_bias, bool has_bias_t) -> str",
+      &plan_attention_forward);
+  m.def(
+      "plan_attention_backward(bool sm90_on, int sm90_smem_limit, int smem_limit, int dqk, int dv, bool has_bias)"
+      " -> str",
+      &plan_attention_backward);
 }
 
 TORCH_LIBRARY_IMPL(fastcm, CUDA, m) {

@@ -30,16 +30,23 @@ namespace fastcm {
 namespace attn {
 
 // ----------------------------------------------------------------------------------------------
-// Parameters. Strides are in elements; the row strides of q/k/v and their tangents are < 2^23. Every pointer is 16-byte aligned and every row stride of
-// q/k/v (and tangents) is a multiple of 8 elements (the host wrapper guarantees it), so each
-// 8-element chunk of a row is one 16-byte cp.async.
+// Parameters. Strides are in elements; the row strides of q/k/v and their tangents are < 2^23. Every pointer is 16-byte
+// aligned and every row stride of q/k/v (and tangents) is a multiple of 8 elements (the host wrapper guarantees it), so
+// each 8-element chunk of a row is one 16-byte cp.async.
 // ----------------------------------------------------------------------------------------------
 struct FwdParams {
-  const void* q; const void* k; const void* v;
-  const void* q_t; const void* k_t; const void* v_t;      // tangents (JVP only)
-  const void* bias; const void* bias_t;                   // may be null
-  void* out; void* out_t;                                 // (B, H, Nq, Dv) views
-  float* lse; float* lse_t;                               // (B, H, Nq), contiguous
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* q_t;
+  const void* k_t;
+  const void* v_t;  // tangents (JVP only)
+  const void* bias;
+  const void* bias_t;  // may be null
+  void* out;
+  void* out_t;  // (B, H, Nq, Dv) views
+  float* lse;
+  float* lse_t;  // (B, H, Nq), contiguous
 
   int64_t q_sb, q_sh, q_sn;
   int64_t k_sb, k_sh, k_sn;
@@ -47,18 +54,18 @@ struct FwdParams {
   int64_t qt_sb, qt_sh, qt_sn;
   int64_t kt_sb, kt_sh, kt_sn;
   int64_t vt_sb, vt_sh, vt_sn;
-  int64_t b_sb, b_sh, b_sm, b_sn;                         // bias strides (0 allowed)
-  int64_t bt_sb, bt_sh, bt_sm, bt_sn;                     // bias_t strides
+  int64_t b_sb, b_sh, b_sm, b_sn;      // bias strides (0 allowed)
+  int64_t bt_sb, bt_sh, bt_sm, bt_sn;  // bias_t strides
   int64_t o_sb, o_sh, o_sn;
   int64_t ot_sb, ot_sh, ot_sn;
 
   int B, H, Hkv, Nq, Nk;
-  int d_qk, d_v;            // actual head dims (multiples of 8, ≤ kDqk, kDv); columns beyond are zero
+  int d_qk, d_v;  // actual head dims (multiples of 8, ≤ kDqk, kDv); columns beyond are zero
   int num_m_blocks;
-  float scale;              // softmax scale (natural units)
-  float scale_log2;         // scale·log2(e)
+  float scale;       // softmax scale (natural units)
+  float scale_log2;  // scale·log2(e)
   int causal;
-  int bias_is_f32, bias_t_is_f32;   // else the bias has the element type of q
+  int bias_is_f32, bias_t_is_f32;  // else the bias has the element type of q
   // FASTCM_ATTN_BIAS_STAGE (see stage_bias_vec): 0 scalar staging, row-major tiles; 1 vector staging.
   int bias_stage;
   // The staging of bias, bias_t packed as one argument: bit 0 is_f32, bit 1 bias_stage, bit 2 (vector
@@ -80,7 +87,7 @@ struct FwdTraits {
   static constexpr bool kJvp = kJvp_;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBM = 16 * kWarps;           // query rows per CTA
+  static constexpr int kBM = 16 * kWarps;  // query rows per CTA
   // Registers per thread (fp32 accumulators): A = kDv/2, T = kDv/2, S = BN/2, Ṡ = BN/2; kDqk
   // only sets the trip count of the S loop (Q fragments are re-read per k-step), not registers.
   // JVP at kDv = 128 with BN = 64 would need 192 accumulator registers; BN = 32 keeps it ~160.
@@ -88,12 +95,12 @@ struct FwdTraits {
   // at kDqk = 256, kDv = 128 needs 83 KB (primal, BN = 32; 133 KB at BN = 64) and 116 KB (JVP,
   // BN = 16; 166 KB at BN = 32, over sm_80's 163 KB opt-in limit once a bias tile is added).
   static constexpr int kBN = kDqk > 128 ? (kJvp ? 16 : 32) : ((kJvp && kDv > 64) ? 32 : 64);
-  static constexpr int kStrideQK = kDqk + 8;        // smem row lengths (+16 B: conflict-free ldmatrix)
+  static constexpr int kStrideQK = kDqk + 8;  // smem row lengths (+16 B: conflict-free ldmatrix)
   static constexpr int kStrideV = kDv + 8;
-  static constexpr int kQElems = kBM * kStrideQK;   // one Q-like tile
-  static constexpr int kKElems = kBN * kStrideQK;   // one K-like tile
-  static constexpr int kVElems = kBN * kStrideV;    // one V-like tile
-  static constexpr int kQTiles = kJvp ? 2 : 1;      // Q, Q̇
+  static constexpr int kQElems = kBM * kStrideQK;  // one Q-like tile
+  static constexpr int kKElems = kBN * kStrideQK;  // one K-like tile
+  static constexpr int kVElems = kBN * kStrideV;   // one V-like tile
+  static constexpr int kQTiles = kJvp ? 2 : 1;     // Q, Q̇
   // One ring stage holds K, V (+ K̇, V̇) in this order.
   static constexpr int kOffV = kKElems;
   static constexpr int kOffKt = kKElems + kVElems;
@@ -102,8 +109,8 @@ struct FwdTraits {
   static constexpr int kStages = 2;
   static constexpr int kSmemElems = kQTiles * kQElems + kStages * kStageElems;
   static constexpr int kSmemBytes = kSmemElems * (int)sizeof(T);
-  static constexpr int kNTileS = kBN / 8;           // n8 tiles of S per warp
-  static constexpr int kNTileO = kDv / 8;           // n8 tiles of O per warp
+  static constexpr int kNTileS = kBN / 8;  // n8 tiles of S per warp
+  static constexpr int kNTileO = kDv / 8;  // n8 tiles of O per warp
   static_assert(kDqk % 16 == 0 && kDv % 16 == 0 && kBN % 16 == 0, "mma k-steps are 16 wide");
   static_assert(kDv <= 128, "wider V runs as several launches");
 };
@@ -117,23 +124,27 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // 16-byte async copy; src_bytes = 0 writes 16 zero bytes (and reads nothing).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // ldmatrix.x4: lanes 8i..8i+7 give the 8 row addresses of 8x8 matrix i; register i returns
 // matrix i with lane L holding row L/4, columns 2(L%4), 2(L%4)+1 (two 16-bit values).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 // .trans: lane L receives (row 2(L%4), col L/4) and (row 2(L%4)+1, col L/4) of each matrix.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 
 // D = A·B + D, m16n8k16, row.col, fp32 accumulate.
@@ -145,7 +156,8 @@ template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
 template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -162,19 +174,27 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
 }
 
 // x rounded to T (to nearest, as pack2 rounds) and back.
-template <typename T> __device__ __forceinline__ float round_to(float x);
-template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float x) {
+template <typename T>
+__device__ __forceinline__ float round_to(float x);
+template <>
+__device__ __forceinline__ float round_to<__nv_bfloat16>(float x) {
   return __bfloat162float(__float2bfloat16_rn(x));
 }
-template <> __device__ __forceinline__ float round_to<__half>(float x) { return __half2float(__float2half_rn(x)); }
+template <>
+__device__ __forceinline__ float round_to<__half>(float x) {
+  return __half2float(__float2half_rn(x));
+}
 
 // Two floats -> one 32-bit register of two 16-bit values, x in the low half (lower column).
-template <typename T> __device__ __forceinline__ uint32_t pack2(float x, float y);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
   __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
   return *reinterpret_cast<uint32_t*>(&v);
 }
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
   __half2 v = __floats2half2_rn(x, y);
   return *reinterpret_cast<uint32_t*>(&v);
 }
@@ -203,10 +223,10 @@ __device__ __forceinline__ float load_scalar(const void* p, int64_t off, int is_
 // In-tile offsets are 32-bit (the host guarantees 256·stride < 2^31): with 64-bit per-chunk
 // addresses the compiler hoisted one register pair per chunk out of the key loop and spilled.
 template <class Tr, int ROWS, int kCols = Tr::kD, int kRowLen = Tr::kStride>
-__device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename Tr::T* g, int stride,
-                                          int rows_valid, int d_valid, int tid) {
+__device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename Tr::T* g, int stride, int rows_valid,
+                                          int d_valid, int tid) {
   constexpr int kChunks = kCols / 8;
-  constexpr int kMapChunks = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;   // power of 2 ≥ kChunks
+  constexpr int kMapChunks = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;  // power of 2 ≥ kChunks
   constexpr int kRowStep = Tr::kThreads / kMapChunks;
   static_assert(Tr::kThreads % kMapChunks == 0 && ROWS % kRowStep == 0, "tile loader layout");
   const int c = tid % kMapChunks, r0 = tid / kMapChunks;
@@ -242,8 +262,8 @@ __device__ __forceinline__ void stage_bias_tile(float* dst, const void* src, int
 // wgmma in flight. __noinline__: inlined, its 64-bit address math pushed the sm_80 d = 128 JVP kernel
 // into spills (36 B).
 template <class Tr>
-__device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
-                                           int m0, int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
+__device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn, int m0,
+                                        int n0, int Nq, int Nk, int is_f32, float mult, int tid) {
   stage_bias_tile<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, is_f32, mult, tid);
 }
 
@@ -262,7 +282,9 @@ __device__ __noinline__ void stage_bias(float* dst, const void* src, int64_t bas
 // tests/cuda_index_model/test_attention_fwd_bias_staging.py checks the staging's coverage,
 // placement, tails and banks.
 template <int kBN>
-__device__ __forceinline__ int bias_swizzle(int row) { return (row & 3) * 8 & (kBN - 1); }
+__device__ __forceinline__ int bias_swizzle(int row) {
+  return (row & 3) * 8 & (kBN - 1);
+}
 
 // The tile entry of row offset `row_base` (ri·kBN), key key_pair + odd (key_pair even), as
 // scores_to_log2 reads it: kSwizzle (the sm_90a kernels), one 8-byte read of both keys of the pair
@@ -296,8 +318,8 @@ __device__ __forceinline__ float4 load_bias4(const void* p, int64_t off, int is_
 // element (r, c) at dst[r·kBN + (c ^ bias_swizzle(r))]. dst 16-byte aligned.
 template <class Tr>
 __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
-                                                    int m0, int n0, int Nq, int Nk, int is_f32, int vec_ok,
-                                                    float mult, int tid) {
+                                                    int m0, int n0, int Nq, int Nk, int is_f32, int vec_ok, float mult,
+                                                    int tid) {
   constexpr bool kIsBf16 = std::is_same<typename Tr::T, __nv_bfloat16>::value;
   constexpr int kRowChunks = Tr::kBN / 4;
   static_assert(Tr::kBN % 16 == 0, "the swizzle moves whole 8-key groups inside a row");
@@ -317,7 +339,10 @@ __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src,
         if (j + 3 < Nk) v.w = load_scalar(src, off + 3 * sn, is_f32, kIsBf16);
       }
     }
-    v.x *= mult; v.y *= mult; v.z *= mult; v.w *= mult;
+    v.x *= mult;
+    v.y *= mult;
+    v.z *= mult;
+    v.w *= mult;
     *reinterpret_cast<float4*>(dst + r * Tr::kBN + (cc ^ bias_swizzle<Tr::kBN>(r))) = v;
   }
 }
@@ -326,8 +351,8 @@ __device__ __forceinline__ void stage_bias_tile_vec(float* dst, const void* src,
 // barriers (as stage_bias, which it calls for the scalar mode). mode: FwdParams::bias_mode (is_f32
 // and the vector-load permission packed into one argument).
 template <class Tr>
-__device__ __noinline__ void stage_bias_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn,
-                                            int m0, int n0, int Nq, int Nk, int mode, float mult, int tid) {
+__device__ __noinline__ void stage_bias_vec(float* dst, const void* src, int64_t base, int64_t sm, int64_t sn, int m0,
+                                            int n0, int Nq, int Nk, int mode, float mult, int tid) {
   stage_bias_tile_vec<Tr>(dst, src, base, sm, sn, m0, n0, Nq, Nk, mode & 1, mode & 4, mult, tid);
 }
 
@@ -353,7 +378,7 @@ constexpr int bias_smem_bytes(bool has_bias, bool has_bias_t) {
 struct FwdBiasTiles {
   bool has_bias, has_bias_t;
   float *bias, *bias_t;
-  int64_t base, base_t;   // element offsets of this (b, h) in bias, bias_t
+  int64_t base, base_t;  // element offsets of this (b, h) in bias, bias_t
 };
 
 template <class Tr>
@@ -373,7 +398,7 @@ __device__ __forceinline__ FwdBiasTiles fwd_bias_tiles(const FwdParams p, unsign
 template <typename T>
 struct FwdBlock {
   int bh, b, h, m0;
-  int off;            // Nk − Nq: with causal, key j is visible to row i iff j <= i + off
+  int off;  // Nk − Nq: with causal, key j is visible to row i iff j <= i + off
   int n_tiles;
   const T *q, *k, *v, *q_t, *k_t, *v_t;
 };
@@ -416,19 +441,18 @@ __device__ __forceinline__ void zero_accumulators(float (&acc_o)[kNTO][4], float
 // ṡ ← ṡ·scale + bias_t.
 template <bool kJvp, int kBN, bool kSwizzle, int kNT, int kNTd>
 __device__ __forceinline__ void scores_to_log2(float (&s)[kNT][4], float (&sd)[kNTd][4], const FwdParams p,
-                                               bool has_bias, const float* sBias, bool has_bias_t,
-                                               const float* sBiasT, int row_in_cta, int m0, int n0, int off,
-                                               bool need_mask, int c) {
+                                               bool has_bias, const float* sBias, bool has_bias_t, const float* sBiasT,
+                                               int row_in_cta, int m0, int n0, int off, bool need_mask, int c) {
   // The tiles' column swizzle (kSwizzle and vector staging, else 0): rows ri ≡ row_in_cta (mod 4) share it.
   const int bias_x = kSwizzle && p.bias_stage ? bias_swizzle<kBN>(row_in_cta) : 0;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int ri = row_in_cta + 8 * (e / 2);            // row inside the CTA tile
-      const int jl = nt * 8 + 2 * c + (e % 2);            // key inside the tile
+      const int ri = row_in_cta + 8 * (e / 2);  // row inside the CTA tile
+      const int jl = nt * 8 + 2 * c + (e % 2);  // key inside the tile
       float x = s[nt][e] * p.scale_log2;
-      if (has_bias) x += bias_at<kSwizzle>(sBias, ri * kBN, nt * 8 + 2 * c, e % 2, bias_x);   // in log2 units
+      if (has_bias) x += bias_at<kSwizzle>(sBias, ri * kBN, nt * 8 + 2 * c, e % 2, bias_x);  // in log2 units
       if (need_mask) {
         const int i = m0 + ri, j = n0 + jl;
         if ((j >= p.Nk) || (p.causal && j > i + off)) x = -INFINITY;
@@ -454,10 +478,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[kNT][4], float (&sd)[k
     float mx = row_max[rr];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));   // the 4 lanes of a quad share a row
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_use = (mx == -INFINITY) ? 0.f : mx;       // row fully masked so far
-    alpha[rr] = exp2f(row_max[rr] - m_use);                 // exp2(-inf) = 0 on the first hit
+    const float m_use = (mx == -INFINITY) ? 0.f : mx;  // row fully masked so far
+    alpha[rr] = exp2f(row_max[rr] - m_use);            // exp2(-inf) = 0 on the first hit
     row_max[rr] = mx;
     float ps = 0.f, hs = 0.f;
 #pragma unroll
@@ -468,9 +492,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[kNT][4], float (&sd)[k
         s[nt][e] = pe;
         ps += pe;
         if constexpr (kJvp) {
-          const float he = (pe > 0.f) ? pe * sd[nt][e] : 0.f;   // masked: 0 even if ṡ is inf
+          const float he = (pe > 0.f) ? pe * sd[nt][e] : 0.f;  // masked: 0 even if ṡ is inf
           sd[nt][e] = he;
-          hs += round_to<T>(he);   // what the H·V product reads once pack2 rounds he
+          hs += round_to<T>(he);  // what the H·V product reads once pack2 rounds he
         }
       }
     }
@@ -497,8 +521,8 @@ __device__ __forceinline__ void rescale_accumulators(float (&acc_o)[kNTO][4], fl
 template <typename T, bool kJvp, int kNTO, int kNTOt>
 __device__ __forceinline__ void write_outputs(const FwdParams p, const float (&acc_o)[kNTO][4],
                                               const float (&acc_t)[kNTOt][4], const float (&row_max)[2],
-                                              const float (&row_sum)[2], const float (&row_r)[2],
-                                              int qrow0, int bh, int b, int h, int c) {
+                                              const float (&row_sum)[2], const float (&row_r)[2], int qrow0, int bh,
+                                              int b, int h, int c) {
   const int qrow[2] = {qrow0, qrow0 + 8};
   constexpr float kLn2 = 0.6931471805599453f;
   float inv_l[2], mu[2];
@@ -525,7 +549,7 @@ __device__ __forceinline__ void write_outputs(const FwdParams p, const float (&a
 #pragma unroll
   for (int nt = 0; nt < kNTO; ++nt) {
     const int col = nt * 8 + 2 * c;
-    if (col >= p.d_v) continue;            // d_v % 8 == 0: the pair is all in or all out
+    if (col >= p.d_v) continue;  // d_v % 8 == 0: the pair is all in or all out
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int i = qrow[rr];
@@ -545,8 +569,7 @@ __device__ __forceinline__ void write_outputs(const FwdParams p, const float (&a
 // The kernel.
 // ----------------------------------------------------------------------------------------------
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads)
-attention_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const FwdParams p) {
   using T = typename Tr::T;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN;
   constexpr int kDqk = Tr::kDqk, kDv = Tr::kDv, kSqk = Tr::kStrideQK, kSv = Tr::kStrideV;
@@ -555,8 +578,8 @@ attention_fwd_kernel(const FwdParams p) {
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sQt = sQ + Tr::kQElems;                          // valid only if kJvp
-  T* sKV = sQ + Tr::kQTiles * Tr::kQElems;            // stage s: sKV + s*kStageElems, then K, V, K̇, V̇
+  T* sQt = sQ + Tr::kQElems;                // valid only if kJvp
+  T* sKV = sQ + Tr::kQTiles * Tr::kQElems;  // stage s: sKV + s*kStageElems, then K, V, K̇, V̇
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
@@ -578,8 +601,7 @@ attention_fwd_kernel(const FwdParams p) {
 
   // Prologue: Q (+Q̇) and the first K/V tile form commit group 0.
   load_tile<Tr, kBM, kDqk, kSqk>(sQ, gQ + m0 * p.q_sn, (int)p.q_sn, p.Nq - m0, p.d_qk, tid);
-  if constexpr (kJvp)
-    load_tile<Tr, kBM, kDqk, kSqk>(sQt, gQt + m0 * p.qt_sn, (int)p.qt_sn, p.Nq - m0, p.d_qk, tid);
+  if constexpr (kJvp) load_tile<Tr, kBM, kDqk, kSqk>(sQt, gQt + m0 * p.qt_sn, (int)p.qt_sn, p.Nq - m0, p.d_qk, tid);
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -587,11 +609,11 @@ attention_fwd_kernel(const FwdParams p) {
   float acc_o[Tr::kNTileO][4];
   float acc_t[kJvp ? Tr::kNTileO : 1][4];
   zero_accumulators<kJvp>(acc_o, acc_t);
-  float row_max[2] = {-INFINITY, -INFINITY};   // running max, base-2 units
-  float row_sum[2] = {0.f, 0.f};               // this thread's partial ℓ (quad-reduced at the end)
-  float row_r[2] = {0.f, 0.f};                 // this thread's partial r
+  float row_max[2] = {-INFINITY, -INFINITY};  // running max, base-2 units
+  float row_sum[2] = {0.f, 0.f};              // this thread's partial ℓ (quad-reduced at the end)
+  float row_r[2] = {0.f, 0.f};                // this thread's partial r
 
-  const int row_in_cta = 16 * warp + g;       // + 8 for the second row
+  const int row_in_cta = 16 * warp + g;  // + 8 for the second row
 
   const FwdBiasTiles bias = fwd_bias_tiles<Tr>(p, smem_raw + Tr::kSmemBytes, b, h);
 
@@ -602,11 +624,13 @@ attention_fwd_kernel(const FwdParams p) {
     cp_async_commit();
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
     // Scalar staging whatever FASTCM_ATTN_BIAS_STAGE says (see the bias staging modes above).
-    if (bias.has_bias) stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk,
-                                      p.bias_is_f32, kLog2e, tid);
-    if (bias.has_bias_t) stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq,
-                                        p.Nk, p.bias_t_is_f32, 1.f, tid);
-    cp_async_wait<1>();        // everything but the group just committed has landed
+    if (bias.has_bias)
+      stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32, kLog2e,
+                     tid);
+    if (bias.has_bias_t)
+      stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_t_is_f32,
+                     1.f, tid);
+    cp_async_wait<1>();  // everything but the group just committed has landed
     __syncthreads();
 
     const T* sK = sKV + stage * Tr::kStageElems;
@@ -660,8 +684,8 @@ attention_fwd_kernel(const FwdParams p) {
     // they stay written out: behind a helper ptxas spills 44 B in the sm_90a build of the d = 128
     // JVP kernel.)
     const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
-    scores_to_log2<kJvp, kBN, false>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
-                              off, need_mask, c);
+    scores_to_log2<kJvp, kBN, false>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0,
+                                     n0, off, need_mask, c);
     float alpha[2];
     online_softmax<T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);
     rescale_accumulators<kJvp>(acc_o, acc_t, alpha);
@@ -696,7 +720,7 @@ attention_fwd_kernel(const FwdParams p) {
         }
       }
     }
-    __syncthreads();   // all warps are done with this stage before it is refilled
+    __syncthreads();  // all warps are done with this stage before it is refilled
   }
   cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
 

@@ -17,7 +17,7 @@ template <typename Kernel>
 void set_dynamic_smem(Kernel kernel, int smem, const char* family, int kdqk, int kdv, bool jvp) {
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr == cudaSuccess) return;
-  (void)cudaGetLastError();   // clear the (non-sticky) error before reporting our own
+  (void)cudaGetLastError();  // clear the (non-sticky) error before reporting our own
   int dev = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -33,8 +33,7 @@ template <class Tr, typename Kernel, typename... Extra>
 void launch_fwd_grid(Kernel kernel, FwdParams p, int smem, cudaStream_t stream, const Extra&... extra) {
   p.num_m_blocks = (p.Nq + Tr::kBM - 1) / Tr::kBM;
   const int64_t grid = (int64_t)p.num_m_blocks * p.B * p.H;
-  TORCH_CHECK(grid <= 0x7fffffff, "fastcm attention: too many query tiles (B*H*ceil(Nq/", Tr::kBM, ") = ",
-              grid, ")");
+  TORCH_CHECK(grid <= 0x7fffffff, "fastcm attention: too many query tiles (B*H*ceil(Nq/", Tr::kBM, ") = ", grid, ")");
   kernel<<<(unsigned)grid, Tr::kThreads, smem, stream>>>(p, extra...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -42,8 +41,8 @@ void launch_fwd_grid(Kernel kernel, FwdParams p, int smem, cudaStream_t stream, 
 // A forward kernel whose dynamic shared memory is Tr::kSmemBytes plus the call's bias tiles: raise
 // its limit (errors name `family` and the padded head dims), then launch it over the grid.
 template <class Tr, typename Kernel, typename... Extra>
-void launch_fwd_kernel(Kernel kernel, const char* family, int kdqk, int kdv, const FwdParams& p,
-                       cudaStream_t stream, const Extra&... extra) {
+void launch_fwd_kernel(Kernel kernel, const char* family, int kdqk, int kdv, const FwdParams& p, cudaStream_t stream,
+                       const Extra&... extra) {
   const int smem = Tr::kSmemBytes + bias_smem_bytes<Tr>(p.bias != nullptr, p.bias_t != nullptr);
   set_dynamic_smem(kernel, smem, family, kdqk, kdv, Tr::kJvp);
   launch_fwd_grid<Tr>(kernel, p, smem, stream, extra...);
@@ -62,11 +61,13 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 // (the padded columns only cost in the P·V products, ≤ 1/3 of the FLOPs there).
 template <typename T>
 void launch_fwd_dispatch(const FwdParams& p, int kdqk, int kdv, bool jvp, cudaStream_t stream) {
-#define FASTCM_FWD_CASE(KDQK, KDV)                                \
-  if (kdqk == KDQK && kdv == KDV) {                               \
-    if (jvp) launch_fwd<T, KDQK, KDV, true>(p, stream);           \
-    else launch_fwd<T, KDQK, KDV, false>(p, stream);              \
-    return;                                                       \
+#define FASTCM_FWD_CASE(KDQK, KDV)                \
+  if (kdqk == KDQK && kdv == KDV) {               \
+    if (jvp)                                      \
+      launch_fwd<T, KDQK, KDV, true>(p, stream);  \
+    else                                          \
+      launch_fwd<T, KDQK, KDV, false>(p, stream); \
+    return;                                       \
   }
   FASTCM_FWD_CASE(32, 32)
   FASTCM_FWD_CASE(64, 64)

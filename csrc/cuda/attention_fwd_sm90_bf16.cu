@@ -4,6 +4,6 @@
 namespace fastcm {
 namespace attn {
 template void launch_fwd_sm90_dispatch<__nv_bfloat16>(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel,
-                                                    bool q_regs, cudaStream_t stream);
+                                                      bool q_regs, cudaStream_t stream);
 }  // namespace attn
 }  // namespace fastcm

@@ -3,7 +3,7 @@
 
 namespace fastcm {
 namespace attn {
-template void launch_fwd_sm90_dispatch<__half>(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel,
-                                                    bool q_regs, cudaStream_t stream);
+template void launch_fwd_sm90_dispatch<__half>(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, bool q_regs,
+                                               cudaStream_t stream);
 }  // namespace attn
 }  // namespace fastcm

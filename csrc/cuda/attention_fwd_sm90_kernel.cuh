@@ -51,10 +51,10 @@ struct FwdSm90Traits {
   // Accumulator registers per thread: A, T = kD/2 each, S, Ṡ = BN/2 each. JVP at kD = 128 with
   // BN = 64 is 192 (plus the P, H fragments, which reuse S, Ṡ once converted); BN = 128 would be 256.
   static constexpr int kBN = kJvp ? 64 : 128;
-  static constexpr int kPanels = kD / 64;                     // 128-byte swizzle rows per tile row
-  static constexpr int kQBytes = kBM * kD * 2;                // one Q-like tile
-  static constexpr int kKVBytes = kBN * kD * 2;               // one K-, V-, K̇- or V̇-like tile
-  static constexpr int kQTiles = kJvp ? 2 : 1;                // Q, Q̇
+  static constexpr int kPanels = kD / 64;        // 128-byte swizzle rows per tile row
+  static constexpr int kQBytes = kBM * kD * 2;   // one Q-like tile
+  static constexpr int kKVBytes = kBN * kD * 2;  // one K-, V-, K̇- or V̇-like tile
+  static constexpr int kQTiles = kJvp ? 2 : 1;   // Q, Q̇
   // One ring stage holds K, V (+ K̇, V̇) in this order, each tile 1024-byte aligned.
   static constexpr int kOffV = kKVBytes, kOffKt = 2 * kKVBytes, kOffVt = 3 * kKVBytes;
   static constexpr int kStageBytes = (kJvp ? 4 : 2) * kKVBytes;
@@ -62,8 +62,8 @@ struct FwdSm90Traits {
   // + 1024: the dynamic shared-memory base is only guaranteed 16-byte aligned; the kernel rounds it up.
   // The optional fp32 bias tiles follow (bias_smem_bytes).
   static constexpr int kSmemBytes = kQTiles * kQBytes + kStages * kStageBytes + 1024;
-  static constexpr int kNTileS = kBN / 8;                     // n8 blocks of S per thread
-  static constexpr int kNTileO = kD / 8;                      // n8 blocks of O per thread
+  static constexpr int kNTileS = kBN / 8;  // n8 blocks of S per thread
+  static constexpr int kNTileO = kD / 8;   // n8 blocks of O per thread
   static_assert(kD == 64 || kD == 128, "wgmma kernel head dims");
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles keep the 1024-byte swizzle alignment");
 };
@@ -74,7 +74,8 @@ inline int fwd_sm90_smem_bytes(int kd, bool jvp, bool has_bias, bool has_bias_t)
     using Tr = decltype(tr);
     return Tr::kSmemBytes + bias_smem_bytes<Tr>(has_bias, has_bias_t);
   };
-  if (kd == 64) return jvp ? bytes(FwdSm90Traits<__half, 64, true, true>{}) : bytes(FwdSm90Traits<__half, 64, false, true>{});
+  if (kd == 64)
+    return jvp ? bytes(FwdSm90Traits<__half, 64, true, true>{}) : bytes(FwdSm90Traits<__half, 64, false, true>{});
   return jvp ? bytes(FwdSm90Traits<__half, 128, true, true>{}) : bytes(FwdSm90Traits<__half, 128, false, true>{});
 }
 
@@ -122,8 +123,8 @@ __device__ __forceinline__ void s_chain_k_step(float (&d)[kNT][4], uint32_t a_ba
   sm90::WgmmaSS<T, kNT>::run(d, sm90::desc_sw128(a_base + sw128_k_step(ks, kRows), 16, 1024), desc_b, scale_d);
 }
 template <typename T, int kRows, int kNT, int kKS>
-__device__ __forceinline__ void s_chain_k_step(float (&d)[kNT][4], const uint32_t (&a)[kKS][4], int ks,
-                                               uint64_t desc_b, int scale_d) {
+__device__ __forceinline__ void s_chain_k_step(float (&d)[kNT][4], const uint32_t (&a)[kKS][4], int ks, uint64_t desc_b,
+                                               int scale_d) {
   sm90::WgmmaRS<T, kNT, false>::run(d, a[ks], desc_b, scale_d);
 }
 
@@ -139,7 +140,8 @@ __device__ __forceinline__ void load_a_fragments(uint32_t (&a)[kKS][4], uint32_t
     const int chunk = 2 * (ks % 4) + lane / 16;
     const uint32_t addr = a_base + (ks / 4) * kRows * 128 + row * 128 + ((chunk ^ (row % 8)) * 16);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(a[ks][0]), "=r"(a[ks][1]), "=r"(a[ks][2]), "=r"(a[ks][3]) : "r"(addr));
+                 : "=r"(a[ks][0]), "=r"(a[ks][1]), "=r"(a[ks][2]), "=r"(a[ks][3])
+                 : "r"(addr));
   }
 }
 
@@ -178,7 +180,7 @@ __device__ __forceinline__ void softmax_scores(float (&s)[kNT][4], float (&sd)[k
   constexpr bool kJvp = Tr::kJvp;
   const bool need_mask = (n0 + kBN > p.Nk) || (p.causal && (n0 + kBN - 1 > m0 + off));
   scores_to_log2<kJvp, kBN, true>(s, sd, p, bias.has_bias, bias.bias, bias.has_bias_t, bias.bias_t, row_in_cta, m0, n0,
-                            off, need_mask, c);
+                                  off, need_mask, c);
   online_softmax<typename Tr::T, kJvp>(s, sd, row_max, row_sum, row_r, alpha);
 }
 
@@ -197,8 +199,8 @@ __device__ __forceinline__ void pack_operands(const float (&s)[kNT][4], const fl
 // Issues (and commits) A += P·V and T += P·V̇ + H·V: RS wgmma m64n{kD}k16 over kBN/16 k-steps, V,
 // V̇ read MN-major (k-step kk = 16 keys = 2048 bytes down each panel; panels kBN·128 bytes apart).
 template <class Tr, int kK, int kKh, int kNTO, int kNTOt>
-__device__ __forceinline__ void issue_pv_chain(float (&acc_o)[kNTO][4], float (&acc_t)[kNTOt][4],
-                                               uint32_t (&pa)[kK][4], uint32_t (&ha)[kKh][4], uint32_t k_base) {
+__device__ __forceinline__ void issue_pv_chain(float (&acc_o)[kNTO][4], float (&acc_t)[kNTOt][4], uint32_t (&pa)[kK][4],
+                                               uint32_t (&ha)[kKh][4], uint32_t k_base) {
   using namespace sm90;
   using T = typename Tr::T;
   constexpr int kBN = Tr::kBN;
@@ -222,21 +224,20 @@ __device__ __forceinline__ void issue_pv_chain(float (&acc_o)[kNTO][4], float (&
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads, 1)
-attention_fwd_sm90_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1) attention_fwd_sm90_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   using namespace sm90;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN;
   constexpr bool kJvp = Tr::kJvp;
   constexpr float kLog2e = 1.4426950408889634f;
-  constexpr int kScheduleBarrier = 1;   // named barrier ordering the warpgroups' S chains
+  constexpr int kScheduleBarrier = 1;  // named barrier ordering the warpgroups' S chains
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = swizzle_aligned(smem_raw);
   unsigned char* sQ = smem;
-  unsigned char* sQt = smem + Tr::kQBytes;                  // valid only if kJvp
-  unsigned char* sKV = smem + Tr::kQTiles * Tr::kQBytes;    // stage s: sKV + s·kStageBytes
+  unsigned char* sQt = smem + Tr::kQBytes;                // valid only if kJvp
+  unsigned char* sKV = smem + Tr::kQTiles * Tr::kQBytes;  // stage s: sKV + s·kStageBytes
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // Broadcast from lane 0: the compiler then knows wg is warp-uniform, and the descriptors built
@@ -271,7 +272,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
   float row_r[2] = {0.f, 0.f};
-  const int row_in_cta = 16 * warp + lane / 4;        // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
+  const int row_in_cta = 16 * warp + lane / 4;  // = 64·wg + 16·(warp % 4) + g; + 8 for the second row
 
   // Optional fp32 bias tiles after the ring; kBias = false compiles them out.
   static_assert((Tr::kQTiles * Tr::kQBytes + Tr::kStages * Tr::kStageBytes) % 16 == 0, "bias tiles 16-byte aligned");
@@ -279,7 +280,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
 
-  const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;   // this warpgroup's 64 query rows
+  const uint32_t q_base = smem_addr(sQ) + wg * 64 * 128;  // this warpgroup's 64 query rows
   const uint32_t qt_base = smem_addr(sQt) + wg * 64 * 128;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -289,18 +290,22 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     // The barrier below publishes the bias tiles; the one after the previous tile retired their readers.
     // (FASTCM_ATTN_BIAS_STAGE: p.bias_stage is uniform over the call; see stage_bias_vec.)
     if (bias.has_bias) {
-      if (p.bias_stage) stage_bias_vec<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq,
-                                                 p.Nk, p.bias_mode, kLog2e, tid);
-      else stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32,
-                          kLog2e, tid);
+      if (p.bias_stage)
+        stage_bias_vec<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_mode,
+                           kLog2e, tid);
+      else
+        stage_bias<Tr>(bias.bias, p.bias, bias.base, p.b_sm, p.b_sn, m0, tile * kBN, p.Nq, p.Nk, p.bias_is_f32, kLog2e,
+                       tid);
     }
     if (bias.has_bias_t) {
-      if (p.bias_stage) stage_bias_vec<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0,
-                                                 tile * kBN, p.Nq, p.Nk, p.bias_t_mode, 1.f, tid);
-      else stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
-                          p.bias_t_is_f32, 1.f, tid);
+      if (p.bias_stage)
+        stage_bias_vec<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
+                           p.bias_t_mode, 1.f, tid);
+      else
+        stage_bias<Tr>(bias.bias_t, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, tile * kBN, p.Nq, p.Nk,
+                       p.bias_t_is_f32, 1.f, tid);
     }
-    cp_async_wait<1>();        // everything but the group just committed has landed
+    cp_async_wait<1>();  // everything but the group just committed has landed
     fence_proxy_async();
     __syncthreads();
 
@@ -309,7 +314,7 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     float sd[kJvp ? Tr::kNTileS : 1][4];
     fence_regs(s);
     if constexpr (kJvp) fence_regs(sd);
-    if (wg == 1) named_barrier_sync(kScheduleBarrier, Tr::kThreads);   // after WG0 has issued its S chain
+    if (wg == 1) named_barrier_sync(kScheduleBarrier, Tr::kThreads);  // after WG0 has issued its S chain
     issue_s_chain<Tr>(s, sd, q_base, qt_base, k_base);
     if (wg == 0) named_barrier_arrive(kScheduleBarrier, Tr::kThreads);
     wgmma_wait<0>();
@@ -326,13 +331,13 @@ attention_fwd_sm90_kernel(const FwdParams p) {
     wgmma_wait<0>();
     fence_regs(acc_o);
     if constexpr (kJvp) fence_regs(acc_t);
-    __syncthreads();   // both warpgroups are done with this stage before it is refilled
+    __syncthreads();  // both warpgroups are done with this stage before it is refilled
   }
   cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles == 0 leaves Q's group)
 
   write_outputs<T, kJvp>(p, acc_o, acc_t, row_max, row_sum, row_r, m0 + row_in_cta, bh, b, h, c);
 #else
-  __trap();   // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
+  __trap();  // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
 #endif
 }
 

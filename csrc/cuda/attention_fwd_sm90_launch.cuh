@@ -28,8 +28,8 @@ void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, attention_fwd_sm90_ws_kernel<Tr>));
     return attr.numRegs;
   }();
-  TORCH_CHECK(launch_regs >= Tr::kLaunchRegs, "fastcm attention (CUDA): the TMA kernel was compiled with ",
-              launch_regs, " registers per thread, fewer than the ", Tr::kLaunchRegs,
+  TORCH_CHECK(launch_regs >= Tr::kLaunchRegs, "fastcm attention (CUDA): the TMA kernel was compiled with ", launch_regs,
+              " registers per thread, fewer than the ", Tr::kLaunchRegs,
               " its setmaxnreg split needs (it would hang); FASTCM_ATTN_SM90_TMA=0 selects the cp.async kernel");
   FwdTmaMaps maps{};
   maps.q = tma_map_4d(p.q, bf16, p.B, p.H, p.Nq, p.d_qk, p.q_sb, p.q_sh, p.q_sn, Tr::kBM);
@@ -48,13 +48,18 @@ void launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
 template <typename T, int kD, bool kJvp, bool kOverlap>
 void launch_fwd_sm90_ws_q(const FwdParams& p, bool q_regs, cudaStream_t stream) {
   const bool bias = p.bias != nullptr || (kJvp && p.bias_t != nullptr);
-  TORCH_CHECK(kD == 64 || (!q_regs && !bias),
-              "fastcm attention (CUDA): Q in registers and bias tiles in the TMA kernel only at d 64 (host plan error)");
+  TORCH_CHECK(
+      kD == 64 || (!q_regs && !bias),
+      "fastcm attention (CUDA): Q in registers and bias tiles in the TMA kernel only at d 64 (host plan error)");
   if constexpr (kD == 64) {
-    if (q_regs && bias) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true, true>(p, stream);
-    else if (q_regs) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true, false>(p, stream);
-    else if (bias) launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, true>(p, stream);
-    else launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, false>(p, stream);
+    if (q_regs && bias)
+      launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true, true>(p, stream);
+    else if (q_regs)
+      launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, true, false>(p, stream);
+    else if (bias)
+      launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, true>(p, stream);
+    else
+      launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, false>(p, stream);
   } else {
     launch_fwd_sm90_ws<T, kD, kJvp, kOverlap, false, false>(p, stream);
   }
@@ -67,7 +72,8 @@ void launch_fwd_sm90_variant(const FwdParams& p, Sm90Kernel kernel, bool q_regs,
     launch_fwd_sm90_ws_q<T, kD, kJvp, false>(p, q_regs, stream);
   } else if (kernel == Sm90Kernel::kTmaOverlap) {
     // S, Ṡ of one tile and P, H of the previous one do not fit the consumers' 240 registers at d 128 JVP.
-    TORCH_CHECK(!(kD == 128 && kJvp), "fastcm attention (CUDA): no overlapped TMA kernel for d 128 JVP (host plan error)");
+    TORCH_CHECK(!(kD == 128 && kJvp),
+                "fastcm attention (CUDA): no overlapped TMA kernel for d 128 JVP (host plan error)");
     if constexpr (!(kD == 128 && kJvp)) launch_fwd_sm90_ws_q<T, kD, kJvp, true>(p, q_regs, stream);
   } else if (bias) {
     launch_fwd_sm90<T, kD, kJvp, true>(p, stream);
@@ -80,11 +86,15 @@ template <typename T>
 void launch_fwd_sm90_dispatch(const FwdParams& p, int kd, bool jvp, Sm90Kernel kernel, bool q_regs,
                               cudaStream_t stream) {
   if (kd == 64) {
-    if (jvp) launch_fwd_sm90_variant<T, 64, true>(p, kernel, q_regs, stream);
-    else launch_fwd_sm90_variant<T, 64, false>(p, kernel, q_regs, stream);
+    if (jvp)
+      launch_fwd_sm90_variant<T, 64, true>(p, kernel, q_regs, stream);
+    else
+      launch_fwd_sm90_variant<T, 64, false>(p, kernel, q_regs, stream);
   } else if (kd == 128) {
-    if (jvp) launch_fwd_sm90_variant<T, 128, true>(p, kernel, q_regs, stream);
-    else launch_fwd_sm90_variant<T, 128, false>(p, kernel, q_regs, stream);
+    if (jvp)
+      launch_fwd_sm90_variant<T, 128, true>(p, kernel, q_regs, stream);
+    else
+      launch_fwd_sm90_variant<T, 128, false>(p, kernel, q_regs, stream);
   } else {
     TORCH_CHECK(false, "fastcm attention (CUDA): no sm_90a forward kernel for padded head dim ", kd,
                 "; compiled: 64, 128");

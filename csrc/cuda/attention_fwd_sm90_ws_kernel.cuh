@@ -51,15 +51,15 @@ struct FwdSm90WsTraits : FwdSm90Traits<T_, kD_, kJvp_, false> {
   static constexpr bool kBias = kBias_;
   static_assert(!kQRegs_ || kD_ == 64, "Q in registers only at d = 64");
   static_assert(!kBias_ || kD_ == 64, "bias tiles in the TMA kernel only at d = 64");
-  static constexpr int kConsumerThreads = Base::kThreads;   // 2 warpgroups
+  static constexpr int kConsumerThreads = Base::kThreads;  // 2 warpgroups
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
-  static constexpr int kThreads = kConsumerThreads + 128;    // + the producer warpgroup
+  static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
   // Stages: 3 (d = 64: 3 × 32 KB; d = 128 primal: 3 × 64 KB, 225 KB in all), 2 for d = 128 JVP,
   // whose 64 KB stages leave room for only two next to Q, Q̇. Three let the producer refill one
   // stage while the overlapped loop still holds the other two (tile j's S, tile j − 1's P·V).
   static constexpr int kStages = (kD_ == 128 && kJvp_) ? 2 : 3;
   static constexpr int kTileBytes = Base::kQTiles * Base::kQBytes + kStages * Base::kStageBytes;
-  static constexpr int kBarriers = 1 + 3 * kStages;           // q_full, k_full[], v_full[], empty[]
+  static constexpr int kBarriers = 1 + 3 * kStages;  // q_full, k_full[], v_full[], empty[]
   // + 1024: the dynamic shared-memory base is realigned to the 1024-byte swizzle period.
   static constexpr int kSmemBytes = kTileBytes + 8 * kBarriers + 1024;
   // 128·24 + 256·240 = 64512 of the 65536 registers; the launch gives each thread 168.
@@ -99,20 +99,20 @@ struct FwdTmaMaps {
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
-attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
+    attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   using namespace sm90;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kStages = Tr::kStages;
   constexpr bool kJvp = Tr::kJvp;
-  constexpr int kTurnBarrier = 1;   // named barriers 1, 2: warpgroup 0's, 1's turn to issue its S chain
-  constexpr int kBiasBarrier = 3;   // kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows staged
+  constexpr int kTurnBarrier = 1;  // named barriers 1, 2: warpgroup 0's, 1's turn to issue its S chain
+  constexpr int kBiasBarrier = 3;  // kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows staged
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = swizzle_aligned(smem_raw);
   const uint32_t sQ = smem_addr(smem);
-  const uint32_t sQt = sQ + Tr::kQBytes;                    // valid only if kJvp
-  const uint32_t sKV = sQ + Tr::kQTiles * Tr::kQBytes;      // stage s: sKV + s·kStageBytes
+  const uint32_t sQt = sQ + Tr::kQBytes;                // valid only if kJvp
+  const uint32_t sKV = sQ + Tr::kQTiles * Tr::kQBytes;  // stage s: sKV + s·kStageBytes
   const uint32_t q_full = sQ + Tr::kTileBytes;
   auto k_full = [&](int s) { return q_full + 8 * (1 + s); };
   auto v_full = [&](int s) { return q_full + 8 * (1 + kStages + s); };
@@ -202,7 +202,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
     if constexpr (kJvp) fence_regs(acc_t);
     fence_regs(pa);
     if constexpr (kJvp) fence_regs(ha);
-    if (lane == 0) mbar_arrive(empty(stage_of(tile)));   // this warp's reads of the stage are complete
+    if (lane == 0) mbar_arrive(empty(stage_of(tile)));  // this warp's reads of the stage are complete
   };
 
   // Wait for the tile's K (+ K̇), take this warpgroup's turn, issue its S chain.
@@ -211,8 +211,10 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
     if constexpr (kJvp) fence_regs(sd);
     mbar_wait_warp(k_full(stage_of(tile)), parity_of(tile));
     named_barrier_sync(kTurnBarrier + wg, Tr::kConsumerThreads);
-    if constexpr (Tr::kQRegs) issue_s_chain<Tr>(sc, sd, qa, qta, stage_base(tile));
-    else issue_s_chain<Tr>(sc, sd, q_base, qt_base, stage_base(tile));
+    if constexpr (Tr::kQRegs)
+      issue_s_chain<Tr>(sc, sd, qa, qta, stage_base(tile));
+    else
+      issue_s_chain<Tr>(sc, sd, q_base, qt_base, stage_base(tile));
   };
   // The other warpgroup's turn; WG1's last turn goes to nobody (WG0 has no S chain left).
   auto hand_over = [&](int tile) {
@@ -230,18 +232,20 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       // The staging mode is uniform over the call (FASTCM_ATTN_BIAS_STAGE; attention_fwd_kernel.cuh).
       if (p.bias_stage) {
         if (bias.has_bias)
-          stage_bias_tile_vec<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0, p.Nq,
-                                          p.Nk, p.bias_is_f32, p.bias_mode & 4, 1.4426950408889634f, t);
+          stage_bias_tile_vec<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0, p.Nq, p.Nk,
+                                    p.bias_is_f32, p.bias_mode & 4, 1.4426950408889634f, t);
         if (bias.has_bias_t)
-          stage_bias_tile_vec<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, n0,
-                                          p.Nq, p.Nk, p.bias_t_is_f32, p.bias_t_mode & 4, 1.f, t);
+          stage_bias_tile_vec<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, n0, p.Nq,
+                                    p.Nk, p.bias_t_is_f32, p.bias_t_mode & 4, 1.f, t);
       } else {
-        if (bias.has_bias) stage_bias_tile<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0,
-                                                 p.Nq, p.Nk, p.bias_is_f32, 1.4426950408889634f, t);
-        if (bias.has_bias_t) stage_bias_tile<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm,
-                                                   p.bt_sn, m0, n0, p.Nq, p.Nk, p.bias_t_is_f32, 1.f, t);
+        if (bias.has_bias)
+          stage_bias_tile<Rows>(bias.bias + 64 * wg * kBN, p.bias, bias.base, p.b_sm, p.b_sn, m0, n0, p.Nq, p.Nk,
+                                p.bias_is_f32, 1.4426950408889634f, t);
+        if (bias.has_bias_t)
+          stage_bias_tile<Rows>(bias.bias_t + 64 * wg * kBN, p.bias_t, bias.base_t, p.bt_sm, p.bt_sn, m0, n0, p.Nq,
+                                p.Nk, p.bias_t_is_f32, 1.f, t);
       }
-      named_barrier_sync(kBiasBarrier + wg, 128);   // published to the warpgroup
+      named_barrier_sync(kBiasBarrier + wg, 128);  // published to the warpgroup
     }
   };
   auto softmax = [&](int tile, auto& sc, auto& sd, float (&alpha)[2]) {
@@ -251,7 +255,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
   };
 
   if (n_tiles > 0) {
-    if (wg == 1) named_barrier_arrive(kTurnBarrier, Tr::kConsumerThreads);   // WG0 issues first
+    if (wg == 1) named_barrier_arrive(kTurnBarrier, Tr::kConsumerThreads);  // WG0 issues first
     mbar_wait_warp(q_full, 0);
     if constexpr (Tr::kQRegs) {
       load_a_fragments<kBM>(qa, q_base, warp % 4, lane);
@@ -276,12 +280,12 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
       float sc[Tr::kNTileS][4], sd[kJvp ? Tr::kNTileS : 1][4];
       issue_s(tile, sc, sd);
       rescale_accumulators<kJvp>(acc_o, acc_t, alpha_prev);
-      issue_pv(tile - 1);                   // runs under this tile's softmax
+      issue_pv(tile - 1);  // runs under this tile's softmax
       hand_over(tile);
       stage_bias_rows(tile);
-      wgmma_wait<1>();                      // the S chain, committed first, is complete
+      wgmma_wait<1>();  // the S chain, committed first, is complete
       softmax(tile, sc, sd, alpha_prev);
-      wgmma_wait<0>();                      // the fragments are free again
+      wgmma_wait<0>();  // the fragments are free again
       retire_pv(tile - 1);
       pack_operands<Tr>(sc, sd, pa, ha);
     }
@@ -309,7 +313,7 @@ attention_fwd_sm90_ws_kernel(const FwdParams p, const __grid_constant__ FwdTmaMa
 
   write_outputs<T, kJvp>(p, acc_o, acc_t, row_max, row_sum, row_r, blk.m0 + row_in_cta, blk.bh, blk.b, blk.h, c);
 #else
-  __trap();   // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
+  __trap();  // launched only on sm_90 devices, from a build with sm_90a code (FASTCM_WITH_SM90A)
 #endif
 }
 

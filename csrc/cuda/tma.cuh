@@ -22,18 +22,21 @@ namespace sm90 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 // Makes the initialised barriers visible to the async proxy (the TMA unit) before first use.
-__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
 
 // One arrival that also announces `bytes` of TMA transactions for the current phase.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n"
-               :: "r"(bar), "r"(bytes) : "memory");
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" :: "r"(bar) : "memory");
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
 }
 // Blocks until the phase with this parity has completed (acquire: the bytes it counted are visible).
 // The retry loop is inside the asm (a predicate and a branch back to a label local to the braces):
@@ -48,7 +51,9 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "fastcm_mbar_retry:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
       "@!ready bra fastcm_mbar_retry;\n"
-      "}\n" :: "r"(bar), "r"(parity) : "memory");
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
 }
 // mbar_wait for a whole warp (every lane waits): the warp is converged when it returns.
 __device__ __forceinline__ void mbar_wait_warp(uint32_t bar, uint32_t parity) {
@@ -61,16 +66,22 @@ __device__ __forceinline__ void mbar_wait_warp(uint32_t bar, uint32_t parity) {
 // and counted too).
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
                                             uint32_t bar) {
-  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
-               :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
 }
 
 // Re-partitions the register file between warpgroups (every warp of a warpgroup runs the same one).
 template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kRegs)); }
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kRegs)); }
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -82,7 +93,9 @@ __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.
 // base 16-byte aligned and every stride of a dimension longer than 1 a positive multiple of 8
 // elements (tma_strides_ok); a stride of a length-1 dimension is not used and is replaced.
 inline bool tma_strides_ok(int64_t sb, int64_t sh, int64_t sn, int64_t B, int64_t heads, int64_t rows) {
-  auto ok = [](int64_t stride, int64_t size) { return size <= 1 || (stride > 0 && stride % 8 == 0 && stride < (int64_t(1) << 39)); };
+  auto ok = [](int64_t stride, int64_t size) {
+    return size <= 1 || (stride > 0 && stride % 8 == 0 && stride < (int64_t(1) << 39));
+  };
   return ok(sb, B) && ok(sh, heads) && ok(sn, rows);
 }
 
@@ -108,10 +121,10 @@ inline CUtensorMap tma_map_4d(const void* base, bool bf16, int64_t B, int64_t he
   const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
-  const CUresult r = encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                            const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+             const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, "fastcm attention (CUDA): cuTensorMapEncodeTiled failed (CUresult ", (int)r,
               ") for a (", B, ", ", heads, ", ", rows, ", ", cols, ") tensor with strides (", sb, ", ", sh, ", ", sn,
               ", 1), box rows ", box_rows);

@@ -66,30 +66,34 @@ def attention(q, k, v, *, scale=None, causal=False, attn_bias=None, return_lse=F
     return out, lse.squeeze(-1)
 
 
-def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias=None, bias_t=None,
-                  return_lse=False):
+def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None, causal=False, attn_bias=None, bias_t=None, return_lse=False):
     """(O, Ȯ) or (O, Ȯ, LSE, μ): attention and its tangent along (q_t, k_t, v_t, bias_t), by
     torch.func.jvp of `attention`. A tangent given as None is zero; a boolean attn_bias has no
     tangent."""
     q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
     float_bias = attn_bias is not None and attn_bias.dtype != torch.bool
     if bias_t is not None and float_bias:
+
         def fn(q_, k_, v_, b_):
             return attention(q_, k_, v_, scale=scale, causal=causal, attn_bias=b_, return_lse=True)
+
         # Forward-mode AD needs primal and tangent with one dense layout (no broadcast views).
         shape = torch.broadcast_shapes(attn_bias.shape, bias_t.shape)
         primals = (q, k, v, attn_bias.expand(shape).contiguous())
         tangents = (q_t, k_t, v_t, bias_t.expand(shape).contiguous())
     else:
+
         def fn(q_, k_, v_):
             return attention(q_, k_, v_, scale=scale, causal=causal, attn_bias=attn_bias, return_lse=True)
+
         primals, tangents = (q, k, v), (q_t, k_t, v_t)
     (out, lse), (out_t, lse_t) = torch.func.jvp(fn, primals, tangents)
     return (out, out_t, lse, lse_t) if return_lse else (out, out_t)
 
 
-def attention_jvp_backward(q, k, v, q_t, k_t, v_t, grad_out_t, grad_lse_t, *, scale=None, causal=False,
-                           attn_bias=None, bias_t=None):
+def attention_jvp_backward(
+    q, k, v, q_t, k_t, v_t, grad_out_t, grad_lse_t, *, scale=None, causal=False, attn_bias=None, bias_t=None
+):
     """Gradients of a loss L on the tangents (Ȯ, μ) of attention, given gȮ = ∂L/∂Ȯ and
     gμ = ∂L/∂μ, w.r.t. every input of attention_jvp. With S = scale·QKᵀ + b (masked: -inf),
     P = softmax(S), O = PV, Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ) + ḃ, μ = rowsum(P⊙Ṡ), Ṗ = P⊙(Ṡ − μ),
@@ -113,8 +117,9 @@ def attention_jvp_backward(q, k, v, q_t, k_t, v_t, grad_out_t, grad_lse_t, *, sc
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     groups = q.shape[1] // k.shape[1]
     q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
-    out, out_t, lse, lse_t = attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
-                                           attn_bias=attn_bias, bias_t=bias_t, return_lse=True)
+    out, out_t, lse, lse_t = attention_jvp(
+        q, k, v, q_t, k_t, v_t, scale=scale, causal=causal, attn_bias=attn_bias, bias_t=bias_t, return_lse=True
+    )
     grad_out_t = torch.zeros_like(out_t) if grad_out_t is None else grad_out_t
     grad_lse_t = torch.zeros_like(lse_t) if grad_lse_t is None else grad_lse_t
     k_all, v_all, k_t_all, v_t_all = (t.repeat_interleave(groups, dim=1) for t in (k, v, k_t, v_t))
@@ -129,8 +134,7 @@ def attention_jvp_backward(q, k, v, q_t, k_t, v_t, grad_out_t, grad_lse_t, *, sc
     delta_t = (grad_out_t * out).sum(-1) - grad_lse_t
     rho = (grad_out_t * out_t).sum(-1)
     grad_scores_t = prob * (grad_out_t @ v_all.transpose(-1, -2) - delta_t.unsqueeze(-1))
-    grad_scores = (prob * (grad_out_t @ v_t_all.transpose(-1, -2) - rho.unsqueeze(-1))
-                   + grad_scores_t * centred_t)
+    grad_scores = prob * (grad_out_t @ v_t_all.transpose(-1, -2) - rho.unsqueeze(-1)) + grad_scores_t * centred_t
     prob_t = prob * centred_t
 
     def per_kv_head(t):
@@ -153,6 +157,7 @@ def merge_attention_partials(outs, lses, out_tangents=None, lse_tangents=None):
     outs: sequence of (..., Nq, Dv); lses: sequence of (..., Nq). Returns (O, LSE) or
     (O, Ȯ, LSE, μ). Shards whose rows are fully masked (LSE_s = -inf) contribute nothing.
     """
+
     def merge(outs_, lses_):
         lse_stack = torch.stack(list(lses_))
         lse = torch.logsumexp(lse_stack, dim=0)
@@ -164,9 +169,16 @@ def merge_attention_partials(outs, lses, out_tangents=None, lse_tangents=None):
     if out_tangents is None:
         return merge(outs, lses)
     (out, lse), (out_t, lse_t) = torch.func.jvp(
-        merge, (tuple(outs), tuple(lses)), (tuple(out_tangents), tuple(lse_tangents)))
+        merge, (tuple(outs), tuple(lses)), (tuple(out_tangents), tuple(lse_tangents))
+    )
     return out, out_t, lse, lse_t
 
 
-__all__ = ["attention", "attention_jvp", "attention_jvp_backward", "merge_attention_partials", "causal_allowed",
-           "additive_bias"]
+__all__ = [
+    "attention",
+    "attention_jvp",
+    "attention_jvp_backward",
+    "merge_attention_partials",
+    "causal_allowed",
+    "additive_bias",
+]

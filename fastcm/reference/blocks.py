@@ -62,6 +62,7 @@ def swiglu(x):
 
 # ---- closed forms (ATen; the formulas the kernels implement) ---------------------------------
 
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -88,8 +89,9 @@ def _normalize_transposed(vector, x, normed, mean, rstd, norm):
     r·(I − 11ᵀ/C − x̂x̂ᵀ/C); RMS: r·(I − x̂x̂ᵀ/C)), so this is both the tangent of x̂ along v and
     the gradient of x from the gradient v of x̂: LayerNorm's own backward kernel computes it."""
     if norm == "layer":
-        return torch.ops.aten.native_layer_norm_backward(vector, x, (x.shape[-1],), mean, rstd, None, None,
-                                                         [True, False, False])[0]
+        return torch.ops.aten.native_layer_norm_backward(
+            vector, x, (x.shape[-1],), mean, rstd, None, None, [True, False, False]
+        )[0]
     return (vector - normed * (normed * vector).mean(-1, keepdim=True)) * rstd
 
 
@@ -221,13 +223,30 @@ def activation_backward(kind, grad, x):
 
 
 _ACTIVATION_ATEN = {
-    "gelu_tanh": (lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-                  lambda v, x: torch.ops.aten.gelu_backward(v, x, approximate="tanh")),
+    "gelu_tanh": (
+        lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+        lambda v, x: torch.ops.aten.gelu_backward(v, x, approximate="tanh"),
+    ),
     "silu": (torch.nn.functional.silu, torch.ops.aten.silu_backward),
 }
 ACTIVATION_FUNCTIONS = {"gelu_tanh": gelu_tanh, "silu": silu, "swiglu": swiglu}
 
-__all__ = ["modulated_norm", "gated_residual", "gelu_tanh", "silu", "swiglu", "normalize", "NORMS",
-           "ACTIVATIONS", "modulated_norm_closed", "modulated_norm_backward", "gated_residual_closed",
-           "gated_residual_backward", "over_tokens",
-           "activation_closed", "activation_backward", "activation_derivative", "ACTIVATION_FUNCTIONS"]
+__all__ = [
+    "modulated_norm",
+    "gated_residual",
+    "gelu_tanh",
+    "silu",
+    "swiglu",
+    "normalize",
+    "NORMS",
+    "ACTIVATIONS",
+    "modulated_norm_closed",
+    "modulated_norm_backward",
+    "gated_residual_closed",
+    "gated_residual_backward",
+    "over_tokens",
+    "activation_closed",
+    "activation_backward",
+    "activation_derivative",
+    "ACTIVATION_FUNCTIONS",
+]

@@ -32,8 +32,7 @@ def dmd_loss(x, real_denoised, fake_denoised, *, weight=None, reduction="mean"):
     return _reduce(per_sample_loss, weight, x, "dmd_loss", reduction)
 
 
-def denoising_loss(net_out, x0, noise, time, *, schedule, prediction, sigma_data=0.5, weight=None,
-                   reduction="mean"):
+def denoising_loss(net_out, x0, noise, time, *, schedule, prediction, sigma_data=0.5, weight=None, reduction="mean"):
     """The denoising (score-matching) loss of a network predicting `prediction` in `schedule`, e.g. DMD's
     fake-score network on detached generator samples x0: loss_b = w_b·‖net_out_b − (p·x0_b + q·ε_b)‖²/D
     with (p, q) of fastcm.reference.flow.prediction_coefficients. Only net_out (and weight) get gradients."""

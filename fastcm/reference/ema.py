@@ -32,8 +32,9 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 # (γ+1)/((γ+2)²(γ+3)) vanishes: (γ+1)² + (γ+1) − 1 = 0) and falls to 0 as γ → ∞; EDM2 takes the root
 # on the falling branch (the largest real root of the cubic), where longer averages have larger γ.
 GAMMA_OF_MAX_SIGMA_REL = (math.sqrt(5.0) - 3.0) / 2.0
-MAX_SIGMA_REL = math.sqrt((GAMMA_OF_MAX_SIGMA_REL + 1) / ((GAMMA_OF_MAX_SIGMA_REL + 2) ** 2
-                                                         * (GAMMA_OF_MAX_SIGMA_REL + 3)))
+MAX_SIGMA_REL = math.sqrt(
+    (GAMMA_OF_MAX_SIGMA_REL + 1) / ((GAMMA_OF_MAX_SIGMA_REL + 2) ** 2 * (GAMMA_OF_MAX_SIGMA_REL + 3))
+)
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -74,12 +75,13 @@ def ct_target_beta(step: int, total_steps: int, mu0: float, s0: int, s1: int) ->
     if mu0 == 0:
         return 0.0
     k = step - 1
-    num_timesteps = math.ceil(math.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    num_timesteps = math.ceil(math.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
     return math.exp(s0 * math.log(mu0) / num_timesteps)
 
 
-def ema_update(shadows: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
-               betas: Sequence[float]) -> None:
+def ema_update(
+    shadows: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor], betas: Sequence[float]
+) -> None:
     """In place, for every profile k and parameter j: shadows[k][j] ← shadows[k][j] + (1 − β_k)·(θ_j −
     shadows[k][j]), computed in float64 and rounded once to the shadow's dtype."""
     for shadow_set, beta in zip(shadows, betas):
@@ -99,26 +101,42 @@ def power_profile_inner_product(t_a: float, gamma_a: float, t_b: float, gamma_b:
     m = min(t_a, t_b)
     exponent = gamma_a + gamma_b + 1
     # In logs: t^(γ+1) overflows float64 for long runs and large γ.
-    log_value = (math.log(gamma_a + 1) + math.log(gamma_b + 1) + exponent * math.log(m) - math.log(exponent)
-                 - (gamma_a + 1) * math.log(t_a) - (gamma_b + 1) * math.log(t_b))
+    log_value = (
+        math.log(gamma_a + 1)
+        + math.log(gamma_b + 1)
+        + exponent * math.log(m)
+        - math.log(exponent)
+        - (gamma_a + 1) * math.log(t_a)
+        - (gamma_b + 1) * math.log(t_b)
+    )
     return math.exp(log_value)
 
 
-def posthoc_coefficients(snapshot_steps: Sequence[float], snapshot_gammas: Sequence[float], target_step: float,
-                         target_gamma: float) -> torch.Tensor:
+def posthoc_coefficients(
+    snapshot_steps: Sequence[float], snapshot_gammas: Sequence[float], target_step: float, target_gamma: float
+) -> torch.Tensor:
     """(S,) float64 coefficients x of the snapshots whose combination Σ x_i·θ̂_i best approximates the
     power EMA (target_step, target_gamma), in the least-squares sense over profiles (EDM2, sec. 3)."""
     profiles = list(zip(snapshot_steps, snapshot_gammas))
-    gram = torch.tensor([[power_profile_inner_product(*a, *b) for b in profiles] for a in profiles],
-                        dtype=torch.float64)
-    rhs = torch.tensor([power_profile_inner_product(*a, target_step, target_gamma) for a in profiles],
-                       dtype=torch.float64)
+    gram = torch.tensor(
+        [[power_profile_inner_product(*a, *b) for b in profiles] for a in profiles], dtype=torch.float64
+    )
+    rhs = torch.tensor(
+        [power_profile_inner_product(*a, target_step, target_gamma) for a in profiles], dtype=torch.float64
+    )
     return torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0]
 
 
-def posthoc_reconstruct(snapshots: Sequence[Sequence[torch.Tensor]], snapshot_steps: Sequence[float],
-                        snapshot_gammas: Sequence[float], target_step: float, target_gamma: float):
+def posthoc_reconstruct(
+    snapshots: Sequence[Sequence[torch.Tensor]],
+    snapshot_steps: Sequence[float],
+    snapshot_gammas: Sequence[float],
+    target_step: float,
+    target_gamma: float,
+):
     """The reconstructed parameters: Σ_i x_i·snapshots[i][j] for every parameter j, in float64."""
     coefficients = posthoc_coefficients(snapshot_steps, snapshot_gammas, target_step, target_gamma)
-    return [sum(c.item() * snapshot[j].to(torch.float64) for c, snapshot in zip(coefficients, snapshots))
-            for j in range(len(snapshots[0]))]
+    return [
+        sum(c.item() * snapshot[j].to(torch.float64) for c, snapshot in zip(coefficients, snapshots))
+        for j in range(len(snapshots[0]))
+    ]

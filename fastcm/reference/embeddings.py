@@ -58,6 +58,7 @@ def timestep_embedding(t, dim: int, *, max_period: float = 10000.0):
 
 # ---- closed forms (ATen) -----------------------------------------------------------------
 
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -98,8 +99,15 @@ def timestep_embedding_backward(grad, t, dim, max_period):
     cos, sin, freqs = _timestep_terms(t, dim, max_period)
     half = dim // 2
     g = grad.to(cos.dtype)
-    return ((g[:, half:2 * half] * cos - g[:, :half] * sin) * freqs).sum(-1).to(t.dtype)
+    return ((g[:, half : 2 * half] * cos - g[:, :half] * sin) * freqs).sum(-1).to(t.dtype)
 
 
-__all__ = ["grid_positions", "rope_tables", "rope", "timestep_embedding", "rope_closed",
-           "timestep_embedding_closed", "timestep_embedding_backward"]
+__all__ = [
+    "grid_positions",
+    "rope_tables",
+    "rope",
+    "timestep_embedding",
+    "rope_closed",
+    "timestep_embedding_closed",
+    "timestep_embedding_backward",
+]

@@ -36,8 +36,9 @@ def schedule_coefficients(time, schedule, sigma_data=0.5):
         return signal, noise, 0.5 / signal, -0.5 / noise
     if schedule == "edm":
         return torch.ones_like(time), time, torch.zeros_like(time), torch.ones_like(time)
-    raise ValueError(f"fastcm.schedule_coefficients: schedule={schedule!r} is not supported; expected one of "
-                     f"{SCHEDULES}")
+    raise ValueError(
+        f"fastcm.schedule_coefficients: schedule={schedule!r} is not supported; expected one of {SCHEDULES}"
+    )
 
 
 def prediction_coefficients(time, schedule, prediction, sigma_data=0.5):
@@ -57,8 +58,9 @@ def prediction_coefficients(time, schedule, prediction, sigma_data=0.5):
         return -noise / (sigma_data * norm), alpha * sigma_data / norm
     if prediction == "velocity":
         return d_alpha, d_noise
-    raise ValueError(f"fastcm.prediction_coefficients: prediction={prediction!r} is not supported; expected one "
-                     f"of {PREDICTIONS}")
+    raise ValueError(
+        f"fastcm.prediction_coefficients: prediction={prediction!r} is not supported; expected one of {PREDICTIONS}"
+    )
 
 
 def _time(op, time, x, name="time"):
@@ -120,8 +122,9 @@ def flow_map(x_t, u, t, r):
     return x_t - (t_b - r_b) * u
 
 
-def flow_map_loss(u, u_minus, u_jvp, v, *, r=1.0, tangent_norm_c=0.1, tangent_norm="l2", weight=None, logvar=None,
-                  reduction="mean"):
+def flow_map_loss(
+    u, u_minus, u_jvp, v, *, r=1.0, tangent_norm_c=0.1, tangent_norm="l2", weight=None, logvar=None, reduction="mean"
+):
     """Align Your Flow's Eulerian map-distillation loss in sCM's tangent-normalised, adaptively weighted form.
 
     With u_jvp = (t − s)·du⁻/dt (the jvp of u⁻ along (v, 1, 0), tangents scaled by t − s) and the
@@ -129,6 +132,7 @@ def flow_map_loss(u, u_minus, u_jvp, v, *, r=1.0, tangent_norm_c=0.1, tangent_no
     g = (v − u⁻) − r·u_jvp,  ĝ = g/(‖g‖ + c) ("l2"), g/(‖g‖/√D + c) ("rms") or g ("none"),
     loss_b = w_b·e^{−logvar_b}·‖u_b − u⁻_b − ĝ_b‖²/D + logvar_b; r the tangent warm-up (1 after it).
     """
+
     def view(value):
         return view_per_sample(per_sample("flow_map_loss", "value", value, u, dtype=u.dtype), u)
 

@@ -52,12 +52,10 @@ def pseudo_huber_loss(input, target, *, c=None, weight=None, reduction="mean"):
     return _reduce(distance, reduction).to(input.dtype)
 
 
-def scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent_norm_c=0.1,
-                tangent_norm="l2"):
+def scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent_norm_c=0.1, tangent_norm="l2"):
     """Normalised sCM tangent ĝ (stop-gradient), in the input dtype:
     g = −cos²t·(σd·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + σd·F_jvp),  ĝ = g / (‖g‖ + c)."""
-    return _scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, sigma_data, r, tangent_norm_c,
-                        tangent_norm).to(F_minus.dtype)
+    return _scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, sigma_data, r, tangent_norm_c, tangent_norm).to(F_minus.dtype)
 
 
 def _scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, sigma_data, r, tangent_norm_c, tangent_norm):
@@ -75,8 +73,22 @@ def _scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, sigma_data, r, tangent_norm_c, t
     return g / (view_per_sample(g_norm, g) + tangent_norm_c)
 
 
-def scm_loss(F, F_minus, F_jvp, x_t, dx_dt, t, *, sigma_data=0.5, r=1.0, tangent_norm_c=0.1,
-             tangent_norm="l2", weight=None, logvar=None, reduction="mean"):
+def scm_loss(
+    F,
+    F_minus,
+    F_jvp,
+    x_t,
+    dx_dt,
+    t,
+    *,
+    sigma_data=0.5,
+    r=1.0,
+    tangent_norm_c=0.1,
+    tangent_norm="l2",
+    weight=None,
+    logvar=None,
+    reduction="mean",
+):
     """loss_b = w_b·e^{−logvar_b}·‖F_b − F⁻_b − ĝ_b‖²/D + logvar_b; gradients to F and logvar only."""
     compute = _compute_dtype(F)
     g = _scm_tangent(F_minus, F_jvp, x_t, dx_dt, t, sigma_data, r, tangent_norm_c, tangent_norm)
@@ -102,5 +114,12 @@ def meanflow_loss(u, v, dudt, t, r, *, eps=1e-3, p=0.75, reduction="mean"):
     return _reduce(loss, reduction).to(u.dtype)
 
 
-__all__ = ["pseudo_huber_loss", "scm_loss", "scm_tangent", "meanflow_loss", "default_huber_c",
-           "REDUCTIONS", "TANGENT_NORMS"]
+__all__ = [
+    "pseudo_huber_loss",
+    "scm_loss",
+    "scm_tangent",
+    "meanflow_loss",
+    "default_huber_c",
+    "REDUCTIONS",
+    "TANGENT_NORMS",
+]

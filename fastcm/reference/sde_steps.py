@@ -20,14 +20,17 @@ def ancestral_sigmas(sigma, sigma_next, eta=1.0):
     """(σ_down, σ_up) of an ancestral step from σ to σ' (k-diffusion get_ancestral_step):
     σ_up = min(σ', η·√(σ'²·(σ² − σ'²)/σ²)), σ_down = √(σ'² − σ_up²). Tensors or floats, elementwise."""
     if isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor) or isinstance(eta, torch.Tensor):
-        sigma, sigma_next, eta = (torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) else v
-                                  for v in (sigma, sigma_next, eta))
+        sigma, sigma_next, eta = (
+            torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) else v
+            for v in (sigma, sigma_next, eta)
+        )
         up = torch.minimum(sigma_next, eta * torch.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
         # σ_down = 0 where σ_up = σ' (it stays 0 nearby): the where keeps √'s infinite slope at 0 out of gradients.
         square = sigma_next**2 - up**2
         positive = square > 0
-        return torch.where(positive, torch.sqrt(torch.where(positive, square, torch.ones_like(square))),
-                           torch.zeros_like(square)), up
+        return torch.where(
+            positive, torch.sqrt(torch.where(positive, square, torch.ones_like(square))), torch.zeros_like(square)
+        ), up
     up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up
 
@@ -44,8 +47,9 @@ def churn_step(x, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, gener
     return x + s_noise * torch.sqrt(sigma_hat**2 - sigma**2) * _noise(x, noise, seed, generator, offset)
 
 
-def euler_ancestral_step(x, denoised, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None,
-                         generator=None, offset=0):
+def euler_ancestral_step(
+    x, denoised, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None, generator=None, offset=0
+):
     """(σ_down, σ_up) = ancestral_sigmas(σ, σ', η); x' = x + (σ_down − σ)·(x − D)/σ + s_noise·σ_up·z,
     the noise term only where σ' > 0."""
     sigma = _param("euler_ancestral_step", "sigma", sigma, x)
@@ -58,8 +62,20 @@ def euler_ancestral_step(x, denoised, sigma, sigma_next, *, eta=1.0, s_noise=1.0
     return out + torch.where(sigma_next > 0, s_noise * up, torch.zeros_like(up)) * z
 
 
-def dpmpp_2s_ancestral_step(x, denoised, sigma, sigma_next, *, denoised_mid=None, eta=1.0, s_noise=1.0, noise=None,
-                            seed=None, generator=None, offset=0):
+def dpmpp_2s_ancestral_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_mid=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """DPM-Solver++(2S) ancestral, the second half: (σ_down, σ_up) = ancestral_sigmas(σ, σ', η),
     λ = −log σ, h = λ(σ_down) − λ(σ); with D_mid = D(x_mid; √(σ·σ_down)) at the midpoint
     x_mid = (√(σ·σ_down)/σ)·x − expm1(−h/2)·D, x' = (σ_down/σ)·x − expm1(−h)·D_mid + s_noise·σ_up·z.
@@ -80,8 +96,21 @@ def dpmpp_2s_ancestral_step(x, denoised, sigma, sigma_next, *, denoised_mid=None
     return out + torch.where(sigma_next > 0, s_noise * up, torch.zeros_like(up)) * z
 
 
-def dpmpp_sde_step(x, denoised, sigma, sigma_next, *, denoised_mid=None, r=0.5, eta=1.0, s_noise=1.0, noise=None,
-                   seed=None, generator=None, offset=0):
+def dpmpp_sde_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_mid=None,
+    r=0.5,
+    eta=1.0,
+    s_noise=1.0,
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """DPM-Solver++ SDE (k-diffusion sample_dpmpp_sde), the second stage: with D_mid = D(x_mid; σ_s),
     σ_s = σ^(1−r)·σ'^r and x_mid = euler_ancestral_step(x, D, σ, σ_s, eta, s_noise) (the first stage),
     (σ_down, σ_up) = ancestral_sigmas(σ, σ', η), D̄ = (1 − 1/(2r))·D + 1/(2r)·D_mid,
@@ -100,8 +129,22 @@ def dpmpp_sde_step(x, denoised, sigma, sigma_next, *, denoised_mid=None, r=0.5, 
     return torch.where(sigma_next == 0, denoised, stepped)
 
 
-def dpmpp_2m_sde_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigma_prev=None, eta=1.0, s_noise=1.0,
-                      solver_type="midpoint", noise=None, seed=None, generator=None, offset=0):
+def dpmpp_2m_sde_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    old_denoised=None,
+    sigma_prev=None,
+    eta=1.0,
+    s_noise=1.0,
+    solver_type="midpoint",
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """DPM-Solver++(2M) SDE (k-diffusion sample_dpmpp_2m_sde): h = log(σ/σ'), ηh = η·h,
     x' = (σ'/σ)·e^(−ηh)·x − expm1(−h − ηh)·D
          + [multistep, r = log(σ_prev/σ)/h]  midpoint: −½·expm1(−h − ηh)/r·(D − D_prev)
@@ -124,13 +167,27 @@ def dpmpp_2m_sde_step(x, denoised, sigma, sigma_next, *, old_denoised=None, sigm
             out = out + (gain / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
         else:
             out = out + 0.5 * gain * (1 / r) * (denoised - old_denoised)
-    out = out + sigma_next * torch.sqrt(-torch.expm1(-2 * eta_h)) * s_noise * _noise(x, noise, seed, generator,
-                                                                                     offset)
+    out = out + sigma_next * torch.sqrt(-torch.expm1(-2 * eta_h)) * s_noise * _noise(x, noise, seed, generator, offset)
     return torch.where(final, denoised, out)
 
 
-def dpmpp_3m_sde_step(x, denoised, sigma, sigma_next, *, denoised_1=None, denoised_2=None, sigma_prev=None,
-                      sigma_prev2=None, eta=1.0, s_noise=1.0, noise=None, seed=None, generator=None, offset=0):
+def dpmpp_3m_sde_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_1=None,
+    denoised_2=None,
+    sigma_prev=None,
+    sigma_prev2=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """DPM-Solver++(3M) SDE (k-diffusion sample_dpmpp_3m_sde): h = log(σ/σ'), h_η = (η + 1)·h,
     x' = e^(−h_η)·x − expm1(−h_η)·D + correction + s_noise·σ'·√(−expm1(−2ηh))·z, where with
     D_1 = D at σ_prev, D_2 = D at σ_prev2, h_1 = log(σ_prev/σ), h_2 = log(σ_prev2/σ_prev),
@@ -163,10 +220,18 @@ def dpmpp_3m_sde_step(x, denoised, sigma, sigma_next, *, denoised_1=None, denois
             out = out + phi_2 * d1 - phi_3 * d2
         else:
             out = out + phi_2 * (denoised - denoised_1) / (h_1 / h)
-    out = out + sigma_next * torch.sqrt(-torch.expm1(-2 * h * eta)) * s_noise * _noise(x, noise, seed, generator,
-                                                                                       offset)
+    out = out + sigma_next * torch.sqrt(-torch.expm1(-2 * h * eta)) * s_noise * _noise(
+        x, noise, seed, generator, offset
+    )
     return torch.where(final, denoised, out)
 
 
-__all__ = ["ancestral_sigmas", "churn_step", "euler_ancestral_step", "dpmpp_2s_ancestral_step", "dpmpp_sde_step",
-           "dpmpp_2m_sde_step", "dpmpp_3m_sde_step"]
+__all__ = [
+    "ancestral_sigmas",
+    "churn_step",
+    "euler_ancestral_step",
+    "dpmpp_2s_ancestral_step",
+    "dpmpp_sde_step",
+    "dpmpp_2m_sde_step",
+    "dpmpp_3m_sde_step",
+]

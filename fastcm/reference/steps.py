@@ -131,5 +131,15 @@ def cfg(eps_cond, eps_uncond, guidance_scale, *, guidance_rescale=0.0):
     return phi * guided * (std_cond / std_guided) + (1 - phi) * guided
 
 
-__all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "ddim_step", "cm_step", "trigflow_step", "cfg",
-           "standard_noise", "stream_seed", "draw_seed"]
+__all__ = [
+    "euler_step",
+    "heun_step",
+    "dpmpp_2m_step",
+    "ddim_step",
+    "cm_step",
+    "trigflow_step",
+    "cfg",
+    "standard_noise",
+    "stream_seed",
+    "draw_seed",
+]

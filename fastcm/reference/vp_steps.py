@@ -20,8 +20,20 @@ def predicted_x0_eps(x, model_output, alpha_bar, prediction_type):
     return a * x - b * model_output, a * model_output + b * x
 
 
-def lcm_step(x, model_output, alpha_bar, alpha_bar_next, *, c_skip, c_out, prediction_type="epsilon", noise=None,
-             seed=None, generator=None, offset=0):
+def lcm_step(
+    x,
+    model_output,
+    alpha_bar,
+    alpha_bar_next,
+    *,
+    c_skip,
+    c_out,
+    prediction_type="epsilon",
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """D = c_out·x0 + c_skip·x (the consistency boundary condition), x' = √ᾱ'·D + √(1 − ᾱ')·z."""
     op = "lcm_step"
     alpha_bar, alpha_bar_next = _param(op, "alpha_bar", alpha_bar, x), _param(op, "alpha_bar_next", alpha_bar_next, x)
@@ -32,8 +44,19 @@ def lcm_step(x, model_output, alpha_bar, alpha_bar_next, *, c_skip, c_out, predi
     return torch.sqrt(alpha_bar_next) * denoised + torch.sqrt(1 - alpha_bar_next) * z
 
 
-def tcd_step(x, model_output, alpha_bar, alpha_bar_s, alpha_bar_next, *, prediction_type="epsilon", noise=None,
-             seed=None, generator=None, offset=0):
+def tcd_step(
+    x,
+    model_output,
+    alpha_bar,
+    alpha_bar_s,
+    alpha_bar_next,
+    *,
+    prediction_type="epsilon",
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """x_s = √ᾱ_s·x0 + √(1 − ᾱ_s)·ε (the jump to s = ⌊(1 − γ)·t'⌋), x' = √(ᾱ'/ᾱ_s)·x_s + √(1 − ᾱ'/ᾱ_s)·z."""
     op = "tcd_step"
     alpha_bar, alpha_bar_s = _param(op, "alpha_bar", alpha_bar, x), _param(op, "alpha_bar_s", alpha_bar_s, x)
@@ -45,8 +68,18 @@ def tcd_step(x, model_output, alpha_bar, alpha_bar_s, alpha_bar_next, *, predict
     return torch.sqrt(ratio) * x_s + torch.sqrt(1 - ratio) * z
 
 
-def ddpm_step(x, model_output, alpha_bar, alpha_bar_next, *, prediction_type="epsilon", noise=None, seed=None,
-              generator=None, offset=0):
+def ddpm_step(
+    x,
+    model_output,
+    alpha_bar,
+    alpha_bar_next,
+    *,
+    prediction_type="epsilon",
+    noise=None,
+    seed=None,
+    generator=None,
+    offset=0,
+):
     """Ancestral DDPM step with the exact posterior q(x' | x, x0): α = ᾱ/ᾱ', β = 1 − α,
     x' = (√ᾱ'·β/(1 − ᾱ))·x0 + (√α·(1 − ᾱ')/(1 − ᾱ))·x + √((1 − ᾱ')/(1 − ᾱ)·β)·z."""
     op = "ddpm_step"
@@ -54,8 +87,10 @@ def ddpm_step(x, model_output, alpha_bar, alpha_bar_next, *, prediction_type="ep
     x0, _ = predicted_x0_eps(x, model_output, alpha_bar, prediction_type)
     alpha = alpha_bar / alpha_bar_next
     beta = 1 - alpha
-    mean = torch.sqrt(alpha_bar_next) * beta / (1 - alpha_bar) * x0 + torch.sqrt(alpha) * (1 - alpha_bar_next) / (
-        1 - alpha_bar) * x
+    mean = (
+        torch.sqrt(alpha_bar_next) * beta / (1 - alpha_bar) * x0
+        + torch.sqrt(alpha) * (1 - alpha_bar_next) / (1 - alpha_bar) * x
+    )
     z = standard_noise(x, noise=noise, seed=seed, generator=generator, offset=offset)
     return mean + torch.sqrt((1 - alpha_bar_next) / (1 - alpha_bar) * beta) * z
 

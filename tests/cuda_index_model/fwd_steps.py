@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import torch
+from ptx_model import C_, LANE, LOG2E
 
 from fastcm.reference import attention as ref
-from ptx_model import LANE, LOG2E, C_
 
 
 def shfl_xor(x, m):
@@ -138,18 +138,24 @@ def case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed):
     and +inf in bias_t, "full", "head" (1, H, 1, Nk), or None). Returns (tensors, bias, bias_t, the
     models' (storage, strides) of both)."""
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
-    tensors = (rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv),
-               rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv))
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    tensors = (
+        rnd(B, H, Nq, Dqk),
+        rnd(B, Hkv, Nk, Dqk),
+        rnd(B, Hkv, Nk, Dv),
+        rnd(B, H, Nq, Dqk),
+        rnd(B, Hkv, Nk, Dqk),
+        rnd(B, Hkv, Nk, Dv),
+    )
     shape = {"broadcast": (1, 1, Nq, Nk), "full": (B, H, Nq, Nk), "head": (1, H, 1, Nk), None: None}[bias_kind]
     base = None if shape is None else rnd(*shape)
     base_t = None if shape is None or not jvp else rnd(*shape)
     if bias_kind == "broadcast":
-        base[..., 3, :] = -math.inf                      # a row no key is visible to
-        base_t[..., 3, :] = math.inf                     # h = 0 there even though ṡ is infinite
+        base[..., 3, :] = -math.inf  # a row no key is visible to
+        base_t[..., 3, :] = math.inf  # h = 0 there even though ṡ is infinite
     bias = None if base is None else base.expand(B, H, Nq, Nk)
     bias_t = None if base_t is None else base_t.expand(B, H, Nq, Nk)
-    strided = lambda t, bt: None if t is None else (bt.numpy().reshape(-1), list(t.stride()))   # noqa: E731
+    strided = lambda t, bt: None if t is None else (bt.numpy().reshape(-1), list(t.stride()))  # noqa: E731
     return tensors, bias, bias_t, strided(bias, base), strided(bias_t, base_t)
 
 
@@ -159,5 +165,6 @@ def reference_outputs(tensors, bias, bias_t, scale, causal, jvp):
     if jvp:
         bt_ref = None if bias_t is None else torch.where(torch.isinf(bias_t), 0.0, bias_t)
         return ("out", "out_t", "lse", "lse_t"), ref.attention_jvp(
-            q, k, v, qt, kt, vt, scale=scale, causal=causal, attn_bias=bias, bias_t=bt_ref, return_lse=True)
+            q, k, v, qt, kt, vt, scale=scale, causal=causal, attn_bias=bias, bias_t=bt_ref, return_lse=True
+        )
     return ("out", "lse"), ref.attention(q, k, v, scale=scale, causal=causal, attn_bias=bias, return_lse=True)

@@ -6,8 +6,8 @@ import numpy as np
 
 LOG2E = 1.4426950408889634
 LANE = np.arange(32)
-G_, C_ = LANE // 4, LANE % 4            # lane's group (row) and column pair in a fragment
-ELEM = 2                                 # bytes per bf16/fp16 element
+G_, C_ = LANE // 4, LANE % 4  # lane's group (row) and column pair in a fragment
+ELEM = 2  # bytes per bf16/fp16 element
 
 
 def ldmatrix_x4(smem, addr, trans=False):
@@ -15,14 +15,14 @@ def ldmatrix_x4(smem, addr, trans=False):
     assert np.all(addr % 8 == 0), "ldmatrix row addresses must be 16-byte aligned"
     regs = np.empty((32, 4, 2))
     for m in range(4):
-        rows = addr[8 * m: 8 * m + 8]
+        rows = addr[8 * m : 8 * m + 8]
         # One phase reads the 8 rows of one matrix: conflict-free iff they sit in 8 distinct
         # 16-byte bank groups (a 128-byte line of 32 banks holds 8 groups).
         assert len(set(((rows * ELEM) // 16) % 8)) == 8, "ldmatrix phase has a bank conflict"
-        if not trans:   # lane L: row L/4, columns 2(L%4), 2(L%4)+1
+        if not trans:  # lane L: row L/4, columns 2(L%4), 2(L%4)+1
             regs[:, m, 0] = smem[rows[G_] + 2 * C_]
             regs[:, m, 1] = smem[rows[G_] + 2 * C_ + 1]
-        else:           # lane L: (row 2(L%4), col L/4) and (row 2(L%4)+1, col L/4)
+        else:  # lane L: (row 2(L%4), col L/4) and (row 2(L%4)+1, col L/4)
             regs[:, m, 0] = smem[rows[2 * C_] + G_]
             regs[:, m, 1] = smem[rows[2 * C_ + 1] + G_]
     return regs
@@ -87,12 +87,12 @@ def load_tile(threads, smem, dst0, region_end, src, base, stride, rows, rows_val
             ok = col_ok and r < rows_valid
             dst = dst0 + r * krowlen + c * 8
             assert dst % 8 == 0 and dst + 8 <= region_end, "cp.async destination outside its tile"
-            smem[dst:dst + 8] = src[base + r * stride + c * 8 + np.arange(8)] if ok else 0.0
+            smem[dst : dst + 8] = src[base + r * stride + c * 8 + np.arange(8)] if ok else 0.0
 
 
 def stage_bias(rows, cols, p, bias, base, m0, n0, mult):
     """The (rows × cols) bias tile at (m0, n0), times mult, 0 outside the (Nq, Nk) matrix."""
-    idx = np.arange(rows * cols)          # every thread's idx loop at once
+    idx = np.arange(rows * cols)  # every thread's idx loop at once
     r, cc = idx // cols, idx % cols
     i, j = m0 + r, n0 + cc
     ok = (i < p["Nq"]) & (j < p["Nk"])
@@ -115,9 +115,9 @@ def bias_rows_vectorisable(shape, strides, storage_offset):
 
 
 def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
-    """stage_bias_tile_vec (the sm_90a kernels' vector staging), thread by thread: returns the shared tile (rows·cols floats, NaN where
-    never written), the number of writes per float, and the loads: (kind, element offsets) with kind
-    "vec" (one vector load of 4 consecutive elements) or "scalar"."""
+    """stage_bias_tile_vec (the sm_90a kernels' vector staging), thread by thread: returns the shared
+    tile (rows·cols floats, NaN where never written), the number of writes per float, and the loads:
+    (kind, element offsets) with kind "vec" (one vector load of 4 consecutive elements) or "scalar"."""
     row_chunks = cols // 4
     tile = np.full(rows * cols, np.nan)
     writes = np.zeros(rows * cols, dtype=int)
@@ -132,7 +132,7 @@ def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
                 if vec_ok and j + 3 < p["Nk"]:
                     assert bias.st[3] == 1, "a vector load of a non-contiguous row"
                     loads.append(("vec", off + np.arange(4)))
-                    v = bias.s[off:off + 4].astype(float)
+                    v = bias.s[off : off + 4].astype(float)
                 else:
                     for k in range(4):
                         if j + k < p["Nk"]:
@@ -140,8 +140,8 @@ def stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, mult, vec_ok):
                             v[k] = bias.s[off + k * bias.st[3]]
             dst = r * cols + (cc ^ bias_swizzle(cols, r))
             assert dst % 4 == 0 and dst + 4 <= rows * cols, "float4 store outside its row chunk"
-            tile[dst:dst + 4] = mult * v
-            writes[dst:dst + 4] += 1
+            tile[dst : dst + 4] = mult * v
+            writes[dst : dst + 4] += 1
     return tile, writes, loads
 
 
@@ -158,16 +158,18 @@ def bias_read_pairs(kbn, row_in_cta, nt, c, half, vector):
 # swizzle layouts, the warpgroup fragment layouts) is written from the PTX ISA independently of the
 # kernel's encoding, so a descriptor or loader the kernel gets wrong reads the wrong elements here.
 
+
 class SharedMemory:
     def __init__(self, base, size):
         assert base % 16 == 0, "dynamic shared memory is 16-byte aligned"
         self.base, self.size = base, size
-        self.e = np.full(size // ELEM, np.nan)           # stale shared memory is NaN
+        self.e = np.full(size // ELEM, np.nan)  # stale shared memory is NaN
 
     def index(self, addr):
         addr = np.asarray(addr)
-        assert np.all(addr % ELEM == 0) and np.all(addr >= self.base) and np.all(addr + ELEM <= self.base + self.size), \
-            "shared-memory access outside the allocation"
+        assert (
+            np.all(addr % ELEM == 0) and np.all(addr >= self.base) and np.all(addr + ELEM <= self.base + self.size)
+        ), "shared-memory access outside the allocation"
         return (addr - self.base) // ELEM
 
 
@@ -242,16 +244,18 @@ def wgmma_rs(sm, d, a, desc_b, b_mn_major=True, scale_d=1):
 # row-major (box[0] elements per row), swizzled like every other 128-byte-swizzle tile; elements
 # outside the tensor's dims are written as zeros and count towards the transaction bytes.
 
+
 class TensorMap:
     """A 4-D tiled tensor map: storage, base element offset, dims and byte strides (dims 1..3) as
     the host encodes them, with the encoder's checks."""
 
     def __init__(self, storage, base, dims, byte_strides, box):
         assert (base * ELEM) % 16 == 0, "global address 16-byte aligned"
-        assert all(0 < d <= 2 ** 32 for d in dims), "dims in (0, 2^32]"
-        assert all(s > 0 and s % 16 == 0 and s < 2 ** 40 for s in byte_strides), "strides: positive multiples of 16 B"
-        assert all(0 < b <= 256 for b in box) and box[0] * ELEM <= 128 and (box[0] * ELEM) % 16 == 0, \
+        assert all(0 < d <= 2**32 for d in dims), "dims in (0, 2^32]"
+        assert all(s > 0 and s % 16 == 0 and s < 2**40 for s in byte_strides), "strides: positive multiples of 16 B"
+        assert all(0 < b <= 256 for b in box) and box[0] * ELEM <= 128 and (box[0] * ELEM) % 16 == 0, (
             "box: inner extent within the 128-byte swizzle span"
+        )
         self.s, self.base, self.dims, self.box = storage, base, dims, box
         self.st = [1] + [s // ELEM for s in byte_strides]
 

@@ -64,7 +64,7 @@ def forward(q, k, v, q_t=None, k_t=None, v_t=None, bias=None, bias_t=None, scale
     for j0 in range(0, s.shape[-1], BLOCK_KEYS):
         tile = slice(j0, j0 + BLOCK_KEYS)
         m_new = torch.maximum(m, s[..., tile].amax(-1, keepdim=True))
-        m_use = torch.where(torch.isinf(m_new), 0.0, m_new)     # a row with no visible key yet
+        m_use = torch.where(torch.isinf(m_new), 0.0, m_new)  # a row with no visible key yet
         alpha = torch.exp(m - m_use)
         p = torch.exp(s[..., tile] - m_use)
         ell = alpha * ell + p.sum(-1, keepdim=True)
@@ -104,6 +104,7 @@ def backward(grad_out, q, k, v, out, lse, bias=None, scale=1.0, causal=False, gr
 
     def per_kv_head(x):
         return x.view(x.shape[0], x.shape[1] // group, group, *x.shape[2:]).sum(2)
+
     return dq.to(dtype), per_kv_head(dk).to(dtype), per_kv_head(dv).to(dtype)
 
 

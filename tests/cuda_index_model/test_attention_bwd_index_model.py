@@ -16,14 +16,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from fastcm.reference import attention as ref
-from ptx_model import (LANE, LOG2E, C_, G_, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a,
-                       zeros_frags)
+from ptx_model import C_, G_, LANE, LOG2E, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a, zeros_frags
 from ptx_model import stage_bias as stage_bias_tile
 
+from fastcm.reference import attention as ref
 
 # ---- host side and kernel helpers ------------------------------------------------------------
+
 
 def traits(kd, key_major):
     bm = 32 if (key_major and kd > 64) else 64
@@ -46,6 +45,7 @@ def lse_log2(p, li):
 
 # ---- the three kernels -----------------------------------------------------------------------
 
+
 def delta_kernel(p):
     rows = p["B"] * p["H"] * p["Nq"]
     o, d = p["out"], p["dout"]
@@ -57,7 +57,7 @@ def delta_kernel(p):
         acc = np.zeros(32)
         for lane in range(32):
             for c0 in range(lane * 8, p["d_v"], 256):
-                acc[lane] += np.dot(o.s[ob + c0: ob + c0 + 8], d.s[db + c0: db + c0 + 8])
+                acc[lane] += np.dot(o.s[ob + c0 : ob + c0 + 8], d.s[db + c0 : db + c0 + 8])
         for s in (16, 8, 4, 2, 1):
             acc = acc + acc[LANE ^ s]
         p["delta"][row] = acc[0] - p["grad_lse"][row] if p.get("grad_lse") is not None else acc[0]
@@ -82,8 +82,14 @@ def bwd_dkdv_block(p, kBN, kBM, block):
     num_m = (p["Nq"] + kBM - 1) // kBM
     m_first = min(num_m, max(0, n0 - (p["Nk"] - p["Nq"])) // kBM) if p["causal"] else 0
     per_head = num_m - m_first
-    return (b, hkv, n0, G * per_head, lambda step: hkv * G + step // per_head,
-            lambda step: (m_first + step % per_head) * kBM)
+    return (
+        b,
+        hkv,
+        n0,
+        G * per_head,
+        lambda step: hkv * G + step // per_head,
+        lambda step: (m_first + step % per_head) * kBM,
+    )
 
 
 def dq_kernel(p, tr, block):
@@ -285,15 +291,29 @@ def backward_model(grad, q, k, v, out, lse, bias, scale, causal):
     """The host wrapper (attention_backward_fused) and the three launches, on float64 numpy data."""
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    d8 = lambda d: (d + 7) // 8 * 8                            # noqa: E731
-    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])   # noqa: E731
+    d8 = lambda d: (d + 7) // 8 * 8  # noqa: E731
+    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])  # noqa: E731
     kd = next(x for x in (32, 64, 96, 128) if x >= max(d8(Dqk), d8(Dv)))
-    p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), d_v=d8(Dv), scale=scale,
-             scale_log2=scale * LOG2E, causal=bool(causal),
-             q=contiguous(pad(q, Dqk)), k=contiguous(pad(k, Dqk)), v=contiguous(pad(v, Dv)),
-             dout=contiguous(pad(grad, Dv)), out=contiguous(pad(out, Dv)),
-             lse=np.ascontiguousarray(lse).reshape(-1), delta=np.full(B * H * Nq, np.nan),
-             bias=None if bias is None else Tensor(*bias))
+    p = dict(
+        B=B,
+        H=H,
+        Hkv=Hkv,
+        Nq=Nq,
+        Nk=Nk,
+        d_qk=d8(Dqk),
+        d_v=d8(Dv),
+        scale=scale,
+        scale_log2=scale * LOG2E,
+        causal=bool(causal),
+        q=contiguous(pad(q, Dqk)),
+        k=contiguous(pad(k, Dqk)),
+        v=contiguous(pad(v, Dv)),
+        dout=contiguous(pad(grad, Dv)),
+        out=contiguous(pad(out, Dv)),
+        lse=np.ascontiguousarray(lse).reshape(-1),
+        delta=np.full(B * H * Nq, np.nan),
+        bias=None if bias is None else Tensor(*bias),
+    )
     # NaN-poisoned outputs: an element no kernel writes fails the comparison.
     p["dq"] = contiguous(np.full((B, H, Nq, d8(Dqk)), np.nan))
     p["dk"] = contiguous(np.full((B, Hkv, Nk, d8(Dqk)), np.nan))
@@ -304,17 +324,20 @@ def backward_model(grad, q, k, v, out, lse, bias, scale, causal):
         dq_kernel(p, tq, blk)
     for blk in range((Nk + tkv["kBN"] - 1) // tkv["kBN"] * B * Hkv):
         dkdv_kernel(p, tkv, blk)
-    return (p["dq"].s.reshape(B, H, Nq, -1)[..., :Dqk], p["dk"].s.reshape(B, Hkv, Nk, -1)[..., :Dqk],
-            p["dv"].s.reshape(B, Hkv, Nk, -1)[..., :Dv])
+    return (
+        p["dq"].s.reshape(B, H, Nq, -1)[..., :Dqk],
+        p["dk"].s.reshape(B, Hkv, Nk, -1)[..., :Dqk],
+        p["dv"].s.reshape(B, Hkv, Nk, -1)[..., :Dv],
+    )
 
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, bias kind)
 CASES = [
-    (1, 2, 1, 70, 45, 64, 64, True, None),              # GQA, causal Nq > Nk: dead rows, tails
-    (1, 2, 2, 33, 100, 40, 24, False, "broadcast"),     # padded dims (kd 64), stride-0 bias with a -inf row
-    (1, 4, 2, 50, 77, 96, 80, True, "full"),            # kd 96 (dkdv kBM 32), causal Nq < Nk, D_qk != D_v
-    (2, 1, 1, 100, 101, 128, 32, True, None),           # kd 128, B = 2; row 63 is the first to see key 64
-    (1, 3, 1, 17, 130, 16, 32, False, "head"),          # kd 32, G = 3, key tiles with a tail
+    (1, 2, 1, 70, 45, 64, 64, True, None),  # GQA, causal Nq > Nk: dead rows, tails
+    (1, 2, 2, 33, 100, 40, 24, False, "broadcast"),  # padded dims (kd 64), stride-0 bias with a -inf row
+    (1, 4, 2, 50, 77, 96, 80, True, "full"),  # kd 96 (dkdv kBM 32), causal Nq < Nk, D_qk != D_v
+    (2, 1, 1, 100, 101, 128, 32, True, None),  # kd 128, B = 2; row 63 is the first to see key 64
+    (1, 3, 1, 17, 130, 16, 32, False, "head"),  # kd 32, G = 3, key tiles with a tail
 ]
 
 
@@ -322,25 +345,34 @@ CASES = [
 def test_backward_index_model_matches_autograd(case):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, bias_kind = case
     gen = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     q, k, v, grad = rnd(B, H, Nq, Dqk), rnd(B, Hkv, Nk, Dqk), rnd(B, Hkv, Nk, Dv), rnd(B, H, Nq, Dv)
     # The bias as prepare_bias hands it to the kernel: a (B, H, Nq, Nk) view of a smaller tensor.
     base = {"broadcast": (1, 1, Nq, Nk), "full": (B, H, Nq, Nk), "head": (1, H, 1, Nk), None: None}[bias_kind]
     base = None if base is None else rnd(*base)
     if bias_kind == "broadcast":
-        base[..., 3, :] = -math.inf                     # a row no key is visible to
+        base[..., 3, :] = -math.inf  # a row no key is visible to
     bias = None if base is None else base.expand(B, H, Nq, Nk)
-    scale = 0.8 * Dqk ** -0.5
+    scale = 0.8 * Dqk**-0.5
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
     out, lse = ref.attention(qr, kr, vr, scale=scale, causal=causal, attn_bias=bias, return_lse=True)
     expected = torch.autograd.grad(out, (qr, kr, vr), grad)
     if causal and Nq > Nk or bias_kind == "broadcast":
-        assert torch.isneginf(lse).any()                # the case exercises a dead row
+        assert torch.isneginf(lse).any()  # the case exercises a dead row
 
     strided = None if bias is None else (base.numpy().reshape(-1), list(bias.stride()))
     with np.errstate(invalid="raise", over="raise"):
-        got = backward_model(grad.numpy(), q.numpy(), k.numpy(), v.numpy(), out.detach().numpy(),
-                             lse.detach().numpy(), strided, scale, causal)
+        got = backward_model(
+            grad.numpy(),
+            q.numpy(),
+            k.numpy(),
+            v.numpy(),
+            out.detach().numpy(),
+            lse.detach().numpy(),
+            strided,
+            scale,
+            causal,
+        )
     for name, g, e in zip(("dq", "dk", "dv"), got, expected):
         assert not np.isnan(g).any(), f"{name}: unwritten element"
         np.testing.assert_allclose(g, e.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)

@@ -13,9 +13,15 @@ kernel's tile (64 rows, 128 threads, 64 keys). (The sm_80 kernel stages scalar i
 
 import numpy as np
 import pytest
-
-from ptx_model import LOG2E, Tensor, bias_read_pairs, bias_rows_vectorisable, bias_swizzle, stage_bias, \
-    stage_bias_vector
+from ptx_model import (
+    LOG2E,
+    Tensor,
+    bias_read_pairs,
+    bias_rows_vectorisable,
+    bias_swizzle,
+    stage_bias,
+    stage_bias_vector,
+)
 
 TILES = [(128, 64, 256), (128, 128, 256), (64, 64, 128)]
 
@@ -24,17 +30,17 @@ def bias_view(kind, B, H, Nq, Nk, rng):
     """A (B, H, Nq, Nk) bias as storage + strides + offset, as the host passes it."""
     if kind == "contiguous":
         strides, offset = [H * Nq * Nk, Nq * Nk, Nk, 1], 0
-    elif kind == "broadcast":                 # a (1, 1, Nq, Nk) tensor expanded over B, H
+    elif kind == "broadcast":  # a (1, 1, Nq, Nk) tensor expanded over B, H
         strides, offset = [0, 0, Nk, 1], 0
-    elif kind == "padded_rows":               # rows a multiple of 4 apart, past Nk: aligned
+    elif kind == "padded_rows":  # rows a multiple of 4 apart, past Nk: aligned
         row = (Nk + 3) // 4 * 4 + 4
         strides, offset = [H * Nq * row, Nq * row, row, 1], 0
-    elif kind == "odd_rows":                  # rows an odd number apart: misaligned chunks
+    elif kind == "odd_rows":  # rows an odd number apart: misaligned chunks
         row = (Nk + 3) // 4 * 4 + 3
         strides, offset = [H * Nq * row, Nq * row, row, 1], 0
-    elif kind == "offset":                    # a view starting 2 elements into its storage
+    elif kind == "offset":  # a view starting 2 elements into its storage
         strides, offset = [H * Nq * Nk, Nq * Nk, Nk, 1], 2
-    else:                                     # "transposed": keys strided
+    else:  # "transposed": keys strided
         strides, offset = [H * Nq * Nk, Nq * Nk, 1, Nq], 0
     size = offset + sum((n - 1) * s for n, s in zip((B, H, Nq, Nk), strides)) + 1
     storage = rng.standard_normal(size)
@@ -55,11 +61,11 @@ def test_vector_staging_places_every_element_once(rows, cols, threads, kind):
         p = {"Nq": Nq, "Nk": Nk}
         b, h = B - 1, H - 1
         base = offset + b * strides[0] + h * strides[1]
-        for m0 in sorted({0, (Nq - 1) // rows * rows}):          # the first tile and the tail's
+        for m0 in sorted({0, (Nq - 1) // rows * rows}):  # the first tile and the tail's
             for n0 in sorted({0, (Nk - 1) // cols * cols}):
                 tile, writes, loads = stage_bias_vector(threads, rows, cols, p, bias, base, m0, n0, LOG2E, vec_ok)
                 assert np.all(writes == 1), "an element staged twice or never"
-                want = stage_bias(rows, cols, p, bias, base, m0, n0, LOG2E)   # the scalar staging's tile
+                want = stage_bias(rows, cols, p, bias, base, m0, n0, LOG2E)  # the scalar staging's tile
                 r = np.arange(rows * cols) // cols
                 cc = np.arange(rows * cols) % cols
                 unswizzled = tile[r * cols + (cc ^ np.array([bias_swizzle(cols, x) for x in r]))]
@@ -75,7 +81,7 @@ def test_vector_staging_places_every_element_once(rows, cols, threads, kind):
                 n_vec = sum(k == "vec" for k, _ in loads)
                 if not vec_ok:
                     assert n_vec == 0
-                else:   # every chunk inside the matrix is one vector load
+                else:  # every chunk inside the matrix is one vector load
                     inside = min(rows, Nq - m0) * (max(0, min(cols, Nk - n0)) // 4)
                     assert n_vec == inside, "a chunk inside the matrix not loaded as a vector"
 
@@ -102,7 +108,7 @@ def test_reads_see_the_staged_values_and_their_banks(rows, cols, threads):
     lane = np.arange(32)
     worst = {True: 1, False: 1}
     for warp in range(rows // 16):
-        row_in_cta = 16 * warp + lane // 4          # the accumulator layout's rows (sm_80 and wgmma alike)
+        row_in_cta = 16 * warp + lane // 4  # the accumulator layout's rows (sm_80 and wgmma alike)
         c = lane % 4
         for nt in range(cols // 8):
             for half in (0, 1):

@@ -19,9 +19,17 @@ import math
 
 import numpy as np
 import pytest
-
-from fwd_steps import assert_matches_reference, case_inputs, fwd_block, reference_outputs, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
-from ptx_model import ELEM, LANE, LOG2E, G_, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a, zeros_frags
+from fwd_steps import (
+    assert_matches_reference,
+    case_inputs,
+    fwd_block,
+    online_softmax,
+    reference_outputs,
+    rescale_accumulators,
+    scores_to_log2,
+    write_outputs,
+)
+from ptx_model import ELEM, G_, LANE, LOG2E, Tensor, contiguous, ldmatrix_x4, load_tile, mma16816, pack_a, zeros_frags
 from ptx_model import stage_bias as stage_bias_tile
 
 SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
@@ -38,9 +46,26 @@ def fwd_traits(kdqk, kdv, jvp):
     qe, ke, ve = 64 * sqk, bn * sqk, bn * sv
     stage = (2 if jvp else 1) * (ke + ve)
     elems = (2 if jvp else 1) * qe + 2 * stage
-    return dict(kDqk=kdqk, kDv=kdv, jvp=jvp, kBM=64, kBN=bn, kSqk=sqk, kSv=sv, kQElems=qe, kKElems=ke,
-                kVElems=ve, kOffV=ke, kOffKt=ke + ve, kOffVt=2 * ke + ve, kStageElems=stage, kSmemElems=elems,
-                kThreads=128, kNTileS=bn // 8, kNTileO=kdv // 8)
+    return dict(
+        kDqk=kdqk,
+        kDv=kdv,
+        jvp=jvp,
+        kBM=64,
+        kBN=bn,
+        kSqk=sqk,
+        kSv=sv,
+        kQElems=qe,
+        kKElems=ke,
+        kVElems=ve,
+        kOffV=ke,
+        kOffKt=ke + ve,
+        kOffVt=2 * ke + ve,
+        kStageElems=stage,
+        kSmemElems=elems,
+        kThreads=128,
+        kNTileS=bn // 8,
+        kNTileO=kdv // 8,
+    )
 
 
 def bias_smem_bytes(tr, has_bias, has_bias_t):
@@ -60,17 +85,19 @@ def fwd_padded_head_dims(dqk8, dv_cols):
 
 # ---- kernel helpers --------------------------------------------------------------------------
 
+
 def stage_bias(tr, p, bias, base, m0, n0, mult):
     return stage_bias_tile(tr["kBM"], tr["kBN"], p, bias, base, m0, n0, mult)
 
 
 # ---- the kernel ------------------------------------------------------------------------------
 
+
 def fwd_kernel(p, tr, block):
     threads = tr["kThreads"]
     kBM, kBN, kDqk, kDv, kSqk, kSv = tr["kBM"], tr["kBN"], tr["kDqk"], tr["kDv"], tr["kSqk"], tr["kSv"]
     jvp = tr["jvp"]
-    smem = np.full(tr["kSmemElems"], np.nan)          # stale shared memory is NaN
+    smem = np.full(tr["kSmemElems"], np.nan)  # stale shared memory is NaN
     sQ, sQt, sKV = 0, tr["kQElems"], (2 if jvp else 1) * tr["kQElems"]
 
     bh, b, h, m0, off, n_tiles, (gQ, gK, gV, gQt, gKt, gVt) = fwd_block(p, kBM, kBN, block)
@@ -80,29 +107,86 @@ def fwd_kernel(p, tr, block):
         base = sKV + stage * tr["kStageElems"]
         n0 = tile * kBN
         rows = p["Nk"] - n0
-        load_tile(threads, smem, base, base + tr["kOffV"], k.s, gK + n0 * k.st[2], k.st[2], kBN, rows, p["d_qk"],
-                  kDqk, kSqk)
-        load_tile(threads, smem, base + tr["kOffV"], base + tr["kOffV"] + tr["kVElems"], v.s, gV + n0 * v.st[2],
-                  v.st[2], kBN, rows, p["d_v"], kDv, kSv)
+        load_tile(
+            threads, smem, base, base + tr["kOffV"], k.s, gK + n0 * k.st[2], k.st[2], kBN, rows, p["d_qk"], kDqk, kSqk
+        )
+        load_tile(
+            threads,
+            smem,
+            base + tr["kOffV"],
+            base + tr["kOffV"] + tr["kVElems"],
+            v.s,
+            gV + n0 * v.st[2],
+            v.st[2],
+            kBN,
+            rows,
+            p["d_v"],
+            kDv,
+            kSv,
+        )
         if jvp:
-            load_tile(threads, smem, base + tr["kOffKt"], base + tr["kOffVt"], kt.s, gKt + n0 * kt.st[2], kt.st[2],
-                      kBN, rows, p["d_qk"], kDqk, kSqk)
-            load_tile(threads, smem, base + tr["kOffVt"], base + tr["kStageElems"], vt.s, gVt + n0 * vt.st[2],
-                      vt.st[2], kBN, rows, p["d_v"], kDv, kSv)
+            load_tile(
+                threads,
+                smem,
+                base + tr["kOffKt"],
+                base + tr["kOffVt"],
+                kt.s,
+                gKt + n0 * kt.st[2],
+                kt.st[2],
+                kBN,
+                rows,
+                p["d_qk"],
+                kDqk,
+                kSqk,
+            )
+            load_tile(
+                threads,
+                smem,
+                base + tr["kOffVt"],
+                base + tr["kStageElems"],
+                vt.s,
+                gVt + n0 * vt.st[2],
+                vt.st[2],
+                kBN,
+                rows,
+                p["d_v"],
+                kDv,
+                kSv,
+            )
 
-    load_tile(threads, smem, sQ, sQ + tr["kQElems"], q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"],
-              kDqk, kSqk)
+    load_tile(
+        threads, smem, sQ, sQ + tr["kQElems"], q.s, gQ + m0 * q.st[2], q.st[2], kBM, p["Nq"] - m0, p["d_qk"], kDqk, kSqk
+    )
     if jvp:
-        load_tile(threads, smem, sQt, sQt + tr["kQElems"], qt.s, gQt + m0 * qt.st[2], qt.st[2], kBM, p["Nq"] - m0,
-                  p["d_qk"], kDqk, kSqk)
+        load_tile(
+            threads,
+            smem,
+            sQt,
+            sQt + tr["kQElems"],
+            qt.s,
+            gQt + m0 * qt.st[2],
+            qt.st[2],
+            kBM,
+            p["Nq"] - m0,
+            p["d_qk"],
+            kDqk,
+            kSqk,
+        )
     if n_tiles > 0:
         load_kv(0, 0)
 
     warps = []
     for warp in range(4):
-        warps.append(dict(row_in_cta=16 * warp + G_, acc_o=zeros_frags(tr["kNTileO"]),
-                          acc_t=zeros_frags(tr["kNTileO"]), row_max=[np.full(32, -math.inf)] * 2,
-                          row_sum=[np.zeros(32)] * 2, row_r=[np.zeros(32)] * 2))
+        warps.append(
+            dict(
+                row_in_cta=16 * warp + G_,
+                acc_o=zeros_frags(tr["kNTileO"]),
+                acc_t=zeros_frags(tr["kNTileO"]),
+                row_max=[np.full(32, -math.inf)] * 2,
+                row_sum=[np.zeros(32)] * 2,
+                row_r=[np.zeros(32)] * 2,
+            )
+        )
     has_bias, has_bias_t = p["bias"] is not None, jvp and p["bias_t"] is not None
     bias_base = b * p["bias"].st[0] + h * p["bias"].st[1] if has_bias else 0
     bias_t_base = b * p["bias_t"].st[0] + h * p["bias_t"].st[1] if has_bias_t else 0
@@ -164,15 +248,30 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, launches=Non
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if Dqk > 256:
         raise ValueError(f"q.size(-1) (the q/k head dim D_qk) is {Dqk}; the CUDA kernel supports D_qk up to 256")
-    d8 = lambda d: (d + 7) // 8 * 8                                   # noqa: E731
-    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])      # noqa: E731
-    p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), scale=scale, scale_log2=scale * LOG2E,
-             causal=bool(causal), num_m_blocks=(Nq + 63) // 64,
-             q=contiguous(pad(q, Dqk)), k=contiguous(pad(k, Dqk)), v=contiguous(pad(v, Dv)),
-             q_t=contiguous(pad(qt, Dqk)) if jvp else None, k_t=contiguous(pad(kt, Dqk)) if jvp else None,
-             v_t=contiguous(pad(vt, Dv)) if jvp else None,
-             bias=None if bias is None else Tensor(*bias), bias_t=None if bias_t is None else Tensor(*bias_t),
-             lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan))
+    d8 = lambda d: (d + 7) // 8 * 8  # noqa: E731
+    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])  # noqa: E731
+    p = dict(
+        B=B,
+        H=H,
+        Hkv=Hkv,
+        Nq=Nq,
+        Nk=Nk,
+        d_qk=d8(Dqk),
+        scale=scale,
+        scale_log2=scale * LOG2E,
+        causal=bool(causal),
+        num_m_blocks=(Nq + 63) // 64,
+        q=contiguous(pad(q, Dqk)),
+        k=contiguous(pad(k, Dqk)),
+        v=contiguous(pad(v, Dv)),
+        q_t=contiguous(pad(qt, Dqk)) if jvp else None,
+        k_t=contiguous(pad(kt, Dqk)) if jvp else None,
+        v_t=contiguous(pad(vt, Dv)) if jvp else None,
+        bias=None if bias is None else Tensor(*bias),
+        bias_t=None if bias_t is None else Tensor(*bias_t),
+        lse=np.full(B * H * Nq, np.nan),
+        lse_t=np.full(B * H * Nq, np.nan),
+    )
     # NaN-poisoned outputs: an element no launch writes fails the comparison.
     p["out"] = contiguous(np.full((B, H, Nq, d8(Dv)), np.nan))
     p["out_t"] = contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None
@@ -200,11 +299,20 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, launches=Non
 
 # ---- tests -----------------------------------------------------------------------------------
 
+
 def test_traits_fit_shared_memory_and_keep_v1_tiles():
     """Every instantiated pair fits sm_80's and sm_90's opt-in shared memory with both bias tiles,
     its tiles are 16-byte aligned, and the v1 pairs keep their v1 BN."""
-    v1_bn = {(32, False): 64, (64, False): 64, (96, False): 64, (128, False): 64,
-             (32, True): 64, (64, True): 64, (96, True): 32, (128, True): 32}
+    v1_bn = {
+        (32, False): 64,
+        (64, False): 64,
+        (96, False): 64,
+        (128, False): 64,
+        (32, True): 64,
+        (64, True): 64,
+        (96, True): 32,
+        (128, True): 32,
+    }
     for kdqk, kdv in INSTANTIATED:
         for jvp in (False, True):
             tr = fwd_traits(kdqk, kdv, jvp)
@@ -233,12 +341,12 @@ def test_head_dim_limit():
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
 CASES = [
-    (1, 2, 1, 70, 90, 256, 64, True, True, None),         # (256, 64), GQA, causal Nq < Nk, tails
+    (1, 2, 1, 70, 90, 256, 64, True, True, None),  # (256, 64), GQA, causal Nq < Nk, tails
     (1, 2, 2, 45, 33, 256, 128, True, True, "broadcast"),  # (256, 128), causal Nq > Nk: dead rows, -inf bias row
-    (1, 3, 1, 20, 70, 256, 200, False, True, "full"),      # D_v = 200: slices 128 + 72 -> (256, 128) twice, G = 3
-    (1, 3, 1, 20, 70, 256, 200, True, False, None),        # the same primal-only (BN = 32)
-    (1, 1, 1, 17, 40, 184, 96, True, False, "head"),       # D_qk 184 -> 192, D_v 96 -> 128, primal
-    (1, 2, 2, 33, 47, 160, 40, True, True, None),          # D_qk 160 -> 192, D_v 40 -> 64, JVP
+    (1, 3, 1, 20, 70, 256, 200, False, True, "full"),  # D_v = 200: slices 128 + 72 -> (256, 128) twice, G = 3
+    (1, 3, 1, 20, 70, 256, 200, True, False, None),  # the same primal-only (BN = 32)
+    (1, 1, 1, 17, 40, 184, 96, True, False, "head"),  # D_qk 184 -> 192, D_v 96 -> 128, primal
+    (1, 2, 2, 33, 47, 160, 40, True, True, None),  # D_qk 160 -> 192, D_v 40 -> 64, JVP
     (1, 2, 2, 65, 130, 40, 24, False, True, "broadcast"),  # a v1 pair (64, 64), for comparison
 ]
 
@@ -248,11 +356,22 @@ def test_forward_index_model_matches_reference(case):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=0)
     q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
-    scale = 0.8 * Dqk ** -0.5
+    scale = 0.8 * Dqk**-0.5
     launches = []
     with np.errstate(invalid="raise", over="raise", divide="raise"):
-        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
-                            scale, causal, launches)
+        got = forward_model(
+            q,
+            k,
+            v,
+            qt if jvp else None,
+            kt if jvp else None,
+            vt if jvp else None,
+            bias_m,
+            bias_t_m,
+            scale,
+            causal,
+            launches,
+        )
     names, expected = reference_outputs(tensors, bias, bias_t, scale, causal, jvp)
     if not jvp:
         got = (got[0], got[2])

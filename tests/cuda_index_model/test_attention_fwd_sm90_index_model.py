@@ -19,9 +19,32 @@ import math
 
 import numpy as np
 import pytest
-
-from fwd_steps import assert_matches_reference, case_inputs, fwd_block, reference_outputs, online_softmax, rescale_accumulators, scores_to_log2, write_outputs
-from ptx_model import G_, LANE, LOG2E, SharedMemory, Tensor, TensorMap, contiguous, desc_sw128, ldmatrix_x4, pack_a, stage_bias, tma_load, wgmma_rs, wgmma_ss
+from fwd_steps import (
+    assert_matches_reference,
+    case_inputs,
+    fwd_block,
+    online_softmax,
+    reference_outputs,
+    rescale_accumulators,
+    scores_to_log2,
+    write_outputs,
+)
+from ptx_model import (
+    G_,
+    LANE,
+    LOG2E,
+    SharedMemory,
+    Tensor,
+    TensorMap,
+    contiguous,
+    desc_sw128,
+    ldmatrix_x4,
+    pack_a,
+    stage_bias,
+    tma_load,
+    wgmma_rs,
+    wgmma_ss,
+)
 from test_attention_fwd_index_model import bias_smem_bytes, fwd_kernel, fwd_padded_head_dims, fwd_traits
 
 SMEM_OPTIN_SM90 = 227 * 1024
@@ -29,14 +52,29 @@ SMEM_OPTIN_SM90 = 227 * 1024
 
 # ---- traits and the host's choice (FwdSm90Traits, plan_forward_launch) -------------------------
 
+
 def sm90_traits(kd, jvp):
     bn = 64 if jvp else 128
     qb, kvb = 128 * kd * 2, bn * kd * 2
     stage = (4 if jvp else 2) * kvb
     qtiles = 2 if jvp else 1
-    return dict(kD=kd, jvp=jvp, kBM=128, kBN=bn, kThreads=256, kQBytes=qb, kKVBytes=kvb, kQTiles=qtiles,
-                kOffV=kvb, kOffKt=2 * kvb, kOffVt=3 * kvb, kStageBytes=stage,
-                kSmemBytes=qtiles * qb + 2 * stage + 1024, kNTileS=bn // 8, kNTileO=kd // 8)
+    return dict(
+        kD=kd,
+        jvp=jvp,
+        kBM=128,
+        kBN=bn,
+        kThreads=256,
+        kQBytes=qb,
+        kKVBytes=kvb,
+        kQTiles=qtiles,
+        kOffV=kvb,
+        kOffKt=2 * kvb,
+        kOffVt=3 * kvb,
+        kStageBytes=stage,
+        kSmemBytes=qtiles * qb + 2 * stage + 1024,
+        kNTileS=bn // 8,
+        kNTileO=kd // 8,
+    )
 
 
 def sm90_ws_traits(kd, jvp, overlap=False, q_regs=False):
@@ -46,8 +84,14 @@ def sm90_ws_traits(kd, jvp, overlap=False, q_regs=False):
     tr.update(kOverlap=overlap, kQRegs=q_regs)
     stages = 2 if (kd == 128 and jvp) else 3
     tile_bytes = tr["kQTiles"] * tr["kQBytes"] + stages * tr["kStageBytes"]
-    tr.update(kThreads=384, kConsumerWarps=8, kStages=stages, kTileBytes=tile_bytes, kBarriers=1 + 3 * stages,
-              kSmemBytes=tile_bytes + 8 * (1 + 3 * stages) + 1024)
+    tr.update(
+        kThreads=384,
+        kConsumerWarps=8,
+        kStages=stages,
+        kTileBytes=tile_bytes,
+        kBarriers=1 + 3 * stages,
+        kSmemBytes=tile_bytes + 8 * (1 + 3 * stages) + 1024,
+    )
     return tr
 
 
@@ -70,7 +114,7 @@ def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jv
     kdqk, kdv = fwd_padded_head_dims(dqk8, cols)
     sm90 = kdqk == kdv and kdqk in (64, 128) and sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= sm90_smem_limit
     ws_smem = sm90_ws_smem_bytes(kdqk, jvp, has_bias, has_bias_t) if sm90 else -1
-    panels_hold_data = dqk8 > kdqk - 64 and cols > kdv - 64   # no TMA box wholly outside the tensor
+    panels_hold_data = dqk8 > kdqk - 64 and cols > kdv - 64  # no TMA box wholly outside the tensor
     tma = sm90 and tma_ok and panels_hold_data and 0 <= ws_smem <= sm90_smem_limit
     if not sm90:
         return "sm_80", kdqk, kdv
@@ -83,7 +127,9 @@ def plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jv
 def tma_strides_ok(t, sizes):
     """The host's tma_ready: tma_strides_ok of tma.cuh for the (B, heads, rows) strides of a
     kernel-ready tensor, and no empty dimension."""
-    return min(sizes) > 0 and all(size <= 1 or (0 < stride and stride % 8 == 0 and stride < 2 ** 39) for stride, size in zip(t.st[:3], sizes))
+    return min(sizes) > 0 and all(
+        size <= 1 or (0 < stride and stride % 8 == 0 and stride < 2**39) for stride, size in zip(t.st[:3], sizes)
+    )
 
 
 def tma_map_4d(t, B, heads, rows, cols, box_rows):
@@ -99,6 +145,7 @@ def tma_map_4d(t, B, heads, rows, cols, box_rows):
 
 
 # ---- the kernel ------------------------------------------------------------------------------
+
 
 def load_tile_sw128(tr, sm, dst0, rows, src, base, stride, rows_valid, d_valid):
     """The swizzled cp.async loader: one call's 16-byte chunks, each written once, inside its tile."""
@@ -192,9 +239,17 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
     has_bias, has_bias_t = p["bias"] is not None, jvp and p["bias_t"] is not None
     bias_base = b * p["bias"].st[0] + h * p["bias"].st[1] if has_bias else 0
     bias_t_base = b * p["bias_t"].st[0] + h * p["bias_t"].st[1] if has_bias_t else 0
-    warps = [dict(row_in_cta=16 * warp + G_, acc_o=frags(tr["kNTileO"]), acc_t=frags(tr["kNTileO"]),
-                  row_max=[np.full(32, -math.inf)] * 2, row_sum=[np.zeros(32)] * 2, row_r=[np.zeros(32)] * 2)
-             for warp in range(8)]
+    warps = [
+        dict(
+            row_in_cta=16 * warp + G_,
+            acc_o=frags(tr["kNTileO"]),
+            acc_t=frags(tr["kNTileO"]),
+            row_max=[np.full(32, -math.inf)] * 2,
+            row_sum=[np.zeros(32)] * 2,
+            row_r=[np.zeros(32)] * 2,
+        )
+        for warp in range(8)
+    ]
 
     def k_step(ks, rows):
         return (ks // 4) * rows * 128 + (ks % 4) * 32
@@ -229,8 +284,8 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
                 wgmma_rs(sm, acc_t, [ha[w][kk] for w in range(4)], dv)
 
     overlap = tr.get("kOverlap", False)
-    pending = [None, None]            # per warpgroup: P, H fragments, V stage and α of a P·V chain not yet issued
-    q_frags = [None, None]            # kQRegs: per warpgroup, [Q fragments, Q̇ fragments] of its 4 warps
+    pending = [None, None]  # per warpgroup: P, H fragments, V stage and α of a P·V chain not yet issued
+    q_frags = [None, None]  # kQRegs: per warpgroup, [Q fragments, Q̇ fragments] of its 4 warps
 
     for tile in range(n_tiles):
         if producer is None:
@@ -239,11 +294,11 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
                 load_kv(stage ^ 1, tile + 1)
         else:
             stage = tile % stages
-            assert next(producer) == tile    # the tile's K and V have landed (k_full, v_full of its phase)
-        if producer is None:   # all 256 threads stage the CTA's tile between the tile barriers
+            assert next(producer) == tile  # the tile's K and V have landed (k_full, v_full of its phase)
+        if producer is None:  # all 256 threads stage the CTA's tile between the tile barriers
             sBias = stage_bias(kBM, kBN, p, p["bias"], bias_base, m0, tile * kBN, LOG2E) if has_bias else None
             sBiasT = stage_bias(kBM, kBN, p, p["bias_t"], bias_t_base, m0, tile * kBN, 1.0) if has_bias_t else None
-        else:                  # each warpgroup stages its own rows (below); unstaged rows read as NaN
+        else:  # each warpgroup stages its own rows (below); unstaged rows read as NaN
             assert kD == 64 or not (has_bias or has_bias_t), "the TMA kernel takes bias tiles only at d 64"
             sBias = np.full(kBM * kBN, np.nan) if has_bias else None
             sBiasT = np.full(kBM * kBN, np.nan) if has_bias_t else None
@@ -251,21 +306,23 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
         v_base, kt_base, vt_base = k_base + tr["kOffV"], k_base + tr["kOffKt"], k_base + tr["kOffVt"]
         n0 = tile * kBN
         for wg in range(2):
-            ws = warps[4 * wg: 4 * wg + 4]
+            ws = warps[4 * wg : 4 * wg + 4]
             q_base, qt_base = sQ + wg * 64 * 128, sQt + wg * 64 * 128
-            if producer is not None:   # stage_bias_rows: rows 64·wg.. of the tile, from query m0 + 64·wg
+            if producer is not None:  # stage_bias_rows: rows 64·wg.. of the tile, from query m0 + 64·wg
                 rows = slice(64 * wg * kBN, (64 * wg + 64) * kBN)
                 if has_bias:
                     sBias[rows] = stage_bias(64, kBN, p, p["bias"], bias_base, m0 + 64 * wg, n0, LOG2E)
                 if has_bias_t:
                     sBiasT[rows] = stage_bias(64, kBN, p, p["bias_t"], bias_t_base, m0 + 64 * wg, n0, 1.0)
-            s = [frags(tr["kNTileS"], np.nan) for _ in range(4)]     # uninitialised: scale_d = 0 overwrites
+            s = [frags(tr["kNTileS"], np.nan) for _ in range(4)]  # uninitialised: scale_d = 0 overwrites
             sd = [frags(tr["kNTileS"], np.nan) for _ in range(4)]
             qa = qta = None
             if tr.get("kQRegs"):
-                if q_frags[wg] is None:    # once Q (and Q̇) have landed
-                    q_frags[wg] = ([load_a_fragments(q_base, w) for w in range(4)],
-                                   [load_a_fragments(qt_base, w) for w in range(4)] if jvp else None)
+                if q_frags[wg] is None:  # once Q (and Q̇) have landed
+                    q_frags[wg] = (
+                        [load_a_fragments(q_base, w) for w in range(4)],
+                        [load_a_fragments(qt_base, w) for w in range(4)] if jvp else None,
+                    )
                 qa, qta = q_frags[wg]
             for ks in range(kD // 16):
                 s_chain(s, q_base, qa, k_base, ks, ks > 0)
@@ -296,9 +353,9 @@ def sm90_kernel(p, tr, block, smem_raw, maps=None):
     for wg in range(2):
         if pending[wg] is not None:
             *chain, alphas = pending[wg]
-            for w, alpha in zip(warps[4 * wg: 4 * wg + 4], alphas):
+            for w, alpha in zip(warps[4 * wg : 4 * wg + 4], alphas):
                 rescale_accumulators(w, alpha)
-            pv_chain(warps[4 * wg: 4 * wg + 4], *chain)
+            pv_chain(warps[4 * wg : 4 * wg + 4], *chain)
     for w in warps:
         write_outputs(p, w, jvp, m0, bh, b, h)
 
@@ -311,8 +368,25 @@ def strided(a, layout):
     return Tensor(np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(-1), [N * H * D, D, H * D, 1])
 
 
-def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_limit, launches, smem_raw=0x410,
-                  tma_enabled=True, overlap=True, q_regs=True, layout="bhnd"):
+def forward_model(
+    q,
+    k,
+    v,
+    qt,
+    kt,
+    vt,
+    bias,
+    bias_t,
+    scale,
+    causal,
+    sm90_smem_limit,
+    launches,
+    smem_raw=0x410,
+    tma_enabled=True,
+    overlap=True,
+    q_regs=True,
+    layout="bhnd",
+):
     """forward_impl on float64 numpy data with the sm_90 choice: padding to multiples of 8, the
     128-column V slices, each launched on the kernel plan_forward_launch picks. bias, bias_t:
     (storage, strides) of (B, H, Nq, Nk) views, or None. layout: how q, k, v (and tangents) are
@@ -320,15 +394,32 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
     jvp = qt is not None
     B, H, Nq, Dqk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    d8 = lambda d: (d + 7) // 8 * 8                                   # noqa: E731
-    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])      # noqa: E731
+    d8 = lambda d: (d + 7) // 8 * 8  # noqa: E731
+    pad = lambda a, d: np.pad(a, [(0, 0)] * 3 + [(0, d8(d) - d)])  # noqa: E731
     t = lambda a, d: strided(pad(a, d), layout) if a is not None else None  # noqa: E731
-    p = dict(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d_qk=d8(Dqk), scale=scale, scale_log2=scale * LOG2E,
-             causal=bool(causal), q=t(q, Dqk), k=t(k, Dqk), v=t(v, Dv), q_t=t(qt, Dqk), k_t=t(kt, Dqk),
-             v_t=t(vt, Dv), bias=None if bias is None else Tensor(*bias),
-             bias_t=None if bias_t is None else Tensor(*bias_t), lse=np.full(B * H * Nq, np.nan), lse_t=np.full(B * H * Nq, np.nan),
-             out=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)),
-             out_t=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None)
+    p = dict(
+        B=B,
+        H=H,
+        Hkv=Hkv,
+        Nq=Nq,
+        Nk=Nk,
+        d_qk=d8(Dqk),
+        scale=scale,
+        scale_log2=scale * LOG2E,
+        causal=bool(causal),
+        q=t(q, Dqk),
+        k=t(k, Dqk),
+        v=t(v, Dv),
+        q_t=t(qt, Dqk),
+        k_t=t(kt, Dqk),
+        v_t=t(vt, Dv),
+        bias=None if bias is None else Tensor(*bias),
+        bias_t=None if bias_t is None else Tensor(*bias_t),
+        lse=np.full(B * H * Nq, np.nan),
+        lse_t=np.full(B * H * Nq, np.nan),
+        out=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)),
+        out_t=contiguous(np.full((B, H, Nq, d8(Dv)), np.nan)) if jvp else None,
+    )
     inputs = [(p[n], (B, H, Nq)) for n in ("q", "q_t")] + [(p[n], (B, Hkv, Nk)) for n in ("k", "v", "k_t", "v_t")]
     tma_ok = tma_enabled and all(tma_strides_ok(x, sizes) for x, sizes in inputs if x is not None)
     v_full, vt_full, o_full, ot_full = p["v"], p["v_t"], p["out"], p["out_t"]
@@ -338,8 +429,9 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
         p["v"], p["out"] = Tensor(v_full.s, v_full.st, c0), Tensor(o_full.s, o_full.st, c0)
         if jvp:
             p["v_t"], p["out_t"] = Tensor(vt_full.s, vt_full.st, c0), Tensor(ot_full.s, ot_full.st, c0)
-        kernel, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, p["d_qk"], cols, jvp,
-                                                bias is not None, jvp and bias_t is not None)
+        kernel, kdqk, kdv = plan_forward_launch(
+            sm90_smem_limit, tma_ok, overlap, q_regs, p["d_qk"], cols, jvp, bias is not None, jvp and bias_t is not None
+        )
         launches.append((kernel, kdqk, kdv))
         if kernel == "sm_80":
             tr = fwd_traits(kdqk, kdv, jvp)
@@ -348,11 +440,19 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
         else:
             tr = sm90_ws_traits(kdqk, jvp, overlap="_overlap" in kernel, q_regs=kernel.endswith("_qregs"))
         maps = None
-        if kernel.startswith("sm_90a_tma"):   # launch_fwd_sm90_ws: the maps of this launch (V slice: its columns)
-            maps = {n: tma_map_4d(p[n], B, heads, rows, cols_, box) for n, heads, rows, cols_, box in (
-                ("q", H, Nq, p["d_qk"], tr["kBM"]), ("k", Hkv, Nk, p["d_qk"], tr["kBN"]), ("v", Hkv, Nk, cols, tr["kBN"]),
-                ("q_t", H, Nq, p["d_qk"], tr["kBM"]), ("k_t", Hkv, Nk, p["d_qk"], tr["kBN"]),
-                ("v_t", Hkv, Nk, cols, tr["kBN"])) if p[n] is not None}
+        if kernel.startswith("sm_90a_tma"):  # launch_fwd_sm90_ws: the maps of this launch (V slice: its columns)
+            maps = {
+                n: tma_map_4d(p[n], B, heads, rows, cols_, box)
+                for n, heads, rows, cols_, box in (
+                    ("q", H, Nq, p["d_qk"], tr["kBM"]),
+                    ("k", Hkv, Nk, p["d_qk"], tr["kBN"]),
+                    ("v", Hkv, Nk, cols, tr["kBN"]),
+                    ("q_t", H, Nq, p["d_qk"], tr["kBM"]),
+                    ("k_t", Hkv, Nk, p["d_qk"], tr["kBN"]),
+                    ("v_t", Hkv, Nk, cols, tr["kBN"]),
+                )
+                if p[n] is not None
+            }
         p["num_m_blocks"] = (Nq + tr["kBM"] - 1) // tr["kBM"]
         for blk in range(p["num_m_blocks"] * B * H):
             if kernel == "sm_80":
@@ -365,6 +465,7 @@ def forward_model(q, k, v, qt, kt, vt, bias, bias_t, scale, causal, sm90_smem_li
 
 
 # ---- tests -----------------------------------------------------------------------------------
+
 
 def test_traits_fit_hopper_shared_memory():
     for kd in (64, 128):
@@ -383,8 +484,12 @@ def test_plan_takes_sm90_only_for_its_head_dims():
     for dqk8 in range(8, 257, 8):
         for cols in range(8, 129, 8):
             for jvp, has_bias, has_bias_t in [(j, b, t) for j in (0, 1) for b in (0, 1) for t in (0, 1)]:
-                for tma_ok, overlap, q_regs in ((False, True, True), (True, False, True), (True, True, True),
-                                                (True, True, False)):
+                for tma_ok, overlap, q_regs in (
+                    (False, True, True),
+                    (True, False, True),
+                    (True, True, True),
+                    (True, True, False),
+                ):
                     args = (tma_ok, overlap, q_regs, dqk8, cols, jvp, has_bias, has_bias_t)
                     kernel, kdqk, kdv = plan_forward_launch(SMEM_OPTIN_SM90, *args)
                     if kernel != "sm_80":
@@ -392,53 +497,61 @@ def test_plan_takes_sm90_only_for_its_head_dims():
                         assert sm90_smem_bytes(kdqk, jvp, has_bias, has_bias_t) <= SMEM_OPTIN_SM90
                     # The TMA kernel: with bias tiles only at d 64 (next to the d 128 ring they do not fit).
                     # ... and where each 64-column panel of Q/K and of V holds data.
-                    tma = (kernel != "sm_80" and tma_ok and (kdqk == 64 or not (has_bias or (jvp and has_bias_t)))
-                           and min(dqk8, cols) > kdqk - 64)
+                    tma = (
+                        kernel != "sm_80"
+                        and tma_ok
+                        and (kdqk == 64 or not (has_bias or (jvp and has_bias_t)))
+                        and min(dqk8, cols) > kdqk - 64
+                    )
                     assert kernel.startswith("sm_90a_tma") == tma
                     assert kernel.startswith("sm_90a_tma_overlap") == (tma and overlap and not (kdqk == 128 and jvp))
                     assert kernel.endswith("_qregs") == (tma and q_regs and kdqk == 64)
                     assert plan_forward_launch(0, *args)[0] == "sm_80"
-    plan = lambda *a: plan_forward_launch(SMEM_OPTIN_SM90, True, True, True, *a)[0]   # noqa: E731
-    assert plan(128, 104, True, True, False) == "sm_90a"   # 225 KB: fits
-    assert plan(128, 128, True, True, True) == "sm_80"     # 257 KB
-    assert plan(64, 64, True, True, True) == "sm_90a_tma_overlap_qregs"   # bias tiles staged per warpgroup
+    plan = lambda *a: plan_forward_launch(SMEM_OPTIN_SM90, True, True, True, *a)[0]  # noqa: E731
+    assert plan(128, 104, True, True, False) == "sm_90a"  # 225 KB: fits
+    assert plan(128, 128, True, True, True) == "sm_80"  # 257 KB
+    assert plan(64, 64, True, True, True) == "sm_90a_tma_overlap_qregs"  # bias tiles staged per warpgroup
     assert plan(128, 128, False, True, False) == "sm_90a"
-    assert plan(128, 128, True, False, False) == "sm_90a_tma"         # S, Ṡ and P, H of two tiles: too many registers
+    assert plan(128, 128, True, False, False) == "sm_90a_tma"  # S, Ṡ and P, H of two tiles: too many registers
     assert plan(128, 128, False, False, False) == "sm_90a_tma_overlap"
     assert plan(64, 64, True, False, False) == "sm_90a_tma_overlap_qregs"
     assert plan(40, 24, False, False, False) == "sm_90a_tma_overlap_qregs"
-    assert plan(64, 128, False, False, False) == "sm_90a"   # Q/K's second 64-column panel: no data
-    assert plan(128, 64, True, False, False) == "sm_90a"    # V's
-    assert plan(72, 104, True, False, False) == "sm_90a_tma"   # a partial second panel: TMA zero-fills it
+    assert plan(64, 128, False, False, False) == "sm_90a"  # Q/K's second 64-column panel: no data
+    assert plan(128, 64, True, False, False) == "sm_90a"  # V's
+    assert plan(72, 104, True, False, False) == "sm_90a_tma"  # a partial second panel: TMA zero-fills it
 
 
 # (B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias kind)
 CASES = [
-    (1, 2, 1, 150, 200, 64, 64, True, True, None),      # d 64 JVP: GQA, causal Nq < Nk, 2 query tiles, key tail
-    (2, 1, 1, 140, 70, 128, 128, True, True, None),     # d 128 JVP: causal Nq > Nk (dead rows), B = 2
+    (1, 2, 1, 150, 200, 64, 64, True, True, None),  # d 64 JVP: GQA, causal Nq < Nk, 2 query tiles, key tail
+    (2, 1, 1, 140, 70, 128, 128, True, True, None),  # d 128 JVP: causal Nq > Nk (dead rows), B = 2
     (1, 1, 1, 130, 300, 128, 128, False, False, None),  # d 128 primal (BN = 128), key tail 44, query tail 2
-    (1, 3, 3, 40, 90, 40, 24, True, False, None),       # D_qk 40, D_v 24 -> padded 64 (zero-filled columns), primal
-    (1, 2, 2, 70, 129, 104, 120, False, True, None),    # D_qk 104, D_v 120 -> 128, JVP
-    (1, 1, 1, 33, 65, 64, 200, False, True, None),      # D_v 200: slice 128 on sm_90a (cp.async: Q/K's second
-                                                        # panel holds no data), slice 72 on sm_80 (96, 96)
+    (1, 3, 3, 40, 90, 40, 24, True, False, None),  # D_qk 40, D_v 24 -> padded 64 (zero-filled columns), primal
+    (1, 2, 2, 70, 129, 104, 120, False, True, None),  # D_qk 104, D_v 120 -> 128, JVP
+    (1, 1, 1, 33, 65, 64, 200, False, True, None),  # D_v 200: slice 128 on sm_90a (cp.async: Q/K's second
+    # panel holds no data), slice 72 on sm_80 (96, 96)
     (1, 2, 1, 150, 140, 64, 64, True, True, "broadcast"),  # bias and bias_t tiles, a -inf bias row, +inf bias_t row
-    (1, 2, 1, 200, 300, 48, 64, False, False, "head"),     # d 64 primal bias (BN 128), a query tail in WG1's rows
-    (1, 2, 2, 70, 200, 128, 128, False, False, "full"),    # d 128 primal with a full bias (225 KB of smem)
-    (1, 2, 2, 60, 100, 128, 128, True, True, "head"),      # d 128 JVP with bias and bias_t: too big, sm_80 takes it
+    (1, 2, 1, 200, 300, 48, 64, False, False, "head"),  # d 64 primal bias (BN 128), a query tail in WG1's rows
+    (1, 2, 2, 70, 200, 128, 128, False, False, "full"),  # d 128 primal with a full bias (225 KB of smem)
+    (1, 2, 2, 60, 100, 128, 128, True, True, "head"),  # d 128 JVP with bias and bias_t: too big, sm_80 takes it
 ]
 
 
 # The switches of each kernel choice: (tma_enabled, overlap, q_regs); the default is the first.
-KERNELS = {"tma_overlap": (True, True, True), "tma": (True, False, True), "tma_smem_q": (True, True, False),
-           "cp_async": (False, False, False)}
+KERNELS = {
+    "tma_overlap": (True, True, True),
+    "tma": (True, False, True),
+    "tma_smem_q": (True, True, False),
+    "cp_async": (False, False, False),
+}
 
 
 def _expected_kernel(case, kernel, kd):
     """The plan's name for the first launch of `case` (padded head dim kd) under `kernel`'s switches."""
     Dqk, Dv, jvp, bias_kind = case[5], case[6], case[8], case[9]
     if jvp and kd > 64 and bias_kind is not None:
-        return "sm_80"                     # d 128 JVP with bias and bias_t: too big for sm_90a
-    empty_panel = min(-(-Dqk // 8), -(-min(Dv, 128) // 8)) * 8 <= kd - 64   # a TMA box with no data
+        return "sm_80"  # d 128 JVP with bias and bias_t: too big for sm_90a
+    empty_panel = min(-(-Dqk // 8), -(-min(Dv, 128) // 8)) * 8 <= kd - 64  # a TMA box with no data
     if (bias_kind is not None and kd == 128) or kernel == "cp_async" or empty_panel:
         return "sm_90a"
     name = "sm_90a_tma_overlap" if kernel != "tma" and not (jvp and kd == 128) else "sm_90a_tma"
@@ -446,20 +559,36 @@ def _expected_kernel(case, kernel, kd):
 
 
 # Q from shared memory differs from the default only where Q would be in registers: d 64.
-@pytest.mark.parametrize("case,kernel", [(c, k) for c in CASES for k in KERNELS
-                                         if k != "tma_smem_q" or max(c[5], c[6]) <= 64],
-                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)))
+@pytest.mark.parametrize(
+    "case,kernel",
+    [(c, k) for c in CASES for k in KERNELS if k != "tma_smem_q" or max(c[5], c[6]) <= 64],
+    ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x)),
+)
 def test_sm90_forward_index_model_matches_reference(case, kernel):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=1)
     q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
-    scale = 0.8 * Dqk ** -0.5
+    scale = 0.8 * Dqk**-0.5
     launches = []
     tma_enabled, overlap, q_regs = KERNELS[kernel]
     with np.errstate(invalid="raise", over="raise", divide="raise"):
-        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
-                            scale, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap,
-                            q_regs=q_regs)
+        got = forward_model(
+            q,
+            k,
+            v,
+            qt if jvp else None,
+            kt if jvp else None,
+            vt if jvp else None,
+            bias_m,
+            bias_t_m,
+            scale,
+            causal,
+            SMEM_OPTIN_SM90,
+            launches,
+            tma_enabled=tma_enabled,
+            overlap=overlap,
+            q_regs=q_regs,
+        )
     assert launches[0][0] == _expected_kernel(case, kernel, launches[0][1])
     names, expected = reference_outputs(tensors, bias, bias_t, scale, causal, jvp)
     if not jvp:
@@ -474,11 +603,12 @@ def test_tma_kernel_reads_strided_layouts(case):
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal = case
     tensors, *_ = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, True, None, seed=2)
     launches = []
-    got = forward_model(*(t.numpy() for t in tensors), None, None, Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches,
-                        layout="bnhd")
+    got = forward_model(
+        *(t.numpy() for t in tensors), None, None, Dqk**-0.5, causal, SMEM_OPTIN_SM90, launches, layout="bnhd"
+    )
     kd = 64 if Dqk <= 64 else 128
     assert launches == [("sm_90a_tma_overlap_qregs" if kd == 64 else "sm_90a_tma", kd, kd)]
-    names, expected = reference_outputs(tensors, None, None, Dqk ** -0.5, causal, True)
+    names, expected = reference_outputs(tensors, None, None, Dqk**-0.5, causal, True)
     assert_matches_reference(names, got, expected)
 
 
@@ -489,9 +619,19 @@ def _random_case(seed):
     rng = np.random.default_rng(seed)
     Hkv = int(rng.integers(1, 3))
     H = Hkv * int(rng.integers(1, 3))
-    d = 8 * int(rng.choice([rng.integers(5, 9), rng.integers(13, 17)]))   # pads to 64 or to 128
-    return (1, H, Hkv, int(rng.integers(1, 300)), int(rng.integers(1, 400)), d, d, bool(rng.integers(2)),
-            seed % 2 == 1, "full" if seed in (2, 5) else None)
+    d = 8 * int(rng.choice([rng.integers(5, 9), rng.integers(13, 17)]))  # pads to 64 or to 128
+    return (
+        1,
+        H,
+        Hkv,
+        int(rng.integers(1, 300)),
+        int(rng.integers(1, 400)),
+        d,
+        d,
+        bool(rng.integers(2)),
+        seed % 2 == 1,
+        "full" if seed in (2, 5) else None,
+    )
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -499,14 +639,28 @@ def test_sm90_kernels_on_random_shapes(seed):
     case = _random_case(seed)
     B, H, Hkv, Nq, Nk, Dqk, Dv, causal, jvp, bias_kind = case
     tensors, bias, bias_t, bias_m, bias_t_m = case_inputs(B, H, Hkv, Nq, Nk, Dqk, Dv, jvp, bias_kind, seed=100 + seed)
-    names, expected = reference_outputs(tensors, bias, bias_t, Dqk ** -0.5, causal, jvp)
+    names, expected = reference_outputs(tensors, bias, bias_t, Dqk**-0.5, causal, jvp)
     for kernel, (tma_enabled, overlap, q_regs) in KERNELS.items():
         if kernel == "tma_smem_q" and Dqk > 64:
-            continue                        # the same kernel as the default at d 128
+            continue  # the same kernel as the default at d 128
         launches = []
         q, k, v, qt, kt, vt = (t.numpy() for t in tensors)
-        got = forward_model(q, k, v, qt if jvp else None, kt if jvp else None, vt if jvp else None, bias_m, bias_t_m,
-                            Dqk ** -0.5, causal, SMEM_OPTIN_SM90, launches, tma_enabled=tma_enabled, overlap=overlap,
-                            q_regs=q_regs)
+        got = forward_model(
+            q,
+            k,
+            v,
+            qt if jvp else None,
+            kt if jvp else None,
+            vt if jvp else None,
+            bias_m,
+            bias_t_m,
+            Dqk**-0.5,
+            causal,
+            SMEM_OPTIN_SM90,
+            launches,
+            tma_enabled=tma_enabled,
+            overlap=overlap,
+            q_regs=q_regs,
+        )
         assert launches[0][0] == _expected_kernel(case, kernel, launches[0][1]), (case, launches)
         assert_matches_reference(names, got if jvp else (got[0], got[2]), expected)

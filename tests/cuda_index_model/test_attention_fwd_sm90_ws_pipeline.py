@@ -19,8 +19,8 @@ import random
 import pytest
 
 CONSUMER_WARPS, WARP = 8, 32
-TURN_BARRIER = 1                     # named barriers 1, 2: warpgroup 0's, 1's turn
-BIAS_BARRIER = 3                     # kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows
+TURN_BARRIER = 1  # named barriers 1, 2: warpgroup 0's, 1's turn
+BIAS_BARRIER = 3  # kBias: named barriers 3, 4: warpgroup 0's, 1's bias rows
 
 
 class MBarrier:
@@ -68,13 +68,13 @@ class Kernel:
         self.v_full = [MBarrier(1) for _ in range(stages)]
         self.empty = [MBarrier(CONSUMER_WARPS) for _ in range(stages)]
         self.named = {b: NamedBarrier() for b in (TURN_BARRIER, TURN_BARRIER + 1, BIAS_BARRIER, BIAS_BARRIER + 1)}
-        self.bias_parts = [{}, {}]     # per warpgroup: warp -> tile whose bias rows that warp staged last
-        self.bias_reading = [set(), set()]   # per warpgroup: warps whose softmax reads the rows now
+        self.bias_parts = [{}, {}]  # per warpgroup: warp -> tile whose bias rows that warp staged last
+        self.bias_reading = [set(), set()]  # per warpgroup: warps whose softmax reads the rows now
         self.tile_bytes = (2 if jvp else 1) * kv_bytes
-        self.slot = {}                 # (stage, "k" | "v" | "q") -> tile whose copy landed
-        self.readers = {}              # stage -> {warp: tile} of the warps whose wgmma may still read it
-        self.in_flight = []            # TMA copies: (slot, tile, barrier, bytes)
-        self.s_issues = []             # (warpgroup, tile) per warp, in issue order
+        self.slot = {}  # (stage, "k" | "v" | "q") -> tile whose copy landed
+        self.readers = {}  # stage -> {warp: tile} of the warps whose wgmma may still read it
+        self.in_flight = []  # TMA copies: (slot, tile, barrier, bytes)
+        self.s_issues = []  # (warpgroup, tile) per warp, in issue order
 
     def tma(self, slot, tile, barrier, nbytes):
         self.in_flight.append((slot, tile, barrier, nbytes))
@@ -83,19 +83,22 @@ class Kernel:
         slot, tile, barrier, nbytes = self.in_flight.pop(i)
         if slot[0] != "q":
             held = self.readers.get(slot[0], {})
-            assert all(t == tile for t in held.values()), \
+            assert all(t == tile for t in held.values()), (
                 f"copy of tile {tile} overwrites stage {slot[0]} while tiles {held} are read from it"
+            )
         self.slot[slot] = tile
         barrier.complete_tx(nbytes)
 
 
 def wait(bar, parity, phase):
     """A waiting step: passes when try_wait.parity would; then it must be the phase meant."""
+
     def step():
         if not bar.passes(parity):
             return False
         assert bar.completed == phase + 1, f"wait meant phase {phase}, barrier has completed {bar.completed}"
         return True
+
     return step
 
 
@@ -111,11 +114,11 @@ def producer(kc, stages):
         if tile >= stages:
             yield wait(kc.empty[s], (tile // stages - 1) & 1, tile // stages - 1)
         kc.k_full[s].arrive(expect_tx=kc.tile_bytes)
-        for part in range(kc.tile_bytes // 4096):
+        for _ in range(kc.tile_bytes // 4096):
             kc.tma((s, "k"), tile, kc.k_full[s], 4096)
             yield None
         kc.v_full[s].arrive(expect_tx=kc.tile_bytes)
-        for part in range(kc.tile_bytes // 4096):
+        for _ in range(kc.tile_bytes // 4096):
             kc.tma((s, "v"), tile, kc.v_full[s], 4096)
             yield None
 
@@ -159,14 +162,18 @@ def consumer(kc, warp, stages, overlap, bias):
         s = tile % stages
         yield wait(kc.k_full[s], (tile // stages) & 1, tile // stages)
         yield from named_sync(kc, TURN_BARRIER + wg, threads)
-        assert kc.slot[(s, "k")] == tile, f"warp {warp} S chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'k')]}"
+        assert kc.slot[(s, "k")] == tile, (
+            f"warp {warp} S chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'k')]}"
+        )
         kc.readers.setdefault(s, {})[warp] = tile
         kc.s_issues.append((wg, tile))
 
     def issue_pv(tile):
         s = tile % stages
         yield wait(kc.v_full[s], (tile // stages) & 1, tile // stages)
-        assert kc.slot[(s, "v")] == tile, f"warp {warp} P·V chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'v')]}"
+        assert kc.slot[(s, "v")] == tile, (
+            f"warp {warp} P·V chain of tile {tile} reads stage {s} holding {kc.slot[(s, 'v')]}"
+        )
 
     def hand_over(tile):
         if wg == 0 or tile + 1 < kc.n_tiles:
@@ -190,9 +197,9 @@ def consumer(kc, warp, stages, overlap, bias):
                 yield from issue_pv(tile - 1)
             hand_over(tile)
             yield from stage_bias_rows(tile)
-            yield from softmax(tile)                # after wgmma_wait<1>
+            yield from softmax(tile)  # after wgmma_wait<1>
             if tile > 0:
-                retire_pv(tile - 1)                 # after wgmma_wait<0>
+                retire_pv(tile - 1)  # after wgmma_wait<0>
             yield None
         if kc.n_tiles > 0:
             yield from issue_pv(kc.n_tiles - 1)
@@ -203,9 +210,9 @@ def consumer(kc, warp, stages, overlap, bias):
             yield from issue_s(tile)
             hand_over(tile)
             yield from stage_bias_rows(tile)
-            yield from softmax(tile)                # after wgmma_wait
+            yield from softmax(tile)  # after wgmma_wait
             yield from issue_pv(tile)
-            yield None                              # wgmma_wait
+            yield None  # wgmma_wait
             retire_pv(tile)
             yield None
 
@@ -214,7 +221,7 @@ def run_cta(n_tiles, stages, jvp, overlap, seed, bias=False, kv_bytes=8192):
     rng = random.Random(seed)
     kc = Kernel(n_tiles, stages, kv_bytes, jvp)
     agents = [producer(kc, stages)] + [consumer(kc, w, stages, overlap, bias) for w in range(CONSUMER_WARPS)]
-    blocked = [None] * len(agents)                 # a pending wait condition, or None
+    blocked = [None] * len(agents)  # a pending wait condition, or None
     done = [False] * len(agents)
     while not all(done):
         runnable = [i for i in range(len(agents)) if not done[i] and (blocked[i] is None or blocked[i]())]

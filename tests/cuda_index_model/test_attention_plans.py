@@ -6,14 +6,16 @@ ops; scripts/check_cuda_build.sh (run by CI) builds the CUDA part and runs this 
 
 import pytest
 import torch
-
-from fastcm._extension import extension_ops
 from test_attention_bwd_sm90_index_model import SMEM_OPTIN_SM80, plan_backward
 from test_attention_fwd_sm90_index_model import SMEM_OPTIN_SM90, plan_forward_launch
 
+from fastcm._extension import extension_ops
+
 extension_ops()
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.fastcm, "plan_attention_forward"),
-                                reason="fastcm._C built without its CUDA part (scripts/check_cuda_build.sh builds it)")
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.ops.fastcm, "plan_attention_forward"),
+    reason="fastcm._C built without its CUDA part (scripts/check_cuda_build.sh builds it)",
+)
 SMEM_OPTIN_SM86 = 99 * 1024
 
 
@@ -22,17 +24,33 @@ def test_forward_plan_matches_the_model(sm90_smem_limit):
     plan = torch.ops.fastcm.plan_attention_forward
     for dqk8 in range(8, 257, 8):
         for cols in range(8, 129, 8):
-            for jvp, has_bias, has_bias_t in [(j, b, t) for j in (False, True) for b in (False, True) for t in (False, True)]:
-                for tma_ok, overlap, q_regs in [(t, o, r) for t in (False, True) for o in (False, True) for r in (False, True)]:
-                    name, kdqk, kdv = plan_forward_launch(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jvp,
-                                                          has_bias, has_bias_t)
+            for jvp, has_bias, has_bias_t in [
+                (j, b, t) for j in (False, True) for b in (False, True) for t in (False, True)
+            ]:
+                for tma_ok, overlap, q_regs in [
+                    (t, o, r) for t in (False, True) for o in (False, True) for r in (False, True)
+                ]:
+                    name, kdqk, kdv = plan_forward_launch(
+                        sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jvp, has_bias, has_bias_t
+                    )
                     got = plan(sm90_smem_limit, tma_ok, overlap, q_regs, dqk8, cols, jvp, has_bias, has_bias_t)
-                    assert got == f"{name} ({kdqk}, {kdv})", (dqk8, cols, jvp, has_bias, has_bias_t, tma_ok, overlap,
-                                                             q_regs)
+                    assert got == f"{name} ({kdqk}, {kdv})", (
+                        dqk8,
+                        cols,
+                        jvp,
+                        has_bias,
+                        has_bias_t,
+                        tma_ok,
+                        overlap,
+                        q_regs,
+                    )
 
 
-@pytest.mark.parametrize("limits", [(SMEM_OPTIN_SM90, SMEM_OPTIN_SM90), (0, SMEM_OPTIN_SM80), (0, SMEM_OPTIN_SM86)],
-                         ids=["sm90", "sm80", "sm86"])
+@pytest.mark.parametrize(
+    "limits",
+    [(SMEM_OPTIN_SM90, SMEM_OPTIN_SM90), (0, SMEM_OPTIN_SM80), (0, SMEM_OPTIN_SM86)],
+    ids=["sm90", "sm80", "sm86"],
+)
 def test_backward_plan_matches_the_model(limits):
     sm90_limit, smem_limit = limits
     plan = torch.ops.fastcm.plan_attention_backward
