@@ -30,11 +30,17 @@ GELU_C = 0.044715
 def _tile_geometry(x: torch.Tensor):
     batch, tokens, channels = x.shape
     block_c = max(triton.next_power_of_2(channels), 16)
-    # float64 tiles take twice the registers: a quarter of the elements keeps the widest kernel
-    # (primal and tangent, every input) from spilling on sm_80 (half still spilled 8 B).
-    elements = TILE_ELEMENTS // 4 if x.dtype == torch.float64 else TILE_ELEMENTS
+    # float64 tiles take twice the registers: an eighth of the elements keeps the widest kernel
+    # (primal and tangent, every input) from spilling on sm_80 (a quarter still spilled 4 B).
+    elements = TILE_ELEMENTS // 8 if x.dtype == torch.float64 else TILE_ELEMENTS
     block_n = max(1, min(triton.next_power_of_2(max(tokens, 1)), elements // block_c))
     return batch, tokens, channels, block_n, block_c, triton.cdiv(tokens, block_n)
+
+
+def _tile_warps(block_n: int, block_c: int) -> int:
+    """Warps for a [block_n, block_c] tile: NUM_WARPS, fewer for small tiles, which four warps would
+    spread so thin that ptxas spills the replicated values (a 1 x 32 float64 tile did on sm_90)."""
+    return max(1, min(NUM_WARPS, block_n * block_c // 256))
 
 
 @triton.jit
@@ -237,7 +243,7 @@ def modulated_norm_launch(
             COMPUTE=compute_type(x.dtype),
             BLOCK_N=block_n,
             BLOCK_C=block_c,
-            num_warps=NUM_WARPS,
+            num_warps=_tile_warps(block_n, block_c),
         )
     return [y, y_t]
 
@@ -285,7 +291,7 @@ def modulated_norm_backward(
             COMPUTE=compute_type(x.dtype),
             BLOCK_N=block_n,
             BLOCK_C=block_c,
-            num_warps=NUM_WARPS,
+            num_warps=_tile_warps(block_n, block_c),
         )
     empty = x.new_empty(0, dtype=accumulate)
     shift_partial, scale_partial, weight_partial = partials
@@ -405,7 +411,7 @@ def gated_residual_launch(
             COMPUTE=compute_type(x.dtype),
             BLOCK_N=block_n,
             BLOCK_C=block_c,
-            num_warps=NUM_WARPS,
+            num_warps=_tile_warps(block_n, block_c),
         )
     return [out, out_t]
 
@@ -435,7 +441,7 @@ def gated_residual_backward(
             COMPUTE=compute_type(y.dtype),
             BLOCK_N=block_n,
             BLOCK_C=block_c,
-            num_warps=NUM_WARPS,
+            num_warps=_tile_warps(block_n, block_c),
         )
     return [grad_y, y.new_empty(0, dtype=accumulate) if partial is None else partial.sum(1)]
 

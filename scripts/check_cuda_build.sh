@@ -40,13 +40,15 @@ if [ ! -x "$DIR/venv/bin/python" ] && [ "$free_gb" -lt 8 ]; then
 fi
 
 # numpy < 2.4: triton 3.6's interpreter (the recording run of compile_triton_kernels) fails on 2.4.
-if ! "$DIR/venv/bin/python" -c "import torch, ninja, numpy
+# diffusers and k-diffusion: the oracles of test files whose Triton launches the recording run needs.
+if ! "$DIR/venv/bin/python" -c "import torch, ninja, numpy, diffusers, k_diffusion
 assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null; then
   python3 -m venv "$DIR/venv"
   # setuptools 81: the device machines' version (torch 2.11 asks for < 82).
   if ! "$DIR/venv/bin/pip" install --quiet "$TORCH_SPEC" "setuptools==81.*" wheel ninja "numpy<2.4" pytest \
-      > "$DIR/venv.log" 2>&1; then
-    tail -5 "$DIR/venv.log"; skip "could not install $TORCH_SPEC from the package index"
+      "diffusers==0.42.1" > "$DIR/venv.log" 2>&1 ||
+    ! "$DIR/venv/bin/pip" install --quiet --no-deps "k-diffusion==0.1.1.post1" >> "$DIR/venv.log" 2>&1; then
+    tail -5 "$DIR/venv.log"; skip "could not install $TORCH_SPEC and the test oracles from the package index"
   fi
 fi
 "$DIR/venv/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -127,6 +127,8 @@ class ModelOps:
     def attention_forward_jvp(self, q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal):
         if not self._model(q):
             return self.ops.attention_forward_jvp(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
+        # The CUDA entry point fills an absent tangent with zeros before its kernels run.
+        q_t, k_t, v_t = (torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
         return forward(q, k, v, q_t, k_t, v_t, bias, bias_t, scale, causal)
 
     def attention_backward(self, grad_out, q, *args):
