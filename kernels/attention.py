@@ -144,6 +144,37 @@ def _visible_key_end(block_start, num_queries, num_keys, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
+def _query_block(
+    n_q_blocks,
+    heads,
+    groups,
+    num_queries,
+    dim_qk,
+    dim_v,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """This program's (batch, head, kv head, first row, rows, output rows, row mask, head-dim ranges and
+    masks) in the
+    kernels that own one query block: the heaviest causal blocks first, a (batch, head)'s blocks adjacent
+    (its K, V stay in L2)."""
+    pid = tl.program_id(0)
+    q_block = n_q_blocks - 1 - pid % n_q_blocks
+    bh = pid // n_q_blocks
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    kvh = (h // groups).to(tl.int64)
+    block_start = q_block * BLOCK_M
+    rows = block_start + tl.arange(0, BLOCK_M)
+    d_qk = tl.arange(0, BLOCK_DQK)
+    d_v = tl.arange(0, BLOCK_DV)
+    out_rows = bh.to(tl.int64) * num_queries + rows  # rows of the (B·H·Nq, ·) outputs and statistics
+    row_ok = rows < num_queries
+    return b, h.to(tl.int64), kvh, block_start, rows, out_rows, row_ok, d_qk, d_v, d_qk < dim_qk, d_v < dim_v
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -208,21 +239,9 @@ def _attention_fwd_kernel(
     BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # Heaviest causal query blocks first; a (batch, head)'s blocks adjacent (its K, V stay in L2).
-    q_block = n_q_blocks - 1 - pid % n_q_blocks
-    bh = pid // n_q_blocks
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    kvh = (h // groups).to(tl.int64)
-    h = h.to(tl.int64)
-    block_start = q_block * BLOCK_M
-    rows = block_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_queries
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
-    dqk_ok = d_qk < dim_qk
-    dv_ok = d_v < dim_v
+    b, h, kvh, block_start, rows, out_rows, row_ok, d_qk, d_v, dqk_ok, dv_ok = _query_block(
+        n_q_blocks, heads, groups, num_queries, dim_qk, dim_v, BLOCK_M, BLOCK_DQK, BLOCK_DV
+    )
     cols0 = tl.arange(0, BLOCK_N)
 
     q = _tile(q_ptr + b * q_sb + h * q_sh, rows, q_sn, d_qk, 1, row_ok, dqk_ok)
@@ -294,7 +313,6 @@ def _attention_fwd_kernel(
     live = l > 0
     l_safe = tl.where(live, l, 1.0)
     out = acc / l_safe[:, None]
-    out_rows = bh.to(tl.int64) * num_queries + rows
     out_mask = row_ok[:, None] & dv_ok[None, :]
     out_offsets = out_rows[:, None] * dim_v + d_v[None, :]
     tl.store(out_ptr + out_offsets, _rounded(out, out_ptr.dtype.element_ty), mask=out_mask)
@@ -515,23 +533,11 @@ def _attention_bwd_dq_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """dQ = scale·Σ dS·K for one query block."""
-    pid = tl.program_id(0)
-    q_block = n_q_blocks - 1 - pid % n_q_blocks
-    bh = pid // n_q_blocks
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    kvh = (h // groups).to(tl.int64)
-    h = h.to(tl.int64)
-    block_start = q_block * BLOCK_M
-    rows = block_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_queries
-    d_qk = tl.arange(0, BLOCK_DQK)
-    d_v = tl.arange(0, BLOCK_DV)
-    dqk_ok = d_qk < dim_qk
-    dv_ok = d_v < dim_v
+    b, h, kvh, block_start, rows, out_rows, row_ok, d_qk, d_v, dqk_ok, dv_ok = _query_block(
+        n_q_blocks, heads, groups, num_queries, dim_qk, dim_v, BLOCK_M, BLOCK_DQK, BLOCK_DV
+    )
     q = _tile(q_ptr + b * q_sb + h * q_sh, rows, q_sn, d_qk, 1, row_ok, dqk_ok)
     grad_out = _tile(grad_out_ptr + b * go_sb + h * go_sh, rows, go_sn, d_v, 1, row_ok, dv_ok)
-    out_rows = bh.to(tl.int64) * num_queries + rows
     lse, delta = _row_stats(lse_ptr, delta_ptr, out_rows, row_ok)
     k_base = k_ptr + b * k_sb + kvh * k_sh
     v_base = v_ptr + b * v_sb + kvh * v_sh
