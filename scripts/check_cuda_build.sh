@@ -41,7 +41,9 @@ fi
 
 # numpy < 2.4: triton 3.6's interpreter (the recording run of compile_triton_kernels) fails on 2.4.
 # diffusers and k-diffusion: the oracles of test files whose Triton launches the recording run needs.
-if ! "$DIR/venv/bin/python" -c "import torch, ninja, numpy, diffusers, k_diffusion
+# k-diffusion is installed without its dependencies, so its package cannot be imported: only found.
+if ! "$DIR/venv/bin/python" -c "import importlib.util, torch, ninja, numpy, diffusers
+assert importlib.util.find_spec('k_diffusion') is not None
 assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null; then
   python3 -m venv "$DIR/venv"
   # setuptools 81: the device machines' version (torch 2.11 asks for < 82).
