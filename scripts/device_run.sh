@@ -39,9 +39,17 @@
 # that it adds to <= 540 s).
 #
 # Switches (environment): DEVICE_BUDGET=seconds (540); DEVICE_RUN_CAPS="tests=200 bench=120" (phase
-# caps); TEST_TIMEOUT=seconds per test (120); TEST_SHARDS=parallel pytest processes (4);
-# FORCE_SMOKE=1 reruns the smoke on a warm machine; DEVICE_RUN_SIMULATE=1 runs every phase on this
-# CPU machine with stand-ins (tests/test_device_run.py; see "simulation" below).
+# caps); TEST_TIMEOUT=seconds per test (120); TEST_SHARDS=parallel pytest processes (8);
+# FORCE_SMOKE=1 reruns the smoke on a warm machine; DEVICE_RUN_SKIP="smoke bench sanitizer" leaves those
+# phases out (facts and build always run: a second call of a session spends its minutes on the rest);
+# DEVICE_RUN_SIMULATE=1 runs every phase on this CPU machine with stand-ins (tests/test_device_run.py;
+# see "simulation" below).
+#
+# Test oracles the machine lacks (diffusers, k-diffusion) travel as wheels: once, here,
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform any -d .whl diffusers==0.42.1 k-diffusion==0.1.1.post1 importlib_metadata
+# and call run(..., carry=[".whl"]): the script installs them under $WORK before the tests.
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # a phase cut by its timeout still leaves its output in the logs
 cd "$(dirname "$0")/.."
@@ -62,7 +70,10 @@ else
   TEST_TIMEOUT=${TEST_TIMEOUT:-120}; SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-35}
 fi
 for kv in ${DEVICE_RUN_CAPS:-}; do CAP[${kv%%=*}]=${kv#*=}; done
-PHASES=(facts build smoke tests bench sanitizer)
+PHASES=(facts build)
+for phase in smoke tests bench sanitizer; do
+  case " ${DEVICE_RUN_SKIP:-} " in *" $phase "*) ;; *) PHASES+=("$phase");; esac
+done
 SUMMARY_RESERVE=10
 
 # The budget of phase $1 when $2 seconds have elapsed.
@@ -106,6 +117,7 @@ declare -A USED STATUS BUDGET
 # seconds) to size its own inner timeouts.
 run_phase() {
   local name=$1 fn=$2 b start rc
+  case " ${PHASES[*]} " in *" $name "*) ;; *) echo "=== $name: skipped (DEVICE_RUN_SKIP)"; return;; esac
   b=$(budget_for "$name" "$(now)")
   BUDGET[$name]=$b
   echo; echo "=== $name: budget ${b} s (elapsed $(now) s)"
@@ -257,12 +269,16 @@ export -f phase_smoke
 # watchdog; either ends the process on a hung test, and the plugin's record of finished tests lets
 # the shard resume after it (the hung or crashed test named in pytest.log), while time is left.
 phase_tests() {
-  local shards=${TEST_SHARDS:-4} i
+  local shards=${TEST_SHARDS:-8} i
   mkdir -p "$WORK/tests"
   local per_test=""
   python -c "import pytest_timeout" 2> /dev/null && per_test="-p timeout --timeout $TEST_TIMEOUT --timeout-method thread"
   export DEVICE_RUN_TEST_TIMEOUT=$([ -z "$per_test" ] && echo "$TEST_TIMEOUT" || echo 0)
   export PYTHONPATH=$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}
+  if [ -d "$ROOT/.whl" ] && [ "$SIMULATE" != 1 ]; then   # the carried test oracles (header)
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$ROOT"/.whl/*.whl \
+      && export PYTHONPATH=$PYTHONPATH:$WORK/site && echo "test oracles from .whl: $(ls "$ROOT/.whl" | tr '\n' ' ')"
+  fi
   if [ "$SIMULATE" = 1 ]; then
     # Stand-ins: the GPU tests' logic on the CPU kernels (scripts/gpu_tests_dry_run.py, a slice of
     # it), a Triton family on CPU, and a shard with a test that hangs (the resume path).
@@ -292,7 +308,7 @@ phase_tests() {
   for ((i = 0; i < shards; i++)); do
     (
       export DEVICE_RUN_DONE=$WORK/tests/done$i DEVICE_RUN_CURRENT=$WORK/tests/current$i \
-        DEVICE_RUN_HUNG=$WORK/tests/hung$i
+        DEVICE_RUN_HUNG=$WORK/tests/hung$i DEVICE_RUN_FAILURES=$WORK/tests/failures$i
       : > "$DEVICE_RUN_DONE"; : > "$DEVICE_RUN_HUNG"; : > "$WORK/tests/log$i"
       for attempt in 1 2 3 4; do
         : > "$DEVICE_RUN_CURRENT"
@@ -318,6 +334,8 @@ merge_test_logs() {
   [ -d "$WORK/tests" ] || return
   cat "$WORK"/tests/log* > "$OUT/pytest.log" 2> /dev/null
   cat "$WORK"/tests/hung* 2> /dev/null | sed 's/^/HUNG or CRASHED (ended the process) /' >> "$OUT/pytest.log"
+  { echo "### failures, as they happened (the last lines of each traceback)"; cat "$WORK"/tests/failures* 2> /dev/null; } \
+    >> "$OUT/pytest.log"
 }
 test_totals() {
   # Sum of pytest's final lines over every shard and attempt ("3 failed, 120 passed, 5 skipped in 30.1s").

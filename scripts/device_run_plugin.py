@@ -6,6 +6,8 @@ Environment (set by device_run.sh; the plugin does nothing without them):
   DEVICE_RUN_DONE          file: node ids of finished tests, one a line (appended; deselected on resume)
   DEVICE_RUN_CURRENT       file: the node id of the test running now
   DEVICE_RUN_HUNG          file: node ids that ended a process (deselected on resume)
+  DEVICE_RUN_FAILURES      file: each failure's node id and the last lines of its traceback, written
+                           when it happens (a shard cut at its budget never prints pytest's summary)
   DEVICE_RUN_TEST_TIMEOUT  seconds; > 0: faulthandler dumps every thread's stack and exits the process
                            once a test runs longer (it fires inside a CUDA call too, where a Python
                            signal handler would never run)
@@ -17,6 +19,8 @@ import faulthandler
 import os
 
 import pytest
+
+_TRACEBACK_LINES = 30
 
 
 def _lines(variable: str) -> set[str]:
@@ -56,3 +60,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         if limit > 0:
             faulthandler.cancel_dump_traceback_later()
     _write("DEVICE_RUN_DONE", item.nodeid + "\n", "a")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        tail = "\n".join(report.longreprtext.splitlines()[-_TRACEBACK_LINES:])
+        _write("DEVICE_RUN_FAILURES", f"--- {report.when} FAILED {report.nodeid}\n{tail}\n", "a")
