@@ -213,6 +213,8 @@ def main(argv=None):
     env["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or HERE / "out" / f"{device.type}-{stamp}"
     rows = []
     for family in [f for f in args.families.split(",") if f]:
         if family not in families:
@@ -225,9 +227,8 @@ def main(argv=None):
                     f"  {case.id}: fastcm {rows[-1]['fastcm_ms']:.4f} ms, {rows[-1]['fastcm_over_floor']:.2f}x floor",
                     flush=True,
                 )
+                write_results(rows, env, out, plot=False)  # a run cut short keeps the rows it measured
     print_table(rows, env)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or HERE / "out" / f"{device.type}-{stamp}"
     plotted = write_results(rows, env, out, args.plot)
     print(f"results: {out}/results.json, results.csv" + (", results.png" if plotted else ""))
     return rows

@@ -19,6 +19,13 @@ never runs ptxas. This script closes that gap in two steps:
 
     python scripts/compile_triton_kernels.py [--arch 80 --arch 90] [--keep launches.json]
 
+It also makes the Triton cache a GPU machine can start from, so its tests and benchmarks do not
+spend their minutes in the JIT: `--launches launches.json` compiles a recorded set (recorded by
+another Python, say), `--cache-out triton-cache.tar.xz` packs what was compiled, each kernel's
+metadata and cubin only (the IR stages are not needed to load it). The cache is valid only for the
+same Triton build: its key hashes libtriton, which differs per Python version, so compile with the
+GPU machine's Python and Triton (scripts/device_run.sh says how it is used).
+
 Exit status 1 if a specialisation fails to compile or breaks a limit. Needs a triton with its
 NVIDIA backend (the PyPI wheel ships ptxas); no GPU, no CUDA driver.
 """
@@ -270,24 +277,80 @@ def main() -> int:
         help="compute capability to compile for (repeatable; default 80 and 90)",
     )
     parser.add_argument("--keep", help="also write the recorded launches to this JSON file")
+    parser.add_argument("--launches", help="compile the launches recorded in this JSON file (no recording run)")
+    parser.add_argument("--cache-out", help="pack the compiled kernels into this .tar.xz (a Triton cache)")
     parser.add_argument("--record-only", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--unpack-cache", nargs=2, metavar=("ARCHIVE", "DIR"), help="unpack a --cache-out archive")
     args, pytest_args = parser.parse_known_args()
+    if args.unpack_cache:
+        print(f"{unpack_cache(*args.unpack_cache)} compiled kernels unpacked into {args.unpack_cache[1]}")
+        return 0
     if args.record_only:
         return record(args.record_only, pytest_args or TESTS)
 
     with tempfile.TemporaryDirectory() as scratch:
-        launches_path = args.keep or os.path.join(scratch, "launches.json")
-        # The interpreter is chosen when triton is imported, so the tests run in their own process.
-        env = dict(os.environ, FASTCM_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
-        status = subprocess.run(
-            [sys.executable, __file__, "--record-only", launches_path, *pytest_args], cwd=ROOT, env=env
-        ).returncode
-        if status:
-            print(f"compile_triton_kernels: the recording test run failed (exit {status})")
-            return 1
+        launches_path = args.launches or args.keep or os.path.join(scratch, "launches.json")
+        if not args.launches:
+            # The interpreter is chosen when triton is imported, so the tests run in their own process.
+            env = dict(os.environ, FASTCM_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
+            status = subprocess.run(
+                [sys.executable, __file__, "--record-only", launches_path, *pytest_args], cwd=ROOT, env=env
+            ).returncode
+            if status:
+                print(f"compile_triton_kernels: the recording test run failed (exit {status})")
+                return 1
         launches = json.loads(pathlib.Path(launches_path).read_text())
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(scratch, "triton-cache")  # compile, never reuse
-        return compile_all(launches, args.arch or sorted(SHARED_LIMIT))
+        cache = os.path.join(scratch, "triton-cache")
+        os.environ["TRITON_CACHE_DIR"] = cache  # compile, never reuse
+        status = compile_all(launches, args.arch or sorted(SHARED_LIMIT))
+        if args.cache_out:
+            pack_cache(cache, args.cache_out)
+        return status
+
+
+def pack_cache(cache: str, out: str) -> None:
+    """Each compiled kernel's metadata (.json), binary (.cubin) and group file, the group's paths
+    made relative to the cache (scripts/device_run.sh roots them where it unpacks)."""
+    import tarfile
+
+    kept = 0
+    with tarfile.open(out, "w:xz") as tar:
+        for entry in sorted(pathlib.Path(cache).iterdir()):
+            groups = list(entry.glob("__grp__*.json"))
+            if not groups or not list(entry.glob("*.cubin")):
+                continue  # a launcher or a failed compile: nothing a launch can load
+            for path in entry.iterdir():
+                if path.name.startswith("__grp__"):
+                    children = json.loads(path.read_text())["child_paths"]
+                    children = {
+                        name: os.path.relpath(child, cache)
+                        for name, child in children.items()
+                        if name.endswith((".json", ".cubin"))
+                    }
+                    data = json.dumps({"child_paths": children}).encode()
+                    info = tarfile.TarInfo(os.path.relpath(path, cache))
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                elif path.suffix in (".json", ".cubin"):
+                    tar.add(path, arcname=os.path.relpath(path, cache))
+            kept += 1
+    print(f"compile_triton_kernels: {kept} kernels packed into {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+
+
+def unpack_cache(archive: str, cache: str) -> int:
+    """Unpack a pack_cache archive into the Triton cache directory `cache`, rooting each group's
+    paths there (Triton loads a group's files by absolute path). Returns the number of kernels."""
+    import tarfile
+
+    root = pathlib.Path(cache).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    groups = list(root.glob("*/__grp__*.json"))
+    for group in groups:
+        children = json.loads(group.read_text())["child_paths"]
+        group.write_text(json.dumps({"child_paths": {name: str(root / child) for name, child in children.items()}}))
+    return len(groups)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@
 #     mkdir -p benchmarks/results/$gpu && tar -xzf <files_at>/results.tar.gz -C benchmarks/results/$gpu
 #     cp <files_at>/summary.txt benchmarks/results/$gpu/   # the test totals, the phase table
 #
-#   (results.tar.gz holds triton/<family>/results.{json,csv} and attention/attention_gpu.{json,csv},
+#   (results.tar.gz holds triton/results.{json,csv} (every family) and attention/attention_gpu.{json,csv},
 #   each JSON with the command, commit and device inside.)
 #
 # Time: phases run in this order, each under its own `timeout`, each given
@@ -39,7 +39,7 @@
 # that it adds to <= 540 s).
 #
 # Switches (environment): DEVICE_BUDGET=seconds (540); DEVICE_RUN_CAPS="tests=200 bench=120" (phase
-# caps); TEST_TIMEOUT=seconds per test (120); TEST_SHARDS=parallel pytest processes (8);
+# caps); TEST_TIMEOUT=seconds per test (120); TEST_SHARDS=parallel pytest processes (14, of 16 cores);
 # FORCE_SMOKE=1 reruns the smoke on a warm machine; DEVICE_RUN_SKIP="smoke bench sanitizer" leaves those
 # phases out (facts and build always run: a second call of a session spends its minutes on the rest);
 # DEVICE_RUN_SIMULATE=1 runs every phase on this CPU machine with stand-ins (tests/test_device_run.py;
@@ -50,6 +50,19 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform any -d .whl diffusers==0.42.1 k-diffusion==0.1.1.post1 importlib_metadata
 # and call run(..., carry=[".whl"]): the script installs them under $WORK before the tests.
+#
+# Triton's JIT: the suite launches ~2300 kernel specialisations and each costs about a second of
+# compile on first launch, most of the test phase. A cache compiled on the CPU machine with the GPU
+# machine's Python 3.12 and Triton 3.6 loads instead (scripts/build_gpu_cache.sh writes
+# .gpu-cache/triton-cache.tar.xz; carry ".gpu-cache"). The summary says how many kernels were
+# carried and how many still compiled there. The cache lives in build/triton-cache, so a second call
+# on the warm machine reuses what the first compiled.
+#
+# One call holds the verdict (build, smoke, tests, sanitizer) or the measurements, not both: the
+# whole suite needs ~400 s there and the benchmarks with torch.compile as long. With a 15-minute
+# device session, two calls back to back on the same warm machine (the second reuses the build):
+#   run(command='DEVICE_BUDGET=420 DEVICE_RUN_SKIP="bench" bash scripts/device_run.sh', carry=[".whl", ".gpu-cache"], timeout_s=470)
+#   run(command='DEVICE_BUDGET=380 DEVICE_RUN_SKIP="smoke tests sanitizer" bash scripts/device_run.sh', carry=[".gpu-cache"], timeout_s=430)
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # a phase cut by its timeout still leaves its output in the logs
 cd "$(dirname "$0")/.."
@@ -65,7 +78,7 @@ if [ "$SIMULATE" = 1 ]; then
   TEST_TIMEOUT=${TEST_TIMEOUT:-4}; SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-60}
 else
   DEVICE_BUDGET=${DEVICE_BUDGET:-540}
-  declare -A CAP=([facts]=20 [build]=330 [smoke]=150 [tests]=200 [bench]=150 [sanitizer]=60)
+  declare -A CAP=([facts]=20 [build]=330 [smoke]=150 [tests]=420 [bench]=400 [sanitizer]=60)
   declare -A MIN=([facts]=5 [build]=60 [smoke]=40 [tests]=60 [bench]=45 [sanitizer]=20)
   TEST_TIMEOUT=${TEST_TIMEOUT:-120}; SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-35}
 fi
@@ -175,7 +188,9 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton._
       "pytest-timeout:", "yes" if importlib.util.find_spec("pytest_timeout") else "no (the plugin's watchdog)")
 PY
   (command -v nvcc > /dev/null && nvcc --version | tail -2) || echo "nvcc: not on PATH"
-  echo "cores: $(nproc), commit: $(git rev-parse HEAD 2> /dev/null || echo unknown)"
+  # The tool copies the working tree; the .git beside it may predate it (a session's later commits).
+  echo "cores: $(nproc), .git HEAD: $(git rev-parse --short HEAD 2> /dev/null || echo unknown)," \
+    "files differing from it: $(git status --porcelain 2> /dev/null | wc -l)"
 }
 export -f phase_facts
 
@@ -269,7 +284,7 @@ export -f phase_smoke
 # watchdog; either ends the process on a hung test, and the plugin's record of finished tests lets
 # the shard resume after it (the hung or crashed test named in pytest.log), while time is left.
 phase_tests() {
-  local shards=${TEST_SHARDS:-8} i
+  local shards=${TEST_SHARDS:-14} i
   mkdir -p "$WORK/tests"
   local per_test=""
   python -c "import pytest_timeout" 2> /dev/null && per_test="-p timeout --timeout $TEST_TIMEOUT --timeout-method thread"
@@ -308,7 +323,8 @@ phase_tests() {
   for ((i = 0; i < shards; i++)); do
     (
       export DEVICE_RUN_DONE=$WORK/tests/done$i DEVICE_RUN_CURRENT=$WORK/tests/current$i \
-        DEVICE_RUN_HUNG=$WORK/tests/hung$i DEVICE_RUN_FAILURES=$WORK/tests/failures$i
+        DEVICE_RUN_HUNG=$WORK/tests/hung$i DEVICE_RUN_FAILURES=$WORK/tests/failures$i \
+        DEVICE_RUN_DURATIONS=$WORK/tests/durations$i
       : > "$DEVICE_RUN_DONE"; : > "$DEVICE_RUN_HUNG"; : > "$WORK/tests/log$i"
       for attempt in 1 2 3 4; do
         : > "$DEVICE_RUN_CURRENT"
@@ -334,7 +350,9 @@ merge_test_logs() {
   [ -d "$WORK/tests" ] || return
   cat "$WORK"/tests/log* > "$OUT/pytest.log" 2> /dev/null
   cat "$WORK"/tests/hung* 2> /dev/null | sed 's/^/HUNG or CRASHED (ended the process) /' >> "$OUT/pytest.log"
-  { echo "### failures, as they happened (the last lines of each traceback)"; cat "$WORK"/tests/failures* 2> /dev/null; } \
+  { echo "### the 40 slowest tests (seconds, setup + call + teardown)"
+    cat "$WORK"/tests/durations* 2> /dev/null | sort -rn | head -40
+    echo "### failures, as they happened (the last lines of each traceback)"; cat "$WORK"/tests/failures* 2> /dev/null; } \
     >> "$OUT/pytest.log"
 }
 test_totals() {
@@ -347,31 +365,25 @@ test_totals() {
 }
 
 # ---- phase 5: benchmarks ------------------------------------------------------------------------
-# Triton families (--compile) get 40 % of the phase, one process per family, in name order (a cut
-# loses the families not yet run); the attention table the rest, under its own --time-budget (it writes its JSON after every
-# shape, and its first block is the biased vs unbiased comparison with both bias staging modes).
+# The Triton families (--compile: eager, torch.compile and fastcm in one run) in one process, which
+# writes its JSON after every case, get 3/5 of the phase; the attention table the rest, under its
+# own --time-budget (it too writes after every shape; its first block is biased vs unbiased with
+# both bias staging modes).
 phase_bench() {
   exec > >(tee -a "$OUT/bench.log") 2>&1
   mkdir -p "$WORK/results"
-  local share=2; [ "$SIMULATE" = 1 ] && share=3   # fifths of the phase for the Triton families
-  local triton_end=$(( $(date +%s) + $(left_in_phase) * share / 5 )) fam limit rc status=0
-  # Every family with a benchmarks/bench_<family>.py but attention (its table comes next), each an
-  # equal share of what is left of the Triton part (the simulation: one CPU case of one family).
-  local families; families=$(ls benchmarks/bench_*.py | sed 's|.*/bench_||; s|\.py$||' | grep -vx attention)
-  [ "$SIMULATE" = 1 ] && families=precondition
-  local todo; todo=$(echo $families | wc -w)
-  for fam in $families; do
-    limit=$(( (triton_end - $(date +%s)) / todo )); todo=$((todo - 1))
-    [ "$limit" -lt 5 ] && { echo "bench $fam: not run (time)"; status=1; continue; }
-    if [ "$SIMULATE" = 1 ]; then
-      timeout "$limit" python -m benchmarks --families "$fam" --no-compile --no-plot \
-        --filter "${DEVICE_RUN_SIM_FILTER:-edm fwd/8x4x32x32/float32}" --out "$WORK/results/triton/$fam"
-    else
-      timeout "$limit" python -m benchmarks --families "$fam" --compile --no-plot --out "$WORK/results/triton/$fam"
-    fi
-    rc=$?; [ $rc = 0 ] || status=1
-    echo "bench $fam: exit $rc$([ $rc = 124 ] && echo ": cut at $limit s")"
-  done
+  local limit rc status=0 families
+  families=$(ls benchmarks/bench_*.py | sed 's|.*/bench_||; s|\.py$||' | grep -vx attention | paste -sd, -)
+  limit=$(( $(left_in_phase) * 3 / 5 ))
+  if [ "$SIMULATE" = 1 ]; then   # one CPU case of one family
+    families=precondition
+    timeout "$limit" python -m benchmarks --families "$families" --no-compile --no-plot \
+      --filter "${DEVICE_RUN_SIM_FILTER:-edm fwd/8x4x32x32/float32}" --out "$WORK/results/triton"
+  else
+    timeout "$limit" python -m benchmarks --families "$families" --compile --no-plot --out "$WORK/results/triton"
+  fi
+  rc=$?; [ $rc = 0 ] || status=1
+  echo "bench $families: exit $rc$([ $rc = 124 ] && echo ": cut at $limit s, the rows measured by then kept")"
   limit=$(( $(left_in_phase) - 5 ))
   if [ "$SIMULATE" = 1 ]; then
     # attention_gpu.py needs a GPU: the CPU attention cases stand in for it.
@@ -403,6 +415,17 @@ phase_sanitizer() {
   return $rc
 }
 export -f phase_sanitizer
+
+# ---- the Triton cache (header) --------------------------------------------------------------------
+export TRITON_CACHE_DIR=$STATE/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+TRITON_CARRIED=0
+if [ -f "$ROOT/.gpu-cache/triton-cache.tar.xz" ] && [ "$SIMULATE" != 1 ]; then
+  TRITON_CARRIED=$(python scripts/compile_triton_kernels.py --unpack-cache "$ROOT/.gpu-cache/triton-cache.tar.xz" \
+    "$TRITON_CACHE_DIR" | grep -oE "^[0-9]+")
+fi
+cubins() { find "$TRITON_CACHE_DIR" -name "*.cubin" 2> /dev/null | wc -l; }
+CUBINS_START=$(cubins)
 
 # ---- the run ------------------------------------------------------------------------------------
 echo "device_run: DEVICE_BUDGET ${DEVICE_BUDGET} s$([ "$SIMULATE" = 1 ] && echo ", SIMULATED on CPU stand-ins")"
@@ -460,6 +483,7 @@ fi
   done
   ptxas_report
   echo "smoke failed:${FAILED:- none}"
+  echo "triton: ${TRITON_CARRIED:-0} kernels carried, $(( $(cubins) - CUBINS_START )) compiled on this machine in this call"
   echo "tests: $(test_totals | head -1); $(test_totals | tail -1)"
   grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" 2> /dev/null | sort -u | head -12 | cut -c1-150
   grep -h -E "bias/unbiased" "$OUT/bench.log" 2> /dev/null | head -4

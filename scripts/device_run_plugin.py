@@ -6,6 +6,7 @@ Environment (set by device_run.sh; the plugin does nothing without them):
   DEVICE_RUN_DONE          file: node ids of finished tests, one a line (appended; deselected on resume)
   DEVICE_RUN_CURRENT       file: the node id of the test running now
   DEVICE_RUN_HUNG          file: node ids that ended a process (deselected on resume)
+  DEVICE_RUN_DURATIONS     file: "seconds node id" of each finished test (the slowest go into pytest.log)
   DEVICE_RUN_FAILURES      file: each failure's node id and the last lines of its traceback, written
                            when it happens (a shard cut at its budget never prints pytest's summary)
   DEVICE_RUN_TEST_TIMEOUT  seconds; > 0: faulthandler dumps every thread's stack and exits the process
@@ -21,6 +22,7 @@ import os
 import pytest
 
 _TRACEBACK_LINES = 30
+_durations: dict[str, float] = {}
 
 
 def _lines(variable: str) -> set[str]:
@@ -63,6 +65,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+    if report.when == "teardown":
+        _write("DEVICE_RUN_DURATIONS", f"{_durations.pop(report.nodeid):.1f} {report.nodeid}\n", "a")
     if report.failed:
         tail = "\n".join(report.longreprtext.splitlines()[-_TRACEBACK_LINES:])
         _write("DEVICE_RUN_FAILURES", f"--- {report.when} FAILED {report.nodeid}\n{tail}\n", "a")

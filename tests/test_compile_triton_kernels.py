@@ -55,7 +55,7 @@ def test_sum():
 '''
 
 
-def _check(tmp_path, init):
+def _check(tmp_path, init, *options):
     (tmp_path / "probe_kernels.py").write_text(KERNEL.format(init=init))
     (tmp_path / "test_probe.py").write_text(TEST)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
@@ -65,6 +65,7 @@ def _check(tmp_path, init):
             str(ROOT / "scripts" / "compile_triton_kernels.py"),
             "--arch",
             "90",
+            *options,
             str(tmp_path / "test_probe.py"),
         ],
         capture_output=True,
@@ -96,3 +97,46 @@ def test_script_compiles_what_the_tests_launch(tmp_path, init, compiles):
         assert result.returncode == 1, output
         assert "FAILED sm_90 sum_kernel(x_ptr=*float32, out_ptr=*float32, n=i32, BLOCK=32)" in output, output
         assert "CompilationError" in output, output
+
+
+# In a fresh process: Triton's JIT, pointed at the unpacked cache, asked for the recorded launch.
+LOAD_FROM_CACHE = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import compile_triton_kernels as c
+from triton.runtime.driver import driver
+driver.set_active(c._CompileOnlyDriver(90))
+entry = json.load(open(sys.argv[2]))[0]
+compiled, report = c._compile(getattr(importlib.import_module(entry["module"]), entry["name"]), entry)
+print("loaded", sorted(compiled.asm), "ptxas ran:", report is not None)
+"""
+
+
+def test_packed_cache_is_what_the_jit_loads(tmp_path):
+    """--cache-out keeps metadata and cubin only; --unpack-cache roots it elsewhere, and the JIT then
+    loads the kernel from it instead of compiling (no ptxas run, no IR stages present)."""
+    pytest.importorskip("triton.backends.nvidia")
+    launches, archive, cache = tmp_path / "launches.json", tmp_path / "cache.tar.xz", tmp_path / "moved" / "cache"
+    result = _check(
+        tmp_path, "tl.zeros([BLOCK], dtype=tl.float32)", "--keep", str(launches), "--cache-out", str(archive)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kernels packed" in result.stdout, result.stdout
+    script = [sys.executable, str(ROOT / "scripts" / "compile_triton_kernels.py"), "--unpack-cache", str(archive)]
+    unpacked = subprocess.run([*script, str(cache)], capture_output=True, text=True, timeout=120)
+    assert "1 compiled kernels unpacked" in unpacked.stdout, unpacked.stdout + unpacked.stderr
+    env = dict(
+        os.environ,
+        TRITON_CACHE_DIR=str(cache),
+        TRITON_INTERPRET="0",
+        TRITON_DUMP_PTXAS_LOG="1",
+        PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_FROM_CACHE, str(ROOT / "scripts"), str(launches)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert "loaded ['cubin'] ptxas ran: False" in loaded.stdout, loaded.stdout + loaded.stderr
