@@ -366,15 +366,16 @@ test_totals() {
 
 # ---- phase 5: benchmarks ------------------------------------------------------------------------
 # The Triton families (--compile: eager, torch.compile and fastcm in one run) in one process, which
-# writes its JSON after every case, get 3/5 of the phase; the attention table the rest, under its
-# own --time-budget (it too writes after every shape; its first block is biased vs unbiased with
-# both bias staging modes).
+# writes its JSON after every case, get half of the phase; the attention table 3/5 of the rest, under
+# its own --time-budget (it too writes after every shape; its first block is biased vs unbiased with
+# both bias staging modes); the Triton attention tile sweep (benchmarks/attention_triton_tiles.py)
+# what is left.
 phase_bench() {
   exec > >(tee -a "$OUT/bench.log") 2>&1
   mkdir -p "$WORK/results"
   local limit rc status=0 families
   families=$(ls benchmarks/bench_*.py | sed 's|.*/bench_||; s|\.py$||' | grep -vx attention | paste -sd, -)
-  limit=$(( $(left_in_phase) * 3 / 5 ))
+  limit=$(( $(left_in_phase) / 2 ))
   if [ "$SIMULATE" = 1 ]; then   # one CPU case of one family
     families=precondition
     timeout "$limit" python -m benchmarks --families "$families" --no-compile --no-plot \
@@ -384,7 +385,7 @@ phase_bench() {
   fi
   rc=$?; [ $rc = 0 ] || status=1
   echo "bench $families: exit $rc$([ $rc = 124 ] && echo ": cut at $limit s, the rows measured by then kept")"
-  limit=$(( $(left_in_phase) - 5 ))
+  limit=$(( ($(left_in_phase) - 5) * 3 / 5 ))
   if [ "$SIMULATE" = 1 ]; then
     # attention_gpu.py needs a GPU: the CPU attention cases stand in for it.
     timeout "$limit" python -m benchmarks --families attention --no-compile --no-plot \
@@ -395,6 +396,12 @@ phase_bench() {
   fi
   rc=$?; [ $rc = 0 ] || status=1
   echo "bench attention: exit $rc$([ $rc = 124 ] && echo ": cut at $limit s")"
+  limit=$(( $(left_in_phase) - 5 ))
+  if [ "$SIMULATE" != 1 ] && [ "$limit" -gt 20 ]; then
+    timeout "$limit" python -m benchmarks.attention_triton_tiles --out "$WORK/results/attention" \
+      --time-budget $(( limit - 15 ))
+    echo "bench triton tiles: exit $?"
+  fi
   return $status
 }
 export -f phase_bench

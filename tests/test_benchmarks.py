@@ -141,3 +141,30 @@ def test_attention_gpu_triton_rows_run_and_match_the_reference(monkeypatch):
     assert attention_gpu.jvp_flash_attention_case(q, k, v, qt, kt, vt, True, 3.0) is None
     if importlib.util.find_spec("jvp_flash_attention") is None:
         assert attention_gpu.jvp_flash_attention_case(q, k, v, qt, kt, vt, False, 3.0) is None
+
+
+def test_triton_tile_sweep_starts_from_the_shipped_configs():
+    from benchmarks import attention_triton_tiles as tiles
+    from fastcm.kernels import attention
+
+    assert set(tiles.CANDIDATES) == {key for key in attention.CONFIGS if key[1] in tiles.HEADS}
+    for key, candidates in tiles.CANDIDATES.items():
+        assert candidates[0] == attention.CONFIGS[key], key
+        assert len(set(candidates)) == len(candidates), key
+
+
+def test_triton_tile_sweep_best_ignores_mismatches_and_reports_the_shipped_time():
+    from benchmarks.attention_triton_tiles import best_per_kernel
+
+    def row(config, ms, status="ok", shipped=False):
+        return {
+            "kernel": "jvp",
+            "head_dim": 128,
+            "config": list(config),
+            "ms": ms,
+            "status": status,
+            "shipped": shipped,
+        }
+
+    rows = [row((32, 32, 4, 1), 3.0, shipped=True), row((64, 64, 4, 2), 1.0, "MISMATCH"), row((64, 32, 4, 2), 2.0)]
+    assert best_per_kernel(rows) == {("jvp", 128): ((64, 32, 4, 2), 2.0, 3.0)}
