@@ -72,6 +72,28 @@ def test_plan_fits_the_device_call_with_the_measured_build_time():
 
 
 @pytest.mark.slow
+def test_the_headers_two_calls_fit_one_session():
+    """Each call of the header plans within its DEVICE_BUDGET and leaves its tool limit room over it; the
+    two budgets with one machine start (~60 s) and each call's transfers (~15 s) fit a session's 900 s."""
+    calls = re.findall(r"^#\s+run\(command='(.*?)'.*timeout_s=(\d+)\)", SCRIPT.read_text(), re.M)
+    assert len(calls) == 2, calls
+    budgets = []
+    for command, timeout in calls:
+        env = dict(re.findall(r'(\w+)="?([^"]*?)"?(?= [A-Z]| bash)', command))
+        device_env = {k: v for k, v in os.environ.items() if k != "DEVICE_RUN_SIMULATE"} | env
+        plan = subprocess.run(
+            ["bash", str(SCRIPT), "--plan"], cwd=ROOT, capture_output=True, text=True, check=True, env=device_env
+        ).stdout
+        budget = int(env["DEVICE_BUDGET"])
+        assert f"of DEVICE_BUDGET {budget} s" in plan, plan
+        assert int(re.search(r"total planned: (\d+) s", plan).group(1)) <= budget, plan
+        skipped = env.get("DEVICE_RUN_SKIP", "").split()
+        assert not any(line.split()[0] in skipped for line in plan.splitlines()[1:-1]), plan
+        assert int(timeout) >= budget + 30
+        budgets.append(budget)
+    assert sum(budgets) + 60 + 2 * 15 <= 900
+
+
 def test_simulated_run_every_phase_and_its_files(tmp_path):
     run, out = _simulate(tmp_path)
     log = run.stdout
@@ -149,3 +171,12 @@ def test_simulated_smoke_hang_costs_one_slot(tmp_path):
     table = _phase_table((out / "summary.txt").read_text())
     assert table["smoke"][2] == "ok" and table["smoke"][1] < 30
     assert all(table[p][2] == "skipped: no time left" for p in ["tests", "bench", "sanitizer"]), table
+
+
+def test_simulated_run_skips_the_phases_asked(tmp_path):
+    run, out = _simulate(tmp_path, DEVICE_RUN_SKIP="smoke tests sanitizer")
+    summary = (out / "summary.txt").read_text()
+    assert list(_phase_table(summary)) == ["facts", "build", "bench"], summary
+    log = (out / "run.log").read_text()
+    for phase in ["smoke", "tests", "sanitizer"]:
+        assert f"=== {phase}: skipped (DEVICE_RUN_SKIP)" in log, log
