@@ -16,8 +16,9 @@
 #   pytest.log, bench.log, sanitizer.log, results.tar.gz). Afterwards, on this machine:
 #
 #     gpu=$(sed -n 's/^gpu: //p' <files_at>/summary.txt | tr ' ' '-')      # e.g. NVIDIA-H200
-#     mkdir -p benchmarks/results/$gpu && tar -xzf <files_at>/results.tar.gz -C benchmarks/results/$gpu
-#     cp <files_at>/summary.txt benchmarks/results/$gpu/   # the test totals, the phase table
+#     run=benchmarks/results/$gpu/$(date +%F)-run1                          # one folder per call
+#     mkdir -p $run && tar -xzf <files_at>/results.tar.gz -C $run
+#     cp <files_at>/{summary,smoke,bench}.* $run/   # the phase table and verdict; add a README.md
 #
 #   (results.tar.gz holds triton/results.{json,csv} (every family) and attention/attention_gpu.{json,csv},
 #   each JSON with the command, commit and device inside.)
