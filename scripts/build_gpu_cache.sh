@@ -2,8 +2,9 @@
 # Builds .gpu-cache/triton-cache.tar.xz, the Triton cache a GPU machine's test run starts from
 # (scripts/device_run.sh unpacks it when the call carries ".gpu-cache"), on a machine without a GPU:
 #
-#   1. record every kernel specialisation the Triton-family tests launch, in the interpreter, with
-#      the project's .venv (the launches do not depend on the Triton version);
+#   1. record every kernel specialisation the Triton-family tests launch, in the interpreter, and those
+#      the benchmark cases launch at their GPU shapes (recorded without running), with the project's
+#      .venv (the launches do not depend on the Triton version);
 #   2. compile them for sm_90 with the GPU machine's Python (3.12) and Triton (3.6, as torch 2.11
 #      pins it) in a venv of its own: Triton's cache key hashes libtriton, built per Python version,
 #      so a cache made by any other Python or Triton is never hit there;
@@ -26,7 +27,8 @@ mkdir -p .gpu-cache
 FASTCM_TEST_DEVICE=cpu TRITON_INTERPRET=1 .venv/bin/python scripts/compile_triton_kernels.py \
   --record-only .gpu-cache/launches.json > .gpu-cache/record.log 2>&1 || { tail -20 .gpu-cache/record.log; exit 1; }
 tail -1 .gpu-cache/record.log
+.venv/bin/python scripts/compile_triton_kernels.py --record-benchmarks .gpu-cache/bench_launches.json | tail -1
 # fastcm from this tree without building its extension: the Triton kernels are plain Python.
 FASTCM_SKIP_EXTENSION=1 "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e . > /dev/null
 "$VENV/bin/python" scripts/compile_triton_kernels.py --arch 90 --launches .gpu-cache/launches.json \
-  --cache-out .gpu-cache/triton-cache.tar.xz | tail -2
+  --launches .gpu-cache/bench_launches.json --cache-out .gpu-cache/triton-cache.tar.xz | tail -2

@@ -100,13 +100,10 @@ def _describe(value, constexpr: bool, where: str):
     raise TypeError(f"{where}: cannot record an argument of type {type(value).__name__}")
 
 
-def record(path: str, pytest_args: list) -> int:
-    """Run the tests in the interpreter; write the distinct launches to `path` as JSON."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    import pytest
+def _record_launches(launches: dict, execute: bool) -> None:
+    """Hook the interpreter's launch: each launch is added to `launches`, and run only if `execute`."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    launches = {}
     interpreted_run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
@@ -126,16 +123,54 @@ def record(path: str, pytest_args: list) -> int:
             "options": {name: value for name, value in kwargs.items() if name not in parameters},
         }
         launches[json.dumps(entry, sort_keys=True)] = entry
-        return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs) if execute else None
 
     InterpretedFunction.run = recording_run
-    status = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:warnings", *pytest_args])
+
+
+def _write_launches(path: str, launches: dict) -> None:
     pathlib.Path(path).write_text(json.dumps(list(launches.values()), indent=1))
     print(
         f"recorded {len(launches)} distinct launches of "
         f"{len({(e['module'], e['name']) for e in launches.values()})} kernels"
     )
+
+
+def record(path: str, pytest_args: list) -> int:
+    """Run the tests in the interpreter; write the distinct launches to `path` as JSON."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import pytest
+
+    launches = {}
+    _record_launches(launches, execute=True)
+    status = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:warnings", *pytest_args])
+    _write_launches(path, launches)
     return int(status)
+
+
+def record_benchmarks(path: str) -> int:
+    """The launches of every benchmark case at its GPU shape (python -m benchmarks on a GPU), recorded
+    on CPU tensors of those shapes without running the kernels (their outputs are left unwritten):
+    the same dtypes, sizes and alignment, so the same specialisations."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["FASTCM_BACKEND"] = "triton"
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.run import discover_families
+
+    launches = {}
+    _record_launches(launches, execute=False)
+    for family in discover_families():
+        for case in importlib.import_module(f"benchmarks.bench_{family}").cases(torch.device("cpu"), False):
+            if family == "attention":
+                continue  # its GPU table is benchmarks/attention_gpu.py, whose Triton rows run at N = 8192
+            try:
+                case.fastcm(*case.make_inputs())
+            except Exception as error:  # a path that reads an unwritten output (NaN checks): say so, go on
+                print(f"{case.id}: {type(error).__name__}: {str(error)[:200]}")
+    _write_launches(path, launches)
+    return 0
 
 
 class _CompileOnlyDriver:
@@ -277,9 +312,14 @@ def main() -> int:
         help="compute capability to compile for (repeatable; default 80 and 90)",
     )
     parser.add_argument("--keep", help="also write the recorded launches to this JSON file")
-    parser.add_argument("--launches", help="compile the launches recorded in this JSON file (no recording run)")
+    parser.add_argument(
+        "--launches",
+        action="append",
+        help="compile the launches recorded in this JSON file (repeatable; no recording run)",
+    )
     parser.add_argument("--cache-out", help="pack the compiled kernels into this .tar.xz (a Triton cache)")
     parser.add_argument("--record-only", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--record-benchmarks", metavar="JSON", help="record the launches of the GPU benchmark cases")
     parser.add_argument("--unpack-cache", nargs=2, metavar=("ARCHIVE", "DIR"), help="unpack a --cache-out archive")
     args, pytest_args = parser.parse_known_args()
     if args.unpack_cache:
@@ -287,9 +327,11 @@ def main() -> int:
         return 0
     if args.record_only:
         return record(args.record_only, pytest_args or TESTS)
+    if args.record_benchmarks:
+        return record_benchmarks(args.record_benchmarks)
 
     with tempfile.TemporaryDirectory() as scratch:
-        launches_path = args.launches or args.keep or os.path.join(scratch, "launches.json")
+        launches_path = args.keep or os.path.join(scratch, "launches.json")
         if not args.launches:
             # The interpreter is chosen when triton is imported, so the tests run in their own process.
             env = dict(os.environ, FASTCM_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
@@ -299,7 +341,8 @@ def main() -> int:
             if status:
                 print(f"compile_triton_kernels: the recording test run failed (exit {status})")
                 return 1
-        launches = json.loads(pathlib.Path(launches_path).read_text())
+        recorded = [json.loads(pathlib.Path(path).read_text()) for path in args.launches or [launches_path]]
+        launches = list({json.dumps(entry, sort_keys=True): entry for group in recorded for entry in group}.values())
         cache = os.path.join(scratch, "triton-cache")
         os.environ["TRITON_CACHE_DIR"] = cache  # compile, never reuse
         status = compile_all(launches, args.arch or sorted(SHARED_LIMIT))
