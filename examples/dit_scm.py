@@ -68,13 +68,15 @@ def load_digits_16(seed: int = 0):
 
 def trigflow_f(net, x_t, t):
     """f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, t)."""
-    return fastcm.precondition(x_t, net(x_t / SIGMA_DATA, t), t, param="trigflow", sigma_data=SIGMA_DATA)
+    # Under CUDA autocast the network answers in bfloat16; fastcm.precondition takes net_out in x's dtype.
+    net_out = net(x_t / SIGMA_DATA, t).to(x_t.dtype)
+    return fastcm.precondition(x_t, net_out, t, param="trigflow", sigma_data=SIGMA_DATA)
 
 
 def cm_f(net, x, sigma):
     """f(x, σ) = c_skip·x + c_out·F(c_in·x, ¼·ln σ), exact at σ = σmin."""
     _, _, c_in = fastcm.precondition_scalings(sigma, param="cm", sigma_data=SIGMA_DATA, sigma_min=SIGMA_MIN)
-    net_out = net(x * c_in.to(x.dtype).reshape(-1, 1, 1, 1), 0.25 * sigma.log())
+    net_out = net(x * c_in.to(x.dtype).reshape(-1, 1, 1, 1), 0.25 * sigma.log()).to(x.dtype)  # as in trigflow_f
     return fastcm.precondition(x, net_out, sigma, param="cm", sigma_data=SIGMA_DATA, sigma_min=SIGMA_MIN)
 
 

@@ -534,6 +534,8 @@ def sample_dpmpp_sde(
         raise ValueError(f"fastcm.{op}: r={r!r} is not supported; expected a float in (0, 1]")
     mids = [sde_steps.dpmpp_sde_sigma_mid(a, b, r) for a, b in zip(schedule, schedule[1:])]
     mid_levels = _levels(mids, x)
+    # noise_sampler's σ_s, made here: inside a captured loop a host-to-device copy is not allowed
+    mid_entries = [e.new_tensor(m) if isinstance(e, torch.Tensor) else m for e, m in zip(entries, mids)]
 
     def loop(x):
         noise.restart()
@@ -544,9 +546,8 @@ def sample_dpmpp_sde(
             if sigma_next == 0:
                 x = steps.euler_step(x, denoised, sigma, 0.0)
                 continue
-            mid_entry = entries[i].new_tensor(mids[i]) if isinstance(entries[i], torch.Tensor) else mids[i]
             x_mid = sde_steps.euler_ancestral_step(
-                x, denoised, sigma, mids[i], eta=eta, s_noise=s_noise, **noise(x, entries[i], mid_entry)
+                x, denoised, sigma, mids[i], eta=eta, s_noise=s_noise, **noise(x, entries[i], mid_entries[i])
             )
             denoised_mid = model(x_mid, mid_levels[i])
             x = sde_steps.dpmpp_sde_step(

@@ -183,7 +183,7 @@ def test_own_noise_is_reproducible_and_has_diffusers_law(name, step_kwargs):
     same under torch.manual_seed, different across seeds. On a zero sample and model output prev = c_z·z, so its
     spread against diffusers' (torch noise) checks the noise scale: equal to 5 standard errors."""
     options = dict(clip_sample=False) if name == "DDIMScheduler" else {}
-    sample = torch.zeros(4, 5000)
+    sample = torch.zeros(4, 5000, device=DEVICE)
 
     def first_step(library, seed, **kwargs):
         scheduler = getattr(library, name)(**_config(name, options))

@@ -105,7 +105,7 @@ def test_flow_loops_on_the_kernels_match_the_reference_loops(backend):
         got = sampling.sample_flow_heun(lambda a, t, scale: scale * exact_velocity(a, t), x, times, {"scale": 1.0})
     assert_close(got, want, torch.float64)
     assert [s["i"] for s in seen] == list(range(4)) and set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
-    t0 = torch.ones(2, dtype=torch.float64)
+    t0 = torch.ones(2, dtype=torch.float64, device=DEVICE)
     assert_close(seen[0]["denoised"], x - exact_velocity(x, t0), torch.float64)
 
 

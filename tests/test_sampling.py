@@ -225,7 +225,7 @@ def test_capture_matches_uncaptured_loop(name):
 
 def test_self_consistency_error():
     times = [0.1, 0.5, 2.0, 10.0, 80.0]
-    x0, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    x0, z = (torch.randn(5, 3, dtype=torch.float64, device=DEVICE) for _ in range(2))
 
     def trajectory(t):  # one probability-flow trajectory of the Gaussian toy, at level t
         return MU + math.sqrt(S**2 + t**2) / S * (x0 - MU) + 0 * z

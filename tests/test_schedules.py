@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastcm import schedules
+from helpers import DEVICE
 
 
 def test_karras_sigmas_closed_form():
@@ -40,9 +41,11 @@ def test_ict_num_timesteps_curriculum():
 
 def test_ict_sample_sigmas_follow_the_discretised_lognormal():
     generator = torch.Generator().manual_seed(1)
-    lower, upper = schedules.ict_sample_sigmas(200_000, 11, generator=generator)
+    lower, upper = schedules.ict_sample_sigmas(200_000, 11, generator=generator, device=DEVICE)
     grid = sorted(schedules.karras_sigmas(11).tolist())
     assert lower.shape == upper.shape == (200_000,)
+    assert lower.device.type == upper.device.type == torch.device(DEVICE).type
+    lower, upper = lower.cpu(), upper.cpu()
     index = torch.tensor([min(range(10), key=lambda i: abs(grid[i] - s)) for s in lower[:2000].tolist()])
     torch.testing.assert_close(
         upper[:2000].double(), torch.tensor(grid, dtype=torch.float64)[index + 1], rtol=1e-6, atol=0
@@ -66,8 +69,9 @@ def test_ct_loss_weight():
 def test_scm_sample_t_is_lognormal_in_sigma():
     generator = torch.Generator().manual_seed(2)
     t = schedules.scm_sample_t(
-        100_000, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=generator, dtype=torch.float64
+        100_000, sigma_data=0.5, p_mean=-1.0, p_std=1.4, generator=generator, device=DEVICE, dtype=torch.float64
     )
+    assert t.device.type == torch.device(DEVICE).type
     assert ((t > 0) & (t < math.pi / 2)).all()
     log_sigma = torch.log(0.5 * torch.tan(t))  # τ = ln(σd·tan t)
     assert abs(log_sigma.mean().item() + 1.0) < 4 * 1.4 / math.sqrt(100_000)

@@ -207,7 +207,7 @@ def test_loops_match_diffusers_loops(backend, name, loop, options, name_backend)
     want = x.clone()
     kwargs = {"eta": options["gamma"]} if name == "TCDScheduler" else {}
     for t in scheduler.timesteps:
-        output = model(want, torch.full((2,), float(t)), 0.1)
+        output = model(want, torch.full((2,), float(t), device=DEVICE), 0.1)
         want = scheduler.step(output, t, want, generator=generator, **kwargs).prev_sample
     mine = torch.Generator().manual_seed(1)
     seen = []
@@ -219,7 +219,8 @@ def test_loops_match_diffusers_loops(backend, name, loop, options, name_backend)
         {"shift": 0.1},
         seen.append,
         **options,
-        noise_sampler=lambda t, t_next: randn_tensor(x.shape, generator=mine, dtype=x.dtype),
+        # diffusers' own draw: on the CPU generator, then moved to the sample's device
+        noise_sampler=lambda t, t_next: randn_tensor(x.shape, generator=mine, device=x.device, dtype=x.dtype),
     )
     assert_close(got, want, torch.float32)
     assert [s["i"] for s in seen] == list(range(len(scheduler.timesteps)))
