@@ -42,6 +42,12 @@ CASES = [
     ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2"), {}),
     ("UniPCMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True), {}),
     ("UniPCMultistepScheduler", dict(solver_order=3, predict_x0=False, final_sigmas_type="sigma_min"), {}),
+    ("UniPCMultistepScheduler", dict(solver_order=1), {}),
+    (
+        "UniPCMultistepScheduler",
+        dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min", disable_corrector=[1, 3]),
+        {},
+    ),
 ]
 FLOW_CONFIG = dict(num_train_timesteps=1000)
 

@@ -247,7 +247,8 @@ def _solve_rhos(nodes, rhs, like):
     flat_nodes = [r.expand(batch, *r.shape[1:]).reshape(batch) for r in nodes]
     flat_rhs = [b.expand(batch, *b.shape[1:]).reshape(batch) for b in rhs]
     rows = torch.stack([torch.stack([r ** (i - 1) for r in flat_nodes], -1) for i in range(1, len(nodes) + 1)], -2)
-    rhos = torch.linalg.solve(rows, torch.stack(flat_rhs, -1))
+    # solved in float64 whatever the inputs (LAPACK has no half-precision solve)
+    rhos = torch.linalg.solve(rows.double(), torch.stack(flat_rhs, -1).double()).to(rows.dtype)
     return [rhos[:, k].reshape(rhs[0].expand(batch, *rhs[0].shape[1:]).shape) for k in range(len(nodes))]
 
 
