@@ -675,7 +675,7 @@ def dpmpp_3m_sde_step(
 UNIPC_MAX_ORDER = 3
 
 
-def _rhos(m, nodes, rhs):
+def _rhos(nodes, rhs):
     """ρ with Σ_k ρ_k·r_k^(i−1) = b_i (i = 1..n ≤ 3) in closed form: the system is a transposed Vandermonde one,
     so ρ_k = Σ_i b_i·[r^(i−1)] L_k(r) with L_k the Lagrange basis polynomial of node k. Floats or tensors."""
     rhos = []
@@ -708,12 +708,41 @@ def _uni_coefs(m, sigma, sigma_next, levels, order, corrector):
         phi_k = phi_k / -h - 1 / factorial
     nodes = [m.log(sigma / level) / h for level in levels]
     if corrector:
-        rhos = [0.5] if order == 1 else _rhos(m, nodes + [1.0], rhs)
+        rhos = [0.5] if order == 1 else _rhos(nodes + [1.0], rhs)
         rho_new = rhos[-1]
     else:
-        rhos = [] if order == 1 else [0.5] if order == 2 else _rhos(m, nodes, rhs[:2])
+        rhos = [] if order == 1 else [0.5] if order == 2 else _rhos(nodes, rhs[:2])
         rho_new = 0.0
     return phi_1, b_h, [rho / r for rho, r in zip(rhos, nodes)], rho_new
+
+
+def _unipc_coefficients(sigma, sigma_next, sigma_history, order, corrector_order):
+    """The five coefficients of unipc_step's x' = c0·x + c1·D + c2·D_1 + c3·D_2 + c4·D_3 (σ space), from floats
+    (math, float64) or per-sample float64 tensors; sigma_history = (σ_prev, σ_prev2, …) as far as the orders read."""
+    m = _steps._lib(sigma, sigma_next, *sigma_history)
+    s, s_next, past = sigma, sigma_next, list(sigma_history)
+    final = (s_next == 0) * 1.0
+    keep = 1 - final
+    ratio = s_next / s
+    # coefficients of (D, D_1, D_2, D_3) in the corrected point x_c − x
+    shift = [0.0, 0.0, 0.0, 0.0]
+    if corrector_order:
+        _, b_h, corr, rho_new = _uni_coefs(m, past[0], s, past[1:corrector_order], corrector_order, True)
+        _, _, pred, _ = _uni_coefs(m, past[0], s, past[1:corrector_order], corrector_order, False)
+        pred = pred + [0.0] * (len(corr) - len(pred))
+        # UniC − UniP: −B(h)·(Σ_k (ρc_k − ρp_k)·(D_(k+1) − D_1)/r_k + ρ_new·(D − D_1)); the D_1 terms collect.
+        diffs = [c - p for c, p in zip(corr, pred)]
+        shift[0] = -b_h * rho_new
+        shift[1] = b_h * (rho_new + sum(diffs))
+        for k, diff in enumerate(diffs):
+            shift[k + 2] = -b_h * diff
+    # the predictor from σ to σ' (σ' replaced by σ/2 where it is 0: finite coefficients, then not selected)
+    safe_next = s_next + final * s / 2
+    phi_1, b_h, pred, _ = _uni_coefs(m, s, safe_next, past[: order - 1], order, False)
+    step = [-phi_1 + b_h * sum(pred)] + [-b_h * c for c in pred] + [0.0] * (3 - len(pred))
+    coefs = [ratio * keep] + [(step[k] + ratio * shift[k]) * keep for k in range(4)]
+    coefs[1] = coefs[1] + final
+    return coefs
 
 
 def unipc_step(
@@ -805,31 +834,8 @@ def unipc_step(
         )
     names = dict(sigma=sigma, sigma_next=sigma_next)
     names.update({f"level{k}": s for k, s in enumerate(levels)})
-    values = dict(zip(names, _steps._params(op, x, **names)))
-    m = _steps._lib(*values.values())
-    s, s_next = values["sigma"], values["sigma_next"]
-    past = [values[f"level{k}"] for k in range(needed)]
-    final = (s_next == 0) * 1.0
-    keep = 1 - final
-    ratio = s_next / s
-    # coefficients of (D, D_1, D_2, D_3) in the corrected point x_c − x
-    shift = [0.0, 0.0, 0.0, 0.0]
-    if corrector_order:
-        _, b_h, corr, rho_new = _uni_coefs(m, past[0], s, past[1:corrector_order], corrector_order, True)
-        _, _, pred, _ = _uni_coefs(m, past[0], s, past[1:corrector_order], corrector_order, False)
-        pred = pred + [0.0] * (len(corr) - len(pred))
-        # UniC − UniP: −B(h)·(Σ_k (ρc_k − ρp_k)·(D_(k+1) − D_1)/r_k + ρ_new·(D − D_1)); the D_1 terms collect.
-        diffs = [c - p for c, p in zip(corr, pred)]
-        shift[0] = -b_h * rho_new
-        shift[1] = b_h * (rho_new + sum(diffs))
-        for k, diff in enumerate(diffs):
-            shift[k + 2] = -b_h * diff
-    # the predictor from σ to σ' (σ' replaced by σ/2 where it is 0: finite coefficients, then not selected)
-    _, b_h, pred, _ = _uni_coefs(m, s, s_next + final * s / 2, past[: order - 1], order, False)
-    phi_1 = m.expm1(-m.log(s / (s_next + final * s / 2)))
-    step = [-phi_1 + b_h * sum(pred)] + [-b_h * c for c in pred] + [0.0] * (3 - len(pred))
-    coefs = [ratio * keep] + [(step[k] + ratio * shift[k]) * keep for k in range(4)]
-    coefs[1] = coefs[1] + final
+    values = _steps._params(op, x, **names)
+    coefs = _unipc_coefficients(values[0], values[1], values[2:], order, corrector_order)
     tensors = (x, denoised) + tuple(history) + (None,) * (3 - len(history))
     if tensors[4] is None:
         coefs[4] = 0.0  # a tensor coefficient with no tensor would draw in-kernel noise into the fifth slot
