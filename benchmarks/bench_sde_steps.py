@@ -16,7 +16,9 @@ GPU_SHAPE = (64, 4, 128, 128)
 CPU_SHAPE = (8, 4, 32, 32)
 SIGMA, SIGMA_NEXT, SIGMA_PREV, SIGMA_PREV2, SIGMA_PREV3 = 2.0, 1.2, 3.1, 4.4, 6.0
 # UniPC at full order: UniC-3 of the previous step and UniP-3, reading x, D and three earlier D.
-UNIPC_HISTORY = dict(sigma_prev=SIGMA_PREV, sigma_prev2=SIGMA_PREV2, sigma_prev3=SIGMA_PREV3, order=3, corrector_order=3)
+UNIPC_HISTORY = dict(
+    sigma_prev=SIGMA_PREV, sigma_prev2=SIGMA_PREV2, sigma_prev3=SIGMA_PREV3, order=3, corrector_order=3
+)
 
 
 def _case(device, shape, dtype, name, tensors, reference_fn, fastcm_fn):

@@ -25,6 +25,8 @@ k-diffusion run to rounding; sample_euler / sample_heun call noise_sampler(sigma
 one seed (`seed`, `generator` or torch's global CPU generator), offsets advancing by x.numel() per draw:
 deterministic per seed, not a torch.Generator stream, and not k-diffusion's default Brownian-tree noise
 (torchsde), whose increments are the same N(0, I) per step on a fixed grid but correlated across grids.
+sample_unipc (UniPC, which k-diffusion lacks) takes the same model, extra_args, callback and disable, and
+steps as diffusers' UniPCMultistepScheduler (tested against it).
 
 capture=True (CUDA tensors only) runs the loop once to warm up (compiling the kernels), captures
 the whole fixed-step loop, denoiser included, into one CUDA graph and replays it: same result as

@@ -827,9 +827,7 @@ def unipc_step(
         named = {f"denoised_{k + 1}": d for k, d in enumerate(history)}
         named.update({f"sigma_prev{'' if k == 0 else k + 1}": s for k, s in enumerate(levels)})
         return _steps._finish_reference(
-            reference.unipc_step(
-                x, denoised, sigma, sigma_next, order=order, corrector_order=corrector_order, **named
-            ),
+            reference.unipc_step(x, denoised, sigma, sigma_next, order=order, corrector_order=corrector_order, **named),
             out,
         )
     names = dict(sigma=sigma, sigma_next=sigma_next)

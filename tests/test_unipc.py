@@ -233,7 +233,9 @@ def test_parameter_kinds_strides_and_blocks(backend, kind):
 def test_float64_inputs_use_float64_coefficients(backend):
     backend("triton")
     t = [v.double() for v in _inputs((3, 3), (3, 40))]
-    assert_close(_call(fast, t[0], t[1], t[2:], LEVELS, 3, 3), _call(ref, t[0], t[1], t[2:], LEVELS, 3, 3), torch.float64)
+    assert_close(
+        _call(fast, t[0], t[1], t[2:], LEVELS, 3, 3), _call(ref, t[0], t[1], t[2:], LEVELS, 3, 3), torch.float64
+    )
 
 
 @pytest.mark.parametrize("orders", [(3, 3), (2, 1)], ids=str)
