@@ -1,5 +1,5 @@
 """Stochastic and higher-order sampler steps, each one fused pass: EDM stochastic churn, Euler
-ancestral, DPM-Solver++(2S) ancestral, DPM-Solver++ SDE, DPM-Solver++(2M) SDE (midpoint and Heun)
+ancestral, DPM-Solver++(2S) ancestral, DPM-Solver++ SDE, DPM-Solver++(2M) SDE (midpoint and Heun),
 DPM-Solver++(3M) SDE, in σ space as k-diffusion's samplers (Karras et al. 2022; Lu et al. 2022), and UniPC's
 predictor-corrector pair (Zhao et al. 2023) as one pass per model call.
 
