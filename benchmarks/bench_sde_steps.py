@@ -14,7 +14,11 @@ from .common import Case, make_pytest_benchmark
 
 GPU_SHAPE = (64, 4, 128, 128)
 CPU_SHAPE = (8, 4, 32, 32)
-SIGMA, SIGMA_NEXT, SIGMA_PREV, SIGMA_PREV2 = 2.0, 1.2, 3.1, 4.4
+SIGMA, SIGMA_NEXT, SIGMA_PREV, SIGMA_PREV2, SIGMA_PREV3 = 2.0, 1.2, 3.1, 4.4, 6.0
+# UniPC at full order: UniC-3 of the previous step and UniP-3, reading x, D and three earlier D.
+UNIPC_HISTORY = dict(
+    sigma_prev=SIGMA_PREV, sigma_prev2=SIGMA_PREV2, sigma_prev3=SIGMA_PREV3, order=3, corrector_order=3
+)
 
 
 def _case(device, shape, dtype, name, tensors, reference_fn, fastcm_fn):
@@ -114,6 +118,16 @@ def cases(device: torch.device, small: bool):
                 sigma_prev=SIGMA_PREV,
                 sigma_prev2=SIGMA_PREV2,
                 seed=1,
+            ),
+        )
+        add(
+            "unipc (P3 + C3)",
+            5,
+            lambda x, d, e, f, g: reference.unipc_step(
+                x, d, SIGMA, SIGMA_NEXT, denoised_1=e, denoised_2=f, denoised_3=g, **UNIPC_HISTORY
+            ),
+            lambda x, d, e, f, g: sde_steps.unipc_step(
+                x, d, SIGMA, SIGMA_NEXT, denoised_1=e, denoised_2=f, denoised_3=g, **UNIPC_HISTORY
             ),
         )
     return out

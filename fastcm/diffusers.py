@@ -431,10 +431,66 @@ def _combine5(like, terms, coefs):
 
 
 class UniPCMultistepScheduler(_diffusers.UniPCMultistepScheduler):
-    """diffusers' UniPCMultistepScheduler (Zhao et al. 2023) whose UniP predictor and UniC corrector (bh2, data or
-    noise prediction, order ≤ 3) are one fused pass each over the sample, the model outputs they read
-    and (corrector) the new model output; the coefficients, including the small linear solve for ρ, are computed
-    on the host in float64. bh1, a custom solver_p, order > 3 and the predictor's step to σ = 0 run diffusers' code."""
+    """diffusers' UniPCMultistepScheduler (Zhao et al. 2023) with fused bh2 updates of order ≤ 3.
+
+    Data prediction (predict_x0=True, the default): step is one pass per call, the UniC correction of the previous
+    step and this step's UniP prediction together (fastcm.sde_steps.unipc_step's coefficients, rescaled from σ
+    space to diffusers' x = α·x_σ), so the corrected sample is never materialised and `last_sample` holds the
+    sample the model saw. Where the last level is σ = 0 the update is x' = D at every order (diffusers' own
+    solve is singular there above order 1). Noise prediction: the UniP predictor and UniC corrector are one fused
+    pass each over the sample, the model outputs they read and (corrector) the new model output; the coefficients,
+    including the small linear solve for ρ, are computed on the host in float64, and the predictor's step to
+    σ = 0 runs diffusers' code. bh1, a custom solver_p, order > 3 and flow sigmas run diffusers' code."""
+
+    def _fused_step(self):
+        return (
+            self.predict_x0
+            and self.solver_p is None
+            and self.config.solver_type == "bh2"
+            and 1 <= self.config.solver_order <= _sde_steps.UNIPC_MAX_ORDER
+            and not getattr(self.config, "use_flow_sigmas", False)
+        )
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.num_inference_steps is None or not self._fused_step():
+            return super().step(model_output, timestep, sample, return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        use_corrector = index > 0 and index - 1 not in self.disable_corrector and self.last_sample is not None
+        corrector_order = self.this_order if use_corrector else 0
+        converted = self.convert_model_output(model_output, sample=sample)
+        earlier = [self.model_outputs[-(k + 1)] for k in range(self.config.solver_order)]
+        for i in range(self.config.solver_order - 1):
+            self.model_outputs[i] = self.model_outputs[i + 1]
+            self.timestep_list[i] = self.timestep_list[i + 1]
+        self.model_outputs[-1] = converted
+        self.timestep_list[-1] = timestep
+        order = self.config.solver_order
+        if self.config.lower_order_final:
+            order = min(order, len(self.timesteps) - index)
+        self.this_order = min(order, self.lower_order_nums + 1)
+        self.last_sample = sample
+        reads = max(self.this_order - 1, corrector_order)
+
+        def alpha_and_level(i):
+            alpha, sigma = (_value(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[i]))
+            return alpha, sigma / alpha
+
+        alpha, level = alpha_and_level(index)
+        alpha_next, level_next = alpha_and_level(index + 1)
+        past = [alpha_and_level(index - 1 - k)[1] for k in range(reads)]
+        coefs = _sde_steps._unipc_coefficients(level, level_next, past, self.this_order, corrector_order)
+        # diffusers' sample is α·x_σ: x'_σ = c0·x_σ + Σ c_k·D_k becomes x' = (α'/α)·c0·x + α'·Σ c_k·D_k
+        coefs = [alpha_next / alpha * coefs[0]] + [alpha_next * c for c in coefs[1:]]
+        terms = [sample, converted] + earlier[:reads]
+        prev = _combine5(sample, terms, coefs + [0.0] * (5 - len(coefs))).to(sample.dtype)
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return _diffusers.schedulers.scheduling_utils.SchedulerOutput(prev_sample=prev)
 
     def _lambda(self, index):
         alpha, sigma = (_value(v) for v in self._sigma_to_alpha_sigma_t(self.sigmas[index]))

@@ -25,6 +25,8 @@ k-diffusion run to rounding; sample_euler / sample_heun call noise_sampler(sigma
 one seed (`seed`, `generator` or torch's global CPU generator), offsets advancing by x.numel() per draw:
 deterministic per seed, not a torch.Generator stream, and not k-diffusion's default Brownian-tree noise
 (torchsde), whose increments are the same N(0, I) per step on a fixed grid but correlated across grids.
+sample_unipc (UniPC, which k-diffusion lacks) takes the same model, extra_args, callback and disable, and
+steps as diffusers' UniPCMultistepScheduler (tested against it).
 
 capture=True (CUDA tensors only) runs the loop once to warm up (compiling the kernels), captures
 the whole fixed-step loop, denoiser included, into one CUDA graph and replays it: same result as
@@ -673,6 +675,60 @@ def sample_dpmpp_3m_sde(
     return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
 
 
+@torch.no_grad()
+def sample_unipc(
+    denoiser,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    order=3,
+    lower_order_final=True,
+    disable_corrector=(),
+    capture=False,
+    progress=False,
+):
+    """UniPC sampling (Zhao et al. 2023; bh2, data prediction) as diffusers' UniPCMultistepScheduler steps it, in
+    k-diffusion's calling convention: per step D = model(x, σ), then one fused pass
+    x = unipc_step(x, D, σ, σ', D_1.., σ_prev.., order=p, corrector_order=c), which corrects x with D (UniC of the
+    previous predictor's order; none at the first step and after the steps listed in disable_corrector) and
+    predicts x at σ'. The predictor's order p = min(order, steps so far + 1), and with lower_order_final also
+    ≤ the number of steps left. Returns x at the last level (D there when it is 0); the callback's x is the point
+    the model saw (before its correction). order in {1, 2, 3}."""
+    op = "sample_unipc"
+    schedule, levels, report = _prepare(op, "sigmas", sigmas, x, _show_progress(progress, disable), callback)
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= sde_steps.UNIPC_MAX_ORDER:
+        raise ValueError(f"fastcm.{op}: order={order!r} is not supported; expected 1, 2 or 3")
+    if any(a <= b for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"fastcm.{op}: sigmas {schedule} must decrease strictly")
+    skipped = set(disable_corrector)
+    entries = _entries(sigmas, schedule)
+    model = _call_model(denoiser, extra_args)
+    steps_total = len(schedule) - 1
+
+    def loop(x):
+        history, previous_order = [], 0
+        for i in range(steps_total):
+            denoised = model(x, levels[i])
+            report(i, x=x, sigma=entries[i], sigma_hat=entries[i], denoised=denoised)
+            this_order = min(order, len(history) + 1)
+            if lower_order_final:
+                this_order = min(this_order, steps_total - i)
+            corrector_order = previous_order if i > 0 and i - 1 not in skipped else 0
+            named = {f"denoised_{k + 1}": d for k, d in enumerate(history)}
+            named.update({f"sigma_prev{'' if k == 0 else k + 1}": schedule[i - 1 - k] for k in range(len(history))})
+            x = sde_steps.unipc_step(
+                x, denoised, schedule[i], schedule[i + 1], order=this_order, corrector_order=corrector_order, **named
+            )
+            history = [denoised] + history[: sde_steps.UNIPC_MAX_ORDER - 1]
+            previous_order = this_order
+        return x
+
+    return _run(op, loop, x, capture, _show_progress(progress, disable), callback)
+
+
 def _flow_loop(op, velocity_model, x, times, extra_args, callback, disable, capture, progress, second_order):
     schedule, levels, report = _prepare(op, "times", times, x, _show_progress(progress, disable), callback)
     if any(t > 1 for t in schedule) or any(a <= b for a, b in zip(schedule, schedule[1:])):
@@ -1011,6 +1067,7 @@ __all__ = [
     "sample_dpmpp_sde",
     "sample_dpmpp_2m_sde",
     "sample_dpmpp_3m_sde",
+    "sample_unipc",
     "sample_flow_euler",
     "sample_flow_heun",
     "sample_lcm",

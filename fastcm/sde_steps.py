@@ -1,6 +1,7 @@
 """Stochastic and higher-order sampler steps, each one fused pass: EDM stochastic churn, Euler
-ancestral, DPM-Solver++(2S) ancestral, DPM-Solver++ SDE, DPM-Solver++(2M) SDE (midpoint and Heun)
-and DPM-Solver++(3M) SDE, in σ space as k-diffusion's samplers (Karras et al. 2022; Lu et al. 2022).
+ancestral, DPM-Solver++(2S) ancestral, DPM-Solver++ SDE, DPM-Solver++(2M) SDE (midpoint and Heun),
+DPM-Solver++(3M) SDE, in σ space as k-diffusion's samplers (Karras et al. 2022; Lu et al. 2022), and UniPC's
+predictor-corrector pair (Zhao et al. 2023) as one pass per model call.
 
 Each update is linear in its tensor inputs, x' = c0·t0 + c1·t1 + c2·t2 + c3·t3 + c4·z, with per-sample
 coefficients computed here (in float64, from Python floats without any launch, or from per-sample
@@ -671,7 +672,177 @@ def dpmpp_3m_sde_step(
     )
 
 
+UNIPC_MAX_ORDER = 3
+
+
+def _rhos(nodes, rhs):
+    """ρ with Σ_k ρ_k·r_k^(i−1) = b_i (i = 1..n ≤ 3) in closed form: the system is a transposed Vandermonde one,
+    so ρ_k = Σ_i b_i·[r^(i−1)] L_k(r) with L_k the Lagrange basis polynomial of node k. Floats or tensors."""
+    rhos = []
+    for k, node in enumerate(nodes):
+        others = nodes[:k] + nodes[k + 1 :]
+        denominator = 1.0
+        for other in others:
+            denominator = denominator * (node - other)
+        if len(others) == 0:
+            numerator = rhs[0]
+        elif len(others) == 1:
+            numerator = rhs[1] - others[0] * rhs[0]
+        else:
+            numerator = rhs[2] - (others[0] + others[1]) * rhs[1] + others[0] * others[1] * rhs[0]
+        rhos.append(numerator / denominator)
+    return rhos
+
+
+def _uni_coefs(m, sigma, sigma_next, levels, order, corrector):
+    """(φ1, B(h), coefficients of (D_1, …, D_(order−1)) in −B(h)·Σ ρ_k·(D_k − D)/r_k, ρ_order) on σ → σ':
+    UniP (corrector=False; levels = the order − 1 history levels) or UniC (ρ_order multiplies D' − D).
+    bh2: φ1 = B(h) = expm1(−h), b_i = i!·φ_(i+1)/B(h) (fastcm.reference.sde_steps._uni_interval)."""
+    h = m.log(sigma / sigma_next)
+    phi_1 = m.expm1(-h)
+    b_h = phi_1
+    phi_k, factorial, rhs = phi_1 / -h - 1, 1, []
+    for i in range(1, order + 1):
+        rhs.append(phi_k * factorial / b_h)
+        factorial *= i + 1
+        phi_k = phi_k / -h - 1 / factorial
+    nodes = [m.log(sigma / level) / h for level in levels]
+    if corrector:
+        rhos = [0.5] if order == 1 else _rhos(nodes + [1.0], rhs)
+        rho_new = rhos[-1]
+    else:
+        rhos = [] if order == 1 else [0.5] if order == 2 else _rhos(nodes, rhs[:2])
+        rho_new = 0.0
+    return phi_1, b_h, [rho / r for rho, r in zip(rhos, nodes)], rho_new
+
+
+def _unipc_coefficients(sigma, sigma_next, sigma_history, order, corrector_order):
+    """The five coefficients of unipc_step's x' = c0·x + c1·D + c2·D_1 + c3·D_2 + c4·D_3 (σ space), from floats
+    (math, float64) or per-sample float64 tensors; sigma_history = (σ_prev, σ_prev2, …) as far as the orders read."""
+    m = _steps._lib(sigma, sigma_next, *sigma_history)
+    s, s_next, past = sigma, sigma_next, list(sigma_history)
+    final = (s_next == 0) * 1.0
+    keep = 1 - final
+    ratio = s_next / s
+    # coefficients of (D, D_1, D_2, D_3) in the corrected point x_c − x
+    shift = [0.0, 0.0, 0.0, 0.0]
+    if corrector_order:
+        _, b_h, corr, rho_new = _uni_coefs(m, past[0], s, past[1:corrector_order], corrector_order, True)
+        _, _, pred, _ = _uni_coefs(m, past[0], s, past[1:corrector_order], corrector_order, False)
+        pred = pred + [0.0] * (len(corr) - len(pred))
+        # UniC − UniP: −B(h)·(Σ_k (ρc_k − ρp_k)·(D_(k+1) − D_1)/r_k + ρ_new·(D − D_1)); the D_1 terms collect.
+        diffs = [c - p for c, p in zip(corr, pred)]
+        shift[0] = -b_h * rho_new
+        shift[1] = b_h * (rho_new + sum(diffs))
+        for k, diff in enumerate(diffs):
+            shift[k + 2] = -b_h * diff
+    # the predictor from σ to σ' (σ' replaced by σ/2 where it is 0: finite coefficients, then not selected)
+    safe_next = s_next + final * s / 2
+    phi_1, b_h, pred, _ = _uni_coefs(m, s, safe_next, past[: order - 1], order, False)
+    step = [-phi_1 + b_h * sum(pred)] + [-b_h * c for c in pred] + [0.0] * (3 - len(pred))
+    coefs = [ratio * keep] + [(step[k] + ratio * shift[k]) * keep for k in range(4)]
+    coefs[1] = coefs[1] + final
+    return coefs
+
+
+def unipc_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_1=None,
+    denoised_2=None,
+    denoised_3=None,
+    sigma_prev=None,
+    sigma_prev2=None,
+    sigma_prev3=None,
+    order=1,
+    corrector_order=0,
+    out=None,
+):
+    """UniPC step (Zhao et al. 2023; bh2, data prediction): the UniC corrector of the previous step and the UniP
+    predictor of this one in one pass, in σ space (λ = −log σ) from σ to σ'.
+
+    x is the point the previous predictor reached (where the model gave D = denoised); D_1, D_2, D_3 the data
+    predictions at σ_prev > σ_prev2 > σ_prev3 > σ (most recent first). The predictor of order p reads D_1..D_(p−1),
+    the corrector of order c (0: none; the order of the predictor that reached x) reads D_1..D_c; history beyond
+    that is ignored. With h = log(σ/σ'), φ1 = B(h) = expm1(−h), r_k = log(σ/σ_k)/h, D1_k = (D_k − D)/r_k:
+        UniP_p:  x' = (σ'/σ)·x_c − φ1·D − B(h)·Σ_(k<p) ρ_k·D1_k
+        UniC_c:  x_c = x + [UniC_c − UniP_c](σ_prev → σ)  (both start from the same previous point, whose
+                 (σ/σ_prev)-term cancels, so the corrected point needs only x and D_1..D_c, D: one pass)
+    with ρ from the order conditions Σ_k ρ_k·r_k^(i−1) = b_i (b from B(h), see fastcm.reference.sde_steps) and
+    diffusers' / the UniPC code's fixed ρ = ½ for UniP_2 and UniC_1. Where σ' = 0: x' = D (the first-order limit,
+    whatever the order). x' is linear in (x, D, D_1, D_2, D_3): one pass of the stochastic-step kernel, D_3 in
+    its fifth slot. Orders: 1 ≤ order ≤ 3, 0 ≤ corrector_order ≤ 3.
+
+    x, denoised, denoised_k: (B, ...) same shape/dtype/device (float32, bfloat16, float16, float64; computed in
+    float32, float64 for float64). sigma > 0, sigma_next ≥ 0, sigma_prev* > 0: float, 0-d, (B,) or (B,1,..,1).
+    Gradients/tangents: x, denoised, denoised_k and tensor sigmas. `out=` writes x' in place (no-grad only).
+    """
+    op = "unipc_step"
+    history = (denoised_1, denoised_2, denoised_3)
+    levels = (sigma_prev, sigma_prev2, sigma_prev3)
+    _check(
+        op,
+        x,
+        {"denoised": denoised, "denoised_1": denoised_1, "denoised_2": denoised_2, "denoised_3": denoised_3},
+        None,
+        None,
+        0,
+        out,
+        sigma=sigma,
+        sigma_next=sigma_next,
+    )
+    for name, value in (("order", order), ("corrector_order", corrector_order)):
+        low = 1 if name == "order" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= UNIPC_MAX_ORDER:
+            raise ValueError(
+                f"fastcm.{op}: {name}={value!r} is not supported; expected an int in [{low}, {UNIPC_MAX_ORDER}]"
+            )
+    needed = max(order - 1, corrector_order)
+    for k in range(3):
+        suffix = "" if k == 0 else str(k + 1)
+        if (history[k] is None) != (levels[k] is None):
+            raise ValueError(
+                f"fastcm.{op}: denoised_{k + 1} and sigma_prev{suffix} go together; got "
+                f"sigma_prev{suffix}={levels[k]!r} with denoised_{k + 1} {'None' if history[k] is None else 'given'}"
+            )
+        if k < needed and history[k] is None:
+            raise ValueError(
+                f"fastcm.{op}: order={order}, corrector_order={corrector_order} read denoised_1..denoised_{needed} "
+                f"and their sigma_prev levels; denoised_{k + 1} is None"
+            )
+        if levels[k] is not None:
+            _steps._require_positive(op, f"sigma_prev{suffix}", levels[k])
+    chain = [sigma_next, sigma] + list(levels[:needed])
+    if all(isinstance(v, (int, float)) for v in chain) and any(a >= b for a, b in zip(chain, chain[1:])):
+        raise ValueError(
+            f"fastcm.{op}: the levels sigma_next={sigma_next!r}, sigma={sigma!r}, sigma_prev..="
+            f"{list(levels[:needed])!r} are not supported; expected sigma_next < sigma < sigma_prev < sigma_prev2 "
+            "< sigma_prev3 (a step goes down in noise; equal levels make h = 0)"
+        )
+    history, levels = history[:needed], levels[:needed]
+    if select_backend(op, x.device) == "reference":
+        named = {f"denoised_{k + 1}": d for k, d in enumerate(history)}
+        named.update({f"sigma_prev{'' if k == 0 else k + 1}": s for k, s in enumerate(levels)})
+        return _steps._finish_reference(
+            reference.unipc_step(x, denoised, sigma, sigma_next, order=order, corrector_order=corrector_order, **named),
+            out,
+        )
+    names = dict(sigma=sigma, sigma_next=sigma_next)
+    names.update({f"level{k}": s for k, s in enumerate(levels)})
+    values = _steps._params(op, x, **names)
+    coefs = _unipc_coefficients(values[0], values[1], values[2:], order, corrector_order)
+    tensors = (x, denoised) + tuple(history) + (None,) * (3 - len(history))
+    if tensors[4] is None:
+        coefs[4] = 0.0  # a tensor coefficient with no tensor would draw in-kernel noise into the fifth slot
+    return _run(op, x, tensors[:4], tuple(coefs), out, noise=tensors[4])
+
+
 __all__ = [
+    "unipc_step",
+    "UNIPC_MAX_ORDER",
     "churn_step",
     "euler_ancestral_step",
     "dpmpp_2s_ancestral_step",

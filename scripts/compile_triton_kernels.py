@@ -52,6 +52,7 @@ TESTS = [
     "tests/test_steps.py",
     "tests/test_sampling.py",
     "tests/test_sde_steps.py",
+    "tests/test_unipc.py",
     "tests/test_kdiffusion_compat.py",
     "tests/test_flow_steps.py",
     "tests/test_diffusers_compat.py",

@@ -42,6 +42,12 @@ CASES = [
     ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2"), {}),
     ("UniPCMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True), {}),
     ("UniPCMultistepScheduler", dict(solver_order=3, predict_x0=False, final_sigmas_type="sigma_min"), {}),
+    ("UniPCMultistepScheduler", dict(solver_order=1), {}),
+    (
+        "UniPCMultistepScheduler",
+        dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min", disable_corrector=[1, 3]),
+        {},
+    ),
 ]
 FLOW_CONFIG = dict(num_train_timesteps=1000)
 
@@ -157,11 +163,31 @@ def test_dpm_solver_updates_are_fused(monkeypatch):
     assert len(calls) == 4
 
 
-def test_unipc_predictor_and_corrector_are_fused(monkeypatch):
+def test_unipc_data_prediction_step_is_one_pass(monkeypatch):
+    """predict_x0=True: one fused pass per step (the corrector of the previous step with this step's predictor, the
+    last step to σ = 0 included); diffusers' own predictor and corrector never run."""
     calls = []
     real = fd._combine5
     monkeypatch.setattr(fd, "_combine5", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("diffusers' UniPC update ran")
+
+    for name in ("multistep_uni_p_bh_update", "multistep_uni_c_bh_update"):
+        monkeypatch.setattr(diffusers.UniPCMultistepScheduler, name, unreachable)
     _, ours = _pair("UniPCMultistepScheduler", dict(solver_order=3))
+    ours.set_timesteps(5)
+    sample = _start(ours)
+    for t in ours.timesteps:
+        sample = ours.step(_model(sample, t), t, sample).prev_sample
+    assert len(calls) == 5 and torch.isfinite(sample).all()
+
+
+def test_unipc_noise_prediction_predictor_and_corrector_are_fused(monkeypatch):
+    calls = []
+    real = fd._combine5
+    monkeypatch.setattr(fd, "_combine5", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, ours = _pair("UniPCMultistepScheduler", dict(solver_order=3, predict_x0=False))
     ours.set_timesteps(5)
     sample = _start(ours)
     for t in ours.timesteps:

@@ -1,5 +1,5 @@
 """Reference stochastic and higher-order sampler steps (EDM churn, Euler ancestral, DPM-Solver++ 2S
-ancestral, DPM-Solver++ SDE, 2M SDE and 3M SDE): the specification the fused kernels are tested against.
+ancestral, DPM-Solver++ SDE, 2M SDE and 3M SDE, UniPC): the specification the fused kernels are tested against.
 
 Written as k-diffusion's sampling loops write the update (Karras et al. 2022, Algorithm 2; Lu et
 al., DPM-Solver++), one function per update between two denoiser calls, in σ space (EDM
@@ -226,6 +226,112 @@ def dpmpp_3m_sde_step(
     return torch.where(final, denoised, out)
 
 
+def _uni_interval(sigma, sigma_next, order):
+    """What UniP and UniC share on an interval σ → σ' (λ = −log σ, h = λ' − λ > 0), bh2 variant:
+    φ1 = expm1(−h), B(h) = expm1(−h), and b_i = i!·φ_(i+1)(h)/B(h) for i = 1..order with
+    φ_2 = φ1/(−h) − 1, φ_(i+1) = φ_i/(−h) − 1/i! (diffusers' h_phi_k recursion)."""
+    h = torch.log(sigma) - torch.log(sigma_next)
+    phi_1 = torch.expm1(-h)
+    b_h = torch.expm1(-h)
+    phi_k, factorial, rhs = phi_1 / -h - 1, 1, []
+    for i in range(1, order + 1):
+        rhs.append(phi_k * factorial / b_h)
+        factorial *= i + 1
+        phi_k = phi_k / -h - 1 / factorial
+    return h, phi_1, b_h, rhs
+
+
+def _solve_rhos(nodes, rhs, like):
+    """ρ with Σ_k ρ_k·r_k^(i−1) = b_i, i = 1..n, per sample (torch.linalg.solve on the (B, n, n) system)."""
+    batch = like.shape[0]
+    flat_nodes = [r.expand(batch, *r.shape[1:]).reshape(batch) for r in nodes]
+    flat_rhs = [b.expand(batch, *b.shape[1:]).reshape(batch) for b in rhs]
+    rows = torch.stack([torch.stack([r ** (i - 1) for r in flat_nodes], -1) for i in range(1, len(nodes) + 1)], -2)
+    # solved in float64 whatever the inputs (LAPACK has no half-precision solve)
+    rhos = torch.linalg.solve(rows.double(), torch.stack(flat_rhs, -1).double()).to(rows.dtype)
+    return [rhos[:, k].reshape(rhs[0].expand(batch, *rhs[0].shape[1:]).shape) for k in range(len(nodes))]
+
+
+def _history(op, history, sigma_history, x):
+    if len(history) != len(sigma_history):
+        raise ValueError(f"{op}: {len(history)} denoised outputs but {len(sigma_history)} levels in the history")
+    return list(history), [_param(op, "sigma_history", s, x) for s in sigma_history]
+
+
+def unipc_predictor_step(x, denoised, sigma, sigma_next, *, denoised_history=(), sigma_history=()):
+    """UniP-p, bh2, data prediction (Zhao et al. 2023), from σ to σ' in σ space (α = 1, λ = −log σ), of order
+    p = 1 + len(denoised_history): the history is D_k at σ_k > σ, most recent first. With h = λ' − λ,
+    r_k = (λ_k − λ)/h and D1_k = (D_k − D)/r_k:
+        x' = (σ'/σ)·x − φ1·D − B(h)·Σ_k ρ_k·D1_k,
+    ρ = (½) for p = 2 and for p = 3 the solution of Σ_k ρ_k·r_k^(i−1) = b_i, i = 1, 2 (_uni_interval); p = 1 is
+    DDIM. Where σ' = 0 the update is the first-order limit x' = D (λ' = ∞; higher orders have no finite limit)."""
+    op = "unipc_predictor_step"
+    sigma, sigma_next = _param(op, "sigma", sigma, x), _param(op, "sigma_next", sigma_next, x)
+    history, levels = _history(op, denoised_history, sigma_history, x)
+    final = sigma_next == 0
+    safe_next = torch.where(final, sigma / 2, sigma_next)
+    h, phi_1, b_h, rhs = _uni_interval(sigma, safe_next, max(len(history), 1))
+    out = safe_next / sigma * x - phi_1 * denoised
+    if history:
+        nodes = [(torch.log(sigma) - torch.log(level)) / h for level in levels]
+        rhos = [torch.full_like(h, 0.5)] if len(history) == 1 else _solve_rhos(nodes, rhs[: len(nodes)], x)
+        out = out - b_h * sum(rho * (d - denoised) / r for rho, d, r in zip(rhos, history, nodes))
+    return torch.where(final, denoised, out)
+
+
+def unipc_corrector_step(x, denoised, sigma, sigma_next, denoised_next, *, denoised_history=(), sigma_history=()):
+    """UniC-p, bh2, data prediction (Zhao et al. 2023): corrects the point at σ' that UniP reached from x (at σ,
+    with D = D(x; σ)), using D' = the model's data prediction at that predicted point, of order
+    p = 1 + len(denoised_history) (history as unipc_predictor_step). With the nodes r_1..r_(p−1) and r_p = 1:
+        x'_c = (σ'/σ)·x − φ1·D − B(h)·(Σ_(k<p) ρ_k·(D_k − D)/r_k + ρ_p·(D' − D)),
+    ρ = (½) for p = 1, else the solution of Σ_k ρ_k·r_k^(i−1) = b_i, i = 1..p. σ' > 0 (the model ran there)."""
+    op = "unipc_corrector_step"
+    sigma, sigma_next = _param(op, "sigma", sigma, x), _param(op, "sigma_next", sigma_next, x)
+    history, levels = _history(op, denoised_history, sigma_history, x)
+    order = len(history) + 1
+    h, phi_1, b_h, rhs = _uni_interval(sigma, sigma_next, order)
+    nodes = [(torch.log(sigma) - torch.log(level)) / h for level in levels]
+    rhos = [torch.full_like(h, 0.5)] if order == 1 else _solve_rhos(nodes + [torch.ones_like(h)], rhs, x)
+    correction = rhos[-1] * (denoised_next - denoised)
+    for rho, d, r in zip(rhos, history, nodes):
+        correction = correction + rho * (d - denoised) / r
+    return sigma_next / sigma * x - phi_1 * denoised - b_h * correction
+
+
+def unipc_step(
+    x,
+    denoised,
+    sigma,
+    sigma_next,
+    *,
+    denoised_1=None,
+    denoised_2=None,
+    denoised_3=None,
+    sigma_prev=None,
+    sigma_prev2=None,
+    sigma_prev3=None,
+    order=1,
+    corrector_order=0,
+):
+    """One UniPC model call's update: UniC of the previous step, then UniP from the corrected point.
+
+    x is the point the previous UniP reached (at σ, where the model gave D), D_1, D_2, D_3 the data predictions
+    at σ_prev > σ_prev2 > σ_prev3 > σ. With corrector_order = c > 0 (the previous UniP's order), the corrected
+    point is x_c = UniC_c(x_1, D_1 → D) with x_1 the previous (corrected) point; because UniC_c and the UniP_c
+    that reached x share (σ/σ_prev)·x_1, x_c = x + UniC_c(x_1) − UniP_c(x_1) for any x_1, so x_1 is not needed
+    (evaluated here at x_1 = 0). Then x' = UniP_order(x_c, D; history D_1..D_(order−1)) from σ to σ'."""
+    history = [d for d in (denoised_1, denoised_2, denoised_3) if d is not None]
+    levels = [s for s in (sigma_prev, sigma_prev2, sigma_prev3) if s is not None]
+    if corrector_order:
+        zero = torch.zeros_like(x)
+        past = dict(denoised_history=history[1:corrector_order], sigma_history=levels[1:corrector_order])
+        corrected = unipc_corrector_step(zero, history[0], levels[0], sigma, denoised, **past)
+        x = x + corrected - unipc_predictor_step(zero, history[0], levels[0], sigma, **past)
+    return unipc_predictor_step(
+        x, denoised, sigma, sigma_next, denoised_history=history[: order - 1], sigma_history=levels[: order - 1]
+    )
+
+
 __all__ = [
     "ancestral_sigmas",
     "churn_step",
@@ -234,4 +340,7 @@ __all__ = [
     "dpmpp_sde_step",
     "dpmpp_2m_sde_step",
     "dpmpp_3m_sde_step",
+    "unipc_predictor_step",
+    "unipc_corrector_step",
+    "unipc_step",
 ]
