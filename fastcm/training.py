@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .losses import scm_loss
-from .schedules import scm_sample_t, tangent_warmup
+from .schedules import tangent_warmup, trigflow_sample_t
 
 
 class SCMStep:
@@ -34,8 +34,9 @@ class SCMStep:
         logvar: optional module t (B,) -> (B,) learned log-variance weight (its parameters must be
             in `optimizer`); None: no adaptive weight.
         ema_update: called with the model after every optimizer step.
-        generator: torch.Generator for t and z (None: the global one).
-    Calling the step with x0 (B, ...) and labels y (or None) returns the loss, detached.
+        generator: torch.Generator for t and z, on x0's device (None: that device's global one).
+    Calling the step with x0 (B, ...) and labels y (or None) returns the loss, detached. t is
+    drawn in float64 and given to the model and the loss in float64 for float64 x0, float32 otherwise.
     """
 
     def __init__(
@@ -75,9 +76,17 @@ class SCMStep:
 
     def __call__(self, x0: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, sd = x0.shape[0], self.sigma_data
-        t = scm_sample_t(
-            batch, sigma_data=sd, p_mean=self.p_mean, p_std=self.p_std, generator=self.generator, device=x0.device
+        # t and z come from one generator, so both are drawn where z lives: on x0's device.
+        t = trigflow_sample_t(
+            batch,
+            sigma_data=sd,
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+            generator=self.generator,
+            device=x0.device,
+            dtype=torch.float64,
         )
+        t = t if x0.dtype == torch.float64 else t.float()
         z = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype) * sd
         view = t.to(x0.dtype).reshape((batch,) + (1,) * (x0.dim() - 1))
         cos, sin = torch.cos(view), torch.sin(view)

@@ -7,7 +7,8 @@ per-sample gradients of shift / scale / gate reduce over the tile's tokens to on
 (sample, tile), summed afterwards (deterministic, no atomics). Statistics are recomputed from x
 in every pass instead of being stored. Each forward kernel writes the primal, its tangent, or
 both from one read of the inputs (constexpr flags), so the jvp rule and the explicit-tangent
-form launch the same kernel.
+form launch the same kernel. eps is a constexpr: a Python float kernel argument reaches a compiled
+kernel as float32 (the interpreter keeps it float64), which would round the float64 path's eps.
 """
 
 from typing import List, Optional
@@ -56,14 +57,14 @@ def _tile(tokens, channels, tiles_per_sample, BLOCK_N: tl.constexpr, BLOCK_C: tl
 
 
 @triton.jit
-def _normalized(x, mask, channels, eps, NORM: tl.constexpr):
+def _normalized(x, mask, channels, EPS: tl.constexpr, NORM: tl.constexpr):
     """(x̂, rstd per row) of a [BLOCK_N, BLOCK_C] tile; masked entries of x̂ are 0."""
     if NORM == 0:
         mean = tl.sum(x, axis=1) / channels
         centred = tl.where(mask, x - mean[:, None], 0.0)
     else:
         centred = x
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / channels + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / channels + EPS)
     return centred * rstd[:, None], rstd
 
 
@@ -82,11 +83,11 @@ def _modulated_norm_kernel(
     tokens,
     channels,
     tiles_per_sample,
-    eps,
     shift_stride,
     scale_stride,
     shift_t_stride,
     scale_t_stride,
+    EPS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_X_T: tl.constexpr,
@@ -102,7 +103,7 @@ def _modulated_norm_kernel(
     _, sample, offsets, mask, cols, col_mask = _tile(tokens, channels, tiles_per_sample, BLOCK_N, BLOCK_C)
     sample = sample.to(tl.int64)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-    normed, rstd = _normalized(x, mask, channels, eps, NORM)
+    normed, rstd = _normalized(x, mask, channels, EPS, NORM)
     one_plus_scale = 1.0 + tl.load(scale_ptr + sample * scale_stride + cols, mask=col_mask, other=0.0).to(COMPUTE)
     weight = tl.full([BLOCK_C], 1.0, COMPUTE)
     if HAS_WEIGHT:
@@ -146,8 +147,8 @@ def _modulated_norm_bwd_kernel(
     tokens,
     channels,
     tiles_per_sample,
-    eps,
     scale_stride,
+    EPS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     NEED_X: tl.constexpr,
@@ -162,7 +163,7 @@ def _modulated_norm_bwd_kernel(
     partial = pid.to(tl.int64) * channels + cols
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-    normed, rstd = _normalized(x, mask, channels, eps, NORM)
+    normed, rstd = _normalized(x, mask, channels, EPS, NORM)
     one_plus_scale = 1.0 + tl.load(scale_ptr + sample.to(tl.int64) * scale_stride + cols, mask=col_mask, other=0.0).to(
         COMPUTE
     )
@@ -227,11 +228,11 @@ def modulated_norm_launch(
             tokens,
             channels,
             tiles,
-            float(eps),
             shift.stride(0),
             scale.stride(0),
             _row_stride(shift_t),
             _row_stride(scale_t),
+            EPS=float(eps),
             NORM=NORM_IDS[norm],
             HAS_WEIGHT=weight is not None,
             HAS_X_T=x_t is not None,
@@ -280,8 +281,8 @@ def modulated_norm_backward(
             tokens,
             channels,
             tiles,
-            float(eps),
             scale.stride(0),
+            EPS=float(eps),
             NORM=NORM_IDS[norm],
             HAS_WEIGHT=weight is not None,
             NEED_X=need_x,

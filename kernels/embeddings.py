@@ -5,6 +5,9 @@ r mod N of the (N, d/2) cos / sin tables. A program rotates BLOCK_R rows and, wh
 same rows of the tangent, loading the tables once for both. The gradient is the rotation by the
 negated angle (SIGN = −1). Timestep embedding: one program per sample; the backward reduces
 the whole row in the program (d is at most a few thousand), so grad_t is deterministic.
+ln(max_period) is a constexpr: a Python float kernel argument reaches a compiled kernel as float32
+(the interpreter keeps it float64), and its rounding (~5e-8 relative) would reach every float64
+frequency.
 """
 
 import math
@@ -97,12 +100,12 @@ def rope_launch(
 
 
 @triton.jit
-def _timestep_terms(t_ptr, sample, cols, half, log_period, COMPUTE: tl.constexpr):
+def _timestep_terms(t_ptr, sample, cols, half, LOG_PERIOD: tl.constexpr, COMPUTE: tl.constexpr):
     """(value, ∂value/∂t) of the embedding columns `cols` of one sample (0 past 2·half)."""
     t = tl.load(t_ptr + sample).to(COMPUTE)
     is_sin = cols >= half
     index = tl.where(is_sin, cols - half, cols).to(COMPUTE)
-    freq = tl.exp(-log_period * index / half)
+    freq = tl.exp(-LOG_PERIOD * index / half)
     cos = tl.cos(t * freq)
     sin = tl.sin(t * freq)
     valid = cols < 2 * half
@@ -119,7 +122,7 @@ def _timestep_kernel(
     y_t_ptr,
     dim,
     half,
-    log_period,
+    LOG_PERIOD: tl.constexpr,
     WRITE_Y: tl.constexpr,
     WRITE_Y_T: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -127,7 +130,7 @@ def _timestep_kernel(
 ):
     sample = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    value, slope = _timestep_terms(t_ptr, sample, cols, half, log_period, COMPUTE)
+    value, slope = _timestep_terms(t_ptr, sample, cols, half, LOG_PERIOD, COMPUTE)
     mask = cols < dim
     if WRITE_Y:
         tl.store(y_ptr + sample * dim + cols, value.to(y_ptr.dtype.element_ty), mask=mask)
@@ -138,11 +141,11 @@ def _timestep_kernel(
 
 @triton.jit
 def _timestep_bwd_kernel(
-    grad_ptr, t_ptr, grad_t_ptr, dim, half, log_period, COMPUTE: tl.constexpr, BLOCK: tl.constexpr
+    grad_ptr, t_ptr, grad_t_ptr, dim, half, LOG_PERIOD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr
 ):
     sample = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    _, slope = _timestep_terms(t_ptr, sample, cols, half, log_period, COMPUTE)
+    _, slope = _timestep_terms(t_ptr, sample, cols, half, LOG_PERIOD, COMPUTE)
     grad = tl.load(grad_ptr + sample * dim + cols, mask=cols < dim, other=0.0).to(COMPUTE)
     tl.store(grad_t_ptr + sample, tl.sum(grad * slope, axis=0).to(grad_t_ptr.dtype.element_ty))
 
@@ -163,7 +166,7 @@ def timestep_embedding_launch(
             y_t,
             dim,
             dim // 2,
-            math.log(max_period),
+            LOG_PERIOD=math.log(max_period),
             WRITE_Y=want_y,
             WRITE_Y_T=want_y_t,
             COMPUTE=compute_type(t.dtype),
@@ -183,7 +186,7 @@ def timestep_embedding_backward(grad: torch.Tensor, t: torch.Tensor, dim: int, m
             grad_t,
             dim,
             dim // 2,
-            math.log(max_period),
+            LOG_PERIOD=math.log(max_period),
             COMPUTE=compute_type(t.dtype),
             BLOCK=max(triton.next_power_of_2(dim), 16),
             num_warps=NUM_WARPS,

@@ -106,20 +106,24 @@ def test_attention_gpu_runs_the_goal_shapes_first():
 
 
 def test_attention_gpu_triton_rows_run_and_match_the_reference(monkeypatch):
-    """The Triton rows of benchmarks.attention_gpu (here on CPU tensors in the interpreter, tiles
-    shrunk): each case runs and returns what the reference gives; the jvp-flash-attention peer is
-    skipped for causal calls and where the package is missing."""
+    """The Triton rows of benchmarks.attention_gpu (on DEVICE: CPU tensors run in the interpreter;
+    tiles shrunk): each case runs and returns what the reference gives; the jvp-flash-attention
+    peer is skipped for causal calls and where the package is missing."""
     import importlib.util
 
     import fastcm.kernels.attention as triton_attention
     from benchmarks import attention_gpu
     from fastcm.reference import attention as ref
-    from helpers import assert_close
+    from helpers import DEVICE, assert_close, randn, to64
 
     monkeypatch.setattr(triton_attention, "BLOCK_OVERRIDE", (16, 16))
-    q, k, v, qt, kt, vt, grad = (torch.randn(1, 2, 20, 16, dtype=torch.float64) for _ in range(7))
-    out, lse = ref.attention(q, k, v, causal=True, return_lse=True)
-    cases = attention_gpu.triton_cases(q, k, v, qt, kt, vt, grad, out, lse, 0.25, True, 1.0, 3.0, 2.5)
+    inputs = [randn(1, 2, 20, 16, dtype=torch.float64) for _ in range(7)]  # on DEVICE: the kernels' inputs
+    q, k, v, qt, kt, vt, grad = inputs
+    q64, k64, v64, qt64, kt64, vt64, grad64 = map(to64, inputs)  # on the CPU: the reference's
+    out, lse = ref.attention(q64, k64, v64, causal=True, return_lse=True)
+    cases = attention_gpu.triton_cases(
+        q, k, v, qt, kt, vt, grad, out.to(DEVICE), lse.to(DEVICE), 0.25, True, 1.0, 3.0, 2.5
+    )
     assert [(name, flops) for name, _, flops in cases] == [
         ("triton_fwd", 1.0),
         ("triton_jvp", 3.0),
@@ -127,15 +131,15 @@ def test_attention_gpu_triton_rows_run_and_match_the_reference(monkeypatch):
         ("triton_bwd", 2.5),
     ]
     results = {name: fn() for name, fn, _ in cases}
-    want = ref.attention_jvp(q, k, v, qt, kt, vt, scale=0.25, causal=True, return_lse=True)
-    want_q = ref.attention_jvp(q, k, v, qt, 0 * kt, 0 * vt, scale=0.25, causal=True, return_lse=True)
+    want = ref.attention_jvp(q64, k64, v64, qt64, kt64, vt64, scale=0.25, causal=True, return_lse=True)
+    want_q = ref.attention_jvp(q64, k64, v64, qt64, 0 * kt64, 0 * vt64, scale=0.25, causal=True, return_lse=True)
     assert_close(results["triton_fwd"][0], want[0], torch.float64)
     for got, expected in zip(results["triton_jvp"], want):
         assert_close(got, expected, torch.float64)
     for got, expected in zip(results["triton_jvp_q"], want_q):
         assert_close(got, expected, torch.float64)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    expected_grads = torch.autograd.grad(ref.attention(*leaves, scale=0.25, causal=True), leaves, grad)
+    leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    expected_grads = torch.autograd.grad(ref.attention(*leaves, scale=0.25, causal=True), leaves, grad64)
     for got, expected in zip(results["triton_bwd"], expected_grads):
         assert_close(got, expected, torch.float64)
     assert attention_gpu.jvp_flash_attention_case(q, k, v, qt, kt, vt, True, 3.0) is None

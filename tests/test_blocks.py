@@ -255,14 +255,14 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="eps must be > 0"):
         blocks.modulated_norm(x, shift, scale, eps=0.0)
     with pytest.raises(ValueError, match="weight must have shape"):
-        blocks.modulated_norm(x, shift, scale, weight=torch.ones(5))
+        blocks.modulated_norm(x, shift, scale, weight=torch.ones(5, device=DEVICE))
     with pytest.raises(ValueError, match="x_t has shape"):
         blocks.modulated_norm_jvp(x, shift, scale, x[:, :2])
     with pytest.raises(ValueError, match="weight_t is given but weight is None"):
-        blocks.modulated_norm_jvp(x, shift, scale, weight_t=torch.ones(4))
+        blocks.modulated_norm_jvp(x, shift, scale, weight_t=torch.ones(4, device=DEVICE))
     with pytest.raises(TypeError, match="y has dtype torch.float64"):
         blocks.gated_residual(x, shift, x.double())
     with pytest.raises(ValueError, match="last dim must be even"):
-        blocks.swiglu(torch.ones(2, 3))
+        blocks.swiglu(torch.ones(2, 3, device=DEVICE))
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
-        blocks.silu(torch.ones(3, dtype=torch.long))
+        blocks.silu(torch.ones(3, dtype=torch.long, device=DEVICE))

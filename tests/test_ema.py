@@ -225,7 +225,7 @@ def _trajectory(step, size=6):
 
 
 def _run_with_snapshots(sigma_rels, steps=600, every=100):
-    params = [t.clone() for t in _trajectory(0)]
+    params = [t.to(DEVICE) for t in _trajectory(0)]
     averages = ema.EMA(params, [ema.power(s) for s in sigma_rels])
     snapshots = []
     for step in range(1, steps + 1):
@@ -255,9 +255,10 @@ def test_posthoc_reconstruction_beats_the_stored_profiles():
     truth, _ = _run_with_snapshots([0.07])
     _, snapshots = _run_with_snapshots([0.05, 0.1])
     rebuilt = ema.posthoc_reconstruct(snapshots, 0.07)
-    error = max((a - b).abs().max().item() for a, b in zip(rebuilt, truth.shadows(0)))
+    truth_params = [t.cpu() for t in truth.shadows(0)]  # snapshots and the reconstruction are on the CPU
+    error = max((a - b).abs().max().item() for a, b in zip(rebuilt, truth_params))
     stored_error = min(
-        max((a - b).abs().max().item() for a, b in zip(s["params"], truth.shadows(0))) for s in snapshots[-2:]
+        max((a - b).abs().max().item() for a, b in zip(s["params"], truth_params)) for s in snapshots[-2:]
     )
     assert error < 0.1 * stored_error
 

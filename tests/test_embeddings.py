@@ -77,9 +77,9 @@ def test_rope_forward_jvp_backward(backend, path, shape, dtype):
     k = randn(batch, 1, tokens, head_dim, dtype=dtype, requires_grad=True)
     q_t, k_t = randn(*q.shape, dtype=dtype), randn(*k.shape, dtype=dtype)
     cos, sin = ref.rope_tables(ref.grid_positions(tokens).to(DEVICE), head_dim)
-    q64, k64 = to64(q), to64(k)
+    q64, k64, cos64, sin64 = to64(q), to64(k), to64(cos), to64(sin)
     (eq, ek), (eq_t, ek_t) = torch.func.jvp(
-        lambda a, b: ref.rope(a, b, cos.double(), sin.double()), (q64.detach(), k64.detach()), (to64(q_t), to64(k_t))
+        lambda a, b: ref.rope(a, b, cos64, sin64), (q64.detach(), k64.detach()), (to64(q_t), to64(k_t))
     )
     with poisoned_empty():
         q_out, k_out = embeddings.rope(q, k, cos, sin)
@@ -101,9 +101,7 @@ def test_rope_forward_jvp_backward(backend, path, shape, dtype):
     ):
         assert actual.dtype == dtype
         assert_close(actual, want, dtype, name=name)
-    expected_grads = torch.autograd.grad(
-        ref.rope(q64, k64, cos.double(), sin.double()), (q64, k64), (to64(grad_q), to64(grad_k))
-    )
+    expected_grads = torch.autograd.grad(ref.rope(q64, k64, cos64, sin64), (q64, k64), (to64(grad_q), to64(grad_k)))
     for actual, want, name in zip(grads, expected_grads, ("grad q", "grad k")):
         assert_close(actual, want, dtype, name=name)
 

@@ -9,6 +9,9 @@ import sys
 import pytest
 import torch
 
+import fastcm.nn
+from helpers import DEVICE
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 import flow_distill_toy  # noqa: E402
 import ict_toy  # noqa: E402
@@ -22,13 +25,13 @@ attention_module = importlib.import_module("fastcm.attention")
 
 def _scm_step(net, optimizer, x0, generator, shape=(2,)):
     loss = scm_toy.train_step(net, optimizer, x0, step=5, warmup_steps=10, generator=generator)
-    return loss, scm_toy.sample(net, 16, 2, torch.Generator().manual_seed(3), shape=shape)
+    return loss, scm_toy.sample(net, 16, 2, torch.Generator().manual_seed(3), DEVICE, shape=shape)
 
 
 def _ict_step(net, optimizer, x0, generator):
     loss = ict_toy.train_step(net, optimizer, x0, step=5, total_steps=10, generator=generator)
     # One step: sample_cm's re-noising draws Philox noise whose stream differs between backends.
-    return loss, ict_toy.sample(net, 16, 1, seed=3)
+    return loss, ict_toy.sample(net, 16, 1, seed=3, device=DEVICE)
 
 
 def _scm_attention_step(net, optimizer, x0, generator):
@@ -37,17 +40,18 @@ def _scm_attention_step(net, optimizer, x0, generator):
 
 def _meanflow_step(net, optimizer, x0, generator):
     loss = meanflow_toy.train_step(net, optimizer, x0, generator)
-    return loss, meanflow_toy.sample(net, 16, 2, torch.Generator().manual_seed(3))
+    return loss, meanflow_toy.sample(net, 16, 2, torch.Generator().manual_seed(3), DEVICE)
 
 
 def _flow_distill_step(net, optimizer, x0, generator):
     loss = flow_distill_toy.distill_step(net, optimizer, x0, step=5, warmup_steps=10, generator=generator)
-    return loss, scm_toy.sample(net, 16, 2, torch.Generator().manual_seed(3))
+    return loss, scm_toy.sample(net, 16, 2, torch.Generator().manual_seed(3), DEVICE)
 
 
 # name: (example module, its problem (Net, sample_data), one training step + sampling, the fast
 # backend). "auto" on CPU tensors runs attention on the extension's C++ kernels and the other ops
-# on the reference, so that comparison is the attention kernels' alone.
+# on the reference, so that comparison is the attention kernels' alone; on CUDA tensors every op
+# runs its Triton kernels.
 EXAMPLES = {
     "scm": (scm_toy, toy, _scm_step, "triton"),
     "ict": (ict_toy, toy, _ict_step, "triton"),
@@ -62,9 +66,16 @@ def _one_step(example, backend_name, backend):
     backend(backend_name)
     torch.manual_seed(1)
     net = problem.Net(width=32)
+    for module in net.modules():
+        if isinstance(module, fastcm.nn.Attention):
+            # On CUDA the example runs attention in bfloat16 (the extension's kernels), in both runs:
+            # two bfloat16 attentions agree only to bfloat16's precision. Kept in float32, the
+            # comparison is of float32 kernels, at the float32 tolerance below.
+            module.cuda_dtype = None
+    net = net.to(DEVICE)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(2)
-    loss, samples = step(net, optimizer, problem.sample_data(16, generator), generator)
+    generator = torch.Generator().manual_seed(2)  # the examples draw on the CPU and copy to the device
+    loss, samples = step(net, optimizer, problem.sample_data(16, generator, DEVICE), generator)
     return loss, [p.detach().clone() for p in net.parameters()], samples
 
 
@@ -107,7 +118,7 @@ def test_attention_example_takes_the_fused_jvp_and_backward(monkeypatch):
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_example_runs_end_to_end(example):
-    results = EXAMPLES[example][0].main(["--steps", "20", "--batch", "64"])
+    results = EXAMPLES[example][0].main(["--steps", "20", "--batch", "64", "--device", DEVICE])
     assert set(results) == {"noise", "data", "1-step", "2-step"}
     assert all(torch.isfinite(torch.tensor(v)) for v in results.values())
     assert results["data"] < 0.1 < results["noise"]  # the metric separates data from noise

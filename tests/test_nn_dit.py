@@ -185,7 +185,8 @@ def test_plain_block_is_the_standard_dit_block():
     block = PlainDiTBlock(16, 2)
     torch.nn.init.zeros_(block.adaLN_modulation[1].weight)
     torch.nn.init.zeros_(block.adaLN_modulation[1].bias)
-    x, c = torch.randn(2, 3, 16), torch.randn(2, 16)
+    block = block.to(DEVICE)
+    x, c = torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 16, device=DEVICE)
     assert torch.equal(block(x, c), x)
-    fused = fastcm.nn.DiTBlock(16, 2)  # zero-initialised modulation
+    fused = fastcm.nn.DiTBlock(16, 2).to(DEVICE)  # zero-initialised modulation
     assert torch.equal(fused(x, c), x)

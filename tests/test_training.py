@@ -5,7 +5,7 @@ import torch
 
 import fastcm.nn
 from fastcm.reference.losses import scm_loss as ref_scm_loss
-from fastcm.schedules import scm_sample_t
+from fastcm.schedules import trigflow_sample_t
 from fastcm.training import SCMStep
 from helpers import DEVICE
 
@@ -57,10 +57,11 @@ def test_step_matches_the_algorithm_written_out(backend, explicit):
 
 
 def _reference_step(model, x0, y, generator, r, sigma_data=0.5, lr=0.1):
-    """Alg. 1 of sCM written out: torch.func.jvp on the reference backend, the reference loss, SGD."""
-    t = scm_sample_t(x0.shape[0], sigma_data=sigma_data, generator=generator, device=DEVICE)
+    """Alg. 1 of sCM written out: torch.func.jvp on the reference backend, the reference loss, SGD.
+    t ~ arctan(e^τ/σd), τ ~ N(−1, 1.4²) and z are drawn from `generator` on its device, in float64."""
+    t = trigflow_sample_t(x0.shape[0], sigma_data=sigma_data, generator=generator, device=DEVICE, dtype=x0.dtype)
     z = torch.randn(x0.shape, generator=generator, device=DEVICE, dtype=x0.dtype) * sigma_data
-    tv = t.double().view(-1, 1, 1, 1)
+    tv = t.view(-1, 1, 1, 1)
     x_t = torch.cos(tv) * x0 + torch.sin(tv) * z
     dx_dt = torch.cos(tv) * z - torch.sin(tv) * x0
     with torch.no_grad():
