@@ -695,10 +695,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
               acc_dtype(q_in), " for ", q_in.scalar_type(), " inputs");
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(out_shape).slice(0, 3), op, ": lse has shape ", lse_in.sizes(),
               "; expected (B, H, Nq) = ", at::IntArrayRef(out_shape).slice(0, 3));
-  // The kernel reads lse (and grad_lse, checked against lse below) through raw pointers: a tensor on
-  // another device would be read as host memory.
-  TORCH_CHECK(lse_in.device() == q_in.device(), op, ": lse is on ", lse_in.device(), " but q is on ", q_in.device(),
-              "; all tensors must be on one device");
   if (grad_lse.has_value()) {
     TORCH_CHECK(grad_lse->sizes() == lse_in.sizes() && grad_lse->scalar_type() == lse_in.scalar_type() &&
                     grad_lse->device() == lse_in.device(),
