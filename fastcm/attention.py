@@ -458,7 +458,11 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# _backend runs inside torch.compile traces of CUDA calls: Dynamo ignores the lru_cache and traces
+# these bodies, and the extension's has_cuda op returns a bool, which it cannot trace (fullgraph
+# raises). Both are fixed for the process, so Dynamo calls them at trace time and keeps the result.
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _extension_has_cuda() -> bool:
     try:
         return bool(extension_ops().has_cuda())
@@ -467,6 +471,7 @@ def _extension_has_cuda() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _cuda_capability(device_index) -> tuple:
     return torch.cuda.get_device_capability(device_index)
 

@@ -102,8 +102,8 @@ def _inputs(case, dtype):
 
 
 def _to64(t):
-    """to64 for inputs; a boolean mask stays boolean."""
-    return t if t is not None and t.dtype == torch.bool else to64(t)
+    """to64 for inputs; a boolean mask stays boolean (on CPU, beside the reference's other inputs)."""
+    return t.cpu() if t is not None and t.dtype == torch.bool else to64(t)
 
 
 def _finite(t):
@@ -412,6 +412,26 @@ def test_torch_compile_forward_backward_and_jvp_never_silently_wrong(kernels):
         assert "192985" in str(error)
     else:
         assert_close(out_t, ref_out_t, KERNEL_DTYPE)
+
+
+def test_backend_choice_of_cuda_inputs_traces_under_torch_compile(monkeypatch):
+    """Inside a torch.compile trace of CUDA inputs, the default choice asks the extension whether it
+    has CUDA kernels (an op returning a bool, which Dynamo cannot put in a graph: fullgraph raised)
+    and the device's capability: the trace must take them as constants and choose as eager does.
+    (The capability is patched: there is no GPU to ask here.)"""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    fa._cuda_capability.cache_clear()
+    try:
+        fa._ops()  # loads the extension outside the trace
+
+        def route(x):
+            choice = fa._backend(torch.device("cuda"), torch.float16, 8, 8)
+            return x + {"cuda": 1, "triton": 2, "reference": 3}[choice]
+
+        x = torch.zeros(2)
+        assert torch.equal(torch.compile(route, fullgraph=True)(x), route(x))
+    finally:
+        fa._cuda_capability.cache_clear()
 
 
 def test_fake_implementations_match_the_ops(kernels):

@@ -53,10 +53,14 @@ def _free_port():
 )
 def test_ring_attention_matches_single_process(world, causal, kernels, monkeypatch):
     """The ranks run the default kernels, or the Triton ones (the spawned processes inherit
-    FASTCM_BACKEND); the single-process result they are held to is the default one."""
+    FASTCM_BACKEND); the single-process result they are held to is the default one. gloo carries
+    CPU tensors, so the Triton ranks run Triton's interpreter whatever the device under test (the
+    spawned processes import triton afresh, after TRITON_INTERPRET is set)."""
     results = mp.Manager().dict()
     with monkeypatch.context() as env:
         env.setenv("FASTCM_BACKEND", kernels)
+        if kernels == "triton":
+            env.setenv("TRITON_INTERPRET", "1")
         mp.spawn(_worker, args=(world, _free_port(), causal, results), nprocs=world, join=True)
     q, k, v, q_t, k_t, v_t, grad_out = _full_inputs(world)
     expected = fa.attention_jvp(q, k, v, q_t, k_t, v_t, causal=causal, return_lse=True)

@@ -286,7 +286,7 @@ def test_backward_through_partial_tangents(absent, small_chunks):
     leaves = _leaves(primals, _drop(tangents, absent), bias, None)
     weights = _loss_weights(primals[0].shape[:3] + primals[2].shape[-1:], torch.float64)
     got = _dual_grads(leaves, bias, opts, weights)
-    want = _reference_grads([to64(t) for t in leaves], bias, opts, weights)
+    want = _reference_grads([to64(t) for t in leaves], to64(bias), opts, weights)
     names = [n for n, t in zip(GRAD_NAMES, leaves) if t is not None]
     _compare_grads(got, want, [None] * len(want), torch.float64, names)
 
@@ -322,7 +322,7 @@ def test_autograd_grad_through_func_jvp_and_func_grad_of_func_jvp(small_chunks):
     (q, k, v), (q_t, k_t, v_t), mask, _, opts = _inputs(case, torch.float64)
     g_out_t = torch.randn(q.shape[:3] + v.shape[-1:], dtype=torch.float64, device=DEVICE)
 
-    def tangent_loss(attention):
+    def tangent_loss(attention, mask, g_out_t):
         def loss(q, k, v, q_t, k_t, v_t):
             _, out_t = torch.func.jvp(
                 lambda q, k, v: attention(q, k, v, attn_bias=mask, **opts), (q, k, v), (q_t, k_t, v_t)
@@ -332,11 +332,12 @@ def test_autograd_grad_through_func_jvp_and_func_grad_of_func_jvp(small_chunks):
         return loss
 
     inputs = (q, k, v, q_t, k_t, v_t)
-    want = torch.func.grad(tangent_loss(ref.attention), argnums=tuple(range(6)))(*(to64(t) for t in inputs))
-    got = torch.func.grad(tangent_loss(fa.attention), argnums=tuple(range(6)))(*inputs)
+    reference_loss = tangent_loss(ref.attention, _to64(mask), to64(g_out_t))
+    want = torch.func.grad(reference_loss, argnums=tuple(range(6)))(*(to64(t) for t in inputs))
+    got = torch.func.grad(tangent_loss(fa.attention, mask, g_out_t), argnums=tuple(range(6)))(*inputs)
     _compare_grads(got, want, [None] * 6, torch.float64)
     leaves = [t.detach().requires_grad_() for t in inputs]
-    got = torch.autograd.grad(tangent_loss(fa.attention)(*leaves), leaves)
+    got = torch.autograd.grad(tangent_loss(fa.attention, mask, g_out_t)(*leaves), leaves)
     _compare_grads(got, want, [None] * 6, torch.float64)
     # A Hessian-vector product of f(q) = <g, attention(q, k, v)>: grad of <∇f, t> = H·t.
     g_out = torch.randn_like(g_out_t)
@@ -402,5 +403,5 @@ def test_late_tangent_path_skips_absent_tangents_and_is_differentiable():
         out, lse = fwAD.unpack_dual(out), fwAD.unpack_dual(lse)
         loss = _loss(out.primal, lse.primal, out.tangent, lse.tangent, weights)
     got = torch.autograd.grad(loss, [q, k, v, q_t])
-    want = _reference_grads([to64(t) for t in leaves], bias, opts, weights)
+    want = _reference_grads([to64(t) for t in leaves], to64(bias), opts, weights)
     _compare_grads(got, want, [None] * 4, torch.float64, GRAD_NAMES[:4])
