@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds fastcm's CUDA extension on a machine without a GPU, against the torch the device machines
 # run (torch 2.11, CUDA 13.0, from PyPI), imports it and checks that every op of the extension has its
-# CUDA kernel registered, then runs the attention tests (CPU) against that build and compares the
+# CUDA kernel registered, checks the SASS of the TMA forward kernels that keep Q in registers
+# (scripts/check_sass_fragments.py), then runs the attention tests (CPU) against that build and compares the
 # build's kernel choice (plan_attention_forward / _backward) with the index models'; last, it compiles
 # every Triton kernel specialisation the tests launch with that torch's Triton for sm_80 and sm_90
 # (scripts/compile_triton_kernels.py). Compile, link and registration errors show here instead of in
@@ -83,6 +84,12 @@ missing = [name for name, dump in kernels.items() if "\nCPU:" in dump and "\nCUD
 assert ops and not missing, f"ops with a CPU kernel but no CUDA kernel: {missing}"
 print("CUDA kernels registered:", ", ".join(name for name, dump in kernels.items() if "\nCUDA:" in dump))
 PY
+# The SASS of the TMA forward kernels that keep Q in registers: no fragment register overwritten
+# inside the tile loop (a ptxas register reuse no CPU model sees; scripts/check_sass_fragments.py).
+# cuobjdump: the one on PATH, else the one the venv's Triton bundles.
+case ";${FASTCM_CUDA_ARCH_LIST:-8.0;9.0a};" in
+  *";9.0a;"*) "$DIR/venv/bin/python" scripts/check_sass_fragments.py fastcm/_C*.so ;;
+esac
 # The attention tests on CPU against this build, and its kernel choice against the index models.
 FASTCM_NO_JIT=1 "$DIR/venv/bin/python" -m pytest tests/test_attention.py tests/cuda_index_model/test_attention_plans.py \
   -q -x -p no:cacheprovider

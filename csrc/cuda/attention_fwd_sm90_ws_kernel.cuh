@@ -183,8 +183,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   bias.has_bias = bias.has_bias && Tr::kBias;
   bias.has_bias_t = bias.has_bias_t && Tr::kBias;
   const uint32_t q_base = sQ + wg * 64 * 128, qt_base = sQt + wg * 64 * 128;
-  // kQRegs: this thread's Q, Q̇ fragments (loaded once Q has landed, below).
-  uint32_t qa[Tr::kQRegs ? Tr::kD / 16 : 1][4], qta[Tr::kQRegs ? Tr::kD / 16 : 1][4];
+  // kQRegs: this thread's Q, Q̇ fragments (loaded once Q has landed, below). Zeroed first so that they
+  // are defined on every path into the tile loop, not only under n_tiles > 0: defined only there, ptxas
+  // (CUDA 13.0) gave two of the four Q̇ fragments' registers of the serial JVP kernel to the softmax's
+  // temporaries inside the loop, so from the second key tile on Q̇·Kᵀ read garbage for those k-steps
+  // (wrong tangents, right primal). scripts/check_sass_fragments.py checks the built SASS for it.
+  uint32_t qa[Tr::kQRegs ? Tr::kD / 16 : 1][4] = {}, qta[Tr::kQRegs ? Tr::kD / 16 : 1][4] = {};
 
   // P, H packed for the next P·V chain (kOverlap: the previous tile's, issued after this tile's S).
   uint32_t pa[kBN / 16][4];
