@@ -26,3 +26,13 @@ def per_sample_blocks(x: torch.Tensor, max_block: int):
     per_sample = x.numel() // batch if batch else 0
     block = min(max_block, max(triton.next_power_of_2(per_sample), 16))
     return batch, per_sample, block, triton.cdiv(per_sample, block)
+
+
+def float64_rows(values, batch: int, device) -> torch.Tensor:
+    """(batch, len(values)) float64 tensor whose columns are the Python floats `values`, filled on
+    `device` (kernels take Python floats as float32, so float64 paths pass their scalars this way).
+    Fills, not a host-to-device copy: a CUDA-graph capture accepts the former only."""
+    rows = torch.empty(batch, len(values), dtype=torch.float64, device=device)
+    for column, value in enumerate(values):
+        rows[:, column].fill_(value)
+    return rows

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_type, per_sample_blocks
+from ._common import compute_type, float64_rows, per_sample_blocks
 
 BLOCK = 2048
 NUM_WARPS = 8  # 4 warps spill on sm_90 with four fp16 terms and a noise tensor at BLOCK = 2048
@@ -105,7 +105,7 @@ def combination_into(
     batch, per_sample, block, blocks_per_sample = per_sample_blocks(out, BLOCK)
     compute = compute_type(out)
     if out.dtype == torch.float64 and coefs is None:
-        coefs = torch.tensor(scalar_coefs, dtype=torch.float64, device=out.device).expand(batch, 5).contiguous()
+        coefs = float64_rows(scalar_coefs, batch, out.device)
     if out.numel() == 0:
         return out
     noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if philox else NOISE_NONE

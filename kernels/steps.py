@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, compute_type, per_sample_blocks
+from ._common import compute_dtype, compute_type, float64_rows, per_sample_blocks
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -138,7 +138,7 @@ def linear_combination_into(
     takes Python floats as float32)."""
     batch, per_sample, block, blocks_per_sample, compute = _geometry(out, BLOCK)
     if out.dtype == torch.float64 and coefs is None:
-        coefs = torch.tensor(scalar_coefs, dtype=torch.float64, device=out.device).expand(batch, 4).contiguous()
+        coefs = float64_rows(scalar_coefs, batch, out.device)
     if out.numel() == 0:
         return out
     noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if philox else NOISE_NONE

@@ -281,6 +281,9 @@ export -f phase_smoke
 # the shard resume after it (the hung or crashed test named in pytest.log), while time is left.
 phase_tests() {
   local shards=${TEST_SHARDS:-14} i
+  # One CPU thread per shard: 14 processes each with torch's default of 16 threads would oversubscribe
+  # the cores that the Triton JIT and the CPU-side tests need.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   mkdir -p "$WORK/tests"
   local per_test=""
   python -c "import pytest_timeout" 2> /dev/null && per_test="-p timeout --timeout $TEST_TIMEOUT --timeout-method thread"
