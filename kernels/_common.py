@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .._checks import compute_dtype
 
-__all__ = ["compute_dtype", "compute_type", "per_sample_blocks"]
+__all__ = ["compute_dtype", "compute_type", "float_param", "per_sample_blocks"]
 
 
 def compute_type(x):
@@ -26,3 +26,12 @@ def per_sample_blocks(x: torch.Tensor, max_block: int):
     per_sample = x.numel() // batch if batch else 0
     block = min(max_block, max(triton.next_power_of_2(per_sample), 16))
     return batch, per_sample, block, triton.cdiv(per_sample, block)
+
+
+@triton.jit
+def float_param(value, COMPUTE: tl.constexpr):
+    """A float kernel argument (sigma_data, c, 1/B, ...) in the compute type. Declare the parameter
+    `name: tl.float64`: on a GPU, Triton passes an unannotated Python float as a float32, so a float64
+    kernel would compute with c = 0.1 rounded to 0.10000000149 (relative error up to 3e-8). Triton's
+    interpreter keeps the Python float and hides this; tl.full makes it the compute type in both."""
+    return tl.full((), value, COMPUTE)
