@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .._checks import compute_dtype
 
-__all__ = ["compute_dtype", "compute_type", "per_sample_blocks"]
+__all__ = ["compute_dtype", "compute_type", "float64_rows", "float_param", "per_sample_blocks"]
 
 
 def compute_type(x):
@@ -36,3 +36,12 @@ def float64_rows(values, batch: int, device) -> torch.Tensor:
     for column, value in enumerate(values):
         rows[:, column].fill_(value)
     return rows
+
+
+@triton.jit
+def float_param(value, COMPUTE: tl.constexpr):
+    """A float kernel argument (sigma_data, c, 1/B, ...) in the compute type. Declare the parameter
+    `name: tl.float64`: on a GPU, Triton passes an unannotated Python float as a float32, so a float64
+    kernel would compute with c = 0.1 rounded to 0.10000000149 (relative error up to 3e-8). Triton's
+    interpreter keeps the Python float and hides this; tl.full makes it the compute type in both."""
+    return tl.full((), value, COMPUTE)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtype, compute_type, per_sample_blocks
+from ._common import compute_dtype, compute_type, float_param, per_sample_blocks
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -71,7 +71,7 @@ def _chunk_and_sample(n_chunks):
 
 @triton.jit
 def _upstream_grad(grad_ptr, grad_stride, grad_scale, sample, COMPUTE: tl.constexpr):
-    return tl.load(grad_ptr + sample * grad_stride).to(COMPUTE) * grad_scale
+    return tl.load(grad_ptr + sample * grad_stride).to(COMPUTE) * float_param(grad_scale, COMPUTE)
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _residual_bwd_kernel(
     residual_ptr,
     grad_ptr,
     grad_stride,
-    grad_scale,
+    grad_scale: tl.float64,
     coef_ptr,
     grad_x_ptr,
     per_sample,
@@ -149,13 +149,14 @@ def _huber_epilogue_kernel(
     out_ptr,
     batch,
     n_chunks,
-    c,
+    c: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     REDUCTION: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    c = float_param(c, COMPUTE)
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
@@ -182,7 +183,7 @@ def _huber_bwd_kernel(
     y_ptr,
     grad_ptr,
     grad_stride,
-    grad_scale,
+    grad_scale: tl.float64,
     weight_ptr,
     inv_root_ptr,
     grad_x_ptr,
@@ -243,13 +244,14 @@ def _scm_partial_kernel(
     per_sample,
     blocks_per_chunk,
     n_chunks,
-    sigma_data,
+    sigma_data: tl.float64,
     HAS_F: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
+    sigma_data = float_param(sigma_data, COMPUTE)
     t = tl.load(t_ptr + sample)
     cos_t = tl.cos(t)
     sin_t = tl.sin(t)
@@ -287,8 +289,8 @@ def _scm_on_chip_kernel(
     rr_ptr,
     residual_ptr,
     per_sample,
-    sigma_data,
-    tangent_norm_c,
+    sigma_data: tl.float64,
+    tangent_norm_c: tl.float64,
     TANGENT_NORM: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -297,6 +299,8 @@ def _scm_on_chip_kernel(
     residual F − F⁻ − ĝ itself, which needs ‖g‖ first and so cannot be streamed out."""
     sample = tl.program_id(0)
     base = sample.to(tl.int64) * per_sample
+    sigma_data = float_param(sigma_data, COMPUTE)
+    tangent_norm_c = float_param(tangent_norm_c, COMPUTE)
     t = tl.load(t_ptr + sample)
     cols, mask = _chunk_columns(0, per_sample, BLOCK_SIZE)
     g, f_minus = _scm_tangent_block(
@@ -342,7 +346,7 @@ def _scm_epilogue_kernel(
     batch,
     n_chunks,
     per_sample,
-    tangent_norm_c,
+    tangent_norm_c: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     HAS_LOGVAR: tl.constexpr,
     RESIDUAL_SUM: tl.constexpr,
@@ -354,6 +358,7 @@ def _scm_epilogue_kernel(
 ):
     """stats rows: 0 k (ĝ = k·g), 1 scale = w·e^{−logvar}, 2 mse = ‖Δ − ĝ‖²/D.
     RESIDUAL_SUM: dd already holds ‖Δ − ĝ‖² (the on-chip pass); dg is not read."""
+    tangent_norm_c = float_param(tangent_norm_c, COMPUTE)
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
@@ -389,11 +394,13 @@ def _scm_tangent_epilogue_kernel(
     batch,
     n_chunks,
     per_sample,
-    tangent_norm_c,
+    tangent_norm_c: tl.float64,
     TANGENT_NORM: tl.constexpr,
+    COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    tangent_norm_c = float_param(tangent_norm_c, COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         row_mask = rows < batch
@@ -413,13 +420,13 @@ def _scm_apply_kernel(
     stats_ptr,
     grad_ptr,
     grad_stride,
-    grad_scale,
+    grad_scale: tl.float64,
     out_ptr,
     batch,
     per_sample,
     blocks_per_chunk,
     n_chunks,
-    sigma_data,
+    sigma_data: tl.float64,
     IS_GRAD: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -428,6 +435,7 @@ def _scm_apply_kernel(
     otherwise out = ĝ = k·g."""
     chunk, sample = _chunk_and_sample(n_chunks)
     base = sample.to(tl.int64) * per_sample
+    sigma_data = float_param(sigma_data, COMPUTE)
     t = tl.load(t_ptr + sample)
     cos_t = tl.cos(t)
     sin_t = tl.sin(t)
@@ -496,13 +504,15 @@ def _meanflow_epilogue_kernel(
     out_ptr,
     batch,
     n_chunks,
-    eps,
-    p,
+    eps: tl.float64,
+    p: tl.float64,
     REDUCTION: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    eps = float_param(eps, COMPUTE)
+    p = float_param(p, COMPUTE)
     total = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for start in range(0, batch, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
@@ -524,7 +534,7 @@ def _meanflow_bwd_kernel(
     inv_weight_ptr,
     grad_ptr,
     grad_stride,
-    grad_scale,
+    grad_scale: tl.float64,
     grad_u_ptr,
     per_sample,
     blocks_per_chunk,
@@ -844,6 +854,7 @@ def scm_tangent(
             per_sample,
             float(tangent_norm_c),
             TANGENT_NORM=TANGENT_NORM_IDS[tangent_norm],
+            COMPUTE=compute,
             **_epilogue_tiles(batch, n_chunks),
         )
     g_hat = torch.empty_like(F_minus)

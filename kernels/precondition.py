@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_type, per_sample_blocks
+from ._common import compute_type, float_param, per_sample_blocks
 
 PARAM_IDS = {"edm": 0, "cm": 1, "trigflow": 2, "flow": 3, "vp-eps": 4, "vp-x0": 5, "vp-v": 6}
 BLOCK = 2048
@@ -73,14 +73,16 @@ def _precondition_fwd_kernel(
     out_ptr,
     per_sample,
     blocks_per_sample,
-    sigma_data,
-    sigma_min,
+    sigma_data: tl.float64,
+    sigma_min: tl.float64,
     PARAM: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     sample, _, offsets, mask = _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE)
     sigma = tl.load(sigma_ptr + sample).to(COMPUTE)
+    sigma_data = float_param(sigma_data, COMPUTE)
+    sigma_min = float_param(sigma_min, COMPUTE)
     c_skip, c_out, _, _ = _scalings(sigma, sigma_data, sigma_min, PARAM)
     x = tl.load(x_ptr + offsets, mask=mask).to(COMPUTE)
     f = tl.load(f_ptr + offsets, mask=mask).to(COMPUTE)
@@ -98,8 +100,8 @@ def _precondition_bwd_kernel(
     grad_sigma_partial_ptr,
     per_sample,
     blocks_per_sample,
-    sigma_data,
-    sigma_min,
+    sigma_data: tl.float64,
+    sigma_min: tl.float64,
     NEED_X: tl.constexpr,
     NEED_F: tl.constexpr,
     NEED_SIGMA: tl.constexpr,
@@ -109,6 +111,8 @@ def _precondition_bwd_kernel(
 ):
     sample, pid, offsets, mask = _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE)
     sigma = tl.load(sigma_ptr + sample).to(COMPUTE)
+    sigma_data = float_param(sigma_data, COMPUTE)
+    sigma_min = float_param(sigma_min, COMPUTE)
     c_skip, c_out, d_c_skip, d_c_out = _scalings(sigma, sigma_data, sigma_min, PARAM)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(COMPUTE)
     if NEED_X:
@@ -133,8 +137,8 @@ def _precondition_jvp_kernel(
     out_t_ptr,
     per_sample,
     blocks_per_sample,
-    sigma_data,
-    sigma_min,
+    sigma_data: tl.float64,
+    sigma_min: tl.float64,
     HAS_X_T: tl.constexpr,
     HAS_F_T: tl.constexpr,
     HAS_SIGMA_T: tl.constexpr,
@@ -144,6 +148,8 @@ def _precondition_jvp_kernel(
 ):
     sample, _, offsets, mask = _sample_block(per_sample, blocks_per_sample, BLOCK_SIZE)
     sigma = tl.load(sigma_ptr + sample).to(COMPUTE)
+    sigma_data = float_param(sigma_data, COMPUTE)
+    sigma_min = float_param(sigma_min, COMPUTE)
     c_skip, c_out, d_c_skip, d_c_out = _scalings(sigma, sigma_data, sigma_min, PARAM)
     out_t = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
     if HAS_X_T:

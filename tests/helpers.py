@@ -89,3 +89,43 @@ def poisoned_empty():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+@contextlib.contextmanager
+def cuda_float_arguments():
+    """Inside this context Triton's interpreter passes a Python-float kernel argument as a CUDA launch
+    does: as a float64 where the kernel parameter is annotated tl.float64, else as a float32. The
+    interpreter itself keeps the Python float, so a float64 kernel that takes a constant such as c = 0.1
+    unannotated computes with it rounded to float32 on a GPU only. Nothing changes off the interpreter."""
+    if DEVICE != "cpu":
+        yield
+        return
+    import inspect
+
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    from triton.runtime.jit import _normalize_ty
+
+    real_run = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+
+        def as_launched(name, value):
+            if not isinstance(value, float) or "constexpr" in str(params[name].annotation):
+                return value
+            annotation = params[name].annotation
+            fp64 = annotation is not inspect.Parameter.empty and _normalize_ty(annotation) == "fp64"
+            dtype, np_dtype = (tl.float64, np.float64) if fp64 else (tl.float32, np.float32)
+            return tl.tensor(interpreter.TensorHandle(np.array([value], dtype=np_dtype), dtype), dtype)
+
+        args = tuple(as_launched(name, value) for name, value in zip(params, args))
+        kwargs = {name: as_launched(name, value) if name in params else value for name, value in kwargs.items()}
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = real_run

@@ -3,7 +3,7 @@ import torch
 
 from fastcm.dmd import denoising_loss, dmd_loss
 from fastcm.reference import dmd as ref
-from helpers import FAST_DTYPES, assert_close, poisoned_empty, randn, to64
+from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 
 def test_reference_dmd_gradient_is_the_normalised_score_difference():
@@ -32,10 +32,14 @@ def test_dmd_kernel_matches_reference(backend, reduction, dtype, shape):
     backend("triton")
     x = randn(*shape, dtype=dtype, requires_grad=True)
     real, fake = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
-    weight = (torch.rand(shape[0], dtype=torch.float64) + 0.5).float().requires_grad_()
+    weight = (torch.rand(shape[0], dtype=torch.float64) + 0.5).to(device=DEVICE, dtype=torch.float32).requires_grad_()
     with poisoned_empty():
         loss = dmd_loss(x, real, fake, weight=weight, reduction=reduction)
-        upstream = torch.ones_like(loss) if reduction != "none" else torch.arange(1.0, shape[0] + 1).to(loss.dtype)
+        upstream = (
+            torch.ones_like(loss)
+            if reduction != "none"
+            else torch.arange(1.0, shape[0] + 1, device=DEVICE).to(loss.dtype)
+        )
         grads = torch.autograd.grad(loss, (x, weight), upstream)
     x64, w64 = to64(x), to64(weight)
     want = ref.dmd_loss(x64, to64(real), to64(fake), weight=w64, reduction=reduction)
@@ -49,7 +53,7 @@ def test_dmd_kernel_matches_reference(backend, reduction, dtype, shape):
 def test_dmd_double_backward_matches_reference(backend):
     backend("triton")
     x, real, fake = randn(2, 9, requires_grad=True), randn(2, 9), randn(2, 9)
-    weight = torch.tensor([0.5, 1.5], requires_grad=True)
+    weight = torch.tensor([0.5, 1.5], device=DEVICE, requires_grad=True)
     (g,) = torch.autograd.grad(dmd_loss(x, real, fake, weight=weight), x, create_graph=True)
     (got,) = torch.autograd.grad(g.square().sum(), weight)
     x64, w64 = to64(x), to64(weight)
@@ -66,8 +70,8 @@ def test_denoising_loss_kernel_matches_reference(backend, schedule, prediction, 
     backend("triton")
     net_out = randn(3, 2, 13, dtype=dtype, requires_grad=True)
     x0, noise = randn(3, 2, 13, dtype=dtype), randn(3, 2, 13, dtype=dtype)
-    time = torch.tensor([0.2, 0.5, 0.8])
-    weight = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)
+    time = torch.tensor([0.2, 0.5, 0.8], device=DEVICE)
+    weight = torch.tensor([1.0, 2.0, 0.5], device=DEVICE, requires_grad=True)
     kwargs = dict(schedule=schedule, prediction=prediction, reduction="sum")
     with poisoned_empty():
         loss = denoising_loss(net_out, x0, noise, time, weight=weight, **kwargs)

@@ -9,10 +9,17 @@ import torch
 import fastcm.kernels.losses as launchers
 from fastcm import losses
 from fastcm.reference import losses as reference
-from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
+from helpers import DEVICE, FAST_DTYPES, assert_close, cuda_float_arguments, poisoned_empty, randn, to64
 
 F64 = torch.float64
 SHAPES = [(1, 5), (3, 3, 37), (7, 2, 5, 9)]  # B = 1, 3, 7; D = 5, 111, 90: never a multiple of a block
+
+
+@pytest.fixture(autouse=True)
+def _float_arguments_as_on_cuda():
+    """Float kernel arguments typed as a CUDA launch types them (see helpers.cuda_float_arguments)."""
+    with cuda_float_arguments():
+        yield
 
 
 @pytest.fixture(params=["default blocks", "small blocks"])
@@ -45,7 +52,7 @@ def _check_against_reference(fast_fn, ref_fn, inputs, grad_names, dtype, reducti
         cot = _cotangent(reduction, out.shape[0] if out.dim() else 1, scale)
         grads = torch.autograd.grad(out, [inputs[n] for n in grad_names], cot.to(out.dtype).reshape(out.shape))
     expected = ref_fn(**inputs64)
-    expected_grads = torch.autograd.grad(expected, [inputs64[n] for n in grad_names], cot.reshape(expected.shape))
+    expected_grads = torch.autograd.grad(expected, [inputs64[n] for n in grad_names], to64(cot).reshape(expected.shape))
     assert out.dtype == dtype
     assert_close(out, expected, dtype, name="loss")
     for name, grad, expected_grad in zip(grad_names, grads, expected_grads):
@@ -58,12 +65,12 @@ def _check_against_reference(fast_fn, ref_fn, inputs, grad_names, dtype, reducti
 
 def test_reference_gradcheck_float64():
     x, y = randn(3, 2, 5, dtype=F64, requires_grad=True), randn(3, 2, 5, dtype=F64, requires_grad=True)
-    weight = torch.rand(3, dtype=F64, requires_grad=True)
+    weight = torch.rand(3, dtype=F64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda a, b, w: reference.pseudo_huber_loss(a, b, c=0.3, weight=w), (x, y, weight), check_forward_ad=True
     )
     F, others = randn(3, 2, 5, dtype=F64, requires_grad=True), [randn(3, 2, 5, dtype=F64) for _ in range(4)]
-    logvar, t = randn(3, dtype=F64, requires_grad=True), torch.rand(3, dtype=F64) * 1.5
+    logvar, t = randn(3, dtype=F64, requires_grad=True), torch.rand(3, dtype=F64, device=DEVICE) * 1.5
     for norm in ("l2", "rms"):
         assert torch.autograd.gradcheck(
             lambda f, lv: reference.scm_loss(f, *others, t, r=0.7, tangent_norm=norm, weight=t + 1, logvar=lv),
@@ -404,29 +411,28 @@ def test_meanflow_saved_residual_and_no_grad_paths_match_reference(dtype, monkey
 
 
 def _jvp_cases(dtype):
+    """loss -> (primals, other inputs, fn(module, *primals, *others)). The other inputs are passed in rather
+    than closed over, so that a caller can move them with the primals (to64 for the CPU reference)."""
     shape = (3, 4, 9)
     x, y, w = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), torch.rand(3, dtype=F64, device=DEVICE) + 0.5
     scm = _scm_inputs(shape, dtype)
     u, v, dudt = (randn(*shape, dtype=dtype) for _ in range(3))
     t = torch.rand(3, dtype=F64, device=DEVICE)
+    scm_others = tuple(scm[k] for k in ("F_minus", "F_jvp", "x_t", "dx_dt", "t", "r", "weight"))
     return {
-        "pseudo_huber": ((x, y, w), lambda mod, a, b, c: mod.pseudo_huber_loss(a, b, weight=c, reduction="none")),
+        "pseudo_huber": ((x, y, w), (), lambda mod, a, b, c: mod.pseudo_huber_loss(a, b, weight=c, reduction="none")),
         "scm": (
             (scm["F"].detach(), scm["logvar"].detach()),
-            lambda mod, f, lv: mod.scm_loss(
-                f,
-                scm["F_minus"],
-                scm["F_jvp"],
-                scm["x_t"],
-                scm["dx_dt"],
-                scm["t"],
-                r=scm["r"],
-                weight=scm["weight"],
-                logvar=lv,
-                reduction="none",
+            scm_others,
+            lambda mod, f, lv, f_minus, f_jvp, x_t, dx_dt, time, r, weight: mod.scm_loss(
+                f, f_minus, f_jvp, x_t, dx_dt, time, r=r, weight=weight, logvar=lv, reduction="none"
             ),
         ),
-        "meanflow": ((u,), lambda mod, a: mod.meanflow_loss(a, v, dudt, t, t / 2, reduction="sum")),
+        "meanflow": (
+            (u,),
+            (v, dudt, t),
+            lambda mod, a, b, c, time: mod.meanflow_loss(a, b, c, time, time / 2, reduction="sum"),
+        ),
     }
 
 
@@ -434,12 +440,13 @@ def _jvp_cases(dtype):
 @pytest.mark.parametrize("loss", ["pseudo_huber", "scm", "meanflow"])
 def test_jvp_matches_reference(loss, dtype, backend):
     backend("triton")
-    primals, fn = _jvp_cases(dtype)[loss]
+    primals, others, fn = _jvp_cases(dtype)[loss]
     tangents = tuple(torch.randn_like(p, dtype=F64).to(p.dtype) for p in primals)
     with poisoned_empty():
-        out, out_t = torch.func.jvp(lambda *a: fn(losses, *a), primals, tangents)
+        out, out_t = torch.func.jvp(lambda *a: fn(losses, *a, *others), primals, tangents)
+    others64 = tuple(map(to64, others))
     expected, expected_t = torch.func.jvp(
-        lambda *a: fn(reference, *a), tuple(map(to64, primals)), tuple(map(to64, tangents))
+        lambda *a: fn(reference, *a, *others64), tuple(map(to64, primals)), tuple(map(to64, tangents))
     )
     assert_close(out, expected, dtype, name="loss")
     assert_close(out_t, expected_t, dtype, name="loss tangent")
@@ -449,11 +456,11 @@ def test_jvp_matches_reference(loss, dtype, backend):
 def test_double_backward_matches_reference(loss, backend):
     """create_graph=True takes the differentiable torch-op backward; its gradient must match too."""
     backend("triton")
-    primals, fn = _jvp_cases(F64)[loss]
+    primals, others, fn = _jvp_cases(F64)[loss]
 
     def grad_norm(mod, *args):
         args = tuple(a.detach().requires_grad_() for a in args)
-        grads = torch.autograd.grad(fn(mod, *args).sum(), args, create_graph=True)
+        grads = torch.autograd.grad(fn(mod, *args, *others).sum(), args, create_graph=True)
         return torch.autograd.grad(sum((g**2).sum() for g in grads), args)
 
     for got, expected in zip(grad_norm(losses, *primals), grad_norm(reference, *primals)):
@@ -484,14 +491,26 @@ def _huber(**overrides):
     [
         (lambda: _huber(target=randn(3, 5)), ValueError, ["target", "(3, 5)", "(3, 4)"]),
         (lambda: _huber(target=randn(3, 4, dtype=torch.float16)), TypeError, ["target", "float16", "float32"]),
-        (lambda: _huber(target=torch.ones(3, 4, dtype=torch.int64)), TypeError, ["target", "int64", "bfloat16"]),
-        (lambda: _huber(weight=torch.ones(4)), ValueError, ["weight", "(4,)", "3 per-sample"]),
+        (
+            lambda: _huber(target=torch.ones(3, 4, dtype=torch.int64, device=DEVICE)),
+            TypeError,
+            ["target", "int64", "bfloat16"],
+        ),
+        (lambda: _huber(weight=torch.ones(4, device=DEVICE)), ValueError, ["weight", "(4,)", "3 per-sample"]),
         (lambda: _huber(c=-0.1), ValueError, ["c=-0.1", ">= 0"]),
         (lambda: _huber(reduction="avg"), ValueError, ["reduction='avg'", "'none', 'mean', 'sum'"]),
         (lambda: _huber(input=randn(0, 4), target=randn(0, 4)), ValueError, ["input", "(0, 4)", "at least one"]),
         (lambda: losses.scm_loss(*[randn(2, 3)] * 4, randn(2, 4), 0.5), ValueError, ["dx_dt", "(2, 4)", "(2, 3)"]),
-        (lambda: losses.scm_loss(*[randn(2, 3)] * 5, torch.ones(3)), ValueError, ["t", "(3,)", "2 per-sample"]),
-        (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, logvar=torch.zeros(5)), ValueError, ["logvar", "(5,)"]),
+        (
+            lambda: losses.scm_loss(*[randn(2, 3)] * 5, torch.ones(3, device=DEVICE)),
+            ValueError,
+            ["t", "(3,)", "2 per-sample"],
+        ),
+        (
+            lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, logvar=torch.zeros(5, device=DEVICE)),
+            ValueError,
+            ["logvar", "(5,)"],
+        ),
         (
             lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, tangent_norm="l1"),
             ValueError,
@@ -501,7 +520,11 @@ def _huber(**overrides):
         (lambda: losses.scm_loss(*[randn(2, 3)] * 5, 0.5, reduction="max"), ValueError, ["reduction='max'", "'mean'"]),
         (lambda: losses.scm_tangent(*[randn(2, 3)] * 4, 0.5, sigma_data=0.0), ValueError, ["sigma_data=0.0"]),
         (lambda: losses.meanflow_loss(randn(2, 3), randn(2, 3), randn(3, 3), 0.5, 0.1), ValueError, ["dudt", "(3, 3)"]),
-        (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, torch.ones(4)), ValueError, ["r", "(4,)"]),
+        (
+            lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, torch.ones(4, device=DEVICE)),
+            ValueError,
+            ["r", "(4,)"],
+        ),
         (lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, 0.1, eps=0.0), ValueError, ["eps=0.0", "positive"]),
         (
             lambda: losses.meanflow_loss(*[randn(2, 3)] * 3, 0.5, 0.1, reduction="mean_sum"),

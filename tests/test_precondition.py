@@ -6,11 +6,18 @@ import torch
 import fastcm
 from fastcm.reference.precondition import precondition as ref_precondition
 from fastcm.reference.precondition import precondition_scaling_derivatives, precondition_scalings
-from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
+from helpers import DEVICE, FAST_DTYPES, assert_close, cuda_float_arguments, poisoned_empty, randn, to64
 
 # σ-space parameterisations; flow and VP (times in [0, 1]) are tested in tests/test_flow.py.
 PARAMS = ("edm", "cm", "trigflow")
 SHAPES = [(1, 5), (3, 4, 7, 5), (7, 3, 33), (2, 2100)]  # 2100 > one 2048-element block
+
+
+@pytest.fixture(autouse=True)
+def _float_arguments_as_on_cuda():
+    """Float kernel arguments typed as a CUDA launch types them (see helpers.cuda_float_arguments)."""
+    with cuda_float_arguments():
+        yield
 
 
 def _sigma(kind, batch, dtype=torch.float32, requires_grad=False):
@@ -115,9 +122,11 @@ def test_forward_sigma_kinds_and_strides(backend, sigma_kind, noncontiguous):
     assert_close(out, ref_precondition(to64(x), to64(f), to64(sigma)), torch.float32)
 
 
-def test_cm_kernel_boundary_condition_returns_x(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cm_kernel_boundary_condition_returns_x(backend, dtype):
+    """σ = σ_min: c_skip = 1 and c_out = 0 exactly, if σ_min reaches the kernel in the compute dtype."""
     backend("triton")
-    x, f = randn(3, 40), randn(3, 40)
+    x, f = randn(3, 40, dtype=dtype), randn(3, 40, dtype=dtype)
     out = fastcm.precondition(x, f, 0.002, param="cm", sigma_min=0.002)
     assert torch.equal(out, x)
 
@@ -143,7 +152,7 @@ def test_backward_matches_reference(backend, param, shape, dtype, sigma_kind):
         tol_dtype = dtype
         if name == "grad sigma":
             want_scale = (to64(grad_out).abs() * (x64.abs() + f64.abs())).flatten(1).sum(1)
-            err = (got.double().reshape(-1) - want.reshape(-1)).abs() / want_scale.reshape(-1).clamp_min(1)
+            err = (to64(got).reshape(-1) - want.reshape(-1)).abs() / want_scale.reshape(-1).clamp_min(1)
             assert err.max() <= 4 * _tol(tol_dtype), f"grad sigma: {err.max():.3e}"
         else:
             assert_close(got, want, dtype, name=name)

@@ -82,7 +82,8 @@ def test_check_jvp_accepts_a_correct_rule_and_flags_a_wrong_one():
 def test_check_jvp_on_fastcm_precondition(backend):
     backend("triton")
     x, f, dx, df = (randn(2, 33, dtype=torch.float64) for _ in range(4))
-    t, dt = torch.tensor([0.3, 1.1], dtype=torch.float64), torch.tensor([1.0, -0.5], dtype=torch.float64)
+    t = torch.tensor([0.3, 1.1], dtype=torch.float64, device=DEVICE)
+    dt = torch.tensor([1.0, -0.5], dtype=torch.float64, device=DEVICE)
     errors = fastcm.check_jvp(
         lambda a, b, s: fastcm.precondition(a, b, s, param="trigflow"), (x, f, t), (dx, df, dt), eps=1e-5
     )
