@@ -14,13 +14,22 @@ if os.environ.get("FASTCM_TEST_DEVICE", "cpu") == "cpu":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import DEVICE  # noqa: E402
+from helpers import DEVICE, cuda_float_arguments  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_backend(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.delenv("FASTCM_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _float_arguments_as_on_cuda():
+    """Every Triton launch in the interpreter types float arguments as a CUDA launch does
+    (helpers.cuda_float_arguments), so a float64 kernel that would round a constant to float32 on a GPU
+    fails here too."""
+    with cuda_float_arguments():
+        yield
 
 
 @pytest.fixture

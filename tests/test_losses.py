@@ -9,17 +9,10 @@ import torch
 import fastcm.kernels.losses as launchers
 from fastcm import losses
 from fastcm.reference import losses as reference
-from helpers import DEVICE, FAST_DTYPES, assert_close, cuda_float_arguments, poisoned_empty, randn, to64
+from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 F64 = torch.float64
 SHAPES = [(1, 5), (3, 3, 37), (7, 2, 5, 9)]  # B = 1, 3, 7; D = 5, 111, 90: never a multiple of a block
-
-
-@pytest.fixture(autouse=True)
-def _float_arguments_as_on_cuda():
-    """Float kernel arguments typed as a CUDA launch types them (see helpers.cuda_float_arguments)."""
-    with cuda_float_arguments():
-        yield
 
 
 @pytest.fixture(params=["default blocks", "small blocks"])

@@ -6,18 +6,11 @@ import torch
 import fastcm
 from fastcm.reference.precondition import precondition as ref_precondition
 from fastcm.reference.precondition import precondition_scaling_derivatives, precondition_scalings
-from helpers import DEVICE, FAST_DTYPES, assert_close, cuda_float_arguments, poisoned_empty, randn, to64
+from helpers import DEVICE, FAST_DTYPES, assert_close, poisoned_empty, randn, to64
 
 # σ-space parameterisations; flow and VP (times in [0, 1]) are tested in tests/test_flow.py.
 PARAMS = ("edm", "cm", "trigflow")
 SHAPES = [(1, 5), (3, 4, 7, 5), (7, 3, 33), (2, 2100)]  # 2100 > one 2048-element block
-
-
-@pytest.fixture(autouse=True)
-def _float_arguments_as_on_cuda():
-    """Float kernel arguments typed as a CUDA launch types them (see helpers.cuda_float_arguments)."""
-    with cuda_float_arguments():
-        yield
 
 
 def _sigma(kind, batch, dtype=torch.float32, requires_grad=False):
